@@ -1,0 +1,14 @@
+"""Order-dependent ops for vision Mamba: the selective scan and causal conv1d over K token orders in one call."""
+
+from .ops import BACKENDS, causal_conv1d, resolve_backend, selective_scan, validate_scan_inputs
+from .reference import causal_conv1d_ref, selective_scan_ref
+
+__all__ = [
+    "BACKENDS",
+    "causal_conv1d",
+    "causal_conv1d_ref",
+    "resolve_backend",
+    "selective_scan",
+    "selective_scan_ref",
+    "validate_scan_inputs",
+]

@@ -1,0 +1,176 @@
+"""Public order-dependent ops: input validation and backend dispatch.
+
+``selective_scan`` and ``causal_conv1d`` take the token-major layout documented in :mod:`kernels.reference`.
+Backends: ``ref`` (pure PyTorch, the truth), ``triton`` (fused, all K orders in one launch; CUDA, or CPU under
+``TRITON_INTERPRET=1``), ``mamba`` (mamba-ssm's CUDA kernel through explicit gathers; the comparison anchor) and
+``auto`` (triton on CUDA, ref on CPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .reference import causal_conv1d_ref, selective_scan_ref
+
+__all__ = ["BACKENDS", "causal_conv1d", "resolve_backend", "selective_scan", "validate_scan_inputs"]
+
+BACKENDS = ("auto", "ref", "triton", "mamba")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``auto`` to a concrete backend for ``device``; reject unknown names."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown scan backend '{backend}'; expected one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        return "triton"
+    return "ref"
+
+
+def _expect_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
+    ok = t.dim() == len(shape) and all(s is None or s == a for s, a in zip(shape, t.shape))
+    if not ok:
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+
+
+def _expect_dtype(name: str, t: torch.Tensor, dtypes: tuple) -> None:
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def validate_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, orders=None, check_orders=False) -> None:
+    """Raise ``ValueError`` naming the expected vs actual shape/dtype/device of the first bad argument."""
+    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if delta.dim() != 4:
+        raise ValueError(f"delta: expected shape (B, L, K, D), got {tuple(delta.shape)}")
+    bsz, seqlen, k, dim = delta.shape
+    _expect_shape("u", u, (bsz, seqlen, None, dim))
+    if u.shape[2] not in (1, k):
+        raise ValueError(f"u: expected shape ({bsz}, {seqlen}, 1 or {k}, {dim}), got {tuple(u.shape)}")
+    if A.dim() != 3:
+        raise ValueError(f"A: expected shape ({k}, {dim}, N), got {tuple(A.shape)}")
+    n = A.shape[2]
+    _expect_shape("A", A, (k, dim, n))
+    _expect_shape("B", B, (bsz, seqlen, k, n))
+    _expect_shape("C", C, (bsz, seqlen, k, n))
+    for name, t in (("u", u), ("delta", delta), ("B", B), ("C", C)):
+        _expect_dtype(name, t, _FLOAT_DTYPES)
+    _expect_dtype("A", A, (torch.float32,))
+    optional = {"D": (D, (k, dim)), "delta_bias": (delta_bias, (k, dim))}
+    for name, (t, shape) in optional.items():
+        if t is not None:
+            _expect_shape(name, t, shape)
+            _expect_dtype(name, t, (torch.float32,))
+    if z is not None:
+        _expect_shape("z", z, (bsz, seqlen, None, dim))
+        if z.shape[2] not in (1, k):
+            raise ValueError(f"z: expected shape ({bsz}, {seqlen}, 1 or {k}, {dim}), got {tuple(z.shape)}")
+        _expect_dtype("z", z, _FLOAT_DTYPES)
+    _check_orders(orders, k, seqlen, check_orders)
+    dev = u.device
+    for name, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias)):
+        if t is not None and t.device != dev:
+            raise ValueError(f"{name}: expected device {dev} (the device of u), got {t.device}")
+
+
+def _check_orders(orders: torch.Tensor | None, k: int, seqlen: int, check_perm: bool) -> None:
+    if orders is None:
+        return
+    if not isinstance(orders, torch.Tensor) or orders.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"orders: expected an int32/int64 tensor of shape ({k}, {seqlen}), got {orders!r:.80}")
+    _expect_shape("orders", orders, (k, seqlen))
+    if check_perm:
+        want = torch.arange(seqlen, device=orders.device).expand(k, seqlen)
+        if not torch.equal(torch.sort(orders.long(), dim=1).values, want):
+            bad = [i for i in range(k) if not torch.equal(torch.sort(orders[i].long()).values, want[0])]
+            raise ValueError(f"orders: rows {bad} are not permutations of 0..{seqlen - 1}")
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = True,
+    orders: torch.Tensor | None = None,
+    backend: str = "auto",
+    out_dtype: torch.dtype | None = None,
+    check_orders: bool = False,
+) -> torch.Tensor:
+    """Mamba-1 selective scan over K token orders, all in one call. See :func:`selective_scan_ref` for semantics.
+
+    Args:
+        u: (B, L, Ku, D), Ku in {1, K}. delta: (B, L, K, D). A: (K, D, N) fp32. B, C: (B, L, K, N).
+        D: (K, D) fp32 or None. z: (B, L, Kz, D) or None. delta_bias: (K, D) fp32 or None.
+        delta_softplus: softplus(delta + delta_bias).
+        orders: (K, L) int permutations (None: identity for every order).
+        backend: ``auto``, ``ref``, ``triton`` or ``mamba``.
+        out_dtype: output dtype (default ``u.dtype``); fp32 output for bf16/fp16 inputs avoids AMP overflow.
+        check_orders: verify that each row of ``orders`` is a permutation (costs a sort).
+
+    Returns:
+        y: (B, L, K, D) in original token order.
+    """
+    validate_scan_inputs(u, delta, A, B, C, D, z, delta_bias, orders, check_orders)
+    backend = resolve_backend(backend, u.device)
+    kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, orders=orders, out_dtype=out_dtype)
+    if backend == "ref":
+        return selective_scan_ref(u, delta, A, B, C, **kwargs)
+    if backend == "triton":
+        from .triton_scan import selective_scan_triton
+
+        return selective_scan_triton(u, delta, A, B, C, **kwargs)
+    from .mamba_backend import selective_scan_mamba
+
+    return selective_scan_mamba(u, delta, A, B, C, **kwargs)
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    orders: torch.Tensor | None = None,
+    activation: str | None = "silu",
+    backend: str = "auto",
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Causal depthwise conv1d along each of K token orders. See :func:`causal_conv1d_ref` for semantics.
+
+    Args:
+        x: (B, L, Kx, D), Kx in {1, K}. weight: (K, D, W). bias: (K, D) or None. orders: (K, L) or None.
+        activation: ``"silu"`` or None. backend: as for :func:`selective_scan`.
+
+    Returns:
+        (B, L, K, D) in original token order.
+    """
+    if weight.dim() != 3:
+        raise ValueError(f"weight: expected shape (K, D, W), got {tuple(weight.shape)}")
+    k, dim, _ = weight.shape
+    if x.dim() != 4 or x.shape[3] != dim or x.shape[2] not in (1, k):
+        raise ValueError(f"x: expected shape (B, L, 1 or {k}, {dim}), got {tuple(x.shape)}")
+    if bias is not None:
+        _expect_shape("bias", bias, (k, dim))
+    _check_orders(orders, k, x.shape[1], False)
+    if activation not in ("silu", None):
+        raise ValueError(f"activation: expected 'silu' or None, got {activation!r}")
+    backend = resolve_backend(backend, x.device)
+    if backend == "triton":
+        from .triton_conv import causal_conv1d_triton
+
+        return causal_conv1d_triton(x, weight, bias, orders=orders, activation=activation, out_dtype=out_dtype)
+    return causal_conv1d_ref(x, weight, bias, orders=orders, activation=activation, out_dtype=out_dtype)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,0 +1,129 @@
+"""Pure-PyTorch references for the order-dependent ops: the truth every fast path is tested against.
+
+Layout is token-major (what Linear layers produce), with K scan orders on a separate axis:
+
+    u      (B, L, Ku, D)   Ku = 1 (one input shared by every order) or K
+    delta  (B, L, K, D)    A (K, D, N) fp32     Bm, Cm (B, L, K, N)
+    Dskip  (K, D) fp32     delta_bias (K, D) fp32     z (B, L, Kz, D), Kz in {1, K}
+    orders (K, L) int      step t of order k visits token orders[k, t]
+    y      (B, L, K, D)    in ORIGINAL token order
+
+Everything is computed in fp32 and cast to ``out_dtype`` (default: the dtype of ``u``) at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["causal_conv1d_ref", "selective_scan_ref"]
+
+
+def _gather_tokens(x: torch.Tensor, orders: torch.Tensor | None, k: int) -> torch.Tensor:
+    """(B, L, Kx, ...) → (B, L, K, ...) with ``out[:, t, j] = x[:, orders[j, t], j or 0]``."""
+    if x.shape[2] == 1 and k > 1:
+        x = x.expand(x.shape[0], x.shape[1], k, *x.shape[3:])
+    if orders is None:
+        return x
+    idx = orders.t().to(device=x.device, dtype=torch.long)  # (L, K)
+    idx = idx.view(1, idx.shape[0], idx.shape[1], *([1] * (x.dim() - 3))).expand(x.shape)
+    return torch.gather(x, 1, idx)
+
+
+def _scatter_tokens(y: torch.Tensor, orders: torch.Tensor | None) -> torch.Tensor:
+    """Inverse of :func:`_gather_tokens` for K == Kx: scan order back to original token order."""
+    if orders is None:
+        return y
+    inv = torch.argsort(orders.to(device=y.device, dtype=torch.long), dim=1).t()  # (L, K)
+    inv = inv.view(1, inv.shape[0], inv.shape[1], *([1] * (y.dim() - 3))).expand(y.shape)
+    return torch.gather(y, 1, inv)
+
+
+def selective_scan_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = True,
+    orders: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Mamba-1 selective scan over K token orders (reference).
+
+    For each (b, k, d, n), stepping t along ``orders[k]``:
+    ``x_t = exp(Δ_t·A) x_{t-1} + Δ_t·B_t·u_t``, ``y_t = Σ_n C_t[n]·x_t[n] + D·u_t``, then ``y · silu(z)`` if z.
+
+    Args:
+        u: (B, L, Ku, D). delta: (B, L, K, D). A: (K, D, N). B, C: (B, L, K, N).
+        D: (K, D) or None. z: (B, L, Kz, D) or None. delta_bias: (K, D) or None.
+        delta_softplus: apply softplus to ``delta + delta_bias``.
+        orders: (K, L) integer permutations, or None for the identity order.
+        out_dtype: dtype of ``y``; defaults to ``u.dtype``.
+
+    Returns:
+        y: (B, L, K, D) in original token order.
+    """
+    out_dtype = out_dtype or u.dtype
+    k = delta.shape[2]
+    u32 = u.float()
+    dt = delta.float()
+    if delta_bias is not None:
+        dt = dt + delta_bias.float()
+    if delta_softplus:
+        dt = F.softplus(dt)
+    u_k = u32.expand(-1, -1, k, -1) if u32.shape[2] == 1 else u32  # (B, L, K, D)
+    dA = torch.exp(dt.unsqueeze(-1) * A.float())  # (B, L, K, D, N)
+    dBu = (dt * u_k).unsqueeze(-1) * B.float().unsqueeze(3)  # (B, L, K, D, N)
+    dA, dBu, Cs = _gather_tokens(dA, orders, k), _gather_tokens(dBu, orders, k), _gather_tokens(C.float(), orders, k)
+    x = torch.zeros_like(dA[:, 0])
+    ys = []
+    for t in range(dA.shape[1]):
+        x = dA[:, t] * x + dBu[:, t]
+        ys.append(torch.einsum("bkdn,bkn->bkd", x, Cs[:, t]))
+    y = _scatter_tokens(torch.stack(ys, dim=1), orders)
+    if D is not None:
+        y = y + u_k * D.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(out_dtype)
+
+
+def causal_conv1d_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    orders: torch.Tensor | None = None,
+    activation: str | None = "silu",
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Causal depthwise conv1d along each of K token orders (reference).
+
+    Step t of order k sees the tokens visited at steps t-W+1..t of that order (zeros before the start), as
+    ``nn.Conv1d(groups=D, padding=W-1)`` truncated to the first L outputs.
+
+    Args:
+        x: (B, L, Kx, D), Kx in {1, K}. weight: (K, D, W). bias: (K, D) or None.
+        orders: (K, L) integer permutations, or None for the identity order.
+        activation: ``"silu"`` or None.
+        out_dtype: dtype of the output; defaults to ``x.dtype``.
+
+    Returns:
+        (B, L, K, D) in original token order.
+    """
+    out_dtype = out_dtype or x.dtype
+    k, _, width = weight.shape
+    xs = _gather_tokens(x.float(), orders, k)  # (B, L, K, D)
+    xs = F.pad(xs, (0, 0, 0, 0, width - 1, 0))  # left-pad along L
+    w = weight.float()
+    out = sum(xs[:, j : j + x.shape[1]] * w[:, :, j] for j in range(width))
+    if bias is not None:
+        out = out + bias.float()
+    if activation == "silu":
+        out = F.silu(out)
+    elif activation is not None:
+        raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
+    return _scatter_tokens(out, orders).to(out_dtype)
