@@ -60,8 +60,8 @@ class SearchSpace:
         n_global = sum(mask)
         if not isinstance(self.min_global, int) or not 0 <= self.min_global <= min(self.k, n_global):
             raise _one_line_error(
-                f"search space '{self.name}': min_global={self.min_global!r} is out of range; use 0..{min(self.k, n_global)}"
-                f" (k={self.k}, {n_global} global candidates)"
+                f"search space '{self.name}': min_global={self.min_global!r} is out of range; use "
+                f"0..{min(self.k, n_global)} (k={self.k}, {n_global} global candidates)"
             )
 
     @property
