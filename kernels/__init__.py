@@ -1,5 +1,6 @@
 """Order-dependent ops for vision Mamba: the selective scan and causal conv1d over K token orders in one call."""
 
+from . import library  # registers the torch.library ops and their FLOP formula before any FlopCounterMode exists
 from .ops import BACKENDS, causal_conv1d, resolve_backend, selective_scan, validate_scan_inputs
 from .reference import causal_conv1d_ref, selective_scan_ref
 
@@ -7,6 +8,7 @@ __all__ = [
     "BACKENDS",
     "causal_conv1d",
     "causal_conv1d_ref",
+    "library",
     "resolve_backend",
     "selective_scan",
     "selective_scan_ref",

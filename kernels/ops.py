@@ -128,9 +128,9 @@ def selective_scan(
     if backend == "ref":
         return selective_scan_ref(u, delta, A, B, C, **kwargs)
     if backend == "triton":
-        from .triton_scan import selective_scan_triton
+        from .library import selective_scan_op
 
-        return selective_scan_triton(u, delta, A, B, C, **kwargs)
+        return selective_scan_op(u, delta, A, B, C, **kwargs)
     from .mamba_backend import selective_scan_mamba
 
     return selective_scan_mamba(u, delta, A, B, C, **kwargs)
@@ -166,9 +166,10 @@ def causal_conv1d(
         raise ValueError(f"activation: expected 'silu' or None, got {activation!r}")
     backend = resolve_backend(backend, x.device)
     if backend == "triton":
-        from .triton_conv import causal_conv1d_triton
+        from .library import causal_conv1d_op
 
-        return causal_conv1d_triton(x, weight, bias, orders=orders, activation=activation, out_dtype=out_dtype)
+        return causal_conv1d_op(x, weight, bias, orders=orders, activation=activation, out_dtype=out_dtype)
+    # 'mamba' has no conv of its own here: it uses the reference, as before.
     return causal_conv1d_ref(x, weight, bias, orders=orders, activation=activation, out_dtype=out_dtype)
 
 

@@ -1,0 +1,292 @@
+"""Benchmark of the fused K-order scan on a GPU: ours (Triton, real orders) vs mamba-ssm in one launch on
+pre-permuted inputs vs the LocalMamba pattern (K launches with torch gathers and inverse gathers).
+
+Anchor shapes (batch, channels per order, L, N, K) from the project's reference measurements; bf16 inputs, fp32
+state, bf16 output, D and delta_bias always, the z gate for the Vim-style shapes (Ku = K, per-order conv) and none
+for the VMamba-style ones (Ku = 1, a shared 2-D conv). Prints a table and writes ``benchmarks/scan_<gpu>.json``
+with the device, versions, commit, every time, the ratios and the fractions of two floors: bytes moved over the
+measured copy bandwidth, and exp count over the measured exp2 throughput.
+
+    python -m kernels.bench --commit SHA [--mamba-anchor DIR] [--out benchmarks/scan_h100.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import triton
+import triton.language as tl
+from triton.testing import do_bench
+
+from kernels.check_gpu import env_info, try_load_mamba
+from kernels.mamba_backend import to_mamba_layout
+from kernels.ops import selective_scan
+from kernels.testing import make_orders, make_scan_inputs
+from kernels.triton_scan import scan_bwd, scan_config, scan_fwd, set_scan_config
+
+# name, batch, dim per order, L, N, K, Ku, z, grid, orders
+ANCHORS = [
+    ("LocalVim-T supernet", 128, 384, 197, 16, 8, 8, True, (14, 14),
+     ("h", "h_flip", "v", "v_flip", "w2", "w2_flip", "w7", "w7_flip")),
+    ("Vim-Ti layer", 128, 384, 197, 16, 2, 2, True, (14, 14), ("h", "h_flip")),
+    ("VMamba-T stage 1", 128, 96, 3136, 1, 4, 1, False, (56, 56), ("h", "v", "h_flip", "v_flip")),
+    ("LocalVMamba-T stage 1", 128, 192, 3136, 16, 8, 1, False, (56, 56),
+     ("h", "h_flip", "v", "v_flip", "w2", "w2_flip", "w7", "w7_flip")),
+]  # fmt: skip
+GRAD_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def real_orders(seqlen: int, hw: tuple[int, int], names: tuple[str, ...]) -> torch.Tensor:
+    return make_orders(seqlen, hw, len(names), names)
+
+
+def _leaves(inputs: dict) -> dict:
+    return {n: (t.detach().requires_grad_() if t is not None else None) for n, t in inputs.items()}
+
+
+def _timed(fn_fwd, leaves: dict, dy: torch.Tensor) -> tuple[float, float]:
+    """Median ms of the forward (no grad) and of forward + backward."""
+    with torch.no_grad():
+        t_fwd = do_bench(fn_fwd, warmup=25, rep=100, return_mode="median")
+    params = [t for t in leaves.values() if t is not None]
+
+    def fwd_bwd():
+        for p in params:
+            p.grad = None
+        fn_fwd().backward(dy)
+
+    t_fb = do_bench(fwd_bwd, warmup=25, rep=100, return_mode="median")
+    return t_fwd, t_fb
+
+
+@triton.jit
+def _exp_chain_kernel(x_ptr, y_ptr, n, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for _ in range(ITERS):
+        x = tl.exp2(x * -0.5)
+        acc += x
+    tl.store(y_ptr + offs, acc, mask=offs < n)
+
+
+def measure_ceilings() -> dict:
+    """Copy bandwidth (bytes read + written per second) and exp2 throughput (per second) on this GPU."""
+    a = torch.empty(1 << 28, device="cuda", dtype=torch.float32).normal_()
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), warmup=10, rep=50, return_mode="median")
+    copy_bw = 2 * a.numel() * 4 / (ms * 1e-3)
+    n, iters = 1 << 24, 256
+    x = torch.rand(n, device="cuda")
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: _exp_chain_kernel[(n // 1024,)](x, y, n, ITERS=iters, BLOCK=1024), warmup=10, rep=50,
+                  return_mode="median")  # fmt: skip
+    return {"copy_bytes_per_s": copy_bw, "exp2_per_s": n * iters / (ms * 1e-3)}
+
+
+def floors(batch, dim, seqlen, n, k, ku, has_z, esize=2) -> dict:
+    """Fewest bytes and exps: inputs read once, outputs written once; the backward recomputes the exps once."""
+    tok = batch * seqlen
+    fwd_bytes = esize * tok * (ku * dim + k * dim + 2 * k * n + (k * dim if has_z else 0) + k * dim)
+    # backward: reads u, delta, B, C, z, dy; writes du, ddelta, dB, dC, dz
+    bwd_bytes = esize * tok * (2 * ku * dim + 2 * k * dim + 4 * k * n + (2 * k * dim if has_z else 0) + k * dim)
+    exps = tok * k * dim * n
+    return {"fwd_bytes": fwd_bytes, "fwd_bwd_bytes": fwd_bytes + bwd_bytes, "fwd_exps": exps, "fwd_bwd_exps": 2 * exps}
+
+
+def bench_shape(name, batch, dim, seqlen, n, k, ku, has_z, hw, order_names, with_mamba, ceil) -> dict:
+    torch.manual_seed(0)
+    inputs = make_scan_inputs(batch, seqlen, k, dim, n, ku=ku, dtype=torch.bfloat16, device="cuda", has_z=has_z)
+    orders = real_orders(seqlen, hw, order_names).cuda()
+    dy = torch.randn(batch, seqlen, k, dim, device="cuda", dtype=torch.bfloat16)
+    rec = {"name": name, "batch": batch, "dim": dim, "L": seqlen, "N": n, "K": k, "Ku": ku, "z": has_z,
+           "orders": list(order_names)}  # fmt: skip
+    ours = _leaves(inputs)
+    rec["ours_fwd_ms"], rec["ours_fwd_bwd_ms"] = _timed(
+        lambda: selective_scan(**ours, orders=orders, backend="triton"), ours, dy
+    )
+    if with_mamba:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+        us, ds, Bs, Cs, zs = to_mamba_layout(
+            inputs["u"], inputs["delta"], inputs["B"], inputs["C"], inputs["z"], orders
+        )
+        pre = _leaves({"u": us, "delta": ds, "A": inputs["A"].reshape(k * dim, n), "B": Bs, "C": Cs,
+                       "D": inputs["D"].reshape(-1), "z": zs,
+                       "delta_bias": inputs["delta_bias"].reshape(-1)})  # fmt: skip
+        dy_m = dy.permute(0, 2, 3, 1).reshape(batch, k * dim, seqlen).contiguous()
+        rec["mamba_fwd_ms"], rec["mamba_fwd_bwd_ms"] = _timed(
+            lambda: selective_scan_fn(pre["u"], pre["delta"], pre["A"], pre["B"], pre["C"], pre["D"], pre["z"],
+                                      pre["delta_bias"], True), pre, dy_m)  # fmt: skip
+        lm = _leaves(inputs)
+        inv = torch.argsort(orders, dim=1)
+
+        def localmamba():
+            outs = []
+            for j in range(k):
+                o, iv = orders[j], inv[j]
+                uj = lm["u"][:, :, j if ku == k else 0].index_select(1, o).transpose(1, 2).contiguous()
+                dj = lm["delta"][:, :, j].index_select(1, o).transpose(1, 2).contiguous()
+                bj = lm["B"][:, :, j].index_select(1, o).transpose(1, 2).contiguous()
+                cj = lm["C"][:, :, j].index_select(1, o).transpose(1, 2).contiguous()
+                zj = lm["z"][:, :, j].index_select(1, o).transpose(1, 2).contiguous() if has_z else None
+                yj = selective_scan_fn(uj, dj, lm["A"][j], bj, cj, lm["D"][j], zj, lm["delta_bias"][j], True)
+                outs.append(yj.transpose(1, 2).index_select(1, iv))
+            return torch.stack(outs, dim=2)
+
+        rec["localmamba_fwd_ms"], rec["localmamba_fwd_bwd_ms"] = _timed(localmamba, lm, dy)
+        for what in ("fwd", "fwd_bwd"):
+            rec[f"speedup_vs_mamba_{what}"] = rec[f"mamba_{what}_ms"] / rec[f"ours_{what}_ms"]
+            rec[f"speedup_vs_localmamba_{what}"] = rec[f"localmamba_{what}_ms"] / rec[f"ours_{what}_ms"]
+    fl = floors(batch, dim, seqlen, n, k, ku, has_z)
+    rec.update(fl)
+    for what in ("fwd", "fwd_bwd"):
+        t = rec[f"ours_{what}_ms"] * 1e-3
+        rec[f"ours_{what}_bytes_floor_fraction"] = fl[f"{what}_bytes"] / ceil["copy_bytes_per_s"] / t
+        rec[f"ours_{what}_exp_floor_fraction"] = fl[f"{what}_exps"] / ceil["exp2_per_s"] / t
+    return rec
+
+
+def bench_vs_length(with_mamba: bool, tokens: int = 128 * 196, dim: int = 192, n: int = 16, k: int = 4) -> list:
+    """Time vs L (196 → 4096) at a fixed number of tokens B·L; h, v, h_flip, v_flip orders on a near-square grid."""
+    out = []
+    for hw in ((14, 14), (28, 28), (32, 32), (32, 64), (56, 56), (64, 64)):
+        seqlen = hw[0] * hw[1]
+        batch = max(1, tokens // seqlen)
+        torch.manual_seed(0)
+        inputs = make_scan_inputs(batch, seqlen, k, dim, n, ku=1, dtype=torch.bfloat16, device="cuda", has_z=False)
+        orders = real_orders(seqlen, hw, ("h", "v", "h_flip", "v_flip")).cuda()
+        dy = torch.randn(batch, seqlen, k, dim, device="cuda", dtype=torch.bfloat16)
+        ours = _leaves(inputs)
+        rec = {"L": seqlen, "batch": batch, "dim": dim, "N": n, "K": k}
+        rec["ours_fwd_ms"], rec["ours_fwd_bwd_ms"] = _timed(
+            lambda ours=ours, orders=orders: selective_scan(**ours, orders=orders, backend="triton"), ours, dy
+        )
+        if with_mamba:
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+            us, ds, Bs, Cs, _ = to_mamba_layout(inputs["u"], inputs["delta"], inputs["B"], inputs["C"], None, orders)
+            pre = _leaves({"u": us, "delta": ds, "A": inputs["A"].reshape(k * dim, n), "B": Bs, "C": Cs,
+                           "D": inputs["D"].reshape(-1), "delta_bias": inputs["delta_bias"].reshape(-1)})  # fmt: skip
+            dy_m = dy.permute(0, 2, 3, 1).reshape(batch, k * dim, seqlen).contiguous()
+            rec["mamba_fwd_ms"], rec["mamba_fwd_bwd_ms"] = _timed(
+                lambda p=pre: selective_scan_fn(p["u"], p["delta"], p["A"], p["B"], p["C"], p["D"], None,
+                                                p["delta_bias"], True), pre, dy_m)  # fmt: skip
+        out.append(rec)
+        print(f"  L={seqlen:<5} B={batch:<4} ours {rec['ours_fwd_ms']:.3f} / {rec['ours_fwd_bwd_ms']:.3f} ms"
+              + (f"   mamba {rec['mamba_fwd_ms']:.3f} / {rec['mamba_fwd_bwd_ms']:.3f} ms" if with_mamba else ""),
+              flush=True)  # fmt: skip
+    return out
+
+
+# Candidate (BLOCK_T, BLOCK_D, num_warps) per BLOCK_N class for --tune; the first is the current default.
+CANDIDATES = {
+    16: [(8, 32, 4), (8, 64, 4), (8, 32, 8), (8, 64, 8), (8, 32, 2)],
+    1: [(32, 64, 4), (16, 64, 4), (16, 128, 4), (32, 128, 4), (16, 32, 4)],
+}
+
+
+def tune(name, batch, dim, seqlen, n, k, ku, has_z, hw, order_names, max_candidates: int = 6) -> dict:
+    """Time candidate block sizes (forward with saved states + backward) and pin the fastest for this shape class."""
+    torch.manual_seed(0)
+    x = make_scan_inputs(batch, seqlen, k, dim, n, ku=ku, dtype=torch.bfloat16, device="cuda", has_z=has_z)
+    orders = real_orders(seqlen, hw, order_names).cuda()
+    dy = torch.randn(batch, seqlen, k, dim, device="cuda", dtype=torch.bfloat16)
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, orders)
+    trials = []
+    for cfg in CANDIDATES[triton.next_power_of_2(n) if n < 16 else 16][:max_candidates]:
+        fwd = lambda cfg=cfg: scan_fwd(*args, None, False, config=cfg)  # noqa: E731
+        _, states = scan_fwd(*args, None, True, config=cfg)
+        bwd = lambda cfg=cfg, states=states: scan_bwd(dy, *args, states, config=cfg)  # noqa: E731
+        t_fwd = do_bench(fwd, warmup=5, rep=30, return_mode="median")
+        t_bwd = do_bench(bwd, warmup=5, rep=30, return_mode="median")
+        trials.append({"config": list(cfg), "fwd_ms": t_fwd, "bwd_ms": t_bwd})
+        print(f"  tune {name}: {cfg} fwd {t_fwd:.3f} bwd {t_bwd:.3f} ms", flush=True)
+        del states
+    best = min(trials, key=lambda r: r["fwd_ms"] + r["bwd_ms"])
+    set_scan_config(n, seqlen, tuple(best["config"]))
+    return {"name": name, "N": n, "L": seqlen, "trials": trials, "chosen": best["config"]}
+
+
+def print_table(rows: list, with_mamba: bool) -> None:
+    hdr = f"{'shape (B, D, L, N, K)':<42} {'ours fwd':>9} {'ours f+b':>9}"
+    if with_mamba:
+        hdr += (
+            f" {'mamba fwd':>10} {'mamba f+b':>10} {'LM fwd':>8} {'LM f+b':>8} {'x mamba f/fb':>13} {'x LM f/fb':>11}"
+        )
+    hdr += f" {'bytes f/fb':>11} {'exps f/fb':>11}"
+    print(hdr)
+    for r in rows:
+        shape = f"{r['name']} ({r['batch']}, {r['dim']}, {r['L']}, {r['N']}, {r['K']})"
+        line = f"{shape:<42} {r['ours_fwd_ms']:9.3f} {r['ours_fwd_bwd_ms']:9.3f}"
+        if with_mamba:
+            line += (f" {r['mamba_fwd_ms']:10.3f} {r['mamba_fwd_bwd_ms']:10.3f} {r['localmamba_fwd_ms']:8.3f}"
+                     f" {r['localmamba_fwd_bwd_ms']:8.3f}"
+                     f" {r['speedup_vs_mamba_fwd']:6.2f}/{r['speedup_vs_mamba_fwd_bwd']:<6.2f}"
+                     f" {r['speedup_vs_localmamba_fwd']:5.2f}/{r['speedup_vs_localmamba_fwd_bwd']:<5.2f}")  # fmt: skip
+        line += (f" {r['ours_fwd_bytes_floor_fraction']:5.2f}/{r['ours_fwd_bwd_bytes_floor_fraction']:<5.2f}"
+                 f" {r['ours_fwd_exp_floor_fraction']:5.2f}/{r['ours_fwd_bwd_exp_floor_fraction']:<5.2f}")  # fmt: skip
+        print(line)
+
+
+def main(cfg: dict) -> dict:
+    ceil = measure_ceilings()
+    print(f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, exp2 {ceil['exp2_per_s'] / 1e12:.2f} T/s", flush=True)
+    tuning, tuned_keys = [], set()
+    if cfg.get("tune"):
+        for anchor in ANCHORS:
+            key = (triton.next_power_of_2(anchor[4]), anchor[3] > 1024)
+            if key not in tuned_keys:
+                tuned_keys.add(key)
+                tuning.append(tune(*anchor, max_candidates=2 if anchor[3] > 1024 and anchor[4] > 1 else 5))
+                torch.cuda.empty_cache()
+        if cfg.get("configs_out"):
+            with open(cfg["configs_out"], "w") as f:
+                json.dump([{"N": t["N"], "L": t["L"], "config": t["chosen"]} for t in tuning], f)
+    # mamba-ssm may be built from source here: after tuning, so that a build started beforehand can overlap it.
+    with_mamba = not cfg.get("no_mamba") and try_load_mamba(cfg.get("mamba_anchor"))
+    rows = []
+    for anchor in ANCHORS:
+        t0 = time.time()
+        rows.append(bench_shape(*anchor, with_mamba=with_mamba, ceil=ceil))
+        rows[-1]["config"] = list(scan_config(anchor[2], anchor[4], anchor[3], torch.device("cuda")))
+        print(f"  {anchor[0]} done in {time.time() - t0:.1f} s", flush=True)
+        torch.cuda.empty_cache()
+    vs_len = [] if cfg.get("skip_length") else bench_vs_length(with_mamba)
+    report = {**env_info(cfg.get("commit")), "with_mamba": with_mamba, "inputs": "bf16 in, bf16 out, fp32 state",
+              "ceilings": ceil, "tuning": tuning, "anchors": rows, "vs_length": vs_len}  # fmt: skip
+    if with_mamba:
+        report["issue4_faster_than_localmamba_all"] = all(
+            r["speedup_vs_localmamba_fwd_bwd"] > 1 and r["speedup_vs_localmamba_fwd"] > 1 for r in rows
+        )
+        report["issue5_2x_mamba_all"] = all(
+            r["speedup_vs_mamba_fwd_bwd"] >= 2 and r["speedup_vs_mamba_fwd"] >= 2 for r in rows
+        )
+    out = cfg.get("out")
+    if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(report, f, indent=1)
+    print(f"device {report['device']}, torch {report['torch']}, triton {report['triton']}, commit {report['commit']}")
+    print_table(rows, with_mamba)
+    return report
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/scan_<gpu>.json)")
+    p.add_argument("--commit", default=None)
+    p.add_argument("--mamba-anchor", default=None, help="folder with build.py that builds mamba-ssm's scan")
+    p.add_argument("--no-mamba", action="store_true")
+    p.add_argument("--skip-length", action="store_true")
+    p.add_argument("--tune", action="store_true", help="time candidate block sizes first and use the fastest")
+    p.add_argument("--configs-out", default=None, help="write the tuned block sizes to this JSON file")
+    args = vars(p.parse_args())
+    if args["out"] is None:
+        gpu = torch.cuda.get_device_name().lower().replace("nvidia", "").split()[0]
+        args["out"] = f"benchmarks/scan_{gpu}.json"
+    main(args)

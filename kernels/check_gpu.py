@@ -1,0 +1,152 @@
+"""Correctness grid of the fused Triton scan on a GPU: triton vs ref, and triton vs mamba-ssm when importable.
+
+Every output and every input gradient is compared by name with mamba-ssm's tolerance table
+(:mod:`kernels.testing`); output buffers are poisoned with NaN so unwritten elements fail. Writes a JSON report.
+
+    python -m kernels.check_gpu --out benchmarks/kernels_h100.json [--commit SHA] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import time
+
+import torch
+import triton
+
+from kernels.ops import selective_scan
+from kernels.testing import (
+    GRAD_NAMES,
+    TOLERANCES,
+    compare,
+    grad_tolerance,
+    make_orders,
+    make_scan_inputs,
+    poisoned_empty,
+    scan_with_grads,
+)
+
+# (L, grid H×W or None for a plain sequence with a middle class token, K, N, Ku, has z/D/bias)
+GRID = [
+    (63, (7, 9), 4, 16, 4, True),
+    (197, (14, 14), 8, 16, 8, True),
+    (197, (14, 14), 2, 16, 1, False),
+    (784, (28, 28), 4, 1, 1, False),
+    (784, (28, 28), 8, 16, 8, True),
+    (1134, (27, 42), 2, 16, 2, True),
+    (1134, (27, 42), 8, 1, 1, True),
+    (3136, (56, 56), 4, 1, 1, False),
+    (3136, (56, 56), 4, 16, 4, True),
+    (4096, (64, 64), 8, 16, 1, True),
+    (4096, (64, 64), 1, 1, 1, True),
+]
+
+
+def check_case(seqlen, hw, k, n, ku, extras, dtype, with_mamba, dim=24, batch=2) -> dict:
+    gen = torch.Generator().manual_seed(seqlen * 1000 + k * 10 + n)
+    inputs = make_scan_inputs(batch, seqlen, k, dim, n, ku=ku, dtype=dtype, device="cuda", has_D=extras,
+                              has_z=extras, has_bias=extras, generator=gen)  # fmt: skip
+    orders = make_orders(seqlen, hw, k).cuda()
+    with poisoned_empty():
+        y, grads, dy = scan_with_grads(selective_scan, inputs, orders=orders, backend="triton")
+    y_ref, grads_ref, _ = scan_with_grads(selective_scan, inputs, dy=dy, orders=orders, backend="ref")
+    rtol, atol = TOLERANCES[dtype]
+    recs = {"vs_ref": [compare("y", y, y_ref, rtol, atol)]}
+    recs["vs_ref"] += [compare(nm, grads[nm], grads_ref[nm], *grad_tolerance(nm, dtype)) for nm in GRAD_NAMES
+                       if nm in grads]  # fmt: skip
+    if with_mamba:
+        y_m, grads_m, _ = scan_with_grads(selective_scan, inputs, dy=dy, orders=orders, backend="mamba")
+        recs["vs_mamba"] = [compare("y", y, y_m, rtol, atol)]
+        recs["vs_mamba"] += [compare(nm, grads[nm], grads_m[nm], *grad_tolerance(nm, dtype)) for nm in GRAD_NAMES
+                             if nm in grads]  # fmt: skip
+    ok = all(r["ok"] for v in recs.values() for r in v)
+    return {"L": seqlen, "grid": list(hw), "K": k, "N": n, "Ku": ku, "z_D_bias": extras, "dim": dim,
+            "batch": batch, "dtype": str(dtype).replace("torch.", ""), "ok": ok, **recs}  # fmt: skip
+
+
+def try_load_mamba(anchor_dir: str | None) -> bool:
+    """Make ``mamba_ssm`` importable: installed, or built from the anchor sources (``build.load_mamba_scan``)."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: F401
+
+        return True
+    except ImportError:
+        pass
+    if anchor_dir and os.path.isdir(anchor_dir):
+        import sys
+
+        sys.path.insert(0, anchor_dir)
+        from build import load_mamba_scan
+
+        load_mamba_scan()
+        return True
+    return False
+
+
+def env_info(commit: str | None) -> dict:
+    if commit is None:
+        with contextlib.suppress(Exception):
+            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": commit or os.environ.get("SCAN_NAS_COMMIT", "unknown"),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def main(cfg: dict) -> dict:
+    if cfg.get("configs"):
+        from kernels.triton_scan import set_scan_config
+
+        with open(cfg["configs"]) as f:
+            for entry in json.load(f):
+                set_scan_config(entry["N"], entry["L"], tuple(entry["config"]))
+    with_mamba = not cfg.get("no_mamba") and try_load_mamba(cfg.get("mamba_anchor"))
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    grid = GRID[:3] if cfg.get("quick") else GRID
+    results = []
+    t0 = time.time()
+    info = env_info(cfg.get("commit"))
+
+    def write() -> dict:
+        report = {**info, "with_mamba": with_mamba, "all_ok": all(r["ok"] for r in results),
+                  "seconds": round(time.time() - t0, 1), "cases": results}  # fmt: skip
+        if cfg.get("out"):  # rewritten after every case, so a cut-off run still leaves its report
+            os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)
+            with open(cfg["out"], "w") as f:
+                json.dump(report, f, indent=1)
+        return report
+
+    for dtype in dtypes:
+        for case in grid:
+            rec = check_case(*case, dtype=dtype, with_mamba=with_mamba)
+            results.append(rec)
+            worst = max(rec["vs_ref"], key=lambda r: r["max_err_over_bound"])
+            status = "PASS" if rec["ok"] else "FAIL"
+            print(f"{rec['dtype']:>8} L={rec['L']:<5} K={rec['K']} N={rec['N']:<2} Ku={rec['Ku']} "
+                  f"extras={rec['z_D_bias']!s:5} {status}  worst vs ref: {worst['name']} "
+                  f"err/bound={worst['max_err_over_bound']:.3f}", flush=True)  # fmt: skip
+            write()
+    report = write()
+    print(f"all ok: {report['all_ok']} ({len(results)} cases, mamba={with_mamba}, {report['seconds']} s)")
+    return report
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None)
+    p.add_argument("--commit", default=None)
+    p.add_argument("--mamba-anchor", default=None, help="folder with build.py that builds mamba-ssm's scan")
+    p.add_argument("--no-mamba", action="store_true")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--configs", default=None, help="JSON of tuned block sizes written by kernels.bench --configs-out")
+    main(vars(p.parse_args()))

@@ -1,0 +1,172 @@
+"""torch.library registration of the Triton ops, so torch.compile keeps each one as a single graph node and
+``torch.utils.flop_counter.FlopCounterMode`` counts them.
+
+Registered ops (namespace ``scan_nas``):
+    selective_scan_fwd(u, delta, A, B, C, D?, z?, delta_bias?, orders?, delta_softplus, out_dtype?, save_states)
+        -> (y, chunk_states)
+    selective_scan_bwd(dy, u, delta, A, B, C, D?, z?, delta_bias?, orders?, chunk_states, delta_softplus)
+        -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias] (empty tensors for absent inputs)
+    causal_conv1d_fwd / causal_conv1d_bwd: the same for the per-order causal conv1d.
+
+FLOPs follow VMamba's rule for the scan: 9·B·L·K·D·N, plus B·L·K·D for the D skip and B·L·K·D for the z gate.
+The ``ref`` and ``mamba`` backends are plain PyTorch compositions and are not registered here.
+"""
+
+import torch
+import triton
+from torch.utils.flop_counter import register_flop_formula
+
+from .triton_conv import conv_bwd, conv_fwd
+from .triton_scan import scan_bwd, scan_config, scan_fwd
+
+__all__ = ["causal_conv1d_op", "scan_flops", "selective_scan_op"]
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("scan_nas::selective_scan_fwd", mutates_args=())
+def _scan_fwd_op(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    orders: Tensor | None,
+    delta_softplus: bool,
+    out_dtype: torch.dtype | None,
+    save_states: bool,
+) -> tuple[Tensor, Tensor]:
+    return scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, orders, out_dtype, save_states)
+
+
+@_scan_fwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, out_dtype, save_states):
+    bsz, seqlen, k, dim = delta.shape
+    n = A.shape[2]
+    y = delta.new_empty((bsz, seqlen, k, dim), dtype=out_dtype or u.dtype)
+    if not save_states:
+        return y, delta.new_empty((0,), dtype=torch.float32)
+    bt = scan_config(dim, n, seqlen, u.device)[0]
+    return y, delta.new_empty((bsz * k, triton.cdiv(seqlen, bt), dim, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("scan_nas::selective_scan_bwd", mutates_args=())
+def _scan_bwd_op(
+    dy: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    orders: Tensor | None,
+    states: Tensor,
+    delta_softplus: bool,
+) -> list[Tensor]:
+    grads = scan_bwd(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, orders, states)
+    return [g if g is not None else u.new_empty((0,)) for g in grads]
+
+
+@_scan_bwd_op.register_fake
+def _(dy, u, delta, A, B, C, D, z, delta_bias, orders, states, delta_softplus):
+    like = (u, delta, A, B, C, D, z, delta_bias)
+    return [torch.empty_like(t) if t is not None else u.new_empty((0,)) for t in like]
+
+
+def _scan_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, _out_dtype, _save = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, orders, output[1])
+    ctx.delta_softplus = delta_softplus
+
+
+def _scan_backward(ctx, dy, _dstates):
+    u, delta, A, B, C, D, z, delta_bias, orders, states = ctx.saved_tensors
+    grads = _scan_bwd_op(dy.contiguous(), u, delta, A, B, C, D, z, delta_bias, orders, states, ctx.delta_softplus)
+    present = (u, delta, A, B, C, D, z, delta_bias)
+    grads = [g if t is not None else None for g, t in zip(grads, present)]
+    return (*grads, None, None, None, None)
+
+
+_scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+
+
+def scan_flops(delta_shape, A_shape, has_D: bool, has_z: bool) -> int:
+    """VMamba's FLOP rule for a K-order scan: 9·B·L·K·D·N (+ B·L·K·D for D, + B·L·K·D for z)."""
+    bsz, seqlen, k, dim = delta_shape
+    n = A_shape[2]
+    flops = 9 * bsz * seqlen * k * dim * n
+    return flops + bsz * seqlen * k * dim * (int(has_D) + int(has_z))
+
+
+@register_flop_formula(torch.ops.scan_nas.selective_scan_fwd)
+def _scan_flop_formula(u, delta, A, B, C, D, z, delta_bias, *args, out_shape=None, **kwargs) -> int:
+    return scan_flops(delta, A, D is not None, z is not None)
+
+
+def selective_scan_op(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, orders=None,
+                      out_dtype=None) -> Tensor:  # fmt: skip
+    """The registered Triton scan; same arguments as :func:`kernels.triton_scan.selective_scan_triton`."""
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias)
+    )
+    y, _ = _scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, orders, bool(delta_softplus), out_dtype, save)
+    return y
+
+
+@torch.library.custom_op("scan_nas::causal_conv1d_fwd", mutates_args=())
+def _conv_fwd_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    orders: Tensor | None,
+    silu: bool,
+    out_dtype: torch.dtype | None,
+) -> Tensor:
+    return conv_fwd(x, weight, bias, orders, "silu" if silu else None, out_dtype)
+
+
+@_conv_fwd_op.register_fake
+def _(x, weight, bias, orders, silu, out_dtype):
+    return x.new_empty((x.shape[0], x.shape[1], weight.shape[0], x.shape[3]), dtype=out_dtype or x.dtype)
+
+
+@torch.library.custom_op("scan_nas::causal_conv1d_bwd", mutates_args=())
+def _conv_bwd_op(
+    dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, orders: Tensor | None, silu: bool
+) -> list[Tensor]:
+    dx, dw, db = conv_bwd(dout, x, weight, bias, orders, "silu" if silu else None)
+    return [dx, dw, db if db is not None else x.new_empty((0,))]
+
+
+@_conv_bwd_op.register_fake
+def _(dout, x, weight, bias, orders, silu):
+    return [
+        torch.empty_like(x),
+        torch.empty_like(weight),
+        torch.empty_like(bias) if bias is not None else x.new_empty(0),
+    ]
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, orders, silu, _ = inputs
+    ctx.save_for_backward(x, weight, bias, orders)
+    ctx.silu = silu
+
+
+def _conv_backward(ctx, dout):
+    x, weight, bias, orders = ctx.saved_tensors
+    dx, dw, db = _conv_bwd_op(dout.contiguous(), x, weight, bias, orders, ctx.silu)
+    return dx, dw, db if bias is not None else None, None, None, None
+
+
+_conv_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+
+
+def causal_conv1d_op(x, weight, bias=None, orders=None, activation="silu", out_dtype=None) -> Tensor:
+    """The registered Triton causal conv1d; same arguments as :func:`kernels.triton_conv.causal_conv1d_triton`."""
+    return _conv_fwd_op(x, weight, bias, orders, activation == "silu", out_dtype)

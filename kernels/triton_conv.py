@@ -1,0 +1,252 @@
+"""Per-order causal depthwise conv1d in Triton (Vim/LocalVim's mixer conv), forward and backward.
+
+Layout: x (B, L, Kx, D) with Kx in {1, K}, weight (K, D, W), bias (K, D), orders (K, L); out (B, L, K, D) in
+original token order. Step t of order k sees the tokens that order visits at steps t-W+1..t. Each program owns a
+block of steps of one (batch, order) and a block of channels; the W taps are gathered through ``orders[k]`` with
+pointer loads and the result is written straight to the token's original position.
+
+Backward: one kernel recomputes the pre-activation, writes its gradient in scan-step order (so the second pass
+reads it without a gather) and reduces per-program partials of dweight and dbias; a second kernel gathers the W
+taps of that gradient into dx at original positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["causal_conv1d_triton"]
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, orders_ptr, out_ptr,
+    L, K, DIM,
+    s_xb, s_xl, s_xk,
+    W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_ORDERS: tl.constexpr,
+):  # fmt: skip
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_bk = tl.program_id(2)
+    b = (pid_bk // K).to(tl.int64)
+    k = pid_bk % K
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_t = t < L
+    mask_d = offs_d < DIM
+    x_base = x_ptr + b * s_xb + k * s_xk
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)[None, :]
+    for j in tl.static_range(W):
+        s = t - (W - 1) + j
+        valid = mask_t & (s >= 0)
+        if HAS_ORDERS:
+            idx = tl.load(orders_ptr + k * L + s, mask=valid, other=0).to(tl.int64)
+        else:
+            idx = s.to(tl.int64)
+        m = valid[:, None] & mask_d[None, :]
+        xv = tl.load(x_base + idx[:, None] * s_xl + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+        wj = tl.load(w_ptr + (k * DIM + offs_d) * W + j, mask=mask_d, other=0.0).to(tl.float32)
+        acc += xv * wj[None, :]
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    if HAS_ORDERS:
+        idx_t = tl.load(orders_ptr + k * L + t, mask=mask_t, other=0).to(tl.int64)
+    else:
+        idx_t = t.to(tl.int64)
+    out_off = ((b * L + idx_t[:, None]) * K + k) * DIM + offs_d[None, :]
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _conv_bwd_pre_kernel(
+    x_ptr, w_ptr, bias_ptr, orders_ptr, dout_ptr, dpre_ptr, dw_ptr, dbias_ptr,
+    L, K, DIM, n_tblocks,
+    s_xb, s_xl, s_xk, s_gb, s_gl, s_gk,
+    W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_ORDERS: tl.constexpr,
+):  # fmt: skip
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_bk = tl.program_id(2)
+    b = (pid_bk // K).to(tl.int64)
+    k = pid_bk % K
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_t = t < L
+    mask_d = offs_d < DIM
+    m_td = mask_t[:, None] & mask_d[None, :]
+    x_base = x_ptr + b * s_xb + k * s_xk
+    if HAS_ORDERS:
+        idx_t = tl.load(orders_ptr + k * L + t, mask=mask_t, other=0).to(tl.int64)
+    else:
+        idx_t = t.to(tl.int64)
+    g = tl.load(dout_ptr + b * s_gb + k * s_gk + idx_t[:, None] * s_gl + offs_d[None, :], mask=m_td, other=0.0)
+    g = g.to(tl.float32)
+    if SILU:
+        pre = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        if HAS_BIAS:
+            pre += tl.load(bias_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)[None, :]
+        for j in tl.static_range(W):
+            s = t - (W - 1) + j
+            valid = mask_t & (s >= 0)
+            if HAS_ORDERS:
+                idx = tl.load(orders_ptr + k * L + s, mask=valid, other=0).to(tl.int64)
+            else:
+                idx = s.to(tl.int64)
+            m = valid[:, None] & mask_d[None, :]
+            xv = tl.load(x_base + idx[:, None] * s_xl + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+            wj = tl.load(w_ptr + (k * DIM + offs_d) * W + j, mask=mask_d, other=0.0).to(tl.float32)
+            pre += xv * wj[None, :]
+        sg = tl.sigmoid(pre)
+        g = g * sg * (1.0 + pre * (1.0 - sg))
+    g = tl.where(m_td, g, 0.0)
+    # dpre in scan-step order: the dx pass reads W consecutive steps without a gather.
+    tl.store(dpre_ptr + ((b * L + t[:, None]) * K + k) * DIM + offs_d[None, :], g, mask=m_td)
+    part = ((b * n_tblocks + pid_t) * K + k) * DIM + offs_d
+    for j in tl.static_range(W):
+        s = t - (W - 1) + j
+        valid = mask_t & (s >= 0)
+        if HAS_ORDERS:
+            idx = tl.load(orders_ptr + k * L + s, mask=valid, other=0).to(tl.int64)
+        else:
+            idx = s.to(tl.int64)
+        m = valid[:, None] & mask_d[None, :]
+        xv = tl.load(x_base + idx[:, None] * s_xl + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+        tl.store(dw_ptr + part * W + j, tl.sum(g * xv, axis=0), mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + part, tl.sum(g, axis=0), mask=mask_d)
+
+
+@triton.jit
+def _conv_bwd_dx_kernel(
+    dpre_ptr, w_ptr, orders_ptr, dx_ptr,
+    L, K, DIM,
+    W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ORDERS: tl.constexpr,
+):  # fmt: skip
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_bk = tl.program_id(2)
+    b = (pid_bk // K).to(tl.int64)
+    k = pid_bk % K
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_t = t < L
+    mask_d = offs_d < DIM
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for j in tl.static_range(W):
+        # The token visited at step t feeds the outputs of steps t..t+W-1, through tap W-1-(s-t).
+        s = t + (W - 1) - j
+        valid = s < L
+        m = valid[:, None] & mask_d[None, :]
+        gv = tl.load(dpre_ptr + ((b * L + s[:, None]) * K + k) * DIM + offs_d[None, :], mask=m, other=0.0)
+        wj = tl.load(w_ptr + (k * DIM + offs_d) * W + j, mask=mask_d, other=0.0).to(tl.float32)
+        acc += gv * wj[None, :]
+    if HAS_ORDERS:
+        idx_t = tl.load(orders_ptr + k * L + t, mask=mask_t, other=0).to(tl.int64)
+    else:
+        idx_t = t.to(tl.int64)
+    out_off = ((b * L + idx_t[:, None]) * K + k) * DIM + offs_d[None, :]
+    tl.store(dx_ptr + out_off, acc.to(dx_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
+
+
+def _conv_config(dim: int, device: torch.device) -> tuple[int, int, int]:
+    if device.type != "cuda":
+        return 16, min(triton.next_power_of_2(dim), 16), 1
+    return 32, min(triton.next_power_of_2(dim), 128), 4
+
+
+def _x_strides(x: torch.Tensor, k: int) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), 0 if x.shape[2] == 1 and k > 1 else x.stride(2)
+
+
+def conv_fwd(x, weight, bias, orders, activation, out_dtype):
+    """Launch the forward kernel: x (B, L, Kx, D), weight (K, D, W) → (B, L, K, D)."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    bsz, seqlen, _, dim = x.shape
+    k, _, width = weight.shape
+    bt, bd, warps = _conv_config(dim, x.device)
+    out = torch.empty(bsz, seqlen, k, dim, device=x.device, dtype=out_dtype or x.dtype)
+    orders_i = orders.to(device=x.device, dtype=torch.int32).contiguous() if orders is not None else None
+    w = weight.contiguous()
+    grid = (triton.cdiv(seqlen, bt), triton.cdiv(dim, bd), bsz * k)
+    _conv_fwd_kernel[grid](
+        x, w, bias.contiguous() if bias is not None else w, orders_i if orders_i is not None else w, out,
+        seqlen, k, dim, *_x_strides(x, k),
+        W=width, BLOCK_T=bt, BLOCK_D=bd, HAS_BIAS=bias is not None, SILU=activation == "silu",
+        HAS_ORDERS=orders_i is not None, num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+def conv_bwd(dout, x, weight, bias, orders, activation):
+    """Launch the backward kernels; returns dx (like x), dweight (K, D, W), dbias (K, D) or None."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    bsz, seqlen, kx, dim = x.shape
+    k, _, width = weight.shape
+    bt, bd, warps = _conv_config(dim, x.device)
+    n_tb = triton.cdiv(seqlen, bt)
+    dev = x.device
+    orders_i = orders.to(device=dev, dtype=torch.int32).contiguous() if orders is not None else None
+    w = weight.contiguous()
+    dpre = torch.empty(bsz, seqlen, k, dim, device=dev, dtype=torch.float32)
+    dw_part = torch.empty(bsz, n_tb, k, dim, width, device=dev, dtype=torch.float32)
+    db_part = torch.empty(bsz, n_tb, k, dim, device=dev, dtype=torch.float32) if bias is not None else None
+    grid = (n_tb, triton.cdiv(dim, bd), bsz * k)
+    _conv_bwd_pre_kernel[grid](
+        x, w, bias.contiguous() if bias is not None else w, orders_i if orders_i is not None else w, dout, dpre,
+        dw_part, db_part if db_part is not None else w,
+        seqlen, k, dim, n_tb, *_x_strides(x, k), *_x_strides(dout, k),
+        W=width, BLOCK_T=bt, BLOCK_D=bd, HAS_BIAS=bias is not None, SILU=activation == "silu",
+        HAS_ORDERS=orders_i is not None, num_warps=warps,
+    )  # fmt: skip
+    dx = torch.empty(bsz, seqlen, k, dim, device=dev, dtype=x.dtype if kx == k else torch.float32)
+    _conv_bwd_dx_kernel[grid](
+        dpre, w, orders_i if orders_i is not None else w, dx, seqlen, k, dim,
+        W=width, BLOCK_T=bt, BLOCK_D=bd, HAS_ORDERS=orders_i is not None, num_warps=warps,
+    )  # fmt: skip
+    if kx != k:
+        dx = dx.sum(2, keepdim=True).to(x.dtype)
+    dw = dw_part.sum((0, 1)).to(weight.dtype)
+    db = db_part.sum((0, 1)).to(bias.dtype) if db_part is not None else None
+    return dx, dw, db
+
+
+class CausalConv1dTriton(torch.autograd.Function):
+    """Autograd wrapper; the backward recomputes the pre-activation instead of saving it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, orders, activation, out_dtype):
+        ctx.save_for_backward(x, weight, bias, orders)
+        ctx.activation = activation
+        return conv_fwd(x, weight, bias, orders, activation, out_dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias, orders = ctx.saved_tensors
+        dx, dw, db = conv_bwd(dout, x, weight, bias, orders, ctx.activation)
+        return dx, dw, db, None, None, None
+
+
+def causal_conv1d_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    orders: torch.Tensor | None = None,
+    activation: str | None = "silu",
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Causal depthwise conv1d along each of K orders (Triton). Same semantics as ``causal_conv1d_ref``.
+
+    Args:
+        x: (B, L, Kx, D), Kx in {1, K}. weight: (K, D, W). bias: (K, D) or None. orders: (K, L) or None.
+        activation: ``"silu"`` or None. out_dtype: output dtype (default ``x.dtype``).
+
+    Returns:
+        (B, L, K, D) in original token order.
+    """
+    return CausalConv1dTriton.apply(x, weight, bias, orders, activation, out_dtype)

@@ -1,0 +1,456 @@
+"""Fused K-order Mamba-1 selective scan in Triton: forward and backward, every order in one launch.
+
+Layout (token-major, see :mod:`kernels.reference`): u (B, L, Ku, D), delta (B, L, K, D), A (K, D, N) fp32,
+B/C (B, L, K, N), z (B, L, Kz, D), orders (K, L). Each program owns one (batch, order) pair and ``BLOCK_D``
+channels, and walks the order in chunks of ``BLOCK_T`` steps: it gathers the chunk's token rows through
+``orders[k]`` with pointer loads (a token's channels are contiguous, so a gathered row is a coalesced read), runs
+the chunk as a parallel affine scan ``(a1, b1) ∘ (a2, b2) = (a1·a2, b1·a2 + b2)`` over a (T, D, N) register tile,
+carries the fp32 state to the next chunk, and writes outputs straight back to the tokens' original positions.
+Nothing is ever permuted in memory, forward or backward.
+
+The forward saves the state at every chunk start (fp32). The backward walks the chunks from last to first,
+recomputes the chunk's states from the saved start state, runs the adjoint recurrence
+``h_t = C_t·g_t + a_{t+1}·h_{t+1}`` as a reverse scan, and gets ``a_t·x_{t-1}`` as ``x_t - Δ_t·B_t·u_t``, so no
+state is ever rebuilt by dividing by ``exp(Δ·A)``. Reductions over channels (dB, dC) and over the batch (dA, dD,
+ddelta_bias) go through per-program partial buffers summed afterwards: deterministic, no atomics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["selective_scan_triton", "scan_bwd", "scan_config", "scan_fwd", "set_scan_config"]
+
+_LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _affine_combine(a1, b1, a2, b2):
+    # Composition of x -> a1·x + b1 then x -> a2·x + b2.
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def _softplus(x):
+    # mamba-ssm's threshold: identity above 20 (exp would overflow long before log1p matters).
+    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, orders_ptr, y_ptr, states_ptr,
+    L, K, DIM, N, n_chunks,
+    s_ub, s_ul, s_uk, s_db, s_dl, s_dk, s_bb, s_bl, s_bk, s_bn, s_cb, s_cl, s_ck, s_cn,
+    s_zb, s_zl, s_zk, s_yb, s_yl, s_yk,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_ORDERS: tl.constexpr, SAVE_STATES: tl.constexpr,
+):  # fmt: skip
+    pid_d = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    # 64-bit offsets: chunk states and partial buffers exceed 2**31 elements at LocalVMamba sizes.
+    b = (pid_bk // K).to(tl.int64)
+    k = pid_bk % K
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_d = offs_d < DIM
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    # exp(Δ·A) = exp2(Δ·A·log2 e): A pre-scaled once per program.
+    A2 = (
+        tl.load(A_ptr + (k * DIM + offs_d[:, None]) * N + offs_n[None, :], mask=mask_dn, other=0.0) * 1.4426950408889634
+    )
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
+    if HAS_D:
+        dskip = tl.load(D_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
+    u_base = u_ptr + b * s_ub + k * s_uk
+    d_base = delta_ptr + b * s_db + k * s_dk
+    b_base = B_ptr + b * s_bb + k * s_bk
+    c_base = C_ptr + b * s_cb + k * s_ck
+    z_base = z_ptr + b * s_zb + k * s_zk
+    y_base = y_ptr + b * s_yb + k * s_yk
+    st_base = states_ptr + pid_bk.to(tl.int64) * n_chunks * DIM * N
+    x = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    for c in range(0, n_chunks):
+        t = c * BLOCK_T + offs_t
+        mask_t = t < L
+        if HAS_ORDERS:
+            idx = tl.load(orders_ptr + k * L + t, mask=mask_t, other=0).to(tl.int64)
+        else:
+            idx = t.to(tl.int64)
+        if SAVE_STATES:
+            tl.store(st_base + (c * DIM + offs_d[:, None]) * N + offs_n[None, :], x, mask=mask_dn)
+        m_td = mask_t[:, None] & mask_d[None, :]
+        m_tn = mask_t[:, None] & mask_n[None, :]
+        u = tl.load(u_base + idx[:, None] * s_ul + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+        dt = tl.load(d_base + idx[:, None] * s_dl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+        Bt = tl.load(b_base + idx[:, None] * s_bl + offs_n[None, :] * s_bn, mask=m_tn, other=0.0).to(tl.float32)
+        Ct = tl.load(c_base + idx[:, None] * s_cl + offs_n[None, :] * s_cn, mask=m_tn, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt = dt + bias[None, :]
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        # Padded steps must be the identity map (a = 1, b = 0) so the chunk's last row is the true last state.
+        dt = tl.where(m_td, dt, 0.0)
+        a = tl.exp2(dt[:, :, None] * A2[None, :, :])
+        bx = (dt * u)[:, :, None] * Bt[:, None, :]
+        P, S = tl.associative_scan((a, bx), axis=0, combine_fn=_affine_combine)
+        xs = P * x[None, :, :] + S
+        y = tl.sum(xs * Ct[:, None, :], axis=2)
+        x = tl.sum(tl.where(offs_t[:, None, None] == BLOCK_T - 1, xs, 0.0), axis=0)
+        if HAS_D:
+            y += u * dskip[None, :]
+        if HAS_Z:
+            zt = tl.load(z_base + idx[:, None] * s_zl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+            y = y * zt * tl.sigmoid(zt)
+        tl.store(y_base + idx[:, None] * s_yl + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=m_td)
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, orders_ptr, dy_ptr, states_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
+    L, K, DIM, N, n_chunks, BATCH,
+    s_ub, s_ul, s_uk, s_db, s_dl, s_dk, s_bb, s_bl, s_bk, s_bn, s_cb, s_cl, s_ck, s_cn,
+    s_zb, s_zl, s_zk, s_gb, s_gl, s_gk,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_ORDERS: tl.constexpr,
+):  # fmt: skip
+    pid_d = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    # 64-bit offsets: chunk states and partial buffers exceed 2**31 elements at LocalVMamba sizes.
+    b = (pid_bk // K).to(tl.int64)
+    k = pid_bk % K
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_d = offs_d < DIM
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    A = tl.load(A_ptr + (k * DIM + offs_d[:, None]) * N + offs_n[None, :], mask=mask_dn, other=0.0)
+    A2 = A * 1.4426950408889634
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
+    if HAS_D:
+        dskip = tl.load(D_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
+    u_base = u_ptr + b * s_ub + k * s_uk
+    d_base = delta_ptr + b * s_db + k * s_dk
+    b_base = B_ptr + b * s_bb + k * s_bk
+    c_base = C_ptr + b * s_cb + k * s_ck
+    z_base = z_ptr + b * s_zb + k * s_zk
+    g_base = dy_ptr + b * s_gb + k * s_gk
+    st_base = states_ptr + pid_bk.to(tl.int64) * n_chunks * DIM * N
+    # Gradient outputs are contiguous (B, L, K, D) / partials (n_dblocks, B, L, K, N).
+    out_base = (b * L * K + k) * DIM
+    part_base = ((pid_d.to(tl.int64) * BATCH + b) * L * K + k) * N
+    h_carry = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for ci in range(0, n_chunks):
+        c = n_chunks - 1 - ci
+        t = c * BLOCK_T + offs_t
+        mask_t = t < L
+        mask_t1 = (t + 1) < L
+        if HAS_ORDERS:
+            idx = tl.load(orders_ptr + k * L + t, mask=mask_t, other=0).to(tl.int64)
+            idx1 = tl.load(orders_ptr + k * L + t + 1, mask=mask_t1, other=0).to(tl.int64)
+        else:
+            idx = t.to(tl.int64)
+            idx1 = (t + 1).to(tl.int64)
+        m_td = mask_t[:, None] & mask_d[None, :]
+        m_t1d = mask_t1[:, None] & mask_d[None, :]
+        m_tn = mask_t[:, None] & mask_n[None, :]
+        u = tl.load(u_base + idx[:, None] * s_ul + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+        dt_pre = tl.load(d_base + idx[:, None] * s_dl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+        dt1 = tl.load(d_base + idx1[:, None] * s_dl + offs_d[None, :], mask=m_t1d, other=0.0).to(tl.float32)
+        Bt = tl.load(b_base + idx[:, None] * s_bl + offs_n[None, :] * s_bn, mask=m_tn, other=0.0).to(tl.float32)
+        Ct = tl.load(c_base + idx[:, None] * s_cl + offs_n[None, :] * s_cn, mask=m_tn, other=0.0).to(tl.float32)
+        g = tl.load(g_base + idx[:, None] * s_gl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt_pre = dt_pre + bias[None, :]
+            dt1 = dt1 + bias[None, :]
+        if SOFTPLUS:
+            dt = _softplus(dt_pre)
+            dt1 = _softplus(dt1)
+        else:
+            dt = dt_pre
+        dt = tl.where(m_td, dt, 0.0)
+        dt1 = tl.where(m_t1d, dt1, 0.0)
+        # Recompute this chunk's states from the saved chunk-start state.
+        x_in = tl.load(st_base + (c * DIM + offs_d[:, None]) * N + offs_n[None, :], mask=mask_dn, other=0.0)
+        a = tl.exp2(dt[:, :, None] * A2[None, :, :])
+        dtu = dt * u
+        bx = dtu[:, :, None] * Bt[:, None, :]
+        P, S = tl.associative_scan((a, bx), axis=0, combine_fn=_affine_combine)
+        xs = P * x_in[None, :, :] + S
+        if HAS_Z:
+            zt = tl.load(z_base + idx[:, None] * s_zl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+            y = tl.sum(xs * Ct[:, None, :], axis=2)
+            if HAS_D:
+                y += u * dskip[None, :]
+            sz = tl.sigmoid(zt)
+            dz = g * y * sz * (1.0 + zt * (1.0 - sz))
+            g = g * zt * sz
+            tl.store(dz_ptr + out_base + idx[:, None] * (K * DIM) + offs_d[None, :], dz, mask=m_td)
+        # Adjoint: h_t = C_t·g_t + a_{t+1}·h_{t+1}, a reverse scan with the next step's decay.
+        a1 = tl.exp2(dt1[:, :, None] * A2[None, :, :])
+        cg = Ct[:, None, :] * g[:, :, None]
+        Pr, H = tl.associative_scan((a1, cg), axis=0, combine_fn=_affine_combine, reverse=True)
+        h = H + Pr * h_carry[None, :, :]
+        h_carry = tl.sum(tl.where(offs_t[:, None, None] == 0, h, 0.0), axis=0)
+        w = h * (xs - bx)  # h_t · a_t · x_{t-1}
+        hB = tl.sum(h * Bt[:, None, :], axis=2)
+        ddt = tl.sum(w * A[None, :, :], axis=2) + u * hB
+        du = dt * hB
+        if HAS_D:
+            du += dskip[None, :] * g
+            dD_acc += tl.sum(g * u, axis=0)
+        dA_acc += tl.sum(w * dt[:, :, None], axis=0)
+        dB = tl.sum(h * dtu[:, :, None], axis=1)
+        dC = tl.sum(xs * g[:, :, None], axis=1)
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(dt_pre)
+        ddt = tl.where(m_td, ddt, 0.0)
+        dbias_acc += tl.sum(ddt, axis=0)
+        tl.store(du_ptr + out_base + idx[:, None] * (K * DIM) + offs_d[None, :], du, mask=m_td)
+        tl.store(ddelta_ptr + out_base + idx[:, None] * (K * DIM) + offs_d[None, :], ddt, mask=m_td)
+        tl.store(dB_ptr + part_base + idx[:, None] * (K * N) + offs_n[None, :], dB, mask=m_tn)
+        tl.store(dC_ptr + part_base + idx[:, None] * (K * N) + offs_n[None, :], dC, mask=m_tn)
+    tl.store(dA_ptr + ((b * K + k) * DIM + offs_d[:, None]) * N + offs_n[None, :], dA_acc, mask=mask_dn)
+    vec_off = (b * K + k) * DIM + offs_d
+    if HAS_D:
+        tl.store(dD_ptr + vec_off, dD_acc, mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + vec_off, dbias_acc, mask=mask_d)
+
+
+# Block sizes per (BLOCK_N, long sequence) measured best on an H100 by ``kernels/bench.py --tune``; anything not
+# listed falls back to the heuristic in :func:`scan_config`. ``set_scan_config`` overrides an entry at run time.
+_TUNED: dict[tuple[int, bool], tuple[int, int, int]] = {}
+_LONG = 1024
+
+
+def set_scan_config(dstate: int, seqlen: int, config: tuple[int, int, int] | None) -> None:
+    """Pin ``(BLOCK_T, BLOCK_D, num_warps)`` for GPU scans with this state size and sequence-length class."""
+    key = (triton.next_power_of_2(dstate), seqlen > _LONG)
+    if config is None:
+        _TUNED.pop(key, None)
+    else:
+        _TUNED[key] = tuple(config)
+
+
+def scan_config(dim: int, dstate: int, seqlen: int, device: torch.device) -> tuple[int, int, int]:
+    """Block sizes ``(BLOCK_T, BLOCK_D, num_warps)`` for ``dim`` channels, ``dstate`` states, ``seqlen`` steps.
+
+    The register tile is (BLOCK_T, BLOCK_D, BLOCK_N). The forward and the backward must agree on BLOCK_T (the
+    saved states are per chunk). Under the CPU interpreter, whose scan runs element by element, it is kept tiny.
+    """
+    bn = triton.next_power_of_2(dstate)
+    dim_cap = max(16, triton.next_power_of_2(dim))
+    if device.type != "cuda":
+        return 8, min(triton.next_power_of_2(dim), 8), 1
+    tuned = _TUNED.get((bn, seqlen > _LONG))
+    if tuned is not None:
+        bt, bd, warps = tuned
+        return bt, min(bd, dim_cap), warps
+    if bn >= 16:
+        # 4k-element tiles; on an H100 (8, 32) beat (8, 16), (16, 16), (4, 32) and (16, 32) in fwd and bwd.
+        return max(4, 8 * 16 // bn), min(32, dim_cap), 4
+    # Small state (VMamba's N = 1): longer chunks, wider channel blocks; the backward spills past 2k elements.
+    return max(8, min(32, 2048 // (64 * bn))), min(64, dim_cap), 4
+
+
+def _strides(t: torch.Tensor, ndim_k: int) -> tuple[int, int, int]:
+    """(batch, token, order) strides; the order stride is 0 for a size-1 order axis (shared across K)."""
+    return t.stride(0), t.stride(1), 0 if t.shape[2] == 1 and ndim_k > 1 else t.stride(2)
+
+
+def _last_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
+def scan_fwd(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+    orders: torch.Tensor | None,
+    out_dtype: torch.dtype | None,
+    save_states: bool,
+    config: tuple[int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel.
+
+    Args: as :func:`selective_scan_triton`; ``save_states`` keeps the chunk-start states for the backward.
+
+    Returns:
+        y (B, L, K, D) in ``out_dtype``, and the chunk-start states (B·K, n_chunks, D, N) fp32 (empty when not saved).
+    """
+    u, delta, z = _last_contiguous(u), _last_contiguous(delta), _last_contiguous(z)
+    bsz, seqlen, k, dim = delta.shape
+    n = A.shape[2]
+    A = A.contiguous()
+    bt, bd, warps = config or scan_config(dim, n, seqlen, u.device)
+    n_chunks = triton.cdiv(seqlen, bt)
+    y = torch.empty(bsz, seqlen, k, dim, device=u.device, dtype=out_dtype or u.dtype)
+    if save_states:
+        states = torch.empty(bsz * k, n_chunks, dim, n, device=u.device, dtype=torch.float32)
+    else:
+        states = torch.empty(0, device=u.device, dtype=torch.float32)
+    orders_i = orders.to(device=u.device, dtype=torch.int32).contiguous() if orders is not None else None
+    dummy = A
+    zs = _strides(z, k) if z is not None else (0, 0, 0)
+    grid = (triton.cdiv(dim, bd), bsz * k)
+    _scan_fwd_kernel[grid](
+        u, delta, A, B, C,
+        D.contiguous() if D is not None else dummy, z if z is not None else dummy,
+        delta_bias.contiguous() if delta_bias is not None else dummy,
+        orders_i if orders_i is not None else dummy, y, states,
+        seqlen, k, dim, n, n_chunks,
+        *_strides(u, k), *_strides(delta, k), *_strides(B, k), B.stride(3), *_strides(C, k), C.stride(3),
+        *zs, *_strides(y, k),
+        BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+        HAS_ORDERS=orders_i is not None, SAVE_STATES=save_states, num_warps=warps,
+    )  # fmt: skip
+    return y, states
+
+
+def scan_bwd(
+    dy: torch.Tensor,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+    orders: torch.Tensor | None,
+    states: torch.Tensor,
+    config: tuple[int, int, int] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Launch the backward kernel and reduce its partials.
+
+    Args:
+        dy: (B, L, K, D) gradient of the output. ``states``: from :func:`scan_fwd` with ``save_states=True``.
+        Others: as :func:`selective_scan_triton` (the same ``config`` as the forward).
+
+    Returns:
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, shaped and typed like their inputs (None for absent inputs).
+    """
+    u, delta, z, dy = _last_contiguous(u), _last_contiguous(delta), _last_contiguous(z), _last_contiguous(dy)
+    bsz, seqlen, k, dim = delta.shape
+    n = A.shape[2]
+    A = A.contiguous()
+    bt, bd, warps = config or scan_config(dim, n, seqlen, u.device)
+    n_chunks = triton.cdiv(seqlen, bt)
+    n_dblocks = triton.cdiv(dim, bd)
+    dev = u.device
+    f32 = torch.float32
+    # Per-order gradients are written in fp32 when they must be summed over K afterwards (shared u or z).
+    du = torch.empty(bsz, seqlen, k, dim, device=dev, dtype=u.dtype if u.shape[2] == k else f32)
+    ddelta = torch.empty(bsz, seqlen, k, dim, device=dev, dtype=delta.dtype)
+    dz = (
+        torch.empty(bsz, seqlen, k, dim, device=dev, dtype=z.dtype if z.shape[2] == k else f32)
+        if z is not None
+        else None
+    )
+    dB_part = torch.empty(n_dblocks, bsz, seqlen, k, n, device=dev, dtype=f32)
+    dC_part = torch.empty(n_dblocks, bsz, seqlen, k, n, device=dev, dtype=f32)
+    dA_part = torch.empty(bsz, k, dim, n, device=dev, dtype=f32)
+    dD_part = torch.empty(bsz, k, dim, device=dev, dtype=f32) if D is not None else None
+    dbias_part = torch.empty(bsz, k, dim, device=dev, dtype=f32) if delta_bias is not None else None
+    orders_i = orders.to(device=dev, dtype=torch.int32).contiguous() if orders is not None else None
+    dummy = A
+    zs = _strides(z, k) if z is not None else (0, 0, 0)
+    grid = (n_dblocks, bsz * k)
+    _scan_bwd_kernel[grid](
+        u, delta, A, B, C,
+        D.contiguous() if D is not None else dummy, z if z is not None else dummy,
+        delta_bias.contiguous() if delta_bias is not None else dummy,
+        orders_i if orders_i is not None else dummy, dy, states,
+        du, ddelta, dz if dz is not None else dummy, dB_part, dC_part, dA_part,
+        dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
+        seqlen, k, dim, n, n_chunks, bsz,
+        *_strides(u, k), *_strides(delta, k), *_strides(B, k), B.stride(3), *_strides(C, k), C.stride(3),
+        *zs, *_strides(dy, k),
+        BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+        HAS_ORDERS=orders_i is not None, num_warps=warps,
+    )  # fmt: skip
+    if u.shape[2] != k:
+        du = du.sum(2, keepdim=True).to(u.dtype)
+    if z is not None and z.shape[2] != k:
+        dz = dz.sum(2, keepdim=True).to(z.dtype)
+    dB = (dB_part[0] if n_dblocks == 1 else dB_part.sum(0)).to(B.dtype)
+    dC = (dC_part[0] if n_dblocks == 1 else dC_part.sum(0)).to(C.dtype)
+    dA = dA_part.sum(0)
+    dD = dD_part.sum(0) if dD_part is not None else None
+    dbias = dbias_part.sum(0) if dbias_part is not None else None
+    return du, ddelta, dA, dB, dC, dD, dz, dbias
+
+
+class SelectiveScanTriton(torch.autograd.Function):
+    """Autograd wrapper: saves the inputs and the chunk-start states, recomputes everything else."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, orders, out_dtype):
+        # forward() runs with grad mode off; needs_input_grad says whether a backward can follow.
+        save = any(ctx.needs_input_grad[:8])
+        y, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, orders, out_dtype, save)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, orders, states)
+        ctx.delta_softplus = delta_softplus
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, delta, A, B, C, D, z, delta_bias, orders, states = ctx.saved_tensors
+        grads = scan_bwd(dy, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, orders, states)
+        du, ddelta, dA, dB, dC, dD, dz, dbias = grads
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None
+
+
+def selective_scan_triton(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = True,
+    orders: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Fused K-order selective scan (Triton), differentiable in every tensor argument.
+
+    Same semantics and signature as :func:`kernels.reference.selective_scan_ref`; inputs are assumed validated.
+
+    Args:
+        u: (B, L, Ku, D), Ku in {1, K}. delta: (B, L, K, D). A: (K, D, N) fp32. B, C: (B, L, K, N).
+        D: (K, D) fp32 or None. z: (B, L, Kz, D) or None. delta_bias: (K, D) fp32 or None.
+        delta_softplus: softplus(delta + delta_bias). orders: (K, L) permutations or None (identity).
+        out_dtype: output dtype (default ``u.dtype``).
+
+    Returns:
+        y: (B, L, K, D) in original token order.
+    """
+    return SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, orders, out_dtype)

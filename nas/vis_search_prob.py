@@ -1,0 +1,529 @@
+"""Derive the searched architecture from a supernet run: the arch file, a heatmap, probability trajectories.
+
+``python -m nas.vis_search_prob RUN_DIR_OR_CHECKPOINT [--k K] [--out arch.yaml] [--overwrite]``
+
+Every searchable layer's candidate probabilities are read from the search checkpoint (softmax of the layer's
+``arch_logits``, through the model's own ``arch_probs()``), or from the last line of ``arch_probs.jsonl`` when only
+that file is given. Each layer keeps the top k orders that the search space and its constraint allow
+(:func:`search_spaces.select_top_k`), and the result is written as an arch file that ``retrain.train --arch`` reads
+directly, next to two plots:
+
+* ``<out>_heatmap.png``: layers × candidates, the chosen cells outlined;
+* ``<out>_trajectory.png``: every layer's probabilities over the search epochs (from ``arch_probs.jsonl``).
+
+The same checkpoint always gives the same files: ties break toward the earlier candidate and the provenance date is
+the checkpoint's, not the clock's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import shlex
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+from search_spaces import ArchSpec, LayerChoice, SearchSpace, list_presets, load_space, save_arch, select_top_k
+
+__all__ = ["DEFAULTS", "derive", "main", "read_arch_probs_jsonl"]
+
+DEFAULTS: dict[str, Any] = {
+    "source": "",  # a run directory, a search checkpoint (.pt) or an arch_probs.jsonl
+    "k": None,  # orders kept per layer; None: the search space's k
+    "out": None,  # arch file path; None: <run dir>/arch.yaml
+    "overwrite": False,
+    "plots": True,
+    "quiet": False,
+}
+
+_CHECKPOINT_NAMES = ("last.pt", "best.pt")
+_JSONL_NAME = "arch_probs.jsonl"
+
+
+class DerivationError(ValueError):
+    """A user-facing derivation problem; the message is one line."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(" ".join(str(msg).split()))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _resolve_source(source: str | Path) -> tuple[Path, Path | None, Path | None]:
+    """Split the user's argument into (run dir, checkpoint or None, arch_probs.jsonl or None)."""
+    path = Path(source).expanduser()
+    if not str(source):
+        raise DerivationError("give a search run directory, a search checkpoint (.pt) or an arch_probs.jsonl")
+    if not path.exists():
+        raise DerivationError(f"not found: {path.resolve()}; give a search run directory or its last.pt")
+    if path.is_dir():
+        run_dir = path
+        ckpt = next((run_dir / n for n in _CHECKPOINT_NAMES if (run_dir / n).is_file()), None)
+        jsonl = run_dir / _JSONL_NAME if (run_dir / _JSONL_NAME).is_file() else None
+        if ckpt is None and jsonl is None:
+            raise DerivationError(
+                f"{path.resolve()} holds neither a search checkpoint ({' or '.join(_CHECKPOINT_NAMES)}) nor "
+                f"{_JSONL_NAME}; is it the output directory of `python -m nas.search`?"
+            )
+        return run_dir, ckpt, jsonl
+    run_dir = path.parent
+    jsonl_beside = run_dir / _JSONL_NAME if (run_dir / _JSONL_NAME).is_file() else None
+    if path.suffix == ".jsonl":
+        return run_dir, None, path
+    return run_dir, path, jsonl_beside
+
+
+def read_arch_probs_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read ``arch_probs.jsonl``: one ``{"epoch", "labels", "candidates", "probs"}`` record per search epoch.
+
+    A truncated last line (a run killed while writing) is skipped; any other malformed line is an error.
+
+    Returns:
+        The records in file order, ``probs`` as ``(layers, candidates)`` nested lists.
+    """
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1 and records:
+                break
+            raise DerivationError(f"{path}: line {i + 1} is not valid JSON") from None
+        missing = [k for k in ("epoch", "labels", "candidates", "probs") if k not in rec]
+        if missing:
+            raise DerivationError(f"{path}: line {i + 1} lacks {', '.join(missing)}")
+        if len(rec["probs"]) != len(rec["labels"]) or any(len(p) != len(rec["candidates"]) for p in rec["probs"]):
+            raise DerivationError(f"{path}: line {i + 1}: probs are not {len(rec['labels'])} layers × candidates")
+        records.append(rec)
+    if not records:
+        raise DerivationError(f"{path} has no records; the search wrote no epoch yet")
+    return records
+
+
+def _space_from_candidates(candidates: Sequence[str], run_dir: Path) -> SearchSpace:
+    """Find the search space of a run known only through its jsonl: the run's args.yaml, else a matching preset."""
+    args = run_dir / "args.yaml"
+    if args.is_file():
+        import yaml
+
+        cfg = yaml.safe_load(args.read_text()) or {}
+        for key in ("search_space", "space"):
+            spec = cfg.get(key)
+            if spec:
+                try:
+                    space = load_space(spec)
+                except ValueError:
+                    continue
+                if tuple(space.candidates) == tuple(candidates):
+                    return space
+    for name in list_presets():
+        space = load_space(name)
+        if tuple(space.candidates) == tuple(candidates):
+            return space
+    raise DerivationError(
+        f"cannot tell the search space of candidates {list(candidates)}: no args.yaml beside {run_dir} names it and "
+        f"no preset matches; pass the run's last.pt instead"
+    )
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a search checkpoint and compute every layer's probabilities with the model that wrote it.
+
+    The model is rebuilt from the name and kwargs the checkpoint records and asked for ``arch_probs()``: the layer
+    labels and the softmax then come from the one place that defines them, never from state-dict key matching.
+    """
+    import torch
+
+    import supernet  # noqa: F401  (registers the timm entrypoints)
+    from retrain.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(path, expect_kind="search")
+    except (CheckpointError, FileNotFoundError) as e:
+        raise DerivationError(str(e)) from None
+    from retrain.train import model_from_spec
+
+    spec = ckpt.get("model_spec") or {}
+    model_name = spec.get("name") or ckpt.get("model")
+    if not spec or "model_state" not in ckpt:
+        raise DerivationError(
+            f"{path}: a search checkpoint without model_spec/model_state; was it written by nas.search?"
+        )
+    try:
+        model = model_from_spec(spec)
+        model.load_state_dict(ckpt["model_state"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise DerivationError(f"{path}: cannot rebuild {model_name} from the checkpoint ({e})") from None
+    if not hasattr(model, "arch_probs"):
+        raise DerivationError(f"{path}: {model_name} is not a search model (no arch_probs()); give a search run")
+    with torch.no_grad():
+        probs_by_label = model.arch_probs()
+    labels = list(probs_by_label)
+    probs = [[float(p) for p in torch.as_tensor(probs_by_label[lab]).tolist()] for lab in labels]
+    space_spec = ckpt.get("search_space") or getattr(model, "search_space", None)
+    space = load_space(space_spec)
+    return {
+        "labels": labels,
+        "probs": probs,
+        "space": space,
+        "model": ckpt.get("derived_model_name") or getattr(model, "derived_model_name", None),
+        "epoch": ckpt.get("epoch"),
+        "commit": ckpt.get("commit"),
+        "date": ckpt.get("date"),
+        "config": ckpt.get("config") or {},
+    }
+
+
+def _git_commit() -> str | None:
+    """The commit of the code doing the derivation, when it runs from a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _file_date(path: Path) -> str:
+    return _dt.datetime.fromtimestamp(path.stat().st_mtime, tz=_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Derivation
+
+
+def _space_with_k(space: SearchSpace, k: int | None) -> SearchSpace:
+    """The space with ``k`` overridden, validated with a message that names --k."""
+    if k is None:
+        return space
+    n = space.num_candidates
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise DerivationError(f"--k {k} is out of range for search space '{space.name}' ({n} candidates); use 1..{n}")
+    if k < space.min_global:
+        raise DerivationError(
+            f"--k {k} cannot hold the {space.min_global} global order(s) search space '{space.name}' requires per "
+            f"layer; use {space.min_global}..{n}"
+        )
+    return SearchSpace(name=space.name, candidates=space.candidates, k=k, min_global=space.min_global)
+
+
+def derive(
+    labels: Sequence[str],
+    probs: Sequence[Sequence[float]],
+    space: SearchSpace,
+    model: str | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> ArchSpec:
+    """Keep the top-k allowed orders of every layer.
+
+    Args:
+        labels: layer labels, in model order (length ``depth``).
+        probs: ``(depth, num_candidates)`` probabilities, each row in the space's candidate order.
+        space: the search space (its ``k`` and ``min_global`` apply).
+        model: the derived model's timm entrypoint.
+        provenance: recorded as is in the arch file.
+
+    Returns:
+        The arch; each layer's orders are in candidate order.
+    """
+    if len(labels) != len(probs):
+        raise DerivationError(f"{len(labels)} layer labels but {len(probs)} probability rows")
+    layers = []
+    for label, row in zip(labels, probs):
+        if len(row) != space.num_candidates:
+            raise DerivationError(
+                f"layer '{label}' has {len(row)} probabilities but space '{space.name}' has "
+                f"{space.num_candidates} candidates"
+            )
+        if any(not math.isfinite(float(p)) for p in row):
+            raise DerivationError(f"layer '{label}': non-finite probabilities {list(row)}; the search diverged")
+        layers.append(LayerChoice(str(label), tuple(select_top_k(space, row)), tuple(float(p) for p in row)))
+    return ArchSpec(space=space, layers=tuple(layers), model=model, provenance=dict(provenance or {}))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def format_table(arch: ArchSpec) -> str:
+    """A fixed-width table: one row per layer, every candidate's probability, chosen ones starred."""
+    cands = arch.space.candidates
+    width = max(6, *(len(c) + 1 for c in cands))
+    label_w = max(5, *(len(layer.label) for layer in arch.layers))
+    head = f"{'layer':<{label_w}} " + " ".join(f"{c:>{width}}" for c in cands) + "  kept"
+    lines = [head, "-" * len(head)]
+    for layer in arch.layers:
+        cells = []
+        for c, p in zip(cands, layer.probs or [float("nan")] * len(cands)):
+            mark = "*" if c in layer.orders else " "
+            cells.append(f"{p:>{width - 1}.3f}{mark}")
+        lines.append(f"{layer.label:<{label_w}} " + " ".join(cells) + "  " + ",".join(layer.orders))
+    lines.append(
+        f"(* kept: top {arch.space.k} per layer"
+        + (f", at least {arch.space.min_global} global)" if arch.space.min_global else ")")
+    )
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_heatmap(arch: ArchSpec, path: str | Path, title: str = "") -> Path:
+    """Layers × candidates heatmap of the derivation probabilities with the kept cells outlined."""
+    import numpy as np
+
+    plt = _pyplot()
+    cands = arch.space.candidates
+    probs = np.array([layer.probs for layer in arch.layers], dtype=float)
+    fig_w = 1.6 + 0.75 * len(cands)
+    fig_h = 1.4 + 0.38 * arch.depth
+    fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=110)
+    im = ax.imshow(probs, cmap="viridis", vmin=0.0, vmax=max(float(probs.max()), 1e-9), aspect="auto")
+    for i, layer in enumerate(arch.layers):
+        for j, c in enumerate(cands):
+            kept = c in layer.orders
+            ax.text(
+                j,
+                i,
+                f"{probs[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="black" if probs[i, j] > 0.6 * probs.max() else "white",
+                fontweight="bold" if kept else "normal",
+            )
+            if kept:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.8))
+    ax.set_xticks(range(len(cands)), cands, rotation=45, ha="right")
+    ax.set_yticks(range(arch.depth), [layer.label for layer in arch.layers])
+    ax.set_xlabel("candidate order (red: kept)")
+    ax.set_ylabel("layer")
+    ax.set_title(title or f"scan-order probabilities, top {arch.space.k} kept", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="probability")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_trajectories(records: Sequence[dict[str, Any]], path: str | Path, kept: ArchSpec | None = None) -> Path:
+    """One panel per layer: each candidate's probability over the search epochs (kept orders drawn solid)."""
+    plt = _pyplot()
+    labels = records[-1]["labels"]
+    cands = records[-1]["candidates"]
+    epochs = [r["epoch"] for r in records]
+    ncols = min(4, len(labels))
+    nrows = math.ceil(len(labels) / ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.2 * ncols, 2.3 * nrows + 0.6), dpi=100, squeeze=False, sharex=True, sharey=True
+    )
+    cmap = plt.get_cmap("tab20" if len(cands) > 10 else "tab10")
+    for li, label in enumerate(labels):
+        ax = axes[li // ncols][li % ncols]
+        kept_orders = set(kept.layers[li].orders) if kept is not None and li < kept.depth else set()
+        for ci, cand in enumerate(cands):
+            ys = [r["probs"][li][ci] for r in records]
+            ax.plot(
+                epochs,
+                ys,
+                color=cmap(ci % cmap.N),
+                linewidth=1.6 if cand in kept_orders else 0.9,
+                linestyle="-" if (cand in kept_orders or not kept_orders) else "--",
+                label=cand,
+                marker="o" if len(epochs) == 1 else None,
+            )
+        ax.set_title(label, fontsize=8)
+        ax.grid(alpha=0.3)
+    for extra in range(len(labels), nrows * ncols):
+        axes[extra // ncols][extra % ncols].axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+    for row in axes:
+        row[0].set_ylabel("probability")
+    from matplotlib.lines import Line2D
+
+    # One legend for all panels, with plain solid lines: the per-panel styles only say "kept in this layer".
+    handles = [Line2D([], [], color=cmap(ci % cmap.N), linewidth=1.6) for ci in range(len(cands))]
+    ncol = min(len(cands), 10)
+    legend_rows = math.ceil(len(cands) / ncol)
+    top = 1.0 - (0.35 + 0.22 * legend_rows) / fig.get_figheight()
+    fig.suptitle("candidate probabilities during the search (solid: kept in that layer)", fontsize=9, y=0.995)
+    fig.legend(
+        handles, list(cands), loc="lower center", bbox_to_anchor=(0.5, top), ncol=ncol, fontsize=7, frameon=False
+    )
+    fig.tight_layout(rect=(0, 0, 1, top))
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def retrain_command(arch_path: Path, search_cfg: dict[str, Any]) -> str:
+    """The command that retrains this arch from scratch, carrying the search's data settings over."""
+    parts = ["python", "-m", "retrain.train", "--arch", str(arch_path)]
+    try:
+        from retrain.train import DEFAULTS as TRAIN_DEFAULTS
+    except ImportError:
+        TRAIN_DEFAULTS = {}
+    for key in ("dataset", "data_dir", "img_size", "in_chans", "num_classes"):
+        value = search_cfg.get(key)
+        if key in TRAIN_DEFAULTS and value not in (None, "") and value != TRAIN_DEFAULTS.get(key):
+            parts += ["--" + key.replace("_", "-"), str(value)]
+    if "shuffle_max" in TRAIN_DEFAULTS:
+        parts += ["--shuffle-max", "0.5"]
+    return shlex.join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# main
+
+
+def main(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Derive the arch of one search run and write the arch file and plots.
+
+    Args:
+        cfg: keys of :data:`DEFAULTS`; ``source`` is a run dir, a checkpoint or an ``arch_probs.jsonl``.
+
+    Returns:
+        ``arch`` (the :class:`ArchSpec`), ``arch_path``, ``heatmap``, ``trajectory`` (paths or None), ``epoch``,
+        ``source`` (what the probabilities came from) and ``command`` (the retrain command).
+    """
+    cfg = {**DEFAULTS, **cfg}
+    run_dir, ckpt_path, jsonl_path = _resolve_source(cfg["source"])
+    records = read_arch_probs_jsonl(jsonl_path) if jsonl_path is not None else []
+
+    search_cfg: dict[str, Any] = {}
+    if ckpt_path is not None:
+        info = _read_checkpoint(ckpt_path)
+        labels, probs, space, model = info["labels"], info["probs"], info["space"], info["model"]
+        epoch, search_cfg = info["epoch"], info["config"]
+        source_path = ckpt_path
+        commit = info["commit"] or _git_commit()
+        date = info["date"] or _file_date(ckpt_path)
+    else:
+        last = records[-1]
+        labels, probs, epoch = last["labels"], last["probs"], last["epoch"]
+        space = _space_from_candidates(last["candidates"], run_dir)
+        args = run_dir / "args.yaml"
+        if args.is_file():
+            import yaml
+
+            search_cfg = yaml.safe_load(args.read_text()) or {}
+        model = _derived_name_from_config(search_cfg)
+        source_path = jsonl_path
+        commit = _git_commit()
+        date = _file_date(jsonl_path)
+
+    space = _space_with_k(space, cfg["k"])
+    try:
+        rel = str(Path(source_path).resolve().relative_to(run_dir.resolve()))
+    except ValueError:
+        rel = str(source_path)
+    provenance = {"checkpoint": rel, "epoch": epoch, "commit": commit, "date": date}
+    arch = derive(labels, probs, space, model=model, provenance=provenance)
+
+    out = Path(cfg["out"]) if cfg["out"] else run_dir / "arch.yaml"
+    if out.exists() and not cfg["overwrite"]:
+        raise DerivationError(f"{out.resolve()} exists; choose another --out or pass --overwrite")
+    stem = out.with_suffix("")
+    heatmap = trajectory = None
+    if cfg["plots"]:
+        heatmap = plot_heatmap(arch, f"{stem}_heatmap.png", title=f"{run_dir.name}: epoch {epoch}, top {space.k} kept")
+        if records:
+            trajectory = plot_trajectories(records, f"{stem}_trajectory.png", kept=arch)
+    save_arch(arch, out, overwrite=cfg["overwrite"])
+    command = retrain_command(out, search_cfg)
+    if not cfg["quiet"]:
+        print(f"derived from {source_path} (epoch {epoch}), search space '{space.name}', k={space.k}")
+        print(format_table(arch))
+        print(f"arch file: {out}")
+        if heatmap:
+            print(f"heatmap:   {heatmap}")
+        if trajectory:
+            print(f"trajectory: {trajectory}")
+        print("next, retrain it from scratch:")
+        print(f"  {command}")
+    return {
+        "arch": arch,
+        "arch_path": out,
+        "heatmap": heatmap,
+        "trajectory": trajectory,
+        "epoch": epoch,
+        "source": source_path,
+        "command": command,
+    }
+
+
+def _derived_name_from_config(search_cfg: dict[str, Any]) -> str | None:
+    """The derived entrypoint of the run's supernet, asked of the model class (no name mangling here)."""
+    name = search_cfg.get("model")
+    if not name:
+        return None
+    try:
+        import timm
+
+        import supernet  # noqa: F401
+
+        model = timm.create_model(name, pretrained=False)
+    except Exception:  # noqa: BLE001 - the name is optional provenance; derivation works without it
+        return None
+    return getattr(model, "derived_model_name", None)
+
+
+def _parse_args(argv: Sequence[str] | None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog="python -m nas.vis_search_prob",
+        description="Derive the searched arch (top-k orders per layer) into an arch file, with a heatmap and "
+        "probability trajectories.",
+    )
+    parser.add_argument(
+        "source", metavar="RUN_DIR_OR_CHECKPOINT", help="search run dir, its last.pt, or arch_probs.jsonl"
+    )
+    parser.add_argument("--k", type=int, default=None, help="orders kept per layer (default: the search space's k)")
+    parser.add_argument("--out", default=None, help="arch file to write (default: RUN_DIR/arch.yaml)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNGs")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return vars(parser.parse_args(argv))
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The thin shell: parse, run, one-line errors (exit 2), tracebacks only with --debug."""
+    args = _parse_args(argv)
+    debug = args.pop("debug")
+    try:
+        main(args)
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

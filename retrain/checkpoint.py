@@ -1,0 +1,234 @@
+"""Crash-safe checkpoints: atomic writes, a completeness marker, safe loading and ``--resume auto``.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so that it loads with
+``torch.load(weights_only=True)`` (no pickled Python objects, hence no code execution from a foreign file). Every
+checkpoint carries ``format``, ``kind`` (``"retrain"`` or ``"search"``), ``model`` (the model name) and, written last,
+``complete: True``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "CheckpointKeeper",
+    "load_checkpoint",
+    "resolve_resume",
+    "save_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "scan-nas-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, foreign, or from another model; the message is one line."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` to ``path`` atomically: ``path.tmp``, flush + fsync, then ``os.replace``.
+
+    Args:
+        state: a plain dict; must hold ``kind`` and ``model``. ``format`` and ``complete`` are added.
+
+    Returns:
+        The checkpoint path.
+    """
+    for key in ("kind", "model"):
+        if key not in state:
+            raise ValueError(f"checkpoint state needs a '{key}' entry")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": CHECKPOINT_FORMAT, **state}
+    payload.pop("complete", None)
+    payload["complete"] = True  # written last: a reader that sees it saw the whole dict
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(
+    path: str | Path,
+    expect_kind: str | None = None,
+    expect_model: str | None = None,
+    map_location: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`, refusing anything else with one line.
+
+    Args:
+        path: the ``.pt`` file.
+        expect_kind: ``"retrain"`` or ``"search"``, when the caller needs one.
+        expect_model: the model name the caller is about to load it into.
+        map_location: where tensors go.
+
+    Raises:
+        CheckpointError: missing, truncated/corrupt, not ours, incomplete, other kind or other model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path.resolve()}; check the path or use --resume auto")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, pickled objects refused by weights_only
+        reason = " ".join(str(e).split())[:160]
+        raise CheckpointError(
+            f"checkpoint {path.resolve()} is truncated, corrupt or not a plain-tensor checkpoint ({reason}); "
+            f"resume from another checkpoint (e.g. --resume auto picks the newest complete one)"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path.resolve()} is not a scan-nas checkpoint (no '{CHECKPOINT_FORMAT}' marker); timm or other weights "
+            f"cannot be resumed"
+        )
+    if state.get("complete") is not True:
+        raise CheckpointError(f"checkpoint {path.resolve()} is incomplete (no completeness marker); use another one")
+    if expect_kind is not None and state.get("kind") != expect_kind:
+        raise CheckpointError(
+            f"checkpoint {path.resolve()} is a '{state.get('kind')}' checkpoint, expected '{expect_kind}' "
+            f"({'nas.search' if expect_kind == 'search' else 'retrain.train'} writes those)"
+        )
+    if expect_model is not None and state.get("model") != expect_model:
+        raise CheckpointError(
+            f"checkpoint {path.resolve()} holds model '{state.get('model')}', not '{expect_model}'; pass the matching "
+            f"--model or start a new --experiment"
+        )
+    return state
+
+
+def _checkpoints_in(run_dir: Path) -> list[Path]:
+    return [p for p in run_dir.glob("*.pt") if p.is_file()]
+
+
+def resolve_resume(resume: str | Path | None, run_dir: str | Path, verbose: bool = True) -> Path | None:
+    """Turn a ``--resume`` value into a checkpoint path.
+
+    Args:
+        resume: ``None``/``""`` (no resume), ``"auto"`` (the newest complete checkpoint in ``run_dir``; ``None`` if
+            the directory has none), or a path.
+        run_dir: the run directory searched by ``"auto"``.
+        verbose: say which checkpoint is used.
+
+    Raises:
+        CheckpointError: an explicit path that does not load, or ``auto`` finding only broken checkpoints (never a
+            silent restart from scratch).
+    """
+    if not resume:
+        return None
+    if str(resume) != "auto":
+        path = Path(resume)
+        load_checkpoint(path)  # fail early, with the one-line reason
+        return path
+    run_dir = Path(run_dir)
+    candidates = _checkpoints_in(run_dir) if run_dir.is_dir() else []
+    if not candidates:
+        if verbose:
+            print(f"resume auto: no checkpoint in {run_dir}, starting from scratch", file=sys.stderr)
+        return None
+    best: tuple[tuple[int, int, bool, float], Path] | None = None
+    errors = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            errors.append(str(e))
+            continue
+        # Newest = furthest in training; on ties (copies of one state) prefer last.pt, then the most recent write.
+        key = (int(state.get("step", -1)), int(state.get("epoch", -1)), path.name == "last.pt", path.stat().st_mtime)
+        if best is None or key > best[0]:
+            best = (key, path)
+    if best is None:
+        raise CheckpointError(f"resume auto: no complete checkpoint in {run_dir.resolve()} ({errors[0]})")
+    if verbose:
+        print(f"resume auto: using {best[1]} (epoch {best[0][1]}, step {best[0][0]})", file=sys.stderr)
+    return best[1]
+
+
+class CheckpointKeeper:
+    """``last.pt`` every time, ``best.pt`` when the metric improves, and the top-k ``checkpoint-<epoch>.pt`` files.
+
+    Like timm's CheckpointSaver, but for plain-dict states; its own state goes into ``last.pt`` so that a resumed
+    run keeps the same ranking.
+
+    Args:
+        run_dir: where checkpoints go.
+        max_history: how many per-epoch checkpoints to keep (0 keeps none).
+        decreasing: ``True`` when a lower metric is better (e.g. a loss).
+    """
+
+    def __init__(self, run_dir: str | Path, max_history: int = 3, decreasing: bool = False) -> None:
+        self.run_dir = Path(run_dir)
+        self.max_history = max_history
+        self.decreasing = decreasing
+        self.best_metric: float | None = None
+        self.best_epoch: int | None = None
+        self.history: list[tuple[float, int]] = []  # (metric, epoch) of the kept per-epoch files
+
+    def _better(self, a: float, b: float | None) -> bool:
+        return b is None or (a < b if self.decreasing else a > b)
+
+    def _score(self, metric: float) -> float:
+        return -metric if self.decreasing else metric
+
+    def save(self, state: dict[str, Any], epoch: int, metric: float) -> dict[str, Path]:
+        """Write last (and best / top-k when earned); return the paths written by role."""
+        written = {}
+        is_best = self._better(metric, self.best_metric)
+        if is_best:
+            self.best_metric, self.best_epoch = float(metric), epoch
+        new_history = self.history
+        hist_path = None
+        if self.max_history > 0:
+            entries = [*self.history, (float(metric), epoch)]
+            kept = heapq.nlargest(self.max_history, entries, key=lambda t: (self._score(t[0]), t[1]))
+            if (float(metric), epoch) in kept:
+                hist_path = self.run_dir / f"checkpoint-{epoch}.pt"
+            new_history = kept
+        state = {**state, "keeper": self.state_dict(history=new_history)}
+        written["last"] = save_checkpoint(state, self.run_dir / "last.pt")
+        if is_best:
+            written["best"] = save_checkpoint(state, self.run_dir / "best.pt")
+        if hist_path is not None:
+            written["history"] = save_checkpoint(state, hist_path)
+        for _, old_epoch in self.history:
+            if all(e != old_epoch for _, e in new_history):
+                (self.run_dir / f"checkpoint-{old_epoch}.pt").unlink(missing_ok=True)
+        self.history = new_history
+        return written
+
+    def state_dict(self, history: list[tuple[float, int]] | None = None) -> dict[str, Any]:
+        history = self.history if history is None else history
+        return {
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "history": [[float(m), int(e)] for m, e in history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_metric = state.get("best_metric")
+        self.best_epoch = state.get("best_epoch")
+        self.history = [(float(m), int(e)) for m, e in state.get("history", [])]

@@ -1,0 +1,607 @@
+"""The comparison: the searched arch next to Vim, VMamba, LocalMamba-fixed and MambaOut, same recipe, several seeds.
+
+``python -m retrain.compare -c CONFIG [--flag value ...]``
+
+Every row of the table is one model trained with the same recipe (a ``retrain.train`` config file, so the same
+epochs, optimizer, augmentation and data) for every seed in ``seeds``. A row is either run here (through
+``retrain.train.main``) or collected from finished run directories, so GPU runs done elsewhere make the same table::
+
+    train_config: configs/retrain/fmnist.yaml   # the recipe shared by every row
+    arch: runs/search/arch.yaml                 # the searched arch (rows with `searched: true`)
+    seeds: [0, 1, 2]
+    slws_ablation: true                         # also train the searched arch(s) with shuffle_max 0
+    models:
+      - {name: searched, searched: true, overrides: {shuffle_max: 0.5}}
+      - {name: vim, model: vim_mini}
+      - {name: vmamba, model: vmamba_mini}
+      - {name: local_fixed, model: local_fixed_vim_mini}
+      - {name: mambaout, model: mambaout_femto, overrides: {drop_path: 0.1}}
+      - {name: elsewhere, model: vim_mini, run_dirs: [gpu_runs/vim/seed0, gpu_runs/vim/seed1]}  # collect only
+
+Sizes must match: every row's parameter count must lie within ``param_tolerance`` (±10 % by default) of the
+reference row (the first searched row, else the first row); ``on_mismatch: refuse`` stops before training anything,
+``flag`` marks the row in the table. Outputs, in ``OUTPUT/EXPERIMENT/``: ``runs/<row>/seed<S>/`` (each a normal
+``retrain.train`` run plus its ``results.json``), ``comparison.csv``, ``comparison.md`` and ``comparison.png``.
+
+The markdown says, for every searched row and every baseline, whether the searched arch is better and by how many
+pooled standard deviations; a difference under ``noise_sigmas`` (2 by default) is reported as within noise.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from retrain.config import ConfigError, resolve_config, run_cli, save_config
+
+__all__ = ["DEFAULTS", "Row", "collect_run", "main", "pooled_std", "summarise"]
+
+DEFAULTS: dict[str, Any] = {
+    "train_config": "",  # retrain.train YAML: the recipe every row shares ("" = retrain.train defaults)
+    "arch": "",  # the searched arch file, used by rows with `searched: true`
+    "models": [],  # rows: {name, model | arch | searched, overrides, run_dirs}
+    "seeds": [0],
+    "slws_ablation": False,  # add a shuffle_max=0 twin of every searched row that uses SLWS
+    "output": "runs",
+    "experiment": "comparison",
+    "collect_only": False,  # never train; build the table from the run directories that exist
+    "param_tolerance": 0.10,
+    "on_mismatch": "refuse",  # refuse | flag
+    "metric": "final",  # final (last epoch's top-1) | best (best epoch's top-1, optimistic)
+    "noise_sigmas": 2.0,
+    "debug": False,
+}
+
+_ROW_KEYS = ("name", "model", "arch", "searched", "overrides", "run_dirs")
+_RESULTS = "results.json"
+
+
+def _one_line(msg: Any) -> str:
+    return " ".join(str(msg).split())
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "row"
+
+
+@dataclass
+class Row:
+    """One line of the table: a model, its recipe overrides and what its seeds produced."""
+
+    name: str
+    overrides: dict[str, Any]  # retrain.train keys on top of the recipe (model or arch included)
+    searched: bool
+    run_dirs: list[str] = field(default_factory=list)
+    params_expected: int | None = None
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def slug(self) -> str:
+        return _slug(self.name)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rows
+
+
+def _parse_rows(cfg: dict[str, Any], train_defaults: dict[str, Any]) -> list[Row]:
+    raw = cfg["models"]
+    if not raw:
+        raise ConfigError("'models' is empty: list the rows to compare, e.g. {name: vim, model: vim_mini}")
+    rows: list[Row] = []
+    for i, entry in enumerate(raw):
+        where = f"models[{i}]"
+        if isinstance(entry, str):
+            entry = {"name": entry, "model": entry}
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a mapping like {{name: vim, model: vim_mini}}, got {entry!r}")
+        for k in entry:
+            if k not in _ROW_KEYS:
+                import difflib
+
+                near = difflib.get_close_matches(str(k), _ROW_KEYS, n=1)
+                hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(_ROW_KEYS)}"
+                raise ConfigError(f"{where}: unknown key '{k}'{hint}")
+        overrides = dict(entry.get("overrides") or {})
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{where}.overrides must be a mapping of retrain.train keys")
+        searched = bool(entry.get("searched", False)) or bool(entry.get("arch"))
+        sources = [k for k in ("model", "arch", "searched") if entry.get(k)]
+        if len(sources) != 1 and not (sources == ["arch", "searched"]):
+            raise ConfigError(f"{where}: give exactly one of 'model', 'arch' or 'searched: true'")
+        if entry.get("model"):
+            overrides["model"] = str(entry["model"])
+        else:
+            arch = entry.get("arch") or cfg["arch"]
+            if not arch:
+                raise ConfigError(f"{where} is the searched arch but no arch file is given; set 'arch' (or --arch)")
+            overrides["arch"] = str(arch)
+        name = str(entry.get("name") or overrides.get("model") or Path(str(overrides["arch"])).stem)
+        for key in ("output", "experiment", "seed", "resume"):
+            if key in overrides:
+                raise ConfigError(f"{where}.overrides: '{key}' is set by the comparison for each seed")
+        try:
+            overrides = {k: v for k, v in resolve_config(train_defaults, overrides=overrides).items() if k in overrides}
+        except ConfigError as e:
+            raise ConfigError(f"{where} ({name}): {_one_line(e).removeprefix('overrides: ')}") from None
+        run_dirs = [str(d) for d in entry.get("run_dirs") or []]
+        rows.append(Row(name=name, overrides=overrides, searched=searched, run_dirs=run_dirs))
+    if cfg["slws_ablation"]:
+        # Each searched row that uses SLWS gets a twin without it, placed right after it.
+        with_twins: list[Row] = []
+        for row in rows:
+            with_twins.append(row)
+            shuffle = row.overrides.get("shuffle_max")
+            if row.searched and (shuffle if shuffle is not None else _recipe_shuffle(cfg, train_defaults)) > 0:
+                with_twins.append(Row(f"{row.name} (no SLWS)", {**row.overrides, "shuffle_max": 0.0}, True))
+        rows = with_twins
+    names = [r.slug for r in rows]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"two rows share the name {dupes[0]!r}; give each row a distinct 'name'")
+    return rows
+
+
+def _recipe_shuffle(cfg: dict[str, Any], train_defaults: dict[str, Any]) -> float:
+    return float(_recipe(cfg, train_defaults).get("shuffle_max", 0.0) or 0.0)
+
+
+def _recipe(cfg: dict[str, Any], train_defaults: dict[str, Any]) -> dict[str, Any]:
+    argv = ["-c", cfg["train_config"]] if cfg["train_config"] else None
+    return resolve_config(train_defaults, argv=argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Collecting finished runs
+
+
+def _read_summary(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _float(v: Any) -> float | None:
+    try:
+        return None if v in (None, "") else float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def collect_run(run_dir: str | Path, cost_if_missing: bool = True) -> dict[str, Any] | None:
+    """Read one ``retrain.train`` run directory, finished or not.
+
+    ``summary.csv`` (one row per epoch) gives the top-1 curve and the epochs done, ``args.yaml`` the planned epochs
+    and the seed, and ``results.json`` (what ``retrain.train.main`` returned, saved by this module) the parameter
+    count, FLOPs and training speed. A run made elsewhere without ``results.json`` still counts: its cost is then
+    measured by building the model from ``args.yaml`` (``cost_if_missing``), and its speed is the mean of the
+    ``img_s`` column.
+
+    Returns:
+        ``final_top1``, ``best_top1``, ``epochs``, ``planned_epochs``, ``params``, ``flops``, ``train_img_s``,
+        ``interrupted``, ``seed``, ``config``, ``run_dir`` (None where unknown); ``None`` when the directory holds
+        no finished epoch.
+    """
+    run_dir = Path(run_dir)
+    config: dict[str, Any] = {}
+    if (run_dir / "args.yaml").is_file():
+        config = yaml.safe_load((run_dir / "args.yaml").read_text()) or {}
+    results: dict[str, Any] = {}
+    if (run_dir / _RESULTS).is_file():
+        results = json.loads((run_dir / _RESULTS).read_text())
+    # With EMA the checkpointed metric is the EMA model's: compare that one.
+    col = "ema_top1" if config.get("model_ema") else "top1"
+    curve: list[float] = []
+    speeds: list[float] = []
+    if (run_dir / "summary.csv").is_file():
+        rows = _read_summary(run_dir / "summary.csv")
+        curve = [v for v in (_float(r.get(col)) for r in rows) if v is not None]
+        speeds = [v for v in (_float(r.get("img_s")) for r in rows) if v]
+    if not curve and _float(results.get(col)) is not None:
+        curve = [float(results[col])]
+    if not curve:
+        return None
+    out: dict[str, Any] = {
+        "final_top1": curve[-1],
+        "best_top1": max(curve),
+        "epochs": len(curve),
+        "planned_epochs": config.get("epochs"),
+        "params": results.get("params"),
+        "flops": results.get("flops"),
+        "train_img_s": results.get("train_img_s") or (sum(speeds) / len(speeds) if speeds else None),
+        "interrupted": bool(results.get("interrupted", False)),
+        "seed": config.get("seed"),
+        "config": config,
+        "run_dir": str(run_dir),
+    }
+    if out["params"] is None and cost_if_missing and config:
+        out["params"], out["flops"] = _model_cost(config)
+    return out
+
+
+def _model_cost(config: dict[str, Any]) -> tuple[int | None, int | None]:
+    """Parameters and FLOPs of the model a saved ``args.yaml`` describes (None, None if it cannot be built)."""
+    from retrain import train as train_mod
+    from retrain.engine import count_params_flops
+
+    try:
+        cfg = resolve_config(train_mod.DEFAULTS, overrides={k: v for k, v in config.items() if k in train_mod.DEFAULTS})
+        info = _dataset_info(cfg)
+        model, _ = train_mod.build_model(cfg, info)
+        params, flops = count_params_flops(model, info.img_size, info.in_chans)
+    except (ValueError, FileNotFoundError, RuntimeError):
+        return None, None
+    return int(params), int(flops)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    return str(value)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; NaN for fewer than two values)."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def pooled_std(a: Sequence[float], b: Sequence[float]) -> float:
+    """sqrt(((n_a - 1) s_a² + (n_b - 1) s_b²) / (n_a + n_b - 2)); NaN when either side has fewer than two seeds."""
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    _, sa = mean_std(a)
+    _, sb = mean_std(b)
+    return math.sqrt(((len(a) - 1) * sa**2 + (len(b) - 1) * sb**2) / (len(a) + len(b) - 2))
+
+
+def verdict(searched: Sequence[float], baseline: Sequence[float], noise_sigmas: float) -> tuple[float, float, str]:
+    """(difference of means, difference / pooled std, plain-words verdict) for searched minus baseline."""
+    if not searched or not baseline:
+        return math.nan, math.nan, "missing runs"
+    diff = mean_std(searched)[0] - mean_std(baseline)[0]
+    sd = pooled_std(searched, baseline)
+    if math.isnan(sd):
+        return diff, math.nan, f"cannot tell with {min(len(searched), len(baseline))} seed(s): no spread to compare to"
+    if sd == 0:
+        z = math.inf if diff > 0 else (-math.inf if diff < 0 else 0.0)
+    else:
+        z = diff / sd
+    if abs(z) < noise_sigmas:
+        return diff, z, f"within noise ({abs(z):.1f} σ < {noise_sigmas:g} σ)"
+    return diff, z, f"{'beats' if z > 0 else 'loses to'} it by {abs(z):.1f} σ"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def summarise(rows: Sequence[Row], metric: str) -> list[dict[str, Any]]:
+    """One dict per row: top-1 mean/std over seeds and the model's cost."""
+    key = "final_top1" if metric == "final" else "best_top1"
+    out = []
+    for row in rows:
+        vals = [float(r[key]) for r in row.runs if r.get(key) is not None]
+        mean, std = mean_std(vals)
+        params = next((r["params"] for r in row.runs if r.get("params")), row.params_expected)
+        flops = next((r["flops"] for r in row.runs if r.get("flops")), None)
+        speeds = [float(r["train_img_s"]) for r in row.runs if r.get("train_img_s")]
+        out.append(
+            {
+                "model": row.name,
+                "role": "searched" if row.searched else "baseline",
+                "timm_name": row.overrides.get("model") or Path(str(row.overrides.get("arch", ""))).name,
+                "top1_mean": mean,
+                "top1_std": std,
+                "seeds": len(vals),
+                "params": params,
+                "flops": flops,
+                "train_img_s": sum(speeds) / len(speeds) if speeds else None,
+                "shuffle_max": row.overrides.get("shuffle_max"),
+                "_values": vals,
+            }
+        )
+    return out
+
+
+def _fmt_num(v: Any, scale: float = 1.0, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{float(v) / scale:.{digits}f}"
+
+
+def _write_csv(table: Sequence[dict[str, Any]], path: Path) -> None:
+    cols = [c for c in table[0] if not c.startswith("_")] + ["param_ratio", "size_ok"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cols)
+        writer.writeheader()
+        for r in table:
+            writer.writerow({c: r.get(c) for c in cols})
+
+
+def _markdown(
+    table: Sequence[dict[str, Any]],
+    cfg: dict[str, Any],
+    recipe: dict[str, Any],
+    ref_name: str,
+    notes: Sequence[str] = (),
+) -> str:
+    metric_words = "final-epoch" if cfg["metric"] == "final" else "best-epoch (optimistic)"
+    lines = [
+        f"# Comparison: {cfg['experiment']}",
+        "",
+        f"Recipe: `{cfg['train_config'] or 'retrain.train defaults'}` (dataset {recipe.get('dataset')}, "
+        f"{recipe.get('epochs')} epochs, img {recipe.get('img_size')}), the same for every row; seeds "
+        f"{list(cfg['seeds'])}. Top-1 is the {metric_words} validation top-1 (%), mean ± sample std over seeds. "
+        f"Sizes are matched to **{ref_name}** within ±{cfg['param_tolerance'] * 100:.0f} % of parameters.",
+        "",
+        "| model | role | top-1 (%) | seeds | params (M) | vs ref | FLOPs (M) | train img/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        std = "" if math.isnan(r["top1_std"]) else f" ± {r['top1_std']:.2f}"
+        ratio = r.get("param_ratio")
+        size = "n/a" if ratio is None else f"{(ratio - 1) * 100:+.1f} %" + ("" if r["size_ok"] else " ⚠ outside")
+        lines.append(
+            f"| {r['model']} | {r['role']} | {_fmt_num(r['top1_mean'])}{std} | {r['seeds']} | "
+            f"{_fmt_num(r['params'], 1e6, 3)} | {size} | {_fmt_num(r['flops'], 1e6, 1)} | "
+            f"{_fmt_num(r['train_img_s'], 1, 0)} |"
+        )
+    searched = [r for r in table if r["role"] == "searched"]
+    baselines = [r for r in table if r["role"] == "baseline"]
+    if searched and baselines:
+        lines += [
+            "",
+            "## Does the searched arch beat each baseline?",
+            "",
+            f"Δ = searched − baseline (top-1 points); σ = pooled sample std of the two rows; |Δ| < "
+            f"{cfg['noise_sigmas']:g} σ is called within noise.",
+            "",
+            "| searched | baseline | Δ top-1 | pooled σ | Δ / σ | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        for s in searched:
+            for b in baselines:
+                diff, z, words = verdict(s["_values"], b["_values"], cfg["noise_sigmas"])
+                sd = pooled_std(s["_values"], b["_values"])
+                zs = "n/a" if math.isnan(z) else (f"{z:+.1f}" if math.isfinite(z) else ("+∞" if z > 0 else "−∞"))
+                lines.append(
+                    f"| {s['model']} | {b['model']} | {_fmt_num(diff, digits=2)} | {_fmt_num(sd)} | {zs} | {words} |"
+                )
+    missing = [r["model"] for r in table if r["seeds"] < len(cfg["seeds"])]
+    if missing:
+        lines += ["", f"Rows with fewer seeds than asked ({len(cfg['seeds'])}): {', '.join(missing)}."]
+    if any(not r["size_ok"] for r in table):
+        lines += ["", "⚠ outside: parameter count outside the size tolerance; that row is not a matched comparison."]
+    for note in notes:
+        lines += ["", f"⚠ {note}."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(table: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["model"] for r in table]
+    means = [0.0 if math.isnan(r["top1_mean"]) else r["top1_mean"] for r in table]
+    errs = [0.0 if math.isnan(r["top1_std"]) else r["top1_std"] for r in table]
+    colors = ["tab:red" if r["role"] == "searched" else "tab:gray" for r in table]
+    fig, ax = plt.subplots(figsize=(1.3 + 1.1 * len(table), 3.8), dpi=110)
+    bars = ax.bar(range(len(table)), means, yerr=errs, capsize=4, color=colors)
+    for bar, r in zip(bars, table):
+        ax.text(
+            bar.get_x() + bar.get_width() / 2, bar.get_height(), f"n={r['seeds']}", ha="center", va="bottom", fontsize=7
+        )
+    finite = [m for m, r in zip(means, table) if r["seeds"]]
+    if finite:
+        lo = max(0.0, min(finite) - 3 * (max(errs) + 1))
+        ax.set_ylim(lo, min(100.0, max(finite) + 3 * (max(errs) + 1)))
+    ax.set_xticks(range(len(table)), names, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title + " (mean ± std over seeds; red: searched)", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# main
+
+
+def _dataset_info(train_cfg: dict[str, Any]) -> Any:
+    """Classes, channels and size of a recipe's data (all a model needs; a few synthetic samples suffice)."""
+    from retrain.data import build_dataset
+
+    _, info = build_dataset(
+        train_cfg["dataset"],
+        train_cfg["data_dir"],
+        "val",
+        train_cfg["img_size"],
+        train_cfg["in_chans"] or None,
+        seed=train_cfg["seed"],
+        num_samples=8,
+    )
+    return info
+
+
+def _count_params(train_mod: Any, train_cfg: dict[str, Any]) -> int:
+    """The parameter count of a row's model, built the way retrain.train builds it (no training)."""
+    model, _ = train_mod.build_model(train_cfg, _dataset_info(train_cfg))
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+# The recipe keys that must agree between rows for the table to be a fair comparison.
+_RECIPE_KEYS = (
+    "dataset",
+    "img_size",
+    "epochs",
+    "batch_size",
+    "opt",
+    "lr",
+    "weight_decay",
+    "sched",
+    "warmup_epochs",
+    "smoothing",
+    "mixup",
+    "cutmix",
+    "model_ema",
+    "num_samples",
+)
+
+
+def _recipe_differences(run: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    config = run.get("config") or {}
+    return [
+        f"{k} {config[k]!r} (recipe {expected[k]!r})"
+        for k in _RECIPE_KEYS
+        if k in config and k in expected and config[k] != expected[k]
+    ]
+
+
+def main(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run or collect every row × seed, then write the comparison table, CSV and plot.
+
+    Args:
+        cfg: keys of :data:`DEFAULTS`.
+
+    Returns:
+        ``table`` (one dict per row), ``markdown`` (the text), and the paths ``md``, ``csv``, ``plot``, ``dir``.
+    """
+    from retrain import train as train_mod
+
+    cfg = {**DEFAULTS, **cfg}
+    if cfg["on_mismatch"] not in ("refuse", "flag"):
+        raise ConfigError(f"on_mismatch must be 'refuse' or 'flag', got {cfg['on_mismatch']!r}")
+    if cfg["metric"] not in ("final", "best"):
+        raise ConfigError(f"metric must be 'final' or 'best', got {cfg['metric']!r}")
+    if not cfg["seeds"]:
+        raise ConfigError("seeds is empty; give at least one seed")
+    train_defaults = dict(train_mod.DEFAULTS)
+    recipe = _recipe(cfg, train_defaults)
+    rows = _parse_rows(cfg, train_defaults)
+    out_dir = Path(cfg["output"]) / cfg["experiment"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config({k: v for k, v in cfg.items()}, out_dir / "compare.yaml")
+
+    ref = next((r for r in rows if r.searched), rows[0])
+    if not cfg["collect_only"]:
+        # Size check before any training: a mismatched table is not worth the GPU time.
+        for row in rows:
+            row.params_expected = _count_params(train_mod, {**recipe, **row.overrides})
+            print(f"{row.name:<28} {row.params_expected / 1e6:8.3f} M params", flush=True)
+        _check_sizes(rows, ref, cfg, [r.params_expected for r in rows])
+
+    notes: list[str] = []
+    for row in rows:
+        expected = {**recipe, **row.overrides}
+        for seed in cfg["seeds"]:
+            run_dir = out_dir / "runs" / row.slug / f"seed{seed}"
+            got = collect_run(run_dir, cost_if_missing=cfg["collect_only"])
+            if got is None or not _finished(got):
+                found = (collect_run(d, cost_if_missing=True) for d in row.run_dirs)
+                got = next((c for c in found if c and c.get("seed") == seed and _finished(c)), got)
+            if got is not None and _finished(got):
+                diffs = _recipe_differences(got, expected)
+                if diffs:
+                    notes.append(f"{row.name} seed {seed} ({got['run_dir']}) ran another recipe: {', '.join(diffs)}")
+                row.runs.append(got)
+                continue
+            if cfg["collect_only"]:
+                continue
+            train_cfg = resolve_config(
+                train_defaults,
+                overrides={
+                    **expected,
+                    "seed": int(seed),
+                    "output": str(out_dir / "runs" / row.slug),
+                    "experiment": f"seed{seed}",
+                    "resume": "auto" if (run_dir / "last.pt").is_file() else "",
+                },
+            )
+            print(f"== {row.name}, seed {seed} -> {run_dir}", flush=True)
+            result = train_mod.main(train_cfg)
+            (run_dir / _RESULTS).write_text(json.dumps(_jsonable(result), indent=1, sort_keys=True) + "\n")
+            got = collect_run(run_dir, cost_if_missing=False)
+            if got is None or result.get("interrupted"):
+                raise KeyboardInterrupt(f"{row.name} seed {seed} was interrupted; rerun the same command to continue")
+            row.runs.append(got)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+
+    table = summarise(rows, cfg["metric"])
+    ref_params = next((t["params"] for t in table if t["model"] == ref.name), None)
+    for t in table:
+        t["param_ratio"] = (t["params"] / ref_params) if (t["params"] and ref_params) else None
+        t["size_ok"] = t["param_ratio"] is None or abs(t["param_ratio"] - 1) <= cfg["param_tolerance"]
+    if cfg["collect_only"]:
+        _check_sizes(rows, ref, cfg, [t["params"] for t in table])
+
+    md = _markdown(table, cfg, recipe, ref.name, notes)
+    paths = {"md": out_dir / "comparison.md", "csv": out_dir / "comparison.csv", "plot": out_dir / "comparison.png"}
+    paths["md"].write_text(md)
+    _write_csv(table, paths["csv"])
+    if any(t["seeds"] for t in table):
+        _plot(table, paths["plot"], cfg["experiment"])
+    print(md, end="")
+    print(f"written: {paths['md']}, {paths['csv']}, {paths['plot']}")
+    return {"table": table, "markdown": md, "dir": out_dir, **paths}
+
+
+def _finished(run: dict[str, Any]) -> bool:
+    """A run counts once it has a top-1, was not interrupted, and (when known) ran all its planned epochs."""
+    if run.get("final_top1") is None or run.get("interrupted"):
+        return False
+    planned, done = run.get("planned_epochs"), run.get("epochs")
+    return planned is None or done is None or int(done) >= int(planned)
+
+
+def _check_sizes(rows: Sequence[Row], ref: Row, cfg: dict[str, Any], params: Sequence[int | None]) -> None:
+    ref_params = params[list(rows).index(ref)]
+    if not ref_params:
+        return
+    bad = []
+    for row, p in zip(rows, params):
+        if p and abs(p / ref_params - 1) > cfg["param_tolerance"]:
+            bad.append(f"{row.name} {p / 1e6:.3f} M ({(p / ref_params - 1) * 100:+.0f} %)")
+    if not bad:
+        return
+    msg = (
+        f"parameter counts differ from {ref.name} ({ref_params / 1e6:.3f} M) by more than "
+        f"±{cfg['param_tolerance'] * 100:.0f} %: {'; '.join(bad)}"
+    )
+    if cfg["on_mismatch"] == "refuse":
+        raise ConfigError(f"{msg}; resize those models (overrides) or set on_mismatch: flag")
+    print(f"warning: {msg}; flagged in the table", file=sys.stderr)
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    return run_cli(main, DEFAULTS, argv, description="Compare the searched arch with the baselines over seeds.")
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,251 @@
+"""Run configuration: a flat dict resolved from defaults, a YAML file, CLI flags and Python overrides.
+
+Precedence, lowest first: the script's ``DEFAULTS`` → ``-c/--config FILE.yaml`` → kebab-case CLI flags → ``overrides``
+(a dict from Python, e.g. a Ray Tune trial). Flags are generated from the defaults, so every key has exactly one name
+everywhere (``batch_size`` in YAML and Python, ``--batch-size`` on the command line). Unlike timm's train.py, an unknown
+key or a value of the wrong type is an error that names the key and the nearest valid one.
+
+Types come from the default values: ``bool`` (``--x`` / ``--no-x``), ``int``, ``float`` (ints accepted), ``str``,
+``list``/``tuple`` (``--x 1 2 3``; the element type of the default), and ``None`` defaults, which take any YAML scalar
+(``--clip-grad 1.0`` gives a float, ``--resume auto`` a string, ``--clip-grad none`` resets to ``None``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import yaml
+
+__all__ = ["ConfigError", "load_config", "resolve_config", "run_cli", "save_config"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message is one line naming the key and what to do."""
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
+def _nearest(key: str, valid: Sequence[str]) -> str:
+    near = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean '{near[0]}'?" if near else ""
+
+
+def _type_name(default: Any) -> str:
+    if default is None:
+        return "a scalar or null"
+    if isinstance(default, (list, tuple)):
+        elem = _type_name(default[0]) if default else "any"
+        return f"a list of {elem}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(type(default), "a value")
+
+
+def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+    """Check ``value`` against the type of ``default`` and return it in that type (ints widen to floats)."""
+
+    def bad() -> ConfigError:
+        return ConfigError(f"{source}: '{key}' must be {_type_name(default)}, got {value!r} ({type(value).__name__})")
+
+    if default is None:
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise bad()
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad()
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad()
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        raise bad()
+    if isinstance(default, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        if default:
+            return [_coerce(f"{key}[{i}]", v, default[0], source) for i, v in enumerate(value)]
+        return list(value)
+    raise ConfigError(f"{source}: '{key}' has a default of unsupported type {type(default).__name__}")
+
+
+def _cli_scalar(text: str) -> Any:
+    """Parse a CLI value for a key whose default is ``None``: YAML scalars, with ``none``/``null`` meaning None."""
+    if text.lower() in ("none", "null", "~"):
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (bool, int, float, str)) or value is None else text
+
+
+def _cli_typed(default: Any) -> Callable[[str], Any]:
+    """argparse ``type=`` for one element; errors are turned into ConfigError by the caller."""
+    if default is None:
+        return _cli_scalar
+    if isinstance(default, bool):
+        return lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]
+    return type(default)
+
+
+def _build_parser(defaults: Mapping[str, Any], description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description, allow_abbrev=False, argument_default=argparse.SUPPRESS, exit_on_error=False
+    )
+    parser.add_argument("-c", "--config", metavar="FILE.yaml", help="YAML file of settings (CLI flags override it)")
+    for key, default in defaults.items():
+        flag = "--" + key.replace("_", "-")
+        help_text = f"(default: {default!r})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, help=help_text)
+        elif isinstance(default, (list, tuple)):
+            elem = default[0] if default else None
+            parser.add_argument(flag, dest=key, nargs="*", type=_cli_typed(elem), metavar="V", help=help_text)
+        else:
+            parser.add_argument(flag, dest=key, type=_cli_typed(default), metavar="V", help=help_text)
+    return parser
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping (a preset or a saved ``args.yaml``); no validation here."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path.resolve()}; check the path given to -c/--config")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(_one_line(f"config file {path}: not valid YAML ({e})")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def _merge(cfg: dict[str, Any], updates: Mapping[str, Any], defaults: Mapping[str, Any], source: str) -> None:
+    for key, value in updates.items():
+        key = str(key)
+        if key not in defaults:
+            valid = list(defaults)
+            # Accept kebab-case keys in YAML too, but never silently: they must still name a known key.
+            if key.replace("-", "_") in defaults:
+                key = key.replace("-", "_")
+            else:
+                raise ConfigError(f"{source}: unknown key '{key}'{_nearest(key, valid)}")
+        cfg[key] = _coerce(key, value, defaults[key], source)
+
+
+def resolve_config(
+    defaults: Mapping[str, Any],
+    argv: Sequence[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    description: str = "",
+) -> dict[str, Any]:
+    """Resolve a run configuration.
+
+    Args:
+        defaults: every valid key with its default value; the default's type is the key's type.
+        argv: command-line arguments (without the program name); ``None`` means none (not ``sys.argv``), so that
+            calling from Python never picks up a foreign command line.
+        overrides: values set from Python; they win over YAML and CLI.
+        description: the ``--help`` text.
+
+    Returns:
+        A new flat dict with exactly the keys of ``defaults``.
+
+    Raises:
+        ConfigError: unknown key, wrong type, unreadable YAML file.
+    """
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in defaults.items()}
+    if argv:
+        parser = _build_parser(defaults, description)
+        try:
+            ns, unknown = parser.parse_known_args(list(argv))
+        except argparse.ArgumentError as e:  # a bad value for a typed flag
+            raise ConfigError(_one_line(f"command line: {e}")) from None
+        except SystemExit as e:
+            if e.code == 0:  # --help
+                raise
+            raise ConfigError("command line: could not parse the arguments (see the message above)") from None
+        if unknown:
+            first = next((u for u in unknown if u.startswith("--")), unknown[0])
+            key = first.lstrip("-").split("=")[0].replace("-", "_")
+            hint = _nearest(key, list(defaults))
+            hint = hint.replace("'", "'--", 1).replace("_", "-") if hint else hint
+            raise ConfigError(f"command line: unknown argument '{first}'{hint}")
+        given = vars(ns)
+        config_file = given.pop("config", None)
+        if config_file:
+            _merge(cfg, load_config(config_file), defaults, f"config file {config_file}")
+        _merge(cfg, given, defaults, "command line")
+    if overrides:
+        _merge(cfg, overrides, defaults, "overrides")
+    return cfg
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def save_config(cfg: Mapping[str, Any], path: str | Path) -> Path:
+    """Write the resolved config as YAML (temporary file, then rename), in key order."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(_plain(dict(cfg)), f, sort_keys=False, default_flow_style=None, width=120)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def run_cli(
+    main_fn: Callable[[dict[str, Any]], Any],
+    defaults: Mapping[str, Any],
+    argv: Sequence[str] | None = None,
+    description: str = "",
+) -> int:
+    """The thin shell around ``main(cfg)``: resolve the config, run, and turn user errors into one line.
+
+    Configuration, data, arch-file and checkpoint errors (``ValueError`` and ``FileNotFoundError`` families) print
+    ``error: <one line>`` on stderr and return 2; ``--debug`` (or ``debug: true``) shows the traceback instead.
+
+    Returns:
+        The process exit status.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        cfg = resolve_config(defaults, argv, description=description)
+        debug = debug or bool(cfg.get("debug", False))
+        main_fn(cfg)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,532 @@
+"""Train a model from scratch: a derived arch file, one of our models, or any timm model.
+
+    python -m retrain.train -c configs/retrain/demo.yaml --arch arch.yaml --shuffle-max 0.5
+    python -m retrain.train --model mambaout_femto --dataset fashion_mnist --data-dir fashion_mnist.npz --img-size 28
+    torchrun --nproc-per-node 2 -m retrain.train -c CONFIG           # DDP on every visible GPU (gloo on CPU)
+    python -m retrain.train --eval-only runs/NAME/best.pt             # re-evaluate a checkpoint
+
+The recipe is timm's: ``create_optimizer_v2`` / ``create_scheduler_v2`` (AdamW, cosine, warm-up, stepped per update),
+Mixup/CutMix with soft-target cross-entropy or label smoothing, ``ModelEmaV3``, drop path through the model's
+``drop_path_rate``, gradient clipping, bf16 autocast on CUDA. SLWS (``--shuffle-max P``, ShuffleMamba's stochastic
+layer-wise shuffle) is a kwarg of our models.
+
+Writes ``<output>/<experiment>/``: ``args.yaml``, ``summary.csv`` (one row per epoch), ``tb/`` (TensorBoard),
+``last.pt``, ``best.pt`` and the top ``checkpoint_hist`` ``checkpoint-<epoch>.pt`` by the eval metric. A run
+directory that already holds checkpoints is never overwritten: pass ``--resume auto`` or a new ``--experiment``.
+SIGINT/SIGTERM save ``last.pt`` at the next step boundary and exit cleanly; ``--resume auto`` continues from there
+(mid-epoch, same data order).
+"""
+
+from __future__ import annotations
+
+import difflib
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from retrain.checkpoint import CheckpointKeeper, load_checkpoint, resolve_resume, save_checkpoint
+from retrain.config import resolve_config, run_cli, save_config
+from retrain.data import DatasetInfo, build_dataset, build_loader
+from retrain.engine import (
+    RunLogger,
+    amp_dtype_for,
+    autocast,
+    count_params_flops,
+    evaluate,
+    format_metrics,
+    init_distributed,
+    print_rank0,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    unwrap_model,
+)
+
+__all__ = ["DEFAULTS", "build_model", "main", "model_from_spec"]
+
+DEFAULTS: dict[str, Any] = {
+    # what to train
+    "model": "",  # a timm name (ours or timm's); ignored when `arch` is given
+    "arch": "",  # a derived arch YAML (from nas.vis_search_prob); builds its `model` entry point
+    "patch_size": 0,  # 0 = the model's default
+    "drop_path": 0.0,
+    "shuffle_max": 0.0,  # SLWS P_max (0 disables); our models only
+    # data
+    "dataset": "synthetic",
+    "data_dir": "",
+    "img_size": 32,
+    "in_chans": 0,  # 0 = the data's own channels
+    "num_samples": 0,  # synthetic only: train size (0 = 4096; val is a quarter)
+    "download": False,
+    "workers": 0,  # 0 keeps augmentation on the main RNG (exact resume); raise it for image folders
+    # optimization
+    "epochs": 10,
+    "batch_size": 64,
+    "opt": "adamw",
+    "lr": 1e-3,
+    "weight_decay": 0.05,
+    "momentum": 0.9,
+    "sched": "cosine",
+    "warmup_epochs": 1,
+    "warmup_lr": 1e-5,
+    "min_lr": 1e-5,
+    "clip_grad": 0.0,  # max gradient norm (0 = off)
+    "smoothing": 0.1,
+    "mixup": 0.0,
+    "cutmix": 0.0,
+    "mixup_prob": 1.0,
+    "model_ema": False,
+    "model_ema_decay": 0.999,
+    "amp": True,  # bf16 autocast on CUDA; CPU always runs fp32
+    "max_bad_steps": 20,  # stop after this many consecutive non-finite losses (each is skipped)
+    # run
+    "seed": 0,
+    "output": "runs",
+    "experiment": "",  # "" = <model>-<dataset>-s<seed>
+    "resume": "",  # a checkpoint path, or "auto" (newest complete checkpoint of this run)
+    "eval_only": "",  # a checkpoint path: evaluate it and exit
+    "checkpoint_hist": 3,
+    "eval_metric": "top1",
+    "log_interval": 50,
+    "device": "auto",
+    "debug": False,
+}
+
+DESCRIPTION = "Train a derived arch, one of our vision Mamba models, or any timm model from scratch."
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _is_zoo_model(name: str) -> bool:
+    """Whether ``name`` is one of our timm entry points (they take ``img_size``, ``shuffle_max``...)."""
+    import supernet  # noqa: F401  (registers our models with timm)
+
+    try:
+        entry = timm.models.model_entrypoint(name)
+    except RuntimeError:
+        near = difflib.get_close_matches(name, timm.list_models(), n=1)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        raise ValueError(f"unknown model '{name}'; {hint}see timm.list_models() or pass --arch arch.yaml") from None
+    return entry.__module__.split(".")[0] == "supernet"
+
+
+def model_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """Build a model from the plain-dict spec stored in checkpoints (``name``, ``kwargs``, optional ``arch``)."""
+    kwargs = dict(spec.get("kwargs", {}))
+    if spec.get("arch"):
+        import supernet
+
+        if hasattr(supernet, "create_derived"):
+            return supernet.create_derived(spec["arch"], **kwargs)
+        return timm.create_model(spec["name"], arch=spec["arch"], **kwargs)
+    return timm.create_model(spec["name"], **kwargs)
+
+
+def build_model(cfg: dict[str, Any], info: DatasetInfo) -> tuple[nn.Module, dict[str, Any]]:
+    """Create the model a config asks for, fitted to the data.
+
+    Returns:
+        ``(model, spec)``; ``spec`` is a plain dict (name, kwargs, arch dict) from which :func:`model_from_spec`
+        rebuilds the same model, so checkpoints are self-describing.
+
+    Raises:
+        ValueError: unknown model, SLWS on a model that is not ours, an arch file that does not fit its model.
+    """
+    kwargs: dict[str, Any] = {"num_classes": info.num_classes, "in_chans": info.in_chans}
+    if cfg["drop_path"] > 0:
+        kwargs["drop_path_rate"] = cfg["drop_path"]
+    arch_dict = None
+    if cfg["arch"]:
+        from search_spaces import load_arch
+
+        arch = load_arch(cfg["arch"])
+        arch_dict = arch.to_dict()
+        name = arch.model or cfg["model"]
+        if not name:
+            raise ValueError(f"arch file {cfg['arch']} names no model; add 'model: <derived entry point>' or pass --model")
+        arch_dict["model"] = name
+        zoo = True
+    else:
+        if not cfg["model"]:
+            raise ValueError("nothing to train: pass --model NAME (ours or any timm model) or --arch arch.yaml")
+        name = cfg["model"]
+        zoo = _is_zoo_model(name)
+    if zoo:
+        kwargs["img_size"] = info.img_size
+        if cfg["patch_size"]:
+            kwargs["patch_size"] = cfg["patch_size"]
+        if cfg["shuffle_max"] > 0:
+            kwargs["shuffle_max"] = cfg["shuffle_max"]
+    elif cfg["shuffle_max"] > 0:
+        raise ValueError(f"--shuffle-max {cfg['shuffle_max']} needs one of our Mamba models; '{name}' is timm's")
+    else:
+        # timm models differ in what they accept: pass the size where the constructor takes it.
+        kwargs["img_size"] = info.img_size
+        if cfg["patch_size"]:
+            kwargs["patch_size"] = cfg["patch_size"]
+    spec = {"name": name, "kwargs": kwargs, "arch": arch_dict}
+    try:
+        model = model_from_spec(spec)
+    except TypeError as e:
+        dropped = [k for k in ("img_size", "patch_size") if k in kwargs and f"'{k}'" in str(e)]
+        if zoo or not dropped:
+            raise ValueError(f"cannot build '{name}' with {kwargs}: {e}") from None
+        for k in dropped:
+            kwargs.pop(k)
+        model = model_from_spec(spec)
+    return model, spec
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_values(cfg: dict[str, Any]) -> None:
+    """Ranges the types cannot express; each error names the flag and a valid range."""
+    checks = [
+        ("epochs", cfg["epochs"] >= 1, ">= 1"),
+        ("batch_size", cfg["batch_size"] >= 1, ">= 1"),
+        ("lr", cfg["lr"] > 0, "> 0"),
+        ("weight_decay", cfg["weight_decay"] >= 0, ">= 0"),
+        ("warmup_epochs", 0 <= cfg["warmup_epochs"] < max(cfg["epochs"], 1) or cfg["warmup_epochs"] == 0, "< epochs"),
+        ("shuffle_max", 0.0 <= cfg["shuffle_max"] <= 1.0, "in [0, 1]"),
+        ("drop_path", 0.0 <= cfg["drop_path"] < 1.0, "in [0, 1)"),
+        ("smoothing", 0.0 <= cfg["smoothing"] < 1.0, "in [0, 1)"),
+        ("mixup", cfg["mixup"] >= 0, ">= 0"),
+        ("cutmix", cfg["cutmix"] >= 0, ">= 0"),
+        ("model_ema_decay", 0.0 < cfg["model_ema_decay"] < 1.0, "in (0, 1)"),
+        ("clip_grad", cfg["clip_grad"] >= 0, ">= 0 (0 = off)"),
+        ("checkpoint_hist", cfg["checkpoint_hist"] >= 0, ">= 0"),
+        ("workers", cfg["workers"] >= 0, ">= 0"),
+        ("log_interval", cfg["log_interval"] >= 1, ">= 1"),
+        ("eval_metric", cfg["eval_metric"] in ("top1", "top5", "loss"), "one of top1, top5, loss"),
+    ]
+    for key, ok, want in checks:
+        if not ok:
+            raise ValueError(f"--{key.replace('_', '-')} {cfg[key]!r} is out of range; use a value {want}")
+    if (cfg["mixup"] > 0 or cfg["cutmix"] > 0) and cfg["batch_size"] % 2:
+        raise ValueError(f"mixup/cutmix need an even --batch-size, got {cfg['batch_size']}")
+
+
+def _experiment_name(cfg: dict[str, Any]) -> str:
+    base = Path(cfg["arch"]).stem if cfg["arch"] else cfg["model"]
+    return f"{base}-{cfg['dataset']}-s{cfg['seed']}"
+
+
+def _gather_rng() -> list[dict[str, Any]]:
+    """Every rank's RNG state (index = rank), so a resumed DDP run continues each rank's streams."""
+    state = rng_state()
+    if not dist.is_initialized():
+        return [state]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and returns."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread (e.g. some Ray workers): no signal handling
+            self._old = {}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _eval_only(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Rebuild the model and data of a checkpoint, evaluate the weights its metric came from, and print."""
+    dinfo = init_distributed(cfg["device"])
+    state = load_checkpoint(cfg["eval_only"], expect_kind="retrain")
+    saved_cfg = {**DEFAULTS, **{k: v for k, v in state["config"].items() if k in DEFAULTS}}
+    data_dir = cfg["data_dir"] or saved_cfg["data_dir"]
+    val_ds, _ = build_dataset(
+        saved_cfg["dataset"],
+        data_dir,
+        "val",
+        saved_cfg["img_size"],
+        saved_cfg["in_chans"] or None,
+        seed=saved_cfg["seed"],
+        num_samples=saved_cfg["num_samples"] // 4 or None,
+    )
+    loader = build_loader(val_ds, cfg["batch_size"], train=False, seed=0, num_workers=cfg["workers"], distributed=True)
+    model = model_from_spec(state["model_spec"])
+    weights = state["ema"] if state.get("metric_source") == "ema" else state["model_state"]
+    model.load_state_dict(weights)
+    model.to(dinfo.device)
+    metrics = evaluate(model, loader, dinfo.device, amp_dtype_for(dinfo.device, saved_cfg["amp"]))
+    saved = state.get("metrics", {})
+    out = {**metrics, "checkpoint": str(cfg["eval_only"]), "epoch": state["epoch"], "saved": saved}
+    if dinfo.is_main:
+        print(f"eval {cfg['eval_only']} (epoch {state['epoch']}): {format_metrics(metrics)}", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], None] | None = None) -> dict[str, Any]:
+    """Train (or, with ``eval_only``, evaluate) as ``cfg`` says.
+
+    Args:
+        cfg: a config; missing keys take :data:`DEFAULTS`, unknown keys and wrong types raise ConfigError.
+        on_epoch: called on the main rank after each epoch's checkpoint as ``on_epoch(epoch, metrics, path)``
+            (e.g. a Ray Tune trainable reporting ``metrics`` with the checkpoint at ``path``).
+
+    Returns:
+        ``run_dir``, ``model``, ``params``, ``flops``, ``train_img_s`` (all ranks), the final epoch's metrics
+        (``top1``, ``top5``, ``loss``, and ``ema_*`` with EMA), ``best_metric`` / ``best_epoch``, ``epochs_run``,
+        ``interrupted``. With ``eval_only``: the checkpoint's metrics now and as saved.
+    """
+    cfg = resolve_config(DEFAULTS, overrides=cfg)
+    if cfg["eval_only"]:
+        return _eval_only(cfg)
+    _check_values(cfg)
+    dinfo = init_distributed(cfg["device"])
+    device, amp_dtype = dinfo.device, amp_dtype_for(dinfo.device, cfg["amp"])
+    run_dir = Path(cfg["output"]) / (cfg["experiment"] or _experiment_name(cfg))
+    resume_path = resolve_resume(cfg["resume"], run_dir, verbose=dinfo.is_main)
+    if resume_path is None and run_dir.is_dir() and any(run_dir.glob("*.pt")):
+        raise ValueError(
+            f"{run_dir.resolve()} already holds checkpoints; pass --resume auto to continue it or choose a new "
+            f"--experiment"
+        )
+
+    # Data, then the model (seeded identically on every rank; DDP also broadcasts rank 0's weights).
+    seed_everything(cfg["seed"])
+    data_kw = {"seed": cfg["seed"], "download": cfg["download"]}
+    in_chans = cfg["in_chans"] or None
+    train_ds, info = build_dataset(
+        cfg["dataset"], cfg["data_dir"], "train", cfg["img_size"], in_chans, num_samples=cfg["num_samples"], **data_kw
+    )
+    val_ds, _ = build_dataset(
+        cfg["dataset"],
+        cfg["data_dir"],
+        "val",
+        cfg["img_size"],
+        in_chans,
+        num_samples=cfg["num_samples"] // 4,
+        **data_kw,
+    )
+    loader = build_loader(train_ds, cfg["batch_size"], True, cfg["seed"], cfg["workers"], dinfo.distributed)
+    val_loader = build_loader(val_ds, cfg["batch_size"], False, cfg["seed"], cfg["workers"], dinfo.distributed)
+    model, spec = build_model(cfg, info)
+    model.to(device)
+    params, flops = count_params_flops(model, info.img_size, info.in_chans)
+
+    optimizer = create_optimizer_v2(
+        model, opt=cfg["opt"], lr=cfg["lr"], weight_decay=cfg["weight_decay"], momentum=cfg["momentum"]
+    )
+    updates_per_epoch = len(loader)
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=cfg["sched"],
+        num_epochs=cfg["epochs"],
+        warmup_epochs=cfg["warmup_epochs"],
+        warmup_lr=cfg["warmup_lr"],
+        min_lr=cfg["min_lr"],
+        step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
+    mixup_fn = None
+    if cfg["mixup"] > 0 or cfg["cutmix"] > 0:
+        mixup_fn = Mixup(
+            mixup_alpha=cfg["mixup"],
+            cutmix_alpha=cfg["cutmix"],
+            prob=cfg["mixup_prob"],
+            label_smoothing=cfg["smoothing"],
+            num_classes=info.num_classes,
+        )
+        loss_fn: nn.Module = SoftTargetCrossEntropy()
+    elif cfg["smoothing"] > 0:
+        loss_fn = LabelSmoothingCrossEntropy(smoothing=cfg["smoothing"])
+    else:
+        loss_fn = nn.CrossEntropyLoss()
+    ema = ModelEmaV3(model, decay=cfg["model_ema_decay"], use_warmup=True) if cfg["model_ema"] else None
+    keeper = CheckpointKeeper(run_dir, max_history=cfg["checkpoint_hist"], decreasing=cfg["eval_metric"] == "loss")
+
+    start_epoch, start_batch, step = 0, 0, 0
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, expect_kind="retrain", expect_model=spec["name"])
+        model.load_state_dict(state["model_state"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.module.load_state_dict(state["ema"])
+        keeper.load_state_dict(state.get("keeper", {}))
+        start_epoch, start_batch, step = state["next_epoch"], state["next_batch"], state["step"]
+        rngs = state["rng"]
+        if len(rngs) == dinfo.world_size:
+            set_rng_state(rngs[dinfo.rank])
+        else:
+            print_rank0(f"resume: {len(rngs)} ranks saved RNG, {dinfo.world_size} now; reseeding")
+            seed_everything(cfg["seed"] + 7919 * start_epoch + dinfo.rank)
+        print_rank0(f"resumed {resume_path} at epoch {start_epoch}, batch {start_batch}, step {step}")
+    else:
+        seed_everything(cfg["seed"] + dinfo.rank)  # augmentation, mixup and SLWS streams differ per rank
+    scheduler.step_update(step)
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dinfo.distributed else model
+
+    logger = RunLogger(run_dir, dinfo.is_main)
+    if dinfo.is_main:
+        save_config(cfg, run_dir / "args.yaml")
+        logger.truncate_rows(start_epoch)
+        logger.line(
+            f"{spec['name']}: {params / 1e6:.3f}M params, {flops / 1e6:.2f} MFLOPs at {info.img_size}px; "
+            f"{cfg['dataset']} {len(train_ds)} train / {len(val_ds)} val, {info.num_classes} classes; "
+            f"{dinfo.world_size} x {device.type}; {run_dir}"
+        )
+
+    def make_state(epoch: int, next_epoch: int, next_batch: int, metrics: dict[str, float]) -> dict[str, Any]:
+        """Everything a resumed run needs; plain tensors and containers only (weights_only loading)."""
+        return {
+            "kind": "retrain",
+            "model": spec["name"],
+            "model_spec": spec,
+            "model_state": unwrap_model(model).state_dict(),
+            "ema": ema.module.state_dict() if ema is not None else None,
+            "metric_source": "ema" if ema is not None else "model",
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "next_epoch": next_epoch,
+            "next_batch": next_batch,
+            "step": step,
+            "rng": _gather_rng(),
+            "metrics": metrics,
+            "config": dict(cfg),
+        }
+
+    final: dict[str, Any] = dict(state["metrics"]) if resume_path is not None else {}
+    img_s, bad_steps, interrupted, epochs_run = 0.0, 0, False, 0
+    with _StopFlag() as stop:
+        for epoch in range(start_epoch, cfg["epochs"]):
+            loader.sampler.set_epoch(epoch, start=start_batch * cfg["batch_size"])
+            net.train()
+            loss_sum, seen, t_epoch = torch.zeros((), device=device), 0, time.perf_counter()
+            for batch_idx, (images, targets) in enumerate(loader, start=start_batch):
+                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                if mixup_fn is not None:
+                    images, targets = mixup_fn(images, targets)
+                with autocast(device, amp_dtype):
+                    output = net(images)
+                loss = loss_fn(output.float(), targets)
+
+                # One small all-reduce agrees on "skip this step" (non-finite loss) and "stop" across ranks.
+                flags = torch.tensor([float(not torch.isfinite(loss)), float(stop.signum != 0)], device=device)
+                if dinfo.distributed:
+                    dist.all_reduce(flags)
+                if flags[0] > 0:
+                    bad_steps += 1
+                    print_rank0(f"step {step}: non-finite loss, skipped ({bad_steps} in a row)")
+                    if bad_steps >= cfg["max_bad_steps"]:
+                        raise ValueError(
+                            f"{bad_steps} non-finite losses in a row at step {step}; lower --lr, set --clip-grad, "
+                            f"or run without --amp (fp32); resume from {run_dir / 'last.pt'}"
+                        )
+                else:
+                    bad_steps = 0
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg["clip_grad"] > 0:
+                        nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad"])
+                    optimizer.step()
+                    step += 1
+                    if ema is not None:
+                        ema.update(model, step=step)
+                    scheduler.step_update(step)
+                    loss_sum += loss.detach() * images.shape[0]
+                    seen += images.shape[0]
+                if step % cfg["log_interval"] == 0 and flags[0] == 0:
+                    lr = optimizer.param_groups[0]["lr"]
+                    logger.scalar("train/loss", loss.item(), step)
+                    logger.scalar("train/lr", lr, step)
+                    logger.line(
+                        f"epoch {epoch} [{batch_idx + 1}/{updates_per_epoch}] loss {loss.item():.4f} lr {lr:.3g}"
+                    )
+                if flags[1] > 0:  # a signal: save where we are and return
+                    state = make_state(epoch, epoch, batch_idx + 1, {})  # collective: every rank builds it
+                    if dinfo.is_main:
+                        save_checkpoint({**state, "keeper": keeper.state_dict()}, run_dir / "last.pt")
+                        print_rank0(f"stopped by signal {stop.signum} at step {step}; --resume auto continues")
+                    interrupted = True
+                    break
+            if interrupted:
+                break
+            start_batch = 0
+            epoch_time = time.perf_counter() - t_epoch
+            img_s = seen * dinfo.world_size / max(epoch_time, 1e-9)
+            train_loss = float(loss_sum.item()) / max(seen, 1)
+
+            val = evaluate(net, val_loader, device, amp_dtype)
+            metrics = {"train_loss": train_loss, **val, "lr": optimizer.param_groups[0]["lr"], "img_s": img_s}
+            source = val
+            if ema is not None:
+                ema_val = evaluate(ema.module, val_loader, device, amp_dtype)
+                metrics.update({f"ema_{k}": v for k, v in ema_val.items()})
+                source = ema_val
+            metric = source[cfg["eval_metric"]]
+            state = make_state(epoch, epoch + 1, 0, metrics)  # collective: every rank builds it
+            ckpt_path = run_dir / "last.pt"
+            if dinfo.is_main:
+                written = keeper.save(state, epoch, metric)
+                ckpt_path = written["last"]
+                for k, v in metrics.items():
+                    logger.scalar(f"epoch/{k}", v, epoch)
+                logger.row(epoch, metrics)
+                logger.line(f"epoch {epoch}: {format_metrics(metrics)}" + ("  *best" if "best" in written else ""))
+                logger.flush()
+                if on_epoch is not None:
+                    on_epoch(epoch, metrics, ckpt_path)
+            if dinfo.distributed:
+                dist.barrier()
+            final = metrics
+            epochs_run += 1
+    logger.close()
+    return {
+        "run_dir": str(run_dir),
+        "model": spec["name"],
+        "params": params,
+        "flops": flops,
+        "train_img_s": img_s,
+        **final,
+        "best_metric": keeper.best_metric,
+        "best_epoch": keeper.best_epoch,
+        "epochs_run": epochs_run,
+        "interrupted": interrupted,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, DEFAULTS, description=DESCRIPTION))

@@ -1,0 +1,131 @@
+"""What every model of this package shares: choosing each layer's orders, and the architecture-parameter API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from search_spaces import ArchSpec, SearchSpace, load_arch, load_space, validate_order_name
+
+from .mixer import MultiOrderMixer
+
+__all__ = ["ArchModelMixin", "LayerOrders", "resolve_layer_orders", "to_size"]
+
+OrdersSpec = Sequence[str]
+SpaceSpec = str | Path | dict | SearchSpace
+ArchSpecLike = str | Path | dict | ArchSpec
+
+
+def to_size(img_size: int | Sequence[int], what: str = "img_size") -> tuple[int, int]:
+    """``224`` or ``(224, 224)`` → ``(224, 224)``; anything else is a ValueError."""
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size):
+        raise ValueError(f"{what} must be a positive int or a pair (H, W) of them, got {img_size!r}")
+    return size  # type: ignore[return-value]
+
+
+class LayerOrders:
+    """Which orders each layer scans and whether it searches over them.
+
+    Attributes:
+        per_layer: one tuple of order names per layer, in model order.
+        search: layers own ``arch_logits`` over their orders (a supernet).
+        space: the search space (search and derived models), else None.
+        arch: the arch (derived models), else None.
+    """
+
+    def __init__(
+        self, per_layer: list[tuple[str, ...]], search: bool, space: SearchSpace | None, arch: ArchSpec | None
+    ) -> None:
+        self.per_layer, self.search, self.space, self.arch = per_layer, search, space, arch
+
+
+def resolve_layer_orders(
+    labels: Sequence[str],
+    model_name: str,
+    orders: OrdersSpec | None = None,
+    space: SpaceSpec | None = None,
+    arch: ArchSpecLike | None = None,
+) -> LayerOrders:
+    """Exactly one of: fixed ``orders`` for every layer (baselines), a search ``space`` (supernets), an ``arch``.
+
+    Raises:
+        TypeError: none of the three is given (derived entrypoints require ``arch=``).
+        ValueError: more than one is given, an order name is unknown, or the arch does not fit the model.
+    """
+    given = [n for n, v in (("orders", orders), ("space", space), ("arch", arch)) if v is not None]
+    if not given:
+        raise TypeError(f"{model_name} requires arch= (an arch YAML path, a dict or an ArchSpec)")
+    if len(given) > 1:
+        raise ValueError(f"{model_name}: pass only one of orders=, space=, arch= (got {', '.join(given)})")
+    n = len(labels)
+    if orders is not None:
+        if isinstance(orders, str) or not orders:
+            raise ValueError(f"{model_name}: orders must be a non-empty list of order names, got {orders!r}")
+        names = tuple(validate_order_name(o) for o in orders)
+        if len(set(names)) != len(names):
+            raise ValueError(f"{model_name}: repeated orders in {list(names)}")
+        return LayerOrders([names] * n, False, None, None)
+    if space is not None:
+        sp = load_space(space)
+        return LayerOrders([sp.candidates] * n, True, sp, None)
+    spec = load_arch(arch)  # type: ignore[arg-type]
+    spec.check_compatible(labels, spec.space, model_name)
+    return LayerOrders([tuple(o) for o in spec.orders], False, spec.space, spec)
+
+
+class ArchModelMixin:
+    """Architecture-parameter API shared by both families; the model sets ``search_space``, ``arch`` and
+    ``derived_model_name`` and implements :meth:`arch_labels` and :meth:`named_mixers`."""
+
+    search_space: SearchSpace | None
+    arch: ArchSpec | None
+    derived_model_name: str | None
+
+    def named_mixers(self) -> list[tuple[str, MultiOrderMixer]]:
+        """(label, mixer) of every layer, in model order."""
+        raise NotImplementedError
+
+    def arch_labels(self) -> list[str]:
+        """Stable per-layer labels in model order (e.g. ``"blocks.3"``, ``"stages.2.blocks.1"``)."""
+        return [label for label, _ in self.named_mixers()]
+
+    @property
+    def is_search(self) -> bool:
+        return any(m.search for _, m in self.named_mixers())
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        """Every ``arch_logits`` (one (K,) per layer) of a supernet; empty for other models."""
+        return [m.arch_logits for _, m in self.named_mixers() if m.arch_logits is not None]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that is not an architecture parameter; with :meth:`arch_parameters`, a partition."""
+        arch_ids = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in arch_ids]  # type: ignore[attr-defined]
+
+    def arch_probs(self) -> dict[str, torch.Tensor]:
+        """label → softmax(arch_logits) over the space's candidates (detached fp32 CPU); empty for other models."""
+        return {label: m.arch_probs() for label, m in self.named_mixers() if m.arch_logits is not None}
+
+    def set_arch_mode(self, mode: str, tau: float = 1.0, top_m: int = 1) -> None:
+        """How supernet layers mix their orders: ``softmax`` (DARTS), ``gumbel`` (temperature ``tau``, every order
+        computed) or ``hard`` (Gumbel top-``top_m`` straight-through: only the sampled orders are computed).
+
+        Sampling happens in training mode only, from torch's default CPU generator. In eval mode ``gumbel`` uses the
+        plain softmax and ``hard`` the ``top_m`` most probable orders.
+        """
+        if not self.is_search:
+            raise RuntimeError(f"set_arch_mode: {type(self).__name__} has fixed orders (no arch_logits)")
+        for _, m in self.named_mixers():
+            m.set_arch_mode(mode, tau=tau, top_m=top_m)
+
+    def _mixer_no_weight_decay(self) -> set[str]:
+        # A_log, D and the per-order biases are stacked on K, so ndim > 1: name them, as Mamba does.
+        names = set()
+        for name, _ in self.named_parameters():  # type: ignore[attr-defined]
+            if name.rsplit(".", 1)[-1] in ("A_log", "D", "dt_proj_bias", "conv1d_bias", "arch_logits"):
+                names.add(name)
+        return names

@@ -1,0 +1,318 @@
+"""The multi-order Mamba mixer: one block class for supernets, derived children and fixed-order baselines.
+
+A mixer scans its input along K token orders at once. The input and output projections are shared by every order;
+the order-dependent parameters (``x_proj``, ``dt_proj``, ``A_log``, ``D`` and, in the plain family, the causal
+``conv1d``) are stacked on a leading K axis, and all K orders go through ONE ``kernels.selective_scan`` call (and one
+``kernels.causal_conv1d`` call). The state-dict keys do not depend on K, so a child's per-order tensors are rows of its
+supernet's (see :func:`slice_mixer_state`).
+
+Merge rule (the same function in search and in derived models): the branch outputs are combined as a convex
+combination ``y = Σ_k w_k · y_k`` with ``Σ_k w_k = 1``:
+
+* supernet, ``softmax`` mode: ``w = softmax(arch_logits)`` (DARTS);
+* supernet, ``gumbel`` mode: ``w = softmax((arch_logits + g) / tau)`` with Gumbel noise ``g`` (training only);
+* supernet, ``hard`` mode: ``top_m`` orders sampled by Gumbel top-m; only those are computed, each weighted ``1/m``
+  in the forward pass with the straight-through gradient of the Gumbel-softmax (GDAS);
+* derived child or baseline with k orders: ``w = 1/k`` (Vim averages its two branches the same way).
+
+So a child evaluated with ``hard`` weights of its own orders computes exactly what the supernet computes in ``hard``
+mode with those orders sampled. LocalMamba instead layer-normalised the branches in the supernet and summed them in
+the child; that mismatch is what this rule removes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from search_spaces import scan_order
+
+__all__ = ["ARCH_MODES", "BranchAttn", "MultiOrderMixer", "build_orders", "slice_mixer_state"]
+
+ARCH_MODES = ("softmax", "gumbel", "hard")
+
+
+def build_orders(names: Sequence[str], grid: tuple[int, int], extra_token_step: int | None = None) -> torch.Tensor:
+    """Stack the named orders of an ``H×W`` grid into a (K, L) LongTensor, optionally visiting one extra token.
+
+    Args:
+        names: K order names (see :mod:`search_spaces.orders`).
+        grid: (H, W) token grid.
+        extra_token_step: if set, the token stored after the grid (index ``H*W``, e.g. a class token) is visited at
+            this scan step in every order, which shifts the later grid tokens by one step (Vim's middle class token).
+
+    Returns:
+        (K, L) with ``L = H*W`` (+1 with an extra token).
+    """
+    height, width = grid
+    rows = [scan_order(n, height, width) for n in names]
+    if extra_token_step is not None:
+        extra = torch.tensor([height * width], dtype=torch.long)
+        rows = [torch.cat([r[:extra_token_step], extra, r[extra_token_step:]]) for r in rows]
+    return torch.stack(rows)
+
+
+class BranchAttn(nn.Module):
+    """Per-branch channel attention of LocalMamba's multi-order mixer (its ``BiAttn``, channel part).
+
+    Each order's output is gated by ``sigmoid(fc2(gelu(fc1(mean_L(LN(y_k))))))``; the weights are shared by every
+    order, so the module has no K axis and is used unchanged by a supernet and its children.
+    """
+
+    def __init__(self, dim: int, ratio: float = 0.125) -> None:
+        super().__init__()
+        hidden = max(1, int(dim * ratio))
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        """y: (B, L, K, D) → (B, L, K, D)."""
+        g = self.norm(y).mean(1, keepdim=True)  # (B, 1, K, D): one gate per sample and order
+        g = torch.sigmoid(self.fc2(self.act(self.fc1(g))))
+        return y * g
+
+
+class MultiOrderMixer(nn.Module):
+    """Mamba-1 mixer scanning K token orders in one call; supernet (``arch_logits``) or fixed orders.
+
+    Args:
+        dim: model width C.
+        grid: (H, W) token grid the orders are built for.
+        orders: the order names this mixer computes (a supernet's candidates, or a child's chosen k).
+        search: own ``arch_logits`` (K,) and mix by ``mode``; otherwise weights are uniform ``1/K``.
+        mode: ``softmax``, ``gumbel`` or ``hard`` (search only).
+        d_state: SSM state size N.
+        expand: inner width ``D = expand * dim``.
+        dt_rank: rank of the Δ projection (``"auto"``: ``ceil(dim / 16)``).
+        d_conv: width of the per-order causal conv1d (plain family; 0 disables it).
+        conv_2d: kernel of a shared depthwise 2-D conv applied before the scan (hierarchical family; 0 disables it).
+        conv_bias: bias for either conv.
+        gate: multiply the scan output by ``silu(z)`` with ``z`` a second half of ``in_proj`` (Vim), or not (VMamba).
+        out_norm: LayerNorm after the merge (VMamba).
+        branch_attn: LocalMamba's per-branch channel attention before the merge.
+        extra_token_step: scan step at which the extra token (index ``H*W``) is visited, if the input carries one.
+        bias: bias of ``in_proj``/``out_proj``.
+        scan_backend: ``kernels`` backend for the scan and the conv (``auto``: triton on CUDA, ref on CPU).
+    """
+
+    PER_ORDER = ("conv1d_weight", "conv1d_bias", "x_proj_weight", "dt_proj_weight", "dt_proj_bias", "A_log", "D")
+
+    def __init__(
+        self,
+        dim: int,
+        grid: tuple[int, int],
+        orders: Sequence[str],
+        search: bool = False,
+        mode: str = "softmax",
+        d_state: int = 16,
+        expand: float = 2.0,
+        dt_rank: int | str = "auto",
+        d_conv: int = 4,
+        conv_2d: int = 0,
+        conv_bias: bool = True,
+        gate: bool = True,
+        out_norm: bool = False,
+        branch_attn: bool = False,
+        extra_token_step: int | None = None,
+        bias: bool = False,
+        scan_backend: str = "auto",
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        self.order_names = tuple(orders)
+        k = len(self.order_names)
+        self.grid = tuple(grid)
+        self.d_inner = d_inner = int(expand * dim)
+        self.d_state = d_state
+        self.dt_rank = dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
+        self.gate = gate
+        self.scan_backend = scan_backend
+        self.search = search
+        self.tau = 1.0
+        self.top_m = 1
+        self.mode = "softmax"
+        kernels.resolve_backend(scan_backend, torch.device("cpu"))  # reject a bad backend name now, not mid-forward
+
+        self.register_buffer("orders", build_orders(self.order_names, self.grid, extra_token_step), persistent=False)
+        self.in_proj = nn.Linear(dim, d_inner * (2 if gate else 1), bias=bias)
+        self.conv2d = (
+            nn.Conv2d(d_inner, d_inner, conv_2d, padding=conv_2d // 2, groups=d_inner, bias=conv_bias)
+            if conv_2d
+            else None
+        )
+        if d_conv:
+            bound = 1.0 / math.sqrt(d_conv)  # nn.Conv1d's default for a depthwise conv (fan_in = d_conv)
+            self.conv1d_weight = nn.Parameter(torch.empty(k, d_inner, d_conv).uniform_(-bound, bound))
+            self.conv1d_bias = nn.Parameter(torch.empty(k, d_inner).uniform_(-bound, bound)) if conv_bias else None
+        else:
+            self.conv1d_weight = self.conv1d_bias = None
+        bound = 1.0 / math.sqrt(d_inner)  # nn.Linear's default
+        self.x_proj_weight = nn.Parameter(torch.empty(k, dt_rank + 2 * d_state, d_inner).uniform_(-bound, bound))
+        dt_std = dt_rank**-0.5
+        self.dt_proj_weight = nn.Parameter(torch.empty(k, d_inner, dt_rank).uniform_(-dt_std, dt_std))
+        # Δ bias such that softplus(bias) is log-uniform in [dt_min, dt_max] (Mamba's init).
+        dt = torch.exp(torch.rand(k, d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_proj_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        a = torch.arange(1, d_state + 1, dtype=torch.float32)
+        self.A_log = nn.Parameter(torch.log(a).expand(k, d_inner, d_state).clone())
+        self.D = nn.Parameter(torch.ones(k, d_inner))
+        self.branch_attn = BranchAttn(d_inner) if branch_attn else None
+        self.out_norm = nn.LayerNorm(d_inner) if out_norm else None
+        self.out_proj = nn.Linear(d_inner, dim, bias=bias)
+        if search:
+            self.arch_logits = nn.Parameter(1e-3 * torch.randn(k))
+            self.set_arch_mode(mode)
+        else:
+            self.arch_logits = None
+
+    @property
+    def num_orders(self) -> int:
+        return len(self.order_names)
+
+    def set_arch_mode(self, mode: str, tau: float = 1.0, top_m: int = 1) -> None:
+        """Choose how a supernet mixer weights its orders (see the module docstring)."""
+        if not self.search:
+            raise RuntimeError("set_arch_mode: this mixer has fixed orders (no arch_logits)")
+        if mode not in ARCH_MODES:
+            raise ValueError(f"arch mode must be one of {', '.join(ARCH_MODES)}, got {mode!r}")
+        if not tau > 0:
+            raise ValueError(f"arch mode temperature tau must be > 0, got {tau!r}")
+        if not isinstance(top_m, int) or not 1 <= top_m <= self.num_orders:
+            raise ValueError(f"top_m must be an integer in 1..{self.num_orders}, got {top_m!r}")
+        self.mode, self.tau, self.top_m = mode, float(tau), top_m
+
+    def arch_probs(self) -> torch.Tensor:
+        """softmax(arch_logits) as a detached fp32 CPU tensor (K,)."""
+        if self.arch_logits is None:
+            raise RuntimeError("arch_probs: this mixer has fixed orders (no arch_logits)")
+        return torch.softmax(self.arch_logits.detach().float(), 0).cpu()
+
+    def branch_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The merge weights and which orders to compute.
+
+        Returns:
+            (w, idx): ``w`` (m,) fp32 weights of the computed orders (they sum to 1 in value), and ``idx`` (m,) the
+            indices of those orders, or None when every order is computed.
+        """
+        if not self.search:
+            k = self.num_orders
+            return self.x_proj_weight.new_full((k,), 1.0 / k, dtype=torch.float32), None
+        logits = self.arch_logits.float()
+        sampling = self.training and self.mode != "softmax"
+        if sampling:
+            # Noise from torch's default CPU generator: one seed reproduces the draws on any device.
+            u = torch.rand(logits.shape).clamp_(1e-10, 1.0 - 1e-7)
+            logits = logits + (-torch.log(-torch.log(u))).to(logits.device)
+        if self.mode == "softmax" or (self.mode == "gumbel" and not sampling):
+            return torch.softmax(logits, 0), None
+        if self.mode == "gumbel":
+            return torch.softmax(logits / self.tau, 0), None
+        # hard: top-m of the (noisy) logits, uniform 1/m in value, Gumbel-softmax straight-through gradient.
+        idx = torch.topk(logits.detach(), self.top_m).indices.sort().values
+        soft = torch.softmax(logits / self.tau, 0).index_select(0, idx)
+        return soft - soft.detach() + 1.0 / self.top_m, idx
+
+    def forward(self, x: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
+        """Scan along every (or the sampled) order, merge, project.
+
+        Args:
+            x: (B, L, C) tokens in storage order (grid tokens row-major, then any extra token).
+            perm: optional (L,) permutation of the token positions (SLWS): order k then visits ``perm[orders[k, t]]``
+                at step t, which is exactly running the block on ``x[:, perm]`` and undoing the shuffle afterwards.
+
+        Returns:
+            (B, L, C).
+        """
+        bsz, seqlen, _ = x.shape
+        if seqlen != self.orders.shape[1]:
+            raise ValueError(f"mixer built for {self.orders.shape[1]} tokens (grid {self.grid}), got {seqlen}")
+        w, idx = self.branch_weights()
+        orders = self.orders if idx is None else self.orders.index_select(0, idx)
+        if perm is not None:
+            orders = perm.to(orders.device)[orders]
+        pick = (lambda p: p) if idx is None else (lambda p: None if p is None else p.index_select(0, idx))
+
+        xz = self.in_proj(x)
+        xin, z = xz.chunk(2, dim=-1) if self.gate else (xz, None)
+        if self.conv2d is not None:
+            h, wd = self.grid
+            xin = xin.transpose(1, 2).reshape(bsz, self.d_inner, h, wd)
+            xin = F.silu(self.conv2d(xin)).flatten(2).transpose(1, 2)
+        if self.conv1d_weight is not None:
+            u = kernels.causal_conv1d(
+                xin.unsqueeze(2),
+                pick(self.conv1d_weight),
+                pick(self.conv1d_bias),
+                orders=orders,
+                activation="silu",
+                backend=self.scan_backend,
+            )  # (B, L, K, D)
+            x_dbl = torch.einsum("blkd,kcd->blkc", u, pick(self.x_proj_weight))
+        else:
+            u = xin.unsqueeze(2)  # (B, L, 1, D): one input shared by every order
+            x_dbl = torch.einsum("bld,kcd->blkc", xin, pick(self.x_proj_weight))
+        dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = torch.einsum("blkr,kdr->blkd", dt, pick(self.dt_proj_weight))
+        y = kernels.selective_scan(
+            u,
+            delta,
+            -torch.exp(pick(self.A_log).float()),
+            b_ssm.contiguous(),
+            c_ssm.contiguous(),
+            D=pick(self.D).float(),
+            z=None if z is None else z.unsqueeze(2),
+            delta_bias=pick(self.dt_proj_bias).float(),
+            delta_softplus=True,
+            orders=orders,
+            backend=self.scan_backend,
+        )  # (B, L, K, D), original token order
+        if self.branch_attn is not None:
+            y = self.branch_attn(y)
+        y = torch.einsum("blkd,k->bld", y, w.to(y.dtype))
+        if self.out_norm is not None:
+            y = self.out_norm(y)
+        return self.out_proj(y)
+
+    def extra_repr(self) -> str:
+        kind = f"search[{self.mode}]" if self.search else "fixed"
+        return f"{kind}, orders=({', '.join(self.order_names)}), grid={self.grid}, d_inner={self.d_inner}"
+
+
+def slice_mixer_state(
+    state: dict[str, torch.Tensor], prefix: str, src_orders: Sequence[str], dst_orders: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """Rows of a supernet mixer's per-order tensors for a child's orders.
+
+    Args:
+        state: a state dict holding the source mixer's tensors under ``prefix``.
+        prefix: the mixer's key prefix, e.g. ``"blocks.3.mixer."``.
+        src_orders: the source mixer's order names (its K axis).
+        dst_orders: the child's order names; each must be one of ``src_orders``.
+
+    Returns:
+        The mixer's tensors for the child: per-order ones indexed along K, shared ones as they are, no
+        ``arch_logits``.
+    """
+    missing = [o for o in dst_orders if o not in src_orders]
+    if missing:
+        raise ValueError(f"{prefix[:-1]}: orders {missing} are not among the source orders {list(src_orders)}")
+    idx = torch.tensor([list(src_orders).index(o) for o in dst_orders], dtype=torch.long)
+    out = {}
+    for key, val in state.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix) :]
+        if name == "arch_logits":
+            continue
+        out[key] = val.index_select(0, idx.to(val.device)) if name in MultiOrderMixer.PER_ORDER else val
+    return out

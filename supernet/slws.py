@@ -1,0 +1,59 @@
+"""Stochastic layer-wise shuffle (SLWS), the regularizer of ShuffleMamba (arXiv 2408.17081).
+
+In training, layer ``l`` of ``depth`` shuffles its tokens with probability ``p_l = P_max · l / (depth − 1)`` (layer 0
+never): one Bernoulli draw per layer per step for the whole batch and, when it fires, one ``randperm`` of the tokens
+shared by the batch, applied to the hidden state and the residual before the layer and undone (``argsort``) after it.
+Draws come from torch's default CPU generator, so a seed (or a saved ``torch.get_rng_state()``) reproduces them on
+any device.
+
+A mixer's only token-order-dependent computations are its scans along orders (the per-order causal conv1d included);
+everything else in a block acts on each token alone. Shuffling the tokens, scanning order ``o`` and unshuffling is
+therefore the same as scanning the composed order ``perm[o]`` on the unshuffled tokens, which is how the models
+apply it (:meth:`supernet.mixer.MultiOrderMixer.forward`, ``perm=``): no activation is copied, and in the
+hierarchical family the 2-D depthwise conv keeps seeing the true image grid. :func:`shuffle_tokens` /
+:func:`unshuffle_tokens` are the literal form, kept for tests and for readers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["draw_shuffle", "shuffle_tokens", "slws_probs", "unshuffle_tokens"]
+
+
+def slws_probs(depth: int, p_max: float) -> list[float]:
+    """Per-layer shuffle probabilities ``p_l = p_max · l / (depth − 1)``; layer 0 (and a depth-1 model) never shuffles.
+
+    Args:
+        depth: number of layers (all blocks of all stages in the hierarchical family).
+        p_max: probability of the last layer, in [0, 1].
+    """
+    if not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"slws_probs: depth must be an integer >= 1, got {depth!r}")
+    if not 0.0 <= p_max <= 1.0:
+        raise ValueError(f"slws_probs: p_max (shuffle_max) must be in [0, 1], got {p_max!r}")
+    if depth == 1:
+        return [0.0]
+    return [p_max * layer / (depth - 1) for layer in range(depth)]
+
+
+def draw_shuffle(prob: float, num_tokens: int) -> torch.Tensor | None:
+    """One step's draw for one layer: a (num_tokens,) permutation with probability ``prob``, else None.
+
+    Nothing is drawn when ``prob`` is 0, so ``shuffle_max=0`` leaves the RNG stream untouched.
+    """
+    if prob <= 0.0:
+        return None
+    if torch.rand(()).item() >= prob:
+        return None
+    return torch.randperm(num_tokens)
+
+
+def shuffle_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """(B, L, ...) → (B, L, ...) with ``out[:, i] = x[:, perm[i]]`` (the batch shares ``perm``)."""
+    return x.index_select(1, perm.to(x.device))
+
+
+def unshuffle_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`shuffle_tokens` with ``argsort(perm)``."""
+    return x.index_select(1, torch.argsort(perm).to(x.device))

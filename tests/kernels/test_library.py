@@ -1,0 +1,70 @@
+"""torch.library registration: FLOP counting and torch.compile keeping the scan as one op."""
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from kernels import causal_conv1d, selective_scan
+from kernels.library import scan_flops
+from kernels.testing import make_orders, make_scan_inputs
+
+
+def _setup(seqlen=15, k=2, dim=4, n=4, **kw):
+    inputs = make_scan_inputs(1, seqlen, k, dim, n, generator=torch.Generator().manual_seed(0), **kw)
+    return inputs, make_orders(seqlen, (3, 5), k, ("h", "w2"))
+
+
+def test_flop_counter_counts_the_scan():
+    inputs, orders = _setup(has_z=False)
+    bsz, seqlen, k, dim, n = 1, 15, 2, 4, 4
+    with FlopCounterMode(display=False) as counter:
+        selective_scan(**inputs, orders=orders, backend="triton")
+    assert counter.get_total_flops() == 9 * bsz * seqlen * k * dim * n + bsz * seqlen * k * dim
+    assert scan_flops((bsz, seqlen, k, dim), (k, dim, n), True, True) == 9 * 480 + 2 * 120
+
+
+def test_compile_keeps_one_scan_op_and_matches_eager():
+    inputs, orders = _setup()
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def fn(u, delta, A, B, C, D, z, delta_bias):
+        y = selective_scan(u, delta, A, B, C, D, z, delta_bias, orders=orders, backend="triton")
+        return causal_conv1d(y, torch.ones(2, 4, 4), orders=orders, backend="triton")
+
+    compiled = torch.compile(fn, backend=capture, fullgraph=True)
+    args = [inputs[n] for n in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    out = compiled(*args)
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert sum("scan_nas.selective_scan_fwd" in t for t in targets) == 1, targets
+    assert sum("scan_nas.causal_conv1d_fwd" in t for t in targets) == 1, targets
+    assert torch.allclose(out, fn(*args), rtol=0, atol=0)
+
+
+def test_fake_impl_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    inputs, orders = _setup()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = {name: torch.empty_like(t) if t is not None else None for name, t in inputs.items()}
+        y, states = torch.ops.scan_nas.selective_scan_fwd(
+            fake["u"], fake["delta"], fake["A"], fake["B"], fake["C"], fake["D"], fake["z"], fake["delta_bias"],
+            orders, True, torch.float32, True,
+        )  # fmt: skip
+    assert tuple(y.shape) == (1, 15, 2, 4) and y.dtype == torch.float32
+    assert states.dim() == 4 and states.shape[0] == 2 and states.shape[2:] == (4, 4)
+
+
+def test_registered_op_gradients_match_ref():
+    inputs, orders = _setup(ku=1)
+    leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    leaves_ref = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    y = selective_scan(**leaves, orders=orders, backend="triton")
+    y_ref = selective_scan(**leaves_ref, orders=orders, backend="ref")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    y.backward(dy)
+    y_ref.backward(dy)
+    for name in leaves:
+        assert torch.allclose(leaves[name].grad, leaves_ref[name].grad, rtol=6e-4, atol=2e-3), name

@@ -1,0 +1,172 @@
+"""Sweeps on a real local Ray (2 CPUs, one start shared by the tests): results, ASHA, resume, space validation."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nas import tune as nt
+from retrain.config import ConfigError, resolve_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# A tiny Vim on the synthetic data: about a second per epoch once a worker has imported torch.
+BASE = {
+    "model": "test_vim",
+    "dataset": "synthetic",
+    "num_samples": 256,
+    "img_size": 16,
+    "epochs": 4,
+    "batch_size": 32,
+    "warmup_epochs": 0,
+    "log_interval": 1000,
+    "checkpoint_hist": 0,
+}
+
+
+def _write(path: Path, data: dict) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()
+
+
+def test_sweep_writes_tables_best_config_and_asha_stops_early(tmp_path: Path, ray_local: str) -> None:
+    # lr spans "learns nothing in 4 epochs" (1e-6) to "learns fast" (3e-2). Trials run one at a time with a seeded
+    # sampler, so the order is fixed: a chance-level trial reaching rung 1 after a learning one is below the median
+    # (reduction factor 2) and must be stopped there.
+    space = _write(
+        tmp_path / "space.yaml",
+        {
+            "params": {"lr": {"distribution": "loguniform", "low": 1e-6, "high": 3e-2}},
+            "seed": 0,
+            "asha": {"grace_period": 1, "reduction_factor": 2},
+        },
+    )
+    t0 = time.monotonic()
+    out = nt.main(
+        {
+            "target": "retrain",
+            "config": _write(tmp_path / "base.yaml", BASE),
+            "space": space,
+            "num_samples": 4,
+            "max_concurrent": 1,
+            "output": str(tmp_path / "sweeps"),
+            "name": "s",
+            "quiet": True,
+        }
+    )
+    assert time.monotonic() - t0 < 120
+    assert out["finished"] and len(out["rows"]) == 4
+    assert any(r["status"] == "stopped early" and r["epochs"] < 4 for r in out["rows"]), out["rows"]
+    files = out["files"]
+    for key in ("md", "csv", "plot", "best_config", "sweep"):
+        assert files[key].is_file(), key
+    md = files["md"].read_text()
+    assert md.count("\n| ") == 5 and "stopped early" in md
+    from retrain import train
+
+    best = resolve_config(train.DEFAULTS, argv=["-c", str(files["best_config"])])  # the target's -c accepts it
+    assert best["lr"] == pytest.approx(out["best"]["lr"]) and best["model"] == "test_vim"
+    # Each trial is an ordinary retrain run inside the sweep directory.
+    assert all((Path(r["_path"]) / "run" / "summary.csv").is_file() for r in out["rows"])
+
+
+def test_interrupted_sweep_resumes_and_finishes(tmp_path: Path, ray_local: str) -> None:
+    base = _write(tmp_path / "base.yaml", {**BASE, "epochs": 6})
+    space = _write(
+        tmp_path / "space.yaml",
+        {"params": {"lr": {"distribution": "loguniform", "low": 1e-3, "high": 1e-2}}, "asha": {"grace_period": 6}},
+    )
+    sweep_dir = tmp_path / "sweeps" / "r"
+    cmd = [sys.executable, "-m", "nas.tune", "--target", "retrain", "-c", base, "--space", space, "--num-samples", "2",
+           "--max-concurrent", "1", "--output", str(tmp_path / "sweeps"), "--name", "r", "--address", ray_local,
+           "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.monotonic() + 90
+    # Ctrl-C as soon as the first trial has reported an epoch (and so written a checkpoint).
+    for line in proc.stdout:
+        lines.append(line)
+        if " epoch " in line or time.monotonic() > deadline:
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=60) != 0, "".join(lines)
+    assert (sweep_dir / "sweep.yaml").is_file()
+
+    out = nt.main({"resume": str(sweep_dir), "quiet": True})
+    assert out["finished"], out["rows"]
+    assert len(out["rows"]) == 2 and all(r["status"] == "completed" for r in out["rows"])
+    # The interrupted trial continued from its checkpoint rather than starting over: one summary row per epoch.
+    for r in out["rows"]:
+        summary = (Path(r["_path"]) / "run" / "summary.csv").read_text().strip().splitlines()
+        assert len(summary) == 1 + 6
+
+
+@pytest.mark.parametrize(
+    "space,match",
+    [
+        ({"params": {"lr": {"distribution": "logunifrom", "low": 1e-4, "high": 1e-2}}}, "did you mean 'loguniform'"),
+        ({"params": {"lr": {"distribution": "uniform", "low": 0.1, "high": 0.01}}}, r"low \(0.1\) must be below"),
+        ({"params": {"weight_decy": {"distribution": "uniform", "low": 0, "high": 1}}}, "did you mean 'weight_decay'"),
+        ({"params": {"lr": {"distribution": "loguniform", "low": 0, "high": 1}}}, "loguniform needs low > 0"),
+        (
+            {"params": {"epochs": {"distribution": "uniform", "low": 1, "high": 5}}},
+            "is an integer; use distribution: int",
+        ),
+        ({"params": {"model": {"distribution": "choice", "values": [1, 2]}}}, "'model' must be a string"),
+        ({"params": {"output": {"distribution": "choice", "values": ["a"]}}}, "set by the sweep"),
+        ({"parms": {}}, "did you mean 'params'"),
+        ({"params": {"lr": {"distribution": "choice", "values": []}}}, "non-empty list"),
+    ],
+)
+def test_bad_space_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture, space: dict, match: str) -> None:
+    from retrain import train
+
+    path = _write(tmp_path / "space.yaml", space)
+    with pytest.raises(ConfigError, match=match) as err:
+        nt.load_sweep_space(path, train.DEFAULTS)
+    assert "\n" not in str(err.value)
+    # The CLI turns it into one line on stderr and exit status 2, before Ray starts.
+    base = _write(tmp_path / "base.yaml", BASE)
+    assert nt.cli(["--target", "retrain", "-c", base, "--space", path, "--output", str(tmp_path)]) == 2
+    err_text = capsys.readouterr().err.strip()
+    assert err_text.startswith("error: ") and "\n" not in err_text
+
+
+def test_space_parsing_and_domains(tmp_path: Path) -> None:
+    from retrain import train
+
+    path = _write(
+        tmp_path / "space.yaml",
+        {
+            "params": {
+                "lr": {"distribution": "loguniform", "low": "1e-4", "high": "1e-2"},  # YAML 1.1 strings are accepted
+                "epochs": {"distribution": "int", "low": 2, "high": 3},
+                "shuffle-max": {"distribution": "choice", "values": [0.0, 0.5]},
+            },
+            "seed": 3,
+            "asha": {"grace_period": 2, "reduction_factor": 3},
+        },
+    )
+    sp = nt.load_sweep_space(path, train.DEFAULTS)
+    assert {p.name for p in sp.params} == {"lr", "epochs", "shuffle_max"} and sp.seed == 3 and sp.grace_period == 2
+    dom = sp.param_space()
+    assert {dom["epochs"].sample() for _ in range(50)} == {2, 3}  # int: both ends included
+    assert 1e-4 <= dom["lr"].sample() <= 1e-2

@@ -1,0 +1,173 @@
+"""The comparison table: built from finished run directories alone, honest statistics, matched sizes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from retrain import compare
+from retrain.config import ConfigError
+
+
+def _fake_run(
+    run_dir: Path,
+    model: str,
+    seed: int,
+    curve: list[float],
+    params: int | None = 1000,
+    epochs: int | None = None,
+    results: bool = True,
+) -> Path:
+    """What ``retrain.train`` leaves behind: args.yaml, summary.csv and (when run by compare) results.json."""
+    run_dir.mkdir(parents=True)
+    args = {"model": model, "dataset": "synthetic", "img_size": 16, "epochs": epochs or len(curve), "seed": seed}
+    (run_dir / "args.yaml").write_text(yaml.safe_dump(args))
+    with open(run_dir / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["epoch", "train_loss", "loss", "top1", "top5", "lr", "img_s"])
+        w.writeheader()
+        for e, top1 in enumerate(curve):
+            w.writerow({"epoch": e, "train_loss": 1.0, "loss": 1.0, "top1": top1, "top5": 90, "lr": 1e-3, "img_s": 100})
+    if results:
+        res = {"params": params, "flops": 5_000_000, "train_img_s": 123.0, "top1": curve[-1], "interrupted": False}
+        (run_dir / "results.json").write_text(json.dumps(res))
+    return run_dir
+
+
+def _cfg(tmp_path: Path, **kw) -> dict:
+    cfg = {
+        "output": str(tmp_path / "out"),
+        "experiment": "cmp",
+        "seeds": [0, 1, 2],
+        "collect_only": True,
+        "models": [
+            {"name": "searched", "arch": "arch.yaml"},
+            {"name": "vim", "model": "test_vim"},
+            {"name": "fixed", "model": "test_local_fixed_vim"},
+        ],
+    }
+    cfg.update(kw)
+    return cfg
+
+
+def _populate(tmp_path: Path, values: dict[str, list[float]], params: dict[str, int] | None = None) -> None:
+    models = {"searched": "test_local_vim", "vim": "test_vim", "fixed": "test_local_fixed_vim"}
+    for row, finals in values.items():
+        for seed, final in enumerate(finals):
+            run = tmp_path / "out" / "cmp" / "runs" / row / f"seed{seed}"
+            _fake_run(run, models[row], seed, [final - 5, final], params=(params or {}).get(row, 1000))
+
+
+def test_table_from_finished_runs_alone(tmp_path: Path) -> None:
+    _populate(tmp_path, {"searched": [80.0, 81.0, 82.0], "vim": [70.0, 71.0, 72.0], "fixed": [80.5, 81.5, 80.0]})
+    out = compare.main(_cfg(tmp_path))
+    rows = {r["model"]: r for r in out["table"]}
+    assert rows["searched"]["top1_mean"] == pytest.approx(81.0) and rows["searched"]["top1_std"] == pytest.approx(1.0)
+    assert rows["vim"]["seeds"] == 3 and rows["vim"]["params"] == 1000 and rows["vim"]["train_img_s"] == 123.0
+    md = Path(out["md"]).read_text()
+    assert "| searched | vim | 10.00 | 1.00 | +10.0 | beats it by 10.0 σ |" in md
+    assert "| searched | fixed | " in md and "within noise" in md
+    assert Path(out["plot"]).stat().st_size > 1000
+    with open(out["csv"]) as f:
+        table = list(csv.DictReader(f))
+    assert [r["model"] for r in table] == ["searched", "vim", "fixed"] and table[0]["seeds"] == "3"
+
+
+def test_final_vs_best_metric(tmp_path: Path) -> None:
+    for seed in range(2):
+        _fake_run(tmp_path / "out" / "cmp" / "runs" / "vim" / f"seed{seed}", "test_vim", seed, [50.0, 90.0, 60.0])
+    cfg = _cfg(tmp_path, seeds=[0, 1], models=[{"name": "vim", "model": "test_vim"}])
+    assert compare.main(cfg)["table"][0]["top1_mean"] == pytest.approx(60.0)
+    assert compare.main({**cfg, "metric": "best"})["table"][0]["top1_mean"] == pytest.approx(90.0)
+
+
+def test_runs_made_elsewhere_without_results_json(tmp_path: Path) -> None:
+    """GPU runs copied back: only args.yaml + summary.csv; params/FLOPs are measured from the model they name."""
+    dirs = [_fake_run(tmp_path / "gpu" / f"s{s}", "test_vim", s, [40.0, 50.0 + s], results=False) for s in (0, 1)]
+    cfg = _cfg(
+        tmp_path, seeds=[0, 1], models=[{"name": "vim", "model": "test_vim", "run_dirs": [str(d) for d in dirs]}]
+    )
+    row = compare.main(cfg)["table"][0]
+    assert row["seeds"] == 2 and row["top1_mean"] == pytest.approx(50.5)
+    assert row["params"] > 1000 and row["flops"] > 0 and row["train_img_s"] == 100.0
+
+
+def test_unfinished_and_other_recipe_runs(tmp_path: Path) -> None:
+    base = tmp_path / "out" / "cmp" / "runs" / "vim"
+    _fake_run(base / "seed0", "test_vim", 0, [10.0, 20.0], epochs=5)  # 2 of 5 epochs: not counted
+    _fake_run(base / "seed1", "test_vim", 1, [10.0, 30.0])
+    cfg = _cfg(tmp_path, seeds=[0, 1], models=[{"name": "vim", "model": "test_vim"}])
+    out = compare.main(cfg)
+    assert out["table"][0]["seeds"] == 1
+    assert "fewer seeds than asked" in out["markdown"]
+    assert "ran another recipe: " in out["markdown"] and "epochs 2 (recipe 10)" in out["markdown"]
+
+
+def test_size_mismatch_refused_or_flagged(tmp_path: Path) -> None:
+    values = {"searched": [80.0, 81.0, 82.0], "vim": [70.0, 71.0, 72.0], "fixed": [80.0, 81.0, 82.0]}
+    _populate(tmp_path, values, params={"searched": 1000, "vim": 1200, "fixed": 1050})
+    with pytest.raises(ConfigError, match=r"vim 0\.001 M \(\+20 %\).*on_mismatch: flag"):
+        compare.main(_cfg(tmp_path))
+    out = compare.main(_cfg(tmp_path, on_mismatch="flag"))
+    assert "+20.0 % ⚠ outside" in out["markdown"] and "+5.0 %" in out["markdown"]
+
+
+def test_statistics() -> None:
+    assert compare.pooled_std([1.0, 3.0], [2.0, 4.0]) == pytest.approx(math.sqrt(2.0))
+    assert math.isnan(compare.pooled_std([1.0], [2.0, 3.0]))
+    diff, z, words = compare.verdict([81.0, 82.0, 83.0], [80.0, 81.0, 82.0], 2.0)
+    assert diff == pytest.approx(1.0) and z == pytest.approx(1.0) and words.startswith("within noise")
+    assert compare.verdict([70.0, 71.0], [80.0, 81.0], 2.0)[2].startswith("loses to it by")
+    assert compare.verdict([70.0], [80.0], 2.0)[2].startswith("cannot tell with 1 seed")
+
+
+@pytest.mark.parametrize(
+    "models,match",
+    [
+        ([{"name": "a", "modle": "test_vim"}], "unknown key 'modle'; did you mean 'model'"),
+        ([{"name": "a", "model": "test_vim", "overrides": {"lr_rate": 1}}], "unknown key 'lr_rate'"),
+        ([{"name": "a", "model": "test_vim"}, {"name": "a", "model": "test_vim"}], "share the name"),
+        ([{"name": "s", "searched": True}], "no arch file is given"),
+    ],
+)
+def test_bad_rows_are_one_line_errors(tmp_path: Path, models: list, match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as err:
+        compare.main(_cfg(tmp_path, models=models))
+    assert "\n" not in str(err.value)
+
+
+def test_runs_missing_rows_then_collects_them(tmp_path: Path) -> None:
+    """Not collect-only: a missing run is trained (tiny), saved with results.json, and found again next time."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "dataset": "synthetic",
+                "num_samples": 64,
+                "img_size": 16,
+                "epochs": 1,
+                "batch_size": 32,
+                "warmup_epochs": 0,
+            }
+        )
+    )
+    cfg = _cfg(
+        tmp_path,
+        collect_only=False,
+        seeds=[0],
+        train_config=str(recipe),
+        models=[{"name": "vim", "model": "test_vim"}, {"name": "fixed", "model": "test_local_fixed_vim"}],
+        on_mismatch="flag",
+    )
+    out = compare.main(cfg)
+    assert [r["seeds"] for r in out["table"]] == [1, 1]
+    run = Path(cfg["output"]) / "cmp" / "runs" / "vim" / "seed0"
+    assert (run / "results.json").is_file() and (run / "summary.csv").is_file()
+    mtime = (run / "results.json").stat().st_mtime
+    again = compare.main(cfg)  # everything is collected: nothing retrains
+    assert (run / "results.json").stat().st_mtime == mtime
+    assert again["table"][0]["top1_mean"] == out["table"][0]["top1_mean"]

@@ -1,0 +1,89 @@
+"""Config resolution: defaults → YAML → CLI → overrides, and one-line errors naming the nearest key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from retrain.config import ConfigError, resolve_config, run_cli, save_config
+
+DEFAULTS = {
+    "model": "test_vim",
+    "epochs": 3,
+    "lr": 1e-3,
+    "model_ema": False,
+    "arch_betas": (0.5, 0.999),
+    "clip_grad": None,
+    "resume": "",
+    "debug": False,
+}
+
+
+def test_defaults_copy_and_tuple_to_list() -> None:
+    cfg = resolve_config(DEFAULTS)
+    assert cfg == {**DEFAULTS, "arch_betas": [0.5, 0.999]}
+    assert cfg is not DEFAULTS
+
+
+def test_precedence_yaml_cli_overrides(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"epochs": 7, "lr": 2, "model": "from_yaml"}))
+    cfg = resolve_config(DEFAULTS, ["-c", str(path), "--epochs", "9", "--model-ema", "--clip-grad", "1.5"])
+    assert cfg["epochs"] == 9 and cfg["model"] == "from_yaml" and cfg["model_ema"] is True
+    assert cfg["lr"] == 2.0 and isinstance(cfg["lr"], float)
+    assert cfg["clip_grad"] == 1.5
+    cfg = resolve_config(DEFAULTS, ["-c", str(path), "--no-model-ema"], overrides={"epochs": 11})
+    assert cfg["epochs"] == 11 and cfg["model_ema"] is False
+    cfg = resolve_config(DEFAULTS, ["--arch-betas", "0.9", "0.99", "--resume", "auto", "--clip-grad", "none"])
+    assert cfg["arch_betas"] == [0.9, 0.99] and cfg["resume"] == "auto" and cfg["clip_grad"] is None
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"overrides": {"epoch": 3}}, "unknown key 'epoch'; did you mean 'epochs'"),
+        ({"overrides": {"epochs": 2.5}}, "'epochs' must be an integer"),
+        ({"overrides": {"model_ema": "yes"}}, "'model_ema' must be true/false"),
+        ({"overrides": {"lr": "fast"}}, "'lr' must be a number"),
+        ({"argv": ["--epohcs", "3"]}, "unknown argument '--epohcs'; did you mean '--epochs'"),
+        ({"argv": ["--lr", "fast"]}, "invalid float value"),
+        ({"argv": ["-c", "/nonexistent/x.yaml"]}, "config file not found"),
+    ],
+)
+def test_errors_are_one_line(kwargs, match) -> None:
+    with pytest.raises(ConfigError, match=match) as exc:
+        resolve_config(DEFAULTS, **kwargs)
+    assert "\n" not in str(exc.value)
+
+
+def test_yaml_unknown_key_and_type(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("modle: x\n")
+    with pytest.raises(ConfigError, match="unknown key 'modle'; did you mean 'model'"):
+        resolve_config(DEFAULTS, ["-c", str(path)])
+    path.write_text("epochs: [1, 2]\n")
+    with pytest.raises(ConfigError, match="'epochs' must be an integer"):
+        resolve_config(DEFAULTS, ["-c", str(path)])
+
+
+def test_save_roundtrip(tmp_path) -> None:
+    cfg = resolve_config(DEFAULTS, ["--epochs", "4"])
+    path = save_config(cfg, tmp_path / "run" / "args.yaml")
+    again = resolve_config(DEFAULTS, ["-c", str(path)])
+    assert again == cfg
+
+
+def test_run_cli_exit_codes(capsys) -> None:
+    def main(cfg):
+        if cfg["epochs"] < 0:
+            raise ValueError("epochs must be >= 0,\n got a negative")
+        return cfg
+
+    assert run_cli(main, DEFAULTS, ["--epochs", "1"]) == 0
+    assert run_cli(main, DEFAULTS, ["--epochs", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: epochs must be >= 0, got a negative"
+    assert run_cli(main, DEFAULTS, ["--epoch", "1"]) == 2
+    assert "did you mean '--epochs'" in capsys.readouterr().err
+    assert run_cli(main, DEFAULTS, ["--epochs", "-1", "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err

@@ -1,0 +1,175 @@
+"""timm-style checks over every entrypoint: build, forward/backward, gradients, kwargs, sizes, the timm API."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import timm.optim
+import torch
+from supernet_testutils import ALL_NAMES, SMALL_NAMES, TINY_NAMES, build, is_derived, small_size
+
+import kernels
+import supernet
+from kernels.library import scan_flops
+from supernet.sizes import PUBLISHED
+
+
+def test_registry_lists_the_contract_names() -> None:
+    expected = {
+        "vim_tiny", "vim_small", "vmamba_tiny", "local_vim_tiny_search", "local_vmamba_tiny_search",
+        "local_vim_tiny", "local_vmamba_tiny", "local_fixed_vim_tiny",
+        "vim_mini", "local_vim_mini_search", "local_vim_mini", "local_fixed_vim_mini",
+        "vmamba_mini", "local_vmamba_mini_search", "local_vmamba_mini", "local_fixed_vmamba_mini",
+        "test_vim", "test_local_vim_search", "test_local_vim", "test_local_fixed_vim",
+        "test_vmamba", "test_local_vmamba_search", "test_local_vmamba",
+    }  # fmt: skip
+    assert expected <= set(ALL_NAMES)
+
+
+@pytest.mark.parametrize("name", SMALL_NAMES)
+def test_forward_backward_every_param_gets_grad(name: str) -> None:
+    torch.manual_seed(0)
+    size = small_size(name)
+    model = build(name, img_size=size, num_classes=5)
+    model.train()
+    x = torch.randn(2, 3, size, size)
+    y = model(x)
+    assert y.shape == (2, 5) and torch.isfinite(y).all()
+    y.square().mean().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not no_grad, f"no gradient for {no_grad}"
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.grad).all()]
+    assert not bad, f"non-finite gradient for {bad}"
+    if name.endswith("_search"):
+        assert all(p.grad.abs().sum() > 0 for p in model.arch_parameters())
+
+
+@pytest.mark.parametrize("name", ["vim_mini", "vmamba_mini", "local_vim_mini_search"])
+def test_fashion_mnist_shape(name: str) -> None:
+    model = build(name, img_size=28, in_chans=1, num_classes=10).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert model.pretrained_cfg["input_size"] == (1, 28, 28)
+
+
+@pytest.mark.parametrize("name", TINY_NAMES)
+def test_tiny_names_run_at_32px(name: str) -> None:
+    model = build(name, img_size=32, num_classes=3).eval()
+    with torch.no_grad():
+        y = model(torch.randn(1, 3, 32, 32))
+    assert y.shape == (1, 3) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_params_match_published(name: str) -> None:
+    model = build(name)
+    params = sum(p.numel() for p in model.parameters())
+    assert abs(params / PUBLISHED[name][0] - 1.0) < 0.05, f"{name}: {params / 1e6:.2f}M"
+
+
+@pytest.mark.parametrize("name", ["test_vim", "test_vmamba", "test_local_vim_search"])
+def test_non_square_input(name: str) -> None:
+    model = build(name, img_size=(16, 32)).eval()
+    assert model(torch.randn(2, 3, 16, 32)).shape == (2, 10)
+
+
+def test_middle_class_token() -> None:
+    model = build("test_vim", img_size=16, global_pool="token")
+    grid = model.blocks[0].mixer.grid
+    # the class token (index H·W) is visited at the middle step of every order
+    orders = model.blocks[0].mixer.orders
+    assert (orders[:, grid[0] * grid[1] // 2] == grid[0] * grid[1]).all()
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    assert model.cls_token.grad is not None
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_unknown_kwarg_is_a_type_error(name: str) -> None:
+    with pytest.raises(TypeError, match="not_a_kwarg"):
+        timm.create_model(name, not_a_kwarg=1)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL_NAMES if is_derived(n)])
+def test_derived_requires_arch(name: str) -> None:
+    with pytest.raises(TypeError, match="requires arch="):
+        timm.create_model(name)
+
+
+@pytest.mark.parametrize("name,size", [("test_vim", 30), ("test_vmamba", (32, 18)), ("vim_mini", 30)])
+def test_bad_img_size_is_a_one_line_value_error(name: str, size) -> None:
+    with pytest.raises(ValueError, match="not divisible by patch_size") as e:
+        build(name, img_size=size)
+    assert "\n" not in str(e.value)
+
+
+def test_wrong_input_size_at_forward() -> None:
+    model = build("test_vmamba", img_size=16)
+    with pytest.raises(ValueError, match="does not match"):
+        model(torch.randn(1, 3, 32, 32))
+
+
+def test_bad_option_values() -> None:
+    with pytest.raises(ValueError, match="mix must be one of"):
+        build("test_local_vim_search", mix="darts")
+    with pytest.raises(ValueError, match="only one of"):
+        build("test_vim", space="localmamba")
+    with pytest.raises(ValueError, match="unknown scan backend"):
+        build("test_vim", scan_backend="cuda")
+    with pytest.raises(ValueError, match="unknown scan order"):
+        build("test_vim", orders=["h", "q"])
+
+
+@pytest.mark.parametrize("name", ["test_vim", "test_local_vmamba_search"])
+def test_timm_api(name: str) -> None:
+    model = build(name, img_size=16)
+    x = torch.randn(2, 3, 16, 16)
+    feats = model.forward_features(x)
+    assert model.forward_head(feats, pre_logits=True).shape == (2, model.num_features)
+    model.reset_classifier(7)
+    assert model(x).shape == (2, 7) and model.num_classes == 7
+    model.reset_classifier(0)
+    assert model(x).shape == (2, model.num_features)
+    nwd = model.no_weight_decay()
+    assert any(n.endswith(".A_log") for n in nwd) and any(n.endswith(".D") for n in nwd)
+    assert set(nwd) <= {n for n, _ in model.named_parameters()} | {"pos_embed", "cls_token"}
+    groups = timm.models.group_parameters(model, model.group_matcher())
+    assert sum(len(v) for v in groups.values()) == len(list(model.parameters()))
+    opt = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.9)
+    assert len(opt.param_groups) > 1
+
+
+def test_grad_checkpointing_matches() -> None:
+    torch.manual_seed(0)
+    model = build("test_local_vim", img_size=16)
+    x = torch.randn(2, 3, 16, 16)
+    model(x).sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], msg=n)
+
+
+def test_count_params_flops() -> None:
+    real_scan = kernels.selective_scan
+    search = build("test_local_vim_search", img_size=16)
+    child = build("test_local_vim", img_size=16)
+    ps, fs = supernet.count_params_flops(search, 16)
+    pc, fc = supernet.count_params_flops(child, 16)
+    assert ps == sum(p.numel() for p in search.parameters()) and ps > pc
+    assert fs > fc > 0
+    assert search.training and kernels.selective_scan is real_scan  # mode and ops restored
+    # every order costs the same: the count is linear in the number of orders computed, and each order's share
+    # includes its scans by VMamba's rule (one per layer)
+    counts = []
+    for m in (2, 4, 6, 8):
+        search.set_arch_mode("hard", top_m=m)
+        counts.append(supernet.count_params_flops(search, 16)[1])
+    assert counts[1] == fc and counts[3] == fs
+    step = counts[1] - counts[0]
+    assert counts[2] - counts[1] == step and counts[3] - counts[2] == step
+    mixer = child.blocks[0].mixer
+    tokens = mixer.grid[0] * mixer.grid[1]
+    scan = scan_flops((1, tokens, 1, mixer.d_inner), (1, mixer.d_inner, mixer.d_state), True, True)
+    assert step > 2 * len(child.blocks) * scan

@@ -1,0 +1,231 @@
+"""Supernets and derived children: arch parameters, mixing modes, exact orders, weight slicing, backends."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import yaml
+from supernet_testutils import build, example_arch
+
+import kernels
+import supernet
+from search_spaces import ArchSpec, load_space, save_arch, scan_order
+from supernet.mixer import MultiOrderMixer
+
+SEARCH = ["test_local_vim_search", "test_local_vmamba_search"]
+
+
+class ScanSpy:
+    """Wraps ``kernels.selective_scan`` and records the K and orders of every call."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple[int, torch.Tensor]] = []
+        real = kernels.selective_scan
+
+        def spy(u, delta, *args, **kwargs):
+            self.calls.append((delta.shape[2], kwargs["orders"].clone()))
+            return real(u, delta, *args, **kwargs)
+
+        monkeypatch.setattr(kernels, "selective_scan", spy)
+
+
+def _arch_dict(model_name: str, labels: list[str], per_layer: list[list[str]]) -> dict:
+    space = load_space("localmamba")
+    return {
+        "format_version": 1,
+        "model": model_name,
+        "space": space.to_dict(),
+        "layers": [{"label": lab, "orders": o} for lab, o in zip(labels, per_layer)],
+    }
+
+
+@pytest.mark.parametrize("name", SEARCH)
+def test_arch_weight_partition_and_probs(name: str) -> None:
+    model = build(name, img_size=16)
+    arch, weights = model.arch_parameters(), model.weight_parameters()
+    ids_a, ids_w = {id(p) for p in arch}, {id(p) for p in weights}
+    assert not ids_a & ids_w and ids_a | ids_w == {id(p) for p in model.parameters()}
+    labels = model.arch_labels()
+    assert len(arch) == len(labels) and all(p.shape == (8,) for p in arch)
+    assert all(p.abs().max() < 0.01 for p in arch)  # 1e-3·randn init
+    probs = model.arch_probs()
+    assert list(probs) == labels
+    for p in probs.values():
+        assert p.dtype == torch.float32 and p.device.type == "cpu" and not p.requires_grad
+        torch.testing.assert_close(p.sum(), torch.tensor(1.0))
+    assert model.search_space.candidates == load_space("localmamba").candidates
+    assert model.derived_model_name == name.removesuffix("_search")
+
+
+def test_labels_are_stable() -> None:
+    assert build("test_local_vim_search").arch_labels() == ["blocks.0", "blocks.1"]
+    assert build("test_local_vmamba_search").arch_labels() == [f"stages.{s}.blocks.0" for s in range(4)]
+
+
+@pytest.mark.parametrize("name", ["test_vim", "test_local_vim", "test_vmamba"])
+def test_non_search_models_have_no_arch_parameters(name: str) -> None:
+    model = build(name, img_size=16)
+    assert model.arch_parameters() == [] and model.arch_probs() == {}
+    assert len(model.weight_parameters()) == len(list(model.parameters()))
+    with pytest.raises(RuntimeError, match="fixed orders"):
+        model.set_arch_mode("hard")
+
+
+def test_set_arch_mode_validation() -> None:
+    model = build("test_local_vim_search", img_size=16)
+    with pytest.raises(ValueError, match="arch mode must be one of"):
+        model.set_arch_mode("darts")
+    with pytest.raises(ValueError, match="top_m"):
+        model.set_arch_mode("hard", top_m=9)
+    with pytest.raises(ValueError, match="tau"):
+        model.set_arch_mode("gumbel", tau=0.0)
+
+
+@pytest.mark.parametrize("name", SEARCH)
+@pytest.mark.parametrize("top_m", [1, 3])
+def test_hard_mode_computes_only_sampled_orders(name: str, top_m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = build(name, img_size=16)
+    model.set_arch_mode("hard", tau=1.0, top_m=top_m)
+    spy = ScanSpy(monkeypatch)
+    model.train()
+    y = model(torch.randn(2, 3, 16, 16))
+    assert len(spy.calls) == len(model.arch_labels())
+    assert all(k == top_m for k, _ in spy.calls)
+    for (_, orders), (_, mixer) in zip(spy.calls, model.named_mixers()):
+        rows = {tuple(r.tolist()) for r in orders}
+        assert rows <= {tuple(r.tolist()) for r in mixer.orders}
+    y.sum().backward()
+    # straight-through: every layer's logits get a gradient although only top_m orders ran
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.arch_parameters())
+    # the unsampled orders' parameters get none (they were not computed)
+    mixer = model.named_mixers()[0][1]
+    assert (mixer.x_proj_weight.grad.flatten(1).abs().sum(1) > 0).sum() == top_m
+
+
+def test_hard_and_gumbel_sampling_is_reproducible_from_the_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build("test_local_vim_search", img_size=16).train()
+    x = torch.randn(2, 3, 16, 16)
+    for mode in ("hard", "gumbel"):
+        model.set_arch_mode(mode, tau=0.5, top_m=2)
+        torch.manual_seed(3)
+        state = torch.get_rng_state()
+        y1 = model(x)
+        torch.set_rng_state(state)
+        y2 = model(x)
+        torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    model.eval()  # no sampling in eval: hard → top-m of the logits, gumbel → softmax
+    state = torch.get_rng_state()
+    model(x)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_gumbel_computes_every_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build("test_local_vmamba_search", img_size=16, mix="gumbel").train()
+    spy = ScanSpy(monkeypatch)
+    model(torch.randn(1, 3, 16, 16)).sum().backward()
+    assert all(k == 8 for k, _ in spy.calls)
+    assert all(p.grad.abs().sum() > 0 for p in model.arch_parameters())
+
+
+@pytest.mark.parametrize("family", ["vim", "vmamba"])
+def test_derived_child_uses_exactly_the_arch_orders(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    labels = build(f"test_local_{family}_search").arch_labels()
+    choices = [["h", "v_flip", "w2", "w7_flip"], ["h_flip", "v", "w2_flip", "w7"], ["v", "v_flip", "w2", "w7"]]
+    per_layer = [choices[i % 3] for i in range(len(labels))]
+    arch = _arch_dict(f"test_local_{family}", labels, per_layer)
+    child = supernet.create_derived(arch, img_size=16)
+    assert isinstance(child.arch, ArchSpec) and child.search_space.name == "localmamba"
+    spy = ScanSpy(monkeypatch)
+    child(torch.randn(1, 3, 16, 16))
+    assert len(spy.calls) == len(labels)
+    for (_, mixer), want, (k, orders) in zip(child.named_mixers(), per_layer, spy.calls):
+        assert mixer.order_names == tuple(want) and mixer.arch_logits is None and k == 4
+        h, w = mixer.grid
+        torch.testing.assert_close(orders, torch.stack([scan_order(o, h, w) for o in want]), rtol=0, atol=0)
+
+
+def test_create_derived_from_yaml(tmp_path) -> None:
+    arch = example_arch("test_local_vim")
+    path = save_arch(arch, tmp_path / "arch.yaml")
+    child = supernet.create_derived(str(path), img_size=16)
+    assert child.arch.orders == arch.orders
+    assert [m.order_names for _, m in child.named_mixers()] == [tuple(o) for o in arch.orders]
+    with pytest.raises(ValueError, match="no 'model'"):
+        supernet.create_derived({k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "model"})
+
+
+def test_arch_mismatch_is_a_one_line_value_error() -> None:
+    labels = build("test_local_vim_search").arch_labels()
+    too_long = _arch_dict("test_local_vim", labels + ["blocks.2"], [["h", "h_flip", "v", "v_flip"]] * 3)
+    relabelled = _arch_dict("test_local_vim", ["blocks.0", "blocks.9"], [["h", "h_flip", "v", "v_flip"]] * 2)
+    for bad, match in ((too_long, "3 layers but"), (relabelled, "labelled 'blocks.0'|labelled 'blocks.9'")):
+        with pytest.raises(ValueError, match=match) as e:
+            build("test_local_vim", arch=bad)
+        assert "\n" not in str(e.value)
+    vmamba_arch = example_arch("test_local_vmamba")
+    with pytest.raises(ValueError, match="layers but"):
+        build("test_local_vim", arch=vmamba_arch)
+
+
+@pytest.mark.parametrize("family", ["vim", "vmamba"])
+def test_sliced_child_equals_supernet_on_its_orders(family: str) -> None:
+    """Same merge rule: a supernet computing exactly a child's orders (eval, hard, top-k) IS that child."""
+    torch.manual_seed(0)
+    search = build(f"test_local_{family}_search", img_size=16).eval()
+    arch = supernet.derive_arch(search)
+    child = supernet.create_derived(arch, img_size=16).eval()
+    supernet.load_supernet_weights(child, search)
+    search.set_arch_mode("hard", top_m=arch.space.k)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(child(x), search(x))
+    # keys agree apart from the supernet's arch logits
+    extra = {f"{label}.mixer.arch_logits" for label in search.arch_labels()}
+    assert set(search.state_dict()) - set(child.state_dict()) == extra
+
+
+def test_slicing_refuses_other_widths() -> None:
+    search = build("test_local_vim_search", img_size=16)
+    child = build("test_local_vim", img_size=16, embed_dim=48)
+    with pytest.raises(ValueError, match="widths"):
+        supernet.load_supernet_weights(child, search)
+
+
+def test_mixer_merge_is_convex() -> None:
+    torch.manual_seed(0)
+    mixer = MultiOrderMixer(16, (4, 4), ("h", "v", "w2"), search=True, d_state=4)
+    for mode in ("softmax", "gumbel", "hard"):
+        mixer.set_arch_mode(mode, top_m=2)
+        w, _ = mixer.branch_weights()
+        torch.testing.assert_close(w.sum(), torch.tensor(1.0))
+    fixed = MultiOrderMixer(16, (4, 4), ("h", "v", "w2"), d_state=4)
+    w, idx = fixed.branch_weights()
+    assert idx is None and torch.allclose(w, torch.full((3,), 1 / 3))
+
+
+_HAS_TRITON_SCAN = importlib.util.find_spec("kernels.triton_scan") is not None
+_HAS_TRITON_CONV = importlib.util.find_spec("kernels.triton_conv") is not None
+
+
+@pytest.mark.skipif(not _HAS_TRITON_SCAN, reason="kernels/triton_scan.py not there yet")
+@pytest.mark.parametrize("name", ["test_vmamba", "test_local_vim"])
+def test_triton_backend_matches_ref(name: str) -> None:
+    if name == "test_local_vim" and not _HAS_TRITON_CONV:
+        pytest.skip("kernels/triton_conv.py not there yet")
+    if not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+    torch.manual_seed(0)
+    ref = build(name, img_size=8, scan_backend="ref", num_classes=3)
+    tri = build(name, img_size=8, scan_backend="triton", num_classes=3, arch=getattr(ref, "arch", None))
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 3, 8, 8)
+    y_ref, y_tri = ref(x), tri(x)
+    torch.testing.assert_close(y_tri, y_ref, rtol=1e-4, atol=1e-4)
+    y_ref.square().sum().backward()
+    y_tri.square().sum().backward()
+    grads = dict(ref.named_parameters())
+    for n, p in tri.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-3, atol=1e-4, msg=n)
