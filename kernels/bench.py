@@ -183,31 +183,48 @@ def bench_vs_length(with_mamba: bool, tokens: int = 128 * 196, dim: int = 192, n
     return out
 
 
-# Candidate (BLOCK_T, BLOCK_D, num_warps) per BLOCK_N class for --tune; the first is the current default.
+# Candidate block sizes per BLOCK_N class for --tune; the first is the untuned default. Three numbers are the
+# (T, D, N)-tile kernels (BLOCK_T, BLOCK_D, num_warps); seven are the (T, N, D)-tile kernels of triton_scan_nd:
+# (backward BLOCK_T = saved-state interval, backward BLOCK_D, backward warps, forward BLOCK_T, forward BLOCK_D,
+# forward warps, backward state group).
 CANDIDATES = {
-    16: [(8, 32, 4), (8, 64, 4), (8, 32, 8), (8, 64, 8), (8, 32, 2)],
-    1: [(32, 64, 4), (16, 64, 4), (16, 128, 4), (32, 128, 4), (16, 32, 4)],
-}
+    16: [(8, 32, 4), (8, 32, 1, 2, 32, 1, 2), (8, 64, 2, 2, 64, 2, 2), (8, 64, 1, 2, 64, 1, 2),
+         (8, 32, 1, 4, 32, 1, 4), (8, 64, 4)],
+    1: [(32, 64, 4), (32, 32, 1, 32, 32, 1, 1), (32, 128, 4, 32, 128, 4, 1), (16, 64, 2, 16, 64, 2, 1),
+        (16, 64, 4)],
+}  # fmt: skip
 
 
-def tune(name, batch, dim, seqlen, n, k, ku, has_z, hw, order_names, max_candidates: int = 6) -> dict:
+def tune(name, batch, dim, seqlen, n, k, ku, has_z, hw, order_names, candidates=None) -> dict:
     """Time candidate block sizes (forward with saved states + backward) and pin the fastest for this shape class."""
     torch.manual_seed(0)
     x = make_scan_inputs(batch, seqlen, k, dim, n, ku=ku, dtype=torch.bfloat16, device="cuda", has_z=has_z)
     orders = real_orders(seqlen, hw, order_names).cuda()
     dy = torch.randn(batch, seqlen, k, dim, device="cuda", dtype=torch.bfloat16)
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, orders)
-    trials = []
-    for cfg in CANDIDATES[triton.next_power_of_2(n) if n < 16 else 16][:max_candidates]:
-        fwd = lambda cfg=cfg: scan_fwd(*args, None, False, config=cfg)  # noqa: E731
-        _, states = scan_fwd(*args, None, True, config=cfg)
-        bwd = lambda cfg=cfg, states=states: scan_bwd(dy, *args, states, config=cfg)  # noqa: E731
-        t_fwd = do_bench(fwd, warmup=5, rep=30, return_mode="median")
-        t_bwd = do_bench(bwd, warmup=5, rep=30, return_mode="median")
+    trials, reference = [], None
+    for cfg in candidates or CANDIDATES[triton.next_power_of_2(n) if n < 16 else 16]:
+        try:
+            fwd = lambda cfg=cfg: scan_fwd(*args, None, False, config=cfg)  # noqa: E731
+            _, states = scan_fwd(*args, None, True, config=cfg)
+            bwd = lambda cfg=cfg, states=states: scan_bwd(dy, *args, states, config=cfg)  # noqa: E731
+            outs = (fwd()[0], *[g for g in bwd() if g is not None])
+            if reference is None:
+                reference = outs
+            err = max(float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+                      for a, b in zip(outs, reference))  # fmt: skip
+            if not err < 1e-2:  # a fast but wrong candidate must never be chosen (NaN fails too)
+                raise RuntimeError(f"differs from the default configuration: relative error {err:.3g}")
+            t_fwd = do_bench(fwd, warmup=5, rep=30, return_mode="median")
+            t_bwd = do_bench(bwd, warmup=5, rep=30, return_mode="median")
+        except Exception as err:  # a candidate that does not compile or fit is skipped, not fatal
+            trials.append({"config": list(cfg), "error": repr(err)[:300]})
+            print(f"  tune {name}: {cfg} failed: {err!r:.200}", flush=True)
+            continue
         trials.append({"config": list(cfg), "fwd_ms": t_fwd, "bwd_ms": t_bwd})
         print(f"  tune {name}: {cfg} fwd {t_fwd:.3f} bwd {t_bwd:.3f} ms", flush=True)
-        del states
-    best = min(trials, key=lambda r: r["fwd_ms"] + r["bwd_ms"])
+        del states, outs
+    best = min((r for r in trials if "error" not in r), key=lambda r: r["fwd_ms"] + r["bwd_ms"])
     set_scan_config(n, seqlen, tuple(best["config"]))
     return {"name": name, "N": n, "L": seqlen, "trials": trials, "chosen": best["config"]}
 
@@ -234,6 +251,9 @@ def print_table(rows: list, with_mamba: bool) -> None:
 
 
 def main(cfg: dict) -> dict:
+    # Build/load mamba-ssm first and alone: a source build competing with Triton compiles for the CPU ran past the
+    # call's time limit once.
+    with_mamba = not cfg.get("no_mamba") and try_load_mamba(cfg.get("mamba_anchor"))
     ceil = measure_ceilings()
     print(f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, exp2 {ceil['exp2_per_s'] / 1e12:.2f} T/s", flush=True)
     tuning, tuned_keys = [], set()
@@ -242,13 +262,14 @@ def main(cfg: dict) -> dict:
             key = (triton.next_power_of_2(anchor[4]), anchor[3] > 1024)
             if key not in tuned_keys:
                 tuned_keys.add(key)
-                tuning.append(tune(*anchor, max_candidates=2 if anchor[3] > 1024 and anchor[4] > 1 else 5))
+                cands = None
+                if anchor[3] > 1024 and anchor[4] > 1 and tuning:  # expensive shape: default and short-L winner
+                    cands = list(dict.fromkeys([CANDIDATES[16][0], tuple(tuning[0]["chosen"])]))
+                tuning.append(tune(*anchor, candidates=cands))
                 torch.cuda.empty_cache()
         if cfg.get("configs_out"):
             with open(cfg["configs_out"], "w") as f:
                 json.dump([{"N": t["N"], "L": t["L"], "config": t["chosen"]} for t in tuning], f)
-    # mamba-ssm may be built from source here: after tuning, so that a build started beforehand can overlap it.
-    with_mamba = not cfg.get("no_mamba") and try_load_mamba(cfg.get("mamba_anchor"))
     rows = []
     for anchor in ANCHORS:
         t0 = time.time()

@@ -104,7 +104,7 @@ def env_info(commit: str | None) -> dict:
 
 
 def main(cfg: dict) -> dict:
-    if cfg.get("configs"):
+    if cfg.get("configs") and os.path.exists(cfg["configs"]):
         from kernels.triton_scan import set_scan_config
 
         with open(cfg["configs"]) as f:

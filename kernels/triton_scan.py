@@ -13,6 +13,10 @@ recomputes the chunk's states from the saved start state, runs the adjoint recur
 ``h_t = C_t·g_t + a_{t+1}·h_{t+1}`` as a reverse scan, and gets ``a_t·x_{t-1}`` as ``x_t - Δ_t·B_t·u_t``, so no
 state is ever rebuilt by dividing by ``exp(Δ·A)``. Reductions over channels (dB, dC) and over the batch (dA, dD,
 ddelta_bias) go through per-program partial buffers summed afterwards: deterministic, no atomics.
+
+Two tile layouts share these launchers, picked by the configuration (:func:`scan_config`): the (T, D, N) kernels
+below, and the (T, N, D) kernels of :mod:`kernels.triton_scan_nd` (channels across lanes, so sums over N stay in a
+thread), which measured faster on an H100 and are the GPU default. benchmarks/NOTES-scan.md has the numbers.
 """
 
 from __future__ import annotations
@@ -234,11 +238,11 @@ def _scan_bwd_kernel(
 
 # Block sizes per (BLOCK_N, long sequence) measured best on an H100 by ``kernels/bench.py --tune``; anything not
 # listed falls back to the heuristic in :func:`scan_config`. ``set_scan_config`` overrides an entry at run time.
-_TUNED: dict[tuple[int, bool], tuple[int, int, int]] = {}
+_TUNED: dict[tuple[int, bool], tuple[int, ...]] = {}
 _LONG = 1024
 
 
-def set_scan_config(dstate: int, seqlen: int, config: tuple[int, int, int] | None) -> None:
+def set_scan_config(dstate: int, seqlen: int, config: tuple[int, ...] | None) -> None:
     """Pin ``(BLOCK_T, BLOCK_D, num_warps)`` for GPU scans with this state size and sequence-length class."""
     key = (triton.next_power_of_2(dstate), seqlen > _LONG)
     if config is None:
@@ -247,11 +251,15 @@ def set_scan_config(dstate: int, seqlen: int, config: tuple[int, int, int] | Non
         _TUNED[key] = tuple(config)
 
 
-def scan_config(dim: int, dstate: int, seqlen: int, device: torch.device) -> tuple[int, int, int]:
-    """Block sizes ``(BLOCK_T, BLOCK_D, num_warps)`` for ``dim`` channels, ``dstate`` states, ``seqlen`` steps.
+def scan_config(dim: int, dstate: int, seqlen: int, device: torch.device) -> tuple[int, ...]:
+    """Kernel configuration for ``dim`` channels, ``dstate`` states, ``seqlen`` steps.
 
-    The register tile is (BLOCK_T, BLOCK_D, BLOCK_N). The forward and the backward must agree on BLOCK_T (the
-    saved states are per chunk). Under the CPU interpreter, whose scan runs element by element, it is kept tiny.
+    Three numbers ``(BLOCK_T, BLOCK_D, num_warps)`` select the (T, D, N)-tile kernels of this module; seven numbers
+    ``(BLOCK_T, BLOCK_D, num_warps, fwd BLOCK_T, fwd BLOCK_D, fwd num_warps, GROUP_N)`` select the (T, N, D)-tile
+    kernels of :mod:`kernels.triton_scan_nd`. The first number is always the saved-state interval.
+
+    The forward's chunk must divide the saved-state interval. Under the CPU interpreter, whose scan runs element by
+    element, the tiles are kept tiny.
     """
     bn = triton.next_power_of_2(dstate)
     dim_cap = max(16, triton.next_power_of_2(dim))
@@ -259,13 +267,15 @@ def scan_config(dim: int, dstate: int, seqlen: int, device: torch.device) -> tup
         return 8, min(triton.next_power_of_2(dim), 8), 1
     tuned = _TUNED.get((bn, seqlen > _LONG))
     if tuned is not None:
+        if len(tuned) != 3:
+            return tuned
         bt, bd, warps = tuned
         return bt, min(bd, dim_cap), warps
-    if bn >= 16:
-        # 4k-element tiles; on an H100 (8, 32) beat (8, 16), (16, 16), (4, 32) and (16, 32) in fwd and bwd.
-        return max(4, 8 * 16 // bn), min(32, dim_cap), 4
-    # Small state (VMamba's N = 1): longer chunks, wider channel blocks; the backward spills past 2k elements.
-    return max(8, min(32, 2048 // (64 * bn))), min(64, dim_cap), 4
+    # Defaults from ``kernels/bench.py --tune`` on an H100 (benchmarks/NOTES-scan.md): the (T, N, D)-tile kernels with
+    # one warp and one channel per lane won for N = 16 and N = 1; the (T, D, N) kernels took 1.2-1.9x as long.
+    if bn == 1:
+        return 32, 32, 1, 32, 32, 1, 1
+    return 8, 32, 1, min(8, max(2, 64 // bn)), 32, 1, min(bn, 4)
 
 
 def _strides(t: torch.Tensor, ndim_k: int) -> tuple[int, int, int]:
@@ -292,7 +302,7 @@ def scan_fwd(
     orders: torch.Tensor | None,
     out_dtype: torch.dtype | None,
     save_states: bool,
-    config: tuple[int, int, int] | None = None,
+    config: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
@@ -305,29 +315,47 @@ def scan_fwd(
     bsz, seqlen, k, dim = delta.shape
     n = A.shape[2]
     A = A.contiguous()
-    bt, bd, warps = config or scan_config(dim, n, seqlen, u.device)
-    n_chunks = triton.cdiv(seqlen, bt)
+    config = tuple(config or scan_config(dim, n, seqlen, u.device))
+    save_t = config[0]
+    n_save = triton.cdiv(seqlen, save_t)
     y = torch.empty(bsz, seqlen, k, dim, device=u.device, dtype=out_dtype or u.dtype)
     if save_states:
-        states = torch.empty(bsz * k, n_chunks, dim, n, device=u.device, dtype=torch.float32)
+        states = torch.empty(bsz * k, n_save, dim, n, device=u.device, dtype=torch.float32)
     else:
         states = torch.empty(0, device=u.device, dtype=torch.float32)
     orders_i = orders.to(device=u.device, dtype=torch.int32).contiguous() if orders is not None else None
     dummy = A
     zs = _strides(z, k) if z is not None else (0, 0, 0)
-    grid = (triton.cdiv(dim, bd), bsz * k)
-    _scan_fwd_kernel[grid](
+    common = dict(
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+        HAS_ORDERS=orders_i is not None, SAVE_STATES=save_states,
+    )  # fmt: skip
+    args = (
         u, delta, A, B, C,
         D.contiguous() if D is not None else dummy, z if z is not None else dummy,
         delta_bias.contiguous() if delta_bias is not None else dummy,
         orders_i if orders_i is not None else dummy, y, states,
-        seqlen, k, dim, n, n_chunks,
+    )  # fmt: skip
+    strides = (
         *_strides(u, k), *_strides(delta, k), *_strides(B, k), B.stride(3), *_strides(C, k), C.stride(3),
         *zs, *_strides(y, k),
-        BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-        HAS_ORDERS=orders_i is not None, SAVE_STATES=save_states, num_warps=warps,
     )  # fmt: skip
+    if len(config) == 3:
+        bt, bd, warps = config
+        _scan_fwd_kernel[(triton.cdiv(dim, bd), bsz * k)](
+            *args, seqlen, k, dim, n, n_save, *strides,
+            BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n), num_warps=warps, **common,
+        )  # fmt: skip
+    else:
+        from .triton_scan_nd import _scan_fwd_nd_kernel
+
+        _, _, _, bt, bd, warps, _ = config
+        if save_t % bt:
+            raise ValueError(f"config: the forward chunk {bt} must divide the saved-state interval {save_t}")
+        _scan_fwd_nd_kernel[(triton.cdiv(dim, bd), bsz * k)](
+            *args, seqlen, k, dim, n, triton.cdiv(seqlen, bt), n_save, *strides,
+            BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n), SAVE_T=save_t, num_warps=warps, **common,
+        )  # fmt: skip
     return y, states
 
 
@@ -344,7 +372,7 @@ def scan_bwd(
     delta_softplus: bool,
     orders: torch.Tensor | None,
     states: torch.Tensor,
-    config: tuple[int, int, int] | None = None,
+    config: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Launch the backward kernel and reduce its partials.
 
@@ -359,7 +387,8 @@ def scan_bwd(
     bsz, seqlen, k, dim = delta.shape
     n = A.shape[2]
     A = A.contiguous()
-    bt, bd, warps = config or scan_config(dim, n, seqlen, u.device)
+    config = tuple(config or scan_config(dim, n, seqlen, u.device))
+    bt, bd, warps = config[:3]
     n_chunks = triton.cdiv(seqlen, bt)
     n_dblocks = triton.cdiv(dim, bd)
     dev = u.device
@@ -367,34 +396,47 @@ def scan_bwd(
     # Per-order gradients are written in fp32 when they must be summed over K afterwards (shared u or z).
     du = torch.empty(bsz, seqlen, k, dim, device=dev, dtype=u.dtype if u.shape[2] == k else f32)
     ddelta = torch.empty(bsz, seqlen, k, dim, device=dev, dtype=delta.dtype)
-    dz = (
-        torch.empty(bsz, seqlen, k, dim, device=dev, dtype=z.dtype if z.shape[2] == k else f32)
-        if z is not None
-        else None
-    )
+    dz = None
+    if z is not None:
+        dz = torch.empty(bsz, seqlen, k, dim, device=dev, dtype=z.dtype if z.shape[2] == k else f32)
     dB_part = torch.empty(n_dblocks, bsz, seqlen, k, n, device=dev, dtype=f32)
     dC_part = torch.empty(n_dblocks, bsz, seqlen, k, n, device=dev, dtype=f32)
-    dA_part = torch.empty(bsz, k, dim, n, device=dev, dtype=f32)
+    # The second kernel layout accumulates dA in place across chunks, so it starts from zeros.
+    dA_part = (torch.empty if len(config) == 3 else torch.zeros)(bsz, k, dim, n, device=dev, dtype=f32)
     dD_part = torch.empty(bsz, k, dim, device=dev, dtype=f32) if D is not None else None
     dbias_part = torch.empty(bsz, k, dim, device=dev, dtype=f32) if delta_bias is not None else None
     orders_i = orders.to(device=dev, dtype=torch.int32).contiguous() if orders is not None else None
     dummy = A
     zs = _strides(z, k) if z is not None else (0, 0, 0)
-    grid = (n_dblocks, bsz * k)
-    _scan_bwd_kernel[grid](
+    inputs = (
         u, delta, A, B, C,
         D.contiguous() if D is not None else dummy, z if z is not None else dummy,
         delta_bias.contiguous() if delta_bias is not None else dummy,
         orders_i if orders_i is not None else dummy, dy, states,
+    )  # fmt: skip
+    outputs = (
         du, ddelta, dz if dz is not None else dummy, dB_part, dC_part, dA_part,
         dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
-        seqlen, k, dim, n, n_chunks, bsz,
+    )  # fmt: skip
+    strides = (
         *_strides(u, k), *_strides(delta, k), *_strides(B, k), B.stride(3), *_strides(C, k), C.stride(3),
         *zs, *_strides(dy, k),
-        BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-        HAS_ORDERS=orders_i is not None, num_warps=warps,
     )  # fmt: skip
+    common = dict(
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+        HAS_ORDERS=orders_i is not None, BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n), num_warps=warps,
+    )  # fmt: skip
+    grid = (n_dblocks, bsz * k)
+    if len(config) == 3:
+        _scan_bwd_kernel[grid](*inputs, *outputs, seqlen, k, dim, n, n_chunks, bsz, *strides, **common)
+    else:
+        from .triton_scan_nd import _scan_bwd_nd_kernel
+
+        hbuf = torch.zeros(bsz * k, dim, n, device=dev, dtype=f32)
+        group = min(config[6], triton.next_power_of_2(n))
+        _scan_bwd_nd_kernel[grid](
+            *inputs, hbuf, *outputs, seqlen, k, dim, n, n_chunks, bsz, *strides, GROUP_N=group, **common
+        )
     if u.shape[2] != k:
         du = du.sum(2, keepdim=True).to(u.dtype)
     if z is not None and z.shape[2] != k:

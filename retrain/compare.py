@@ -411,16 +411,13 @@ def _plot(table: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     errs = [0.0 if math.isnan(r["top1_std"]) else r["top1_std"] for r in table]
     colors = ["tab:red" if r["role"] == "searched" else "tab:gray" for r in table]
     fig, ax = plt.subplots(figsize=(1.3 + 1.1 * len(table), 3.8), dpi=110)
-    bars = ax.bar(range(len(table)), means, yerr=errs, capsize=4, color=colors)
-    for bar, r in zip(bars, table):
-        ax.text(
-            bar.get_x() + bar.get_width() / 2, bar.get_height(), f"n={r['seeds']}", ha="center", va="bottom", fontsize=7
-        )
+    ax.bar(range(len(table)), means, yerr=errs, capsize=4, color=colors)
     finite = [m for m, r in zip(means, table) if r["seeds"]]
     if finite:
         lo = max(0.0, min(finite) - 3 * (max(errs) + 1))
         ax.set_ylim(lo, min(100.0, max(finite) + 3 * (max(errs) + 1)))
-    ax.set_xticks(range(len(table)), names, rotation=25, ha="right", fontsize=8)
+    labels = [f"{n}\n(n={r['seeds']})" for n, r in zip(names, table)]
+    ax.set_xticks(range(len(table)), labels, rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("top-1 (%)")
     ax.set_title(title + " (mean ± std over seeds; red: searched)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)

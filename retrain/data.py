@@ -300,7 +300,7 @@ def _load_cifar(name: str, data_dir: Path, split: str, download: bool) -> tuple[
     return np.asarray(ds.data), np.asarray(ds.targets)
 
 
-def _build_imagefolder(data_dir: Path, split: str, img_size: int, in_chans: int | None, **kw: Any):
+def _build_imagefolder(data_dir: Path, split: str, img_size: int, in_chans: int | None, augment: bool, **kw: Any):
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
 
@@ -312,7 +312,7 @@ def _build_imagefolder(data_dir: Path, split: str, img_size: int, in_chans: int 
         raise ValueError(f"imagefolder: in_chans={chans} is not supported; RGB images give 3 channels")
     transform = create_transform(
         input_size=(3, img_size, img_size),
-        is_training=split == "train",
+        is_training=augment,
         auto_augment=kw.get("auto_augment"),
         interpolation="bicubic",
         re_prob=kw.get("reprob", 0.0),
@@ -341,7 +341,8 @@ def build_dataset(
         img_size: output height and width.
         in_chans: output channels; ``None`` keeps the data's own (1 for MNIST-like, 3 otherwise).
         seed: generation seed of ``synthetic`` (val uses ``seed + 1``, so the splits differ).
-        **kw: ``num_samples`` (synthetic, default 4096 train / 1024 val), ``num_classes`` (synthetic),
+        **kw: ``augment`` (default: ``split == "train"``; the search evaluates its arch set without augmentation),
+            ``num_samples`` (synthetic, default 4096 train / 1024 val), ``num_classes`` (synthetic),
             ``download`` (torchvision datasets), ``auto_augment`` / ``reprob`` (imagefolder).
 
     Returns:
@@ -361,6 +362,8 @@ def build_dataset(
         raise ValueError(f"unknown dataset '{name}'; {hint}choose one of {', '.join(DATASETS)}")
     if not isinstance(img_size, int) or img_size < 4:
         raise ValueError(f"img_size must be an integer >= 4, got {img_size!r}")
+    augment = kw.pop("augment", None)
+    augment = split == "train" if augment is None else bool(augment)
     if name == "synthetic":
         n = kw.get("num_samples") or (4096 if split == "train" else 1024)
         ds = SyntheticScanDataset(
@@ -378,7 +381,7 @@ def build_dataset(
     if not data_dir.exists() and not download:
         raise _missing(name, data_dir, "the data folder")
     if name == "imagefolder":
-        return _build_imagefolder(data_dir, split, img_size, in_chans, **kw)
+        return _build_imagefolder(data_dir, split, img_size, in_chans, augment, **kw)
     if name in ("mnist", "fashion_mnist"):
         images, labels = _load_mnist_like(name, data_dir, split, download)
         hflip, num_classes = name == "fashion_mnist", 10
@@ -388,7 +391,7 @@ def build_dataset(
     native = 1 if images.ndim == 3 else images.shape[-1]
     mean, std = _STATS[name]
     chans = in_chans or native
-    ds = ArrayDataset(images, labels, img_size, chans, mean, std, split == "train", hflip, num_classes)
+    ds = ArrayDataset(images, labels, img_size, chans, mean, std, augment, hflip, num_classes)
     return ds, DatasetInfo(num_classes, chans, img_size)
 
 

@@ -13,6 +13,7 @@ import datetime
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -28,12 +29,14 @@ import torch.nn.functional as F
 __all__ = [
     "DistInfo",
     "RunLogger",
+    "StopFlag",
     "all_reduce_mean",
     "autocast",
     "amp_dtype_for",
     "count_params_flops",
     "evaluate",
     "format_metrics",
+    "gather_rng_states",
     "init_distributed",
     "measure_train_throughput",
     "print_rank0",
@@ -310,6 +313,46 @@ def set_rng_state(state: dict[str, Any]) -> None:
     )
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's :func:`rng_state` (index = rank), so that a resumed DDP run continues each rank's streams.
+
+    A collective under DDP: call it on every rank.
+    """
+    state = rng_state()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set ``signum``; a training loop checkpoints at the next step boundary and returns.
+
+    Use as a context manager; the previous handlers come back on exit. Outside the main thread (where signals cannot
+    be handled, e.g. some Ray workers) it is inert.
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        except ValueError:
+            self._old = {}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------------------------------------------------

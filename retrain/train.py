@@ -20,7 +20,6 @@ SIGINT/SIGTERM save ``last.pt`` at the next step boundary and exit cleanly; ``--
 from __future__ import annotations
 
 import difflib
-import signal
 import sys
 import time
 from pathlib import Path
@@ -42,14 +41,15 @@ from retrain.config import resolve_config, run_cli, save_config
 from retrain.data import DatasetInfo, build_dataset, build_loader
 from retrain.engine import (
     RunLogger,
+    StopFlag,
     amp_dtype_for,
     autocast,
     count_params_flops,
     evaluate,
     format_metrics,
+    gather_rng_states,
     init_distributed,
     print_rank0,
-    rng_state,
     seed_everything,
     set_rng_state,
     unwrap_model,
@@ -117,13 +117,11 @@ def _is_zoo_model(name: str) -> bool:
     """Whether ``name`` is one of our timm entry points (they take ``img_size``, ``shuffle_max``...)."""
     import supernet  # noqa: F401  (registers our models with timm)
 
-    try:
-        entry = timm.models.model_entrypoint(name)
-    except RuntimeError:
+    if not timm.is_model(name):
         near = difflib.get_close_matches(name, timm.list_models(), n=1)
         hint = f"did you mean '{near[0]}'? " if near else ""
-        raise ValueError(f"unknown model '{name}'; {hint}see timm.list_models() or pass --arch arch.yaml") from None
-    return entry.__module__.split(".")[0] == "supernet"
+        raise ValueError(f"unknown model '{name}'; {hint}see timm.list_models() or pass --arch arch.yaml")
+    return timm.models.model_entrypoint(name).__module__.split(".")[0] == "supernet"
 
 
 def model_from_spec(spec: dict[str, Any]) -> nn.Module:
@@ -159,7 +157,7 @@ def build_model(cfg: dict[str, Any], info: DatasetInfo) -> tuple[nn.Module, dict
         arch_dict = arch.to_dict()
         name = arch.model or cfg["model"]
         if not name:
-            raise ValueError(f"arch file {cfg['arch']} names no model; add 'model: <derived entry point>' or pass --model")
+            raise ValueError(f"arch file {cfg['arch']} names no model; add 'model: <derived entry>' or pass --model")
         arch_dict["model"] = name
         zoo = True
     else:
@@ -205,7 +203,7 @@ def _check_values(cfg: dict[str, Any]) -> None:
         ("batch_size", cfg["batch_size"] >= 1, ">= 1"),
         ("lr", cfg["lr"] > 0, "> 0"),
         ("weight_decay", cfg["weight_decay"] >= 0, ">= 0"),
-        ("warmup_epochs", 0 <= cfg["warmup_epochs"] < max(cfg["epochs"], 1) or cfg["warmup_epochs"] == 0, "< epochs"),
+        ("warmup_epochs", cfg["warmup_epochs"] >= 0, ">= 0"),
         ("shuffle_max", 0.0 <= cfg["shuffle_max"] <= 1.0, "in [0, 1]"),
         ("drop_path", 0.0 <= cfg["drop_path"] < 1.0, "in [0, 1)"),
         ("smoothing", 0.0 <= cfg["smoothing"] < 1.0, "in [0, 1)"),
@@ -228,39 +226,6 @@ def _check_values(cfg: dict[str, Any]) -> None:
 def _experiment_name(cfg: dict[str, Any]) -> str:
     base = Path(cfg["arch"]).stem if cfg["arch"] else cfg["model"]
     return f"{base}-{cfg['dataset']}-s{cfg['seed']}"
-
-
-def _gather_rng() -> list[dict[str, Any]]:
-    """Every rank's RNG state (index = rank), so a resumed DDP run continues each rank's streams."""
-    state = rng_state()
-    if not dist.is_initialized():
-        return [state]
-    states: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and returns."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread (e.g. some Ray workers): no signal handling
-            self._old = {}
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
 
 
 def _eval_only(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -423,14 +388,14 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
             "next_epoch": next_epoch,
             "next_batch": next_batch,
             "step": step,
-            "rng": _gather_rng(),
+            "rng": gather_rng_states(),
             "metrics": metrics,
             "config": dict(cfg),
         }
 
     final: dict[str, Any] = dict(state["metrics"]) if resume_path is not None else {}
     img_s, bad_steps, interrupted, epochs_run = 0.0, 0, False, 0
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         for epoch in range(start_epoch, cfg["epochs"]):
             loader.sampler.set_epoch(epoch, start=start_batch * cfg["batch_size"])
             net.train()

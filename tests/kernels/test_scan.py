@@ -91,3 +91,24 @@ def test_triton_matches_ref_cuda(dtype):
         y, grads, dy = scan_with_grads(selective_scan, inputs, orders=orders, backend="triton")
     y_ref, grads_ref, _ = scan_with_grads(selective_scan, inputs, dy=dy, orders=orders, backend="ref")
     _check(y, grads, y_ref, grads_ref, dtype)
+
+
+@pytest.mark.parametrize(
+    "seqlen, hw, k, n, ku, extras, config",
+    [
+        pytest.param(37, (4, 9), 4, 16, 1, True, (8, 8, 1, 4, 8, 1, 4), id="nd-L37-K4-N16-Ku1"),
+        pytest.param(63, (7, 9), 2, 1, 2, False, (16, 8, 1, 8, 8, 1, 1), id="nd-L63-K2-N1-Ku2"),
+    ],
+)
+def test_nd_layout_kernels_match_ref(monkeypatch, seqlen, hw, k, n, ku, extras, config):
+    """The (T, N, D)-tile kernels (7-number configs), with a forward chunk shorter than the saved-state interval."""
+    import kernels.triton_scan as ts
+
+    monkeypatch.setattr(ts, "scan_config", lambda *args: config)
+    gen = torch.Generator().manual_seed(seqlen * k)
+    inputs = make_scan_inputs(1, seqlen, k, 12, n, ku=ku, has_D=extras, has_z=extras, has_bias=extras, generator=gen)
+    orders = make_orders(seqlen, hw, k, ("zh", "w2_flip", "v", "h"))
+    with poisoned_empty():
+        y, grads, dy = scan_with_grads(ts.selective_scan_triton, inputs, orders=orders)
+    y_ref, grads_ref, _ = scan_with_grads(selective_scan_ref, inputs, dy=dy, orders=orders)
+    _check(y, grads, y_ref, grads_ref, torch.float32)

@@ -1,0 +1,246 @@
+"""Second layout of the fused scan kernels: register tiles ordered (T, N, D) with the channels across lanes.
+
+:mod:`kernels.triton_scan` tiles a chunk as (T, D, N); Triton's default layout then spreads the 16 states of N
+across lanes, so every sum over N (the output ``y``, and ``Σ_n h·B``, ``Σ_n w·A`` in the backward) costs shuffles.
+Here the tile is (T, N, D): lanes and warps hold channels, and each thread holds a column of steps and states, so
+the scan along T and every sum over N stay inside a thread. The backward walks the states in groups of ``G``
+(a runtime loop) to bound registers, carrying the adjoint state and dA through small per-program buffers. The only
+cross-lane work left is the channel sum of dB and dC.
+
+Same arguments, buffers and semantics as the kernels in :mod:`kernels.triton_scan`; chunk-start states are saved
+every ``SAVE_T`` steps (the backward's chunk), which the forward's own chunk ``BLOCK_T`` divides.
+"""
+
+import triton
+import triton.language as tl
+
+from .triton_scan import _affine_combine, _softplus
+
+
+@triton.jit
+def _load_chunk(
+    orders_ptr, u_base, d_base, b_base, c_base, z_base, k, L, c, s_ul, s_dl, s_bl, s_bn, s_cl, s_cn, s_zl,
+    offs_t, offs_n, offs_d, mask_d, mask_n,
+    BLOCK_T: tl.constexpr, HAS_Z: tl.constexpr, HAS_ORDERS: tl.constexpr,
+):  # fmt: skip
+    t = c * BLOCK_T + offs_t
+    mask_t = t < L
+    if HAS_ORDERS:
+        idx = tl.load(orders_ptr + k * L + t, mask=mask_t, other=0).to(tl.int64)
+    else:
+        idx = t.to(tl.int64)
+    m_td = mask_t[:, None] & mask_d[None, :]
+    m_tn = mask_t[:, None] & mask_n[None, :]
+    u = tl.load(u_base + idx[:, None] * s_ul + offs_d[None, :], mask=m_td, other=0.0)
+    dt = tl.load(d_base + idx[:, None] * s_dl + offs_d[None, :], mask=m_td, other=0.0)
+    Bt = tl.load(b_base + idx[:, None] * s_bl + offs_n[None, :] * s_bn, mask=m_tn, other=0.0)
+    Ct = tl.load(c_base + idx[:, None] * s_cl + offs_n[None, :] * s_cn, mask=m_tn, other=0.0)
+    if HAS_Z:
+        zt = tl.load(z_base + idx[:, None] * s_zl + offs_d[None, :], mask=m_td, other=0.0)
+    else:
+        zt = u
+    return idx, u, dt, Bt, Ct, zt
+
+
+@triton.jit
+def _scan_fwd_nd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, orders_ptr, y_ptr, states_ptr,
+    L, K, DIM, N, n_chunks, n_save,
+    s_ub, s_ul, s_uk, s_db, s_dl, s_dk, s_bb, s_bl, s_bk, s_bn, s_cb, s_cl, s_ck, s_cn,
+    s_zb, s_zl, s_zk, s_yb, s_yl, s_yk,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SAVE_T: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_ORDERS: tl.constexpr, SAVE_STATES: tl.constexpr,
+):  # fmt: skip
+    pid_d = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = (pid_bk // K).to(tl.int64)
+    k = pid_bk % K
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_d = offs_d < DIM
+    mask_n = offs_n < N
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    nd_off = offs_d[None, :] * N + offs_n[:, None]  # (N, D) tile of a (D, N) row-major block
+    A2 = tl.load(A_ptr + k * DIM * N + nd_off, mask=mask_nd, other=0.0) * 1.4426950408889634
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
+    if HAS_D:
+        dskip = tl.load(D_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
+    u_base = u_ptr + b * s_ub + k * s_uk
+    d_base = delta_ptr + b * s_db + k * s_dk
+    b_base = B_ptr + b * s_bb + k * s_bk
+    c_base = C_ptr + b * s_cb + k * s_ck
+    z_base = z_ptr + b * s_zb + k * s_zk
+    y_base = y_ptr + b * s_yb + k * s_yk
+    st_base = states_ptr + pid_bk.to(tl.int64) * n_save * DIM * N
+    x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # Software prefetch: the next chunk's gathered rows are in flight while this chunk computes.
+    idx, u, dt, Bt, Ct, zt = _load_chunk(
+        orders_ptr, u_base, d_base, b_base, c_base, z_base, k, L, 0, s_ul, s_dl, s_bl, s_bn, s_cl, s_cn, s_zl,
+        offs_t, offs_n, offs_d, mask_d, mask_n, BLOCK_T, HAS_Z, HAS_ORDERS,
+    )  # fmt: skip
+    for c in range(0, n_chunks):
+        idx_n, u_n, dt_n, B_n, C_n, z_n = _load_chunk(
+            orders_ptr, u_base, d_base, b_base, c_base, z_base, k, L, c + 1, s_ul, s_dl, s_bl, s_bn, s_cl, s_cn,
+            s_zl, offs_t, offs_n, offs_d, mask_d, mask_n, BLOCK_T, HAS_Z, HAS_ORDERS,
+        )  # fmt: skip
+        t = c * BLOCK_T + offs_t
+        mask_t = t < L
+        m_td = mask_t[:, None] & mask_d[None, :]
+        if SAVE_STATES:
+            save = ((c * BLOCK_T) % SAVE_T) == 0
+            cs = (c * BLOCK_T) // SAVE_T
+            tl.store(st_base + cs * DIM * N + nd_off, x, mask=mask_nd & save)
+        uf = u.to(tl.float32)
+        d32 = dt.to(tl.float32)
+        if HAS_BIAS:
+            d32 = d32 + bias[None, :]
+        if SOFTPLUS:
+            d32 = _softplus(d32)
+        d32 = tl.where(m_td, d32, 0.0)
+        a = tl.exp2(d32[:, None, :] * A2[None, :, :])
+        bx = (d32 * uf)[:, None, :] * Bt.to(tl.float32)[:, :, None]
+        P, S = tl.associative_scan((a, bx), axis=0, combine_fn=_affine_combine)
+        xs = P * x[None, :, :] + S
+        y = tl.sum(xs * Ct.to(tl.float32)[:, :, None], axis=1)
+        x = tl.sum(tl.where(offs_t[:, None, None] == BLOCK_T - 1, xs, 0.0), axis=0)
+        if HAS_D:
+            y += uf * dskip[None, :]
+        if HAS_Z:
+            z32 = zt.to(tl.float32)
+            y = y * z32 * tl.sigmoid(z32)
+        tl.store(y_base + idx[:, None] * s_yl + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=m_td)
+        idx, u, dt, Bt, Ct, zt = idx_n, u_n, dt_n, B_n, C_n, z_n
+
+
+@triton.jit
+def _scan_bwd_nd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, orders_ptr, dy_ptr, states_ptr, hbuf_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
+    L, K, DIM, N, n_chunks, BATCH,
+    s_ub, s_ul, s_uk, s_db, s_dl, s_dk, s_bb, s_bl, s_bk, s_bn, s_cb, s_cl, s_ck, s_cn,
+    s_zb, s_zl, s_zk, s_gb, s_gl, s_gk,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_ORDERS: tl.constexpr,
+):  # fmt: skip
+    pid_d = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = (pid_bk // K).to(tl.int64)
+    k = pid_bk % K
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_g = tl.arange(0, GROUP_N)
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_d = offs_d < DIM
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
+    if HAS_D:
+        dskip = tl.load(D_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
+    u_base = u_ptr + b * s_ub + k * s_uk
+    d_base = delta_ptr + b * s_db + k * s_dk
+    b_base = B_ptr + b * s_bb + k * s_bk
+    c_base = C_ptr + b * s_cb + k * s_ck
+    z_base = z_ptr + b * s_zb + k * s_zk
+    g_base = dy_ptr + b * s_gb + k * s_gk
+    st_base = states_ptr + pid_bk.to(tl.int64) * n_chunks * DIM * N
+    # Per-program (N, D) buffers, zero-initialised by the launcher: the adjoint carry and the dA partial sum.
+    h_base = hbuf_ptr + pid_bk.to(tl.int64) * DIM * N
+    dA_base = dA_ptr + pid_bk.to(tl.int64) * DIM * N
+    out_base = (b * L * K + k) * DIM
+    part_base = ((pid_d.to(tl.int64) * BATCH + b) * L * K + k) * N
+    dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for ci in range(0, n_chunks):
+        c = n_chunks - 1 - ci
+        t = c * BLOCK_T + offs_t
+        mask_t = t < L
+        mask_t1 = (t + 1) < L
+        if HAS_ORDERS:
+            idx = tl.load(orders_ptr + k * L + t, mask=mask_t, other=0).to(tl.int64)
+            idx1 = tl.load(orders_ptr + k * L + t + 1, mask=mask_t1, other=0).to(tl.int64)
+        else:
+            idx = t.to(tl.int64)
+            idx1 = (t + 1).to(tl.int64)
+        m_td = mask_t[:, None] & mask_d[None, :]
+        m_t1d = mask_t1[:, None] & mask_d[None, :]
+        u = tl.load(u_base + idx[:, None] * s_ul + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+        dt_pre = tl.load(d_base + idx[:, None] * s_dl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+        dt1 = tl.load(d_base + idx1[:, None] * s_dl + offs_d[None, :], mask=m_t1d, other=0.0).to(tl.float32)
+        dy = tl.load(g_base + idx[:, None] * s_gl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt_pre = dt_pre + bias[None, :]
+            dt1 = dt1 + bias[None, :]
+        if SOFTPLUS:
+            dt = _softplus(dt_pre)
+            dt1 = _softplus(dt1)
+        else:
+            dt = dt_pre
+        dt = tl.where(m_td, dt, 0.0)
+        dt1 = tl.where(m_t1d, dt1, 0.0)
+        dtu = dt * u
+        if HAS_Z:
+            zt = tl.load(z_base + idx[:, None] * s_zl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+            sz = tl.sigmoid(zt)
+            g = dy * zt * sz
+        else:
+            g = dy
+        y_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        wA_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        hB_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        for n0 in range(0, BLOCK_N, GROUP_N):
+            offs_n = n0 + offs_g
+            mask_n = offs_n < N
+            mask_nd = mask_n[:, None] & mask_d[None, :]
+            m_tn = mask_t[:, None] & mask_n[None, :]
+            nd_off = offs_d[None, :] * N + offs_n[:, None]
+            A = tl.load(A_ptr + k * DIM * N + nd_off, mask=mask_nd, other=0.0)
+            A2 = A * 1.4426950408889634
+            Bt = tl.load(b_base + idx[:, None] * s_bl + offs_n[None, :] * s_bn, mask=m_tn, other=0.0).to(tl.float32)
+            Ct = tl.load(c_base + idx[:, None] * s_cl + offs_n[None, :] * s_cn, mask=m_tn, other=0.0).to(tl.float32)
+            x_in = tl.load(st_base + c * DIM * N + nd_off, mask=mask_nd, other=0.0)
+            h_carry = tl.load(h_base + nd_off, mask=mask_nd, other=0.0)
+            a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+            bx = dtu[:, None, :] * Bt[:, :, None]
+            P, S = tl.associative_scan((a, bx), axis=0, combine_fn=_affine_combine)
+            xs = P * x_in[None, :, :] + S
+            if HAS_Z:
+                y_acc += tl.sum(xs * Ct[:, :, None], axis=1)
+            # Adjoint: h_t = C_t·g_t + a_{t+1}·h_{t+1}, a reverse scan with the next step's decay.
+            a1 = tl.exp2(dt1[:, None, :] * A2[None, :, :])
+            cg = Ct[:, :, None] * g[:, None, :]
+            Pr, H = tl.associative_scan((a1, cg), axis=0, combine_fn=_affine_combine, reverse=True)
+            h = H + Pr * h_carry[None, :, :]
+            tl.store(h_base + nd_off, tl.sum(tl.where(offs_t[:, None, None] == 0, h, 0.0), axis=0), mask=mask_nd)
+            w = h * (xs - bx)  # h_t · a_t · x_{t-1}
+            wA_acc += tl.sum(w * A[None, :, :], axis=1)
+            hB_acc += tl.sum(h * Bt[:, :, None], axis=1)
+            dA_old = tl.load(dA_base + nd_off, mask=mask_nd, other=0.0)
+            tl.store(dA_base + nd_off, dA_old + tl.sum(w * dt[:, None, :], axis=0), mask=mask_nd)
+            dB = tl.sum(h * dtu[:, None, :], axis=2)
+            dC = tl.sum(xs * g[:, None, :], axis=2)
+            tl.store(dB_ptr + part_base + idx[:, None] * (K * N) + offs_n[None, :], dB, mask=m_tn)
+            tl.store(dC_ptr + part_base + idx[:, None] * (K * N) + offs_n[None, :], dC, mask=m_tn)
+        ddt = wA_acc + u * hB_acc
+        du = dt * hB_acc
+        if HAS_D:
+            du += dskip[None, :] * g
+            dD_acc += tl.sum(g * u, axis=0)
+        if HAS_Z:
+            y = y_acc
+            if HAS_D:
+                y += u * dskip[None, :]
+            dz = dy * y * sz * (1.0 + zt * (1.0 - sz))
+            tl.store(dz_ptr + out_base + idx[:, None] * (K * DIM) + offs_d[None, :], dz, mask=m_td)
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(dt_pre)
+        ddt = tl.where(m_td, ddt, 0.0)
+        dbias_acc += tl.sum(ddt, axis=0)
+        tl.store(du_ptr + out_base + idx[:, None] * (K * DIM) + offs_d[None, :], du, mask=m_td)
+        tl.store(ddelta_ptr + out_base + idx[:, None] * (K * DIM) + offs_d[None, :], ddt, mask=m_td)
+    vec_off = (b * K + k) * DIM + offs_d
+    if HAS_D:
+        tl.store(dD_ptr + vec_off, dD_acc, mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + vec_off, dbias_acc, mask=mask_d)

@@ -1,0 +1,602 @@
+"""Search the scan orders of every layer: a training run of a supernet with an extra architecture step.
+
+    python -m nas.search -c configs/search/demo.yaml
+    python -m nas.search --model local_vim_mini_search --dataset fashion_mnist --data-dir fashion_mnist.npz \\
+        --img-size 28 --algo gdas --epochs 30
+    torchrun --nproc-per-node 2 -m nas.search -c CONFIG      # DDP; arch logits are parameters, their grads averaged
+
+The training set is split, seeded and disjoint, into a *weight set* and an *arch set* (``arch_frac`` of it). Three
+algorithms, visible in :func:`main`'s loop:
+
+* ``darts`` — first-order bilevel DARTS: an arch step (Adam on ``arch_parameters()`` only) on an arch batch, then a
+  weight step (timm's optimizer on ``weight_parameters()`` only) on a weight batch; orders mixed by softmax.
+* ``joint`` — LocalMamba's single level: both optimizers step on the gradient of the same weight batch.
+* ``gdas`` — the darts loop with Gumbel top-``gdas_top_m`` straight-through sampling (only the sampled orders are
+  computed) and a temperature annealed linearly from ``tau_max`` to ``tau_min`` (:func:`gdas_tau`).
+
+Arch parameters have their own optimizer (DARTS defaults: Adam lr 3e-4, betas (0.5, 0.999), wd 1e-3), never get the
+weights' decay, are never averaged into an EMA, and stay frozen for ``arch_warmup_epochs``. Writes under
+``<output>/<experiment>/``: ``args.yaml``, ``summary.csv``, ``tb/`` (losses, accuracies, lr, every layer's
+probabilities and entropy, a layers × candidates heatmap per epoch), ``arch_probs.jsonl`` (one line per epoch), and
+``last.pt`` / ``best.pt`` (by arch-set top-1) holding everything needed to resume. Derive the arch with
+``python -m nas.vis_search_prob RUN_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import Subset
+
+from retrain.checkpoint import CheckpointKeeper, load_checkpoint, resolve_resume, save_checkpoint
+from retrain.config import resolve_config, run_cli, save_config
+from retrain.data import build_dataset, build_loader, split_train
+from retrain.engine import (
+    RunLogger,
+    StopFlag,
+    amp_dtype_for,
+    autocast,
+    count_params_flops,
+    evaluate,
+    format_metrics,
+    gather_rng_states,
+    init_distributed,
+    print_rank0,
+    seed_everything,
+    set_rng_state,
+)
+
+__all__ = ["ALGOS", "DEFAULTS", "arch_param_groups", "build_supernet", "gdas_tau", "main", "weight_param_groups"]
+
+ALGOS = ("darts", "joint", "gdas")
+
+DEFAULTS: dict[str, Any] = {
+    # what to search
+    "model": "local_vim_mini_search",  # a *_search entry point of ours
+    "space": "",  # "" = the model's own space; or a preset name / YAML file
+    "patch_size": 0,  # 0 = the model's default
+    "drop_path": 0.0,
+    # data
+    "dataset": "synthetic",
+    "data_dir": "",
+    "img_size": 32,
+    "in_chans": 0,  # 0 = the data's own channels
+    "num_samples": 0,  # synthetic only: train size before the split (0 = 4096)
+    "download": False,
+    "workers": 0,
+    "arch_frac": 0.5,  # share of the training set held out as the arch set (DARTS: 50/50)
+    # search
+    "algo": "darts",
+    "arch_lr": 3e-4,
+    "arch_betas": (0.5, 0.999),
+    "arch_weight_decay": 1e-3,
+    "arch_warmup_epochs": 1,  # arch parameters frozen for these first epochs (weights warm up alone)
+    "tau_max": 10.0,  # gdas temperature, annealed linearly per step to tau_min
+    "tau_min": 0.1,
+    "gdas_top_m": 1,  # orders sampled per layer and step in gdas
+    # weights (timm factories)
+    "epochs": 10,
+    "batch_size": 64,
+    "opt": "adamw",
+    "lr": 1e-3,
+    "weight_decay": 0.05,
+    "momentum": 0.9,
+    "sched": "cosine",
+    "warmup_epochs": 1,
+    "warmup_lr": 1e-5,
+    "min_lr": 1e-5,
+    "clip_grad": 5.0,  # max norm of the weights' gradient (0 = off); DARTS clips at 5
+    "smoothing": 0.0,
+    "amp": True,
+    "max_bad_steps": 20,
+    # run
+    "seed": 0,
+    "output": "runs",
+    "experiment": "",  # "" = <model>-<algo>-<dataset>-s<seed>
+    "resume": "",  # a checkpoint path, or "auto"
+    "log_interval": 50,
+    "device": "auto",
+    "debug": False,
+}
+
+DESCRIPTION = "Search per-layer scan orders of a vision Mamba supernet (DARTS, LocalMamba joint, or GDAS)."
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pure pieces (unit-tested)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def gdas_tau(step: int, total_steps: int, tau_max: float, tau_min: float) -> float:
+    """GDAS temperature at ``step``: linear from ``tau_max`` (step 0) to ``tau_min`` (the last step), then flat."""
+    if total_steps <= 1:
+        return float(tau_min)
+    frac = min(max(step / (total_steps - 1), 0.0), 1.0)
+    return float(tau_max - (tau_max - tau_min) * frac)
+
+
+def arch_active(epoch: int, arch_warmup_epochs: int) -> bool:
+    """Whether the arch parameters are updated in ``epoch`` (frozen during the warm-up epochs)."""
+    return epoch >= arch_warmup_epochs
+
+
+def weight_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """timm-style decay / no-decay groups over ``model.weight_parameters()`` only (no arch parameter anywhere)."""
+    weights = {id(p) for p in model.weight_parameters()}
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if id(p) not in weights or not p.requires_grad:
+            continue
+        # 1-D tensors (norms, biases) and the model's named exceptions get no decay, as timm's factory does.
+        (no_decay if p.ndim <= 1 or name in skip or name.endswith(".bias") else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def arch_param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """The arch optimizer's one group: every ``arch_logits``."""
+    return [{"params": list(model.arch_parameters())}]
+
+
+def entropy(p: torch.Tensor) -> float:
+    """Entropy (nats) of a probability vector."""
+    p = p.clamp_min(1e-12)
+    return float(-(p * p.log()).sum())
+
+
+def probs_heatmap(probs: np.ndarray, cell: int = 12) -> np.ndarray:
+    """A layers × candidates heatmap as a CHW float image in [0, 1] (viridis, each cell ``cell`` pixels)."""
+    import matplotlib
+
+    scaled = probs / max(float(probs.max()), 1e-12)
+    rgb = matplotlib.colormaps["viridis"](scaled)[..., :3]  # (layers, K, 3)
+    rgb = np.kron(rgb, np.ones((cell, cell, 1)))
+    return rgb.transpose(2, 0, 1).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model and data
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def build_supernet(cfg: dict[str, Any], num_classes: int, in_chans: int) -> tuple[nn.Module, dict[str, Any]]:
+    """Create the supernet and the plain-dict spec (``name``, ``kwargs``) that rebuilds it.
+
+    Raises:
+        ValueError: unknown model, or a model without arch parameters.
+    """
+    import supernet  # noqa: F401  (registers our models with timm)
+
+    name = cfg["model"]
+    if not timm.is_model(name):
+        searchable = [m for m in supernet.list_models() if m.endswith("_search")]
+        raise ValueError(f"unknown model '{name}'; search models: {', '.join(searchable)}")
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans, "img_size": cfg["img_size"]}
+    if cfg["patch_size"]:
+        kwargs["patch_size"] = cfg["patch_size"]
+    if cfg["space"]:
+        kwargs["space"] = cfg["space"]
+    if cfg["drop_path"] > 0:
+        kwargs["drop_path_rate"] = cfg["drop_path"]
+    model = timm.create_model(name, **kwargs)
+    if not hasattr(model, "arch_parameters") or not list(model.arch_parameters()):
+        raise ValueError(
+            f"'{name}' has no arch parameters; search a supernet (a *_search model, e.g. {DEFAULTS['model']})"
+        )
+    return model, {"name": name, "kwargs": kwargs}
+
+
+def supernet_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """Rebuild a supernet from the spec stored in a search checkpoint (weights not loaded)."""
+    import supernet  # noqa: F401
+
+    return timm.create_model(spec["name"], **spec["kwargs"])
+
+
+class _BatchStream:
+    """Endless batches of a loader (the arch set), whose position (pass, batch) is saved and restored."""
+
+    def __init__(self, loader, batch_size: int) -> None:
+        self.loader, self.batch_size = loader, batch_size
+        self.passes, self.pos, self._it = 0, 0, None
+
+    def __next__(self):
+        if self._it is None:
+            self.loader.sampler.set_epoch(self.passes, start=self.pos * self.batch_size)
+            self._it = iter(self.loader)
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.passes, self.pos = self.passes + 1, 0
+            self.loader.sampler.set_epoch(self.passes)
+            self._it = iter(self.loader)
+            batch = next(self._it)
+        self.pos += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"passes": self.passes, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.passes, self.pos, self._it = int(state["passes"]), int(state["pos"]), None
+
+
+def _check_values(cfg: dict[str, Any]) -> None:
+    checks = [
+        ("algo", cfg["algo"] in ALGOS, f"one of {', '.join(ALGOS)}"),
+        ("epochs", cfg["epochs"] >= 1, ">= 1"),
+        ("batch_size", cfg["batch_size"] >= 1, ">= 1"),
+        ("lr", cfg["lr"] > 0, "> 0"),
+        ("arch_lr", cfg["arch_lr"] > 0, "> 0"),
+        (
+            "arch_betas",
+            len(cfg["arch_betas"]) == 2 and all(0 <= b < 1 for b in cfg["arch_betas"]),
+            "two numbers in [0, 1)",
+        ),
+        ("arch_weight_decay", cfg["arch_weight_decay"] >= 0, ">= 0"),
+        ("arch_warmup_epochs", cfg["arch_warmup_epochs"] >= 0, ">= 0"),
+        ("arch_frac", 0.0 < cfg["arch_frac"] < 1.0, "in (0, 1)"),
+        ("tau_max", cfg["tau_max"] > 0, "> 0"),
+        ("tau_min", 0 < cfg["tau_min"] <= cfg["tau_max"], "in (0, tau_max]"),
+        ("gdas_top_m", cfg["gdas_top_m"] >= 1, ">= 1"),
+        ("weight_decay", cfg["weight_decay"] >= 0, ">= 0"),
+        ("warmup_epochs", cfg["warmup_epochs"] >= 0, ">= 0"),
+        ("clip_grad", cfg["clip_grad"] >= 0, ">= 0 (0 = off)"),
+        ("smoothing", 0.0 <= cfg["smoothing"] < 1.0, "in [0, 1)"),
+        ("log_interval", cfg["log_interval"] >= 1, ">= 1"),
+        ("workers", cfg["workers"] >= 0, ">= 0"),
+    ]
+    for key, ok, want in checks:
+        if not ok:
+            raise ValueError(f"--{key.replace('_', '-')} {cfg[key]!r} is out of range; use {want}")
+
+
+def _check_logits_identical(model: nn.Module) -> None:
+    """Under DDP, assert every rank holds bit-identical arch logits (a derived arch must not depend on the rank)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    flat = torch.cat([p.detach().float().reshape(-1) for p in model.arch_parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, src=0)
+    diff = torch.tensor([float((flat != ref).any())], device=flat.device)
+    dist.all_reduce(diff)
+    if diff.item() > 0:
+        raise RuntimeError("arch logits differ across ranks; the search is not consistent (report this as a bug)")
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def _truncate_jsonl(path: Path, from_epoch: int) -> None:
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] < from_epoch]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(ln + "\n" for ln in lines))
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The search
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], None] | None = None) -> dict[str, Any]:
+    """Run a search as ``cfg`` says.
+
+    Args:
+        cfg: a config; missing keys take :data:`DEFAULTS`, unknown keys and wrong types raise ConfigError.
+        on_epoch: called on the main rank after each epoch's checkpoint as ``on_epoch(epoch, metrics, path)``.
+
+    Returns:
+        ``run_dir``, ``model``, ``algo``, ``params``, ``flops``, ``history`` (per-epoch metrics incl. ``arch_top1``,
+        the arch-set accuracy), the final epoch's metrics, ``best_arch_top1`` / ``best_epoch``, ``labels``,
+        ``candidates``, ``arch_probs`` (label → list of probabilities), ``derived_model_name``, ``checkpoint``
+        (last.pt), ``epochs_run``, ``interrupted``.
+    """
+    cfg = resolve_config(DEFAULTS, overrides=cfg)
+    _check_values(cfg)
+    dinfo = init_distributed(cfg["device"])
+    device, amp_dtype = dinfo.device, amp_dtype_for(dinfo.device, cfg["amp"])
+    experiment = cfg["experiment"] or f"{cfg['model']}-{cfg['algo']}-{cfg['dataset']}-s{cfg['seed']}"
+    run_dir = Path(cfg["output"]) / experiment
+    resume_path = resolve_resume(cfg["resume"], run_dir, verbose=dinfo.is_main)
+    if resume_path is None and run_dir.is_dir() and any(run_dir.glob("*.pt")):
+        raise ValueError(
+            f"{run_dir.resolve()} already holds checkpoints; pass --resume auto to continue it or choose a new "
+            f"--experiment"
+        )
+
+    # Data: one training set, split into a weight set and an arch set (seeded, disjoint, the same on every rank).
+    seed_everything(cfg["seed"])
+    data_kw = {"seed": cfg["seed"], "download": cfg["download"], "num_samples": cfg["num_samples"]}
+    train_ds, info = build_dataset(
+        cfg["dataset"], cfg["data_dir"], "train", cfg["img_size"], cfg["in_chans"] or None, **data_kw
+    )
+    arch_set, weight_set = split_train(train_ds, cfg["arch_frac"], seed=cfg["seed"])
+    plain_ds, _ = build_dataset(
+        cfg["dataset"], cfg["data_dir"], "train", cfg["img_size"], cfg["in_chans"] or None, augment=False, **data_kw
+    )
+    arch_eval_set = Subset(plain_ds, arch_set.indices)  # the arch set without augmentation, for its accuracy
+    bs, workers = cfg["batch_size"], cfg["workers"]
+    loader = build_loader(weight_set, bs, True, cfg["seed"], workers, dinfo.distributed)
+    arch_loader = build_loader(arch_set, bs, True, cfg["seed"] + 1, workers, dinfo.distributed)
+    arch_eval_loader = build_loader(arch_eval_set, bs, False, cfg["seed"], workers, dinfo.distributed)
+    arch_stream = _BatchStream(arch_loader, bs)
+
+    model, spec = build_supernet(cfg, info.num_classes, info.in_chans)
+    model.to(device)
+    params, flops = count_params_flops(model, info.img_size, info.in_chans)
+    labels = list(model.arch_labels())
+    candidates = list(model.search_space.candidates)
+    derived_name = model.derived_model_name
+
+    # Two optimizers over a partition of the parameters: timm's for the weights, Adam for the arch logits.
+    optimizer = create_optimizer_v2(
+        weight_param_groups(model, cfg["weight_decay"]),
+        opt=cfg["opt"],
+        lr=cfg["lr"],
+        weight_decay=cfg["weight_decay"],
+        momentum=cfg["momentum"],
+    )
+    arch_optimizer = torch.optim.Adam(
+        arch_param_groups(model),
+        lr=cfg["arch_lr"],
+        betas=tuple(cfg["arch_betas"]),
+        weight_decay=cfg["arch_weight_decay"],
+    )
+    updates_per_epoch = len(loader)
+    total_steps = updates_per_epoch * cfg["epochs"]
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=cfg["sched"],
+        num_epochs=cfg["epochs"],
+        warmup_epochs=cfg["warmup_epochs"],
+        warmup_lr=cfg["warmup_lr"],
+        min_lr=cfg["min_lr"],
+        step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["smoothing"])
+    keeper = CheckpointKeeper(run_dir, max_history=0)
+
+    start_epoch, start_batch, step = 0, 0, 0
+    history: list[dict[str, Any]] = []
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, expect_kind="search", expect_model=spec["name"])
+        model.load_state_dict(state["model_state"])
+        optimizer.load_state_dict(state["optimizer"])
+        arch_optimizer.load_state_dict(state["arch_optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        keeper.load_state_dict(state.get("keeper", {}))
+        arch_stream.load_state_dict(state["arch_stream"])
+        start_epoch, start_batch, step = state["next_epoch"], state["next_batch"], state["step"]
+        history = [h for h in state.get("history", []) if h["epoch"] < start_epoch]
+        rngs = state["rng"]
+        if len(rngs) == dinfo.world_size:
+            set_rng_state(rngs[dinfo.rank])
+        else:
+            print_rank0(f"resume: {len(rngs)} ranks saved RNG, {dinfo.world_size} now; reseeding")
+            seed_everything(cfg["seed"] + 7919 * start_epoch + dinfo.rank)
+        print_rank0(f"resumed {resume_path} at epoch {start_epoch}, batch {start_batch}, step {step}")
+    else:
+        seed_everything(cfg["seed"] + dinfo.rank)  # Gumbel, SLWS and augmentation streams differ per rank
+    scheduler.step_update(step)
+    mode = "hard" if cfg["algo"] == "gdas" else "softmax"
+    model.set_arch_mode(mode, tau=gdas_tau(step, total_steps, cfg["tau_max"], cfg["tau_min"]), top_m=cfg["gdas_top_m"])
+    # gdas leaves unsampled orders without gradients; DDP must be told to expect unused parameters then.
+    net = model
+    if dinfo.distributed:
+        net = DDP(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=mode == "hard"
+        )
+
+    logger = RunLogger(run_dir, dinfo.is_main)
+    probs_path = run_dir / "arch_probs.jsonl"
+    if dinfo.is_main:
+        save_config(cfg, run_dir / "args.yaml")
+        logger.truncate_rows(start_epoch)
+        _truncate_jsonl(probs_path, start_epoch)
+        logger.line(
+            f"{spec['name']} ({cfg['algo']}): {len(labels)} layers x {len(candidates)} orders "
+            f"({', '.join(candidates)}); {params / 1e6:.3f}M params, {flops / 1e6:.2f} MFLOPs; {cfg['dataset']} "
+            f"{len(weight_set)} weight / {len(arch_set)} arch images; {dinfo.world_size} x {device.type}; {run_dir}"
+        )
+
+    def make_state(epoch: int, next_epoch: int, next_batch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Everything a resumed search needs; plain tensors and containers only (weights_only loading)."""
+        _check_logits_identical(model)
+        return {
+            "kind": "search",
+            "model": spec["name"],
+            "model_spec": spec,
+            "model_kwargs": spec["kwargs"],
+            "model_state": model.state_dict(),
+            "arch_logits": {label: p.detach().cpu() for label, p in zip(labels, model.arch_parameters())},
+            "search_space": model.search_space.to_dict(),
+            "derived_model_name": derived_name,
+            "labels": labels,
+            "candidates": candidates,
+            "optimizer": optimizer.state_dict(),
+            "arch_optimizer": arch_optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "arch_stream": arch_stream.state_dict(),
+            "epoch": epoch,
+            "next_epoch": next_epoch,
+            "next_batch": next_batch,
+            "step": step,
+            "rng": gather_rng_states(),
+            "metrics": metrics,
+            "history": history,
+            "config": dict(cfg),
+        }
+
+    def finite_or_skip(loss: torch.Tensor) -> bool:
+        """All ranks agree whether ``loss`` is finite (one all-reduce); count consecutive bad steps."""
+        nonlocal bad_steps
+        flag = torch.tensor([float(not torch.isfinite(loss))], device=device)
+        if dinfo.distributed:
+            dist.all_reduce(flag)
+        if flag.item() == 0:
+            bad_steps = 0
+            return True
+        bad_steps += 1
+        print_rank0(f"step {step}: non-finite loss, skipped ({bad_steps} in a row)")
+        if bad_steps >= cfg["max_bad_steps"]:
+            raise ValueError(
+                f"{bad_steps} non-finite losses in a row at step {step}; lower --lr / --arch-lr, set --clip-grad, or "
+                f"run without --amp (fp32); resume from {run_dir / 'last.pt'}"
+            )
+        return False
+
+    bad_steps, interrupted, epochs_run = 0, False, 0
+    final: dict[str, Any] = dict(history[-1]) if history else {}
+    with StopFlag() as stop:
+        for epoch in range(start_epoch, cfg["epochs"]):
+            loader.sampler.set_epoch(epoch, start=start_batch * bs)
+            update_arch = arch_active(epoch, cfg["arch_warmup_epochs"])
+            net.train()
+            sums = torch.zeros(4, device=device)  # weight loss, weight correct, arch loss, arch steps
+            seen, t_epoch = 0, time.perf_counter()
+            for batch_idx, (images, targets) in enumerate(loader, start=start_batch):
+                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                if mode == "hard":
+                    tau = gdas_tau(step, total_steps, cfg["tau_max"], cfg["tau_min"])
+                    model.set_arch_mode("hard", tau=tau, top_m=cfg["gdas_top_m"])
+
+                # Arch step (darts, gdas): a held-out arch batch moves the arch logits only.
+                if update_arch and cfg["algo"] != "joint":
+                    arch_images, arch_targets = next(arch_stream)
+                    arch_images, arch_targets = arch_images.to(device), arch_targets.to(device)
+                    arch_optimizer.zero_grad(set_to_none=True)
+                    with autocast(device, amp_dtype):
+                        arch_out = net(arch_images)
+                    arch_loss = loss_fn(arch_out.float(), arch_targets)
+                    arch_loss.backward()
+                    if finite_or_skip(arch_loss):
+                        arch_optimizer.step()
+                        sums[2] += arch_loss.detach()
+                        sums[3] += 1
+
+                # Weight step: timm's optimizer over the weights only (joint: the arch optimizer steps here too).
+                optimizer.zero_grad(set_to_none=True)
+                arch_optimizer.zero_grad(set_to_none=True)
+                with autocast(device, amp_dtype):
+                    output = net(images)
+                loss = loss_fn(output.float(), targets)
+                loss.backward()
+                if finite_or_skip(loss):
+                    if cfg["clip_grad"] > 0:
+                        nn.utils.clip_grad_norm_(model.weight_parameters(), cfg["clip_grad"])
+                    optimizer.step()
+                    if update_arch and cfg["algo"] == "joint":
+                        arch_optimizer.step()
+                    step += 1
+                    scheduler.step_update(step)
+                    sums[0] += loss.detach() * images.shape[0]
+                    sums[1] += (output.argmax(-1) == targets).sum()
+                    seen += images.shape[0]
+                if step % cfg["log_interval"] == 0:
+                    lr = optimizer.param_groups[0]["lr"]
+                    logger.scalar("train/loss", loss.item(), step)
+                    logger.scalar("train/lr", lr, step)
+                    if mode == "hard":
+                        logger.scalar("train/tau", model.named_mixers()[0][1].tau, step)
+                    logger.line(
+                        f"epoch {epoch} [{batch_idx + 1}/{updates_per_epoch}] loss {loss.item():.4f} lr {lr:.3g}"
+                    )
+                stop_flag = torch.tensor([float(stop.signum != 0)], device=device)
+                if dinfo.distributed:
+                    dist.all_reduce(stop_flag)
+                if stop_flag.item() > 0:
+                    state = make_state(epoch, epoch, batch_idx + 1, {})  # collective: every rank builds it
+                    if dinfo.is_main:
+                        save_checkpoint({**state, "keeper": keeper.state_dict()}, run_dir / "last.pt")
+                        print_rank0(f"stopped by signal {stop.signum} at step {step}; --resume auto continues")
+                    interrupted = True
+                    break
+            if interrupted:
+                break
+            start_batch = 0
+            epoch_time = time.perf_counter() - t_epoch
+
+            # Epoch end: arch-set accuracy of the supernet (softmax mixing; gdas: its top-m orders), probabilities.
+            arch_eval = evaluate(net, arch_eval_loader, device, amp_dtype)
+            probs = model.arch_probs()
+            prob_rows = [probs[label].tolist() for label in labels]
+            n_arch_steps = max(float(sums[3].item()), 1.0)
+            metrics = {
+                "train_loss": float(sums[0].item()) / max(seen, 1),
+                "train_top1": 100.0 * float(sums[1].item()) / max(seen, 1),
+                "arch_loss": arch_eval["loss"],
+                "arch_top1": arch_eval["top1"],
+                "arch_top5": arch_eval["top5"],
+                "arch_step_loss": float(sums[2].item()) / n_arch_steps if sums[3] > 0 else float("nan"),
+                "lr": optimizer.param_groups[0]["lr"],
+                "mean_entropy": float(np.mean([entropy(probs[label]) for label in labels])),
+                "img_s": seen * dinfo.world_size / max(epoch_time, 1e-9),
+            }
+            history.append({"epoch": epoch, **metrics})
+            state = make_state(epoch, epoch + 1, 0, metrics)  # collective: every rank builds it
+            ckpt_path = run_dir / "last.pt"
+            if dinfo.is_main:
+                written = keeper.save(state, epoch, metrics["arch_top1"])
+                ckpt_path = written["last"]
+                _append_jsonl(
+                    probs_path, {"epoch": epoch, "labels": labels, "candidates": candidates, "probs": prob_rows}
+                )
+                for k, v in metrics.items():
+                    logger.scalar(f"epoch/{k}", v, epoch)
+                for label in labels:
+                    for cand, p in zip(candidates, probs[label].tolist()):
+                        logger.scalar(f"probs/{label}/{cand}", p, epoch)
+                    logger.scalar(f"entropy/{label}", entropy(probs[label]), epoch)
+                logger.image("arch_probs", probs_heatmap(np.asarray(prob_rows)), epoch)
+                logger.row(epoch, metrics)
+                logger.line(f"epoch {epoch}: {format_metrics(metrics)}" + ("  *best" if "best" in written else ""))
+                logger.flush()
+                if on_epoch is not None:
+                    on_epoch(epoch, metrics, ckpt_path)
+            if dinfo.distributed:
+                dist.barrier()
+            final = metrics
+            epochs_run += 1
+    logger.close()
+    probs = model.arch_probs()
+    return {
+        "run_dir": str(run_dir),
+        "model": spec["name"],
+        "algo": cfg["algo"],
+        "params": params,
+        "flops": flops,
+        "history": history,
+        **final,
+        "best_arch_top1": keeper.best_metric,
+        "best_epoch": keeper.best_epoch,
+        "labels": labels,
+        "candidates": candidates,
+        "arch_probs": {label: probs[label].tolist() for label in labels},
+        "derived_model_name": derived_name,
+        "checkpoint": str(run_dir / "last.pt"),
+        "epochs_run": epochs_run,
+        "interrupted": interrupted,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, DEFAULTS, description=DESCRIPTION))

@@ -1,0 +1,175 @@
+"""Training throughput of the model zoo next to timm references (GPU).
+
+``python -m supernet.bench [--batch-size 128] [--img-size 224] [--json benchmarks/models_<gpu>.json]``
+
+Per model: one training step = bf16 autocast forward + backward + AdamW step, timed with CUDA events over a few
+steps after warm-up (median), on random data; peak memory from ``torch.cuda.max_memory_allocated``. Prints a table
+and writes JSON with the device name, library versions and the commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import timm
+import torch
+import triton
+
+import supernet  # noqa: F401  (registers the entrypoints)
+from supernet.derive import derive_arch
+
+DEFAULT_MODELS = [
+    ("deit_tiny_patch16_224", {}),
+    ("mambaout_femto", {}),
+    ("vim_tiny", {}),
+    ("local_fixed_vim_tiny", {}),
+    ("local_vim_tiny", {}),  # the K=4 child of a (randomly initialised) supernet's arch
+    ("local_vim_tiny_search", {"mix": "softmax"}),
+    ("local_vim_tiny_search", {"mix": "hard"}),
+    ("vmamba_tiny", {}),
+]
+
+
+def _commit() -> str:
+    env = os.environ.get("GIT_COMMIT")
+    if env:
+        return env
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def gpu_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100': the first model-number-like word of the device name."""
+    for word in name.split():
+        if re.fullmatch(r"[A-Za-z]+\d{2,}[A-Za-z]*", word) and not word.upper().endswith("GB"):
+            return word.lower()
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def _build(name: str, kwargs: dict, img_size: int) -> torch.nn.Module:
+    if name == "local_vim_tiny":
+        # A child of the K=8 supernet with the same width as the supernet, so the ratio isolates the K cost.
+        search = timm.create_model("local_vim_tiny_search", img_size=img_size)
+        arch = derive_arch(search)
+        return timm.create_model("local_vim_tiny", arch=arch, img_size=img_size, embed_dim=search.embed_dim)
+    return timm.create_model(name, img_size=img_size, **kwargs)
+
+
+def time_train_step(model: torch.nn.Module, batch_size: int, img_size: int, steps: int = 10, warmup: int = 3) -> dict:
+    """Median seconds per training step and peak memory for one model on the current CUDA device."""
+    dev = torch.device("cuda")
+    model = model.to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
+    y = torch.randint(0, model.num_classes, (batch_size,), device=dev)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    sec = statistics.median(times)
+    return {
+        "step_ms": sec * 1e3,
+        "img_per_s": batch_size / sec,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--models", nargs="*", default=None, help="subset of model names")
+    parser.add_argument("--json", default=None, help="output JSON (default benchmarks/models_<gpu>.json)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: supernet.bench needs a CUDA GPU", file=sys.stderr)
+        return 2
+    gpu = torch.cuda.get_device_name()
+    rows = []
+    for name, kw in DEFAULT_MODELS:
+        if args.models and name not in args.models:
+            continue
+        label = name + "".join(f"[{k}={v}]" for k, v in kw.items())
+        try:
+            model = _build(name, kw, args.img_size)
+            res = time_train_step(model, args.batch_size, args.img_size, steps=args.steps)
+        except Exception as e:  # noqa: BLE001  (a failing model is reported in the table, the others still run)
+            res = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
+            model = None
+        rows.append({"model": label, **res})
+        print(json.dumps(rows[-1]), flush=True)
+        del model
+        torch.cuda.empty_cache()
+    by = {r["model"]: r for r in rows if "error" not in r}
+    ratios = {}
+    if "deit_tiny_patch16_224" in by and "vim_tiny" in by:
+        ratios["vim_tiny / deit_tiny img/s (target >= 0.75)"] = (
+            by["vim_tiny"]["img_per_s"] / by["deit_tiny_patch16_224"]["img_per_s"]
+        )
+    child = by.get("local_vim_tiny")
+    if child:
+        for mode, target_t in (("softmax", 1.6), ("hard", 1.1)):
+            sup = by.get(f"local_vim_tiny_search[mix={mode}]")
+            if sup:
+                ratios[f"supernet[{mode}] / child step time (target <= {target_t})"] = sup["step_ms"] / child["step_ms"]
+                ratios[f"supernet[{mode}] / child peak memory"] = sup["peak_mem_gib"] / child["peak_mem_gib"]
+    print(f"\n{gpu}, batch {args.batch_size}, {args.img_size}px, bf16 autocast, fwd+bwd+AdamW")
+    print(f"{'model':<36} {'img/s':>9} {'step ms':>9} {'peak GiB':>9} {'params M':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<36} {r['error']}")
+        else:
+            print(
+                f"{r['model']:<36} {r['img_per_s']:>9.0f} {r['step_ms']:>9.2f} {r['peak_mem_gib']:>9.2f} "
+                f"{r['params_m']:>9.2f}"
+            )
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}")
+    out = Path(args.json or f"benchmarks/models_{gpu_slug(gpu)}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "device": gpu,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "timm": timm.__version__,
+        "commit": _commit(),
+        "batch_size": args.batch_size,
+        "img_size": args.img_size,
+        "rows": rows,
+        "ratios": ratios,
+    }
+    out.write_text(json.dumps(payload, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
