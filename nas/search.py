@@ -24,7 +24,9 @@ probabilities and entropy, a layers × candidates heatmap per epoch), ``arch_pro
 
 from __future__ import annotations
 
+import datetime
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -276,6 +278,22 @@ def _check_logits_identical(model: nn.Module) -> None:
         raise RuntimeError("arch logits differ across ranks; the search is not consistent (report this as a bug)")
 
 
+def _git_commit() -> str | None:
+    """The commit of the running code (provenance of the derived arch), when it runs from a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -306,7 +324,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     Returns:
         ``run_dir``, ``model``, ``algo``, ``params``, ``flops``, ``history`` (per-epoch metrics incl. ``arch_top1``,
         the arch-set accuracy), the final epoch's metrics, ``best_arch_top1`` / ``best_epoch``, ``labels``,
-        ``candidates``, ``arch_probs`` (label → list of probabilities), ``derived_model_name``, ``checkpoint``
+        ``candidates``, ``arch_probs`` / ``arch_logits`` (label → list), ``derived_model_name``, ``checkpoint``
         (last.pt), ``epochs_run``, ``interrupted``.
     """
     cfg = resolve_config(DEFAULTS, overrides=cfg)
@@ -345,6 +363,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     labels = list(model.arch_labels())
     candidates = list(model.search_space.candidates)
     derived_name = model.derived_model_name
+    commit = _git_commit()
 
     # Two optimizers over a partition of the parameters: timm's for the weights, Adam for the arch logits.
     optimizer = create_optimizer_v2(
@@ -444,6 +463,8 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
             "metrics": metrics,
             "history": history,
             "config": dict(cfg),
+            "commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
 
     def finite_or_skip(loss: torch.Tensor) -> bool:
@@ -591,6 +612,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
         "labels": labels,
         "candidates": candidates,
         "arch_probs": {label: probs[label].tolist() for label in labels},
+        "arch_logits": {label: p.detach().cpu().tolist() for label, p in zip(labels, model.arch_parameters())},
         "derived_model_name": derived_name,
         "checkpoint": str(run_dir / "last.pt"),
         "epochs_run": epochs_run,

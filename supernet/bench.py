@@ -61,6 +61,8 @@ def _build(name: str, kwargs: dict, img_size: int) -> torch.nn.Module:
         search = timm.create_model("local_vim_tiny_search", img_size=img_size)
         arch = derive_arch(search)
         return timm.create_model("local_vim_tiny", arch=arch, img_size=img_size, embed_dim=search.embed_dim)
+    if name.startswith("mambaout"):  # timm's MambaOut is fully convolutional: it takes no img_size
+        return timm.create_model(name, **kwargs)
     return timm.create_model(name, img_size=img_size, **kwargs)
 
 

@@ -1,0 +1,183 @@
+"""nas.search end to end on tiny synthetic runs (CPU, reference scan), its pure schedules, and a 2-process DDP run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import kernels
+import nas.search as search
+from nas.search import DEFAULTS, arch_param_groups, gdas_tau, main, weight_param_groups
+from retrain.checkpoint import load_checkpoint
+from retrain.engine import seed_everything
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = {
+    "model": "test_local_vim_search",
+    "dataset": "synthetic",
+    "img_size": 16,
+    "num_samples": 256,
+    "batch_size": 32,
+    "epochs": 2,
+    "lr": 3e-3,
+    "arch_lr": 3e-2,
+    "warmup_epochs": 0,
+    "arch_warmup_epochs": 0,
+    "log_interval": 1000,
+    "device": "cpu",
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared CPU: thread hand-offs cost more than the math."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _run(tmp_path, on_epoch=None, **kw):
+    return main({**TINY, "output": str(tmp_path / "runs"), **kw}, on_epoch=on_epoch)
+
+
+def _probs(run_dir) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(run_dir, "arch_probs.jsonl"))]
+
+
+def test_gdas_tau_is_linear_and_clamped() -> None:
+    assert gdas_tau(0, 11, 10.0, 0.1) == 10.0
+    assert gdas_tau(10, 11, 10.0, 0.1) == pytest.approx(0.1)
+    assert gdas_tau(5, 11, 10.0, 0.1) == pytest.approx(5.05)
+    assert gdas_tau(50, 11, 10.0, 0.1) == pytest.approx(0.1)
+    assert gdas_tau(0, 1, 10.0, 0.1) == 0.1
+    taus = [gdas_tau(s, 7, 4.0, 1.0) for s in range(7)]
+    assert all(a > b for a, b in zip(taus, taus[1:]))
+
+
+def test_optimizers_partition_the_parameters() -> None:
+    import supernet  # noqa: F401
+
+    model = timm.create_model("test_local_vim_search", img_size=16, num_classes=10)
+    arch_ids = {id(p) for p in model.arch_parameters()}
+    weight_ids = {id(p) for g in weight_param_groups(model, 0.05) for p in g["params"]}
+    arch_group_ids = {id(p) for g in arch_param_groups(model) for p in g["params"]}
+    assert arch_group_ids == arch_ids and arch_ids and not weight_ids & arch_ids
+    assert weight_ids | arch_ids == {id(p) for p in model.parameters()}
+    decayed = [g for g in weight_param_groups(model, 0.05) if g["weight_decay"] > 0][0]["params"]
+    assert all(p.ndim > 1 for p in decayed)
+
+
+def test_darts_end_to_end_with_warmup(tmp_path, monkeypatch) -> None:
+    splits = []
+    real_split = search.split_train
+
+    def recording_split(ds, frac, seed):
+        out = real_split(ds, frac, seed)
+        splits.append(out)
+        return out
+
+    monkeypatch.setattr(search, "split_train", recording_split)
+    out = _run(tmp_path, epochs=2, arch_warmup_epochs=1, experiment="darts")
+
+    arch_set, weight_set = splits[0]
+    assert not set(arch_set.indices) & set(weight_set.indices)
+    assert len(arch_set) + len(weight_set) == 256
+
+    run_dir = Path(out["run_dir"])
+    assert {"args.yaml", "summary.csv", "last.pt", "best.pt", "arch_probs.jsonl", "tb"} <= set(os.listdir(run_dir))
+    lines = _probs(run_dir)
+    assert [r["epoch"] for r in lines] == [0, 1]
+    assert lines[0]["labels"] == ["blocks.0", "blocks.1"] and len(lines[0]["candidates"]) == 8
+    # Warm-up epoch: the arch logits are exactly their initial values; afterwards they move.
+    seed_everything(TINY.get("seed", 0))
+    fresh, _ = search.build_supernet({**DEFAULTS, **TINY}, 10, 3)
+    initial = [torch.softmax(p.detach(), 0).tolist() for p in fresh.arch_parameters()]
+    assert lines[0]["probs"] == initial and lines[1]["probs"] != lines[0]["probs"]
+
+    state = load_checkpoint(run_dir / "last.pt", expect_kind="search", expect_model="test_local_vim_search")
+    assert state["derived_model_name"] == "test_local_vim" and state["search_space"]["name"] == "localmamba"
+    assert set(state["arch_logits"]) == {"blocks.0", "blocks.1"}
+    assert {"model_state", "optimizer", "arch_optimizer", "scheduler", "rng", "config", "model_kwargs"} <= set(state)
+    # The weight optimizer holds no arch parameter: its state covers only weight tensors.
+    n_weights = sum(len(g["params"]) for g in state["optimizer"]["param_groups"])
+    assert n_weights == len(list(fresh.weight_parameters()))
+    assert sum(len(g["params"]) for g in state["arch_optimizer"]["param_groups"]) == 2
+    assert len(out["history"]) == 2 and out["arch_top1"] == out["history"][-1]["arch_top1"]
+    assert out["best_arch_top1"] == max(h["arch_top1"] for h in out["history"])
+    assert set(out["arch_probs"]) == {"blocks.0", "blocks.1"}
+
+
+def test_gdas_computes_only_sampled_orders(tmp_path, monkeypatch) -> None:
+    widths = []
+    real_scan = kernels.selective_scan
+
+    def recording_scan(*args, **kwargs):
+        widths.append(kwargs["orders"].shape[0])
+        return real_scan(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "selective_scan", recording_scan)
+    out = _run(tmp_path, algo="gdas", gdas_top_m=2, epochs=1, num_samples=128, experiment="gdas")
+    assert widths and set(widths) == {2}
+    assert out["epochs_run"] == 1 and os.path.isfile(out["checkpoint"])
+
+
+def test_joint_interrupt_and_resume_is_exact(tmp_path) -> None:
+    straight = _run(tmp_path, algo="joint", experiment="straight")
+
+    def interrupt(epoch, metrics, path):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    first = _run(tmp_path, algo="joint", experiment="resumed", on_epoch=interrupt)
+    assert first["interrupted"]
+    resumed = _run(tmp_path, algo="joint", experiment="resumed", resume="auto")
+    a = load_checkpoint(Path(straight["run_dir"]) / "last.pt")
+    b = load_checkpoint(Path(resumed["run_dir"]) / "last.pt")
+    assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
+    assert [r["epoch"] for r in _probs(resumed["run_dir"])] == [0, 1]
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        _run(tmp_path, algo="joint", experiment="resumed")
+
+
+def test_bad_requests(tmp_path) -> None:
+    with pytest.raises(ValueError, match="has no arch parameters"):
+        _run(tmp_path, model="test_vim")
+    with pytest.raises(ValueError, match="--algo 'dart' is out of range"):
+        _run(tmp_path, algo="dart")
+
+
+def test_two_process_gloo_keeps_logits_identical(tmp_path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        __file__,
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert any(not torch.allclose(v, torch.zeros_like(v)) for v in r0.values())
+    saved = load_checkpoint(tmp_path / "runs" / "ddp" / "last.pt")["arch_logits"]
+    assert all(torch.equal(saved[k], r0[k]) for k in r0)
+
+
+if __name__ == "__main__":  # one rank of the 2-process test above, started by torchrun
+    out_dir = Path(sys.argv[1])
+    cfg = {**TINY, "num_samples": 128, "batch_size": 16, "epochs": 1, "output": str(out_dir / "runs")}
+    result = main({**cfg, "experiment": "ddp"})
+    rank = int(os.environ["RANK"])
+    torch.save({k: torch.tensor(v) for k, v in result["arch_logits"].items()}, out_dir / f"rank{rank}.pt")
