@@ -329,8 +329,11 @@ def make_trainable(target: str, base_cfg: Mapping[str, Any], threads: int, workd
 
 
 def _trial_run_root(ctx: Any) -> Path:
-    """Where a trial's target run goes: its directory in the sweep's storage when that is a local (or shared)
-    filesystem, so runs stopped early by ASHA keep their files beside Ray's; Ray's working directory otherwise."""
+    """Where a trial's target run goes.
+
+    Its directory in the sweep's storage when that is a local (or shared) filesystem, so that runs stopped early by
+    ASHA keep their files beside Ray's; Ray's per-trial working directory otherwise.
+    """
     import pyarrow.fs
 
     storage = ctx.get_storage()
@@ -413,6 +416,17 @@ def _init_ray(address: str | None, quiet: bool) -> None:
     ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **kwargs)
 
 
+def _check_resources(cpus: float, gpus: float) -> None:
+    """Refuse a trial size the cluster can never place (Tune would wait for it forever)."""
+    import ray
+
+    have = ray.cluster_resources()
+    if gpus > have.get("GPU", 0.0):
+        raise ConfigError(f"--gpus-per-trial {gpus:g} but the Ray cluster has {have.get('GPU', 0.0):g} GPU(s)")
+    if cpus > have.get("CPU", 0.0):
+        raise ConfigError(f"--cpus-per-trial {cpus:g} but the Ray cluster has {have.get('CPU', 0.0):g} CPU(s)")
+
+
 def _quiet_libraries() -> None:
     import logging
 
@@ -420,7 +434,7 @@ def _quiet_libraries() -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # A resumed trial reports its restored iteration again; Optuna keeps the first value, which is the same one.
-    warnings.filterwarnings("ignore", message="The reported value is ignored because this `step`")
+    warnings.filterwarnings("ignore", message="The reported value is ignored because this `step")
     for name in ("ray", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -439,22 +453,36 @@ def _sweep_files(sweep_dir: Path) -> dict[str, Path]:
     }
 
 
+def _trial_statuses(results: Any) -> dict[str, str]:
+    """Tune's status of every trial (TERMINATED, ERROR, or RUNNING/PENDING/PAUSED when the sweep was interrupted).
+
+    The ResultGrid has no public per-trial status, hence its experiment analysis; empty if that ever moves.
+    """
+    try:
+        return {str(t.trial_id): str(t.status) for t in results._experiment_analysis.trials}
+    except AttributeError:
+        return {}
+
+
 def _summarise(results: Any, metric: str, mode: str, max_t: int, params: Sequence[str]) -> list[dict[str, Any]]:
     """One row per trial from the ResultGrid: its sampled values, epochs run, last and best metric, status."""
+    statuses = _trial_statuses(results)
     rows = []
     for res in results:
         hist = res.metrics_dataframe
         values = [] if hist is None or metric not in hist else [float(v) for v in hist[metric].dropna()]
         last = res.metrics or {}
         epochs = int(last.get("training_iteration") or len(values))
+        trial_id = last.get("trial_id") or Path(res.path).name
         if res.error is not None:
             status = "error"
+        elif statuses.get(trial_id, "TERMINATED") not in ("TERMINATED", "ERROR"):
+            status = "interrupted"
         elif epochs >= max_t:
             status = "completed"
         else:
             status = "stopped early"
         best = (max(values) if mode == "max" else min(values)) if values else float("nan")
-        trial_id = last.get("trial_id") or Path(res.path).name
         row = {"trial": trial_id, "status": status, "epochs": epochs}
         row.update({p: (res.config or {}).get(p) for p in params})
         row.update({f"last_{metric}": values[-1] if values else float("nan"), f"best_{metric}": best})
@@ -482,7 +510,11 @@ def _write_tables(rows: Sequence[dict[str, Any]], files: dict[str, Path], metric
     lines = [f"# {title}", "", "| rank | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for i, r in enumerate(rows, 1):
         lines.append(f"| {i} | " + " | ".join(_fmt(r[c]) for c in cols) + " |")
-    lines += ["", f'Sorted by the last reported `{metric}`; "stopped early" trials were cut by ASHA at a rung.']
+    lines += [
+        "",
+        f'Sorted by the last reported `{metric}`; "stopped early" trials were cut by ASHA at a rung, '
+        '"interrupted" ones continue with --resume.',
+    ]
     files["md"].write_text("\n".join(lines) + "\n")
 
 
@@ -499,9 +531,12 @@ def _plot(rows: Sequence[dict[str, Any]], path: Path, metric: str) -> None:
             continue
         style = "-" if r["status"] == "completed" else ":"
         ax.plot(range(1, len(hist) + 1), hist, style, marker="o", markersize=3, label=f"{r['trial']} ({r['status']})")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch (training_iteration)")
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} per trial (dotted: stopped early or failed)", fontsize=9)
+    ax.set_title(f"{metric} per trial (dotted: stopped early, interrupted or failed)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2, loc="best")
     fig.tight_layout()
@@ -586,6 +621,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
 
     _quiet_libraries()
     _init_ray(cfg["address"], cfg["quiet"])
+    _check_resources(cpus, gpus)
     trainable = tune.with_resources(
         make_trainable(target, base_cfg, threads=max(1, int(cpus)), workdir=workdir), {"cpu": cpus, "gpu": gpus}
     )
@@ -666,11 +702,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _interrupted(results: Any) -> bool:
     """True when Tune stopped before every trial ended (Ctrl-C, a driver stop)."""
-    try:
-        trials = results._experiment_analysis.trials  # the ResultGrid exposes no public per-trial status
-    except AttributeError:
-        return False
-    return any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+    return any(s not in ("TERMINATED", "ERROR") for s in _trial_statuses(results).values())
 
 
 def _parse_args(argv: Sequence[str] | None) -> dict[str, Any]:

@@ -28,6 +28,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+
 from search_spaces import ArchSpec, LayerChoice, SearchSpace, list_presets, load_space, save_arch, select_top_k
 
 __all__ = ["DEFAULTS", "derive", "main", "read_arch_probs_jsonl"]
@@ -115,8 +117,6 @@ def _space_from_candidates(candidates: Sequence[str], run_dir: Path) -> SearchSp
     """Find the search space of a run known only through its jsonl: the run's args.yaml, else a matching preset."""
     args = run_dir / "args.yaml"
     if args.is_file():
-        import yaml
-
         cfg = yaml.safe_load(args.read_text()) or {}
         for key in ("search_space", "space"):
             spec = cfg.get(key)
@@ -430,8 +430,6 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         space = _space_from_candidates(last["candidates"], run_dir)
         args = run_dir / "args.yaml"
         if args.is_file():
-            import yaml
-
             search_cfg = yaml.safe_load(args.read_text()) or {}
         model = _derived_name_from_config(search_cfg)
         source_path = jsonl_path

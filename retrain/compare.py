@@ -49,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "arch": "",  # the searched arch file, used by rows with `searched: true`
     "models": [],  # rows: {name, model | arch | searched, overrides, run_dirs}
     "seeds": [0],
+    "data_dir": "",  # overrides the recipe's data_dir ("" keeps it): the same recipe, data elsewhere
     "slws_ablation": False,  # add a shuffle_max=0 twin of every searched row that uses SLWS
     "output": "runs",
     "experiment": "comparison",
@@ -156,7 +157,10 @@ def _recipe_shuffle(cfg: dict[str, Any], train_defaults: dict[str, Any]) -> floa
 
 def _recipe(cfg: dict[str, Any], train_defaults: dict[str, Any]) -> dict[str, Any]:
     argv = ["-c", cfg["train_config"]] if cfg["train_config"] else None
-    return resolve_config(train_defaults, argv=argv)
+    recipe = resolve_config(train_defaults, argv=argv)
+    if cfg.get("data_dir"):
+        recipe["data_dir"] = cfg["data_dir"]
+    return recipe
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -298,8 +302,8 @@ def verdict(searched: Sequence[float], baseline: Sequence[float], noise_sigmas: 
 # Tables
 
 
-def summarise(rows: Sequence[Row], metric: str) -> list[dict[str, Any]]:
-    """One dict per row: top-1 mean/std over seeds and the model's cost."""
+def summarise(rows: Sequence[Row], metric: str, recipe_shuffle: float = 0.0) -> list[dict[str, Any]]:
+    """One dict per row: top-1 mean/std over seeds and the model's cost (``recipe_shuffle``: the recipe's SLWS)."""
     key = "final_top1" if metric == "final" else "best_top1"
     out = []
     for row in rows:
@@ -319,7 +323,7 @@ def summarise(rows: Sequence[Row], metric: str) -> list[dict[str, Any]]:
                 "params": params,
                 "flops": flops,
                 "train_img_s": sum(speeds) / len(speeds) if speeds else None,
-                "shuffle_max": row.overrides.get("shuffle_max"),
+                "shuffle_max": row.overrides.get("shuffle_max", recipe_shuffle),
                 "_values": vals,
             }
         )
@@ -357,15 +361,16 @@ def _markdown(
         f"{list(cfg['seeds'])}. Top-1 is the {metric_words} validation top-1 (%), mean ± sample std over seeds. "
         f"Sizes are matched to **{ref_name}** within ±{cfg['param_tolerance'] * 100:.0f} % of parameters.",
         "",
-        "| model | role | top-1 (%) | seeds | params (M) | vs ref | FLOPs (M) | train img/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | role | SLWS P_max | top-1 (%) | seeds | params (M) | vs ref | FLOPs (M) | train img/s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         std = "" if math.isnan(r["top1_std"]) else f" ± {r['top1_std']:.2f}"
         ratio = r.get("param_ratio")
         size = "n/a" if ratio is None else f"{(ratio - 1) * 100:+.1f} %" + ("" if r["size_ok"] else " ⚠ outside")
         lines.append(
-            f"| {r['model']} | {r['role']} | {_fmt_num(r['top1_mean'])}{std} | {r['seeds']} | "
+            f"| {r['model']} | {r['role']} | {_fmt_num(r['shuffle_max'], digits=2)} | "
+            f"{_fmt_num(r['top1_mean'])}{std} | {r['seeds']} | "
             f"{_fmt_num(r['params'], 1e6, 3)} | {size} | {_fmt_num(r['flops'], 1e6, 1)} | "
             f"{_fmt_num(r['train_img_s'], 1, 0)} |"
         )
@@ -550,7 +555,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
 
-    table = summarise(rows, cfg["metric"])
+    table = summarise(rows, cfg["metric"], float(recipe.get("shuffle_max", 0.0)))
     ref_params = next((t["params"] for t in table if t["model"] == ref.name), None)
     for t in table:
         t["param_ratio"] = (t["params"] / ref_params) if (t["params"] and ref_params) else None

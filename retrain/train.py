@@ -126,10 +126,10 @@ def _is_zoo_model(name: str) -> bool:
 
 def model_from_spec(spec: dict[str, Any]) -> nn.Module:
     """Build a model from the plain-dict spec stored in checkpoints (``name``, ``kwargs``, optional ``arch``)."""
+    import supernet  # registers our models with timm
+
     kwargs = dict(spec.get("kwargs", {}))
     if spec.get("arch"):
-        import supernet
-
         if hasattr(supernet, "create_derived"):
             return supernet.create_derived(spec["arch"], **kwargs)
         return timm.create_model(spec["name"], arch=spec["arch"], **kwargs)

@@ -171,3 +171,24 @@ def test_runs_missing_rows_then_collects_them(tmp_path: Path) -> None:
     again = compare.main(cfg)  # everything is collected: nothing retrains
     assert (run / "results.json").stat().st_mtime == mtime
     assert again["table"][0]["top1_mean"] == out["table"][0]["top1_mean"]
+
+
+def test_slws_ablation_adds_a_twin_without_shuffle(tmp_path: Path) -> None:
+    runs = tmp_path / "out" / "cmp" / "runs"
+    for row, finals, model in (
+        ("searched", [80.0, 82.0], "test_local_vim"),
+        ("searched_no_SLWS", [78.0, 79.0], "test_local_vim"),
+        ("vim", [70.0, 71.0], "test_vim"),
+    ):
+        for seed, final in enumerate(finals):
+            _fake_run(runs / row / f"seed{seed}", model, seed, [final])
+    models = [
+        {"name": "searched", "arch": "arch.yaml", "overrides": {"shuffle_max": 0.5}},
+        {"name": "vim", "model": "test_vim"},
+    ]
+    out = compare.main(_cfg(tmp_path, seeds=[0, 1], slws_ablation=True, models=models))
+    table = {r["model"]: r for r in out["table"]}
+    assert list(table) == ["searched", "searched (no SLWS)", "vim"]
+    assert table["searched (no SLWS)"]["role"] == "searched" and table["searched (no SLWS)"]["shuffle_max"] == 0.0
+    assert table["searched"]["shuffle_max"] == 0.5 and table["searched (no SLWS)"]["top1_mean"] == pytest.approx(78.5)
+    assert "| searched (no SLWS) | vim |" in out["markdown"] and "| searched | vim |" in out["markdown"]
