@@ -67,6 +67,7 @@ ALGOS = ("darts", "joint", "gdas")
 DEFAULTS: dict[str, Any] = {
     # what to search
     "model": "local_vim_mini_search",  # a *_search entry point of ours
+    "model_kwargs": {},  # extra constructor arguments, e.g. {embed_dim: 96} (CLI: --model-kwargs embed_dim=96)
     "space": "",  # "" = the model's own space; or a preset name / YAML file
     "patch_size": 0,  # 0 = the model's default
     "drop_path": 0.0,
@@ -185,7 +186,12 @@ def build_supernet(cfg: dict[str, Any], num_classes: int, in_chans: int) -> tupl
     if not timm.is_model(name):
         searchable = [m for m in supernet.list_models() if m.endswith("_search")]
         raise ValueError(f"unknown model '{name}'; search models: {', '.join(searchable)}")
-    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans, "img_size": cfg["img_size"]}
+    kwargs: dict[str, Any] = {
+        "num_classes": num_classes,
+        "in_chans": in_chans,
+        "img_size": cfg["img_size"],
+        **cfg["model_kwargs"],
+    }
     if cfg["patch_size"]:
         kwargs["patch_size"] = cfg["patch_size"]
     if cfg["space"]:

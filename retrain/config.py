@@ -45,6 +45,8 @@ def _type_name(default: Any) -> str:
     if isinstance(default, (list, tuple)):
         elem = _type_name(default[0]) if default else "any"
         return f"a list of {elem}"
+    if isinstance(default, dict):
+        return "a mapping of names to values (CLI: key=value ...)"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(type(default), "a value")
 
 
@@ -82,6 +84,10 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
         if default:
             return [_coerce(f"{key}[{i}]", v, default[0], source) for i, v in enumerate(value)]
         return list(value)
+    if isinstance(default, dict):
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad()
+        return dict(value)
     raise ConfigError(f"{source}: '{key}' has a default of unsupported type {type(default).__name__}")
 
 
@@ -94,6 +100,18 @@ def _cli_scalar(text: str) -> Any:
     except yaml.YAMLError:
         return text
     return value if isinstance(value, (bool, int, float, str)) or value is None else text
+
+
+def _cli_pair(text: str) -> tuple[str, Any]:
+    """``key=value`` for a mapping flag (``--model-kwargs embed_dim=160 depth=8``); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"expected key=value, got '{text}'")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key, value
 
 
 def _cli_typed(default: Any) -> Callable[[str], Any]:
@@ -118,6 +136,8 @@ def _build_parser(defaults: Mapping[str, Any], description: str) -> argparse.Arg
         elif isinstance(default, (list, tuple)):
             elem = default[0] if default else None
             parser.add_argument(flag, dest=key, nargs="*", type=_cli_typed(elem), metavar="V", help=help_text)
+        elif isinstance(default, dict):
+            parser.add_argument(flag, dest=key, nargs="*", type=_cli_pair, metavar="K=V", help=help_text)
         else:
             parser.add_argument(flag, dest=key, type=_cli_typed(default), metavar="V", help=help_text)
     return parser
@@ -191,6 +211,9 @@ def resolve_config(
             hint = hint.replace("'", "'--", 1).replace("_", "-") if hint else hint
             raise ConfigError(f"command line: unknown argument '{first}'{hint}")
         given = vars(ns)
+        for key, value in given.items():
+            if isinstance(defaults.get(key), dict):  # key=value pairs from the command line
+                given[key] = dict(value)
         config_file = given.pop("config", None)
         if config_file:
             _merge(cfg, load_config(config_file), defaults, f"config file {config_file}")

@@ -60,6 +60,7 @@ __all__ = ["DEFAULTS", "build_model", "main", "model_from_spec"]
 DEFAULTS: dict[str, Any] = {
     # what to train
     "model": "",  # a timm name (ours or timm's); ignored when `arch` is given
+    "model_kwargs": {},  # extra constructor arguments, e.g. {embed_dim: 160} (CLI: --model-kwargs embed_dim=160)
     "arch": "",  # a derived arch YAML (from nas.vis_search_prob); builds its `model` entry point
     "patch_size": 0,  # 0 = the model's default
     "drop_path": 0.0,
@@ -146,7 +147,7 @@ def build_model(cfg: dict[str, Any], info: DatasetInfo) -> tuple[nn.Module, dict
     Raises:
         ValueError: unknown model, SLWS on a model that is not ours, an arch file that does not fit its model.
     """
-    kwargs: dict[str, Any] = {"num_classes": info.num_classes, "in_chans": info.in_chans}
+    kwargs: dict[str, Any] = {"num_classes": info.num_classes, "in_chans": info.in_chans, **cfg["model_kwargs"]}
     if cfg["drop_path"] > 0:
         kwargs["drop_path_rate"] = cfg["drop_path"]
     arch_dict = None
