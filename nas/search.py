@@ -46,6 +46,7 @@ from retrain.checkpoint import CheckpointKeeper, load_checkpoint, resolve_resume
 from retrain.config import resolve_config, run_cli, save_config
 from retrain.data import build_dataset, build_loader, split_train
 from retrain.engine import (
+    BadStepGuard,
     RunLogger,
     StopFlag,
     amp_dtype_for,
@@ -103,15 +104,21 @@ DEFAULTS: dict[str, Any] = {
     "clip_grad": 5.0,  # max norm of the weights' gradient (0 = off); DARTS clips at 5
     "smoothing": 0.0,
     "amp": True,
-    "max_bad_steps": 20,
+    "rollback_after": 5,  # non-finite steps in a row that roll back to the last checkpoint (0 = never)
+    "max_bad_steps": 20,  # non-finite steps in all (each is skipped) after which the search stops
     # run
     "seed": 0,
     "output": "runs",
     "experiment": "",  # "" = <model>-<algo>-<dataset>-s<seed>
     "resume": "",  # a checkpoint path, or "auto"
+    "checkpoint_interval": 0,  # also save last.pt every this many steps (0 = at epoch ends only)
     "log_interval": 50,
     "device": "auto",
+    "dist_timeout": 600.0,  # seconds a rank waits for the others before the run stops (a rank died)
     "debug": False,
+    # test hooks: NaN loss / gradient at these checks (0-based; arch and weight steps both count)
+    "debug_nan_loss_at": [],
+    "debug_nan_grad_at": [],
 }
 
 DESCRIPTION = "Search per-layer scan orders of a vision Mamba supernet (DARTS, LocalMamba joint, or GDAS)."
@@ -265,10 +272,17 @@ def _check_values(cfg: dict[str, Any]) -> None:
         ("smoothing", 0.0 <= cfg["smoothing"] < 1.0, "in [0, 1)"),
         ("log_interval", cfg["log_interval"] >= 1, ">= 1"),
         ("workers", cfg["workers"] >= 0, ">= 0"),
+        ("checkpoint_interval", cfg["checkpoint_interval"] >= 0, ">= 0 (0 = at epoch ends only)"),
+        ("rollback_after", cfg["rollback_after"] >= 0, ">= 0 (0 = never)"),
+        ("max_bad_steps", cfg["max_bad_steps"] >= 1, ">= 1"),
+        ("dist_timeout", cfg["dist_timeout"] > 0, "> 0"),
     ]
     for key, ok, want in checks:
         if not ok:
             raise ValueError(f"--{key.replace('_', '-')} {cfg[key]!r} is out of range; use {want}")
+    for key in ("debug_nan_loss_at", "debug_nan_grad_at"):
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in cfg[key]):
+            raise ValueError(f"--{key.replace('_', '-')} {cfg[key]!r} must list integers >= 0")
 
 
 def _check_logits_identical(model: nn.Module) -> None:
@@ -335,7 +349,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     """
     cfg = resolve_config(DEFAULTS, overrides=cfg)
     _check_values(cfg)
-    dinfo = init_distributed(cfg["device"])
+    dinfo = init_distributed(cfg["device"], cfg["dist_timeout"])
     device, amp_dtype = dinfo.device, amp_dtype_for(dinfo.device, cfg["amp"])
     experiment = cfg["experiment"] or f"{cfg['model']}-{cfg['algo']}-{cfg['dataset']}-s{cfg['seed']}"
     run_dir = Path(cfg["output"]) / experiment
@@ -400,17 +414,37 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["smoothing"])
     keeper = CheckpointKeeper(run_dir, max_history=0)
 
-    start_epoch, start_batch, step = 0, 0, 0
-    history: list[dict[str, Any]] = []
-    if resume_path is not None:
-        state = load_checkpoint(resume_path, expect_kind="search", expect_model=spec["name"])
+    guard = BadStepGuard(
+        cfg["rollback_after"],
+        cfg["max_bad_steps"],
+        device,
+        hint=f"run the scan in fp32 (--no-amp) or lower --lr / --arch-lr; --resume auto continues from "
+        f"{run_dir / 'last.pt'}",
+        poison_loss_at=cfg["debug_nan_loss_at"],
+        poison_grad_at=cfg["debug_nan_grad_at"],
+    )
+
+    def restore(state: dict[str, Any]) -> int:
+        """Load weights, arch logits, both optimizers and the scheduler of a checkpoint; return its step."""
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer"])
         arch_optimizer.load_state_dict(state["arch_optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        scheduler.step_update(state["step"])
+        return int(state["step"])
+
+    start_epoch, start_batch, step = 0, 0, 0
+    epoch_sums: list[float] = [0.0] * 5  # the sums and samples of a resumed, half-done epoch
+    history: list[dict[str, Any]] = []
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, expect_kind="search", expect_model=spec["name"])
+        restore(state)
         keeper.load_state_dict(state.get("keeper", {}))
         arch_stream.load_state_dict(state["arch_stream"])
         start_epoch, start_batch, step = state["next_epoch"], state["next_batch"], state["step"]
+        guard.total, guard.rollbacks = state.get("bad_steps", 0), state.get("rollbacks", 0)
+        if start_batch > 0:
+            epoch_sums = list(state.get("epoch_sums", epoch_sums))
         history = [h for h in state.get("history", []) if h["epoch"] < start_epoch]
         rngs = state["rng"]
         if len(rngs) == dinfo.world_size:
@@ -466,6 +500,9 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
             "next_batch": next_batch,
             "step": step,
             "rng": gather_rng_states(),
+            "epoch_sums": [*sums.tolist(), float(seen)],
+            "bad_steps": guard.total,
+            "rollbacks": guard.rollbacks,
             "metrics": metrics,
             "history": history,
             "config": dict(cfg),
@@ -473,33 +510,37 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
 
-    def finite_or_skip(loss: torch.Tensor) -> bool:
-        """All ranks agree whether ``loss`` is finite (one all-reduce); count consecutive bad steps."""
-        nonlocal bad_steps
-        flag = torch.tensor([float(not torch.isfinite(loss))], device=device)
-        if dinfo.distributed:
-            dist.all_reduce(flag)
-        if flag.item() == 0:
-            bad_steps = 0
-            return True
-        bad_steps += 1
-        print_rank0(f"step {step}: non-finite loss, skipped ({bad_steps} in a row)")
-        if bad_steps >= cfg["max_bad_steps"]:
-            raise ValueError(
-                f"{bad_steps} non-finite losses in a row at step {step}; lower --lr / --arch-lr, set --clip-grad, or "
-                f"run without --amp (fp32); resume from {run_dir / 'last.pt'}"
-            )
-        return False
+    def save_last(epoch: int, next_batch: int) -> None:
+        """``last.pt`` mid-epoch (a signal or ``checkpoint_interval``); a collective, every rank calls it."""
+        state = make_state(epoch, epoch, next_batch, {})
+        if dinfo.is_main:
+            save_checkpoint({**state, "keeper": keeper.state_dict()}, run_dir / "last.pt")
 
-    bad_steps, interrupted, epochs_run = 0, False, 0
+    def after_bad_step(verdict: str) -> int:
+        """Log the count; on ``rollback``, back to the weights and logits of ``last.pt`` (the data moves on)."""
+        logger.scalar("train/bad_steps", guard.total, step)
+        last = run_dir / "last.pt"
+        if verdict != "rollback":
+            return step
+        if not last.is_file():
+            print_rank0(f"step {step}: {cfg['rollback_after']} bad steps in a row but no checkpoint yet; skipping on")
+            return step
+        back = restore(load_checkpoint(last, expect_kind="search", expect_model=spec["name"]))
+        print_rank0(f"step {step}: {cfg['rollback_after']} bad steps in a row; rolled back to step {back} of {last}")
+        logger.scalar("train/rollbacks", guard.rollbacks, back)
+        return back
+
+    interrupted, epochs_run = False, 0
+    interval = cfg["checkpoint_interval"]
     final: dict[str, Any] = dict(history[-1]) if history else {}
     with StopFlag() as stop:
         for epoch in range(start_epoch, cfg["epochs"]):
             loader.sampler.set_epoch(epoch, start=start_batch * bs)
             update_arch = arch_active(epoch, cfg["arch_warmup_epochs"])
             net.train()
-            sums = torch.zeros(4, device=device)  # weight loss, weight correct, arch loss, arch steps
-            seen, t_epoch = 0, time.perf_counter()
+            # weight loss, weight correct, arch loss, arch steps; then the samples seen
+            sums, seen = torch.tensor(epoch_sums[:4], device=device), int(epoch_sums[4])
+            t_epoch = time.perf_counter()
             for batch_idx, (images, targets) in enumerate(loader, start=start_batch):
                 images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
                 if mode == "hard":
@@ -513,21 +554,26 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
                     arch_optimizer.zero_grad(set_to_none=True)
                     with autocast(device, amp_dtype):
                         arch_out = net(arch_images)
-                    arch_loss = loss_fn(arch_out.float(), arch_targets)
+                    arch_loss = guard.poison(loss_fn(arch_out.float(), arch_targets))
                     arch_loss.backward()
-                    if finite_or_skip(arch_loss):
+                    verdict, _ = guard.check(arch_loss, model.arch_parameters(), step)
+                    if verdict == "ok":
                         arch_optimizer.step()
                         sums[2] += arch_loss.detach()
                         sums[3] += 1
+                    else:
+                        step = after_bad_step(verdict)
 
                 # Weight step: timm's optimizer over the weights only (joint: the arch optimizer steps here too).
                 optimizer.zero_grad(set_to_none=True)
                 arch_optimizer.zero_grad(set_to_none=True)
                 with autocast(device, amp_dtype):
                     output = net(images)
-                loss = loss_fn(output.float(), targets)
-                loss.backward()
-                if finite_or_skip(loss):
+                loss = guard.poison(loss_fn(output.float(), targets))
+                loss.backward()  # on every rank, even for a bad loss: DDP's gradient all-reduce needs all of them
+                # One small all-reduce agrees on "skip this step" (non-finite loss or gradient) and "stop".
+                verdict, stop_any = guard.check(loss, model.parameters(), step, stop.signum != 0)
+                if verdict == "ok":
                     if cfg["clip_grad"] > 0:
                         nn.utils.clip_grad_norm_(model.weight_parameters(), cfg["clip_grad"])
                     optimizer.step()
@@ -538,28 +584,28 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
                     sums[0] += loss.detach() * images.shape[0]
                     sums[1] += (output.argmax(-1) == targets).sum()
                     seen += images.shape[0]
-                if step % cfg["log_interval"] == 0:
-                    lr = optimizer.param_groups[0]["lr"]
-                    logger.scalar("train/loss", loss.item(), step)
-                    logger.scalar("train/lr", lr, step)
-                    if mode == "hard":
-                        logger.scalar("train/tau", model.named_mixers()[0][1].tau, step)
-                    logger.line(
-                        f"epoch {epoch} [{batch_idx + 1}/{updates_per_epoch}] loss {loss.item():.4f} lr {lr:.3g}"
-                    )
-                stop_flag = torch.tensor([float(stop.signum != 0)], device=device)
-                if dinfo.distributed:
-                    dist.all_reduce(stop_flag)
-                if stop_flag.item() > 0:
-                    state = make_state(epoch, epoch, batch_idx + 1, {})  # collective: every rank builds it
-                    if dinfo.is_main:
-                        save_checkpoint({**state, "keeper": keeper.state_dict()}, run_dir / "last.pt")
-                        print_rank0(f"stopped by signal {stop.signum} at step {step}; --resume auto continues")
+                    if step % cfg["log_interval"] == 0:
+                        lr = optimizer.param_groups[0]["lr"]
+                        logger.scalar("train/loss", loss.item(), step)
+                        logger.scalar("train/lr", lr, step)
+                        if mode == "hard":
+                            logger.scalar("train/tau", model.named_mixers()[0][1].tau, step)
+                        logger.line(
+                            f"epoch {epoch} [{batch_idx + 1}/{updates_per_epoch}] step {step} loss {loss.item():.4f} "
+                            f"lr {lr:.3g}"
+                        )
+                else:
+                    step = after_bad_step(verdict)
+                if stop_any:  # a signal: save where we are and return
+                    save_last(epoch, batch_idx + 1)
+                    print_rank0(f"stopped by signal {stop.signum} at step {step}; --resume auto continues")
                     interrupted = True
                     break
+                if verdict == "ok" and interval and step % interval == 0:
+                    save_last(epoch, batch_idx + 1)
             if interrupted:
                 break
-            start_batch = 0
+            start_batch, epoch_sums = 0, [0.0] * 5
             epoch_time = time.perf_counter() - t_epoch
 
             # Epoch end: arch-set accuracy of the supernet (softmax mixing; gdas: its top-m orders), probabilities.
@@ -582,19 +628,22 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
             state = make_state(epoch, epoch + 1, 0, metrics)  # collective: every rank builds it
             ckpt_path = run_dir / "last.pt"
             if dinfo.is_main:
-                written = keeper.save(state, epoch, metrics["arch_top1"])
-                ckpt_path = written["last"]
+                # Rows first: a kill between them and the checkpoint leaves rows the resumed run truncates and rewrites.
                 _append_jsonl(
                     probs_path, {"epoch": epoch, "labels": labels, "candidates": candidates, "probs": prob_rows}
                 )
+                logger.row(epoch, metrics)
+                written = keeper.save(state, epoch, metrics["arch_top1"])
+                ckpt_path = written["last"]
                 for k, v in metrics.items():
                     logger.scalar(f"epoch/{k}", v, epoch)
+                logger.scalar("epoch/bad_steps", guard.total, epoch)
+                logger.scalar("epoch/rollbacks", guard.rollbacks, epoch)
                 for label in labels:
                     for cand, p in zip(candidates, probs[label].tolist()):
                         logger.scalar(f"probs/{label}/{cand}", p, epoch)
                     logger.scalar(f"entropy/{label}", entropy(probs[label]), epoch)
                 logger.image("arch_probs", probs_heatmap(np.asarray(prob_rows)), epoch)
-                logger.row(epoch, metrics)
                 logger.line(f"epoch {epoch}: {format_metrics(metrics)}" + ("  *best" if "best" in written else ""))
                 logger.flush()
                 if on_epoch is not None:
@@ -623,6 +672,8 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
         "checkpoint": str(run_dir / "last.pt"),
         "epochs_run": epochs_run,
         "interrupted": interrupted,
+        "bad_steps": guard.total,
+        "rollbacks": guard.rollbacks,
     }
 
 

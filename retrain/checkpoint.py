@@ -209,11 +209,12 @@ class CheckpointKeeper:
                 hist_path = self.run_dir / f"checkpoint-{epoch}.pt"
             new_history = kept
         state = {**state, "keeper": self.state_dict(history=new_history)}
-        written["last"] = save_checkpoint(state, self.run_dir / "last.pt")
-        if is_best:
-            written["best"] = save_checkpoint(state, self.run_dir / "best.pt")
+        # last.pt is written last: it is the commit point, so a kill in between leaves a consistent last.pt.
         if hist_path is not None:
             written["history"] = save_checkpoint(state, hist_path)
+        if is_best:
+            written["best"] = save_checkpoint(state, self.run_dir / "best.pt")
+        written["last"] = save_checkpoint(state, self.run_dir / "last.pt")
         for _, old_epoch in self.history:
             if all(e != old_epoch for _, e in new_history):
                 (self.run_dir / f"checkpoint-{old_epoch}.pt").unlink(missing_ok=True)

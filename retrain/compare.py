@@ -54,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "output": "runs",
     "experiment": "comparison",
     "collect_only": False,  # never train; build the table from the run directories that exist
+    "jobs": 1,  # trainings at a time: 1 runs them here one after another; N > 1 runs N processes side by side
     "param_tolerance": 0.10,
     "on_mismatch": "refuse",  # refuse | flag
     "metric": "final",  # final (last epoch's top-1) | best (best epoch's top-1, optimistic)
@@ -519,6 +520,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         _check_sizes(rows, ref, cfg, [r.params_expected for r in rows])
 
     notes: list[str] = []
+    pending: list[tuple[Row, int, dict[str, Any], Path]] = []
     for row in rows:
         expected = {**recipe, **row.overrides}
         for seed in cfg["seeds"]:
@@ -545,13 +547,21 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
                     "resume": "auto" if (run_dir / "last.pt").is_file() else "",
                 },
             )
+            pending.append((row, int(seed), train_cfg, run_dir))
+    if cfg["jobs"] > 1 and len(pending) > 1:
+        _run_parallel(pending, cfg["jobs"])
+    else:
+        for row, seed, train_cfg, run_dir in pending:
             print(f"== {row.name}, seed {seed} -> {run_dir}", flush=True)
             result = train_mod.main(train_cfg)
             (run_dir / _RESULTS).write_text(json.dumps(_jsonable(result), indent=1, sort_keys=True) + "\n")
-            got = collect_run(run_dir, cost_if_missing=False)
-            if got is None or result.get("interrupted"):
+            if result.get("interrupted"):
                 raise KeyboardInterrupt(f"{row.name} seed {seed} was interrupted; rerun the same command to continue")
-            row.runs.append(got)
+    for row, seed, _, run_dir in pending:
+        got = collect_run(run_dir, cost_if_missing=True)
+        if got is None or not _finished(got):
+            raise RuntimeError(f"{row.name} seed {seed} did not finish (see {run_dir}); rerun the same command")
+        row.runs.append(got)
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
 
@@ -572,6 +582,33 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
     print(md, end="")
     print(f"written: {paths['md']}, {paths['csv']}, {paths['plot']}")
     return {"table": table, "markdown": md, "dir": out_dir, **paths}
+
+
+def _run_parallel(pending: Sequence[tuple[Row, int, dict[str, Any], Path]], jobs: int) -> None:
+    """Train several (row, seed) runs side by side, each its own ``retrain.train`` process (e.g. on one GPU).
+
+    Each run's resolved config goes to ``runs/<row>/seed<S>.yaml`` and its output to ``runs/<row>/seed<S>.log``.
+    """
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(item: tuple[Row, int, dict[str, Any], Path]) -> tuple[str, int, int]:
+        row, seed, train_cfg, run_dir = item
+        cfg_path = save_config(train_cfg, run_dir.parent / f"seed{seed}.yaml")
+        log_path = run_dir.parent / f"seed{seed}.log"
+        print(f"== start {row.name}, seed {seed} -> {run_dir} (log {log_path})", flush=True)
+        with open(log_path, "a") as log:
+            proc = subprocess.run(
+                [sys.executable, "-m", "retrain.train", "-c", str(cfg_path)], stdout=log, stderr=subprocess.STDOUT
+            )
+        print(f"== done  {row.name}, seed {seed}: exit {proc.returncode}", flush=True)
+        return row.name, seed, proc.returncode
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        failed = [(n, s, rc) for n, s, rc in pool.map(one, pending) if rc != 0]
+    if failed:
+        what = ", ".join(f"{n} seed {s} (exit {rc})" for n, s, rc in failed)
+        raise RuntimeError(f"training failed for {what}; see the seed<S>.log files next to their run directories")
 
 
 def _finished(run: dict[str, Any]) -> bool:

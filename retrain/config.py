@@ -255,7 +255,8 @@ def run_cli(
     """The thin shell around ``main(cfg)``: resolve the config, run, and turn user errors into one line.
 
     Configuration, data, arch-file and checkpoint errors (``ValueError`` and ``FileNotFoundError`` families) print
-    ``error: <one line>`` on stderr and return 2; ``--debug`` (or ``debug: true``) shows the traceback instead.
+    ``error: <one line>`` on stderr and return 2; a collective that fails because another rank died or timed out
+    prints one line and returns 1; ``--debug`` (or ``debug: true``) shows the traceback too.
 
     Returns:
         The process exit status.
@@ -271,4 +272,28 @@ def run_cli(
             traceback.print_exc()
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        rank = _lost_peer_rank(e)
+        if rank is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(
+            f"error: rank {rank} lost contact with the other ranks ({_one_line(e)[:200]}); another rank died or hung; "
+            f"rerun the same command with --resume auto to continue from the newest complete checkpoint",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _lost_peer_rank(e: RuntimeError) -> int | None:
+    """This process's rank when ``e`` is a collective that failed because a peer died or timed out, else None."""
+    dist = sys.modules.get("torch.distributed")  # only loaded by runs that can be distributed
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
+        return None
+    msg = str(e)
+    comm = isinstance(e, getattr(dist, "DistError", ())) or any(
+        word in msg for word in ("gloo", "Connection reset", "Connection closed", "NCCL", "timed out", "Timed out")
+    )
+    return dist.get_rank() if comm else None

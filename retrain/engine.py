@@ -27,7 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
+    "BadStepGuard",
     "DistInfo",
+    "DivergedError",
     "RunLogger",
     "StopFlag",
     "all_reduce_mean",
@@ -86,13 +88,15 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
     return torch.device(device)
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     """Set up from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), or a single process.
 
     Uses NCCL on CUDA and gloo on CPU. Calling it again in an initialized process returns the same info.
 
     Args:
         device: ``"auto"`` (CUDA when visible), ``"cuda"``, ``"cpu"``.
+        timeout_s: how long a collective waits for the other ranks before failing (a dead rank then stops the
+            survivors instead of hanging them).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -102,7 +106,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, is_main=rank == 0)
@@ -326,6 +330,94 @@ def gather_rng_states() -> list[dict[str, Any]]:
     states: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(states, state)
     return states
+
+
+class DivergedError(ValueError):
+    """Too many non-finite steps: the run stops; the message is one line naming the step and what to try."""
+
+
+class BadStepGuard:
+    """Skips steps whose loss or gradients are not finite, asks for a rollback after ``rollback_after`` in a row,
+    and stops the run after ``max_bad_steps`` in all.
+
+    Under DDP one all-reduce per check makes every rank take the same decision; the same all-reduce carries the
+    "a signal arrived" flag, so that all ranks stop at the same step boundary. ``poison_loss_at`` /
+    ``poison_grad_at`` are a test hook: the checks with these indices (0-based, counting every check of this
+    process, skipped ones included) get a NaN loss / a NaN gradient, standing in for an fp16 overflow.
+
+    Args:
+        rollback_after: consecutive bad steps that trigger a rollback (0 = never roll back).
+        max_bad_steps: bad steps in all (across rollbacks) after which :meth:`check` raises :class:`DivergedError`.
+        device: where the flag tensor lives (the backend's device).
+        hint: what to try, appended to the stop message.
+    """
+
+    def __init__(
+        self,
+        rollback_after: int,
+        max_bad_steps: int,
+        device: torch.device,
+        hint: str = "",
+        poison_loss_at: Iterable[int] = (),
+        poison_grad_at: Iterable[int] = (),
+    ) -> None:
+        self.rollback_after, self.max_bad_steps, self.device, self.hint = rollback_after, max_bad_steps, device, hint
+        self.poison_loss_at, self.poison_grad_at = set(poison_loss_at), set(poison_grad_at)
+        self.checks = 0  # losses checked by this process (the test hook's clock)
+        self.in_a_row = 0
+        self.total = 0
+        self.rollbacks = 0
+
+    def poison(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss, or NaN when the test hook says so for the coming check (call before ``backward``)."""
+        return loss * float("nan") if self.checks in self.poison_loss_at else loss
+
+    def check(
+        self, loss: torch.Tensor, params: Iterable[nn.Parameter], step: int, stop: bool = False
+    ) -> tuple[str, bool]:
+        """Decide, on every rank alike, what to do with a step whose backward has run.
+
+        Args:
+            loss: this rank's loss (a scalar).
+            params: the parameters about to be stepped (their ``.grad`` is checked).
+            step: the optimizer step this would be (for messages).
+            stop: whether this rank received a stop signal.
+
+        Returns:
+            ``(verdict, stop_any)``: verdict ``"ok"`` (step), ``"skip"`` or ``"rollback"`` (do not step); and
+            whether any rank received a stop signal.
+
+        Raises:
+            DivergedError: the ``max_bad_steps``-th bad step.
+        """
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.checks in self.poison_grad_at and grads:
+            grads[0].fill_(float("nan"))
+        self.checks += 1
+        bad = not torch.isfinite(loss.detach()).all()
+        if not bad and grads:
+            # One reduction over all gradients: a NaN or inf anywhere makes the sum of norms non-finite.
+            bad = not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum())
+        flags = torch.tensor([float(bad), float(stop)], device=self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flags)
+        stop_any = bool(flags[1] > 0)
+        if flags[0] == 0:
+            self.in_a_row = 0
+            return "ok", stop_any
+        self.in_a_row += 1
+        self.total += 1
+        print_rank0(f"step {step}: non-finite loss or gradient, skipped ({self.in_a_row} in a row, {self.total} total)")
+        if self.total >= self.max_bad_steps:
+            raise DivergedError(
+                f"stopped at step {step}: {self.total} non-finite losses or gradients ({self.in_a_row} in a row, "
+                f"{self.rollbacks} rollbacks); {self.hint}"
+            )
+        if self.rollback_after and self.in_a_row >= self.rollback_after:
+            self.in_a_row = 0
+            self.rollbacks += 1
+            return "rollback", stop_any
+        return "skip", stop_any
 
 
 class StopFlag:

@@ -40,6 +40,7 @@ from retrain.checkpoint import CheckpointKeeper, load_checkpoint, resolve_resume
 from retrain.config import resolve_config, run_cli, save_config
 from retrain.data import DatasetInfo, build_dataset, build_loader
 from retrain.engine import (
+    BadStepGuard,
     RunLogger,
     StopFlag,
     amp_dtype_for,
@@ -92,7 +93,8 @@ DEFAULTS: dict[str, Any] = {
     "model_ema": False,
     "model_ema_decay": 0.999,
     "amp": True,  # bf16 autocast on CUDA; CPU always runs fp32
-    "max_bad_steps": 20,  # stop after this many consecutive non-finite losses (each is skipped)
+    "rollback_after": 5,  # non-finite steps in a row that roll back to the last checkpoint (0 = never)
+    "max_bad_steps": 20,  # non-finite steps in all (each is skipped) after which the run stops
     # run
     "seed": 0,
     "output": "runs",
@@ -100,10 +102,15 @@ DEFAULTS: dict[str, Any] = {
     "resume": "",  # a checkpoint path, or "auto" (newest complete checkpoint of this run)
     "eval_only": "",  # a checkpoint path: evaluate it and exit
     "checkpoint_hist": 3,
+    "checkpoint_interval": 0,  # also save last.pt every this many steps (0 = at epoch ends only)
     "eval_metric": "top1",
     "log_interval": 50,
     "device": "auto",
+    "dist_timeout": 600.0,  # seconds a rank waits for the others before the run stops (a rank died)
     "debug": False,
+    # test hooks: NaN loss / gradient at these checks (0-based, every checked step of the process counts)
+    "debug_nan_loss_at": [],
+    "debug_nan_grad_at": [],
 }
 
 DESCRIPTION = "Train a derived arch, one of our vision Mamba models, or any timm model from scratch."
@@ -215,11 +222,18 @@ def _check_values(cfg: dict[str, Any]) -> None:
         ("checkpoint_hist", cfg["checkpoint_hist"] >= 0, ">= 0"),
         ("workers", cfg["workers"] >= 0, ">= 0"),
         ("log_interval", cfg["log_interval"] >= 1, ">= 1"),
+        ("checkpoint_interval", cfg["checkpoint_interval"] >= 0, ">= 0 (0 = at epoch ends only)"),
+        ("rollback_after", cfg["rollback_after"] >= 0, ">= 0 (0 = never)"),
+        ("max_bad_steps", cfg["max_bad_steps"] >= 1, ">= 1"),
+        ("dist_timeout", cfg["dist_timeout"] > 0, "> 0"),
         ("eval_metric", cfg["eval_metric"] in ("top1", "top5", "loss"), "one of top1, top5, loss"),
     ]
     for key, ok, want in checks:
         if not ok:
             raise ValueError(f"--{key.replace('_', '-')} {cfg[key]!r} is out of range; use a value {want}")
+    for key in ("debug_nan_loss_at", "debug_nan_grad_at"):
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in cfg[key]):
+            raise ValueError(f"--{key.replace('_', '-')} {cfg[key]!r} must list integers >= 0")
     if (cfg["mixup"] > 0 or cfg["cutmix"] > 0) and cfg["batch_size"] % 2:
         raise ValueError(f"mixup/cutmix need an even --batch-size, got {cfg['batch_size']}")
 
@@ -279,7 +293,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     if cfg["eval_only"]:
         return _eval_only(cfg)
     _check_values(cfg)
-    dinfo = init_distributed(cfg["device"])
+    dinfo = init_distributed(cfg["device"], cfg["dist_timeout"])
     device, amp_dtype = dinfo.device, amp_dtype_for(dinfo.device, cfg["amp"])
     run_dir = Path(cfg["output"]) / (cfg["experiment"] or _experiment_name(cfg))
     resume_path = resolve_resume(cfg["resume"], run_dir, verbose=dinfo.is_main)
@@ -342,16 +356,35 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     ema = ModelEmaV3(model, decay=cfg["model_ema_decay"], use_warmup=True) if cfg["model_ema"] else None
     keeper = CheckpointKeeper(run_dir, max_history=cfg["checkpoint_hist"], decreasing=cfg["eval_metric"] == "loss")
 
-    start_epoch, start_batch, step = 0, 0, 0
-    if resume_path is not None:
-        state = load_checkpoint(resume_path, expect_kind="retrain", expect_model=spec["name"])
+    guard = BadStepGuard(
+        cfg["rollback_after"],
+        cfg["max_bad_steps"],
+        device,
+        hint=f"run the scan in fp32 (--no-amp) or lower --lr; --resume auto continues from {run_dir / 'last.pt'}",
+        poison_loss_at=cfg["debug_nan_loss_at"],
+        poison_grad_at=cfg["debug_nan_grad_at"],
+    )
+
+    def restore(state: dict[str, Any]) -> int:
+        """Load weights, EMA, optimizer and scheduler of a checkpoint; return its step."""
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema") is not None:
             ema.module.load_state_dict(state["ema"])
+        scheduler.step_update(state["step"])
+        return int(state["step"])
+
+    start_epoch, start_batch, step = 0, 0, 0
+    epoch_sums: list[float] = [0.0, 0.0]  # loss sum and samples of a resumed, half-done epoch
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, expect_kind="retrain", expect_model=spec["name"])
+        restore(state)
         keeper.load_state_dict(state.get("keeper", {}))
         start_epoch, start_batch, step = state["next_epoch"], state["next_batch"], state["step"]
+        guard.total, guard.rollbacks = state.get("bad_steps", 0), state.get("rollbacks", 0)
+        if start_batch > 0:
+            epoch_sums = list(state.get("epoch_sums", epoch_sums))
         rngs = state["rng"]
         if len(rngs) == dinfo.world_size:
             set_rng_state(rngs[dinfo.rank])
@@ -390,41 +423,52 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
             "next_batch": next_batch,
             "step": step,
             "rng": gather_rng_states(),
+            "epoch_sums": [float(loss_sum.item()), float(seen)],
+            "bad_steps": guard.total,
+            "rollbacks": guard.rollbacks,
             "metrics": metrics,
             "config": dict(cfg),
         }
 
+    def save_last(epoch: int, next_batch: int) -> None:
+        """``last.pt`` mid-epoch (a signal or ``checkpoint_interval``); a collective, every rank calls it."""
+        state = make_state(epoch, epoch, next_batch, {})
+        if dinfo.is_main:
+            save_checkpoint({**state, "keeper": keeper.state_dict()}, run_dir / "last.pt")
+
+    def roll_back() -> int:
+        """Back to the weights of ``last.pt`` (the data moves on, skipping the batches in between); the new step."""
+        last = run_dir / "last.pt"
+        if not last.is_file():
+            print_rank0(f"step {step}: {cfg['rollback_after']} bad steps in a row but no checkpoint yet; skipping on")
+            return step
+        back = restore(load_checkpoint(last, expect_kind="retrain", expect_model=spec["name"]))
+        print_rank0(f"step {step}: {cfg['rollback_after']} bad steps in a row; rolled back to step {back} of {last}")
+        logger.scalar("train/rollbacks", guard.rollbacks, back)
+        return back
+
     final: dict[str, Any] = dict(state["metrics"]) if resume_path is not None else {}
-    img_s, bad_steps, interrupted, epochs_run = 0.0, 0, False, 0
+    img_s, interrupted, epochs_run = 0.0, False, 0
+    interval = cfg["checkpoint_interval"]
     with StopFlag() as stop:
         for epoch in range(start_epoch, cfg["epochs"]):
             loader.sampler.set_epoch(epoch, start=start_batch * cfg["batch_size"])
             net.train()
-            loss_sum, seen, t_epoch = torch.zeros((), device=device), 0, time.perf_counter()
+            loss_sum, seen = torch.tensor(epoch_sums[0], device=device), int(epoch_sums[1])
+            t_epoch = time.perf_counter()
             for batch_idx, (images, targets) in enumerate(loader, start=start_batch):
                 images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
                 if mixup_fn is not None:
                     images, targets = mixup_fn(images, targets)
                 with autocast(device, amp_dtype):
                     output = net(images)
-                loss = loss_fn(output.float(), targets)
+                loss = guard.poison(loss_fn(output.float(), targets))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # on every rank, even for a bad loss: DDP's gradient all-reduce needs all of them
 
-                # One small all-reduce agrees on "skip this step" (non-finite loss) and "stop" across ranks.
-                flags = torch.tensor([float(not torch.isfinite(loss)), float(stop.signum != 0)], device=device)
-                if dinfo.distributed:
-                    dist.all_reduce(flags)
-                if flags[0] > 0:
-                    bad_steps += 1
-                    print_rank0(f"step {step}: non-finite loss, skipped ({bad_steps} in a row)")
-                    if bad_steps >= cfg["max_bad_steps"]:
-                        raise ValueError(
-                            f"{bad_steps} non-finite losses in a row at step {step}; lower --lr, set --clip-grad, "
-                            f"or run without --amp (fp32); resume from {run_dir / 'last.pt'}"
-                        )
-                else:
-                    bad_steps = 0
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                # One small all-reduce agrees on "skip this step" (non-finite loss or gradient) and "stop".
+                verdict, stop_any = guard.check(loss, model.parameters(), step, stop.signum != 0)
+                if verdict == "ok":
                     if cfg["clip_grad"] > 0:
                         nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad"])
                     optimizer.step()
@@ -434,23 +478,28 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
                     scheduler.step_update(step)
                     loss_sum += loss.detach() * images.shape[0]
                     seen += images.shape[0]
-                if step % cfg["log_interval"] == 0 and flags[0] == 0:
-                    lr = optimizer.param_groups[0]["lr"]
-                    logger.scalar("train/loss", loss.item(), step)
-                    logger.scalar("train/lr", lr, step)
-                    logger.line(
-                        f"epoch {epoch} [{batch_idx + 1}/{updates_per_epoch}] loss {loss.item():.4f} lr {lr:.3g}"
-                    )
-                if flags[1] > 0:  # a signal: save where we are and return
-                    state = make_state(epoch, epoch, batch_idx + 1, {})  # collective: every rank builds it
-                    if dinfo.is_main:
-                        save_checkpoint({**state, "keeper": keeper.state_dict()}, run_dir / "last.pt")
-                        print_rank0(f"stopped by signal {stop.signum} at step {step}; --resume auto continues")
+                    if step % cfg["log_interval"] == 0:
+                        lr = optimizer.param_groups[0]["lr"]
+                        logger.scalar("train/loss", loss.item(), step)
+                        logger.scalar("train/lr", lr, step)
+                        logger.line(
+                            f"epoch {epoch} [{batch_idx + 1}/{updates_per_epoch}] step {step} loss {loss.item():.4f} "
+                            f"lr {lr:.3g}"
+                        )
+                else:
+                    logger.scalar("train/bad_steps", guard.total, step)
+                    if verdict == "rollback":
+                        step = roll_back()
+                if stop_any:  # a signal: save where we are and return
+                    save_last(epoch, batch_idx + 1)
+                    print_rank0(f"stopped by signal {stop.signum} at step {step}; --resume auto continues")
                     interrupted = True
                     break
+                if verdict == "ok" and interval and step % interval == 0:
+                    save_last(epoch, batch_idx + 1)
             if interrupted:
                 break
-            start_batch = 0
+            start_batch, epoch_sums = 0, [0.0, 0.0]
             epoch_time = time.perf_counter() - t_epoch
             img_s = seen * dinfo.world_size / max(epoch_time, 1e-9)
             train_loss = float(loss_sum.item()) / max(seen, 1)
@@ -466,11 +515,14 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
             state = make_state(epoch, epoch + 1, 0, metrics)  # collective: every rank builds it
             ckpt_path = run_dir / "last.pt"
             if dinfo.is_main:
+                # The row first: a kill between the two leaves a row that the resumed run truncates and rewrites.
+                logger.row(epoch, metrics)
                 written = keeper.save(state, epoch, metric)
                 ckpt_path = written["last"]
                 for k, v in metrics.items():
                     logger.scalar(f"epoch/{k}", v, epoch)
-                logger.row(epoch, metrics)
+                logger.scalar("epoch/bad_steps", guard.total, epoch)
+                logger.scalar("epoch/rollbacks", guard.rollbacks, epoch)
                 logger.line(f"epoch {epoch}: {format_metrics(metrics)}" + ("  *best" if "best" in written else ""))
                 logger.flush()
                 if on_epoch is not None:
@@ -491,6 +543,8 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
         "best_epoch": keeper.best_epoch,
         "epochs_run": epochs_run,
         "interrupted": interrupted,
+        "bad_steps": guard.total,
+        "rollbacks": guard.rollbacks,
     }
 
 

@@ -1,0 +1,95 @@
+"""Helpers of the reliability tests: run the CLIs as subprocesses on one CPU thread, compare finished runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from retrain.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a CLI subprocess: this checkout importable, one thread (tiny models on a shared CPU)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.setdefault("TRITON_INTERPRET", "1")
+    return env
+
+
+def start(module: str, args: Sequence[str], log: Path) -> subprocess.Popen:
+    """``python -m module args`` with stdout piped (progress lines) and stderr appended to ``log``."""
+    err = open(log, "a")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, *args], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=err, text=True
+    )
+    err.close()
+    return proc
+
+
+_STEP = re.compile(r"\] step (\d+) ")
+
+
+def run_and_kill_at(module: str, args: Sequence[str], step: int, log: Path) -> tuple[int, int | None]:
+    """Run until a progress line reports ``step`` (or later), then SIGKILL; return (exit status, step seen)."""
+    proc = start(module, args, log)
+    seen = None
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        m = _STEP.search(line)
+        if m and int(m.group(1)) >= step:
+            seen = int(m.group(1))
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.stdout.close()
+    return proc.wait(timeout=120), seen
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Wait for a run; fail with the end of its stderr when it does not exit 0."""
+    assert proc.stdout is not None
+    proc.stdout.read()
+    proc.stdout.close()
+    rc = proc.wait(timeout=timeout)
+    assert rc == 0, f"exit {rc}: {log.read_text()[-3000:]}"
+
+
+def rows(path: Path, drop: Sequence[str] = ("img_s",)) -> list[dict[str, str]]:
+    """``summary.csv`` rows without the columns that measure time."""
+    with open(path, newline="") as f:
+        return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(f)]
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def assert_same_state(a_path: Path, b_path: Path) -> None:
+    """Two checkpoints hold bit-identical weights, arch logits (search), optimizer state and step."""
+    a, b = load_checkpoint(a_path), load_checkpoint(b_path)
+    assert (a["step"], a["next_epoch"], a["next_batch"]) == (b["step"], b["next_epoch"], b["next_batch"])
+    assert a["model_state"].keys() == b["model_state"].keys()
+    diff = [k for k in a["model_state"] if not torch.equal(a["model_state"][k], b["model_state"][k])]
+    assert not diff, f"weights differ: {diff[:5]}"
+    if "arch_logits" in a:
+        assert all(torch.equal(a["arch_logits"][k], b["arch_logits"][k]) for k in a["arch_logits"])
+    for opt in ("optimizer", "arch_optimizer", "ema"):
+        if a.get(opt) is None:
+            continue
+        sa = a[opt]["state"] if "state" in a[opt] else a[opt]
+        sb = b[opt]["state"] if "state" in b[opt] else b[opt]
+        for k in sa:
+            va, vb = sa[k], sb[k]
+            if isinstance(va, dict):
+                assert all(torch.equal(torch.as_tensor(va[n]), torch.as_tensor(vb[n])) for n in va), (opt, k)
+            else:
+                assert torch.equal(torch.as_tensor(va), torch.as_tensor(vb)), (opt, k)

@@ -1,0 +1,104 @@
+"""Two processes under torchrun (gloo, CPU): the ranks agree on everything, and a dead rank stops the run cleanly.
+
+This file is also the rank script: torchrun starts it as ``__main__`` with a mode and a directory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from reliability_testutils import REPO, cli_env
+
+from retrain.checkpoint import load_checkpoint
+
+TINY = {
+    "model": "test_local_vim_search",
+    "algo": "darts",
+    "img_size": 16,
+    "num_samples": 128,
+    "batch_size": 8,
+    "epochs": 1,
+    "warmup_epochs": 0,
+    "arch_warmup_epochs": 0,
+    "arch_lr": 3e-2,
+    "device": "cpu",
+}  # 2 ranks x 4 steps per epoch
+
+
+def _torchrun(mode: str, out_dir: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["--max-restarts", "0", __file__, mode, str(out_dir)]
+    return subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_ranks_agree_on_logits_bad_steps_and_derived_arch(tmp_path) -> None:
+    """Rank 1 alone gets a NaN gradient: both ranks skip that step, and end with the same logits and arch."""
+    proc = _torchrun("agree", tmp_path)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["bad_steps"] == r1["bad_steps"] == 1
+    assert r0["logits"].keys() == r1["logits"].keys()
+    assert all(torch.equal(r0["logits"][k], r1["logits"][k]) for k in r0["logits"])
+    assert yaml.safe_load((tmp_path / "arch0.yaml").read_text()) == yaml.safe_load(
+        (tmp_path / "arch1.yaml").read_text()
+    )
+    saved = load_checkpoint(tmp_path / "runs" / "agree" / "last.pt")["arch_logits"]
+    assert all(torch.equal(saved[k], r0["logits"][k]) for k in saved)
+
+
+def test_a_killed_rank_stops_the_run_without_hanging_and_it_resumes(tmp_path) -> None:
+    proc = _torchrun("kill", tmp_path)
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "] step 3 " in line:  # checkpoints at steps 2, 4, ...: kill rank 1 between two
+            os.kill(int((tmp_path / "rank1.pid").read_text()), signal.SIGKILL)
+            t_kill = time.monotonic()
+            break
+    else:
+        raise AssertionError("".join(lines)[-3000:])
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and time.monotonic() - t_kill < 45, rest[-3000:]
+    assert "[rank0]: Traceback" not in rest and "error: rank 0 lost contact with the other ranks" in rest, rest[-3000:]
+    state = load_checkpoint(tmp_path / "runs" / "kill" / "last.pt", expect_kind="search")
+    assert state["step"] >= 2
+
+    proc = _torchrun("resume", tmp_path)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "resume auto: using" in out
+    assert load_checkpoint(tmp_path / "runs" / "kill" / "last.pt")["step"] == 2 * 128 // 2 // 2 // 8
+
+
+if __name__ == "__main__":  # one rank, started by torchrun
+    import nas.search as search
+    from nas.vis_search_prob import derive
+    from search_spaces import load_space
+
+    mode, out_dir = sys.argv[1], Path(sys.argv[2])
+    rank = int(os.environ["RANK"])
+    cfg = {**TINY, "output": str(out_dir / "runs"), "dist_timeout": 20.0}
+    if mode == "agree":
+        result = search.main({**cfg, "experiment": "agree", "debug_nan_grad_at": [3] if rank == 1 else []})
+        logits = {k: torch.tensor(v) for k, v in result["arch_logits"].items()}
+        torch.save({"logits": logits, "bad_steps": result["bad_steps"]}, out_dir / f"rank{rank}.pt")
+        probs = [result["arch_probs"][label] for label in result["labels"]]
+        arch = derive(result["labels"], probs, load_space("localmamba"), model=result["derived_model_name"])
+        (out_dir / f"arch{rank}.yaml").write_text(yaml.safe_dump(arch.to_dict()))
+    else:
+        (out_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
+        args = [f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()]
+        args += ["--epochs", "2", "--checkpoint-interval", "2", "--log-interval", "1", "--experiment", "kill"]
+        args += ["--resume", "auto"] if mode == "resume" else []
+        from retrain.config import run_cli
+
+        sys.exit(run_cli(search.main, search.DEFAULTS, args))
