@@ -7,6 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Tiny models: one thread per process is faster than several fighting over small ops.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 PY="${PY:-.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
 RUN="demo_runs/$(date -u +%Y%m%d-%H%M%S)-$$"
