@@ -20,6 +20,9 @@ weights' decay, are never averaged into an EMA, and stay frozen for ``arch_warmu
 probabilities and entropy, a layers × candidates heatmap per epoch), ``arch_probs.jsonl`` (one line per epoch), and
 ``last.pt`` / ``best.pt`` (by arch-set top-1) holding everything needed to resume. Derive the arch with
 ``python -m nas.vis_search_prob RUN_DIR``.
+
+Checkpointing, ``--resume auto``, ``--checkpoint-interval``, signals and the handling of non-finite steps are those
+of ``retrain.train`` (arch steps included); every checkpoint asserts that all ranks hold the same arch logits.
 """
 
 from __future__ import annotations

@@ -27,7 +27,6 @@ asked), ``best_config.yaml`` (accepted by the target's ``-c`` as is), ``trials.c
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime as _dt
 import difflib
@@ -46,7 +45,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from retrain.config import ConfigError, resolve_config, save_config
+from retrain.config import ConfigError, OneLineArgumentParser, resolve_config, save_config
 
 __all__ = ["DEFAULTS", "TARGETS", "SweepSpace", "load_sweep_space", "main"]
 
@@ -225,7 +224,7 @@ def load_sweep_space(path: str | Path, defaults: Mapping[str, Any]) -> SweepSpac
     path = Path(path)
     source = f"sweep space {path}"
     if not path.is_file():
-        raise ConfigError(f"sweep space file not found: {path.resolve()}")
+        raise ConfigError(f"sweep space file not found: {path.resolve()}; check the path given to --space")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -706,7 +705,7 @@ def _interrupted(results: Any) -> bool:
 
 
 def _parse_args(argv: Sequence[str] | None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="python -m nas.tune",
         description="Sweep the hyper-parameters of nas.search or retrain.train with Ray Tune + Optuna TPE + ASHA.",
     )

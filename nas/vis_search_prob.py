@@ -17,7 +17,6 @@ the checkpoint's, not the clock's.
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import math
@@ -30,6 +29,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from retrain.config import OneLineArgumentParser
 from search_spaces import ArchSpec, LayerChoice, SearchSpace, list_presets, load_space, save_arch, select_top_k
 
 __all__ = ["DEFAULTS", "derive", "main", "read_arch_probs_jsonl"]
@@ -493,7 +493,7 @@ def _derived_name_from_config(search_cfg: dict[str, Any]) -> str | None:
 
 
 def _parse_args(argv: Sequence[str] | None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="python -m nas.vis_search_prob",
         description="Derive the searched arch (top-k orders per layer) into an arch file, with a heatmap and "
         "probability trajectories.",

@@ -19,11 +19,11 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 import yaml
 
-__all__ = ["ConfigError", "load_config", "resolve_config", "run_cli", "save_config"]
+__all__ = ["ConfigError", "OneLineArgumentParser", "load_config", "resolve_config", "run_cli", "save_config"]
 
 
 class ConfigError(ValueError):
@@ -35,8 +35,17 @@ def _one_line(msg: str) -> str:
 
 
 def _nearest(key: str, valid: Sequence[str]) -> str:
-    near = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    # A valid key that the unknown one extends or abbreviates ('lr_rate' -> 'lr') beats mere spelling likeness.
+    parts = [v for v in valid if key.startswith(v + "_") or v.startswith(key + "_")]
+    near = sorted(parts, key=len, reverse=True)[:1] or difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     return f"; did you mean '{near[0]}'?" if near else ""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors are one line (``error: ...; see PROG --help``), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {_one_line(message)}; see {self.prog} --help\n")
 
 
 def _type_name(default: Any) -> str:
@@ -199,7 +208,7 @@ def resolve_config(
         try:
             ns, unknown = parser.parse_known_args(list(argv))
         except argparse.ArgumentError as e:  # a bad value for a typed flag
-            raise ConfigError(_one_line(f"command line: {e}")) from None
+            raise ConfigError(_one_line(f"command line: {e}; see --help")) from None
         except SystemExit as e:
             if e.code == 0:  # --help
                 raise

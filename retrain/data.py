@@ -180,14 +180,18 @@ def read_idx(path: str | Path) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path.resolve()}: not an IDX file (bad magic number)")
+        raise ValueError(
+            f"{path.resolve()}: not an IDX file (bad magic number); replace it with the original MNIST-format file"
+        )
     ndim = data[3]
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     count = int(np.prod(shape)) if shape else 0
     body = data[4 + 4 * ndim :]
     if len(body) < count * dtype.itemsize:
-        raise ValueError(f"{path.resolve()}: truncated IDX file ({len(body)} of {count * dtype.itemsize} bytes)")
+        raise ValueError(
+            f"{path.resolve()}: truncated IDX file ({len(body)} of {count * dtype.itemsize} bytes); download it again"
+        )
     return np.frombuffer(body, dtype=dtype, count=count).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -317,9 +321,13 @@ def _build_imagefolder(data_dir: Path, split: str, img_size: int, in_chans: int 
         interpolation="bicubic",
         re_prob=kw.get("reprob", 0.0),
     )
-    ds = ImageFolder(str(folder), transform=transform)
+    hint = "put the images in one folder per class (train/<class>/*.jpg, val/<class>/*.jpg)"
+    try:
+        ds = ImageFolder(str(folder), transform=transform)
+    except FileNotFoundError as e:  # torchvision: no class folder, or a class folder without images
+        raise ValueError(f"imagefolder: no images under {folder.resolve()} ({e}); {hint}") from None
     if len(ds) == 0:
-        raise ValueError(f"imagefolder: no images under {folder.resolve()}")
+        raise ValueError(f"imagefolder: no images under {folder.resolve()}; {hint}")
     return ds, DatasetInfo(len(ds.classes), 3, img_size)
 
 
@@ -388,6 +396,11 @@ def build_dataset(
     else:
         images, labels = _load_cifar(name, data_dir, split, download)
         hflip, num_classes = True, 10 if name == "cifar10" else 100
+    if len(images) == 0 or len(images) != len(labels):
+        raise ValueError(
+            f"{name}: {len(images)} {split} images but {len(labels)} labels in {data_dir.resolve()}; check that "
+            f"--data-dir holds the full dataset"
+        )
     native = 1 if images.ndim == 3 else images.shape[-1]
     mean, std = _STATS[name]
     chans = in_chans or native

@@ -14,7 +14,12 @@ Writes ``<output>/<experiment>/``: ``args.yaml``, ``summary.csv`` (one row per e
 ``last.pt``, ``best.pt`` and the top ``checkpoint_hist`` ``checkpoint-<epoch>.pt`` by the eval metric. A run
 directory that already holds checkpoints is never overwritten: pass ``--resume auto`` or a new ``--experiment``.
 SIGINT/SIGTERM save ``last.pt`` at the next step boundary and exit cleanly; ``--resume auto`` continues from there
-(mid-epoch, same data order).
+(mid-epoch, same data order). ``--checkpoint-interval N`` also saves ``last.pt`` every N steps, so that a hard kill
+(SIGKILL, a lost node) costs at most N steps: the resumed run replays them bit for bit.
+
+A step whose loss or gradients are not finite is skipped (all ranks agree) and counted (``train/bad_steps`` in
+TensorBoard); ``--rollback-after N`` such steps in a row reload the weights and optimizer state of ``last.pt`` and
+move on with the next batches; ``--max-bad-steps M`` in all stop the run with a message naming the step.
 """
 
 from __future__ import annotations

@@ -1,0 +1,301 @@
+"""The bad-input catalogue: every case exits non-zero with one line on stderr and changes no file.
+
+Each case runs a real CLI (``python -m retrain.train``, ``nas.search``, ``nas.vis_search_prob``, ``retrain.compare``,
+``nas.tune``, ``search_spaces``) as its own process. To keep the file fast, one runner process pays the imports once
+and forks a child per case (``cli_runner.py``; ``RELIABILITY_PLAIN_SUBPROCESS=1`` starts a fresh interpreter per case
+instead). The line must say what is wrong (``expect``, a regex) and what to do; no traceback unless ``--debug``.
+Each case works in its own folder (its cwd and ``--output``) next to shared input files; every file and folder is
+fingerprinted (size, mtime, SHA-1) before and after: a case may create, change or remove nothing in either.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from reliability_testutils import cli_env
+
+from retrain.checkpoint import save_checkpoint
+
+HERE = Path(__file__).resolve().parent
+TRAIN = ["--model", "test_vim", "--img-size", "16", "--num-samples", "64", "--batch-size", "16", "--device", "cpu"]
+SEARCH = ["--model", "test_local_vim_search", "--img-size", "16", "--num-samples", "64", "--batch-size", "16"]
+SEARCH += ["--device", "cpu"]
+TUNE = ["--target", "search", "-c", "{fx}/search_base.yaml"]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    module: str
+    argv: list[str]  # {fx} is the shared fixtures folder, {out} this case's own output folder
+    expect: str  # regex the one stderr line must match (after "error: ")
+    setup: tuple[str, ...] = field(default=())  # fixtures copied into {out} first (an existing run, say)
+
+
+CASES = [
+    # --- configuration: unknown key, wrong type, out-of-range value, unreadable file --------------------------------
+    Case("config-unknown-flag", "retrain.train", [*TRAIN, "--epoch", "3"], r"unknown argument '--epoch'.*'--epochs'"),
+    Case("config-unknown-yaml-key", "retrain.train", ["-c", "{fx}/unknown_key.yaml"], r"unknown key 'lr_rate'.*'lr'"),
+    Case("config-wrong-type-yaml", "nas.search", ["-c", "{fx}/wrong_type.yaml"], r"'epochs' must be an integer"),
+    Case("config-wrong-type-flag", "retrain.train", [*TRAIN, "--batch-size", "3.5"],
+         r"--batch-size: invalid int value: '3.5'; see --help"),
+    Case("config-out-of-range", "retrain.train", [*TRAIN, "--lr", "-1"], r"--lr -1.0 is out of range; use a value > 0"),
+    Case("config-search-out-of-range", "nas.search", [*SEARCH, "--arch-frac", "1.5"], r"--arch-frac 1.5 .*\(0, 1\)"),
+    Case("config-unknown-algo", "nas.search", [*SEARCH, "--algo", "dart"], r"--algo 'dart'.*one of darts"),
+    Case("config-missing-file", "retrain.train", ["-c", "{fx}/nope.yaml"], r"config file not found: .*nope.yaml"),
+    Case("config-not-yaml", "nas.search", ["-c", "{fx}/broken.yaml"], r"broken.yaml: not valid YAML"),
+    Case("config-unknown-model", "retrain.train", [*TRAIN, "--model", "test_vimm"], r"'test_vimm'; did you mean"),
+    Case("config-not-a-supernet", "nas.search", [*SEARCH, "--model", "test_vim"], r"'test_vim' has no arch param"),
+    Case("config-bad-nan-hook", "retrain.train", [*TRAIN, "--debug-nan-loss-at", "x"], r"must list integers >= 0"),
+    # --- data: missing path, wrong layout, empty ---------------------------------------------------------------------
+    Case("data-missing-dir", "retrain.train", [*TRAIN, "--dataset", "mnist", "--data-dir", "{fx}/nowhere"],
+         r"mnist: the data folder not found at .*nowhere; pass --data-dir"),
+    Case("data-no-dir-given", "nas.search", [*SEARCH, "--dataset", "fashion_mnist"], r"needs --data-dir"),
+    Case("data-unknown-dataset", "retrain.train", [*TRAIN, "--dataset", "cifar11"], r"'cifar11'; did you mean 'cif"),
+    Case("data-npz-wrong-keys", "retrain.train", [*TRAIN, "--dataset", "mnist", "--data-dir", "{fx}/wrong_keys.npz"],
+         r"lacks arrays \['x_train', 'y_train'\]"),
+    Case("data-npz-empty", "nas.search", [*SEARCH, "--dataset", "mnist", "--data-dir", "{fx}/empty.npz"],
+         r"mnist: 0 train images but 0 labels in .*empty.npz; check"),
+    Case("data-idx-corrupt", "retrain.train", [*TRAIN, "--dataset", "mnist", "--data-dir", "{fx}/idx_corrupt"],
+         r"not an IDX file"),
+    Case("data-imagefolder-no-train", "retrain.train", [*TRAIN, "--dataset", "imagefolder", "--data-dir", "{fx}"],
+         r"the 'train/' folder .*ImageNet layout"),
+    Case("data-imagefolder-empty", "retrain.train",
+         [*TRAIN, "--dataset", "imagefolder", "--data-dir", "{fx}/empty_folder"],
+         r"no images under .*one folder per class"),
+    Case("data-fewer-samples-than-batch", "retrain.train", [*TRAIN, "--num-samples", "8"],
+         r"batch_size 16 is larger than the 8 samples"),
+    # --- sizes --------------------------------------------------------------------------------------------------------
+    Case("size-image-too-small", "retrain.train", [*TRAIN, "--img-size", "2"], r"img_size must be an integer >= 4"),
+    Case("size-image-not-multiple-of-patch", "retrain.train", [*TRAIN, "--img-size", "18", "--patch-size", "4"],
+         r"18.*patch.*4"),
+    Case("size-patch-larger-than-image", "nas.search", [*SEARCH, "--patch-size", "32"],
+         r"img_size \(16, 16\) is not divisible by patch_size 32"),
+    # --- arch files ---------------------------------------------------------------------------------------------------
+    Case("arch-wrong-layer-count", "retrain.train", [*TRAIN, "--arch", "{fx}/arch_3layers.yaml"],
+         r"3 layers.*2 searchable layers"),
+    Case("arch-unknown-order", "retrain.train", [*TRAIN, "--arch", "{fx}/arch_bad_order.yaml"], r"zigzag"),
+    Case("arch-orders-of-another-space", "retrain.train", [*TRAIN, "--arch", "{fx}/arch_other_space.yaml"],
+         r"order 'v' is not a candidate of search space 'vim'"),
+    Case("arch-unknown-space", "retrain.train", [*TRAIN, "--arch", "{fx}/arch_unknown_space.yaml"],
+         r"unknown search space 'vmamba_scans'; did you mean 'vmamba'"),
+    Case("arch-wrong-k", "retrain.train", [*TRAIN, "--arch", "{fx}/arch_wrong_k.yaml"], r"2 orders chosen .* k=4"),
+    Case("arch-unknown-version", "retrain.train", [*TRAIN, "--arch", "{fx}/arch_v99.yaml"], r"99"),
+    Case("arch-missing", "retrain.train", [*TRAIN, "--arch", "{fx}/nope_arch.yaml"], r"arch file not found"),
+    # --- checkpoints --------------------------------------------------------------------------------------------------
+    Case("ckpt-resume-missing", "retrain.train", [*TRAIN, "--resume", "{fx}/nope.pt"], r"checkpoint not found"),
+    Case("ckpt-resume-truncated", "nas.search", [*SEARCH, "--resume", "{fx}/truncated.pt"],
+         r"truncated, corrupt .*--resume auto"),
+    Case("ckpt-resume-foreign", "retrain.train", [*TRAIN, "--resume", "{fx}/timm_weights.pt"],
+         r"not a scan-nas checkpoint"),
+    Case("ckpt-resume-other-model", "retrain.train", [*TRAIN, "--resume", "{fx}/other_model.pt"],
+         r"holds model 'test_vit', not 'test_vim'"),
+    Case("ckpt-eval-only-search-ckpt", "retrain.train", ["--eval-only", "{fx}/search_kind.pt"],
+         r"'search' checkpoint, expected 'retrain'"),
+    Case("ckpt-auto-only-truncated", "nas.search",
+         [*SEARCH, "--experiment", "run", "--resume", "auto"], r"no complete checkpoint", setup=("truncated_run",)),
+    Case("ckpt-existing-run-not-clobbered", "retrain.train", [*TRAIN, "--experiment", "run"],
+         r"already holds checkpoints; pass --resume auto", setup=("existing_run",)),
+    Case("derive-missing-source", "nas.vis_search_prob", ["{fx}/no_run"], r"not found: .*no_run"),
+    Case("derive-truncated", "nas.vis_search_prob", ["{fx}/truncated.pt"], r"truncated, corrupt"),
+    Case("derive-retrain-ckpt", "nas.vis_search_prob", ["{fx}/other_model.pt"], r"'retrain' checkpoint"),
+    Case("derive-out-exists", "nas.vis_search_prob", ["{fx}/probs_run", "--out", "{fx}/arch_2layers.yaml"],
+         r"exists; choose another --out or pass --overwrite"),
+    Case("derive-no-args", "nas.vis_search_prob", [], r"required: RUN_DIR_OR_CHECKPOINT; see .* --help"),
+    # --- sweep spaces, comparisons, orders --------------------------------------------------------------------------
+    Case("sweep-space-missing", "nas.tune", [*TUNE, "--space", "{fx}/nope_space.yaml"],
+         r"sweep space file not found"),
+    Case("sweep-unknown-param", "nas.tune", [*TUNE, "--space", "{fx}/space_unknown.yaml"],
+         r"'arch_lrr' is not a config key.*'arch_lr'"),
+    Case("sweep-unknown-distribution", "nas.tune",
+         [*TUNE, "--space", "{fx}/space_bad_dist.yaml"], r"unknown distribution 'logunif"),
+    Case("sweep-low-above-high", "nas.tune", [*TUNE, "--space", "{fx}/space_low_high.yaml"],
+         r"low \(0.1\) must be below high \(0.01\)"),
+    Case("sweep-no-config", "nas.tune", ["--target", "search", "--space", "{fx}/space_unknown.yaml"],
+         r"base config with -c"),
+    Case("sweep-bad-target", "nas.tune", ["--target", "nope", "-c", "{fx}/search_base.yaml"],
+         r"invalid choice: 'nope'.*see python -m nas.tune --help"),
+    Case("compare-unknown-key", "retrain.compare", ["-c", "{fx}/compare_bad.yaml"], r"unknown key 'modle'"),
+    Case("orders-unknown-order", "search_spaces", ["show", "zigzag"], r"zigzag"),
+]  # fmt: skip
+
+# Not errors, by design: windows larger than the grid are clipped (a 2x2 token grid with w7 is a valid order).
+ACCEPTED = [
+    Case("size-window-larger-than-grid", "retrain.train",
+         [*TRAIN, "--img-size", "8", "--patch-size", "4", "--num-samples", "32", "--epochs", "1",
+          "--arch", "{fx}/arch_w7.yaml"], ""),
+    Case("orders-window-larger-than-grid", "search_spaces", ["show", "w7", "--size", "2x3"], ""),
+]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fixtures: the bad (and a few good) inputs, written once
+
+
+def _arch(path: Path, **changes) -> None:
+    arch = {
+        "format_version": 1,
+        "model": "test_local_vim",
+        "space": "localmamba",
+        "layers": [{"label": f"blocks.{i}", "orders": ["h", "h_flip", "w2", "w2_flip"]} for i in range(2)],
+    }
+    arch.update(changes)
+    path.write_text(yaml.safe_dump(arch))
+
+
+def _make_fixtures(fx: Path) -> None:
+    fx.mkdir(parents=True)
+    (fx / "unknown_key.yaml").write_text("model: test_vim\nlr_rate: 0.1\n")
+    (fx / "wrong_type.yaml").write_text("epochs: ten\n")
+    (fx / "broken.yaml").write_text("epochs: [1, 2\n")
+    (fx / "search_base.yaml").write_text(yaml.safe_dump({"model": "test_local_vim_search", "epochs": 1}))
+    np.savez(fx / "wrong_keys.npz", images=np.zeros((4, 28, 28), np.uint8))
+    np.savez(
+        fx / "empty.npz",
+        x_train=np.zeros((0, 28, 28), np.uint8),
+        y_train=np.zeros((0,), np.uint8),
+        x_test=np.zeros((0, 28, 28), np.uint8),
+        y_test=np.zeros((0,), np.uint8),
+    )
+    (fx / "idx_corrupt").mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (fx / "idx_corrupt" / name).write_bytes(gzip.compress(b"this is no IDX file"))
+    (fx / "empty_folder" / "train" / "cat").mkdir(parents=True)
+    (fx / "empty_folder" / "val" / "cat").mkdir(parents=True)
+    _arch(fx / "arch_2layers.yaml")
+    _arch(
+        fx / "arch_3layers.yaml",
+        layers=[{"label": f"blocks.{i}", "orders": ["h", "h_flip", "w2", "w2_flip"]} for i in range(3)],
+    )
+    _arch(fx / "arch_bad_order.yaml", layers=[{"label": f"blocks.{i}", "orders": ["h", "zigzag"]} for i in range(2)])
+    _arch(
+        fx / "arch_other_space.yaml",
+        space="vim",
+        layers=[{"label": f"blocks.{i}", "orders": ["h", "v"]} for i in range(2)],
+    )
+    _arch(fx / "arch_unknown_space.yaml", space="vmamba_scans")
+    _arch(
+        fx / "arch_w7.yaml", layers=[{"label": f"blocks.{i}", "orders": ["h", "v", "w7", "w7_flip"]} for i in range(2)]
+    )
+    _arch(fx / "arch_wrong_k.yaml", layers=[{"label": f"blocks.{i}", "orders": ["h", "v"]} for i in range(2)])
+    _arch(fx / "arch_v99.yaml", format_version=99)
+
+    save_checkpoint({"kind": "retrain", "model": "test_vit", "step": 0, "epoch": 0}, fx / "other_model.pt")
+    save_checkpoint({"kind": "search", "model": "test_local_vim_search", "step": 0, "epoch": 0}, fx / "search_kind.pt")
+    full = fx / "full.pt"
+    save_checkpoint({"kind": "search", "model": "test_local_vim_search", "w": torch.randn(4096)}, full)
+    (fx / "truncated.pt").write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    full.unlink()
+    torch.save({"patch_embed.proj.weight": torch.randn(8, 3, 4, 4)}, fx / "timm_weights.pt")
+    (fx / "probs_run").mkdir()
+    orders = ["h", "h_flip", "v", "v_flip", "w2", "w2_flip", "w7", "w7_flip"]  # the localmamba space
+    record = {"epoch": 0, "labels": ["blocks.0", "blocks.1"], "candidates": orders, "probs": [[0.125] * 8] * 2}
+    (fx / "probs_run" / "arch_probs.jsonl").write_text(json.dumps(record) + "\n")
+
+    runs = fx / "setups"
+    (runs / "truncated_run" / "runs" / "run").mkdir(parents=True)
+    (runs / "truncated_run" / "runs" / "run" / "last.pt").write_bytes((fx / "truncated.pt").read_bytes())
+    (runs / "existing_run" / "runs" / "run").mkdir(parents=True)
+    save_checkpoint(
+        {"kind": "retrain", "model": "test_vim", "step": 3}, runs / "existing_run" / "runs" / "run" / "last.pt"
+    )
+
+    (fx / "space_unknown.yaml").write_text(yaml.safe_dump({"params": {"arch_lrr": {"distribution": "loguniform"}}}))
+    (fx / "space_bad_dist.yaml").write_text(
+        yaml.safe_dump({"params": {"arch_lr": {"distribution": "logunifrom", "low": 1e-4, "high": 1e-2}}})
+    )
+    (fx / "space_low_high.yaml").write_text(
+        yaml.safe_dump({"params": {"arch_lr": {"distribution": "loguniform", "low": 0.1, "high": 0.01}}})
+    )
+    (fx / "compare_bad.yaml").write_text(yaml.safe_dump({"models": [{"name": "vim", "modle": "test_vim"}]}))
+
+
+def _fingerprint(root: Path) -> dict[str, tuple[int, int, str]]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.stat()
+            digest = hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            out[str(p.relative_to(root))] = (st.st_size if p.is_file() else 0, st.st_mtime_ns, digest)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, dict]:
+    """Run every case once (one runner process); per case: exit status, stderr, and the files before / after."""
+    base = tmp_path_factory.mktemp("bad_input")
+    fx = base / "fx"
+    _make_fixtures(fx)
+    cases = []
+    for case in CASES + ACCEPTED:
+        out = base / "out" / case.id
+        out.mkdir(parents=True)
+        for name in case.setup:
+            subprocess.run(["cp", "-a", str(fx / "setups" / name) + "/.", str(out)], check=True)
+        argv = [a.format(fx=fx, out=out) for a in case.argv]
+        if case.module in ("retrain.train", "nas.search") and "--eval-only" not in argv:
+            argv += ["--output", str(out / "runs")]
+        cases.append({"id": case.id, "module": case.module, "argv": argv, "cwd": str(out)})
+    (base / "cases.json").write_text(json.dumps(cases))
+    before = _fingerprint(base)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "cli_runner.py"), str(base / "cases.json"), str(base / "results.json")],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = _fingerprint(base)
+    res = json.loads((base / "results.json").read_text())
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    for case in CASES:
+        prefixes = (f"out/{case.id}/", "fx/")
+        res[case.id]["changed"] = sorted(
+            k for k in changed if k.startswith(prefixes) or k == f"out/{case.id}" or not k.startswith("out/")
+        )
+    return res
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(results, case) -> None:
+    r = results[case.id]
+    lines = r["stderr"].strip().splitlines()
+    assert r["code"] != 0, f"exit 0; stdout: {r['stdout'][-1000:]}"
+    assert len(lines) == 1, r["stderr"][-3000:]
+    assert lines[0].startswith("error: ") and "Traceback" not in r["stderr"], lines[0]
+    assert re.search(case.expect, lines[0]), lines[0]
+    ignore = {"cases.json", "results.json"}
+    assert not [k for k in r["changed"] if k not in ignore], r["changed"]
+
+
+@pytest.mark.parametrize("case", ACCEPTED, ids=[c.id for c in ACCEPTED])
+def test_valid_edge_input_is_accepted(results, case) -> None:
+    r = results[case.id]
+    assert r["code"] == 0, r["stderr"][-3000:]
+
+
+def test_catalogue_covers_every_area() -> None:
+    areas = {c.id.split("-")[0] for c in CASES}
+    assert {"config", "data", "size", "arch", "ckpt", "derive", "sweep", "compare", "orders"} <= areas
+    assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
+
+
+def test_debug_shows_the_traceback(tmp_path) -> None:
+    cmd = [sys.executable, "-m", "retrain.train", *TRAIN, "--lr", "-1", "--output", str(tmp_path), "--debug"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --lr -1.0 is out of range")
