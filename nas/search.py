@@ -1,6 +1,6 @@
 """Search the scan orders of every layer: a training run of a supernet with an extra architecture step.
 
-    python -m nas.search -c configs/search/demo.yaml
+    python -m nas.search -c configs/demo/search.yaml
     python -m nas.search --model local_vim_mini_search --dataset fashion_mnist --data-dir fashion_mnist.npz \\
         --img-size 28 --algo gdas --epochs 30
     torchrun --nproc-per-node 2 -m nas.search -c CONFIG      # DDP; arch logits are parameters, their grads averaged

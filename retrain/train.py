@@ -1,6 +1,6 @@
 """Train a model from scratch: a derived arch file, one of our models, or any timm model.
 
-    python -m retrain.train -c configs/retrain/demo.yaml --arch arch.yaml --shuffle-max 0.5
+    python -m retrain.train -c configs/demo/retrain.yaml --arch arch.yaml --shuffle-max 0.5
     python -m retrain.train --model mambaout_femto --dataset fashion_mnist --data-dir fashion_mnist.npz --img-size 28
     torchrun --nproc-per-node 2 -m retrain.train -c CONFIG           # DDP on every visible GPU (gloo on CPU)
     python -m retrain.train --eval-only runs/NAME/best.pt             # re-evaluate a checkpoint

@@ -27,11 +27,19 @@ def format_grid(name: str, height: int, width: int) -> str:
     return "\n".join(lines)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (exit 2), like every other CLI of the project."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message}; see python -m search_spaces --help\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m search_spaces", description=__doc__)
+    parser = _OneLineParser(prog="python -m search_spaces", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="presets and order name patterns")
     show = sub.add_parser("show", help="print the grid with each cell's visit step")
+    show.error = parser.error  # type: ignore[method-assign]
     show.add_argument("name", help="order name, e.g. w2, v_flip, wv3")
     show.add_argument("--size", type=_parse_size, default=(4, 6), help="HxW grid, default 4x6")
     args = parser.parse_args(argv)

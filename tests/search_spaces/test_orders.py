@@ -144,3 +144,12 @@ def test_order_grid_and_cli(capsys) -> None:
     assert "localmamba" in out and "w{k}" in out
     assert cli_main(["show", "q9", "--size", "2x2"]) == 2
     assert "unknown scan order" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["show", "w2", "--size", "4by6"], ["bogus"], ["show"]])
+def test_cli_usage_errors_are_one_line(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli_main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
