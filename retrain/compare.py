@@ -130,6 +130,12 @@ def _parse_rows(cfg: dict[str, Any], train_defaults: dict[str, Any]) -> list[Row
         for key in ("output", "experiment", "seed", "resume"):
             if key in overrides:
                 raise ConfigError(f"{where}.overrides: '{key}' is set by the comparison for each seed")
+        recipe_keys = sorted(k for k in overrides if k in _RECIPE_KEYS)
+        if recipe_keys:
+            raise ConfigError(
+                f"{where}.overrides: {', '.join(recipe_keys)} belong to the recipe shared by every row; set them in "
+                f"train_config (rows may set only the model, its kwargs, drop_path and shuffle_max)"
+            )
         try:
             overrides = {k: v for k, v in resolve_config(train_defaults, overrides=overrides).items() if k in overrides}
         except ConfigError as e:
@@ -459,9 +465,11 @@ def _count_params(train_mod: Any, train_cfg: dict[str, Any]) -> int:
 
 
 # The recipe keys that must agree between rows for the table to be a fair comparison.
+# The recipe every row shares: a row may not override these, and a collected run that differs is flagged.
 _RECIPE_KEYS = (
     "dataset",
     "img_size",
+    "in_chans",
     "epochs",
     "batch_size",
     "opt",
@@ -469,10 +477,15 @@ _RECIPE_KEYS = (
     "weight_decay",
     "sched",
     "warmup_epochs",
+    "warmup_lr",
+    "min_lr",
     "smoothing",
     "mixup",
     "cutmix",
+    "mixup_prob",
+    "clip_grad",
     "model_ema",
+    "model_ema_decay",
     "num_samples",
 )
 
@@ -530,7 +543,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
                 found = (collect_run(d, cost_if_missing=True) for d in row.run_dirs)
                 got = next((c for c in found if c and c.get("seed") == seed and _finished(c)), got)
             if got is not None and _finished(got):
-                diffs = _recipe_differences(got, expected)
+                diffs = _recipe_differences(got, recipe)
                 if diffs:
                     notes.append(f"{row.name} seed {seed} ({got['run_dir']}) ran another recipe: {', '.join(diffs)}")
                 row.runs.append(got)

@@ -4,6 +4,7 @@ from .arch import ARCH_FORMAT_VERSION, ArchSpec, LayerChoice, load_arch, save_ar
 from .orders import (
     ORDER_PATTERNS,
     apply_order,
+    coinciding_orders,
     inverse_order,
     is_global_order,
     is_permutation,
@@ -22,6 +23,7 @@ __all__ = [
     "LayerChoice",
     "SearchSpace",
     "apply_order",
+    "coinciding_orders",
     "inverse_order",
     "is_global_order",
     "is_permutation",

@@ -21,13 +21,14 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 __all__ = [
     "ORDER_PATTERNS",
     "apply_order",
+    "coinciding_orders",
     "inverse_order",
     "is_global_order",
     "is_permutation",
@@ -194,6 +195,22 @@ def undo_order(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     if x.shape[1] != order.numel():
         raise ValueError(f"undo_order: x has {x.shape[1]} tokens on dim 1 but the order has {order.numel()}")
     return x.index_select(1, inverse_order(order.to(x.device)))
+
+
+def coinciding_orders(names: Sequence[str], height: int, width: int) -> list[tuple[str, str]]:
+    """Pairs of names that give the same permutation on an ``height``×``width`` grid (e.g. ``w7`` and ``h`` on 7×7).
+
+    A search over such a pair splits probability between identical scans, and a child keeping both scans twice.
+    """
+    seen: dict[tuple[int, ...], str] = {}
+    pairs = []
+    for name in names:
+        key = tuple(_cached_order(name, height, width).tolist())
+        if key in seen:
+            pairs.append((seen[key], name))
+        else:
+            seen[key] = name
+    return pairs
 
 
 def order_grid(name: str, height: int, width: int) -> torch.Tensor:

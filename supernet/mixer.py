@@ -23,6 +23,7 @@ the child; that mismatch is what this rule removes.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -30,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from search_spaces import scan_order
+from search_spaces import coinciding_orders, scan_order
 
 __all__ = ["ARCH_MODES", "BranchAttn", "MultiOrderMixer", "build_orders", "slice_mixer_state"]
 
@@ -143,6 +144,20 @@ class MultiOrderMixer(nn.Module):
         kernels.resolve_backend(scan_backend, torch.device("cpu"))  # reject a bad backend name now, not mid-forward
 
         self.register_buffer("orders", build_orders(self.order_names, self.grid, extra_token_step), persistent=False)
+        same = coinciding_orders(self.order_names, *self.grid)
+        if same:
+            what = "candidates" if search else "orders"
+            warnings.warn(
+                f"scan {what} coincide on the {self.grid[0]}x{self.grid[1]} token grid: "
+                + ", ".join(f"{a} = {b}" for a, b in same)
+                + (
+                    "; the supernet splits probability between identical scans (use a larger image or a space "
+                    "without them)"
+                    if search
+                    else "; this layer scans the same order more than once"
+                ),
+                stacklevel=2,
+            )
         self.in_proj = nn.Linear(dim, d_inner * (2 if gate else 1), bias=bias)
         self.conv2d = (
             nn.Conv2d(d_inner, d_inner, conv_2d, padding=conv_2d // 2, groups=d_inner, bias=conv_bias)

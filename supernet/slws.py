@@ -6,12 +6,15 @@ shared by the batch, applied to the hidden state and the residual before the lay
 Draws come from torch's default CPU generator, so a seed (or a saved ``torch.get_rng_state()``) reproduces them on
 any device.
 
-A mixer's only token-order-dependent computations are its scans along orders (the per-order causal conv1d included);
-everything else in a block acts on each token alone. Shuffling the tokens, scanning order ``o`` and unshuffling is
-therefore the same as scanning the composed order ``perm[o]`` on the unshuffled tokens, which is how the models
-apply it (:meth:`supernet.mixer.MultiOrderMixer.forward`, ``perm=``): no activation is copied, and in the
-hierarchical family the 2-D depthwise conv keeps seeing the true image grid. :func:`shuffle_tokens` /
-:func:`unshuffle_tokens` are the literal form, kept for tests and for readers.
+In the plain family a block's only token-order-dependent computations are its scans along orders (the per-order
+causal conv1d included); everything else acts on each token alone. Shuffling the tokens, scanning order ``o`` and
+unshuffling is therefore exactly the same as scanning the composed order ``perm[o]`` on the unshuffled tokens, which
+is how the models apply it (:meth:`supernet.mixer.MultiOrderMixer.forward`, ``perm=``): no activation is copied
+(tested against the literal form). The hierarchical family applies the same composed orders, but its 3×3 depthwise
+conv before the scan keeps seeing the true image grid, so there SLWS shuffles what the scans see and is NOT the
+literal "shuffle the whole block's tokens" of ShuffleMamba (which would feed the conv a scrambled image): a
+deliberate variant. :func:`shuffle_tokens` / :func:`unshuffle_tokens` are the literal form, kept for tests and for
+readers.
 """
 
 from __future__ import annotations

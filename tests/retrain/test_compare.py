@@ -132,6 +132,7 @@ def test_statistics() -> None:
         ([{"name": "a", "model": "test_vim", "overrides": {"lr_rate": 1}}], "unknown key 'lr_rate'"),
         ([{"name": "a", "model": "test_vim"}, {"name": "a", "model": "test_vim"}], "share the name"),
         ([{"name": "s", "searched": True}], "no arch file is given"),
+        ([{"name": "a", "model": "test_vim", "overrides": {"epochs": 9, "lr": 0.1}}], "epochs, lr belong to the"),
     ],
 )
 def test_bad_rows_are_one_line_errors(tmp_path: Path, models: list, match: str) -> None:
