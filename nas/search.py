@@ -460,7 +460,14 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
         seed_everything(cfg["seed"] + dinfo.rank)  # Gumbel, SLWS and augmentation streams differ per rank
     scheduler.step_update(step)
     mode = "hard" if cfg["algo"] == "gdas" else "softmax"
-    model.set_arch_mode(mode, tau=gdas_tau(step, total_steps, cfg["tau_max"], cfg["tau_min"]), top_m=cfg["gdas_top_m"])
+    # The temperature anneals over the steps that update the arch, i.e. from the end of the arch warm-up.
+    first_arch_step = min(cfg["arch_warmup_epochs"], cfg["epochs"]) * updates_per_epoch
+    anneal_steps = total_steps - first_arch_step
+
+    def tau_at(step: int) -> float:
+        return gdas_tau(step - first_arch_step, anneal_steps, cfg["tau_max"], cfg["tau_min"])
+
+    model.set_arch_mode(mode, tau=tau_at(step), top_m=cfg["gdas_top_m"])
     # gdas leaves unsampled orders without gradients; DDP must be told to expect unused parameters then.
     net = model
     if dinfo.distributed:
@@ -547,8 +554,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
             for batch_idx, (images, targets) in enumerate(loader, start=start_batch):
                 images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
                 if mode == "hard":
-                    tau = gdas_tau(step, total_steps, cfg["tau_max"], cfg["tau_min"])
-                    model.set_arch_mode("hard", tau=tau, top_m=cfg["gdas_top_m"])
+                    model.set_arch_mode("hard", tau=tau_at(step), top_m=cfg["gdas_top_m"])
 
                 # Arch step (darts, gdas): a held-out arch batch moves the arch logits only.
                 if update_arch and cfg["algo"] != "joint":

@@ -130,6 +130,28 @@ def test_gdas_computes_only_sampled_orders(tmp_path, monkeypatch) -> None:
     assert out["epochs_run"] == 1 and os.path.isfile(out["checkpoint"])
 
 
+def test_gdas_temperature_anneals_from_the_end_of_the_arch_warmup(tmp_path, monkeypatch) -> None:
+    from supernet.mixer import MultiOrderMixer
+
+    taus = []
+    real = MultiOrderMixer.set_arch_mode
+
+    def recording(self, mode, tau=1.0, top_m=1):
+        if self is next(iter(recording.first.values()), self):
+            taus.append(tau)
+        recording.first.setdefault("m", self)
+        return real(self, mode, tau=tau, top_m=top_m)
+
+    recording.first = {}
+    monkeypatch.setattr(MultiOrderMixer, "set_arch_mode", recording)
+    _run(tmp_path, algo="gdas", epochs=2, arch_warmup_epochs=1, num_samples=256, experiment="tau", tau_max=10.0)
+    steps = taus[2:]  # after the constructor's and the pre-loop call: one per training step, two equal epochs
+    n = len(steps) // 2
+    assert n >= 3 and all(t == 10.0 for t in steps[:n])  # warm-up (arch frozen): tau stays at tau_max
+    assert steps[n] == 10.0 and steps[-1] == pytest.approx(DEFAULTS["tau_min"])  # first arch step starts at tau_max
+    assert all(a > b for a, b in zip(steps[n:], steps[n + 1 :]))
+
+
 def test_joint_interrupt_and_resume_is_exact(tmp_path) -> None:
     straight = _run(tmp_path, algo="joint", experiment="straight")
 
