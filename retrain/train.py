@@ -170,7 +170,7 @@ def build_model(cfg: dict[str, Any], info: DatasetInfo) -> tuple[nn.Module, dict
         arch_dict = arch.to_dict()
         if arch.model and cfg["model"] and cfg["model"] != arch.model:
             # Documented precedence (a base config may name a model): the arch file's model wins; say so.
-            print(f"note: the arch file builds '{arch.model}'; model '{cfg['model']}' is ignored", file=sys.stderr)
+            print(f"note: the arch file builds '{arch.model}'; model '{cfg['model']}' is ignored")
         name = arch.model or cfg["model"]
         if not name:
             raise ValueError(f"arch file {cfg['arch']} names no model; add 'model: <derived entry>' or pass --model")

@@ -117,7 +117,7 @@ def test_arch_file_and_mismatch(tmp_path, capsys) -> None:
     assert "3 layers" in err and "2 searchable layers" in err
     out = _run(tmp_path, model="test_vim", arch=_arch(tmp_path, 2), epochs=1, experiment="arch2")
     assert out["model"] == "test_local_vim"
-    assert "model 'test_vim' is ignored" in capsys.readouterr().err
+    assert "model 'test_vim' is ignored" in capsys.readouterr().out
 
 
 def test_bad_requests_are_one_line(tmp_path) -> None:
