@@ -47,7 +47,7 @@ import yaml
 
 from retrain.config import ConfigError, OneLineArgumentParser, resolve_config, save_config
 
-__all__ = ["DEFAULTS", "TARGETS", "SweepSpace", "load_sweep_space", "main"]
+__all__ = ["DEFAULTS", "TARGETS", "SweepSpace", "held_out_base", "load_sweep_space", "main", "target_for"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +62,32 @@ class Target:
 
 TARGETS: dict[str, Target] = {
     "search": Target("nas.search", "arch_top1", "max", "top-1 on the held-out arch split"),
-    "retrain": Target("retrain.train", "top1", "max", "validation top-1"),
+    "retrain": Target("retrain.train", "top1", "max", "validation top-1"),  # ema_top1 with model_ema: target_for()
 }
+# A retrain sweep validates on this held-out fraction of the train split when its base config says val_frac 0:
+# selecting trials on the test split would leak it into the hyper-parameters.
+RETRAIN_VAL_FRAC = 0.1
+
+
+def target_for(target: str, base_cfg: Mapping[str, Any]) -> Target:
+    """The :data:`TARGETS` entry, with the metric the target's checkpoints are chosen by (EMA's when it is on)."""
+    spec = TARGETS[target]
+    if target == "retrain" and base_cfg.get("model_ema"):
+        return dataclasses.replace(spec, metric=f"ema_{spec.metric}", what=f"EMA {spec.what}")
+    return spec
+
+
+def held_out_base(target: str, base_cfg: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """A retrain base config that validates on a held-out part of the train split, and a note when it was changed."""
+    base = dict(base_cfg)
+    if target != "retrain" or float(base.get("val_frac", 0.0) or 0.0) > 0:
+        return base, None
+    base["val_frac"] = RETRAIN_VAL_FRAC
+    return base, (
+        f"note: the base config validates on the test split (val_frac 0); trials hold out val_frac "
+        f"{RETRAIN_VAL_FRAC} of the train split instead (set val_frac in the base config to choose)"
+    )
+
 
 DEFAULTS: dict[str, Any] = {
     "target": "retrain",
@@ -583,6 +607,13 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         defaults = importlib.import_module(TARGETS[target].module).DEFAULTS
         base_cfg = resolve_config(defaults, argv=["-c", str(cfg["config"])])
         space = load_sweep_space(cfg["space"], defaults)
+        if any(p.name == "val_frac" for p in space.params):
+            raise ConfigError(
+                "--space: 'val_frac' cannot be swept (trials on different validation sets do not compare)"
+            )
+        base_cfg, held_out_note = held_out_base(target, base_cfg)
+        if held_out_note:
+            print(held_out_note, flush=True)
         space_path = str(Path(cfg["space"]).resolve())
         cpus, gpus = float(cfg["cpus_per_trial"]), float(cfg["gpus_per_trial"])
         num_samples, max_concurrent, workdir = int(cfg["num_samples"]), int(cfg["max_concurrent"] or 0), os.getcwd()
@@ -605,7 +636,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         }
         save_config(saved, _sweep_files(sweep_dir)["sweep"])
 
-    spec = TARGETS[target]
+    spec = target_for(target, base_cfg)
     files = _sweep_files(sweep_dir)
     epochs_key = "epochs"
     epoch_candidates = [int(base_cfg.get(epochs_key, 1) or 1)]

@@ -20,11 +20,16 @@ SIGINT/SIGTERM save ``last.pt`` at the next step boundary and exit cleanly; ``--
 A step whose loss or gradients are not finite is skipped (all ranks agree) and counted (``train/bad_steps`` in
 TensorBoard); ``--rollback-after N`` such steps in a row reload the weights and optimizer state of ``last.pt`` and
 move on with the next batches; ``--max-bad-steps M`` in all stop the run with a message naming the step.
+
+Validation: by default the per-epoch metrics (and so ``best.pt``) come from the dataset's test split. ``--val-frac F``
+holds out a seeded fraction F of the train split (without augmentation) for them instead and trains on the rest; the
+final model (and its EMA) is then evaluated once on the test split at the end, as ``test_*`` in ``test.json``.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import sys
 import time
 from pathlib import Path
@@ -40,10 +45,11 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import Dataset, Subset
 
 from retrain.checkpoint import CheckpointKeeper, load_checkpoint, resolve_resume, save_checkpoint
 from retrain.config import resolve_config, run_cli, save_config
-from retrain.data import DatasetInfo, build_dataset, build_loader
+from retrain.data import DatasetInfo, build_dataset, build_loader, split_train
 from retrain.engine import (
     BadStepGuard,
     RunLogger,
@@ -79,6 +85,7 @@ DEFAULTS: dict[str, Any] = {
     "num_samples": 0,  # synthetic only: train size (0 = 4096; val is a quarter)
     "download": False,
     "workers": 0,  # 0 keeps augmentation on the main RNG (exact resume); raise it for image folders
+    "val_frac": 0.0,  # > 0: validate on this seeded fraction of the train split; test split only at the end
     # optimization
     "epochs": 10,
     "batch_size": 64,
@@ -235,6 +242,7 @@ def _check_values(cfg: dict[str, Any]) -> None:
         ("max_bad_steps", cfg["max_bad_steps"] >= 1, ">= 1"),
         ("dist_timeout", cfg["dist_timeout"] > 0, "> 0"),
         ("eval_metric", cfg["eval_metric"] in ("top1", "top5", "loss"), "one of top1, top5, loss"),
+        ("val_frac", 0.0 <= cfg["val_frac"] < 1.0, "in [0, 1) (0 = validate on the test split)"),
     ]
     for key, ok, want in checks:
         if not ok:
@@ -251,21 +259,43 @@ def _experiment_name(cfg: dict[str, Any]) -> str:
     return f"{base}-{cfg['dataset']}-s{cfg['seed']}"
 
 
+def build_splits(
+    cfg: dict[str, Any], train: bool = True
+) -> tuple[Dataset | None, Dataset, Dataset | None, DatasetInfo]:
+    """The datasets of a run: ``(train, val, test, info)``.
+
+    With ``val_frac`` 0, ``val`` is the dataset's test split and ``test`` is None. With ``val_frac`` F > 0, ``val`` is
+    a seeded fraction F of the train split (``split_train`` with the run's seed, built without augmentation), ``train``
+    is the rest (augmented) and ``test`` is the test split. The split is a pure function of ``seed`` and ``val_frac``.
+    ``train`` is None when ``train`` is False (evaluation only).
+    """
+    kw = {"seed": cfg["seed"], "download": cfg["download"]}
+    args = (cfg["dataset"], cfg["data_dir"], "train", cfg["img_size"], cfg["in_chans"] or None)
+    train_ds, info = None, None
+    if train:
+        train_ds, info = build_dataset(*args, num_samples=cfg["num_samples"], **kw)
+    test_ds, test_info = build_dataset(*args[:2], "val", *args[3:], num_samples=cfg["num_samples"] // 4, **kw)
+    info = info or test_info
+    if cfg["val_frac"] <= 0:
+        return train_ds, test_ds, None, info
+    plain, _ = build_dataset(*args, num_samples=cfg["num_samples"], augment=False, **kw)
+    try:
+        held, rest = split_train(plain, cfg["val_frac"], cfg["seed"])
+    except ValueError as e:
+        raise ValueError(f"--val-frac {cfg['val_frac']}: {e}") from None
+    return (Subset(train_ds, rest.indices) if train_ds is not None else None), held, test_ds, info
+
+
 def _eval_only(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Rebuild the model and data of a checkpoint, evaluate the weights its metric came from, and print."""
+    """Rebuild the model and data of a checkpoint, evaluate the weights its metric came from, and print.
+
+    The data is the checkpoint's validation set: its ``val_frac`` and ``seed`` rebuild the same held-out split.
+    """
     dinfo = init_distributed(cfg["device"])
     state = load_checkpoint(cfg["eval_only"], expect_kind="retrain")
     saved_cfg = {**DEFAULTS, **{k: v for k, v in state["config"].items() if k in DEFAULTS}}
-    data_dir = cfg["data_dir"] or saved_cfg["data_dir"]
-    val_ds, _ = build_dataset(
-        saved_cfg["dataset"],
-        data_dir,
-        "val",
-        saved_cfg["img_size"],
-        saved_cfg["in_chans"] or None,
-        seed=saved_cfg["seed"],
-        num_samples=saved_cfg["num_samples"] // 4 or None,
-    )
+    saved_cfg.update(data_dir=cfg["data_dir"] or saved_cfg["data_dir"], download=False)
+    _, val_ds, _, _ = build_splits(saved_cfg, train=False)
     loader = build_loader(val_ds, cfg["batch_size"], train=False, seed=0, num_workers=cfg["workers"], distributed=True)
     model = model_from_spec(state["model_spec"])
     weights = state["ema"] if state.get("metric_source") == "ema" else state["model_state"]
@@ -276,6 +306,17 @@ def _eval_only(cfg: dict[str, Any]) -> dict[str, Any]:
     out = {**metrics, "checkpoint": str(cfg["eval_only"]), "epoch": state["epoch"], "saved": saved}
     if dinfo.is_main:
         print(f"eval {cfg['eval_only']} (epoch {state['epoch']}): {format_metrics(metrics)}", flush=True)
+    return out
+
+
+def _final_test(
+    net: nn.Module, ema: ModelEmaV3 | None, test_ds: Dataset, cfg: dict[str, Any], dinfo: Any, amp_dtype: Any
+) -> dict[str, float]:
+    """The one look at the test split of a held-out-validation run: ``test_*`` (and ``ema_test_*``) metrics."""
+    loader = build_loader(test_ds, cfg["batch_size"], False, cfg["seed"], cfg["workers"], dinfo.distributed)
+    out = {f"test_{k}": v for k, v in evaluate(net, loader, dinfo.device, amp_dtype).items()}
+    if ema is not None:
+        out.update({f"ema_test_{k}": v for k, v in evaluate(ema.module, loader, dinfo.device, amp_dtype).items()})
     return out
 
 
@@ -295,7 +336,9 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     Returns:
         ``run_dir``, ``model``, ``params``, ``flops``, ``train_img_s`` (all ranks), the final epoch's metrics
         (``top1``, ``top5``, ``loss``, and ``ema_*`` with EMA), ``best_metric`` / ``best_epoch``, ``epochs_run``,
-        ``interrupted``. With ``eval_only``: the checkpoint's metrics now and as saved.
+        ``interrupted``; with ``val_frac`` (and not interrupted) also the final model's ``test_top1``,
+        ``test_top5``, ``test_loss`` (``ema_test_*`` with EMA) on the test split. With ``eval_only``: the
+        checkpoint's metrics now (on its validation set) and as saved.
     """
     cfg = resolve_config(DEFAULTS, overrides=cfg)
     if cfg["eval_only"]:
@@ -313,20 +356,8 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
 
     # Data, then the model (seeded identically on every rank; DDP also broadcasts rank 0's weights).
     seed_everything(cfg["seed"])
-    data_kw = {"seed": cfg["seed"], "download": cfg["download"]}
-    in_chans = cfg["in_chans"] or None
-    train_ds, info = build_dataset(
-        cfg["dataset"], cfg["data_dir"], "train", cfg["img_size"], in_chans, num_samples=cfg["num_samples"], **data_kw
-    )
-    val_ds, _ = build_dataset(
-        cfg["dataset"],
-        cfg["data_dir"],
-        "val",
-        cfg["img_size"],
-        in_chans,
-        num_samples=cfg["num_samples"] // 4,
-        **data_kw,
-    )
+    train_ds, val_ds, test_ds, info = build_splits(cfg)
+    assert train_ds is not None
     loader = build_loader(train_ds, cfg["batch_size"], True, cfg["seed"], cfg["workers"], dinfo.distributed)
     val_loader = build_loader(val_ds, cfg["batch_size"], False, cfg["seed"], cfg["workers"], dinfo.distributed)
     model, spec = build_model(cfg, info)
@@ -387,6 +418,12 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     epoch_sums: list[float] = [0.0, 0.0]  # loss sum and samples of a resumed, half-done epoch
     if resume_path is not None:
         state = load_checkpoint(resume_path, expect_kind="retrain", expect_model=spec["name"])
+        saved_frac = float(state.get("config", {}).get("val_frac", 0.0))
+        if saved_frac != cfg["val_frac"]:
+            raise ValueError(
+                f"{resume_path} was trained with --val-frac {saved_frac}, not {cfg['val_frac']}; resume with the same "
+                f"--val-frac (the validation split depends on it)"
+            )
         restore(state)
         keeper.load_state_dict(state.get("keeper", {}))
         start_epoch, start_batch, step = state["next_epoch"], state["next_batch"], state["step"]
@@ -411,7 +448,9 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
         logger.truncate_rows(start_epoch)
         logger.line(
             f"{spec['name']}: {params / 1e6:.3f}M params, {flops / 1e6:.2f} MFLOPs at {info.img_size}px; "
-            f"{cfg['dataset']} {len(train_ds)} train / {len(val_ds)} val, {info.num_classes} classes; "
+            f"{cfg['dataset']} {len(train_ds)} train / {len(val_ds)} val"
+            + (f" (held out of train) / {len(test_ds)} test" if test_ds is not None else "")
+            + f", {info.num_classes} classes; "
             f"{dinfo.world_size} x {device.type}; {run_dir}"
         )
 
@@ -539,6 +578,13 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
                 dist.barrier()
             final = metrics
             epochs_run += 1
+        test = {}
+        if test_ds is not None and not interrupted:
+            test = _final_test(net, ema, test_ds, cfg, dinfo, amp_dtype)
+            if dinfo.is_main:
+                test_file = {"epoch": cfg["epochs"] - 1, "val_frac": cfg["val_frac"], "seed": cfg["seed"], **test}
+                (run_dir / "test.json").write_text(json.dumps(test_file, indent=2) + "\n")
+                logger.line(f"final test ({len(test_ds)} images): {format_metrics(test)}")
     logger.close()
     return {
         "run_dir": str(run_dir),
@@ -547,6 +593,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
         "flops": flops,
         "train_img_s": img_s,
         **final,
+        **test,
         "best_metric": keeper.best_metric,
         "best_epoch": keeper.best_epoch,
         "epochs_run": epochs_run,

@@ -46,7 +46,9 @@ def ray_local():
         ray.shutdown()
 
 
-def test_sweep_writes_tables_best_config_and_asha_stops_early(tmp_path: Path, ray_local: str) -> None:
+def test_sweep_writes_tables_best_config_and_asha_stops_early(
+    tmp_path: Path, ray_local: str, capsys: pytest.CaptureFixture
+) -> None:
     # lr spans "learns nothing in 4 epochs" (1e-6) to "learns fast" (3e-2). Trials run one at a time with a seeded
     # sampler, so the order is fixed: a chance-level trial reaching rung 1 after a learning one is below the median
     # (reduction factor 2) and must be stopped there.
@@ -83,6 +85,9 @@ def test_sweep_writes_tables_best_config_and_asha_stops_early(tmp_path: Path, ra
 
     best = resolve_config(train.DEFAULTS, argv=["-c", str(files["best_config"])])  # the target's -c accepts it
     assert best["lr"] == pytest.approx(out["best"]["lr"]) and best["model"] == "test_vim"
+    # The base config validated on the test split: the trials (and the best config) hold out part of train instead.
+    assert best["val_frac"] == nt.RETRAIN_VAL_FRAC
+    assert "trials hold out val_frac 0.1 of the train split" in capsys.readouterr().out
     # Each trial is an ordinary retrain run inside the sweep directory.
     assert all((Path(r["_path"]) / "run" / "summary.csv").is_file() for r in out["rows"])
 
@@ -170,3 +175,23 @@ def test_space_parsing_and_domains(tmp_path: Path) -> None:
     dom = sp.param_space()
     assert {dom["epochs"].sample() for _ in range(50)} == {2, 3}  # int: both ends included
     assert 1e-4 <= dom["lr"].sample() <= 1e-2
+
+
+def test_retrain_target_metric_and_held_out_default(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from retrain import train
+
+    base = resolve_config(train.DEFAULTS, overrides=BASE)
+    assert nt.target_for("retrain", base).metric == "top1"
+    assert nt.target_for("retrain", {**base, "model_ema": True}).metric == "ema_top1"  # what best.pt is chosen by
+    assert nt.target_for("search", {"model_ema": True}).metric == "arch_top1"
+    held, note = nt.held_out_base("retrain", base)
+    assert held["val_frac"] == 0.1 and base["val_frac"] == 0.0 and "val_frac 0.1" in note
+    assert nt.held_out_base("retrain", {**base, "val_frac": 0.2}) == ({**base, "val_frac": 0.2}, None)
+    assert nt.held_out_base("search", {"seed": 0}) == ({"seed": 0}, None)
+    # Sweeping the validation fraction itself is refused before Ray starts.
+    space = _write(
+        tmp_path / "space.yaml", {"params": {"val_frac": {"distribution": "uniform", "low": 0.1, "high": 0.3}}}
+    )
+    code = nt.cli(["--target", "retrain", "-c", _write(tmp_path / "base.yaml", BASE), "--space", space])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "'val_frac' cannot be swept" in err and "\n" not in err

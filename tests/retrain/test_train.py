@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from retrain.checkpoint import load_checkpoint
 from retrain.config import ConfigError, run_cli
-from retrain.train import DEFAULTS, main
+from retrain.train import DEFAULTS, build_splits, main
 
 TINY = {
     "model": "test_vim",
@@ -59,6 +61,7 @@ def test_tiny_run_learns_and_eval_only_reproduces(tmp_path, capsys) -> None:
     assert len([f for f in files if f.startswith("checkpoint-")]) == 2
     saved = yaml.safe_load(open(os.path.join(out["run_dir"], "args.yaml")))
     assert saved["epochs"] == 3 and set(saved) == set(DEFAULTS)
+    assert "test.json" not in files and "test_top1" not in out  # val_frac 0: the test split is the validation set
 
     best = os.path.join(out["run_dir"], "best.pt")
     state = load_checkpoint(best, expect_kind="retrain", expect_model="test_vim")
@@ -74,9 +77,10 @@ def test_refuses_to_clobber(tmp_path) -> None:
         _run(tmp_path, epochs=1, experiment="x")
 
 
-def test_interrupt_and_resume_is_exact(tmp_path) -> None:
+@pytest.mark.parametrize("val_frac", [0.0, 0.25])
+def test_interrupt_and_resume_is_exact(tmp_path, val_frac) -> None:
     """SIGTERM mid-run saves at the next step (mid-epoch); --resume auto ends bit-identical to a straight run."""
-    kw = {"shuffle_max": 0.5, "mixup": 0.2}
+    kw = {"shuffle_max": 0.5, "mixup": 0.2, "val_frac": val_frac}
     straight = _run(tmp_path, experiment="straight", **kw)
 
     def interrupt(epoch, metrics, path):
@@ -94,6 +98,8 @@ def test_interrupt_and_resume_is_exact(tmp_path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["epoch"] for r in _rows(resumed["run_dir"])] == ["0", "1"]
     assert resumed["top1"] == straight["top1"]
+    if val_frac:  # the held-out split is a pure function of (seed, val_frac): the same after a resume
+        assert resumed["test_loss"] == straight["test_loss"]
 
 
 def _arch(tmp_path, depth: int) -> str:
@@ -129,3 +135,70 @@ def test_bad_requests_are_one_line(tmp_path) -> None:
         _run(tmp_path, epoch=3)
     with pytest.raises(ValueError, match="--shuffle-max 1.5 is out of range"):
         _run(tmp_path, shuffle_max=1.5)
+
+
+def test_held_out_split_is_disjoint_seeded_and_unaugmented(tmp_path) -> None:
+    cfg = {**DEFAULTS, **TINY, "val_frac": 0.25}
+    train, held, test, info = build_splits(cfg)
+    assert len(held) == 64 and len(train) == 192 and len(test) == 64 and info.num_classes == 10
+    assert set(train.indices).isdisjoint(held.indices) and set(train.indices) | set(held.indices) == set(range(256))
+    assert held.dataset is not train.dataset  # the held-out part comes from a copy built without augmentation
+    _, again, _, _ = build_splits(cfg, train=False)  # a pure function of (seed, val_frac): resume and eval agree
+    assert again.indices == held.indices
+    _, other, _, _ = build_splits({**cfg, "seed": 1}, train=False)
+    assert other.indices != held.indices
+    train0, val0, test0, _ = build_splits({**cfg, "val_frac": 0.0})
+    assert test0 is None and len(train0) == 256 and len(val0) == 64
+    # An array dataset: training augments, the held-out part does not.
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), np.arange(20, dtype=np.uint8) % 10
+    np.savez(tmp_path / "fm.npz", x_train=images, y_train=labels, x_test=images[:4], y_test=labels[:4])
+    fm = {**cfg, "dataset": "fashion_mnist", "data_dir": str(tmp_path / "fm.npz"), "img_size": 28, "num_samples": 0}
+    train, held, test, _ = build_splits(fm)
+    assert (len(train), len(held), len(test)) == (15, 5, 4) and train.dataset.train and not held.dataset.train
+
+
+def test_val_frac_selects_on_held_out_and_tests_once_at_the_end(tmp_path, capsys) -> None:
+    seen = []
+
+    def no_test_yet(epoch, metrics, path):
+        seen.append(epoch)
+        assert not (path.parent / "test.json").exists() and not any(k.startswith("test_") for k in metrics)
+
+    cfg = {**TINY, "output": str(tmp_path / "runs"), "experiment": "ho", "val_frac": 0.25, "model_ema": True}
+    out = main({**cfg, "epochs": 3, "checkpoint_hist": 1}, on_epoch=no_test_yet)
+    assert seen == [0, 1, 2]
+    rows = _rows(out["run_dir"])
+    assert not any(k.startswith("test_") or k.startswith("ema_test_") for k in rows[0])
+    # best.pt is the epoch with the best held-out metric (EMA's, as EMA is on).
+    held = [float(r["ema_top1"]) for r in rows]
+    assert out["best_metric"] == pytest.approx(max(held)) and out["best_epoch"] == held.index(max(held))
+    best = os.path.join(out["run_dir"], "best.pt")
+    state = load_checkpoint(best, expect_kind="retrain")
+    assert state["epoch"] == out["best_epoch"] and state["config"]["val_frac"] == 0.25
+    # The test split is evaluated once, at the end, for the final model and its EMA.
+    report = json.loads(open(os.path.join(out["run_dir"], "test.json")).read())
+    for k in ("test_top1", "test_top5", "test_loss", "ema_test_top1", "ema_test_top5", "ema_test_loss"):
+        assert report[k] == pytest.approx(out[k]), k
+    assert report["val_frac"] == 0.25 and report["seed"] == 0
+    assert out["test_loss"] != pytest.approx(out["loss"])  # the held-out set is not the test split
+    printed = capsys.readouterr().out
+    assert "final test (64 images): test_loss" in printed and "ema_test_top1" in printed
+    # --eval-only rebuilds the same held-out split from the checkpoint's config and reproduces its metric.
+    again = main({"eval_only": best, "device": "cpu"})
+    assert again["top1"] == pytest.approx(state["metrics"]["ema_top1"], abs=1e-9)
+    assert again["loss"] == pytest.approx(state["metrics"]["ema_loss"], rel=1e-6)
+
+
+def test_bad_val_frac_is_one_line(tmp_path, capsys) -> None:
+    with pytest.raises(ValueError, match=r"--val-frac 1.0 is out of range; use a value in \[0, 1\)"):
+        _run(tmp_path, val_frac=1.0)
+    with pytest.raises(ValueError, match="--val-frac 0.001: cannot split 256 items"):
+        _run(tmp_path, val_frac=0.001)
+    code = run_cli(main, DEFAULTS, ["--model", "test_vim", "--val-frac", "-0.1", "--output", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: --val-frac -0.1 is out of range") and "\n" not in err
+    # A resume keeps the split: another val_frac is refused rather than mixing validation sets.
+    _run(tmp_path, epochs=1, experiment="vf", val_frac=0.25)
+    with pytest.raises(ValueError, match=r"trained with --val-frac 0.25, not 0.0; resume with the same --val-frac"):
+        _run(tmp_path, epochs=1, experiment="vf", resume="auto")
