@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,6 +57,7 @@ from retrain.engine import (
     evaluate,
     format_metrics,
     gather_rng_states,
+    git_commit,
     init_distributed,
     print_rank0,
     seed_everything,
@@ -301,22 +301,6 @@ def _check_logits_identical(model: nn.Module) -> None:
         raise RuntimeError("arch logits differ across ranks; the search is not consistent (report this as a bug)")
 
 
-def _git_commit() -> str | None:
-    """The commit of the running code (provenance of the derived arch), when it runs from a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -386,7 +370,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     labels = list(model.arch_labels())
     candidates = list(model.search_space.candidates)
     derived_name = model.derived_model_name
-    commit = _git_commit()
+    commit = git_commit()
 
     # Two optimizers over a partition of the parameters: timm's for the weights, Adam for the arch logits.
     optimizer = create_optimizer_v2(

@@ -21,7 +21,6 @@ import datetime as _dt
 import json
 import math
 import shlex
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, Sequence
 import yaml
 
 from retrain.config import OneLineArgumentParser
+from retrain.engine import git_commit
 from search_spaces import ArchSpec, LayerChoice, SearchSpace, list_presets, load_space, save_arch, select_top_k
 
 __all__ = ["DEFAULTS", "derive", "main", "read_arch_probs_jsonl"]
@@ -183,22 +183,6 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
         "date": ckpt.get("date"),
         "config": ckpt.get("config") or {},
     }
-
-
-def _git_commit() -> str | None:
-    """The commit of the code doing the derivation, when it runs from a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def _file_date(path: Path) -> str:
@@ -422,7 +406,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         labels, probs, space, model = info["labels"], info["probs"], info["space"], info["model"]
         epoch, search_cfg = info["epoch"], info["config"]
         source_path = ckpt_path
-        commit = info["commit"] or _git_commit()
+        commit = info["commit"] or git_commit()
         date = info["date"] or _file_date(ckpt_path)
     else:
         last = records[-1]
@@ -433,7 +417,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
             search_cfg = yaml.safe_load(args.read_text()) or {}
         model = _derived_name_from_config(search_cfg)
         source_path = jsonl_path
-        commit = _git_commit()
+        commit = git_commit()
         date = _file_date(jsonl_path)
 
     space = _space_with_k(space, cfg["k"])

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -535,3 +536,19 @@ def print_rank0(*args: Any, **kwargs: Any) -> None:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         kwargs.setdefault("file", sys.stderr)
         print(*args, **kwargs, flush=True)
+
+
+def git_commit() -> str | None:
+    """The short commit of the running code (provenance in checkpoints and arch files), when run from a checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None

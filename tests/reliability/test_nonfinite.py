@@ -44,14 +44,6 @@ SEARCH = {
 }  # 4 steps per epoch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _scalars(run_dir: str | Path, tag: str) -> list[tuple[int, float]]:
     acc = EventAccumulator(str(Path(run_dir) / "tb"))
     acc.Reload()

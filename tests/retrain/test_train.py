@@ -31,15 +31,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared CPU: thread hand-offs cost more than the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _run(tmp_path, **kw):
     return main({**TINY, "output": str(tmp_path / "runs"), **kw})
 
