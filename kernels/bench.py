@@ -24,7 +24,7 @@ from triton.testing import do_bench
 
 from kernels.check_gpu import env_info, try_load_mamba
 from kernels.mamba_backend import to_mamba_layout
-from kernels.ops import selective_scan
+from kernels.ops import causal_conv1d, selective_scan
 from kernels.testing import make_orders, make_scan_inputs
 from kernels.triton_scan import scan_bwd, scan_config, scan_fwd, set_scan_config
 
@@ -183,15 +183,53 @@ def bench_vs_length(with_mamba: bool, tokens: int = 128 * 196, dim: int = 192, n
     return out
 
 
-# Candidate block sizes per BLOCK_N class for --tune; the first is the untuned default. Three numbers are the
-# (T, D, N)-tile kernels (BLOCK_T, BLOCK_D, num_warps); seven are the (T, N, D)-tile kernels of triton_scan_nd:
-# (backward BLOCK_T = saved-state interval, backward BLOCK_D, backward warps, forward BLOCK_T, forward BLOCK_D,
-# forward warps, backward state group).
+def bench_conv(ceil: dict, batch=128, seqlen=197, k=8, dim=384, width=4, hw=(14, 14)) -> dict:
+    """The per-order causal conv1d of a LocalVim-T supernet layer (shared input, K orders): Triton vs reference.
+
+    Its share of the layer's conv + scan time bounds what fusing it into the scan could save.
+    """
+    names = ("h", "h_flip", "v", "v_flip", "w2", "w2_flip", "w7", "w7_flip")[:k]
+    torch.manual_seed(0)
+    x = torch.randn(batch, seqlen, 1, dim, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(k, dim, width, device="cuda") * 0.3
+    bias = torch.randn(k, dim, device="cuda") * 0.1
+    orders = real_orders(seqlen, hw, names).cuda()
+    dy = torch.randn(batch, seqlen, k, dim, device="cuda", dtype=torch.bfloat16)
+    rec = {"name": "LocalVim-T conv1d", "batch": batch, "L": seqlen, "K": k, "dim": dim, "width": width, "Kx": 1}
+    for backend in ("triton", "ref"):
+        leaves = _leaves({"x": x, "weight": w, "bias": bias})
+        fn = lambda lv=leaves, be=backend: causal_conv1d(lv["x"], lv["weight"], lv["bias"], orders=orders,  # noqa: E731
+                                                         activation="silu", backend=be)  # fmt: skip
+        rec[f"{backend}_fwd_ms"], rec[f"{backend}_fwd_bwd_ms"] = _timed(fn, leaves, dy)
+    tok = batch * seqlen
+    fwd_bytes = 2 * tok * (dim + k * dim)  # read x once, write K outputs (bf16)
+    bwd_bytes = 2 * tok * (k * dim + dim + dim)  # read dout and x, write dx
+    rec["fwd_bytes_floor_fraction"] = fwd_bytes / ceil["copy_bytes_per_s"] / (rec["triton_fwd_ms"] * 1e-3)
+    rec["fwd_bwd_bytes_floor_fraction"] = (
+        (fwd_bytes + bwd_bytes) / ceil["copy_bytes_per_s"] / (rec["triton_fwd_bwd_ms"] * 1e-3)
+    )
+    print(f"  conv1d (B {batch}, L {seqlen}, K {k}, D {dim}, W {width}): triton {rec['triton_fwd_ms']:.3f} / "
+          f"{rec['triton_fwd_bwd_ms']:.3f} ms, ref {rec['ref_fwd_ms']:.3f} / {rec['ref_fwd_bwd_ms']:.3f} ms, "
+          f"byte floor {rec['fwd_bytes_floor_fraction']:.2f} / {rec['fwd_bwd_bytes_floor_fraction']:.2f}",
+          flush=True)  # fmt: skip
+    return rec
+
+
+# Candidate block sizes per (BLOCK_N class, long sequence) for --tune; the first is the untuned default. Three numbers
+# are the (T, D, N)-tile kernels (BLOCK_T, BLOCK_D, num_warps); seven or eight are the (T, N, D)-tile kernels of
+# triton_scan_nd: (backward BLOCK_T = saved-state interval, backward BLOCK_D, backward warps, forward BLOCK_T, forward
+# BLOCK_D, forward warps, backward state group, backward prefetch). The (T, N, D) candidates were screened for
+# register spills by compiling for sm_90 with ptxas (benchmarks/NOTES-scan.md, v3): all but the old defaults, kept
+# for comparison, compile without spills.
 CANDIDATES = {
-    16: [(8, 32, 4), (8, 32, 1, 2, 32, 1, 2), (8, 64, 2, 2, 64, 2, 2), (8, 64, 1, 2, 64, 1, 2),
-         (8, 32, 1, 4, 32, 1, 4), (8, 64, 4)],
-    1: [(32, 64, 4), (32, 32, 1, 32, 32, 1, 1), (32, 128, 4, 32, 128, 4, 1), (16, 64, 2, 16, 64, 2, 1),
-        (16, 64, 4)],
+    (16, False): [(8, 32, 1, 4, 32, 1, 4), (8, 32, 1, 4, 32, 1, 1, 0), (4, 32, 1, 4, 32, 1, 2, 0),
+                  (4, 32, 1, 4, 32, 1, 1, 1), (4, 32, 1, 4, 32, 1, 2, 1), (4, 32, 1, 4, 32, 1, 1, 0)],
+    (16, True): [(8, 32, 1, 4, 32, 1, 4), (8, 32, 1, 4, 32, 1, 1, 1), (8, 32, 1, 4, 32, 1, 2, 0),
+                 (4, 32, 1, 4, 32, 1, 4, 0), (4, 32, 1, 4, 32, 1, 2, 1)],
+    (1, False): [(32, 32, 1, 32, 32, 1, 1), (16, 32, 1, 16, 32, 1, 1, 0), (8, 32, 1, 8, 32, 1, 1, 1),
+                 (8, 32, 1, 8, 32, 1, 1, 0), (4, 32, 1, 4, 32, 1, 1, 1)],
+    (1, True): [(32, 32, 1, 32, 32, 1, 1), (16, 32, 1, 16, 32, 1, 1, 0), (8, 32, 1, 8, 32, 1, 1, 1),
+                (8, 32, 1, 8, 32, 1, 1, 0), (4, 32, 1, 4, 32, 1, 1, 1)],
 }  # fmt: skip
 
 
@@ -203,7 +241,7 @@ def tune(name, batch, dim, seqlen, n, k, ku, has_z, hw, order_names, candidates=
     dy = torch.randn(batch, seqlen, k, dim, device="cuda", dtype=torch.bfloat16)
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, orders)
     trials, reference = [], None
-    for cfg in candidates or CANDIDATES[triton.next_power_of_2(n) if n < 16 else 16]:
+    for cfg in candidates or CANDIDATES[(triton.next_power_of_2(n) if n < 16 else 16, seqlen > 1024)]:
         try:
             fwd = lambda cfg=cfg: scan_fwd(*args, None, False, config=cfg)  # noqa: E731
             _, states = scan_fwd(*args, None, True, config=cfg)
@@ -253,6 +291,10 @@ def print_table(rows: list, with_mamba: bool) -> None:
 def main(cfg: dict) -> dict:
     # Build/load mamba-ssm first and alone: a source build competing with Triton compiles for the CPU ran past the
     # call's time limit once.
+    if cfg.get("configs"):
+        with open(cfg["configs"]) as f:
+            for entry in json.load(f):
+                set_scan_config(entry["N"], entry["L"], tuple(entry["config"]))
     with_mamba = not cfg.get("no_mamba") and try_load_mamba(cfg.get("mamba_anchor"))
     ceil = measure_ceilings()
     print(f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, exp2 {ceil['exp2_per_s'] / 1e12:.2f} T/s", flush=True)
@@ -262,14 +304,15 @@ def main(cfg: dict) -> dict:
             key = (triton.next_power_of_2(anchor[4]), anchor[3] > 1024)
             if key not in tuned_keys:
                 tuned_keys.add(key)
-                cands = None
-                if anchor[3] > 1024 and anchor[4] > 1 and tuning:  # expensive shape: default and short-L winner
-                    cands = list(dict.fromkeys([CANDIDATES[16][0], tuple(tuning[0]["chosen"])]))
-                tuning.append(tune(*anchor, candidates=cands))
+                tuning.append(tune(*anchor))
                 torch.cuda.empty_cache()
         if cfg.get("configs_out"):
             with open(cfg["configs_out"], "w") as f:
                 json.dump([{"N": t["N"], "L": t["L"], "config": t["chosen"]} for t in tuning], f)
+            with open(os.path.splitext(cfg["configs_out"])[0] + "_trials.json", "w") as f:
+                json.dump({**env_info(cfg.get("commit")), "tuning": tuning}, f, indent=1)
+        if cfg.get("tune_only"):
+            return {"tuning": tuning}
     rows = []
     for anchor in ANCHORS:
         t0 = time.time()
@@ -278,8 +321,14 @@ def main(cfg: dict) -> dict:
         print(f"  {anchor[0]} done in {time.time() - t0:.1f} s", flush=True)
         torch.cuda.empty_cache()
     vs_len = [] if cfg.get("skip_length") else bench_vs_length(with_mamba)
+    conv = bench_conv(ceil)
+    scan_row = rows[0]  # the LocalVim-T supernet layer: the same (batch, L, K, channels)
+    conv["share_of_conv_plus_scan_fwd"] = conv["triton_fwd_ms"] / (conv["triton_fwd_ms"] + scan_row["ours_fwd_ms"])
+    conv["share_of_conv_plus_scan_fwd_bwd"] = conv["triton_fwd_bwd_ms"] / (
+        conv["triton_fwd_bwd_ms"] + scan_row["ours_fwd_bwd_ms"]
+    )
     report = {**env_info(cfg.get("commit")), "with_mamba": with_mamba, "inputs": "bf16 in, bf16 out, fp32 state",
-              "ceilings": ceil, "tuning": tuning, "anchors": rows, "vs_length": vs_len}  # fmt: skip
+              "ceilings": ceil, "tuning": tuning, "anchors": rows, "vs_length": vs_len, "conv1d": conv}  # fmt: skip
     if with_mamba:
         report["issue4_faster_than_localmamba_all"] = all(
             r["speedup_vs_localmamba_fwd_bwd"] > 1 and r["speedup_vs_localmamba_fwd"] > 1 for r in rows
@@ -294,6 +343,10 @@ def main(cfg: dict) -> dict:
             json.dump(report, f, indent=1)
     print(f"device {report['device']}, torch {report['torch']}, triton {report['triton']}, commit {report['commit']}")
     print_table(rows, with_mamba)
+    print(
+        f"conv1d share of conv + scan (LocalVim-T layer): fwd {conv['share_of_conv_plus_scan_fwd']:.1%}, "
+        f"fwd+bwd {conv['share_of_conv_plus_scan_fwd_bwd']:.1%}"
+    )
     return report
 
 
@@ -306,6 +359,8 @@ if __name__ == "__main__":
     p.add_argument("--skip-length", action="store_true")
     p.add_argument("--tune", action="store_true", help="time candidate block sizes first and use the fastest")
     p.add_argument("--configs-out", default=None, help="write the tuned block sizes to this JSON file")
+    p.add_argument("--tune-only", action="store_true", help="stop after --tune (with --configs-out)")
+    p.add_argument("--configs", default=None, help="use the block sizes of a --configs-out JSON file")
     args = vars(p.parse_args())
     if args["out"] is None:
         gpu = torch.cuda.get_device_name().lower().replace("nvidia", "").split()[0]

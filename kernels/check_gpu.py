@@ -47,6 +47,18 @@ GRID = [
 ]
 
 
+def mamba_grad_tolerance(name: str, dtype: torch.dtype, k: int, ku: int) -> tuple[float, float]:
+    """Tolerance against the mamba backend: mamba-ssm's table, except du with a shared input (Ku = 1).
+
+    There the backend adds K per-order gradients that mamba-ssm has already rounded to the input dtype, so the
+    anchor's own error grows with K: the absolute bound is widened K times for bf16/fp16 (fp32 keeps the table).
+    """
+    rtol, atol = grad_tolerance(name, dtype)
+    if name == "u" and ku == 1 and k > 1 and dtype != torch.float32:
+        return rtol, atol * k
+    return rtol, atol
+
+
 def check_case(seqlen, hw, k, n, ku, extras, dtype, with_mamba, dim=24, batch=2) -> dict:
     gen = torch.Generator().manual_seed(seqlen * 1000 + k * 10 + n)
     inputs = make_scan_inputs(batch, seqlen, k, dim, n, ku=ku, dtype=dtype, device="cuda", has_D=extras,
@@ -62,8 +74,8 @@ def check_case(seqlen, hw, k, n, ku, extras, dtype, with_mamba, dim=24, batch=2)
     if with_mamba:
         y_m, grads_m, _ = scan_with_grads(selective_scan, inputs, dy=dy, orders=orders, backend="mamba")
         recs["vs_mamba"] = [compare("y", y, y_m, rtol, atol)]
-        recs["vs_mamba"] += [compare(nm, grads[nm], grads_m[nm], *grad_tolerance(nm, dtype)) for nm in GRAD_NAMES
-                             if nm in grads]  # fmt: skip
+        recs["vs_mamba"] += [compare(nm, grads[nm], grads_m[nm], *mamba_grad_tolerance(nm, dtype, k, ku))
+                             for nm in GRAD_NAMES if nm in grads]  # fmt: skip
     ok = all(r["ok"] for v in recs.values() for r in v)
     return {"L": seqlen, "grid": list(hw), "K": k, "N": n, "Ku": ku, "z_D_bias": extras, "dim": dim,
             "batch": batch, "dtype": str(dtype).replace("torch.", ""), "ok": ok, **recs}  # fmt: skip

@@ -349,7 +349,7 @@ def scan_fwd(
     else:
         from .triton_scan_nd import _scan_fwd_nd_kernel
 
-        _, _, _, bt, bd, warps, _ = config
+        bt, bd, warps = config[3:6]
         if save_t % bt:
             raise ValueError(f"config: the forward chunk {bt} must divide the saved-state interval {save_t}")
         _scan_fwd_nd_kernel[(triton.cdiv(dim, bd), bsz * k)](
@@ -434,9 +434,11 @@ def scan_bwd(
 
         hbuf = torch.zeros(bsz * k, dim, n, device=dev, dtype=f32)
         group = min(config[6], triton.next_power_of_2(n))
+        prefetch = bool(config[7]) if len(config) > 7 else False
         _scan_bwd_nd_kernel[grid](
-            *inputs, hbuf, *outputs, seqlen, k, dim, n, n_chunks, bsz, *strides, GROUP_N=group, **common
-        )
+            *inputs, hbuf, *outputs, seqlen, k, dim, n, n_chunks, bsz, *strides, GROUP_N=group, PREFETCH=prefetch,
+            **common,
+        )  # fmt: skip
     if u.shape[2] != k:
         du = du.sum(2, keepdim=True).to(u.dtype)
     if z is not None and z.shape[2] != k:

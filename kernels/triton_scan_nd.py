@@ -116,6 +116,34 @@ def _scan_fwd_nd_kernel(
 
 
 @triton.jit
+def _load_bwd_rows(
+    orders_ptr, u_base, d_base, g_base, z_base, k, L, c, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d, mask_d,
+    BLOCK_T: tl.constexpr, HAS_Z: tl.constexpr, HAS_ORDERS: tl.constexpr,
+):  # fmt: skip
+    # The backward's per-chunk token rows (raw, in their storage dtype); c = -1 gives a fully masked chunk.
+    t = c * BLOCK_T + offs_t
+    mask_t = (t >= 0) & (t < L)
+    mask_t1 = (t >= 0) & ((t + 1) < L)
+    if HAS_ORDERS:
+        idx = tl.load(orders_ptr + k * L + t, mask=mask_t, other=0).to(tl.int64)
+        idx1 = tl.load(orders_ptr + k * L + t + 1, mask=mask_t1, other=0).to(tl.int64)
+    else:
+        idx = t.to(tl.int64)
+        idx1 = (t + 1).to(tl.int64)
+    m_td = mask_t[:, None] & mask_d[None, :]
+    m_t1d = mask_t1[:, None] & mask_d[None, :]
+    u = tl.load(u_base + idx[:, None] * s_ul + offs_d[None, :], mask=m_td, other=0.0)
+    dt = tl.load(d_base + idx[:, None] * s_dl + offs_d[None, :], mask=m_td, other=0.0)
+    dt1 = tl.load(d_base + idx1[:, None] * s_dl + offs_d[None, :], mask=m_t1d, other=0.0)
+    dy = tl.load(g_base + idx[:, None] * s_gl + offs_d[None, :], mask=m_td, other=0.0)
+    if HAS_Z:
+        zt = tl.load(z_base + idx[:, None] * s_zl + offs_d[None, :], mask=m_td, other=0.0)
+    else:
+        zt = dy
+    return idx, u, dt, dt1, dy, zt
+
+
+@triton.jit
 def _scan_bwd_nd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, orders_ptr, dy_ptr, states_ptr, hbuf_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
@@ -124,7 +152,7 @@ def _scan_bwd_nd_kernel(
     s_zb, s_zl, s_zk, s_gb, s_gl, s_gk,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_ORDERS: tl.constexpr,
+    HAS_ORDERS: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     pid_d = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -152,23 +180,34 @@ def _scan_bwd_nd_kernel(
     part_base = ((pid_d.to(tl.int64) * BATCH + b) * L * K + k) * N
     dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # PREFETCH: software pipelining as in the forward, the previous chunk's gathered rows are in flight while this
+    # one computes (costs registers: the tuner decides).
+    if PREFETCH:
+        idx, u_r, dt_r, dt1_r, dy_r, z_r = _load_bwd_rows(
+            orders_ptr, u_base, d_base, g_base, z_base, k, L, n_chunks - 1, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d,
+            mask_d, BLOCK_T, HAS_Z, HAS_ORDERS,
+        )  # fmt: skip
     for ci in range(0, n_chunks):
         c = n_chunks - 1 - ci
+        if PREFETCH:
+            idx_p, u_p, dt_p, dt1_p, dy_p, z_p = _load_bwd_rows(
+                orders_ptr, u_base, d_base, g_base, z_base, k, L, c - 1, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d,
+                mask_d, BLOCK_T, HAS_Z, HAS_ORDERS,
+            )  # fmt: skip
+        else:
+            idx, u_r, dt_r, dt1_r, dy_r, z_r = _load_bwd_rows(
+                orders_ptr, u_base, d_base, g_base, z_base, k, L, c, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d,
+                mask_d, BLOCK_T, HAS_Z, HAS_ORDERS,
+            )  # fmt: skip
         t = c * BLOCK_T + offs_t
         mask_t = t < L
         mask_t1 = (t + 1) < L
-        if HAS_ORDERS:
-            idx = tl.load(orders_ptr + k * L + t, mask=mask_t, other=0).to(tl.int64)
-            idx1 = tl.load(orders_ptr + k * L + t + 1, mask=mask_t1, other=0).to(tl.int64)
-        else:
-            idx = t.to(tl.int64)
-            idx1 = (t + 1).to(tl.int64)
         m_td = mask_t[:, None] & mask_d[None, :]
         m_t1d = mask_t1[:, None] & mask_d[None, :]
-        u = tl.load(u_base + idx[:, None] * s_ul + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
-        dt_pre = tl.load(d_base + idx[:, None] * s_dl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
-        dt1 = tl.load(d_base + idx1[:, None] * s_dl + offs_d[None, :], mask=m_t1d, other=0.0).to(tl.float32)
-        dy = tl.load(g_base + idx[:, None] * s_gl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+        u = u_r.to(tl.float32)
+        dt_pre = dt_r.to(tl.float32)
+        dt1 = dt1_r.to(tl.float32)
+        dy = dy_r.to(tl.float32)
         if HAS_BIAS:
             dt_pre = dt_pre + bias[None, :]
             dt1 = dt1 + bias[None, :]
@@ -181,7 +220,7 @@ def _scan_bwd_nd_kernel(
         dt1 = tl.where(m_t1d, dt1, 0.0)
         dtu = dt * u
         if HAS_Z:
-            zt = tl.load(z_base + idx[:, None] * s_zl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+            zt = z_r.to(tl.float32)
             sz = tl.sigmoid(zt)
             g = dy * zt * sz
         else:
@@ -239,6 +278,8 @@ def _scan_bwd_nd_kernel(
         dbias_acc += tl.sum(ddt, axis=0)
         tl.store(du_ptr + out_base + idx[:, None] * (K * DIM) + offs_d[None, :], du, mask=m_td)
         tl.store(ddelta_ptr + out_base + idx[:, None] * (K * DIM) + offs_d[None, :], ddt, mask=m_td)
+        if PREFETCH:
+            idx, u_r, dt_r, dt1_r, dy_r, z_r = idx_p, u_p, dt_p, dt1_p, dy_p, z_p
     vec_off = (b * K + k) * DIM + offs_d
     if HAS_D:
         tl.store(dD_ptr + vec_off, dD_acc, mask=mask_d)
