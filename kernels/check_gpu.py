@@ -20,6 +20,7 @@ import torch
 import triton
 
 from kernels.ops import selective_scan
+from kernels.reference import selective_scan_ref
 from kernels.testing import (
     GRAD_NAMES,
     TOLERANCES,
@@ -66,7 +67,13 @@ def check_case(seqlen, hw, k, n, ku, extras, dtype, with_mamba, dim=24, batch=2)
     orders = make_orders(seqlen, hw, k).cuda()
     with poisoned_empty():
         y, grads, dy = scan_with_grads(selective_scan, inputs, orders=orders, backend="triton")
-    y_ref, grads_ref, _ = scan_with_grads(selective_scan, inputs, dy=dy, orders=orders, backend="ref")
+    if dtype == torch.float32:
+        # fp32 cases against the reference run in fp64: at L in the thousands the fp32 reference's own rounding (exp
+        # vs the kernels' exp2, summation order) is of the order of the fp32 tolerance, so it is no truth there.
+        inputs64 = {nm: (t.double() if t is not None else None) for nm, t in inputs.items()}
+        y_ref, grads_ref, _ = scan_with_grads(selective_scan_ref, inputs64, dy=dy.double(), orders=orders)
+    else:
+        y_ref, grads_ref, _ = scan_with_grads(selective_scan, inputs, dy=dy, orders=orders, backend="ref")
     rtol, atol = TOLERANCES[dtype]
     recs = {"vs_ref": [compare("y", y, y_ref, rtol, atol)]}
     recs["vs_ref"] += [compare(nm, grads[nm], grads_ref[nm], *grad_tolerance(nm, dtype)) for nm in GRAD_NAMES

@@ -8,7 +8,8 @@ Layout is token-major (what Linear layers produce), with K scan orders on a sepa
     orders (K, L) int      step t of order k visits token orders[k, t]
     y      (B, L, K, D)    in ORIGINAL token order
 
-Everything is computed in fp32 and cast to ``out_dtype`` (default: the dtype of ``u``) at the end.
+Everything is computed in fp32 (in fp64 when ``u`` is fp64: the GPU correctness grid's truth for fp32 cases) and cast
+to ``out_dtype`` (default: the dtype of ``u``) at the end.
 """
 
 from __future__ import annotations
@@ -68,18 +69,19 @@ def selective_scan_ref(
         y: (B, L, K, D) in original token order.
     """
     out_dtype = out_dtype or u.dtype
+    ct = torch.float64 if u.dtype == torch.float64 else torch.float32
     k = delta.shape[2]
-    u32 = u.float()
-    dt = delta.float()
+    u32 = u.to(ct)
+    dt = delta.to(ct)
     if delta_bias is not None:
-        dt = dt + delta_bias.float()
+        dt = dt + delta_bias.to(ct)
     if delta_softplus:
         dt = F.softplus(dt)
     u_k = u32.expand(-1, -1, k, -1) if u32.shape[2] == 1 else u32  # (B, L, K, D)
     # Reorder the 4-D inputs (not the 5-D products) into scan order: N times fewer elements to gather and scatter.
     dt_s, u_s = _gather_tokens(dt, orders, k), _gather_tokens(u_k, orders, k)
-    B_s, C_s = _gather_tokens(B.float(), orders, k), _gather_tokens(C.float(), orders, k)
-    dA = torch.exp(dt_s.unsqueeze(-1) * A.float())  # (B, L, K, D, N), scan order
+    B_s, C_s = _gather_tokens(B.to(ct), orders, k), _gather_tokens(C.to(ct), orders, k)
+    dA = torch.exp(dt_s.unsqueeze(-1) * A.to(ct))  # (B, L, K, D, N), scan order
     dBu = (dt_s * u_s).unsqueeze(-1) * B_s.unsqueeze(3)  # (B, L, K, D, N), scan order
     x = torch.zeros_like(dA[:, 0])
     ys = []
@@ -88,9 +90,9 @@ def selective_scan_ref(
         ys.append(torch.einsum("bkdn,bkn->bkd", x, C_t))
     y = _scatter_tokens(torch.stack(ys, dim=1), orders)
     if D is not None:
-        y = y + u_k * D.float()
+        y = y + u_k * D.to(ct)
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(ct))
     return y.to(out_dtype)
 
 

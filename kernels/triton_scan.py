@@ -258,8 +258,8 @@ def scan_config(dim: int, dstate: int, seqlen: int, device: torch.device) -> tup
     ``(BLOCK_T, BLOCK_D, num_warps, fwd BLOCK_T, fwd BLOCK_D, fwd num_warps, GROUP_N)`` select the (T, N, D)-tile
     kernels of :mod:`kernels.triton_scan_nd`. The first number is always the saved-state interval.
 
-    The forward's chunk must divide the saved-state interval. Under the CPU interpreter, whose scan runs element by
-    element, the tiles are kept tiny.
+    The forward's chunk and the saved-state interval must divide one another. Under the CPU interpreter, whose scan
+    runs element by element, the tiles are kept tiny.
     """
     bn = triton.next_power_of_2(dstate)
     dim_cap = max(16, triton.next_power_of_2(dim))
@@ -350,8 +350,10 @@ def scan_fwd(
         from .triton_scan_nd import _scan_fwd_nd_kernel
 
         bt, bd, warps = config[3:6]
-        if save_t % bt:
-            raise ValueError(f"config: the forward chunk {bt} must divide the saved-state interval {save_t}")
+        if save_t % bt and bt % save_t:
+            raise ValueError(
+                f"config: the forward chunk {bt} and the saved-state interval {save_t} must divide one another"
+            )
         _scan_fwd_nd_kernel[(triton.cdiv(dim, bd), bsz * k)](
             *args, seqlen, k, dim, n, triton.cdiv(seqlen, bt), n_save, *strides,
             BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n), SAVE_T=save_t, num_warps=warps, **common,

@@ -8,7 +8,8 @@ the scan along T and every sum over N stay inside a thread. The backward walks t
 cross-lane work left is the channel sum of dB and dC.
 
 Same arguments, buffers and semantics as the kernels in :mod:`kernels.triton_scan`; chunk-start states are saved
-every ``SAVE_T`` steps (the backward's chunk), which the forward's own chunk ``BLOCK_T`` divides.
+every ``SAVE_T`` steps (the backward's chunk); the forward's own chunk ``BLOCK_T`` may be shorter or longer (the
+two divide one another), so a memory-bound forward can walk long chunks while the backward keeps short ones.
 """
 
 import triton
@@ -105,6 +106,13 @@ def _scan_fwd_nd_kernel(
         P, S = tl.associative_scan((a, bx), axis=0, combine_fn=_affine_combine)
         xs = P * x[None, :, :] + S
         y = tl.sum(xs * Ct.to(tl.float32)[:, :, None], axis=1)
+        if SAVE_STATES and BLOCK_T > SAVE_T:
+            # A chunk longer than the saved-state interval: the state after step t is the one the backward's chunk
+            # starting at t + 1 needs, for every t + 1 inside this chunk that is a multiple of SAVE_T.
+            t1 = c * BLOCK_T + offs_t + 1
+            keep = ((t1 % SAVE_T) == 0) & (t1 < L) & (offs_t < BLOCK_T - 1)
+            st_off = (t1 // SAVE_T).to(tl.int64)[:, None, None] * DIM * N + nd_off[None, :, :]
+            tl.store(st_base + st_off, xs, mask=keep[:, None, None] & mask_nd[None, :, :])
         x = tl.sum(tl.where(offs_t[:, None, None] == BLOCK_T - 1, xs, 0.0), axis=0)
         if HAS_D:
             y += uf * dskip[None, :]

@@ -42,7 +42,7 @@ import yaml
 
 from retrain.config import ConfigError, resolve_config, run_cli, save_config
 
-__all__ = ["DEFAULTS", "Row", "collect_run", "main", "pooled_std", "summarise"]
+__all__ = ["DEFAULTS", "Row", "collect_run", "main", "pick_gpu", "pooled_std", "summarise", "visible_gpus"]
 
 DEFAULTS: dict[str, Any] = {
     "train_config": "",  # retrain.train YAML: the recipe every row shares ("" = retrain.train defaults)
@@ -597,23 +597,62 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"table": table, "markdown": md, "dir": out_dir, **paths}
 
 
-def _run_parallel(pending: Sequence[tuple[Row, int, dict[str, Any], Path]], jobs: int) -> None:
-    """Train several (row, seed) runs side by side, each its own ``retrain.train`` process (e.g. on one GPU).
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` entries (empty without CUDA)."""
+    import os
 
-    Each run's resolved config goes to ``runs/<row>/seed<S>.yaml`` and its output to ``runs/<row>/seed<S>.log``.
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return listed[: torch.cuda.device_count()] if listed else [str(i) for i in range(torch.cuda.device_count())]
+
+
+def pick_gpu(running: dict[str, int]) -> str:
+    """The GPU with the fewest runs on it (the first such in order): spreads side-by-side runs evenly."""
+    return min(running, key=lambda g: (running[g], list(running).index(g)))
+
+
+def _run_parallel(pending: Sequence[tuple[Row, int, dict[str, Any], Path]], jobs: int) -> None:
+    """Train several (row, seed) runs side by side, each its own ``retrain.train`` process.
+
+    With several GPUs visible, each run is pinned (``CUDA_VISIBLE_DEVICES``) to the GPU running the fewest at its
+    start. Each run's resolved config goes to ``runs/<row>/seed<S>.yaml`` and its output to ``runs/<row>/seed<S>.log``.
     """
+    import os
     import subprocess
+    import threading
     from concurrent.futures import ThreadPoolExecutor
+
+    gpus = visible_gpus()
+    running = {g: 0 for g in gpus}
+    lock = threading.Lock()
 
     def one(item: tuple[Row, int, dict[str, Any], Path]) -> tuple[str, int, int]:
         row, seed, train_cfg, run_dir = item
         cfg_path = save_config(train_cfg, run_dir.parent / f"seed{seed}.yaml")
         log_path = run_dir.parent / f"seed{seed}.log"
-        print(f"== start {row.name}, seed {seed} -> {run_dir} (log {log_path})", flush=True)
-        with open(log_path, "a") as log:
-            proc = subprocess.run(
-                [sys.executable, "-m", "retrain.train", "-c", str(cfg_path)], stdout=log, stderr=subprocess.STDOUT
-            )
+        env, gpu = dict(os.environ), None
+        if len(gpus) > 1:
+            with lock:
+                gpu = pick_gpu(running)
+                running[gpu] += 1
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        where = f" on GPU {gpu}" if gpu is not None else ""
+        print(f"== start {row.name}, seed {seed}{where} -> {run_dir} (log {log_path})", flush=True)
+        try:
+            with open(log_path, "a") as log:
+                proc = subprocess.run(
+                    [sys.executable, "-m", "retrain.train", "-c", str(cfg_path)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
+        finally:
+            if gpu is not None:
+                with lock:
+                    running[gpu] -= 1
         print(f"== done  {row.name}, seed {seed}: exit {proc.returncode}", flush=True)
         return row.name, seed, proc.returncode
 

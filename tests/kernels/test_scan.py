@@ -100,11 +100,13 @@ def test_triton_matches_ref_cuda(dtype):
         pytest.param(63, (7, 9), 2, 1, 2, False, (16, 8, 1, 8, 8, 1, 1), id="nd-L63-K2-N1-Ku2"),
         pytest.param(37, (4, 9), 2, 16, 2, True, (8, 8, 1, 4, 8, 1, 2, 1), id="nd-prefetch-L37-K2-N16-Ku2"),
         pytest.param(63, (7, 9), 4, 1, 1, True, (8, 8, 1, 8, 8, 1, 1, 1), id="nd-prefetch-L63-K4-N1-Ku1"),
+        pytest.param(63, (7, 9), 2, 1, 1, True, (4, 8, 1, 16, 8, 1, 1, 1), id="nd-longfwd-L63-K2-N1-Ku1"),
+        pytest.param(37, (4, 9), 2, 16, 2, False, (2, 8, 1, 8, 8, 1, 4, 0), id="nd-longfwd-L37-K2-N16-Ku2"),
     ],
 )
 def test_nd_layout_kernels_match_ref(monkeypatch, seqlen, hw, k, n, ku, extras, config):
     """The (T, N, D)-tile kernels (7- or 8-number configs; the 8th turns on the backward's prefetch), with a forward
-    chunk shorter than the saved-state interval."""
+    chunk shorter, and longer, than the saved-state interval."""
     import kernels.triton_scan as ts
 
     monkeypatch.setattr(ts, "scan_config", lambda *args: config)
@@ -115,3 +117,15 @@ def test_nd_layout_kernels_match_ref(monkeypatch, seqlen, hw, k, n, ku, extras, 
         y, grads, dy = scan_with_grads(ts.selective_scan_triton, inputs, orders=orders)
     y_ref, grads_ref, _ = scan_with_grads(selective_scan_ref, inputs, dy=dy, orders=orders)
     _check(y, grads, y_ref, grads_ref, torch.float32)
+
+
+def test_ref_in_float64_agrees_with_float32():
+    """fp64 inputs run the reference in fp64 (the GPU grid's truth for fp32 cases); it agrees with the fp32 run."""
+    gen = torch.Generator().manual_seed(5)
+    x = make_scan_inputs(2, 37, 2, 6, 4, ku=1, generator=gen)
+    orders = make_orders(37, (4, 9), 2, ("w2", "v_flip"))
+    y32 = selective_scan_ref(**x, orders=orders)
+    y64 = selective_scan_ref(**{k: (v.double() if v is not None else None) for k, v in x.items()}, orders=orders)
+    assert y64.dtype == torch.float64 and y32.dtype == torch.float32
+    torch.testing.assert_close(y64.float(), y32, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(y64, y32.double())  # it really ran in fp64

@@ -193,3 +193,26 @@ def test_slws_ablation_adds_a_twin_without_shuffle(tmp_path: Path) -> None:
     assert table["searched (no SLWS)"]["role"] == "searched" and table["searched (no SLWS)"]["shuffle_max"] == 0.0
     assert table["searched"]["shuffle_max"] == 0.5 and table["searched (no SLWS)"]["top1_mean"] == pytest.approx(78.5)
     assert "| searched (no SLWS) | vim |" in out["markdown"] and "| searched | vim |" in out["markdown"]
+
+
+def test_pick_gpu_spreads_runs_evenly():
+    from retrain.compare import pick_gpu
+
+    running = {"0": 0, "1": 0}
+    picked = []
+    for _ in range(5):
+        g = pick_gpu(running)
+        running[g] += 1
+        picked.append(g)
+    assert picked == ["0", "1", "0", "1", "0"]
+    running = {"3": 2, "5": 1}
+    assert pick_gpu(running) == "5"
+
+
+def test_visible_gpus_empty_without_cuda(monkeypatch):
+    import torch
+
+    from retrain.compare import visible_gpus
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert visible_gpus() == []
