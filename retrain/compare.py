@@ -54,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "output": "runs",
     "experiment": "comparison",
     "collect_only": False,  # never train; build the table from the run directories that exist
+    "train_rows": [],  # train only these rows (names; a searched row brings its no-SLWS twin), collect the rest
     "jobs": 1,  # trainings at a time: 1 runs them here one after another; N > 1 runs N processes side by side
     "param_tolerance": 0.10,
     "on_mismatch": "refuse",  # refuse | flag
@@ -525,6 +526,10 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
     save_config({k: v for k, v in cfg.items()}, out_dir / "compare.yaml")
 
     ref = next((r for r in rows if r.searched), rows[0])
+    unknown = [n for n in cfg["train_rows"] if n not in {r.name for r in rows}]
+    if unknown:
+        raise ConfigError(f"train_rows: no row named {', '.join(map(repr, unknown))}; rows are "
+                          f"{', '.join(repr(r.name) for r in rows)}")  # fmt: skip
     if not cfg["collect_only"]:
         # Size check before any training: a mismatched table is not worth the GPU time.
         for row in rows:
@@ -548,7 +553,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
                     notes.append(f"{row.name} seed {seed} ({got['run_dir']}) ran another recipe: {', '.join(diffs)}")
                 row.runs.append(got)
                 continue
-            if cfg["collect_only"]:
+            if cfg["collect_only"] or not _trains(row, cfg["train_rows"]):
                 continue
             train_cfg = resolve_config(
                 train_defaults,
@@ -661,6 +666,11 @@ def _run_parallel(pending: Sequence[tuple[Row, int, dict[str, Any], Path]], jobs
     if failed:
         what = ", ".join(f"{n} seed {s} (exit {rc})" for n, s, rc in failed)
         raise RuntimeError(f"training failed for {what}; see the seed<S>.log files next to their run directories")
+
+
+def _trains(row: Row, names: Sequence[str]) -> bool:
+    """Whether ``row`` is trained here: every row when ``names`` is empty, else the named ones and their twins."""
+    return not names or row.name in names or any(row.name == f"{n} (no SLWS)" for n in names)
 
 
 def _finished(run: dict[str, Any]) -> bool:

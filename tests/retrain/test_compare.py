@@ -216,3 +216,28 @@ def test_visible_gpus_empty_without_cuda(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert visible_gpus() == []
+
+
+def test_train_rows_trains_only_those_and_collects_the_rest(tmp_path: Path) -> None:
+    """A comparison split over machines: this call trains 'vim' only; 'fixed' is collected (here: one finished run)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump({"dataset": "synthetic", "num_samples": 64, "img_size": 16, "epochs": 1, "batch_size": 32})
+    )
+    _fake_run(tmp_path / "out" / "cmp" / "runs" / "fixed" / "seed0", "test_local_fixed_vim", 0, [50.0])
+    cfg = _cfg(
+        tmp_path,
+        collect_only=False,
+        seeds=[0, 1],
+        train_config=str(recipe),
+        models=[{"name": "vim", "model": "test_vim"}, {"name": "fixed", "model": "test_local_fixed_vim"}],
+        on_mismatch="flag",
+        train_rows=["vim"],
+    )
+    out = compare.main(cfg)
+    runs = Path(cfg["output"]) / "cmp" / "runs"
+    assert (runs / "vim" / "seed0" / "results.json").is_file() and (runs / "vim" / "seed1" / "results.json").is_file()
+    assert not (runs / "fixed" / "seed1").exists()  # not trained here
+    assert [r["seeds"] for r in out["table"]] == [2, 1]
+    with pytest.raises(ConfigError, match="train_rows: no row named 'vmamba'"):
+        compare.main({**cfg, "train_rows": ["vmamba"]})
