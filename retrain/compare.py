@@ -521,15 +521,15 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
     train_defaults = dict(train_mod.DEFAULTS)
     recipe = _recipe(cfg, train_defaults)
     rows = _parse_rows(cfg, train_defaults)
+    unknown = [n for n in cfg["train_rows"] if n not in {r.name for r in rows}]
+    if unknown:
+        raise ConfigError(f"train_rows: no row named {', '.join(map(repr, unknown))}; rows are "
+                          f"{', '.join(repr(r.name) for r in rows)}")  # fmt: skip
     out_dir = Path(cfg["output"]) / cfg["experiment"]
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config({k: v for k, v in cfg.items()}, out_dir / "compare.yaml")
 
     ref = next((r for r in rows if r.searched), rows[0])
-    unknown = [n for n in cfg["train_rows"] if n not in {r.name for r in rows}]
-    if unknown:
-        raise ConfigError(f"train_rows: no row named {', '.join(map(repr, unknown))}; rows are "
-                          f"{', '.join(repr(r.name) for r in rows)}")  # fmt: skip
     if not cfg["collect_only"]:
         # Size check before any training: a mismatched table is not worth the GPU time.
         for row in rows:

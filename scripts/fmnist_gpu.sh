@@ -4,6 +4,8 @@
 # each, all runs side by side (spread over every visible GPU), and write the comparison table.
 #   DATA=fashion_mnist.npz RUN_DIR=runs/fmnist bash scripts/fmnist_gpu.sh
 # RESULTS=dir also copies the small result files (arch, plots, tables, logs, per-run summaries) there.
+# To split the work over machines: ARCH=arch.yaml skips the search and uses that arch; TRAIN_ROWS="vim vmamba" trains
+# only those rows (the others are collected when their run directories are there; see retrain.compare).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-python3}"
@@ -15,6 +17,7 @@ mkdir -p "$RUN_DIR"
 start=$(date +%s)
 stamp() { echo "== [$(( $(date +%s) - start )) s] $*"; }
 
+if [ -z "${ARCH:-}" ]; then
 stamp "search: DARTS${GDAS:+ and GDAS side by side}"
 "$PY" -m nas.search -c configs/search/fashion_mnist.yaml --data-dir "$DATA" --output "$RUN_DIR" \
   --experiment search-darts --algo darts > "$RUN_DIR/search-darts.log" 2>&1 &
@@ -33,11 +36,14 @@ if [ -n "${GDAS:-}" ]; then
   "$PY" -m nas.vis_search_prob "$RUN_DIR/search-gdas" --out "$RUN_DIR/arch-gdas.yaml" --overwrite \
     > "$RUN_DIR/derive-gdas.log"
 fi
+else
+  cp "$ARCH" "$RUN_DIR/arch.yaml"
+fi
 
 stamp "retrain and compare ($JOBS runs at a time)"
 status=0
 timeout "${COMPARE_LIMIT:-0}" "$PY" -m retrain.compare -c configs/compare/fmnist.yaml --arch "$RUN_DIR/arch.yaml" \
-  --data-dir "$DATA" --output "$RUN_DIR" --jobs "$JOBS" || status=$?
+  --data-dir "$DATA" --output "$RUN_DIR" --jobs "$JOBS" ${TRAIN_ROWS:+--train-rows $TRAIN_ROWS} || status=$?
 stamp "done (compare exit $status)"
 if [ -n "${RESULTS:-}" ]; then
   mkdir -p "$RESULTS"
