@@ -226,10 +226,10 @@ CANDIDATES = {
                   (4, 32, 1, 4, 32, 1, 1, 1), (4, 32, 1, 4, 32, 1, 2, 1), (4, 32, 1, 4, 32, 1, 1, 0)],
     (16, True): [(8, 32, 1, 4, 32, 1, 4), (8, 32, 1, 4, 32, 1, 1, 1), (8, 32, 1, 4, 32, 1, 2, 0),
                  (4, 32, 1, 4, 32, 1, 4, 0), (4, 32, 1, 4, 32, 1, 2, 1)],
-    (1, False): [(32, 32, 1, 32, 32, 1, 1), (16, 32, 1, 16, 32, 1, 1, 0), (8, 32, 1, 8, 32, 1, 1, 1),
-                 (8, 32, 1, 8, 32, 1, 1, 0), (4, 32, 1, 4, 32, 1, 1, 1)],
-    (1, True): [(32, 32, 1, 32, 32, 1, 1), (16, 32, 1, 16, 32, 1, 1, 0), (8, 32, 1, 8, 32, 1, 1, 1),
-                (8, 32, 1, 8, 32, 1, 1, 0), (4, 32, 1, 4, 32, 1, 1, 1)],
+    (1, False): [(4, 32, 1, 4, 32, 1, 1, 1), (4, 32, 1, 32, 32, 1, 1, 1), (4, 32, 1, 16, 32, 1, 1, 1),
+                 (8, 32, 1, 32, 32, 1, 1, 1), (32, 32, 1, 32, 32, 1, 1)],
+    (1, True): [(4, 32, 1, 4, 32, 1, 1, 1), (4, 32, 1, 32, 32, 1, 1, 1), (4, 32, 1, 16, 32, 1, 1, 1),
+                (8, 32, 1, 32, 32, 1, 1, 1), (32, 32, 1, 32, 32, 1, 1)],
 }  # fmt: skip
 
 
@@ -299,8 +299,9 @@ def main(cfg: dict) -> dict:
     ceil = measure_ceilings()
     print(f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, exp2 {ceil['exp2_per_s'] / 1e12:.2f} T/s", flush=True)
     tuning, tuned_keys = [], set()
+    anchors = [a for a in ANCHORS if not cfg.get("only") or cfg["only"].lower() in a[0].lower()]
     if cfg.get("tune"):
-        for anchor in ANCHORS:
+        for anchor in anchors:
             key = (triton.next_power_of_2(anchor[4]), anchor[3] > 1024)
             if key not in tuned_keys:
                 tuned_keys.add(key)
@@ -314,7 +315,7 @@ def main(cfg: dict) -> dict:
         if cfg.get("tune_only"):
             return {"tuning": tuning}
     rows = []
-    for anchor in ANCHORS:
+    for anchor in anchors:
         t0 = time.time()
         rows.append(bench_shape(*anchor, with_mamba=with_mamba, ceil=ceil))
         rows[-1]["config"] = list(scan_config(anchor[2], anchor[4], anchor[3], torch.device("cuda")))
@@ -361,6 +362,7 @@ if __name__ == "__main__":
     p.add_argument("--configs-out", default=None, help="write the tuned block sizes to this JSON file")
     p.add_argument("--tune-only", action="store_true", help="stop after --tune (with --configs-out)")
     p.add_argument("--configs", default=None, help="use the block sizes of a --configs-out JSON file")
+    p.add_argument("--only", default=None, help="tune and time only the anchor shapes whose name contains this")
     args = vars(p.parse_args())
     if args["out"] is None:
         gpu = torch.cuda.get_device_name().lower().replace("nvidia", "").split()[0]
