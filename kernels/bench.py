@@ -322,12 +322,14 @@ def main(cfg: dict) -> dict:
         print(f"  {anchor[0]} done in {time.time() - t0:.1f} s", flush=True)
         torch.cuda.empty_cache()
     vs_len = [] if cfg.get("skip_length") else bench_vs_length(with_mamba)
-    conv = bench_conv(ceil)
-    scan_row = rows[0]  # the LocalVim-T supernet layer: the same (batch, L, K, channels)
-    conv["share_of_conv_plus_scan_fwd"] = conv["triton_fwd_ms"] / (conv["triton_fwd_ms"] + scan_row["ours_fwd_ms"])
-    conv["share_of_conv_plus_scan_fwd_bwd"] = conv["triton_fwd_bwd_ms"] / (
-        conv["triton_fwd_bwd_ms"] + scan_row["ours_fwd_bwd_ms"]
-    )
+    conv = {}
+    if rows and rows[0]["name"] == ANCHORS[0][0]:  # the LocalVim-T supernet layer: the same (batch, L, K, channels)
+        conv = bench_conv(ceil)
+        scan_row = rows[0]
+        conv["share_of_conv_plus_scan_fwd"] = conv["triton_fwd_ms"] / (conv["triton_fwd_ms"] + scan_row["ours_fwd_ms"])
+        conv["share_of_conv_plus_scan_fwd_bwd"] = conv["triton_fwd_bwd_ms"] / (
+            conv["triton_fwd_bwd_ms"] + scan_row["ours_fwd_bwd_ms"]
+        )
     report = {**env_info(cfg.get("commit")), "with_mamba": with_mamba, "inputs": "bf16 in, bf16 out, fp32 state",
               "ceilings": ceil, "tuning": tuning, "anchors": rows, "vs_length": vs_len, "conv1d": conv}  # fmt: skip
     if with_mamba:
@@ -344,10 +346,11 @@ def main(cfg: dict) -> dict:
             json.dump(report, f, indent=1)
     print(f"device {report['device']}, torch {report['torch']}, triton {report['triton']}, commit {report['commit']}")
     print_table(rows, with_mamba)
-    print(
-        f"conv1d share of conv + scan (LocalVim-T layer): fwd {conv['share_of_conv_plus_scan_fwd']:.1%}, "
-        f"fwd+bwd {conv['share_of_conv_plus_scan_fwd_bwd']:.1%}"
-    )
+    if conv:
+        print(
+            f"conv1d share of conv + scan (LocalVim-T layer): fwd {conv['share_of_conv_plus_scan_fwd']:.1%}, "
+            f"fwd+bwd {conv['share_of_conv_plus_scan_fwd_bwd']:.1%}"
+        )
     return report
 
 
