@@ -45,6 +45,34 @@ def _softplus(x):
 
 
 @triton.jit
+def _load_bwd_rows(
+    orders_ptr, u_base, d_base, g_base, z_base, k, L, c, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d, mask_d,
+    BLOCK_T: tl.constexpr, HAS_Z: tl.constexpr, HAS_ORDERS: tl.constexpr,
+):  # fmt: skip
+    # The backward's per-chunk token rows (raw, in their storage dtype); c = -1 gives a fully masked chunk.
+    t = c * BLOCK_T + offs_t
+    mask_t = (t >= 0) & (t < L)
+    mask_t1 = (t >= 0) & ((t + 1) < L)
+    if HAS_ORDERS:
+        idx = tl.load(orders_ptr + k * L + t, mask=mask_t, other=0).to(tl.int64)
+        idx1 = tl.load(orders_ptr + k * L + t + 1, mask=mask_t1, other=0).to(tl.int64)
+    else:
+        idx = t.to(tl.int64)
+        idx1 = (t + 1).to(tl.int64)
+    m_td = mask_t[:, None] & mask_d[None, :]
+    m_t1d = mask_t1[:, None] & mask_d[None, :]
+    u = tl.load(u_base + idx[:, None] * s_ul + offs_d[None, :], mask=m_td, other=0.0)
+    dt = tl.load(d_base + idx[:, None] * s_dl + offs_d[None, :], mask=m_td, other=0.0)
+    dt1 = tl.load(d_base + idx1[:, None] * s_dl + offs_d[None, :], mask=m_t1d, other=0.0)
+    dy = tl.load(g_base + idx[:, None] * s_gl + offs_d[None, :], mask=m_td, other=0.0)
+    if HAS_Z:
+        zt = tl.load(z_base + idx[:, None] * s_zl + offs_d[None, :], mask=m_td, other=0.0)
+    else:
+        zt = dy
+    return idx, u, dt, dt1, dy, zt
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, orders_ptr, y_ptr, states_ptr,
     L, K, DIM, N, n_chunks,
@@ -162,22 +190,22 @@ def _scan_bwd_kernel(
         c = n_chunks - 1 - ci
         t = c * BLOCK_T + offs_t
         mask_t = t < L
-        mask_t1 = (t + 1) < L
-        if HAS_ORDERS:
-            idx = tl.load(orders_ptr + k * L + t, mask=mask_t, other=0).to(tl.int64)
-            idx1 = tl.load(orders_ptr + k * L + t + 1, mask=mask_t1, other=0).to(tl.int64)
-        else:
-            idx = t.to(tl.int64)
-            idx1 = (t + 1).to(tl.int64)
         m_td = mask_t[:, None] & mask_d[None, :]
-        m_t1d = mask_t1[:, None] & mask_d[None, :]
+        m_t1d = ((t + 1) < L)[:, None] & mask_d[None, :]
         m_tn = mask_t[:, None] & mask_n[None, :]
-        u = tl.load(u_base + idx[:, None] * s_ul + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
-        dt_pre = tl.load(d_base + idx[:, None] * s_dl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
-        dt1 = tl.load(d_base + idx1[:, None] * s_dl + offs_d[None, :], mask=m_t1d, other=0.0).to(tl.float32)
+        idx, u, dt_pre, dt1, g, zt = _load_bwd_rows(
+            orders_ptr, u_base, d_base, g_base, z_base, k, L, c, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d, mask_d,
+            BLOCK_T, HAS_Z, HAS_ORDERS,
+        )  # fmt: skip
+        u, dt_pre, dt1, g, zt = (
+            u.to(tl.float32),
+            dt_pre.to(tl.float32),
+            dt1.to(tl.float32),
+            g.to(tl.float32),
+            zt.to(tl.float32),
+        )
         Bt = tl.load(b_base + idx[:, None] * s_bl + offs_n[None, :] * s_bn, mask=m_tn, other=0.0).to(tl.float32)
         Ct = tl.load(c_base + idx[:, None] * s_cl + offs_n[None, :] * s_cn, mask=m_tn, other=0.0).to(tl.float32)
-        g = tl.load(g_base + idx[:, None] * s_gl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
         if HAS_BIAS:
             dt_pre = dt_pre + bias[None, :]
             dt1 = dt1 + bias[None, :]
@@ -196,7 +224,6 @@ def _scan_bwd_kernel(
         P, S = tl.associative_scan((a, bx), axis=0, combine_fn=_affine_combine)
         xs = P * x_in[None, :, :] + S
         if HAS_Z:
-            zt = tl.load(z_base + idx[:, None] * s_zl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
             y = tl.sum(xs * Ct[:, None, :], axis=2)
             if HAS_D:
                 y += u * dskip[None, :]

@@ -15,7 +15,7 @@ two divide one another), so a memory-bound forward can walk long chunks while th
 import triton
 import triton.language as tl
 
-from .triton_scan import _affine_combine, _softplus
+from .triton_scan import _affine_combine, _load_bwd_rows, _softplus
 
 
 @triton.jit
@@ -121,34 +121,6 @@ def _scan_fwd_nd_kernel(
             y = y * z32 * tl.sigmoid(z32)
         tl.store(y_base + idx[:, None] * s_yl + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=m_td)
         idx, u, dt, Bt, Ct, zt = idx_n, u_n, dt_n, B_n, C_n, z_n
-
-
-@triton.jit
-def _load_bwd_rows(
-    orders_ptr, u_base, d_base, g_base, z_base, k, L, c, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d, mask_d,
-    BLOCK_T: tl.constexpr, HAS_Z: tl.constexpr, HAS_ORDERS: tl.constexpr,
-):  # fmt: skip
-    # The backward's per-chunk token rows (raw, in their storage dtype); c = -1 gives a fully masked chunk.
-    t = c * BLOCK_T + offs_t
-    mask_t = (t >= 0) & (t < L)
-    mask_t1 = (t >= 0) & ((t + 1) < L)
-    if HAS_ORDERS:
-        idx = tl.load(orders_ptr + k * L + t, mask=mask_t, other=0).to(tl.int64)
-        idx1 = tl.load(orders_ptr + k * L + t + 1, mask=mask_t1, other=0).to(tl.int64)
-    else:
-        idx = t.to(tl.int64)
-        idx1 = (t + 1).to(tl.int64)
-    m_td = mask_t[:, None] & mask_d[None, :]
-    m_t1d = mask_t1[:, None] & mask_d[None, :]
-    u = tl.load(u_base + idx[:, None] * s_ul + offs_d[None, :], mask=m_td, other=0.0)
-    dt = tl.load(d_base + idx[:, None] * s_dl + offs_d[None, :], mask=m_td, other=0.0)
-    dt1 = tl.load(d_base + idx1[:, None] * s_dl + offs_d[None, :], mask=m_t1d, other=0.0)
-    dy = tl.load(g_base + idx[:, None] * s_gl + offs_d[None, :], mask=m_td, other=0.0)
-    if HAS_Z:
-        zt = tl.load(z_base + idx[:, None] * s_zl + offs_d[None, :], mask=m_td, other=0.0)
-    else:
-        zt = dy
-    return idx, u, dt, dt1, dy, zt
 
 
 @triton.jit

@@ -91,3 +91,15 @@ def test_mamba_backend_matches_ref():
     y = selective_scan(**inputs, orders=orders, backend="mamba")
     y_ref = selective_scan(**inputs, orders=orders, backend="ref")
     assert compare("y", y, y_ref, *TOLERANCES[torch.float32])["ok"]
+
+
+def test_mamba_anchor_du_bound_widens_with_k_only_for_shared_low_precision_input():
+    from kernels.check_gpu import mamba_grad_tolerance
+    from kernels.testing import grad_tolerance
+
+    for dtype in (torch.bfloat16, torch.float16):
+        rtol, atol = grad_tolerance("u", dtype)
+        assert mamba_grad_tolerance("u", dtype, 8, 1) == (rtol, 8 * atol)
+        assert mamba_grad_tolerance("u", dtype, 8, 8) == (rtol, atol)  # per-order input: nothing is summed
+        assert mamba_grad_tolerance("delta", dtype, 8, 1) == grad_tolerance("delta", dtype)
+    assert mamba_grad_tolerance("u", torch.float32, 8, 1) == grad_tolerance("u", torch.float32)
