@@ -245,7 +245,7 @@ def _model_cost(config: dict[str, Any]) -> tuple[int | None, int | None]:
 
     try:
         cfg = resolve_config(train_mod.DEFAULTS, overrides={k: v for k, v in config.items() if k in train_mod.DEFAULTS})
-        info = _dataset_info(cfg)
+        info = _dataset_info(cfg, need_files=False)
         model, _ = train_mod.build_model(cfg, info)
         params, flops = count_params_flops(model, info.img_size, info.in_chans)
     except (ValueError, FileNotFoundError, RuntimeError):
@@ -443,10 +443,18 @@ def _plot(table: Sequence[dict[str, Any]], path: Path, title: str) -> None:
 # main
 
 
-def _dataset_info(train_cfg: dict[str, Any]) -> Any:
-    """Classes, channels and size of a recipe's data (all a model needs; a few synthetic samples suffice)."""
-    from retrain.data import build_dataset
+def _dataset_info(train_cfg: dict[str, Any], need_files: bool = True) -> Any:
+    """Classes, channels and size of a recipe's data (all a model needs; a few synthetic samples suffice).
 
+    With ``need_files`` False, datasets of fixed shape (MNIST, Fashion-MNIST, CIFAR) are described without their
+    files, so runs made on another machine are costed here too. Before training, the files are read (a missing data
+    folder is reported before anything starts).
+    """
+    from retrain.data import build_dataset, fixed_dataset_info
+
+    known = fixed_dataset_info(train_cfg["dataset"], train_cfg["img_size"], train_cfg["in_chans"] or None)
+    if known is not None and not need_files:
+        return known
     _, info = build_dataset(
         train_cfg["dataset"],
         train_cfg["data_dir"],
@@ -521,6 +529,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
     train_defaults = dict(train_mod.DEFAULTS)
     recipe = _recipe(cfg, train_defaults)
     rows = _parse_rows(cfg, train_defaults)
+    cfg["train_rows"] = [str(n) for n in cfg["train_rows"]]  # a row named "1" or "yes" on the command line
     unknown = [n for n in cfg["train_rows"] if n not in {r.name for r in rows}]
     if unknown:
         raise ConfigError(f"train_rows: no row named {', '.join(map(repr, unknown))}; rows are "

@@ -34,6 +34,7 @@ __all__ = [
     "SyntheticScanDataset",
     "build_dataset",
     "build_loader",
+    "fixed_dataset_info",
     "read_idx",
     "split_train",
 ]
@@ -329,6 +330,20 @@ def _build_imagefolder(data_dir: Path, split: str, img_size: int, in_chans: int 
     if len(ds) == 0:
         raise ValueError(f"imagefolder: no images under {folder.resolve()}; {hint}")
     return ds, DatasetInfo(len(ds.classes), 3, img_size)
+
+
+_FIXED = {"mnist": (10, 1), "fashion_mnist": (10, 1), "cifar10": (10, 3), "cifar100": (100, 3)}
+
+
+def fixed_dataset_info(name: str, img_size: int, in_chans: int | None = None) -> DatasetInfo | None:
+    """What :func:`build_dataset` would report for a dataset of fixed shape, without its files (None otherwise).
+
+    Lets a comparison size-check and cost runs whose data lives on another machine.
+    """
+    if name not in _FIXED:
+        return None
+    classes, native = _FIXED[name]
+    return DatasetInfo(classes, in_chans or native, img_size)
 
 
 def build_dataset(

@@ -37,7 +37,7 @@ if [ -n "${GDAS:-}" ]; then
     > "$RUN_DIR/derive-gdas.log"
 fi
 else
-  cp "$ARCH" "$RUN_DIR/arch.yaml"
+  [ "$ARCH" -ef "$RUN_DIR/arch.yaml" ] || cp "$ARCH" "$RUN_DIR/arch.yaml"
 fi
 
 stamp "retrain and compare ($JOBS runs at a time)"

@@ -8,7 +8,7 @@ PY="${PY:-python3}"
 ANCHOR="${ANCHOR:?set ANCHOR to the folder holding mamba_anchor/build.py}"
 OUT="${OUT:-benchmarks}"
 COMMIT="${COMMIT:-unknown}"
-GPU="$($PY -c 'import torch; from supernet.bench import gpu_slug; print(gpu_slug(torch.cuda.get_device_name()))')"
+GPU="$("$PY" -c 'import torch; from supernet.bench import gpu_slug; print(gpu_slug(torch.cuda.get_device_name()))')"
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 start=$(date +%s)
@@ -17,11 +17,16 @@ stamp() { echo "== [$(( $(date +%s) - start )) s] $*"; }
 stamp "build mamba-ssm's scan in the background; tune"
 MAX_JOBS="${MAX_JOBS:-8}" "$PY" "$ANCHOR/build.py" > "$OUT/mamba_build.log" 2>&1 &
 build=$!
-timeout "${TUNE_LIMIT:-300}" "$PY" -m kernels.bench --tune --tune-only --no-mamba --commit "$COMMIT" \
-  --configs-out "$OUT/scan_configs_$GPU.json"
-wait $build; tail -n 1 "$OUT/mamba_build.log"
 CONFIGS=()
-[ -f "$OUT/scan_configs_$GPU.json" ] && CONFIGS=(--configs "$OUT/scan_configs_$GPU.json")
+# A fresh file only: a tuning that fails or runs out of time must not leave an older file in charge.
+rm -f "$OUT/scan_configs_$GPU.json"
+if timeout "${TUNE_LIMIT:-300}" "$PY" -m kernels.bench --tune --tune-only --no-mamba --commit "$COMMIT" \
+  --configs-out "$OUT/scan_configs_$GPU.json"; then
+  CONFIGS=(--configs "$OUT/scan_configs_$GPU.json")
+else
+  echo "tuning did not finish: benchmarking the built-in block sizes"
+fi
+wait $build; tail -n 1 "$OUT/mamba_build.log"
 
 stamp "benchmark"
 timeout "${BENCH_LIMIT:-200}" "$PY" -m kernels.bench "${CONFIGS[@]}" --mamba-anchor "$ANCHOR" --commit "$COMMIT" \

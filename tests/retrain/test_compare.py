@@ -241,3 +241,12 @@ def test_train_rows_trains_only_those_and_collects_the_rest(tmp_path: Path) -> N
     assert [r["seeds"] for r in out["table"]] == [2, 1]
     with pytest.raises(ConfigError, match="train_rows: no row named 'vmamba'"):
         compare.main({**cfg, "train_rows": ["vmamba"]})
+
+
+def test_collected_runs_of_a_fixed_shape_dataset_are_costed_without_its_files(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path / "elsewhere" / "seed0", "test_vim", 0, [70.0, 71.0], results=False)
+    args = yaml.safe_load((run / "args.yaml").read_text())
+    args.update(dataset="fashion_mnist", data_dir=str(tmp_path / "not_here.npz"), in_chans=0)
+    (run / "args.yaml").write_text(yaml.safe_dump(args))
+    got = compare.collect_run(run)
+    assert got is not None and got["params"] and got["params"] > 0 and got["flops"] and got["flops"] > 0

@@ -102,3 +102,20 @@ def test_loader_resumes_mid_epoch() -> None:
     assert [y.tolist() for _, y in loader] != full
     with pytest.raises(ValueError, match="batch_size"):
         build_loader(ds, batch_size=64, train=True, seed=0)
+
+
+def test_fixed_dataset_info_matches_the_loaded_data(tmp_path):
+    """Comparisons cost runs of fixed-shape datasets without their files; the shapes agree with the real loader."""
+    import numpy as np
+
+    from retrain.data import DatasetInfo, build_dataset, fixed_dataset_info
+
+    rng = np.random.default_rng(0)
+    arrays = {f"x_{s}": rng.integers(0, 255, (12, 28, 28), dtype=np.uint8) for s in ("train", "test")}
+    arrays.update({f"y_{s}": rng.integers(0, 10, 12, dtype=np.uint8) for s in ("train", "test")})
+    np.savez(tmp_path / "fm.npz", **arrays)
+    for chans in (None, 3):
+        _, info = build_dataset("fashion_mnist", tmp_path / "fm.npz", "val", 32, chans)
+        assert fixed_dataset_info("fashion_mnist", 32, chans) == info
+    assert fixed_dataset_info("cifar100", 40) == DatasetInfo(100, 3, 40)
+    assert fixed_dataset_info("synthetic", 16) is None and fixed_dataset_info("imagefolder", 16) is None
