@@ -39,6 +39,13 @@ def _affine_combine(a1, b1, a2, b2):
 
 
 @triton.jit
+def _adjoint_combine(f2, p2, s2, f1, p1, s1):
+    # Reverse scan for h_t = c_t + a_{t+1}·h_{t+1} from elements (a_t, 1, c_t), later segment first: a segment keeps
+    # its first decay f, the product p of the others and the sum s, so h_t = s_t + p_t·(a_T·h_T) needs no a_{t+1}.
+    return f1, p1 * f2 * p2, s1 + p1 * f2 * s2
+
+
+@triton.jit
 def _softplus(x):
     # mamba-ssm's threshold: identity above 20 (exp would overflow long before log1p matters).
     return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
@@ -47,7 +54,7 @@ def _softplus(x):
 @triton.jit
 def _load_bwd_rows(
     orders_ptr, u_base, d_base, g_base, z_base, k, L, c, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d, mask_d,
-    BLOCK_T: tl.constexpr, HAS_Z: tl.constexpr, HAS_ORDERS: tl.constexpr,
+    BLOCK_T: tl.constexpr, HAS_Z: tl.constexpr, HAS_ORDERS: tl.constexpr, NEXT_DELTA: tl.constexpr = True,
 ):  # fmt: skip
     # The backward's per-chunk token rows (raw, in their storage dtype); c = -1 gives a fully masked chunk.
     t = c * BLOCK_T + offs_t
@@ -55,15 +62,20 @@ def _load_bwd_rows(
     mask_t1 = (t >= 0) & ((t + 1) < L)
     if HAS_ORDERS:
         idx = tl.load(orders_ptr + k * L + t, mask=mask_t, other=0).to(tl.int64)
-        idx1 = tl.load(orders_ptr + k * L + t + 1, mask=mask_t1, other=0).to(tl.int64)
     else:
         idx = t.to(tl.int64)
-        idx1 = (t + 1).to(tl.int64)
     m_td = mask_t[:, None] & mask_d[None, :]
     m_t1d = mask_t1[:, None] & mask_d[None, :]
     u = tl.load(u_base + idx[:, None] * s_ul + offs_d[None, :], mask=m_td, other=0.0)
     dt = tl.load(d_base + idx[:, None] * s_dl + offs_d[None, :], mask=m_td, other=0.0)
-    dt1 = tl.load(d_base + idx1[:, None] * s_dl + offs_d[None, :], mask=m_t1d, other=0.0)
+    if NEXT_DELTA:  # Δ of the next step (the adjoint's decay), unless the kernel derives it from this step's
+        if HAS_ORDERS:
+            idx1 = tl.load(orders_ptr + k * L + t + 1, mask=mask_t1, other=0).to(tl.int64)
+        else:
+            idx1 = (t + 1).to(tl.int64)
+        dt1 = tl.load(d_base + idx1[:, None] * s_dl + offs_d[None, :], mask=m_t1d, other=0.0)
+    else:
+        dt1 = dt
     dy = tl.load(g_base + idx[:, None] * s_gl + offs_d[None, :], mask=m_td, other=0.0)
     if HAS_Z:
         zt = tl.load(z_base + idx[:, None] * s_zl + offs_d[None, :], mask=m_td, other=0.0)
@@ -281,9 +293,11 @@ def set_scan_config(dstate: int, seqlen: int, config: tuple[int, ...] | None) ->
 def scan_config(dim: int, dstate: int, seqlen: int, device: torch.device) -> tuple[int, ...]:
     """Kernel configuration for ``dim`` channels, ``dstate`` states, ``seqlen`` steps.
 
-    Three numbers ``(BLOCK_T, BLOCK_D, num_warps)`` select the (T, D, N)-tile kernels of this module; seven numbers
-    ``(BLOCK_T, BLOCK_D, num_warps, fwd BLOCK_T, fwd BLOCK_D, fwd num_warps, GROUP_N)`` select the (T, N, D)-tile
-    kernels of :mod:`kernels.triton_scan_nd`. The first number is always the saved-state interval.
+    Three numbers ``(BLOCK_T, BLOCK_D, num_warps)`` select the (T, D, N)-tile kernels of this module; seven to nine
+    numbers ``(BLOCK_T, BLOCK_D, num_warps, fwd BLOCK_T, fwd BLOCK_D, fwd num_warps, GROUP_N[, PREFETCH[,
+    ONE_DECAY]])`` select the (T, N, D)-tile kernels of :mod:`kernels.triton_scan_nd` (the last two switch on the
+    backward's prefetch and its one-decay adjoint; off when absent). The first number is always the saved-state
+    interval.
 
     The forward's chunk and the saved-state interval must divide one another. Under the CPU interpreter, whose scan
     runs element by element, the tiles are kept tiny.
@@ -466,9 +480,10 @@ def scan_bwd(
         hbuf = torch.zeros(bsz * k, dim, n, device=dev, dtype=f32)
         group = min(config[6], triton.next_power_of_2(n))
         prefetch = bool(config[7]) if len(config) > 7 else False
+        one_decay = bool(config[8]) if len(config) > 8 else False
         _scan_bwd_nd_kernel[grid](
             *inputs, hbuf, *outputs, seqlen, k, dim, n, n_chunks, bsz, *strides, GROUP_N=group, PREFETCH=prefetch,
-            **common,
+            ONE_DECAY=one_decay, **common,
         )  # fmt: skip
     if u.shape[2] != k:
         du = du.sum(2, keepdim=True).to(u.dtype)

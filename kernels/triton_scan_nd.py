@@ -15,7 +15,7 @@ two divide one another), so a memory-bound forward can walk long chunks while th
 import triton
 import triton.language as tl
 
-from .triton_scan import _affine_combine, _load_bwd_rows, _softplus
+from .triton_scan import _adjoint_combine, _affine_combine, _load_bwd_rows, _softplus
 
 
 @triton.jit
@@ -132,7 +132,7 @@ def _scan_bwd_nd_kernel(
     s_zb, s_zl, s_zk, s_gb, s_gl, s_gk,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_ORDERS: tl.constexpr, PREFETCH: tl.constexpr,
+    HAS_ORDERS: tl.constexpr, PREFETCH: tl.constexpr, ONE_DECAY: tl.constexpr = False,
 ):  # fmt: skip
     pid_d = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -165,19 +165,19 @@ def _scan_bwd_nd_kernel(
     if PREFETCH:
         idx, u_r, dt_r, dt1_r, dy_r, z_r = _load_bwd_rows(
             orders_ptr, u_base, d_base, g_base, z_base, k, L, n_chunks - 1, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d,
-            mask_d, BLOCK_T, HAS_Z, HAS_ORDERS,
+            mask_d, BLOCK_T, HAS_Z, HAS_ORDERS, not ONE_DECAY,
         )  # fmt: skip
     for ci in range(0, n_chunks):
         c = n_chunks - 1 - ci
         if PREFETCH:
             idx_p, u_p, dt_p, dt1_p, dy_p, z_p = _load_bwd_rows(
                 orders_ptr, u_base, d_base, g_base, z_base, k, L, c - 1, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d,
-                mask_d, BLOCK_T, HAS_Z, HAS_ORDERS,
+                mask_d, BLOCK_T, HAS_Z, HAS_ORDERS, not ONE_DECAY,
             )  # fmt: skip
         else:
             idx, u_r, dt_r, dt1_r, dy_r, z_r = _load_bwd_rows(
                 orders_ptr, u_base, d_base, g_base, z_base, k, L, c, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d,
-                mask_d, BLOCK_T, HAS_Z, HAS_ORDERS,
+                mask_d, BLOCK_T, HAS_Z, HAS_ORDERS, not ONE_DECAY,
             )  # fmt: skip
         t = c * BLOCK_T + offs_t
         mask_t = t < L
@@ -226,12 +226,21 @@ def _scan_bwd_nd_kernel(
             xs = P * x_in[None, :, :] + S
             if HAS_Z:
                 y_acc += tl.sum(xs * Ct[:, :, None], axis=1)
-            # Adjoint: h_t = C_t·g_t + a_{t+1}·h_{t+1}, a reverse scan with the next step's decay.
-            a1 = tl.exp2(dt1[:, None, :] * A2[None, :, :])
+            # Adjoint: h_t = C_t·g_t + a_{t+1}·h_{t+1}, a reverse scan.
             cg = Ct[:, :, None] * g[:, None, :]
-            Pr, H = tl.associative_scan((a1, cg), axis=0, combine_fn=_affine_combine, reverse=True)
-            h = H + Pr * h_carry[None, :, :]
-            tl.store(h_base + nd_off, tl.sum(tl.where(offs_t[:, None, None] == 0, h, 0.0), axis=0), mask=mask_nd)
+            if ONE_DECAY:
+                # With this step's decays only (no second gather of Δ, no second exp2): the carry is a_T·h_T of the
+                # next chunk's first step.
+                _, Pr, H = tl.associative_scan((a, tl.full(a.shape, 1.0, tl.float32), cg), axis=0,
+                                               combine_fn=_adjoint_combine, reverse=True)  # fmt: skip
+                h = H + Pr * h_carry[None, :, :]
+                carry = tl.sum(tl.where(offs_t[:, None, None] == 0, a * h, 0.0), axis=0)
+            else:
+                a1 = tl.exp2(dt1[:, None, :] * A2[None, :, :])
+                Pr, H = tl.associative_scan((a1, cg), axis=0, combine_fn=_affine_combine, reverse=True)
+                h = H + Pr * h_carry[None, :, :]
+                carry = tl.sum(tl.where(offs_t[:, None, None] == 0, h, 0.0), axis=0)
+            tl.store(h_base + nd_off, carry, mask=mask_nd)
             w = h * (xs - bx)  # h_t · a_t · x_{t-1}
             wA_acc += tl.sum(w * A[None, :, :], axis=1)
             hB_acc += tl.sum(h * Bt[:, :, None], axis=1)
