@@ -38,6 +38,7 @@ ANCHORS = [
      ("h", "h_flip", "v", "v_flip", "w2", "w2_flip", "w7", "w7_flip")),
 ]  # fmt: skip
 GRAD_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+REF_MAX_L = 256  # the pure-PyTorch reference is timed where affordable: the short-sequence anchors
 
 
 def real_orders(seqlen: int, hw: tuple[int, int], names: tuple[str, ...]) -> torch.Tensor:
@@ -142,6 +143,15 @@ def bench_shape(name, batch, dim, seqlen, n, k, ku, has_z, hw, order_names, with
         for what in ("fwd", "fwd_bwd"):
             rec[f"speedup_vs_mamba_{what}"] = rec[f"mamba_{what}_ms"] / rec[f"ours_{what}_ms"]
             rec[f"speedup_vs_localmamba_{what}"] = rec[f"localmamba_{what}_ms"] / rec[f"ours_{what}_ms"]
+    if seqlen <= REF_MAX_L:  # the reference loops over L in Python and keeps every step for autograd
+        ref = _leaves(inputs)
+        rec["ref_fwd_ms"], rec["ref_fwd_bwd_ms"] = _timed(
+            lambda: selective_scan(**ref, orders=orders, backend="ref"), ref, dy
+        )
+        for what in ("fwd", "fwd_bwd"):
+            rec[f"speedup_vs_ref_{what}"] = rec[f"ref_{what}_ms"] / rec[f"ours_{what}_ms"]
+        del ref
+        torch.cuda.empty_cache()
     fl = floors(batch, dim, seqlen, n, k, ku, has_z)
     rec.update(fl)
     for what in ("fwd", "fwd_bwd"):
@@ -272,7 +282,7 @@ def print_table(rows: list, with_mamba: bool) -> None:
         hdr += (
             f" {'mamba fwd':>10} {'mamba f+b':>10} {'LM fwd':>8} {'LM f+b':>8} {'x mamba f/fb':>13} {'x LM f/fb':>11}"
         )
-    hdr += f" {'bytes f/fb':>11} {'exps f/fb':>11}"
+    hdr += f" {'ref f/fb':>17} {'bytes f/fb':>11} {'exps f/fb':>11}"
     print(hdr)
     for r in rows:
         shape = f"{r['name']} ({r['batch']}, {r['dim']}, {r['L']}, {r['N']}, {r['K']})"
@@ -282,6 +292,8 @@ def print_table(rows: list, with_mamba: bool) -> None:
                      f" {r['localmamba_fwd_bwd_ms']:8.3f}"
                      f" {r['speedup_vs_mamba_fwd']:6.2f}/{r['speedup_vs_mamba_fwd_bwd']:<6.2f}"
                      f" {r['speedup_vs_localmamba_fwd']:5.2f}/{r['speedup_vs_localmamba_fwd_bwd']:<5.2f}")  # fmt: skip
+        ref = f"{r['ref_fwd_ms']:.1f}/{r['ref_fwd_bwd_ms']:.1f}" if "ref_fwd_ms" in r else "n/a"
+        line += f" {ref:>17}"
         line += (f" {r['ours_fwd_bytes_floor_fraction']:5.2f}/{r['ours_fwd_bwd_bytes_floor_fraction']:<5.2f}"
                  f" {r['ours_fwd_exp_floor_fraction']:5.2f}/{r['ours_fwd_bwd_exp_floor_fraction']:<5.2f}")  # fmt: skip
         print(line)
