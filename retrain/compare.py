@@ -83,6 +83,7 @@ class Row:
     overrides: dict[str, Any]  # retrain.train keys on top of the recipe (model or arch included)
     searched: bool
     run_dirs: list[str] = field(default_factory=list)
+    twin_of: str | None = None  # the searched row this no-SLWS twin was made from
     params_expected: int | None = None
     runs: list[dict[str, Any]] = field(default_factory=list)
 
@@ -150,7 +151,8 @@ def _parse_rows(cfg: dict[str, Any], train_defaults: dict[str, Any]) -> list[Row
             with_twins.append(row)
             shuffle = row.overrides.get("shuffle_max")
             if row.searched and (shuffle if shuffle is not None else _recipe_shuffle(cfg, train_defaults)) > 0:
-                with_twins.append(Row(f"{row.name} (no SLWS)", {**row.overrides, "shuffle_max": 0.0}, True))
+                twin = Row(f"{row.name} (no SLWS)", {**row.overrides, "shuffle_max": 0.0}, True, twin_of=row.name)
+                with_twins.append(twin)
         rows = with_twins
     names = [r.slug for r in rows]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -679,7 +681,7 @@ def _run_parallel(pending: Sequence[tuple[Row, int, dict[str, Any], Path]], jobs
 
 def _trains(row: Row, names: Sequence[str]) -> bool:
     """Whether ``row`` is trained here: every row when ``names`` is empty, else the named ones and their twins."""
-    return not names or row.name in names or any(row.name == f"{n} (no SLWS)" for n in names)
+    return not names or row.name in names or row.twin_of in names
 
 
 def _finished(run: dict[str, Any]) -> bool:

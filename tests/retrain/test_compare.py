@@ -250,3 +250,35 @@ def test_collected_runs_of_a_fixed_shape_dataset_are_costed_without_its_files(tm
     (run / "args.yaml").write_text(yaml.safe_dump(args))
     got = compare.collect_run(run)
     assert got is not None and got["params"] and got["params"] > 0 and got["flops"] and got["flops"] > 0
+
+
+def test_train_rows_brings_the_no_slws_twin_of_a_named_searched_row() -> None:
+    cfg = {**compare.DEFAULTS, "slws_ablation": True,
+           "models": [{"name": "searched", "arch": "arch.yaml", "overrides": {"shuffle_max": 0.5}},
+                      {"name": "vim", "model": "test_vim"}]}  # fmt: skip
+    rows = compare._parse_rows(cfg, {**compare.DEFAULTS, "shuffle_max": 0.0, "arch": "", "model": ""})
+    assert [r.name for r in rows] == ["searched", "searched (no SLWS)", "vim"]
+    assert [compare._trains(r, ["searched"]) for r in rows] == [True, True, False]
+    assert [compare._trains(r, ["vim"]) for r in rows] == [False, False, True]
+    assert all(compare._trains(r, []) for r in rows)
+
+
+def test_side_by_side_runs_are_pinned_to_the_least_busy_gpu(tmp_path: Path, monkeypatch) -> None:
+    import subprocess
+    import threading
+
+    monkeypatch.setattr(compare, "visible_gpus", lambda: ["2", "5"])
+    seen, lock, gate = [], threading.Lock(), threading.Barrier(4)
+
+    def fake_run(cmd, stdout, stderr, env):
+        with lock:
+            seen.append(env["CUDA_VISIBLE_DEVICES"])
+        gate.wait(timeout=10)  # all four runs are in flight at once
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    row = compare.Row("vim", {}, False)
+    pending = [(row, s, {"seed": s}, tmp_path / "runs" / "vim" / f"seed{s}") for s in range(4)]
+    (tmp_path / "runs" / "vim").mkdir(parents=True)
+    compare._run_parallel(pending, jobs=4)
+    assert sorted(seen) == ["2", "2", "5", "5"]
