@@ -26,7 +26,7 @@ from kernels.check_gpu import env_info, try_load_mamba
 from kernels.mamba_backend import to_mamba_layout
 from kernels.ops import causal_conv1d, selective_scan
 from kernels.testing import make_orders, make_scan_inputs
-from kernels.triton_scan import scan_bwd, scan_config, scan_fwd, set_scan_config
+from kernels.triton_scan import load_scan_configs, scan_bwd, scan_config, scan_fwd, set_scan_config
 
 # name, batch, dim per order, L, N, K, Ku, z, grid, orders
 ANCHORS = [
@@ -300,12 +300,13 @@ def print_table(rows: list, with_mamba: bool) -> None:
 
 
 def main(cfg: dict) -> dict:
+    if cfg.get("configs"):
+        try:
+            load_scan_configs(cfg["configs"])
+        except ValueError as err:
+            raise SystemExit(f"error: --configs: {err}") from None
     # Build/load mamba-ssm first and alone: a source build competing with Triton compiles for the CPU ran past the
     # call's time limit once.
-    if cfg.get("configs"):
-        with open(cfg["configs"]) as f:
-            for entry in json.load(f):
-                set_scan_config(entry["N"], entry["L"], tuple(entry["config"]))
     with_mamba = not cfg.get("no_mamba") and try_load_mamba(cfg.get("mamba_anchor"))
     ceil = measure_ceilings()
     print(f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, exp2 {ceil['exp2_per_s'] / 1e12:.2f} T/s", flush=True)

@@ -35,6 +35,7 @@ from kernels.testing import (
     poisoned_empty,
     scan_with_grads,
 )
+from kernels.triton_scan import load_scan_configs
 
 # (L, grid H×W or None for a plain sequence with a middle class token, K, N, Ku, has z/D/bias)
 GRID = [
@@ -64,6 +65,24 @@ def mamba_grad_tolerance(name: str, dtype: torch.dtype, k: int, ku: int) -> tupl
     return rtol, atol
 
 
+def anchor_bound(records: list[dict], ours: dict, anchor: dict, truth: dict) -> None:
+    """Second criterion against the truth: no worse than twice mamba-ssm's own kernel.
+
+    mamba-ssm computes the decays with the same approximate exp2, so on long, slowly decaying fp32 cases its error, not
+    a bug of ours, can exceed the table. Each record (a :func:`kernels.testing.compare` result against ``truth``)
+    gains ``anchor_max_abs_err``, ``within_2x_anchor`` and ``ok_table``; ``ok`` becomes table OR anchor bound.
+    """
+    for rec in records:
+        nm = rec["name"]
+        err_m = float((anchor[nm].double() - truth[nm].double()).abs().max())
+        rec["anchor_max_abs_err"] = err_m
+        rec["within_2x_anchor"] = (
+            math.isfinite(err_m) and bool(torch.isfinite(ours[nm]).all()) and rec["max_abs_err"] <= 2 * err_m
+        )
+        rec["ok_table"] = rec["ok"]
+        rec["ok"] = rec["ok"] or rec["within_2x_anchor"]
+
+
 def check_case(seqlen, hw, k, n, ku, extras, dtype, with_mamba, dim=24, batch=2) -> dict:
     gen = torch.Generator().manual_seed(seqlen * 1000 + k * 10 + n)
     inputs = make_scan_inputs(batch, seqlen, k, dim, n, ku=ku, dtype=dtype, device="cuda", has_D=extras,
@@ -87,21 +106,7 @@ def check_case(seqlen, hw, k, n, ku, extras, dtype, with_mamba, dim=24, batch=2)
         recs["vs_mamba"] = [compare("y", y, y_m, rtol, atol)]
         recs["vs_mamba"] += [compare(nm, grads[nm], grads_m[nm], *mamba_grad_tolerance(nm, dtype, k, ku))
                              for nm in GRAD_NAMES if nm in grads]  # fmt: skip
-        # Second criterion against the truth: no worse than twice mamba-ssm's own kernel, which computes the decays
-        # with the same approximate exp2 (its error, not a bug of ours, can exceed the table on long, slowly
-        # decaying fp32 cases). Recorded per tensor; a tensor passes by the table or by this.
-        ours = {"y": y, **grads}
-        anchor = {"y": y_m, **grads_m}
-        truth = {"y": y_ref, **grads_ref}
-        for rec in recs["vs_ref"]:
-            nm = rec["name"]
-            err_m = float((anchor[nm].double() - truth[nm].double()).abs().max())
-            rec["anchor_max_abs_err"] = err_m
-            rec["within_2x_anchor"] = (
-                math.isfinite(err_m) and bool(torch.isfinite(ours[nm]).all()) and rec["max_abs_err"] <= 2 * err_m
-            )
-            rec["ok_table"] = rec["ok"]
-            rec["ok"] = rec["ok"] or rec["within_2x_anchor"]
+        anchor_bound(recs["vs_ref"], {"y": y, **grads}, {"y": y_m, **grads_m}, {"y": y_ref, **grads_ref})
     ok = all(r["ok"] for v in recs.values() for r in v)
     return {"L": seqlen, "grid": list(hw), "K": k, "N": n, "Ku": ku, "z_D_bias": extras, "dim": dim,
             "batch": batch, "dtype": str(dtype).replace("torch.", ""), "ok": ok, **recs}  # fmt: skip
@@ -142,12 +147,11 @@ def env_info(commit: str | None) -> dict:
 
 
 def main(cfg: dict) -> dict:
-    if cfg.get("configs") and os.path.exists(cfg["configs"]):
-        from kernels.triton_scan import set_scan_config
-
-        with open(cfg["configs"]) as f:
-            for entry in json.load(f):
-                set_scan_config(entry["N"], entry["L"], tuple(entry["config"]))
+    if cfg.get("configs"):
+        try:
+            load_scan_configs(cfg["configs"])
+        except ValueError as err:
+            raise SystemExit(f"error: --configs: {err}") from None
     with_mamba = not cfg.get("no_mamba") and try_load_mamba(cfg.get("mamba_anchor"))
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     grid = GRID[:3] if cfg.get("quick") else GRID

@@ -21,13 +21,15 @@ thread), which measured faster on an H100 and are the GPU default. benchmarks/NO
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["selective_scan_triton", "scan_bwd", "scan_config", "scan_fwd", "set_scan_config"]
+__all__ = ["load_scan_configs", "selective_scan_triton", "scan_bwd", "scan_config", "scan_fwd", "set_scan_config"]
 
 _LOG2E = math.log2(math.e)
 
@@ -288,6 +290,29 @@ def set_scan_config(dstate: int, seqlen: int, config: tuple[int, ...] | None) ->
         _TUNED.pop(key, None)
     else:
         _TUNED[key] = tuple(config)
+
+
+def load_scan_configs(path: str) -> list[tuple[int, int, tuple[int, ...]]]:
+    """Pin the block sizes of a ``kernels.bench --configs-out`` file: a list of ``{"N", "L", "config"}`` entries.
+
+    Raises:
+        ValueError: one line naming the file and what is wrong with it.
+    """
+    hint = "write one with `python -m kernels.bench --tune --configs-out FILE`"
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+        pinned = [(int(e["N"]), int(e["L"]), tuple(int(x) for x in e["config"])) for e in entries]
+    except FileNotFoundError:
+        raise ValueError(f"block-size file not found at {os.path.abspath(path)}; {hint}") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a block-size file ({type(err).__name__}: {err}); {hint}") from None
+    bad = [c for _, _, c in pinned if len(c) not in (3, 7, 8, 9)]
+    if bad:
+        raise ValueError(f"{path}: a config has 3 or 7 to 9 numbers, got {list(bad[0])}; {hint}")
+    for n, seqlen, config in pinned:
+        set_scan_config(n, seqlen, config)
+    return pinned
 
 
 def scan_config(dim: int, dstate: int, seqlen: int, device: torch.device) -> tuple[int, ...]:

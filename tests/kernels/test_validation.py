@@ -103,3 +103,46 @@ def test_mamba_anchor_du_bound_widens_with_k_only_for_shared_low_precision_input
         assert mamba_grad_tolerance("u", dtype, 8, 8) == (rtol, atol)  # per-order input: nothing is summed
         assert mamba_grad_tolerance("delta", dtype, 8, 1) == grad_tolerance("delta", dtype)
     assert mamba_grad_tolerance("u", torch.float32, 8, 1) == grad_tolerance("u", torch.float32)
+
+
+def test_anchor_bound_passes_only_within_twice_the_anchor_error():
+    from kernels.check_gpu import anchor_bound
+    from kernels.testing import compare
+
+    truth = {"y": torch.zeros(5, dtype=torch.float64)}
+    anchor = {"y": torch.full((5,), 1.0)}
+    for ours_err, want in ((1.5, True), (3.0, False), (float("nan"), False)):
+        ours = {"y": torch.full((5,), ours_err)}
+        recs = [compare("y", ours["y"], truth["y"], 1e-3, 1e-3)]
+        assert not recs[0]["ok"]  # outside the table
+        anchor_bound(recs, ours, anchor, truth)
+        assert recs[0]["ok"] is want and recs[0]["ok_table"] is False and recs[0]["anchor_max_abs_err"] == 1.0
+    recs = [compare("y", torch.full((5,), 3.0), truth["y"], 1e-3, 1e-3)]
+    anchor_bound(recs, {"y": torch.full((5,), 3.0)}, {"y": torch.full((5,), float("inf"))}, truth)
+    assert not recs[0]["ok"]  # an anchor that blew up vouches for nothing
+
+
+def test_block_size_files_load_or_fail_in_one_line(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from kernels.triton_scan import load_scan_configs, scan_config, set_scan_config
+
+    good = tmp_path / "sizes.json"
+    good.write_text(json.dumps([{"N": 16, "L": 197, "config": [4, 32, 1, 4, 32, 1, 2, 0, 1]}]))
+    try:
+        load_scan_configs(str(good))
+        assert scan_config(384, 16, 197, torch.device("cuda")) == (4, 32, 1, 4, 32, 1, 2, 0, 1)
+    finally:
+        set_scan_config(16, 197, None)
+    (tmp_path / "bad.json").write_text(json.dumps([{"N": 16, "config": [1, 2]}]))
+    (tmp_path / "short.json").write_text(json.dumps([{"N": 16, "L": 9, "config": [1, 2]}]))
+    for name, pattern in (("missing.json", "not found"), ("bad.json", "not a block-size file"),
+                          ("short.json", "3 or 7 to 9 numbers")):  # fmt: skip
+        with pytest.raises(ValueError, match=pattern):
+            load_scan_configs(str(tmp_path / name))
+    proc = subprocess.run([sys.executable, "-m", "kernels.check_gpu", "--configs", str(tmp_path / "missing.json")],
+                          capture_output=True, text=True)  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: --configs: block-size file")
