@@ -181,23 +181,21 @@ def _scan_bwd_nd_kernel(
             )  # fmt: skip
         t = c * BLOCK_T + offs_t
         mask_t = t < L
-        mask_t1 = (t + 1) < L
         m_td = mask_t[:, None] & mask_d[None, :]
-        m_t1d = mask_t1[:, None] & mask_d[None, :]
         u = u_r.to(tl.float32)
         dt_pre = dt_r.to(tl.float32)
-        dt1 = dt1_r.to(tl.float32)
         dy = dy_r.to(tl.float32)
         if HAS_BIAS:
             dt_pre = dt_pre + bias[None, :]
-            dt1 = dt1 + bias[None, :]
-        if SOFTPLUS:
-            dt = _softplus(dt_pre)
-            dt1 = _softplus(dt1)
-        else:
-            dt = dt_pre
+        dt = _softplus(dt_pre) if SOFTPLUS else dt_pre
         dt = tl.where(m_td, dt, 0.0)
-        dt1 = tl.where(m_t1d, dt1, 0.0)
+        if not ONE_DECAY:  # the next step's Δ, for the two-decay adjoint
+            dt1 = dt1_r.to(tl.float32)
+            if HAS_BIAS:
+                dt1 = dt1 + bias[None, :]
+            if SOFTPLUS:
+                dt1 = _softplus(dt1)
+            dt1 = tl.where(((t + 1) < L)[:, None] & mask_d[None, :], dt1, 0.0)
         dtu = dt * u
         if HAS_Z:
             zt = z_r.to(tl.float32)

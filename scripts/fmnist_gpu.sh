@@ -18,24 +18,24 @@ start=$(date +%s)
 stamp() { echo "== [$(( $(date +%s) - start )) s] $*"; }
 
 if [ -z "${ARCH:-}" ]; then
-stamp "search: DARTS${GDAS:+ and GDAS side by side}"
-"$PY" -m nas.search -c configs/search/fashion_mnist.yaml --data-dir "$DATA" --output "$RUN_DIR" \
-  --experiment search-darts --algo darts > "$RUN_DIR/search-darts.log" 2>&1 &
-darts=$!
-if [ -n "${GDAS:-}" ]; then
+  stamp "search: DARTS${GDAS:+ and GDAS side by side}"
   "$PY" -m nas.search -c configs/search/fashion_mnist.yaml --data-dir "$DATA" --output "$RUN_DIR" \
-    --experiment search-gdas --algo gdas > "$RUN_DIR/search-gdas.log" 2>&1 &
-  wait $!
-fi
-wait $darts
-tail -n 2 "$RUN_DIR"/search-*.log
+    --experiment search-darts --algo darts > "$RUN_DIR/search-darts.log" 2>&1 &
+  darts=$!
+  if [ -n "${GDAS:-}" ]; then
+    "$PY" -m nas.search -c configs/search/fashion_mnist.yaml --data-dir "$DATA" --output "$RUN_DIR" \
+      --experiment search-gdas --algo gdas > "$RUN_DIR/search-gdas.log" 2>&1 &
+    wait $!
+  fi
+  wait $darts
+  tail -n 2 "$RUN_DIR"/search-*.log
 
-stamp "derive"
-"$PY" -m nas.vis_search_prob "$RUN_DIR/search-darts" --out "$RUN_DIR/arch.yaml" --overwrite
-if [ -n "${GDAS:-}" ]; then
-  "$PY" -m nas.vis_search_prob "$RUN_DIR/search-gdas" --out "$RUN_DIR/arch-gdas.yaml" --overwrite \
-    > "$RUN_DIR/derive-gdas.log"
-fi
+  stamp "derive"
+  "$PY" -m nas.vis_search_prob "$RUN_DIR/search-darts" --out "$RUN_DIR/arch.yaml" --overwrite
+  if [ -n "${GDAS:-}" ]; then
+    "$PY" -m nas.vis_search_prob "$RUN_DIR/search-gdas" --out "$RUN_DIR/arch-gdas.yaml" --overwrite \
+      > "$RUN_DIR/derive-gdas.log"
+  fi
 else
   [ "$ARCH" -ef "$RUN_DIR/arch.yaml" ] || cp "$ARCH" "$RUN_DIR/arch.yaml"
 fi
