@@ -41,13 +41,6 @@ def _affine_combine(a1, b1, a2, b2):
 
 
 @triton.jit
-def _adjoint_combine(f2, p2, s2, f1, p1, s1):
-    # Reverse scan for h_t = c_t + a_{t+1}·h_{t+1} from elements (a_t, 1, c_t), later segment first: a segment keeps
-    # its first decay f, the product p of the others and the sum s, so h_t = s_t + p_t·(a_T·h_T) needs no a_{t+1}.
-    return f1, p1 * f2 * p2, s1 + p1 * f2 * s2
-
-
-@triton.jit
 def _softplus(x):
     # mamba-ssm's threshold: identity above 20 (exp would overflow long before log1p matters).
     return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)

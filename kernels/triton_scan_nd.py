@@ -15,7 +15,41 @@ two divide one another), so a memory-bound forward can walk long chunks while th
 import triton
 import triton.language as tl
 
-from .triton_scan import _adjoint_combine, _affine_combine, _load_bwd_rows, _softplus
+from .triton_scan import _affine_combine, _load_bwd_rows, _softplus
+
+
+@triton.jit
+def _row(x, offs_t, t: tl.constexpr):
+    # Row t of a (T, ., .) tile whose T axis lives inside each thread. With -0.0 as the filler the sum is exact and
+    # the compiler folds it to a register read (no arithmetic, no shuffles).
+    return tl.sum(tl.where(offs_t[:, None, None] == t, x, -0.0), axis=0)
+
+
+@triton.jit
+def _recur_fwd(a, b, x0, offs_t, BLOCK_T: tl.constexpr):
+    # x_t = a_t·x_{t-1} + b_t from x_{-1} = x0, unrolled along the in-thread T axis: one FMA per element. Returns
+    # every x_t as a (T, ., .) tile.
+    x = x0
+    xs = tl.zeros_like(a)
+    for t in tl.static_range(BLOCK_T):
+        x = _row(a, offs_t, t) * x + _row(b, offs_t, t)
+        xs = tl.where(offs_t[:, None, None] == t, x[None, :, :], xs)
+    return xs
+
+
+@triton.jit
+def _recur_adjoint(a, c, carry, offs_t, BLOCK_T: tl.constexpr):
+    # h_t = c_t + a_{t+1}·h_{t+1} walked backwards from carry = a_T·h_T (the next chunk's first step), with this
+    # step's decays only. Returns every h_t and a_0·h_0, the carry for the chunk before. Triton lowers a
+    # reverse=True associative scan with ten warp shuffles per element even when T is inside a thread; this loop
+    # has none.
+    acc = carry
+    h = tl.zeros_like(a)
+    for i in tl.static_range(BLOCK_T):
+        ht = _row(c, offs_t, BLOCK_T - 1 - i) + acc
+        h = tl.where(offs_t[:, None, None] == BLOCK_T - 1 - i, ht[None, :, :], h)
+        acc = _row(a, offs_t, BLOCK_T - 1 - i) * ht
+    return h, acc
 
 
 @triton.jit
@@ -220,8 +254,11 @@ def _scan_bwd_nd_kernel(
             h_carry = tl.load(h_base + nd_off, mask=mask_nd, other=0.0)
             a = tl.exp2(dt[:, None, :] * A2[None, :, :])
             bx = dtu[:, None, :] * Bt[:, :, None]
-            P, S = tl.associative_scan((a, bx), axis=0, combine_fn=_affine_combine)
-            xs = P * x_in[None, :, :] + S
+            if ONE_DECAY:
+                xs = _recur_fwd(a, bx, x_in, offs_t, BLOCK_T)
+            else:
+                P, S = tl.associative_scan((a, bx), axis=0, combine_fn=_affine_combine)
+                xs = P * x_in[None, :, :] + S
             if HAS_Z:
                 y_acc += tl.sum(xs * Ct[:, :, None], axis=1)
             # Adjoint: h_t = C_t·g_t + a_{t+1}·h_{t+1}, a reverse scan.
@@ -229,10 +266,7 @@ def _scan_bwd_nd_kernel(
             if ONE_DECAY:
                 # With this step's decays only (no second gather of Δ, no second exp2): the carry is a_T·h_T of the
                 # next chunk's first step.
-                _, Pr, H = tl.associative_scan((a, tl.full(a.shape, 1.0, tl.float32), cg), axis=0,
-                                               combine_fn=_adjoint_combine, reverse=True)  # fmt: skip
-                h = H + Pr * h_carry[None, :, :]
-                carry = tl.sum(tl.where(offs_t[:, None, None] == 0, a * h, 0.0), axis=0)
+                h, carry = _recur_adjoint(a, cg, h_carry, offs_t, BLOCK_T)
             else:
                 a1 = tl.exp2(dt1[:, None, :] * A2[None, :, :])
                 Pr, H = tl.associative_scan((a1, cg), axis=0, combine_fn=_affine_combine, reverse=True)
