@@ -194,6 +194,10 @@ def _scan_bwd_nd_kernel(
     part_base = ((pid_d.to(tl.int64) * BATCH + b) * L * K + k) * N
     dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # With a single state group (N = 1, or G = N) the adjoint carry and dA stay in registers across chunks: through the
+    # buffers, every chunk would wait on a global-memory round trip of its own previous store.
+    carry_r = tl.zeros([GROUP_N, BLOCK_D], dtype=tl.float32)
+    dA_r = tl.zeros([GROUP_N, BLOCK_D], dtype=tl.float32)
     # PREFETCH: software pipelining as in the forward, the previous chunk's gathered rows are in flight while this
     # one computes (costs registers: the tuner decides).
     if PREFETCH:
@@ -251,7 +255,10 @@ def _scan_bwd_nd_kernel(
             Bt = tl.load(b_base + idx[:, None] * s_bl + offs_n[None, :] * s_bn, mask=m_tn, other=0.0).to(tl.float32)
             Ct = tl.load(c_base + idx[:, None] * s_cl + offs_n[None, :] * s_cn, mask=m_tn, other=0.0).to(tl.float32)
             x_in = tl.load(st_base + c * DIM * N + nd_off, mask=mask_nd, other=0.0)
-            h_carry = tl.load(h_base + nd_off, mask=mask_nd, other=0.0)
+            if GROUP_N == BLOCK_N:
+                h_carry = carry_r
+            else:
+                h_carry = tl.load(h_base + nd_off, mask=mask_nd, other=0.0)
             a = tl.exp2(dt[:, None, :] * A2[None, :, :])
             bx = dtu[:, None, :] * Bt[:, :, None]
             if ONE_DECAY:
@@ -272,12 +279,18 @@ def _scan_bwd_nd_kernel(
                 Pr, H = tl.associative_scan((a1, cg), axis=0, combine_fn=_affine_combine, reverse=True)
                 h = H + Pr * h_carry[None, :, :]
                 carry = tl.sum(tl.where(offs_t[:, None, None] == 0, h, 0.0), axis=0)
-            tl.store(h_base + nd_off, carry, mask=mask_nd)
+            if GROUP_N == BLOCK_N:
+                carry_r = carry
+            else:
+                tl.store(h_base + nd_off, carry, mask=mask_nd)
             w = h * (xs - bx)  # h_t · a_t · x_{t-1}
             wA_acc += tl.sum(w * A[None, :, :], axis=1)
             hB_acc += tl.sum(h * Bt[:, :, None], axis=1)
-            dA_old = tl.load(dA_base + nd_off, mask=mask_nd, other=0.0)
-            tl.store(dA_base + nd_off, dA_old + tl.sum(w * dt[:, None, :], axis=0), mask=mask_nd)
+            if GROUP_N == BLOCK_N:
+                dA_r += tl.sum(w * dt[:, None, :], axis=0)
+            else:
+                dA_old = tl.load(dA_base + nd_off, mask=mask_nd, other=0.0)
+                tl.store(dA_base + nd_off, dA_old + tl.sum(w * dt[:, None, :], axis=0), mask=mask_nd)
             dB = tl.sum(h * dtu[:, None, :], axis=2)
             dC = tl.sum(xs * g[:, None, :], axis=2)
             tl.store(dB_ptr + part_base + idx[:, None] * (K * N) + offs_n[None, :], dB, mask=m_tn)
@@ -301,6 +314,9 @@ def _scan_bwd_nd_kernel(
         tl.store(ddelta_ptr + out_base + idx[:, None] * (K * DIM) + offs_d[None, :], ddt, mask=m_td)
         if PREFETCH:
             idx, u_r, dt_r, dt1_r, dy_r, z_r = idx_p, u_p, dt_p, dt1_p, dy_p, z_p
+    if GROUP_N == BLOCK_N:
+        nd_all = offs_d[None, :] * N + offs_g[:, None]
+        tl.store(dA_base + nd_all, dA_r, mask=(offs_g < N)[:, None] & mask_d[None, :])
     vec_off = (b * K + k) * DIM + offs_d
     if HAS_D:
         tl.store(dD_ptr + vec_off, dD_acc, mask=mask_d)
