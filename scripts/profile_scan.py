@@ -1,0 +1,94 @@
+"""Where a fused scan's forward + backward spends its time: per-kernel CUDA times from torch.profiler.
+
+    python scripts/profile_scan.py --shape 128 96 3136 1 4 --ku 1 --configs 4,32,1,32,32,1,1,1,1 4,16,1,32,32,1,1,1,1
+
+Each ``--configs`` entry is a block-size tuple as in ``kernels.triton_scan.scan_config``; the first run of each is
+checked against the first config (relative error below 1e-2). Prints, per config, the do_bench median of
+forward + backward and the kernels that take the most CUDA time; ``--json`` saves the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from triton.testing import do_bench
+
+from kernels.check_gpu import env_info
+from kernels.ops import selective_scan
+from kernels.testing import make_scan_inputs
+from kernels.triton_scan import set_scan_config
+
+
+def _grid(seqlen: int) -> tuple[int, int]:
+    h = int(seqlen**0.5)
+    while seqlen % h:
+        h -= 1
+    return h, seqlen // h
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", type=int, nargs=5, metavar=("B", "D", "L", "N", "K"), required=True)
+    p.add_argument("--ku", type=int, default=None, help="1 (shared u) or K (default K)")
+    p.add_argument("--z", action="store_true", help="with the z gate")
+    p.add_argument("--configs", nargs="+", required=True)
+    p.add_argument("--top", type=int, default=8)
+    p.add_argument("--json", default=None)
+    p.add_argument("--commit", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: profile_scan needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from kernels.bench import real_orders
+
+    batch, dim, seqlen, n, k = args.shape
+    torch.manual_seed(0)
+    x = make_scan_inputs(batch, seqlen, k, dim, n, ku=args.ku or k, dtype=torch.bfloat16, device="cuda", has_z=args.z)
+    names = ("h", "v", "h_flip", "v_flip", "w2", "w2_flip", "w7", "w7_flip")[:k]
+    orders = real_orders(seqlen, _grid(seqlen), names).cuda()
+    dy = torch.randn(batch, seqlen, k, dim, device="cuda", dtype=torch.bfloat16)
+    leaves = {nm: (t.detach().requires_grad_() if t is not None else None) for nm, t in x.items()}
+    params = [t for t in leaves.values() if t is not None]
+
+    def step():
+        for t in params:
+            t.grad = None
+        selective_scan(**leaves, orders=orders, backend="triton").backward(dy)
+        return [t.grad for t in params]
+
+    report = {**env_info(args.commit), "shape": args.shape, "ku": args.ku or k, "z": args.z, "runs": []}
+    first = None
+    for spec in args.configs:
+        cfg = tuple(int(v) for v in spec.split(","))
+        set_scan_config(n, seqlen, cfg)
+        try:
+            outs = [g.float() for g in step()]
+        except Exception as err:  # noqa: BLE001  (a config that does not compile is reported, the others still run)
+            print(f"{cfg}: failed: {err!r:.200}")
+            report["runs"].append({"config": list(cfg), "error": repr(err)[:300]})
+            continue
+        first = first or outs
+        err = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(outs, first))
+        ms = do_bench(step, warmup=10, rep=50, return_mode="median")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[: args.top]
+        kernels = [{"name": e.key[:90], "ms_per_step": e.device_time_total / 5e3, "calls": e.count // 5} for e in rows]
+        print(f"{cfg}: fwd+bwd {ms:.3f} ms, rel. err vs first {err:.1e}")
+        for r in kernels:
+            print(f"    {r['ms_per_step']:8.3f} ms  x{r['calls']:<3} {r['name']}")
+        report["runs"].append({"config": list(cfg), "fwd_bwd_ms": ms, "rel_err_vs_first": err, "kernels": kernels})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
