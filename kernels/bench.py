@@ -232,12 +232,12 @@ def bench_conv(ceil: dict, batch=128, seqlen=197, k=8, dim=384, width=4, hw=(14,
 # winners of the H200 tunings (benchmarks/scan_tuning_h200_run*.json: run 3 compared the v2 backward with the
 # one-decay one) and their nearest neighbours.
 CANDIDATES = {
-    (16, False): [(8, 32, 1, 4, 32, 1, 4, 0, 1), (4, 32, 1, 4, 32, 1, 4, 1, 1), (8, 32, 1, 4, 32, 1, 2, 0, 1)],
-    (16, True): [(8, 32, 1, 4, 32, 1, 4, 0, 1), (8, 32, 1, 4, 32, 1, 4, 1, 1)],
-    (1, False): [(4, 32, 1, 32, 32, 1, 1, 1, 1), (8, 32, 1, 32, 32, 1, 1, 1, 1), (2, 32, 1, 32, 32, 1, 1, 1, 1),
-                 (4, 64, 1, 32, 32, 1, 1, 1, 1)],
-    (1, True): [(4, 32, 1, 32, 32, 1, 1, 1, 1), (8, 32, 1, 32, 32, 1, 1, 1, 1), (2, 32, 1, 32, 32, 1, 1, 1, 1),
-                (4, 64, 1, 32, 32, 1, 1, 1, 1), (8, 64, 1, 32, 32, 1, 1, 1, 1), (4, 32, 1, 16, 32, 1, 1, 1, 1)],
+    (16, False): [(8, 32, 1, 4, 32, 1, 4, 0, 1), (4, 32, 1, 4, 32, 1, 4, 1, 1), (8, 32, 1, 8, 32, 1, 4, 0, 1)],
+    (16, True): [(8, 32, 1, 4, 32, 1, 4, 0, 1), (8, 32, 1, 8, 32, 1, 4, 0, 1)],
+    (1, False): [(4, 32, 1, 32, 32, 1, 1, 1, 1), (4, 32, 1, 16, 32, 1, 1, 1, 1), (4, 32, 1, 8, 32, 1, 1, 1, 1),
+                 (8, 32, 1, 32, 32, 1, 1, 1, 1)],
+    (1, True): [(4, 32, 1, 32, 32, 1, 1, 1, 1), (4, 32, 1, 16, 32, 1, 1, 1, 1), (4, 32, 1, 8, 32, 1, 1, 1, 1),
+                (8, 32, 1, 32, 32, 1, 1, 1, 1), (4, 64, 1, 32, 32, 1, 1, 1, 1)],
 }  # fmt: skip
 
 
@@ -251,7 +251,8 @@ def tune(name, batch, dim, seqlen, n, k, ku, has_z, hw, order_names, candidates=
     trials, reference = [], None
     for cfg in candidates or CANDIDATES[(triton.next_power_of_2(n) if n < 16 else 16, seqlen > 1024)]:
         try:
-            fwd = lambda cfg=cfg: scan_fwd(*args, None, False, config=cfg)  # noqa: E731
+            # The forward as training runs it: saving the chunk-start states the backward needs.
+            fwd = lambda cfg=cfg: scan_fwd(*args, None, True, config=cfg)  # noqa: E731
             _, states = scan_fwd(*args, None, True, config=cfg)
             bwd = lambda cfg=cfg, states=states: scan_bwd(dy, *args, states, config=cfg)  # noqa: E731
             outs = (fwd()[0], *[g for g in bwd() if g is not None])
