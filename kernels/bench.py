@@ -242,7 +242,7 @@ CANDIDATES = {
 
 
 def tune(name, batch, dim, seqlen, n, k, ku, has_z, hw, order_names, candidates=None) -> dict:
-    """Time candidate block sizes (forward with saved states + backward) and pin the fastest for this shape class."""
+    """Time candidate block sizes (forward alone + backward) and pin the fastest for this shape class."""
     torch.manual_seed(0)
     x = make_scan_inputs(batch, seqlen, k, dim, n, ku=ku, dtype=torch.bfloat16, device="cuda", has_z=has_z)
     orders = real_orders(seqlen, hw, order_names).cuda()
@@ -251,8 +251,9 @@ def tune(name, batch, dim, seqlen, n, k, ku, has_z, hw, order_names, candidates=
     trials, reference = [], None
     for cfg in candidates or CANDIDATES[(triton.next_power_of_2(n) if n < 16 else 16, seqlen > 1024)]:
         try:
-            # The forward as training runs it: saving the chunk-start states the backward needs.
-            fwd = lambda cfg=cfg: scan_fwd(*args, None, True, config=cfg)  # noqa: E731
+            # The forward alone (inference): timing the one that saves states picked shorter forward chunks that
+            # cost the inference forward 0.39 -> 0.52 ms on VMamba-T for 0.03 ms of training time (NOTES-scan.md).
+            fwd = lambda cfg=cfg: scan_fwd(*args, None, False, config=cfg)  # noqa: E731
             _, states = scan_fwd(*args, None, True, config=cfg)
             bwd = lambda cfg=cfg, states=states: scan_bwd(dy, *args, states, config=cfg)  # noqa: E731
             outs = (fwd()[0], *[g for g in bwd() if g is not None])

@@ -158,22 +158,6 @@ def _scan_fwd_nd_kernel(
 
 
 @triton.jit
-def _load_group(b_base, c_base, st_base, idx, c, L, DIM, N, s_bl, s_bn, s_cl, s_cn, offs_t, offs_n, offs_d, mask_d,
-                BLOCK_T: tl.constexpr):  # fmt: skip
-    # One state group's inputs for backward chunk c: the gathered B and C rows and the saved chunk-start state
-    # (c = -1 gives a fully masked load).
-    t = c * BLOCK_T + offs_t
-    mask_t = (t >= 0) & (t < L)
-    mask_n = offs_n < N
-    m_tn = mask_t[:, None] & mask_n[None, :]
-    Bt = tl.load(b_base + idx[:, None] * s_bl + offs_n[None, :] * s_bn, mask=m_tn, other=0.0).to(tl.float32)
-    Ct = tl.load(c_base + idx[:, None] * s_cl + offs_n[None, :] * s_cn, mask=m_tn, other=0.0).to(tl.float32)
-    nd_off = offs_d[None, :] * N + offs_n[:, None]
-    x_in = tl.load(st_base + c * DIM * N + nd_off, mask=mask_n[:, None] & mask_d[None, :] & (c >= 0), other=0.0)
-    return Bt, Ct, x_in
-
-
-@triton.jit
 def _scan_bwd_nd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, orders_ptr, dy_ptr, states_ptr, hbuf_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
@@ -221,9 +205,6 @@ def _scan_bwd_nd_kernel(
             orders_ptr, u_base, d_base, g_base, z_base, k, L, n_chunks - 1, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d,
             mask_d, BLOCK_T, HAS_Z, HAS_ORDERS, not ONE_DECAY,
         )  # fmt: skip
-        if GROUP_N == BLOCK_N:  # a single state group: its B, C and saved-state loads are prefetched too
-            B_r, C_r, x_r = _load_group(b_base, c_base, st_base, idx, n_chunks - 1, L, DIM, N, s_bl, s_bn, s_cl,
-                                        s_cn, offs_t, offs_g, offs_d, mask_d, BLOCK_T)  # fmt: skip
     for ci in range(0, n_chunks):
         c = n_chunks - 1 - ci
         if PREFETCH:
@@ -231,9 +212,6 @@ def _scan_bwd_nd_kernel(
                 orders_ptr, u_base, d_base, g_base, z_base, k, L, c - 1, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d,
                 mask_d, BLOCK_T, HAS_Z, HAS_ORDERS, not ONE_DECAY,
             )  # fmt: skip
-            if GROUP_N == BLOCK_N:
-                B_p, C_p, x_p = _load_group(b_base, c_base, st_base, idx_p, c - 1, L, DIM, N, s_bl, s_bn, s_cl,
-                                            s_cn, offs_t, offs_g, offs_d, mask_d, BLOCK_T)  # fmt: skip
         else:
             idx, u_r, dt_r, dt1_r, dy_r, z_r = _load_bwd_rows(
                 orders_ptr, u_base, d_base, g_base, z_base, k, L, c, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d,
@@ -274,11 +252,9 @@ def _scan_bwd_nd_kernel(
             nd_off = offs_d[None, :] * N + offs_n[:, None]
             A = tl.load(A_ptr + k * DIM * N + nd_off, mask=mask_nd, other=0.0)
             A2 = A * 1.4426950408889634
-            if PREFETCH and GROUP_N == BLOCK_N:
-                Bt, Ct, x_in = B_r, C_r, x_r
-            else:
-                Bt, Ct, x_in = _load_group(b_base, c_base, st_base, idx, c, L, DIM, N, s_bl, s_bn, s_cl, s_cn,
-                                           offs_t, offs_n, offs_d, mask_d, BLOCK_T)  # fmt: skip
+            Bt = tl.load(b_base + idx[:, None] * s_bl + offs_n[None, :] * s_bn, mask=m_tn, other=0.0).to(tl.float32)
+            Ct = tl.load(c_base + idx[:, None] * s_cl + offs_n[None, :] * s_cn, mask=m_tn, other=0.0).to(tl.float32)
+            x_in = tl.load(st_base + c * DIM * N + nd_off, mask=mask_nd, other=0.0)
             if GROUP_N == BLOCK_N:
                 h_carry = carry_r
             else:
@@ -338,8 +314,6 @@ def _scan_bwd_nd_kernel(
         tl.store(ddelta_ptr + out_base + idx[:, None] * (K * DIM) + offs_d[None, :], ddt, mask=m_td)
         if PREFETCH:
             idx, u_r, dt_r, dt1_r, dy_r, z_r = idx_p, u_p, dt_p, dt1_p, dy_p, z_p
-            if GROUP_N == BLOCK_N:
-                B_r, C_r, x_r = B_p, C_p, x_p
     if GROUP_N == BLOCK_N:
         nd_all = offs_d[None, :] * N + offs_g[:, None]
         tl.store(dA_base + nd_all, dA_r, mask=(offs_g < N)[:, None] & mask_d[None, :])
