@@ -79,13 +79,16 @@ def _(dy, u, delta, A, B, C, D, z, delta_bias, orders, states, delta_softplus):
 
 
 def _scan_setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, _out_dtype, _save = inputs
+    u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, _out_dtype, save = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, orders, output[1])
     ctx.delta_softplus = delta_softplus
+    ctx.recompute = not save  # a forward that kept no states (recompute_states): the backward reruns it first
 
 
 def _scan_backward(ctx, dy, _dstates):
     u, delta, A, B, C, D, z, delta_bias, orders, states = ctx.saved_tensors
+    if ctx.recompute:
+        _, states = _scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, orders, ctx.delta_softplus, None, True)
     grads = _scan_bwd_op(dy.contiguous(), u, delta, A, B, C, D, z, delta_bias, orders, states, ctx.delta_softplus)
     present = (u, delta, A, B, C, D, z, delta_bias)
     grads = [g if t is not None else None for g, t in zip(grads, present)]
@@ -109,10 +112,16 @@ def _scan_flop_formula(u, delta, A, B, C, D, z, delta_bias, *args, out_shape=Non
 
 
 def selective_scan_op(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, orders=None,
-                      out_dtype=None) -> Tensor:  # fmt: skip
-    """The registered Triton scan; same arguments as :func:`kernels.triton_scan.selective_scan_triton`."""
-    save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias)
+                      out_dtype=None, recompute_states=False) -> Tensor:  # fmt: skip
+    """The registered Triton scan; same arguments as :func:`kernels.triton_scan.selective_scan_triton`.
+
+    ``recompute_states``: keep no chunk-start states between forward and backward (the backward reruns the forward
+    kernel to get them): less memory for one more forward pass.
+    """
+    save = (
+        torch.is_grad_enabled()
+        and not recompute_states
+        and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
     )
     y, _ = _scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, orders, bool(delta_softplus), out_dtype, save)
     return y

@@ -107,6 +107,7 @@ def selective_scan(
     backend: str = "auto",
     out_dtype: torch.dtype | None = None,
     check_orders: bool = False,
+    recompute_states: bool = False,
 ) -> torch.Tensor:
     """Mamba-1 selective scan over K token orders, all in one call. See :func:`selective_scan_ref` for semantics.
 
@@ -118,6 +119,8 @@ def selective_scan(
         backend: ``auto``, ``ref``, ``triton`` or ``mamba``.
         out_dtype: output dtype (default ``u.dtype``); fp32 output for bf16/fp16 inputs avoids AMP overflow.
         check_orders: verify that each row of ``orders`` is a permutation (costs a sort).
+        recompute_states: ``triton`` backend: keep no chunk-start states for the backward (fp32, B·K·D·N per
+            saved-state interval), rerun the forward kernel in the backward instead. Other backends ignore it.
 
     Returns:
         y: (B, L, K, D) in original token order.
@@ -130,7 +133,7 @@ def selective_scan(
     if backend == "triton":
         from .library import selective_scan_op
 
-        return selective_scan_op(u, delta, A, B, C, **kwargs)
+        return selective_scan_op(u, delta, A, B, C, **kwargs, recompute_states=recompute_states)
     from .mamba_backend import selective_scan_mamba
 
     return selective_scan_mamba(u, delta, A, B, C, **kwargs)

@@ -31,7 +31,9 @@ DEFAULT_MODELS = [
     ("vim_tiny", {}),
     ("local_fixed_vim_tiny", {}),
     ("local_vim_tiny", {}),  # the K=4 child of a (randomly initialised) supernet's arch
-    ("local_vim_tiny_search", {"mix": "softmax"}),
+    ("local_vim_tiny", {"scan_recompute": True}),
+    ("local_vim_tiny_search", {"mix": "softmax"}),  # recomputes its scan states (the search models' default)
+    ("local_vim_tiny_search", {"mix": "softmax", "scan_recompute": False}),
     ("local_vim_tiny_search", {"mix": "hard"}),
     ("vmamba_tiny", {}),
 ]
@@ -60,7 +62,7 @@ def _build(name: str, kwargs: dict, img_size: int) -> torch.nn.Module:
         # A child of the K=8 supernet with the same width as the supernet, so the ratio isolates the K cost.
         search = timm.create_model("local_vim_tiny_search", img_size=img_size)
         arch = derive_arch(search)
-        return timm.create_model("local_vim_tiny", arch=arch, img_size=img_size, embed_dim=search.embed_dim)
+        return timm.create_model("local_vim_tiny", arch=arch, img_size=img_size, embed_dim=search.embed_dim, **kwargs)
     if name.startswith("mambaout"):  # timm's MambaOut is fully convolutional: it takes no img_size
         return timm.create_model(name, **kwargs)
     return timm.create_model(name, img_size=img_size, **kwargs)
@@ -143,6 +145,15 @@ def main(argv: list[str] | None = None) -> int:
             if sup:
                 ratios[f"supernet[{mode}] / child step time (target <= {target_t})"] = sup["step_ms"] / child["step_ms"]
                 ratios[f"supernet[{mode}] / child peak memory"] = sup["peak_mem_gib"] / child["peak_mem_gib"]
+    # The same comparison with both models recomputing, and with both keeping, their scan states.
+    for tag, c_name, s_name in (
+        ("both recompute", "local_vim_tiny[scan_recompute=True]", "local_vim_tiny_search[mix=softmax]"),
+        ("both keep states", "local_vim_tiny", "local_vim_tiny_search[mix=softmax][scan_recompute=False]"),
+    ):
+        c, sup = by.get(c_name), by.get(s_name)
+        if c and sup:
+            ratios[f"supernet[softmax] / child step time, {tag}"] = sup["step_ms"] / c["step_ms"]
+            ratios[f"supernet[softmax] / child peak memory, {tag}"] = sup["peak_mem_gib"] / c["peak_mem_gib"]
     print(f"\n{gpu}, batch {args.batch_size}, {args.img_size}px, bf16 autocast, fwd+bwd+AdamW")
     print(f"{'model':<36} {'img/s':>9} {'step ms':>9} {'peak GiB':>9} {'params M':>9}")
     for r in rows:

@@ -101,6 +101,9 @@ class MultiOrderMixer(nn.Module):
         extra_token_step: scan step at which the extra token (index ``H*W``) is visited, if the input carries one.
         bias: bias of ``in_proj``/``out_proj``.
         scan_backend: ``kernels`` backend for the scan and the conv (``auto``: triton on CUDA, ref on CPU).
+        scan_recompute: keep no chunk-start states between the scan's forward and backward (the Triton backward
+            reruns the forward kernel): less memory for one more scan forward per step. ``None``: only when the call
+            scans every candidate (softmax/gumbel mixing), not for a sampled subset (``hard``).
     """
 
     PER_ORDER = ("conv1d_weight", "conv1d_bias", "x_proj_weight", "dt_proj_weight", "dt_proj_bias", "A_log", "D")
@@ -124,6 +127,7 @@ class MultiOrderMixer(nn.Module):
         extra_token_step: int | None = None,
         bias: bool = False,
         scan_backend: str = "auto",
+        scan_recompute: bool | None = False,
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
@@ -137,6 +141,7 @@ class MultiOrderMixer(nn.Module):
         self.dt_rank = dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
         self.gate = gate
         self.scan_backend = scan_backend
+        self.scan_recompute = None if scan_recompute is None else bool(scan_recompute)
         self.search = search
         self.tau = 1.0
         self.top_m = 1
@@ -290,6 +295,7 @@ class MultiOrderMixer(nn.Module):
             delta_softplus=True,
             orders=orders,
             backend=self.scan_backend,
+            recompute_states=(idx is None) if self.scan_recompute is None else self.scan_recompute,
         )  # (B, L, K, D), original token order
         if self.branch_attn is not None:
             y = self.branch_attn(y)

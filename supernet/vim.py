@@ -109,6 +109,9 @@ class VisionMamba(ArchModelMixin, nn.Module):
         mix: supernet mixing mode, ``softmax`` | ``gumbel`` | ``hard`` (see :meth:`set_arch_mode`).
         derived_model_name: the entrypoint that builds a child of this supernet from an arch file.
         scan_backend: ``kernels`` backend (``auto``, ``ref``, ``triton``, ``mamba``).
+        scan_recompute: the scans keep no chunk-start states for the backward and recompute them (one more scan
+            forward per step, much less memory). Default: search models recompute when they scan all K candidates
+            (softmax, gumbel) and keep the states of a sampled path (hard); other models keep them.
         model_name: name used in error messages.
     """
 
@@ -138,6 +141,7 @@ class VisionMamba(ArchModelMixin, nn.Module):
         mix: str | None = None,
         derived_model_name: str | None = None,
         scan_backend: str = "auto",
+        scan_recompute: bool | None = None,
         model_name: str = "VisionMamba",
     ) -> None:
         super().__init__()
@@ -193,6 +197,7 @@ class VisionMamba(ArchModelMixin, nn.Module):
             branch_attn=branch_attn,
             extra_token_step=extra_step,
             scan_backend=scan_backend,
+            scan_recompute=(None if layer_orders.search else False) if scan_recompute is None else scan_recompute,
         )
         self.blocks = nn.ModuleList(
             [Block(embed_dim, mixer(layer_orders.per_layer[i]), norm, dpr[i]) for i in range(depth)]

@@ -125,7 +125,8 @@ class VMamba(ArchModelMixin, nn.Module):
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, linearly increasing over all blocks.
         shuffle_max: SLWS ``P_max`` (0: off); layer index and depth count every block of every stage.
-        orders, space, arch, mix, derived_model_name, scan_backend, model_name: as :class:`supernet.vim.VisionMamba`.
+        orders, space, arch, mix, derived_model_name, scan_backend, scan_recompute, model_name: as
+            :class:`supernet.vim.VisionMamba`.
     """
 
     def __init__(
@@ -152,6 +153,7 @@ class VMamba(ArchModelMixin, nn.Module):
         mix: str | None = None,
         derived_model_name: str | None = None,
         scan_backend: str = "auto",
+        scan_recompute: bool | None = None,
         model_name: str = "VMamba",
     ) -> None:
         super().__init__()
@@ -208,6 +210,7 @@ class VMamba(ArchModelMixin, nn.Module):
                 out_norm=True,
                 branch_attn=branch_attn,
                 scan_backend=scan_backend,
+                scan_recompute=(None if layer_orders.search else False) if scan_recompute is None else scan_recompute,
             )
             blocks = []
             for _ in range(depth):

@@ -68,3 +68,31 @@ def test_registered_op_gradients_match_ref():
     y_ref.backward(dy)
     for name in leaves:
         assert torch.allclose(leaves[name].grad, leaves_ref[name].grad, rtol=6e-4, atol=2e-3), name
+
+
+def test_recompute_states_keeps_no_states_and_gives_identical_gradients():
+    """recompute_states: the backward reruns the forward kernel, so the gradients are bit-identical while the
+    chunk-start states (fp32, B·K · chunks · D · N) are no longer held between forward and backward."""
+    import triton
+
+    from kernels.triton_scan import scan_config
+
+    inputs, orders = _setup(ku=1)
+    dy = torch.randn(1, 15, 2, 4, generator=torch.Generator().manual_seed(1))
+    grads, saved = {}, {}
+    for recompute in (False, True):
+        leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+        saved[recompute] = 0
+
+        def pack(t, key=recompute):
+            saved[key] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = selective_scan(**leaves, orders=orders, backend="triton", recompute_states=recompute)
+        y.backward(dy)
+        grads[recompute] = {n: t.grad for n, t in leaves.items()}
+    for name in inputs:
+        assert torch.equal(grads[True][name], grads[False][name]), name
+    chunks = triton.cdiv(15, scan_config(4, 4, 15, torch.device("cpu"))[0])
+    assert saved[False] - saved[True] == 2 * chunks * 4 * 4 * 4  # B·K · chunks · D · N fp32

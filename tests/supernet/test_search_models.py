@@ -22,10 +22,12 @@ class ScanSpy:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[tuple[int, torch.Tensor]] = []
+        self.recompute: list[bool] = []
         real = kernels.selective_scan
 
         def spy(u, delta, *args, **kwargs):
             self.calls.append((delta.shape[2], kwargs["orders"].clone()))
+            self.recompute.append(kwargs.get("recompute_states", False))
             return real(u, delta, *args, **kwargs)
 
         monkeypatch.setattr(kernels, "selective_scan", spy)
@@ -103,6 +105,27 @@ def test_hard_mode_computes_only_sampled_orders(name: str, top_m: int, monkeypat
     # the unsampled orders' parameters get none (they were not computed)
     mixer = model.named_mixers()[0][1]
     assert (mixer.x_proj_weight.grad.flatten(1).abs().sum(1) > 0).sum() == top_m
+
+
+@pytest.mark.parametrize("family", ["vim", "vmamba"])
+def test_scan_recompute_defaults_and_override(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Search models recompute their scan states when they scan every candidate, keep them for a sampled path;
+    baselines keep them; the kwarg overrides both."""
+    cases = [
+        (f"test_local_{family}_search", {}, None, True),
+        (f"test_local_{family}_search", {"mix": "gumbel"}, None, True),
+        (f"test_local_{family}_search", {}, "hard", False),
+        (f"test_local_{family}_search", {"scan_recompute": False}, None, False),
+        (f"test_{family}", {}, None, False),
+        (f"test_{family}", {"scan_recompute": True}, None, True),
+    ]
+    for name, kwargs, mode, expected in cases:
+        model = build(name, img_size=16, **kwargs).train()
+        if mode:
+            model.set_arch_mode(mode, tau=1.0, top_m=1)
+        spy = ScanSpy(monkeypatch)
+        model(torch.randn(1, 3, 16, 16))
+        assert spy.recompute and all(r is expected for r in spy.recompute), (name, kwargs, mode, spy.recompute)
 
 
 def test_hard_and_gumbel_sampling_is_reproducible_from_the_seed(monkeypatch: pytest.MonkeyPatch) -> None:
