@@ -4,8 +4,10 @@
 across lanes, so every sum over N (the output ``y``, and ``Σ_n h·B``, ``Σ_n w·A`` in the backward) costs shuffles.
 Here the tile is (T, N, D): lanes and warps hold channels, and each thread holds a column of steps and states, so
 the scan along T and every sum over N stay inside a thread. The backward walks the states in groups of ``G``
-(a runtime loop) to bound registers, carrying the adjoint state and dA through small per-program buffers. The only
-cross-lane work left is the channel sum of dB and dC.
+(a runtime loop) to bound registers, carrying the adjoint state and dA through small per-program buffers (in
+registers when there is one group). Its one-decay path runs the state recompute and the adjoint as unrolled
+in-thread recurrences: Triton lowers a ``reverse=True`` associative scan with warp shuffles even along an in-thread
+axis, so that path's only cross-lane work is the channel sum of dB and dC.
 
 Same arguments, buffers and semantics as the kernels in :mod:`kernels.triton_scan`; chunk-start states are saved
 every ``SAVE_T`` steps (the backward's chunk); the forward's own chunk ``BLOCK_T`` may be shorter or longer (the

@@ -134,3 +134,20 @@ def test_ref_in_float64_agrees_with_float32():
     assert y64.dtype == torch.float64 and y32.dtype == torch.float32
     torch.testing.assert_close(y64.float(), y32, rtol=1e-5, atol=1e-5)
     assert not torch.equal(y64, y32.double())  # it really ran in fp64
+
+
+def test_tuning_candidates_and_gpu_defaults_are_well_formed():
+    """Every block-size tuple the GPU tuner or the CUDA defaults can pick has 3 or 7 to 9 numbers, power-of-two
+    tiles, and a forward chunk that divides the saved-state interval or is divided by it."""
+    from kernels.bench import CANDIDATES
+    from kernels.triton_scan import scan_config
+
+    cuda = torch.device("cuda")  # only its type is read: no GPU needed
+    defaults = [scan_config(dim, n, seqlen, cuda) for dim in (96, 384) for n in (1, 4, 16) for seqlen in (197, 3136)]
+    for cfg in [c for cands in CANDIDATES.values() for c in cands] + defaults:
+        assert len(cfg) in (3, 7, 8, 9), cfg
+        tiles = cfg[:2] if len(cfg) == 3 else (*cfg[:2], *cfg[3:5], cfg[6])
+        assert all(v > 0 and v & (v - 1) == 0 for v in tiles), cfg
+        if len(cfg) > 3:
+            assert cfg[0] % cfg[3] == 0 or cfg[3] % cfg[0] == 0, cfg
+            assert all(v in (0, 1) for v in cfg[7:]), cfg
