@@ -116,7 +116,7 @@ def selective_scan_op(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     """The registered Triton scan; same arguments as :func:`kernels.triton_scan.selective_scan_triton`.
 
     ``recompute_states``: keep no chunk-start states between forward and backward (the backward reruns the forward
-    kernel to get them): less memory for one more forward pass.
+    kernel to get them, writing and discarding its output once more): less memory for one more forward pass.
     """
     save = (
         torch.is_grad_enabled()

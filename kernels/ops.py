@@ -126,6 +126,8 @@ def selective_scan(
         y: (B, L, K, D) in original token order.
     """
     validate_scan_inputs(u, delta, A, B, C, D, z, delta_bias, orders, check_orders)
+    if not isinstance(recompute_states, bool):
+        raise TypeError(f"recompute_states: expected True or False, got {recompute_states!r}")
     backend = resolve_backend(backend, u.device)
     kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, orders=orders, out_dtype=out_dtype)
     if backend == "ref":

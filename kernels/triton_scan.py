@@ -334,7 +334,7 @@ def scan_config(dim: int, dstate: int, seqlen: int, device: torch.device) -> tup
     # and one channel per lane won for N = 16 and N = 1 on an H100 (the (T, D, N) kernels took 1.2-1.9x as long);
     # on an H200 the N = 1 backward is 1.9x faster with 4-step chunks and its prefetch, while the forward keeps
     # 32-step chunks and saves every 4th state; the one-decay backward (unrolled recurrences, no shuffles but the
-    # dB/dC channel sums) took the N = 16 backward from 7.5 to 4.3 ms (scan_configs_h200.json).
+    # dB/dC channel sums) took the N = 16 backward from 7.5 to 4.3 ms (scan_tuning_h200_run3.json).
     if bn == 1:
         return 4, 32, 1, 32, 32, 1, 1, 1, 1
     return 8, 32, 1, min(8, max(2, 64 // bn)), 32, 1, min(bn, 4), 0, 1
@@ -465,8 +465,10 @@ def scan_bwd(
         dz = torch.empty(bsz, seqlen, k, dim, device=dev, dtype=z.dtype if z.shape[2] == k else f32)
     dB_part = torch.empty(n_dblocks, bsz, seqlen, k, n, device=dev, dtype=f32)
     dC_part = torch.empty(n_dblocks, bsz, seqlen, k, n, device=dev, dtype=f32)
-    # The second kernel layout accumulates dA in place across chunks, so it starts from zeros.
-    dA_part = (torch.empty if len(config) == 3 else torch.zeros)(bsz, k, dim, n, device=dev, dtype=f32)
+    # The second kernel layout accumulates dA in place across chunks through this buffer, so it starts from zeros,
+    # unless the states form a single group (then dA stays in registers and each program writes its slice once).
+    one_group = len(config) > 3 and config[6] >= triton.next_power_of_2(n)
+    dA_part = (torch.empty if len(config) == 3 or one_group else torch.zeros)(bsz, k, dim, n, device=dev, dtype=f32)
     dD_part = torch.empty(bsz, k, dim, device=dev, dtype=f32) if D is not None else None
     dbias_part = torch.empty(bsz, k, dim, device=dev, dtype=f32) if delta_bias is not None else None
     orders_i = orders.to(device=dev, dtype=torch.int32).contiguous() if orders is not None else None
@@ -496,7 +498,7 @@ def scan_bwd(
     else:
         from .triton_scan_nd import _scan_bwd_nd_kernel
 
-        hbuf = torch.zeros(bsz * k, dim, n, device=dev, dtype=f32)
+        hbuf = dummy if one_group else torch.zeros(bsz * k, dim, n, device=dev, dtype=f32)  # the adjoint carry
         group = min(config[6], triton.next_power_of_2(n))
         prefetch = bool(config[7]) if len(config) > 7 else False
         one_decay = bool(config[8]) if len(config) > 8 else False

@@ -189,7 +189,8 @@ def _scan_bwd_nd_kernel(
     z_base = z_ptr + b * s_zb + k * s_zk
     g_base = dy_ptr + b * s_gb + k * s_gk
     st_base = states_ptr + pid_bk.to(tl.int64) * n_chunks * DIM * N
-    # Per-program (N, D) buffers, zero-initialised by the launcher: the adjoint carry and the dA partial sum.
+    # Per-program (N, D) buffers, zero-initialised by the launcher: the adjoint carry and the dA partial sum (unused
+    # with a single state group, whose carry and dA stay in registers).
     h_base = hbuf_ptr + pid_bk.to(tl.int64) * DIM * N
     dA_base = dA_ptr + pid_bk.to(tl.int64) * DIM * N
     out_base = (b * L * K + k) * DIM

@@ -102,8 +102,9 @@ class MultiOrderMixer(nn.Module):
         bias: bias of ``in_proj``/``out_proj``.
         scan_backend: ``kernels`` backend for the scan and the conv (``auto``: triton on CUDA, ref on CPU).
         scan_recompute: keep no chunk-start states between the scan's forward and backward (the Triton backward
-            reruns the forward kernel): less memory for one more scan forward per step. ``None``: only when the call
-            scans every candidate (softmax/gumbel mixing), not for a sampled subset (``hard``).
+            reruns the forward kernel): less memory for one more scan forward per step. ``None`` (what search models
+            pass): only when the call scans every candidate (softmax/gumbel mixing, or ``hard`` with top-m = K), not
+            for a sampled subset.
     """
 
     PER_ORDER = ("conv1d_weight", "conv1d_bias", "x_proj_weight", "dt_proj_weight", "dt_proj_bias", "A_log", "D")
@@ -141,7 +142,9 @@ class MultiOrderMixer(nn.Module):
         self.dt_rank = dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
         self.gate = gate
         self.scan_backend = scan_backend
-        self.scan_recompute = None if scan_recompute is None else bool(scan_recompute)
+        if scan_recompute is not None and not isinstance(scan_recompute, bool):
+            raise TypeError(f"scan_recompute: expected True, False or None, got {scan_recompute!r}")
+        self.scan_recompute = scan_recompute
         self.search = search
         self.tau = 1.0
         self.top_m = 1
@@ -283,6 +286,8 @@ class MultiOrderMixer(nn.Module):
             x_dbl = torch.einsum("bld,kcd->blkc", xin, pick(self.x_proj_weight))
         dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = torch.einsum("blkr,kdr->blkd", dt, pick(self.dt_proj_weight))
+        # None: recompute the scan states when this call scans every candidate (the supernet's memory peak).
+        recompute = orders.shape[0] == self.orders.shape[0] if self.scan_recompute is None else self.scan_recompute
         y = kernels.selective_scan(
             u,
             delta,
@@ -295,7 +300,7 @@ class MultiOrderMixer(nn.Module):
             delta_softplus=True,
             orders=orders,
             backend=self.scan_backend,
-            recompute_states=(idx is None) if self.scan_recompute is None else self.scan_recompute,
+            recompute_states=recompute,
         )  # (B, L, K, D), original token order
         if self.branch_attn is not None:
             y = self.branch_attn(y)

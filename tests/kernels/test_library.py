@@ -1,5 +1,6 @@
 """torch.library registration: FLOP counting and torch.compile keeping the scan as one op."""
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -70,13 +71,17 @@ def test_registered_op_gradients_match_ref():
         assert torch.allclose(leaves[name].grad, leaves_ref[name].grad, rtol=6e-4, atol=2e-3), name
 
 
-def test_recompute_states_keeps_no_states_and_gives_identical_gradients():
+@pytest.mark.parametrize("config", [None, (4, 4, 1, 8, 4, 1, 2, 0, 1), (4, 4, 1, 2, 4, 1, 4, 1, 1)],
+                         ids=["tdn", "nd-onedecay", "nd-onegroup-prefetch"])  # fmt: skip
+def test_recompute_states_keeps_no_states_and_gives_identical_gradients(monkeypatch, config):
     """recompute_states: the backward reruns the forward kernel, so the gradients are bit-identical while the
     chunk-start states (fp32, B·K · chunks · D · N) are no longer held between forward and backward."""
     import triton
 
-    from kernels.triton_scan import scan_config
+    import kernels.triton_scan as ts
 
+    if config is not None:
+        monkeypatch.setattr(ts, "scan_config", lambda *args: config)
     inputs, orders = _setup(ku=1)
     dy = torch.randn(1, 15, 2, 4, generator=torch.Generator().manual_seed(1))
     grads, saved = {}, {}
@@ -94,5 +99,23 @@ def test_recompute_states_keeps_no_states_and_gives_identical_gradients():
         grads[recompute] = {n: t.grad for n, t in leaves.items()}
     for name in inputs:
         assert torch.equal(grads[True][name], grads[False][name]), name
-    chunks = triton.cdiv(15, scan_config(4, 4, 15, torch.device("cpu"))[0])
+    chunks = triton.cdiv(15, ts.scan_config(4, 4, 15, torch.device("cpu"))[0])
     assert saved[False] - saved[True] == 2 * chunks * 4 * 4 * 4  # B·K · chunks · D · N fp32
+
+
+def test_recompute_states_with_some_inputs_requiring_grad():
+    """Only A and B need gradients (a frozen model part): the recompute path still runs and matches."""
+    inputs, orders = _setup()
+    dy = torch.randn(1, 15, 2, 4, generator=torch.Generator().manual_seed(2))
+    got = []
+    for recompute in (False, True):
+        leaves = {n: (t.clone().requires_grad_() if n in ("A", "B") else t) for n, t in inputs.items()}
+        selective_scan(**leaves, orders=orders, backend="triton", recompute_states=recompute).backward(dy)
+        got.append((leaves["A"].grad, leaves["B"].grad))
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+
+
+def test_recompute_states_must_be_a_bool():
+    inputs, orders = _setup()
+    with pytest.raises(TypeError, match="recompute_states"):
+        selective_scan(**inputs, orders=orders, backend="triton", recompute_states="false")

@@ -107,6 +107,7 @@ def test_triton_matches_ref_cuda(dtype):
         pytest.param(37, (4, 9), 2, 16, 2, True, (4, 16, 1, 8, 8, 1, 2, 0, 1), id="nd-onedecay-wide-bwd-L37-K2-N16"),
         pytest.param(37, (4, 9), 2, 16, 1, True, (2, 8, 1, 4, 8, 1, 16, 0, 1), id="nd-onegroup-L37-K2-N16-Ku1"),
         pytest.param(37, (4, 9), 2, 16, 2, True, (2, 8, 1, 4, 8, 1, 16, 1, 1), id="nd-onegroup-prefetch-L37-K2-N16"),
+        pytest.param(37, (4, 9), 2, 5, 1, True, (2, 8, 1, 4, 8, 1, 8, 0, 1), id="nd-onegroup-L37-K2-N5-padded"),
     ],
 )
 def test_nd_layout_kernels_match_ref(monkeypatch, seqlen, hw, k, n, ku, extras, config):

@@ -126,6 +126,14 @@ def test_scan_recompute_defaults_and_override(family: str, monkeypatch: pytest.M
         spy = ScanSpy(monkeypatch)
         model(torch.randn(1, 3, 16, 16))
         assert spy.recompute and all(r is expected for r in spy.recompute), (name, kwargs, mode, spy.recompute)
+    # hard sampling of every candidate (top-m = K) scans the whole supernet, so it recomputes too
+    model = build(f"test_local_{family}_search", img_size=16).train()
+    model.set_arch_mode("hard", tau=1.0, top_m=8)
+    spy = ScanSpy(monkeypatch)
+    model(torch.randn(1, 3, 16, 16))
+    assert all(spy.recompute), spy.recompute
+    with pytest.raises(TypeError, match="scan_recompute"):
+        build(f"test_{family}", img_size=16, scan_recompute="false")
 
 
 def test_hard_and_gumbel_sampling_is_reproducible_from_the_seed(monkeypatch: pytest.MonkeyPatch) -> None:
