@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_scan import _token_index
+
 __all__ = ["causal_conv1d_triton"]
 
 
@@ -43,20 +45,14 @@ def _conv_fwd_kernel(
     for j in tl.static_range(W):
         s = t - (W - 1) + j
         valid = mask_t & (s >= 0)
-        if HAS_ORDERS:
-            idx = tl.load(orders_ptr + k * L + s, mask=valid, other=0).to(tl.int64)
-        else:
-            idx = s.to(tl.int64)
+        idx = _token_index(orders_ptr, k, L, s, valid, HAS_ORDERS)
         m = valid[:, None] & mask_d[None, :]
         xv = tl.load(x_base + idx[:, None] * s_xl + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
         wj = tl.load(w_ptr + (k * DIM + offs_d) * W + j, mask=mask_d, other=0.0).to(tl.float32)
         acc += xv * wj[None, :]
     if SILU:
         acc = acc * tl.sigmoid(acc)
-    if HAS_ORDERS:
-        idx_t = tl.load(orders_ptr + k * L + t, mask=mask_t, other=0).to(tl.int64)
-    else:
-        idx_t = t.to(tl.int64)
+    idx_t = _token_index(orders_ptr, k, L, t, mask_t, HAS_ORDERS)
     out_off = ((b * L + idx_t[:, None]) * K + k) * DIM + offs_d[None, :]
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
 
@@ -80,10 +76,7 @@ def _conv_bwd_pre_kernel(
     mask_d = offs_d < DIM
     m_td = mask_t[:, None] & mask_d[None, :]
     x_base = x_ptr + b * s_xb + k * s_xk
-    if HAS_ORDERS:
-        idx_t = tl.load(orders_ptr + k * L + t, mask=mask_t, other=0).to(tl.int64)
-    else:
-        idx_t = t.to(tl.int64)
+    idx_t = _token_index(orders_ptr, k, L, t, mask_t, HAS_ORDERS)
     g = tl.load(dout_ptr + b * s_gb + k * s_gk + idx_t[:, None] * s_gl + offs_d[None, :], mask=m_td, other=0.0)
     g = g.to(tl.float32)
     if SILU:
@@ -93,10 +86,7 @@ def _conv_bwd_pre_kernel(
         for j in tl.static_range(W):
             s = t - (W - 1) + j
             valid = mask_t & (s >= 0)
-            if HAS_ORDERS:
-                idx = tl.load(orders_ptr + k * L + s, mask=valid, other=0).to(tl.int64)
-            else:
-                idx = s.to(tl.int64)
+            idx = _token_index(orders_ptr, k, L, s, valid, HAS_ORDERS)
             m = valid[:, None] & mask_d[None, :]
             xv = tl.load(x_base + idx[:, None] * s_xl + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
             wj = tl.load(w_ptr + (k * DIM + offs_d) * W + j, mask=mask_d, other=0.0).to(tl.float32)
@@ -110,10 +100,7 @@ def _conv_bwd_pre_kernel(
     for j in tl.static_range(W):
         s = t - (W - 1) + j
         valid = mask_t & (s >= 0)
-        if HAS_ORDERS:
-            idx = tl.load(orders_ptr + k * L + s, mask=valid, other=0).to(tl.int64)
-        else:
-            idx = s.to(tl.int64)
+        idx = _token_index(orders_ptr, k, L, s, valid, HAS_ORDERS)
         m = valid[:, None] & mask_d[None, :]
         xv = tl.load(x_base + idx[:, None] * s_xl + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
         tl.store(dw_ptr + part * W + j, tl.sum(g * xv, axis=0), mask=mask_d)
@@ -145,10 +132,7 @@ def _conv_bwd_dx_kernel(
         gv = tl.load(dpre_ptr + ((b * L + s[:, None]) * K + k) * DIM + offs_d[None, :], mask=m, other=0.0)
         wj = tl.load(w_ptr + (k * DIM + offs_d) * W + j, mask=mask_d, other=0.0).to(tl.float32)
         acc += gv * wj[None, :]
-    if HAS_ORDERS:
-        idx_t = tl.load(orders_ptr + k * L + t, mask=mask_t, other=0).to(tl.int64)
-    else:
-        idx_t = t.to(tl.int64)
+    idx_t = _token_index(orders_ptr, k, L, t, mask_t, HAS_ORDERS)
     out_off = ((b * L + idx_t[:, None]) * K + k) * DIM + offs_d[None, :]
     tl.store(dx_ptr + out_off, acc.to(dx_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
 

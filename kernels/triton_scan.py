@@ -47,6 +47,16 @@ def _softplus(x):
 
 
 @triton.jit
+def _token_index(orders_ptr, k, L, t, mask, HAS_ORDERS: tl.constexpr):
+    # Storage positions of steps t along order k (int64 for the row offsets); the identity without orders.
+    if HAS_ORDERS:
+        idx = tl.load(orders_ptr + k * L + t, mask=mask, other=0).to(tl.int64)
+    else:
+        idx = t.to(tl.int64)
+    return idx
+
+
+@triton.jit
 def _load_bwd_rows(
     orders_ptr, u_base, d_base, g_base, z_base, k, L, c, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d, mask_d,
     BLOCK_T: tl.constexpr, HAS_Z: tl.constexpr, HAS_ORDERS: tl.constexpr, NEXT_DELTA: tl.constexpr = True,
@@ -55,19 +65,13 @@ def _load_bwd_rows(
     t = c * BLOCK_T + offs_t
     mask_t = (t >= 0) & (t < L)
     mask_t1 = (t >= 0) & ((t + 1) < L)
-    if HAS_ORDERS:
-        idx = tl.load(orders_ptr + k * L + t, mask=mask_t, other=0).to(tl.int64)
-    else:
-        idx = t.to(tl.int64)
+    idx = _token_index(orders_ptr, k, L, t, mask_t, HAS_ORDERS)
     m_td = mask_t[:, None] & mask_d[None, :]
     m_t1d = mask_t1[:, None] & mask_d[None, :]
     u = tl.load(u_base + idx[:, None] * s_ul + offs_d[None, :], mask=m_td, other=0.0)
     dt = tl.load(d_base + idx[:, None] * s_dl + offs_d[None, :], mask=m_td, other=0.0)
     if NEXT_DELTA:  # Δ of the next step (the adjoint's decay), unless the kernel derives it from this step's
-        if HAS_ORDERS:
-            idx1 = tl.load(orders_ptr + k * L + t + 1, mask=mask_t1, other=0).to(tl.int64)
-        else:
-            idx1 = (t + 1).to(tl.int64)
+        idx1 = _token_index(orders_ptr, k, L, t + 1, mask_t1, HAS_ORDERS)
         dt1 = tl.load(d_base + idx1[:, None] * s_dl + offs_d[None, :], mask=m_t1d, other=0.0)
     else:
         dt1 = dt
@@ -119,10 +123,7 @@ def _scan_fwd_kernel(
     for c in range(0, n_chunks):
         t = c * BLOCK_T + offs_t
         mask_t = t < L
-        if HAS_ORDERS:
-            idx = tl.load(orders_ptr + k * L + t, mask=mask_t, other=0).to(tl.int64)
-        else:
-            idx = t.to(tl.int64)
+        idx = _token_index(orders_ptr, k, L, t, mask_t, HAS_ORDERS)
         if SAVE_STATES:
             tl.store(st_base + (c * DIM + offs_d[:, None]) * N + offs_n[None, :], x, mask=mask_dn)
         m_td = mask_t[:, None] & mask_d[None, :]

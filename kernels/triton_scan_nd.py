@@ -17,7 +17,7 @@ two divide one another), so a memory-bound forward can walk long chunks while th
 import triton
 import triton.language as tl
 
-from .triton_scan import _affine_combine, _load_bwd_rows, _softplus
+from .triton_scan import _affine_combine, _load_bwd_rows, _softplus, _token_index
 
 
 @triton.jit
@@ -62,10 +62,7 @@ def _load_chunk(
 ):  # fmt: skip
     t = c * BLOCK_T + offs_t
     mask_t = t < L
-    if HAS_ORDERS:
-        idx = tl.load(orders_ptr + k * L + t, mask=mask_t, other=0).to(tl.int64)
-    else:
-        idx = t.to(tl.int64)
+    idx = _token_index(orders_ptr, k, L, t, mask_t, HAS_ORDERS)
     m_td = mask_t[:, None] & mask_d[None, :]
     m_tn = mask_t[:, None] & mask_n[None, :]
     u = tl.load(u_base + idx[:, None] * s_ul + offs_d[None, :], mask=m_td, other=0.0)
