@@ -50,22 +50,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("error: profile_scan needs a CUDA GPU", file=sys.stderr)
+    try:
+        configs = [tuple(int(v) for v in spec.split(",")) for spec in args.configs]
+    except ValueError:
+        print(f"error: --configs takes comma-separated integers such as 4,32,1,32,32,1,1,1,1; got {args.configs}",
+              file=sys.stderr)  # fmt: skip
         return 2
-    from kernels.bench import real_orders
-
     batch, dim, seqlen, n, k = args.shape
-    torch.manual_seed(0)
-    x = make_scan_inputs(batch, seqlen, k, dim, n, ku=args.ku or k, dtype=torch.bfloat16, device="cuda", has_z=args.z)
-    names = ("h", "v", "h_flip", "v_flip", "w2", "w2_flip", "w7", "w7_flip")[:k]
     hw = tuple(args.hw) if args.hw else _grid(seqlen)
     if hw[0] * hw[1] not in (seqlen, seqlen - 1):
         print(f"error: --hw {hw[0]} {hw[1]} does not give L = {seqlen} tokens (H·W or H·W + 1)", file=sys.stderr)
         return 2
+    if not torch.cuda.is_available():
+        print("error: profile_scan needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from kernels.bench import _leaves, real_orders
+
+    torch.manual_seed(0)
+    x = make_scan_inputs(batch, seqlen, k, dim, n, ku=args.ku or k, dtype=torch.bfloat16, device="cuda", has_z=args.z)
+    names = ("h", "v", "h_flip", "v_flip", "w2", "w2_flip", "w7", "w7_flip")[:k]
     orders = real_orders(seqlen, hw, names).cuda()
     dy = torch.randn(batch, seqlen, k, dim, device="cuda", dtype=torch.bfloat16)
-    leaves = {nm: (t.detach().requires_grad_() if t is not None else None) for nm, t in x.items()}
+    leaves = _leaves(x)
     params = [t for t in leaves.values() if t is not None]
 
     def step():
@@ -76,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {**env_info(args.commit), "shape": args.shape, "ku": args.ku or k, "z": args.z, "runs": []}
     first = None
-    for spec in args.configs:
-        cfg = tuple(int(v) for v in spec.split(","))
+    for cfg in configs:
         set_scan_config(n, seqlen, cfg)
         try:
             outs = [g.float() for g in step()]

@@ -1,0 +1,26 @@
+"""scripts/profile_scan.py: its grid choice and its one-line errors (the profiling itself needs a GPU)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[2] / "scripts" / "profile_scan.py"
+_spec = importlib.util.spec_from_file_location("profile_scan", _PATH)
+profile_scan = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(profile_scan)
+
+
+@pytest.mark.parametrize("seqlen, hw", [(197, (14, 14)), (3136, (56, 56)), (15, (3, 5)), (1134, (27, 42))])
+def test_grid_is_the_squarest_fit_with_an_optional_class_token(seqlen, hw):
+    assert profile_scan._grid(seqlen) == hw
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--configs", "4,a"], "comma-separated integers"), (["--configs", "4,8,1", "--hw", "5", "5"], "does not give")],
+)
+def test_bad_arguments_are_one_line_errors(capsys, extra, message):
+    assert profile_scan.main(["--shape", "2", "8", "37", "4", "2", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
