@@ -28,10 +28,12 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 __all__ = ["load_scan_configs", "selective_scan_triton", "scan_bwd", "scan_config", "scan_fwd", "set_scan_config"]
 
 _LOG2E = math.log2(math.e)
+_HW_LOG2 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on"))
 
 
 @triton.jit
@@ -41,18 +43,47 @@ def _affine_combine(a1, b1, a2, b2):
 
 
 @triton.jit
-def _softplus(x):
-    # mamba-ssm's threshold: identity above 20 (exp would overflow long before log1p matters).
-    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
+def _log2(x):
+    # The hardware log2 (lg2.approx) in compiled code; tl.log2 lowers to libdevice's precise one (~50 instructions).
+    # The interpreter has no libdevice and takes numpy's.
+    if _HW_LOG2:
+        return libdevice.fast_log2f(x)
+    else:
+        return tl.log2(x)
 
 
 @triton.jit
-def _token_index(orders_ptr, k, L, t, mask, HAS_ORDERS: tl.constexpr):
-    # Storage positions of steps t along order k (int64 for the row offsets); the identity without orders.
+def _softplus(x):
+    # ln(1 + e^x) through the hardware exp2/log2 (tl.exp and tl.log lower to ~30 instructions per element, these to
+    # two MUFU ops), with mamba-ssm's threshold: identity above 20 (exp would overflow long before log1p matters).
+    e = tl.exp2(tl.minimum(x, 20.0) * 1.4426950408889634)
+    return tl.where(x <= 20.0, _log2(1.0 + e) * 0.6931471805599453, x)
+
+
+@triton.jit
+def _sigmoid_from_softplus(x, sp):
+    # σ(x) = e^(x − softplus(x)): one exp2 given the softplus the kernel already has (no cancellation for x < 0, and
+    # exactly 1 above the threshold, where softplus(x) = x).
+    return tl.exp2((x - sp) * 1.4426950408889634)
+
+
+@triton.jit
+def _sigmoid(x):
+    # 1 / (1 + e^-x) with the hardware exp2 (tl.sigmoid lowers to the libdevice exp).
+    return 1.0 / (1.0 + tl.exp2(-x * 1.4426950408889634))
+
+
+@triton.jit
+def _token_index(orders_ptr, k, L, t, mask, HAS_ORDERS: tl.constexpr, IDX64: tl.constexpr = True):
+    # Storage positions of steps t along order k; the identity without orders. int64 for the row offsets unless the
+    # launcher found that every offset inside one (batch, order) slice fits in int32 (IDX64 off): 32-bit row
+    # arithmetic takes about half the instructions per gathered row.
     if HAS_ORDERS:
-        idx = tl.load(orders_ptr + k * L + t, mask=mask, other=0).to(tl.int64)
+        idx = tl.load(orders_ptr + k * L + t, mask=mask, other=0)
     else:
-        idx = t.to(tl.int64)
+        idx = t
+    if IDX64:
+        idx = idx.to(tl.int64)
     return idx
 
 
@@ -60,18 +91,19 @@ def _token_index(orders_ptr, k, L, t, mask, HAS_ORDERS: tl.constexpr):
 def _load_bwd_rows(
     orders_ptr, u_base, d_base, g_base, z_base, k, L, c, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d, mask_d,
     BLOCK_T: tl.constexpr, HAS_Z: tl.constexpr, HAS_ORDERS: tl.constexpr, NEXT_DELTA: tl.constexpr = True,
+    IDX64: tl.constexpr = True,
 ):  # fmt: skip
     # The backward's per-chunk token rows (raw, in their storage dtype); c = -1 gives a fully masked chunk.
     t = c * BLOCK_T + offs_t
     mask_t = (t >= 0) & (t < L)
     mask_t1 = (t >= 0) & ((t + 1) < L)
-    idx = _token_index(orders_ptr, k, L, t, mask_t, HAS_ORDERS)
+    idx = _token_index(orders_ptr, k, L, t, mask_t, HAS_ORDERS, IDX64)
     m_td = mask_t[:, None] & mask_d[None, :]
     m_t1d = mask_t1[:, None] & mask_d[None, :]
     u = tl.load(u_base + idx[:, None] * s_ul + offs_d[None, :], mask=m_td, other=0.0)
     dt = tl.load(d_base + idx[:, None] * s_dl + offs_d[None, :], mask=m_td, other=0.0)
     if NEXT_DELTA:  # Δ of the next step (the adjoint's decay), unless the kernel derives it from this step's
-        idx1 = _token_index(orders_ptr, k, L, t + 1, mask_t1, HAS_ORDERS)
+        idx1 = _token_index(orders_ptr, k, L, t + 1, mask_t1, HAS_ORDERS, IDX64)
         dt1 = tl.load(d_base + idx1[:, None] * s_dl + offs_d[None, :], mask=m_t1d, other=0.0)
     else:
         dt1 = dt
@@ -148,7 +180,7 @@ def _scan_fwd_kernel(
             y += u * dskip[None, :]
         if HAS_Z:
             zt = tl.load(z_base + idx[:, None] * s_zl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
-            y = y * zt * tl.sigmoid(zt)
+            y = y * zt * _sigmoid(zt)
         tl.store(y_base + idx[:, None] * s_yl + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=m_td)
 
 
@@ -218,7 +250,8 @@ def _scan_bwd_kernel(
             dt_pre = dt_pre + bias[None, :]
             dt1 = dt1 + bias[None, :]
         if SOFTPLUS:
-            dt = _softplus(dt_pre)
+            dt_sp = _softplus(dt_pre)
+            dt = dt_sp
             dt1 = _softplus(dt1)
         else:
             dt = dt_pre
@@ -235,7 +268,7 @@ def _scan_bwd_kernel(
             y = tl.sum(xs * Ct[:, None, :], axis=2)
             if HAS_D:
                 y += u * dskip[None, :]
-            sz = tl.sigmoid(zt)
+            sz = _sigmoid(zt)
             dz = g * y * sz * (1.0 + zt * (1.0 - sz))
             g = g * zt * sz
             tl.store(dz_ptr + out_base + idx[:, None] * (K * DIM) + offs_d[None, :], dz, mask=m_td)
@@ -256,7 +289,7 @@ def _scan_bwd_kernel(
         dB = tl.sum(h * dtu[:, :, None], axis=1)
         dC = tl.sum(xs * g[:, :, None], axis=1)
         if SOFTPLUS:
-            ddt = ddt * tl.sigmoid(dt_pre)
+            ddt = ddt * _sigmoid_from_softplus(dt_pre, dt_sp)
         ddt = tl.where(m_td, ddt, 0.0)
         dbias_acc += tl.sum(ddt, axis=0)
         tl.store(du_ptr + out_base + idx[:, None] * (K * DIM) + offs_d[None, :], du, mask=m_td)
@@ -341,6 +374,14 @@ def scan_config(dim: int, dstate: int, seqlen: int, device: torch.device) -> tup
     return 8, 32, 1, min(8, max(2, 64 // bn)), 32, 1, min(bn, 4), 0, 1
 
 
+def _needs_int64(seqlen: int, k: int, dim: int, n: int, *tensors: torch.Tensor | None) -> bool:
+    """Whether a row offset inside one (batch, order) slice can pass int32: the token stride of every gathered or
+    written tensor times L, plus the channels (the per-order outputs have the token stride K·D, the dB/dC partials
+    K·N)."""
+    strides = [k * dim, k * n] + [t.stride(1) for t in tensors if t is not None and t.dim() == 4]
+    return seqlen * max(abs(s) for s in strides) + dim + n >= 2**31
+
+
 def _strides(t: torch.Tensor, ndim_k: int) -> tuple[int, int, int]:
     """(batch, token, order) strides; the order stride is 0 for a size-1 order axis (shared across K)."""
     return t.stride(0), t.stride(1), 0 if t.shape[2] == 1 and ndim_k > 1 else t.stride(2)
@@ -419,7 +460,8 @@ def scan_fwd(
             )
         _scan_fwd_nd_kernel[(triton.cdiv(dim, bd), bsz * k)](
             *args, seqlen, k, dim, n, triton.cdiv(seqlen, bt), n_save, *strides,
-            BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n), SAVE_T=save_t, num_warps=warps, **common,
+            BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n), SAVE_T=save_t, num_warps=warps,
+            IDX64=_needs_int64(seqlen, k, dim, n, u, delta, B, C, z, y), **common,
         )  # fmt: skip
     return y, states
 
@@ -458,12 +500,14 @@ def scan_bwd(
     n_dblocks = triton.cdiv(dim, bd)
     dev = u.device
     f32 = torch.float32
-    # Per-order gradients are written in fp32 when they must be summed over K afterwards (shared u or z).
-    du = torch.empty(bsz, seqlen, k, dim, device=dev, dtype=u.dtype if u.shape[2] == k else f32)
+    # Per-order gradients in the input's dtype, also for a u or z shared by the K orders: each order's term is rounded
+    # once, as mamba-ssm's per-order du is, and the sum over K below accumulates in fp32. (fp32 terms would double
+    # the largest write and the sum's read, 1.2 GB on VMamba-T stage 1.)
+    du = torch.empty(bsz, seqlen, k, dim, device=dev, dtype=u.dtype)
     ddelta = torch.empty(bsz, seqlen, k, dim, device=dev, dtype=delta.dtype)
     dz = None
     if z is not None:
-        dz = torch.empty(bsz, seqlen, k, dim, device=dev, dtype=z.dtype if z.shape[2] == k else f32)
+        dz = torch.empty(bsz, seqlen, k, dim, device=dev, dtype=z.dtype)
     dB_part = torch.empty(n_dblocks, bsz, seqlen, k, n, device=dev, dtype=f32)
     dC_part = torch.empty(n_dblocks, bsz, seqlen, k, n, device=dev, dtype=f32)
     # The second kernel layout accumulates dA in place across chunks through this buffer, so it starts from zeros,
@@ -505,12 +549,12 @@ def scan_bwd(
         one_decay = bool(config[8]) if len(config) > 8 else False
         _scan_bwd_nd_kernel[grid](
             *inputs, hbuf, *outputs, seqlen, k, dim, n, n_chunks, bsz, *strides, GROUP_N=group, PREFETCH=prefetch,
-            ONE_DECAY=one_decay, **common,
+            ONE_DECAY=one_decay, IDX64=_needs_int64(seqlen, k, dim, n, u, delta, B, C, z, dy), **common,
         )  # fmt: skip
     if u.shape[2] != k:
-        du = du.sum(2, keepdim=True).to(u.dtype)
+        du = du.sum(2, keepdim=True, dtype=f32).to(u.dtype)
     if z is not None and z.shape[2] != k:
-        dz = dz.sum(2, keepdim=True).to(z.dtype)
+        dz = dz.sum(2, keepdim=True, dtype=f32).to(z.dtype)
     dB = (dB_part[0] if n_dblocks == 1 else dB_part.sum(0)).to(B.dtype)
     dC = (dC_part[0] if n_dblocks == 1 else dC_part.sum(0)).to(C.dtype)
     dA = dA_part.sum(0)

@@ -17,7 +17,7 @@ two divide one another), so a memory-bound forward can walk long chunks while th
 import triton
 import triton.language as tl
 
-from .triton_scan import _affine_combine, _load_bwd_rows, _softplus, _token_index
+from .triton_scan import _affine_combine, _load_bwd_rows, _sigmoid, _sigmoid_from_softplus, _softplus, _token_index
 
 
 @triton.jit
@@ -58,11 +58,11 @@ def _recur_adjoint(a, c, carry, offs_t, BLOCK_T: tl.constexpr):
 def _load_chunk(
     orders_ptr, u_base, d_base, b_base, c_base, z_base, k, L, c, s_ul, s_dl, s_bl, s_bn, s_cl, s_cn, s_zl,
     offs_t, offs_n, offs_d, mask_d, mask_n,
-    BLOCK_T: tl.constexpr, HAS_Z: tl.constexpr, HAS_ORDERS: tl.constexpr,
+    BLOCK_T: tl.constexpr, HAS_Z: tl.constexpr, HAS_ORDERS: tl.constexpr, IDX64: tl.constexpr,
 ):  # fmt: skip
     t = c * BLOCK_T + offs_t
     mask_t = t < L
-    idx = _token_index(orders_ptr, k, L, t, mask_t, HAS_ORDERS)
+    idx = _token_index(orders_ptr, k, L, t, mask_t, HAS_ORDERS, IDX64)
     m_td = mask_t[:, None] & mask_d[None, :]
     m_tn = mask_t[:, None] & mask_n[None, :]
     u = tl.load(u_base + idx[:, None] * s_ul + offs_d[None, :], mask=m_td, other=0.0)
@@ -84,7 +84,7 @@ def _scan_fwd_nd_kernel(
     s_zb, s_zl, s_zk, s_yb, s_yl, s_yk,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SAVE_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_ORDERS: tl.constexpr, SAVE_STATES: tl.constexpr,
+    HAS_ORDERS: tl.constexpr, SAVE_STATES: tl.constexpr, IDX64: tl.constexpr = True,
 ):  # fmt: skip
     pid_d = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -113,12 +113,12 @@ def _scan_fwd_nd_kernel(
     # Software prefetch: the next chunk's gathered rows are in flight while this chunk computes.
     idx, u, dt, Bt, Ct, zt = _load_chunk(
         orders_ptr, u_base, d_base, b_base, c_base, z_base, k, L, 0, s_ul, s_dl, s_bl, s_bn, s_cl, s_cn, s_zl,
-        offs_t, offs_n, offs_d, mask_d, mask_n, BLOCK_T, HAS_Z, HAS_ORDERS,
+        offs_t, offs_n, offs_d, mask_d, mask_n, BLOCK_T, HAS_Z, HAS_ORDERS, IDX64,
     )  # fmt: skip
     for c in range(0, n_chunks):
         idx_n, u_n, dt_n, B_n, C_n, z_n = _load_chunk(
             orders_ptr, u_base, d_base, b_base, c_base, z_base, k, L, c + 1, s_ul, s_dl, s_bl, s_bn, s_cl, s_cn,
-            s_zl, offs_t, offs_n, offs_d, mask_d, mask_n, BLOCK_T, HAS_Z, HAS_ORDERS,
+            s_zl, offs_t, offs_n, offs_d, mask_d, mask_n, BLOCK_T, HAS_Z, HAS_ORDERS, IDX64,
         )  # fmt: skip
         t = c * BLOCK_T + offs_t
         mask_t = t < L
@@ -151,7 +151,7 @@ def _scan_fwd_nd_kernel(
             y += uf * dskip[None, :]
         if HAS_Z:
             z32 = zt.to(tl.float32)
-            y = y * z32 * tl.sigmoid(z32)
+            y = y * z32 * _sigmoid(z32)
         tl.store(y_base + idx[:, None] * s_yl + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=m_td)
         idx, u, dt, Bt, Ct, zt = idx_n, u_n, dt_n, B_n, C_n, z_n
 
@@ -165,7 +165,7 @@ def _scan_bwd_nd_kernel(
     s_zb, s_zl, s_zk, s_gb, s_gl, s_gk,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_ORDERS: tl.constexpr, PREFETCH: tl.constexpr, ONE_DECAY: tl.constexpr = False,
+    HAS_ORDERS: tl.constexpr, PREFETCH: tl.constexpr, ONE_DECAY: tl.constexpr = False, IDX64: tl.constexpr = True,
 ):  # fmt: skip
     pid_d = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -191,7 +191,12 @@ def _scan_bwd_nd_kernel(
     h_base = hbuf_ptr + pid_bk.to(tl.int64) * DIM * N
     dA_base = dA_ptr + pid_bk.to(tl.int64) * DIM * N
     out_base = (b * L * K + k) * DIM
+    du_base = du_ptr + out_base
+    dd_base = ddelta_ptr + out_base
+    dz_base = dz_ptr + out_base
     part_base = ((pid_d.to(tl.int64) * BATCH + b) * L * K + k) * N
+    dB_base = dB_ptr + part_base
+    dC_base = dC_ptr + part_base
     dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     # With a single state group (N = 1, or G = N) the adjoint carry and dA stay in registers across chunks: through the
@@ -203,19 +208,19 @@ def _scan_bwd_nd_kernel(
     if PREFETCH:
         idx, u_r, dt_r, dt1_r, dy_r, z_r = _load_bwd_rows(
             orders_ptr, u_base, d_base, g_base, z_base, k, L, n_chunks - 1, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d,
-            mask_d, BLOCK_T, HAS_Z, HAS_ORDERS, not ONE_DECAY,
+            mask_d, BLOCK_T, HAS_Z, HAS_ORDERS, not ONE_DECAY, IDX64,
         )  # fmt: skip
     for ci in range(0, n_chunks):
         c = n_chunks - 1 - ci
         if PREFETCH:
             idx_p, u_p, dt_p, dt1_p, dy_p, z_p = _load_bwd_rows(
                 orders_ptr, u_base, d_base, g_base, z_base, k, L, c - 1, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d,
-                mask_d, BLOCK_T, HAS_Z, HAS_ORDERS, not ONE_DECAY,
+                mask_d, BLOCK_T, HAS_Z, HAS_ORDERS, not ONE_DECAY, IDX64,
             )  # fmt: skip
         else:
             idx, u_r, dt_r, dt1_r, dy_r, z_r = _load_bwd_rows(
                 orders_ptr, u_base, d_base, g_base, z_base, k, L, c, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d,
-                mask_d, BLOCK_T, HAS_Z, HAS_ORDERS, not ONE_DECAY,
+                mask_d, BLOCK_T, HAS_Z, HAS_ORDERS, not ONE_DECAY, IDX64,
             )  # fmt: skip
         t = c * BLOCK_T + offs_t
         mask_t = t < L
@@ -225,7 +230,11 @@ def _scan_bwd_nd_kernel(
         dy = dy_r.to(tl.float32)
         if HAS_BIAS:
             dt_pre = dt_pre + bias[None, :]
-        dt = _softplus(dt_pre) if SOFTPLUS else dt_pre
+        if SOFTPLUS:
+            dt_sp = _softplus(dt_pre)
+            dt = dt_sp
+        else:
+            dt = dt_pre
         dt = tl.where(m_td, dt, 0.0)
         if not ONE_DECAY:  # the next step's Δ, for the two-decay adjoint
             dt1 = dt1_r.to(tl.float32)
@@ -235,9 +244,10 @@ def _scan_bwd_nd_kernel(
                 dt1 = _softplus(dt1)
             dt1 = tl.where(((t + 1) < L)[:, None] & mask_d[None, :], dt1, 0.0)
         dtu = dt * u
+        o_td = idx[:, None] * (K * DIM) + offs_d[None, :]  # the (B, L, K, D) outputs' offsets
         if HAS_Z:
             zt = z_r.to(tl.float32)
-            sz = tl.sigmoid(zt)
+            sz = _sigmoid(zt)
             g = dy * zt * sz
         else:
             g = dy
@@ -293,8 +303,9 @@ def _scan_bwd_nd_kernel(
                 tl.store(dA_base + nd_off, dA_old + tl.sum(w * dt[:, None, :], axis=0), mask=mask_nd)
             dB = tl.sum(h * dtu[:, None, :], axis=2)
             dC = tl.sum(xs * g[:, None, :], axis=2)
-            tl.store(dB_ptr + part_base + idx[:, None] * (K * N) + offs_n[None, :], dB, mask=m_tn)
-            tl.store(dC_ptr + part_base + idx[:, None] * (K * N) + offs_n[None, :], dC, mask=m_tn)
+            o_tn = idx[:, None] * (K * N) + offs_n[None, :]
+            tl.store(dB_base + o_tn, dB, mask=m_tn)
+            tl.store(dC_base + o_tn, dC, mask=m_tn)
         ddt = wA_acc + u * hB_acc
         du = dt * hB_acc
         if HAS_D:
@@ -305,13 +316,13 @@ def _scan_bwd_nd_kernel(
             if HAS_D:
                 y += u * dskip[None, :]
             dz = dy * y * sz * (1.0 + zt * (1.0 - sz))
-            tl.store(dz_ptr + out_base + idx[:, None] * (K * DIM) + offs_d[None, :], dz, mask=m_td)
+            tl.store(dz_base + o_td, dz, mask=m_td)
         if SOFTPLUS:
-            ddt = ddt * tl.sigmoid(dt_pre)
+            ddt = ddt * _sigmoid_from_softplus(dt_pre, dt_sp)
         ddt = tl.where(m_td, ddt, 0.0)
         dbias_acc += tl.sum(ddt, axis=0)
-        tl.store(du_ptr + out_base + idx[:, None] * (K * DIM) + offs_d[None, :], du, mask=m_td)
-        tl.store(ddelta_ptr + out_base + idx[:, None] * (K * DIM) + offs_d[None, :], ddt, mask=m_td)
+        tl.store(du_base + o_td, du, mask=m_td)
+        tl.store(dd_base + o_td, ddt, mask=m_td)
         if PREFETCH:
             idx, u_r, dt_r, dt1_r, dy_r, z_r = idx_p, u_p, dt_p, dt1_p, dy_p, z_p
     if GROUP_N == BLOCK_N:
