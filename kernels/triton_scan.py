@@ -33,6 +33,8 @@ from triton.language.extra import libdevice
 __all__ = ["load_scan_configs", "selective_scan_triton", "scan_bwd", "scan_config", "scan_fwd", "set_scan_config"]
 
 _LOG2E = math.log2(math.e)
+# Automatic split of the backward along L: aim for this many resident one-warp programs per SM (see _segments).
+_SEG_WARPS_PER_SM = 0
 _HW_LOG2 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on"))
 
 
@@ -334,9 +336,9 @@ def load_scan_configs(path: str) -> list[tuple[int, int, tuple[int, ...]]]:
         raise ValueError(f"block-size file not found at {os.path.abspath(path)}; {hint}") from None
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a block-size file ({type(err).__name__}: {err}); {hint}") from None
-    bad = [c for _, _, c in pinned if len(c) not in (3, 7, 8, 9)]
+    bad = [c for _, _, c in pinned if len(c) not in (3, 7, 8, 9, 10)]
     if bad:
-        raise ValueError(f"{path}: a config has 3 or 7 to 9 numbers, got {list(bad[0])}; {hint}")
+        raise ValueError(f"{path}: a config has 3 or 7 to 10 numbers, got {list(bad[0])}; {hint}")
     for n, seqlen, config in pinned:
         set_scan_config(n, seqlen, config)
     return pinned
@@ -374,12 +376,61 @@ def scan_config(dim: int, dstate: int, seqlen: int, device: torch.device) -> tup
     return 8, 32, 1, min(8, max(2, 64 // bn)), 32, 1, min(bn, 4), 0, 1
 
 
+def _segments(config: tuple[int, ...], n_chunks: int, programs: int, device: torch.device) -> tuple[int, int]:
+    """(segments, chunks per segment) of the backward's split along L.
+
+    The 10th config number asks for a segment count (0: choose). Chosen: enough programs to fill the GPU several
+    times over, each segment at least 8 chunks long; none on the CPU."""
+    want = config[9] if len(config) > 9 else 0
+    if want <= 0:
+        if device.type != "cuda":
+            return 1, n_chunks
+        slots = _SEG_WARPS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count // config[2]
+        want = min(triton.cdiv(slots, programs), n_chunks // 8)
+    want = max(1, min(want, n_chunks))
+    seg_chunks = triton.cdiv(n_chunks, want)
+    return triton.cdiv(n_chunks, seg_chunks), seg_chunks
+
+
 def _needs_int64(seqlen: int, k: int, dim: int, n: int, *tensors: torch.Tensor | None) -> bool:
     """Whether a row offset inside one (batch, order) slice can pass int32: the token stride of every gathered or
     written tensor times L, plus the channels (the per-order outputs have the token stride K·D, the dB/dC partials
     K·N)."""
     strides = [k * dim, k * n] + [t.stride(1) for t in tensors if t is not None and t.dim() == 4]
     return seqlen * max(abs(s) for s in strides) + dim + n >= 2**31
+
+
+@triton.jit
+def _sum_orders_kernel(
+    x_ptr, out_ptr, rows, K, DIM, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    # out[r, d] = Σ_k x[r, k, d] in fp32, rounded once to out's dtype; x is (rows, K, D) contiguous.
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_rd = (offs_r < rows)[:, None] & (offs_d < DIM)[None, :]
+    m = m_rd[:, None, :] & (offs_k < K)[None, :, None]
+    off = (offs_r.to(tl.int64)[:, None, None] * K + offs_k[None, :, None]) * DIM + offs_d[None, None, :]
+    acc = tl.sum(tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32), axis=1)
+    out_off = offs_r.to(tl.int64)[:, None] * DIM + offs_d[None, :]
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=m_rd)
+
+
+def _sum_orders(x: torch.Tensor) -> torch.Tensor:
+    """(B, L, K, D) per-order gradients of a shared input → (B, L, 1, D), summed in fp32 and rounded once.
+
+    One pass at copy bandwidth; torch's sum over the strided K axis took twice the bytes' time on an H200, plus a
+    separate cast when accumulating in fp32."""
+    bsz, seqlen, k, dim = x.shape
+    x = x.contiguous()
+    out = torch.empty(bsz, seqlen, 1, dim, device=x.device, dtype=x.dtype)
+    rows = bsz * seqlen
+    block_d = min(triton.next_power_of_2(dim), 128)
+    block_k = triton.next_power_of_2(k)
+    block_r = max(1, 4096 // (block_d * block_k)) if x.device.type == "cuda" else 4
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(dim, block_d))
+    _sum_orders_kernel[grid](x, out, rows, k, dim, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
+    return out
 
 
 def _strides(t: torch.Tensor, ndim_k: int) -> tuple[int, int, int]:
@@ -510,12 +561,16 @@ def scan_bwd(
         dz = torch.empty(bsz, seqlen, k, dim, device=dev, dtype=z.dtype)
     dB_part = torch.empty(n_dblocks, bsz, seqlen, k, n, device=dev, dtype=f32)
     dC_part = torch.empty(n_dblocks, bsz, seqlen, k, n, device=dev, dtype=f32)
+    one_decay = len(config) > 8 and bool(config[8])
+    n_seg, seg_chunks = _segments(config, n_chunks, n_dblocks * bsz * k, dev) if one_decay else (1, n_chunks)
     # The second kernel layout accumulates dA in place across chunks through this buffer, so it starts from zeros,
     # unless the states form a single group (then dA stays in registers and each program writes its slice once).
+    # Per-program partials have one slot per segment of L.
     one_group = len(config) > 3 and config[6] >= triton.next_power_of_2(n)
-    dA_part = (torch.empty if len(config) == 3 or one_group else torch.zeros)(bsz, k, dim, n, device=dev, dtype=f32)
-    dD_part = torch.empty(bsz, k, dim, device=dev, dtype=f32) if D is not None else None
-    dbias_part = torch.empty(bsz, k, dim, device=dev, dtype=f32) if delta_bias is not None else None
+    alloc = torch.empty if len(config) == 3 or one_group else torch.zeros
+    dA_part = alloc(n_seg * bsz, k, dim, n, device=dev, dtype=f32)
+    dD_part = torch.empty(n_seg * bsz, k, dim, device=dev, dtype=f32) if D is not None else None
+    dbias_part = torch.empty(n_seg * bsz, k, dim, device=dev, dtype=f32) if delta_bias is not None else None
     orders_i = orders.to(device=dev, dtype=torch.int32).contiguous() if orders is not None else None
     dummy = A
     zs = _strides(z, k) if z is not None else (0, 0, 0)
@@ -537,24 +592,37 @@ def scan_bwd(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         HAS_ORDERS=orders_i is not None, BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n), num_warps=warps,
     )  # fmt: skip
-    grid = (n_dblocks, bsz * k)
     if len(config) == 3:
+        grid = (n_dblocks, bsz * k)
         _scan_bwd_kernel[grid](*inputs, *outputs, seqlen, k, dim, n, n_chunks, bsz, *strides, **common)
     else:
-        from .triton_scan_nd import _scan_bwd_nd_kernel
+        from .triton_scan_nd import _scan_bwd_carry_kernel, _scan_bwd_nd_kernel
 
-        hbuf = dummy if one_group else torch.zeros(bsz * k, dim, n, device=dev, dtype=f32)  # the adjoint carry
+        # the adjoint carry, per (segment, batch, order)
+        hbuf = dummy if one_group else torch.zeros(n_seg * bsz * k, dim, n, device=dev, dtype=f32)
         group = min(config[6], triton.next_power_of_2(n))
         prefetch = bool(config[7]) if len(config) > 7 else False
-        one_decay = bool(config[8]) if len(config) > 8 else False
-        _scan_bwd_nd_kernel[grid](
-            *inputs, hbuf, *outputs, seqlen, k, dim, n, n_chunks, bsz, *strides, GROUP_N=group, PREFETCH=prefetch,
-            ONE_DECAY=one_decay, IDX64=_needs_int64(seqlen, k, dim, n, u, delta, B, C, z, dy), **common,
+        idx64 = _needs_int64(seqlen, k, dim, n, u, delta, B, C, z, dy)
+        segc = segdt = dummy
+        if n_seg > 1:  # first pass: each later segment's carry-out with a zero carry-in, and its ΣΔ
+            segc = torch.empty(n_seg * bsz * k, dim, n, device=dev, dtype=f32)
+            segdt = torch.empty(n_seg * bsz * k, dim, device=dev, dtype=f32)
+            _scan_bwd_carry_kernel[(n_dblocks, bsz * k, n_seg - 1)](
+                delta, A, C, z if z is not None else dummy, inputs[7], inputs[8], dy, segc, segdt,
+                seqlen, k, dim, n, n_chunks, bsz, seg_chunks,
+                *_strides(delta, k), *_strides(C, k), C.stride(3), *zs, *_strides(dy, k),
+                BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n), GROUP_N=group, HAS_Z=z is not None,
+                HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), HAS_ORDERS=orders_i is not None,
+                IDX64=idx64, num_warps=warps,
+            )  # fmt: skip
+        _scan_bwd_nd_kernel[(n_dblocks, bsz * k, n_seg)](
+            *inputs, hbuf, *outputs, segc, segdt, seqlen, k, dim, n, n_chunks, bsz, n_seg, seg_chunks, *strides,
+            GROUP_N=group, PREFETCH=prefetch, ONE_DECAY=one_decay, IDX64=idx64, **common,
         )  # fmt: skip
     if u.shape[2] != k:
-        du = du.sum(2, keepdim=True, dtype=f32).to(u.dtype)
+        du = _sum_orders(du)
     if z is not None and z.shape[2] != k:
-        dz = dz.sum(2, keepdim=True, dtype=f32).to(z.dtype)
+        dz = _sum_orders(dz)
     dB = (dB_part[0] if n_dblocks == 1 else dB_part.sum(0)).to(B.dtype)
     dC = (dC_part[0] if n_dblocks == 1 else dC_part.sum(0)).to(C.dtype)
     dA = dA_part.sum(0)

@@ -159,8 +159,8 @@ def _scan_fwd_nd_kernel(
 @triton.jit
 def _scan_bwd_nd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, orders_ptr, dy_ptr, states_ptr, hbuf_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
-    L, K, DIM, N, n_chunks, BATCH,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, segc_ptr, segdt_ptr,
+    L, K, DIM, N, n_chunks, BATCH, n_seg, seg_chunks,
     s_ub, s_ul, s_uk, s_db, s_dl, s_dk, s_bb, s_bl, s_bk, s_bn, s_cb, s_cl, s_ck, s_cn,
     s_zb, s_zl, s_zk, s_gb, s_gl, s_gk,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr,
@@ -169,12 +169,16 @@ def _scan_bwd_nd_kernel(
 ):  # fmt: skip
     pid_d = tl.program_id(0)
     pid_bk = tl.program_id(1)
+    seg = tl.program_id(2)  # this program's segment of L: chunks [c_lo, c_hi)
     b = (pid_bk // K).to(tl.int64)
     k = pid_bk % K
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_g = tl.arange(0, GROUP_N)
     offs_t = tl.arange(0, BLOCK_T)
     mask_d = offs_d < DIM
+    c_lo = seg * seg_chunks
+    c_hi = tl.minimum(c_lo + seg_chunks, n_chunks)
+    slot = (seg * BATCH * K + pid_bk).to(tl.int64)  # this (segment, batch, order)'s slot in the per-program buffers
     if HAS_BIAS:
         bias = tl.load(bias_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
     if HAS_D:
@@ -188,8 +192,8 @@ def _scan_bwd_nd_kernel(
     st_base = states_ptr + pid_bk.to(tl.int64) * n_chunks * DIM * N
     # Per-program (N, D) buffers, zero-initialised by the launcher: the adjoint carry and the dA partial sum (unused
     # with a single state group, whose carry and dA stay in registers).
-    h_base = hbuf_ptr + pid_bk.to(tl.int64) * DIM * N
-    dA_base = dA_ptr + pid_bk.to(tl.int64) * DIM * N
+    h_base = hbuf_ptr + slot * DIM * N
+    dA_base = dA_ptr + slot * DIM * N
     out_base = (b * L * K + k) * DIM
     du_base = du_ptr + out_base
     dd_base = ddelta_ptr + out_base
@@ -203,15 +207,33 @@ def _scan_bwd_nd_kernel(
     # buffers, every chunk would wait on a global-memory round trip of its own previous store.
     carry_r = tl.zeros([GROUP_N, BLOCK_D], dtype=tl.float32)
     dA_r = tl.zeros([GROUP_N, BLOCK_D], dtype=tl.float32)
+    if ONE_DECAY:
+        # The adjoint carry into this segment from the segments after it: each one's carry-out with a zero carry-in
+        # (from _scan_bwd_carry_kernel) plus its decay product times the carry into it. None for the last segment.
+        for n0 in range(0, BLOCK_N, GROUP_N):
+            offs_n = n0 + offs_g
+            mask_nd = (offs_n < N)[:, None] & mask_d[None, :]
+            nd_off = offs_d[None, :] * N + offs_n[:, None]
+            A2 = tl.load(A_ptr + k * DIM * N + nd_off, mask=mask_nd, other=0.0) * 1.4426950408889634
+            x = tl.zeros([GROUP_N, BLOCK_D], dtype=tl.float32)
+            for j in range(0, n_seg - 1 - seg):
+                s2 = (n_seg - 1 - j) * BATCH * K + pid_bk
+                dts = tl.load(segdt_ptr + s2.to(tl.int64) * DIM + offs_d, mask=mask_d, other=0.0)
+                loc = tl.load(segc_ptr + s2.to(tl.int64) * DIM * N + nd_off, mask=mask_nd, other=0.0)
+                x = loc + tl.exp2(A2 * dts[None, :]) * x
+            if GROUP_N == BLOCK_N:
+                carry_r = x
+            else:
+                tl.store(h_base + nd_off, x, mask=mask_nd)
     # PREFETCH: software pipelining as in the forward, the previous chunk's gathered rows are in flight while this
     # one computes (costs registers: the tuner decides).
     if PREFETCH:
         idx, u_r, dt_r, dt1_r, dy_r, z_r = _load_bwd_rows(
-            orders_ptr, u_base, d_base, g_base, z_base, k, L, n_chunks - 1, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d,
+            orders_ptr, u_base, d_base, g_base, z_base, k, L, c_hi - 1, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d,
             mask_d, BLOCK_T, HAS_Z, HAS_ORDERS, not ONE_DECAY, IDX64,
         )  # fmt: skip
-    for ci in range(0, n_chunks):
-        c = n_chunks - 1 - ci
+    for ci in range(0, c_hi - c_lo):
+        c = c_hi - 1 - ci
         if PREFETCH:
             idx_p, u_p, dt_p, dt1_p, dy_p, z_p = _load_bwd_rows(
                 orders_ptr, u_base, d_base, g_base, z_base, k, L, c - 1, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d,
@@ -328,8 +350,72 @@ def _scan_bwd_nd_kernel(
     if GROUP_N == BLOCK_N:
         nd_all = offs_d[None, :] * N + offs_g[:, None]
         tl.store(dA_base + nd_all, dA_r, mask=(offs_g < N)[:, None] & mask_d[None, :])
-    vec_off = (b * K + k) * DIM + offs_d
+    vec_off = slot * DIM + offs_d
     if HAS_D:
         tl.store(dD_ptr + vec_off, dD_acc, mask=mask_d)
     if HAS_BIAS:
         tl.store(dbias_ptr + vec_off, dbias_acc, mask=mask_d)
+
+
+@triton.jit
+def _scan_bwd_carry_kernel(
+    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, orders_ptr, dy_ptr, segc_ptr, segdt_ptr,
+    L, K, DIM, N, n_chunks, BATCH, seg_chunks,
+    s_db, s_dl, s_dk, s_cb, s_cl, s_ck, s_cn, s_zb, s_zl, s_zk, s_gb, s_gl, s_gk,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_ORDERS: tl.constexpr,
+    IDX64: tl.constexpr,
+):  # fmt: skip
+    # First pass of a backward split along L (one-decay adjoint): for segment seg ≥ 1, the adjoint carry it passes
+    # to the segment before when its own carry-in is zero (the carry is linear in the carry-in, with the segment's
+    # decay product exp2(A·log2e·ΣΔ) as the coefficient), and ΣΔ. The chunk kernel combines these per segment.
+    pid_d = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    seg = tl.program_id(2) + 1
+    b = (pid_bk // K).to(tl.int64)
+    k = pid_bk % K
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_g = tl.arange(0, GROUP_N)
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_d = offs_d < DIM
+    c_lo = seg * seg_chunks
+    c_hi = tl.minimum(c_lo + seg_chunks, n_chunks)
+    slot = (seg * BATCH * K + pid_bk).to(tl.int64)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
+    d_base = delta_ptr + b * s_db + k * s_dk
+    c_base = C_ptr + b * s_cb + k * s_ck
+    z_base = z_ptr + b * s_zb + k * s_zk
+    g_base = dy_ptr + b * s_gb + k * s_gk
+    dts = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for n0 in range(0, BLOCK_N, GROUP_N):
+        offs_n = n0 + offs_g
+        mask_n = offs_n < N
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        nd_off = offs_d[None, :] * N + offs_n[:, None]
+        A2 = tl.load(A_ptr + k * DIM * N + nd_off, mask=mask_nd, other=0.0) * 1.4426950408889634
+        acc = tl.zeros([GROUP_N, BLOCK_D], dtype=tl.float32)
+        for ci in range(0, c_hi - c_lo):
+            c = c_hi - 1 - ci
+            t = c * BLOCK_T + offs_t
+            mask_t = t < L
+            idx = _token_index(orders_ptr, k, L, t, mask_t, HAS_ORDERS, IDX64)
+            m_td = mask_t[:, None] & mask_d[None, :]
+            dt = tl.load(d_base + idx[:, None] * s_dl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+            g = tl.load(g_base + idx[:, None] * s_gl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+            if HAS_Z:
+                zt = tl.load(z_base + idx[:, None] * s_zl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+                g = g * zt * _sigmoid(zt)
+            if HAS_BIAS:
+                dt = dt + bias[None, :]
+            if SOFTPLUS:
+                dt = _softplus(dt)
+            dt = tl.where(m_td, dt, 0.0)
+            m_tn = mask_t[:, None] & mask_n[None, :]
+            Ct = tl.load(c_base + idx[:, None] * s_cl + offs_n[None, :] * s_cn, mask=m_tn, other=0.0).to(tl.float32)
+            a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+            _, acc = _recur_adjoint(a, Ct[:, :, None] * g[:, None, :], acc, offs_t, BLOCK_T)
+            if n0 == 0:
+                dts += tl.sum(dt, axis=0)
+        tl.store(segc_ptr + slot * DIM * N + nd_off, acc, mask=mask_nd)
+    tl.store(segdt_ptr + slot * DIM + offs_d, dts, mask=mask_d)

@@ -108,6 +108,13 @@ def test_triton_matches_ref_cuda(dtype):
         pytest.param(37, (4, 9), 2, 16, 1, True, (2, 8, 1, 4, 8, 1, 16, 0, 1), id="nd-onegroup-L37-K2-N16-Ku1"),
         pytest.param(37, (4, 9), 2, 16, 2, True, (2, 8, 1, 4, 8, 1, 16, 1, 1), id="nd-onegroup-prefetch-L37-K2-N16"),
         pytest.param(37, (4, 9), 2, 5, 1, True, (2, 8, 1, 4, 8, 1, 8, 0, 1), id="nd-onegroup-L37-K2-N5-padded"),
+        # split along L: the 10th number is the backward's segment count
+        # (chunks 6+6+4; 4x4; 10+9; 1 each; none on the two-decay path)
+        pytest.param(63, (7, 9), 2, 16, 1, True, (4, 8, 1, 8, 8, 1, 4, 0, 1, 3), id="nd-split3-L63-K2-N16-groups"),
+        pytest.param(63, (7, 9), 4, 1, 1, True, (4, 8, 1, 16, 8, 1, 1, 1, 1, 5), id="nd-split4-prefetch-L63-K4-N1"),
+        pytest.param(37, (4, 9), 2, 16, 2, True, (2, 8, 1, 4, 8, 1, 16, 1, 1, 2), id="nd-split2-onegroup-L37-N16"),
+        pytest.param(37, (4, 9), 2, 5, 1, False, (8, 8, 1, 8, 8, 1, 8, 0, 1, 99), id="nd-split-every-chunk-N5"),
+        pytest.param(37, (4, 9), 2, 16, 2, True, (8, 8, 1, 4, 8, 1, 4, 0, 0, 3), id="nd-twodecay-no-split"),
     ],
 )
 def test_nd_layout_kernels_match_ref(monkeypatch, seqlen, hw, k, n, ku, extras, config):
@@ -123,6 +130,31 @@ def test_nd_layout_kernels_match_ref(monkeypatch, seqlen, hw, k, n, ku, extras, 
         y, grads, dy = scan_with_grads(ts.selective_scan_triton, inputs, orders=orders)
     y_ref, grads_ref, _ = scan_with_grads(selective_scan_ref, inputs, dy=dy, orders=orders)
     _check(y, grads, y_ref, grads_ref, torch.float32)
+
+
+def test_backward_segments_cover_every_chunk_once():
+    from kernels.triton_scan import _segments
+
+    cpu = torch.device("cpu")
+    for n_chunks in (1, 5, 16, 97, 784):
+        for want in (1, 2, 3, 7, 16, 1000):
+            n_seg, per = _segments((4, 32, 1, 32, 32, 1, 1, 1, 1, want), n_chunks, 1536, cpu)
+            assert 1 <= n_seg <= min(want, n_chunks) and (n_seg - 1) * per < n_chunks <= n_seg * per
+    assert _segments((4, 32, 1, 32, 32, 1, 1, 1, 1), 784, 1536, cpu) == (1, 784)  # automatic: no split on the CPU
+
+
+@pytest.mark.parametrize("shape, dtype", [((2, 37, 4, 12), torch.bfloat16), ((1, 63, 3, 5), torch.float32),
+                                          ((3, 5, 8, 130), torch.float16)])  # fmt: skip
+def test_sum_over_orders_matches_torch(shape, dtype):
+    """The K-sum of a shared input's per-order gradients: fp32 accumulation, one rounding (the interpreter rounds
+    toward zero, so within one unit in the last place)."""
+    from kernels.triton_scan import _sum_orders
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1])).to(dtype)
+    got, want = _sum_orders(x), x.float().sum(2, keepdim=True)
+    assert got.shape == want.shape and got.dtype == dtype
+    ulp = want.abs() * torch.finfo(dtype).eps
+    assert bool(((got.float() - want).abs() <= ulp + 1e-30).all())
 
 
 def test_ref_in_float64_agrees_with_float32():
