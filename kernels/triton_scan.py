@@ -33,8 +33,8 @@ from triton.language.extra import libdevice
 __all__ = ["load_scan_configs", "selective_scan_triton", "scan_bwd", "scan_config", "scan_fwd", "set_scan_config"]
 
 _LOG2E = math.log2(math.e)
-# Automatic split of the backward along L: aim for this many resident one-warp programs per SM (see _segments).
-_SEG_WARPS_PER_SM = 0
+# Automatic split of the backward along L: aim for this many one-warp programs per SM (see _segments).
+_SEG_WARPS_PER_SM = 32
 _HW_LOG2 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on"))
 
 
@@ -379,14 +379,19 @@ def scan_config(dim: int, dstate: int, seqlen: int, device: torch.device) -> tup
 def _segments(config: tuple[int, ...], n_chunks: int, programs: int, device: torch.device) -> tuple[int, int]:
     """(segments, chunks per segment) of the backward's split along L.
 
-    The 10th config number asks for a segment count (0: choose). Chosen: enough programs to fill the GPU several
-    times over, each segment at least 8 chunks long; none on the CPU."""
+    The 10th config number asks for a segment count (0: choose). Chosen only when the unsplit backward has fewer
+    programs than two per SM (long L at small batch): then about 32 one-warp programs per SM, each segment at
+    least 8 chunks long. With more programs the first pass costs more than the added occupancy gains (H200: VMamba-T
+    stage 1, 1,536 programs, 1.88 → 2.19-2.46 ms; L 1024 at batch 24, 576 programs, 1.84 → 2.08-2.16 ms; L 4096 at
+    batch 6, 144 programs, 5.55 → 2.49 ms with 32 segments; NOTES-scan.md v5)."""
     want = config[9] if len(config) > 9 else 0
     if want <= 0:
         if device.type != "cuda":
             return 1, n_chunks
-        slots = _SEG_WARPS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count // config[2]
-        want = min(triton.cdiv(slots, programs), n_chunks // 8)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if programs >= 2 * sms:
+            return 1, n_chunks
+        want = min(triton.cdiv(_SEG_WARPS_PER_SM * sms // config[2], programs), n_chunks // 8)
     want = max(1, min(want, n_chunks))
     seg_chunks = triton.cdiv(n_chunks, want)
     return triton.cdiv(n_chunks, seg_chunks), seg_chunks
@@ -559,8 +564,11 @@ def scan_bwd(
     dz = None
     if z is not None:
         dz = torch.empty(bsz, seqlen, k, dim, device=dev, dtype=z.dtype)
-    dB_part = torch.empty(n_dblocks, bsz, seqlen, k, n, device=dev, dtype=f32)
-    dC_part = torch.empty(n_dblocks, bsz, seqlen, k, n, device=dev, dtype=f32)
+    # dB/dC partial sums per channel block; with one state (N = 1) the second layout's programs leave 4 partials
+    # each, summed over a quarter of the lanes (2 fewer shuffle stages of 5, 7 % of that backward's instructions).
+    parts = 4 if len(config) > 3 and n == 1 and bd % 4 == 0 else 1
+    dB_part = torch.empty(n_dblocks * parts, bsz, seqlen, k, n, device=dev, dtype=f32)
+    dC_part = torch.empty(n_dblocks * parts, bsz, seqlen, k, n, device=dev, dtype=f32)
     one_decay = len(config) > 8 and bool(config[8])
     n_seg, seg_chunks = _segments(config, n_chunks, n_dblocks * bsz * k, dev) if one_decay else (1, n_chunks)
     # The second kernel layout accumulates dA in place across chunks through this buffer, so it starts from zeros,
@@ -617,14 +625,14 @@ def scan_bwd(
             )  # fmt: skip
         _scan_bwd_nd_kernel[(n_dblocks, bsz * k, n_seg)](
             *inputs, hbuf, *outputs, segc, segdt, seqlen, k, dim, n, n_chunks, bsz, n_seg, seg_chunks, *strides,
-            GROUP_N=group, PREFETCH=prefetch, ONE_DECAY=one_decay, IDX64=idx64, **common,
+            GROUP_N=group, PREFETCH=prefetch, ONE_DECAY=one_decay, IDX64=idx64, PARTS=parts, **common,
         )  # fmt: skip
     if u.shape[2] != k:
         du = _sum_orders(du)
     if z is not None and z.shape[2] != k:
         dz = _sum_orders(dz)
-    dB = (dB_part[0] if n_dblocks == 1 else dB_part.sum(0)).to(B.dtype)
-    dC = (dC_part[0] if n_dblocks == 1 else dC_part.sum(0)).to(C.dtype)
+    dB = (dB_part[0] if len(dB_part) == 1 else dB_part.sum(0)).to(B.dtype)
+    dC = (dC_part[0] if len(dC_part) == 1 else dC_part.sum(0)).to(C.dtype)
     dA = dA_part.sum(0)
     dD = dD_part.sum(0) if dD_part is not None else None
     dbias = dbias_part.sum(0) if dbias_part is not None else None

@@ -119,3 +119,24 @@ def test_recompute_states_must_be_a_bool():
     inputs, orders = _setup()
     with pytest.raises(TypeError, match="recompute_states"):
         selective_scan(**inputs, orders=orders, backend="triton", recompute_states="false")
+
+
+def test_backward_fills_no_zero_gradient_for_the_states():
+    """The op's second output (the chunk states) never gets a gradient; autograd must not zero-fill one per step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x = make_scan_inputs(1, 16, 2, 4, 1, ku=1, generator=torch.Generator().manual_seed(0))
+    leaves = {k: (v.requires_grad_() if v is not None and v.is_floating_point() else v) for k, v in x.items()}
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    y = selective_scan(**leaves, orders=make_orders(16, (4, 4), 2), backend="triton")
+    with Log():
+        y.sum().backward()
+    assert any("selective_scan_bwd" in f for f in seen)
+    assert not [f for f in seen if "zeros" in f or "fill" in f or "zero_" in f], seen
+    assert all(v.grad is not None for v in leaves.values() if v is not None and v.requires_grad)
