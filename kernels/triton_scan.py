@@ -349,9 +349,10 @@ def scan_config(dim: int, dstate: int, seqlen: int, device: torch.device) -> tup
 
     Three numbers ``(BLOCK_T, BLOCK_D, num_warps)`` select the (T, D, N)-tile kernels of this module; seven to nine
     numbers ``(BLOCK_T, BLOCK_D, num_warps, fwd BLOCK_T, fwd BLOCK_D, fwd num_warps, GROUP_N[, PREFETCH[,
-    ONE_DECAY]])`` select the (T, N, D)-tile kernels of :mod:`kernels.triton_scan_nd` (the last two switch on the
-    backward's prefetch and its one-decay adjoint; off when absent). The first number is always the saved-state
-    interval.
+    ONE_DECAY[, SEGMENTS]]])`` select the (T, N, D)-tile kernels of :mod:`kernels.triton_scan_nd` (PREFETCH and
+    ONE_DECAY switch on the backward's prefetch and its one-decay adjoint, off when absent; SEGMENTS splits the
+    one-decay backward along L, 0 or absent: automatic, see ``_segments``). The first number is always the
+    saved-state interval.
 
     The forward's chunk and the saved-state interval must divide one another. Under the CPU interpreter, whose scan
     runs element by element, the tiles are kept tiny.
@@ -564,11 +565,8 @@ def scan_bwd(
     dz = None
     if z is not None:
         dz = torch.empty(bsz, seqlen, k, dim, device=dev, dtype=z.dtype)
-    # dB/dC partial sums per channel block; with one state (N = 1) the second layout's programs leave 4 partials
-    # each, summed over a quarter of the lanes (2 fewer shuffle stages of 5, 7 % of that backward's instructions).
-    parts = 4 if len(config) > 3 and n == 1 and bd % 4 == 0 else 1
-    dB_part = torch.empty(n_dblocks * parts, bsz, seqlen, k, n, device=dev, dtype=f32)
-    dC_part = torch.empty(n_dblocks * parts, bsz, seqlen, k, n, device=dev, dtype=f32)
+    dB_part = torch.empty(n_dblocks, bsz, seqlen, k, n, device=dev, dtype=f32)
+    dC_part = torch.empty(n_dblocks, bsz, seqlen, k, n, device=dev, dtype=f32)
     one_decay = len(config) > 8 and bool(config[8])
     n_seg, seg_chunks = _segments(config, n_chunks, n_dblocks * bsz * k, dev) if one_decay else (1, n_chunks)
     # The second kernel layout accumulates dA in place across chunks through this buffer, so it starts from zeros,
@@ -625,7 +623,7 @@ def scan_bwd(
             )  # fmt: skip
         _scan_bwd_nd_kernel[(n_dblocks, bsz * k, n_seg)](
             *inputs, hbuf, *outputs, segc, segdt, seqlen, k, dim, n, n_chunks, bsz, n_seg, seg_chunks, *strides,
-            GROUP_N=group, PREFETCH=prefetch, ONE_DECAY=one_decay, IDX64=idx64, PARTS=parts, **common,
+            GROUP_N=group, PREFETCH=prefetch, ONE_DECAY=one_decay, IDX64=idx64, **common,
         )  # fmt: skip
     if u.shape[2] != k:
         du = _sum_orders(du)

@@ -166,7 +166,6 @@ def _scan_bwd_nd_kernel(
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_ORDERS: tl.constexpr, PREFETCH: tl.constexpr, ONE_DECAY: tl.constexpr = False, IDX64: tl.constexpr = True,
-    PARTS: tl.constexpr = 1,
 ):  # fmt: skip
     pid_d = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -199,8 +198,7 @@ def _scan_bwd_nd_kernel(
     du_base = du_ptr + out_base
     dd_base = ddelta_ptr + out_base
     dz_base = dz_ptr + out_base
-    part_stride = BATCH.to(tl.int64) * L * K * N  # one partial slot of dB/dC
-    part_base = (pid_d * PARTS).to(tl.int64) * part_stride + (b * L * K + k) * N
+    part_base = ((pid_d.to(tl.int64) * BATCH + b) * L * K + k) * N
     dB_base = dB_ptr + part_base
     dC_base = dC_ptr + part_base
     dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -325,22 +323,11 @@ def _scan_bwd_nd_kernel(
             else:
                 dA_old = tl.load(dA_base + nd_off, mask=mask_nd, other=0.0)
                 tl.store(dA_base + nd_off, dA_old + tl.sum(w * dt[:, None, :], axis=0), mask=mask_nd)
-            if PARTS == 1:
-                dB = tl.sum(h * dtu[:, None, :], axis=2)
-                dC = tl.sum(xs * g[:, None, :], axis=2)
-                o_tn = idx[:, None] * (K * N) + offs_n[None, :]
-                tl.store(dB_base + o_tn, dB, mask=m_tn)
-                tl.store(dC_base + o_tn, dC, mask=m_tn)
-            else:
-                # Sums over BLOCK_D / PARTS lanes only (fewer shuffle stages); the PARTS partials per program are
-                # added by the launcher with those of the other channel blocks.
-                dB = tl.sum(tl.reshape(h * dtu[:, None, :], (BLOCK_T, GROUP_N, PARTS, BLOCK_D // PARTS)), axis=3)
-                dC = tl.sum(tl.reshape(xs * g[:, None, :], (BLOCK_T, GROUP_N, PARTS, BLOCK_D // PARTS)), axis=3)
-                offs_p = tl.arange(0, PARTS)
-                o_tnp = (idx[:, None, None] * (K * N) + offs_n[None, :, None]) + offs_p[None, None, :] * part_stride
-                m_tnp = m_tn[:, :, None] & (offs_p >= 0)[None, None, :]
-                tl.store(dB_base + o_tnp, dB, mask=m_tnp)
-                tl.store(dC_base + o_tnp, dC, mask=m_tnp)
+            dB = tl.sum(h * dtu[:, None, :], axis=2)
+            dC = tl.sum(xs * g[:, None, :], axis=2)
+            o_tn = idx[:, None] * (K * N) + offs_n[None, :]
+            tl.store(dB_base + o_tn, dB, mask=m_tn)
+            tl.store(dC_base + o_tn, dC, mask=m_tn)
         ddt = wA_acc + u * hB_acc
         du = dt * hB_acc
         if HAS_D:

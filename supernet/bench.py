@@ -68,8 +68,8 @@ def _build(name: str, kwargs: dict, img_size: int) -> torch.nn.Module:
     return timm.create_model(name, img_size=img_size, **kwargs)
 
 
-def time_train_step(model: torch.nn.Module, batch_size: int, img_size: int, steps: int = 10, warmup: int = 3) -> dict:
-    """Median seconds per training step and peak memory for one model on the current CUDA device."""
+def make_train_step(model: torch.nn.Module, batch_size: int, img_size: int):
+    """One training step on random data on the current CUDA device: bf16 autocast forward + backward + AdamW."""
     dev = torch.device("cuda")
     model = model.to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -84,6 +84,12 @@ def time_train_step(model: torch.nn.Module, batch_size: int, img_size: int, step
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step
+
+
+def time_train_step(model: torch.nn.Module, batch_size: int, img_size: int, steps: int = 10, warmup: int = 3) -> dict:
+    """Median seconds per training step and peak memory for one model on the current CUDA device."""
+    step = make_train_step(model, batch_size, img_size)
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()

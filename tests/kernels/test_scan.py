@@ -118,8 +118,9 @@ def test_triton_matches_ref_cuda(dtype):
     ],
 )
 def test_nd_layout_kernels_match_ref(monkeypatch, seqlen, hw, k, n, ku, extras, config):
-    """The (T, N, D)-tile kernels (7 to 9 numbers: the 8th turns on the backward's prefetch, the 9th its one-decay
-    adjoint), with a forward chunk shorter, and longer, than the saved-state interval."""
+    """The (T, N, D)-tile kernels (7 to 10 numbers: the 8th turns on the backward's prefetch, the 9th its one-decay
+    adjoint, the 10th splits that backward along L), with a forward chunk shorter, and longer, than the saved-state
+    interval."""
     import kernels.triton_scan as ts
 
     monkeypatch.setattr(ts, "scan_config", lambda *args: config)
