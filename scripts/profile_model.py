@@ -21,9 +21,9 @@ from kernels.check_gpu import env_info
 
 GROUPS = [  # first match wins
     ("scan", r"_scan_|_sum_orders"),
-    ("conv1d", r"_conv1d|causal_conv"),
-    ("matmul", r"gemm|sm90_xmma|cutlass|nvjet|matmul|ampere_|sm80_"),
-    ("norm", r"norm|rms"),
+    ("conv1d", r"_conv_|_conv1d|causal_conv"),
+    ("matmul", r"gemm|gemv|sm90_xmma|cutlass|nvjet|matmul|ampere_|sm80_"),
+    ("norm", r"norm|rms|GammaBeta"),
     ("optimizer", r"adam|multi_tensor|foreach"),
     ("copies", r"copy|cat|index|gather|scatter|permute|transpose"),
     ("reductions", r"reduce"),

@@ -260,3 +260,28 @@ def test_triton_backend_matches_ref(name: str) -> None:
     grads = dict(ref.named_parameters())
     for n, p in tri.named_parameters():
         torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-3, atol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("d_state, dt_rank, conv", [(16, "auto", 4), (1, 6, 0), (4, 8, 4)])
+def test_padded_projections_change_nothing(monkeypatch, d_state, dt_rank, conv):
+    """The zero-padded x_proj/dt_proj (GEMM dimensions to multiples of 8) give the unpadded mixer's outputs and
+    gradients: Vim-like (R + 2N = 34 here), VMamba-like (N = 1, shared input) and an already aligned rank."""
+    torch.manual_seed(0)
+    mixer = MultiOrderMixer(24, (3, 5), ("h", "v_flip", "w2"), d_state=d_state, dt_rank=dt_rank, d_conv=conv)
+    x = torch.randn(2, 15, 24)
+    pad = MultiOrderMixer._padded_projections
+    runs = []
+    for padded in (True, False):
+        if not padded:
+            monkeypatch.setattr(MultiOrderMixer, "_padded_projections", lambda self, a, b: (a, b))
+        mixer.zero_grad()
+        y = mixer(x)
+        y.square().sum().backward()
+        runs.append((y.detach(), {n: p.grad.clone() for n, p in mixer.named_parameters()}))
+    (y_pad, g_pad), (y_ref, g_ref) = runs
+    torch.testing.assert_close(y_pad, y_ref, rtol=1e-5, atol=1e-6)
+    for name in g_ref:
+        torch.testing.assert_close(g_pad[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    k, rows, d = mixer.x_proj_weight.shape
+    x_w, dt_w = pad(mixer, mixer.x_proj_weight, mixer.dt_proj_weight)
+    assert x_w.shape[1] % 8 == 0 and dt_w.shape[2] % 8 == 0 and x_w.shape[1] >= rows
