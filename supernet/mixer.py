@@ -235,7 +235,10 @@ class MultiOrderMixer(nn.Module):
         if sampling:
             # Noise from torch's default CPU generator: one seed reproduces the draws on any device.
             u = torch.rand(logits.shape).clamp_(1e-10, 1.0 - 1e-7)
-            logits = logits + (-torch.log(-torch.log(u))).to(logits.device)
+            noise = -torch.log(-torch.log(u))
+            if logits.is_cuda:  # from pinned memory, asynchronously: a pageable copy would stall the host every layer
+                noise = noise.pin_memory().to(logits.device, non_blocking=True)
+            logits = logits + noise.to(logits.device)
         if self.mode == "softmax" or (self.mode == "gumbel" and not sampling):
             return torch.softmax(logits, 0), None
         if self.mode == "gumbel":
