@@ -157,6 +157,24 @@ def _scan_fwd_nd_kernel(
 
 
 @triton.jit
+def _bwd_program(
+    seg, K, DIM, n_chunks, BATCH, seg_chunks, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr
+):
+    # A backward program's coordinates: channel block, (batch, order), its segment's chunks [c_lo, c_hi), and its
+    # (segment, batch, order) slot in the per-program buffers.
+    pid_d = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    c_lo = seg * seg_chunks
+    c_hi = tl.minimum(c_lo + seg_chunks, n_chunks)
+    slot = (seg * BATCH * K + pid_bk).to(tl.int64)
+    return (
+        pid_d, pid_bk, (pid_bk // K).to(tl.int64), pid_bk % K, offs_d, tl.arange(0, GROUP_N), tl.arange(0, BLOCK_T),
+        offs_d < DIM, c_lo, c_hi, slot,
+    )  # fmt: skip
+
+
+@triton.jit
 def _scan_bwd_nd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, orders_ptr, dy_ptr, states_ptr, hbuf_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, segc_ptr, segdt_ptr,
@@ -167,18 +185,10 @@ def _scan_bwd_nd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_ORDERS: tl.constexpr, PREFETCH: tl.constexpr, ONE_DECAY: tl.constexpr = False, IDX64: tl.constexpr = True,
 ):  # fmt: skip
-    pid_d = tl.program_id(0)
-    pid_bk = tl.program_id(1)
     seg = tl.program_id(2)  # this program's segment of L: chunks [c_lo, c_hi)
-    b = (pid_bk // K).to(tl.int64)
-    k = pid_bk % K
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_g = tl.arange(0, GROUP_N)
-    offs_t = tl.arange(0, BLOCK_T)
-    mask_d = offs_d < DIM
-    c_lo = seg * seg_chunks
-    c_hi = tl.minimum(c_lo + seg_chunks, n_chunks)
-    slot = (seg * BATCH * K + pid_bk).to(tl.int64)  # this (segment, batch, order)'s slot in the per-program buffers
+    pid_d, pid_bk, b, k, offs_d, offs_g, offs_t, mask_d, c_lo, c_hi, slot = _bwd_program(
+        seg, K, DIM, n_chunks, BATCH, seg_chunks, BLOCK_T, BLOCK_D, GROUP_N
+    )
     if HAS_BIAS:
         bias = tl.load(bias_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
     if HAS_D:
@@ -369,18 +379,9 @@ def _scan_bwd_carry_kernel(
     # First pass of a backward split along L (one-decay adjoint): for segment seg ≥ 1, the adjoint carry it passes
     # to the segment before when its own carry-in is zero (the carry is linear in the carry-in, with the segment's
     # decay product exp2(A·log2e·ΣΔ) as the coefficient), and ΣΔ. The chunk kernel combines these per segment.
-    pid_d = tl.program_id(0)
-    pid_bk = tl.program_id(1)
-    seg = tl.program_id(2) + 1
-    b = (pid_bk // K).to(tl.int64)
-    k = pid_bk % K
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_g = tl.arange(0, GROUP_N)
-    offs_t = tl.arange(0, BLOCK_T)
-    mask_d = offs_d < DIM
-    c_lo = seg * seg_chunks
-    c_hi = tl.minimum(c_lo + seg_chunks, n_chunks)
-    slot = (seg * BATCH * K + pid_bk).to(tl.int64)
+    pid_d, pid_bk, b, k, offs_d, offs_g, offs_t, mask_d, c_lo, c_hi, slot = _bwd_program(
+        tl.program_id(2) + 1, K, DIM, n_chunks, BATCH, seg_chunks, BLOCK_T, BLOCK_D, GROUP_N
+    )
     if HAS_BIAS:
         bias = tl.load(bias_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
     d_base = delta_ptr + b * s_db + k * s_dk
