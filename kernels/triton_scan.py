@@ -399,11 +399,13 @@ def _segments(config: tuple[int, ...], n_chunks: int, programs: int, device: tor
 
 
 def _needs_int64(seqlen: int, k: int, dim: int, n: int, *tensors: torch.Tensor | None) -> bool:
-    """Whether a row offset inside one (batch, order) slice can pass int32: the token stride of every gathered or
-    written tensor times L, plus the channels (the per-order outputs have the token stride K·D, the dB/dC partials
-    K·N)."""
-    strides = [k * dim, k * n] + [t.stride(1) for t in tensors if t is not None and t.dim() == 4]
-    return seqlen * max(abs(s) for s in strides) + dim + n >= 2**31
+    """Whether a row offset inside one (batch, order) slice needs int64: the largest token stride times L plus the
+    largest span of the last axis (channels, or states at B/C's own stride), over every gathered or written tensor
+    (the per-order outputs have the token stride K·D and the dB/dC partials K·N)."""
+    four_d = [t for t in tensors if t is not None and t.dim() == 4]
+    token = max([k * dim, k * n] + [abs(t.stride(1)) for t in four_d])
+    last = max([dim, n] + [t.shape[3] * abs(t.stride(3)) for t in four_d])
+    return seqlen * token + last >= 2**31
 
 
 @triton.jit
@@ -605,7 +607,12 @@ def scan_bwd(
         from .triton_scan_nd import _scan_bwd_carry_kernel, _scan_bwd_nd_kernel
 
         # the adjoint carry, per (segment, batch, order)
-        hbuf = dummy if one_group else torch.zeros(n_seg * bsz * k, dim, n, device=dev, dtype=f32)
+        # (the one-decay kernel writes each program's starting carry itself; the two-decay one starts from zeros)
+        hbuf = (
+            dummy
+            if one_group
+            else (torch.empty if one_decay else torch.zeros)(n_seg * bsz * k, dim, n, device=dev, dtype=f32)
+        )
         group = min(config[6], triton.next_power_of_2(n))
         prefetch = bool(config[7]) if len(config) > 7 else False
         idx64 = _needs_int64(seqlen, k, dim, n, u, delta, B, C, z, dy)

@@ -133,6 +133,37 @@ def test_nd_layout_kernels_match_ref(monkeypatch, seqlen, hw, k, n, ku, extras, 
     _check(y, grads, y_ref, grads_ref, torch.float32)
 
 
+def test_split_backward_with_int64_offsets_batch_and_shared_gate(monkeypatch):
+    """The split backward at batch 2 with a gate shared by the orders (Kz = 1), on the int64 row-offset path the
+    launcher takes for huge slices (forced here), against the reference."""
+    import kernels.triton_scan as ts
+
+    monkeypatch.setattr(ts, "scan_config", lambda *args: (4, 8, 1, 8, 8, 1, 2, 1, 1, 3))
+    monkeypatch.setattr(ts, "_needs_int64", lambda *args: True)
+    gen = torch.Generator().manual_seed(11)
+    inputs = make_scan_inputs(2, 29, 2, 10, 4, ku=1, kz=1, generator=gen)
+    orders = make_orders(29, (4, 7), 2, ("v_flip", "w2"))  # 4x7 grid + an extra token
+    with poisoned_empty():
+        y, grads, dy = scan_with_grads(ts.selective_scan_triton, inputs, orders=orders)
+    y_ref, grads_ref, _ = scan_with_grads(selective_scan_ref, inputs, dy=dy, orders=orders)
+    _check(y, grads, y_ref, grads_ref, torch.float32)
+
+
+def test_int64_offsets_chosen_only_when_a_slice_overflows_int32():
+    from kernels.triton_scan import _needs_int64
+
+    def meta(size, stride):
+        return torch.empty_strided(size, stride, device="meta")
+
+    small = meta((2, 197, 8, 384), (197 * 8 * 384, 8 * 384, 384, 1))
+    assert not _needs_int64(197, 8, 384, 16, small, None)
+    long_rows = meta((1, 4096, 1, 600_000), (4096 * 600_000, 600_000, 0, 1))  # L × token stride ≥ 2^31
+    assert _needs_int64(4096, 1, 8, 16, long_rows)
+    n_outer = meta((1, 64, 1, 16), (64 * 2**27, 1, 0, 2**27))  # B/C with the state axis outermost
+    assert _needs_int64(64, 1, 8, 16, n_outer)
+    assert _needs_int64(2**20, 8, 384, 16)  # the (B, L, K, D) outputs alone: L·K·D ≥ 2^31
+
+
 def test_backward_segments_cover_every_chunk_once():
     from kernels.triton_scan import _segments
 
