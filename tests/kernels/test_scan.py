@@ -109,10 +109,9 @@ def test_triton_matches_ref_cuda(dtype):
         pytest.param(37, (4, 9), 2, 16, 2, True, (2, 8, 1, 4, 8, 1, 16, 1, 1), id="nd-onegroup-prefetch-L37-K2-N16"),
         pytest.param(37, (4, 9), 2, 5, 1, True, (2, 8, 1, 4, 8, 1, 8, 0, 1), id="nd-onegroup-L37-K2-N5-padded"),
         # split along L: the 10th number is the backward's segment count
-        # (chunks 4+4+2; 4x4; 10+9; 1 each; none on the two-decay path)
-        pytest.param(37, (4, 9), 2, 16, 1, True, (4, 8, 1, 8, 8, 1, 4, 0, 1, 3), id="nd-split3-L37-K2-N16-groups"),
-        pytest.param(63, (7, 9), 4, 1, 1, True, (4, 8, 1, 16, 8, 1, 1, 1, 1, 5), id="nd-split4-prefetch-L63-K4-N1"),
-        pytest.param(37, (4, 9), 2, 16, 2, True, (2, 8, 1, 4, 8, 1, 16, 1, 1, 2), id="nd-split2-onegroup-L37-N16"),
+        # (chunks 4+4+2 in groups of 4 states; 2 each with prefetch; 1 each; none on the two-decay path)
+        pytest.param(37, (4, 9), 2, 8, 1, True, (4, 8, 1, 8, 8, 1, 4, 0, 1, 3), id="nd-split3-L37-K2-N8-groups"),
+        pytest.param(37, (4, 9), 2, 1, 1, True, (4, 8, 1, 16, 8, 1, 1, 1, 1, 5), id="nd-split5-prefetch-L37-K2-N1"),
         pytest.param(37, (4, 9), 2, 5, 1, False, (8, 8, 1, 8, 8, 1, 8, 0, 1, 99), id="nd-split-every-chunk-N5"),
         pytest.param(37, (4, 9), 2, 4, 2, True, (8, 8, 1, 4, 8, 1, 2, 0, 0, 3), id="nd-twodecay-no-split"),
     ],
