@@ -398,14 +398,17 @@ def _scan_bwd_carry_kernel(
         acc = tl.zeros([GROUP_N, BLOCK_D], dtype=tl.float32)
         for ci in range(0, c_hi - c_lo):
             c = c_hi - 1 - ci
-            t = c * BLOCK_T + offs_t
-            mask_t = t < L
-            idx = _token_index(orders_ptr, k, L, t, mask_t, HAS_ORDERS, IDX64)
+            mask_t = (c * BLOCK_T + offs_t) < L
             m_td = mask_t[:, None] & mask_d[None, :]
-            dt = tl.load(d_base + idx[:, None] * s_dl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
-            g = tl.load(g_base + idx[:, None] * s_gl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+            # The chunk kernel's row loader; its u (here Δ again) is unused and compiled away.
+            idx, _, dt, _, g, zt = _load_bwd_rows(
+                orders_ptr, d_base, d_base, g_base, z_base, k, L, c, s_dl, s_dl, s_zl, s_gl, offs_t, offs_d, mask_d,
+                BLOCK_T, HAS_Z, HAS_ORDERS, False, IDX64,
+            )  # fmt: skip
+            dt = dt.to(tl.float32)
+            g = g.to(tl.float32)
             if HAS_Z:
-                zt = tl.load(z_base + idx[:, None] * s_zl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+                zt = zt.to(tl.float32)
                 g = g * zt * _sigmoid(zt)
             if HAS_BIAS:
                 dt = dt + bias[None, :]
