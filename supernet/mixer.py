@@ -236,9 +236,9 @@ class MultiOrderMixer(nn.Module):
             # Noise from torch's default CPU generator: one seed reproduces the draws on any device.
             u = torch.rand(logits.shape).clamp_(1e-10, 1.0 - 1e-7)
             noise = -torch.log(-torch.log(u))
-            if logits.is_cuda:  # from pinned memory, asynchronously: a pageable copy would stall the host every layer
-                noise = noise.pin_memory().to(logits.device, non_blocking=True)
-            logits = logits + noise.to(logits.device)
+            # To the GPU from pinned memory, asynchronously: a pageable copy would stall the host every layer.
+            noise = noise.pin_memory() if logits.is_cuda else noise
+            logits = logits + noise.to(logits.device, non_blocking=True)
         if self.mode == "softmax" or (self.mode == "gumbel" and not sampling):
             return torch.softmax(logits, 0), None
         if self.mode == "gumbel":
@@ -290,7 +290,7 @@ class MultiOrderMixer(nn.Module):
             u = xin.unsqueeze(2)  # (B, L, 1, D): one input shared by every order
             x_dbl = torch.einsum("bld,kcd->blkc", xin, x_w)
         rank_p, n = dt_w.shape[-1], self.d_state
-        dt, b_ssm, c_ssm = x_dbl[..., :rank_p], x_dbl[..., rank_p : rank_p + n], x_dbl[..., rank_p + n : rank_p + 2 * n]
+        dt, b_ssm, c_ssm, _ = torch.split(x_dbl, [rank_p, n, n, x_dbl.shape[-1] - rank_p - 2 * n], dim=-1)
         delta = torch.einsum("blkr,kdr->blkd", dt, dt_w)
         # None: recompute the scan states when this call scans every candidate (the supernet's memory peak).
         recompute = orders.shape[0] == self.orders.shape[0] if self.scan_recompute is None else self.scan_recompute
@@ -325,7 +325,7 @@ class MultiOrderMixer(nn.Module):
         and meet zero weights, so results and gradients are unchanged. Vim-Ti's R + 2N = 44 and R = 12 sent cuBLAS to
         its 1-element-aligned kernels: 22 of 95 ms per training step on an H200 (profile_model_vim_tiny_h200.json).
         """
-        k, rows, d = x_w.shape
+        k, _, d = x_w.shape
         rank, n = self.dt_rank, self.d_state
         rank_p = -(-rank // 8) * 8
         tail = -(-(rank_p + 2 * n) // 8) * 8 - (rank_p + 2 * n)
