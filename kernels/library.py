@@ -74,8 +74,10 @@ def _scan_bwd_op(
 
 @_scan_bwd_op.register_fake
 def _(dy, u, delta, A, B, C, D, z, delta_bias, orders, states, delta_softplus):
+    # The kernels write every gradient into a fresh contiguous tensor: not empty_like, which keeps an input's strides
+    # (delta and z are often slices of a wider projection output) and would tell the compiler the wrong layout.
     like = (u, delta, A, B, C, D, z, delta_bias)
-    return [torch.empty_like(t) if t is not None else u.new_empty((0,)) for t in like]
+    return [t.new_empty(t.shape) if t is not None else u.new_empty((0,)) for t in like]
 
 
 def _scan_setup_context(ctx, inputs, output):
@@ -159,11 +161,8 @@ def _conv_bwd_op(
 
 @_conv_bwd_op.register_fake
 def _(dout, x, weight, bias, orders, silu):
-    return [
-        torch.empty_like(x),
-        torch.empty_like(weight),
-        torch.empty_like(bias) if bias is not None else x.new_empty(0),
-    ]
+    return [x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape) if bias is not None
+            else x.new_empty(0)]  # fmt: skip
 
 
 def _conv_setup_context(ctx, inputs, output):

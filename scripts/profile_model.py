@@ -13,8 +13,10 @@ import argparse
 import json
 import re
 import sys
+import time
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from kernels.check_gpu import env_info
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--mode", default="eager", help="supernet.bench's step mode: eager, compile, graph, compile+graph")
     p.add_argument("--json", default=None)
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
@@ -53,29 +56,50 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from supernet.bench import _build, make_train_step
 
-    step = make_train_step(_build(args.model, {}, args.img_size), args.batch_size, args.img_size)
+    step = make_train_step(_build(args.model, {}, args.img_size), args.batch_size, args.img_size, args.mode)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
-    kernels = [(e.key, e.device_time_total / 1e3 / args.steps, e.count // args.steps) for e in prof.key_averages()]
+    events = prof.key_averages()
+    on_gpu = [e for e in events if e.device_type == DeviceType.CUDA]
+    kernels = [(e.key, e.self_device_time_total / 1e3 / args.steps, e.count // args.steps) for e in on_gpu]
     kernels = sorted([k for k in kernels if k[1] > 0], key=lambda k: -k[1])
+    host = sorted(
+        ((e.key, e.self_cpu_time_total / 1e3 / args.steps, e.count // args.steps) for e in events
+         if e.device_type == DeviceType.CPU),
+        key=lambda k: -k[1],
+    )  # fmt: skip
     groups: dict[str, float] = {}
     for name, ms, _ in kernels:
         groups[group_of(name)] = groups.get(group_of(name), 0.0) + ms
     total = sum(groups.values())
-    print(f"{args.model}: {total:.2f} ms of kernels per step (batch {args.batch_size}, {args.img_size}px)")
+    host_ms = sum(ms for _, ms, _ in host)
+    print(
+        f"{args.model} [{args.mode}]: {wall_ms:.2f} ms per step unprofiled, {total:.2f} ms of kernels, "
+        f"{host_ms:.2f} ms of host op time (batch {args.batch_size}, {args.img_size}px)"
+    )
     for g, ms in sorted(groups.items(), key=lambda x: -x[1]):
         print(f"  {g:<12} {ms:8.2f} ms  {100 * ms / total:5.1f} %")
     for name, ms, calls in kernels[: args.top]:
         print(f"    {ms:8.3f} ms  x{calls:<4} {name[:100]}")
+    print("  host (self CPU time per step):")
+    for name, ms, calls in host[: args.top]:
+        print(f"    {ms:8.3f} ms  x{calls:<4} {name[:100]}")
     if args.json:
         top = [{"name": n[:120], "ms_per_step": ms, "calls": c} for n, ms, c in kernels[: args.top]]
-        report = {**env_info(args.commit), "model": args.model, "batch_size": args.batch_size,
-                  "img_size": args.img_size, "kernel_ms_per_step": total, "groups_ms": groups, "top": top}  # fmt: skip
+        top_host = [{"name": n[:120], "ms_per_step": ms, "calls": c} for n, ms, c in host[: args.top]]
+        report = {**env_info(args.commit), "model": args.model, "mode": args.mode, "batch_size": args.batch_size,
+                  "img_size": args.img_size, "step_ms": wall_ms, "kernel_ms_per_step": total,
+                  "host_op_ms_per_step": host_ms, "groups_ms": groups, "top": top, "top_host": top_host}  # fmt: skip
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     return 0

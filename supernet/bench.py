@@ -68,28 +68,69 @@ def _build(name: str, kwargs: dict, img_size: int) -> torch.nn.Module:
     return timm.create_model(name, img_size=img_size, **kwargs)
 
 
-def make_train_step(model: torch.nn.Module, batch_size: int, img_size: int):
-    """One training step on random data on the current CUDA device: bf16 autocast forward + backward + AdamW."""
+MODES = ("eager", "compile", "graph", "compile+graph")
+
+
+def _host_random(model: torch.nn.Module) -> str | None:
+    """What in ``model``'s training forward draws from the host RNG (a CUDA graph would replay one draw), or None."""
+    if getattr(model, "shuffle_max", 0.0) > 0.0:
+        return "SLWS (shuffle_max > 0)"
+    for mod in model.modules():
+        if getattr(mod, "search", False) and getattr(mod, "mode", "softmax") != "softmax":
+            return f"arch mode '{mod.mode}' (Gumbel noise)"
+    return None
+
+
+def make_train_step(model: torch.nn.Module, batch_size: int, img_size: int, mode: str = "eager"):
+    """One training step on random data on the current CUDA device: bf16 autocast forward + backward + AdamW.
+
+    ``mode``: ``eager``; ``compile`` (``torch.compile`` of the model, inductor); ``graph`` (the whole step, optimizer
+    included, captured once in a CUDA graph and replayed: no per-kernel host work); ``compile+graph`` (both).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    graph = mode.endswith("graph")
+    if graph and _host_random(model):
+        raise ValueError(f"mode '{mode}': {_host_random(model)} draws on the host every step; a graph would replay one")
     dev = torch.device("cuda")
     model = model.to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=graph)
     x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
     y = torch.randint(0, model.num_classes, (batch_size,), device=dev)
     loss_fn = torch.nn.CrossEntropyLoss()
+    fwd = torch.compile(model) if mode.startswith("compile") else model
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(model(x), y)
+        # No autocast weight cache under a graph: cached casts would be captured once and go stale.
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph):
+            loss = loss_fn(fwd(x), y)
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        if not graph:
+            opt.zero_grad(set_to_none=True)
 
-    return step
+    if not graph:
+        return step
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream (compiles kernels, allocates the Adam state)
+        for _ in range(3):
+            step()
+            opt.zero_grad(set_to_none=True)
+    torch.cuda.current_stream().wait_stream(side)
+    # Grads are None here, so the captured backward allocates them in the graph's pool and each replay overwrites
+    # them (no accumulation across replays): the recipe of torch.cuda.graphs' "whole network capture".
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    return g.replay
 
 
-def time_train_step(model: torch.nn.Module, batch_size: int, img_size: int, steps: int = 10, warmup: int = 3) -> dict:
+def time_train_step(
+    model: torch.nn.Module, batch_size: int, img_size: int, steps: int = 10, warmup: int = 3, mode: str = "eager"
+) -> dict:
     """Median seconds per training step and peak memory for one model on the current CUDA device."""
-    step = make_train_step(model, batch_size, img_size)
+    step = make_train_step(model, batch_size, img_size, mode)
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -111,34 +152,8 @@ def time_train_step(model: torch.nn.Module, batch_size: int, img_size: int, step
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--models", nargs="*", default=None, help="subset of model names")
-    parser.add_argument("--json", default=None, help="output JSON (default benchmarks/models_<gpu>.json)")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("error: supernet.bench needs a CUDA GPU", file=sys.stderr)
-        return 2
-    gpu = torch.cuda.get_device_name()
-    rows = []
-    for name, kw in DEFAULT_MODELS:
-        if args.models and name not in args.models:
-            continue
-        label = name + "".join(f"[{k}={v}]" for k, v in kw.items())
-        try:
-            model = _build(name, kw, args.img_size)
-            res = time_train_step(model, args.batch_size, args.img_size, steps=args.steps)
-        except Exception as e:  # noqa: BLE001  (a failing model is reported in the table, the others still run)
-            res = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
-            model = None
-        rows.append({"model": label, **res})
-        print(json.dumps(rows[-1]), flush=True)
-        del model
-        torch.cuda.empty_cache()
-    by = {r["model"]: r for r in rows if "error" not in r}
+def ratios_of(by: dict[str, dict]) -> dict[str, float]:
+    """The issue's target ratios from one mode's rows keyed by model label."""
     ratios = {}
     if "deit_tiny_patch16_224" in by and "vim_tiny" in by:
         ratios["vim_tiny / deit_tiny img/s (target >= 0.75)"] = (
@@ -146,13 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     child = by.get("local_vim_tiny")
     if child:
-        for mode, target_t in (("softmax", 1.6), ("hard", 1.1)):
-            sup = by.get(f"local_vim_tiny_search[mix={mode}]")
+        for mix, target_t in (("softmax", 1.6), ("hard", 1.1)):
+            sup = by.get(f"local_vim_tiny_search[mix={mix}]")
             if sup:
-                ratios[f"supernet[{mode}] / child step time, defaults (target <= {target_t})"] = (
+                ratios[f"supernet[{mix}] / child step time, defaults (target <= {target_t})"] = (
                     sup["step_ms"] / child["step_ms"]
                 )
-                ratios[f"supernet[{mode}] / child peak memory, defaults"] = sup["peak_mem_gib"] / child["peak_mem_gib"]
+                ratios[f"supernet[{mix}] / child peak memory, defaults"] = sup["peak_mem_gib"] / child["peak_mem_gib"]
     # The same comparison with both models recomputing, and with both keeping, their scan states.
     for tag, c_name, s_name in (
         ("both recompute", "local_vim_tiny[scan_recompute=True]", "local_vim_tiny_search[mix=softmax]"),
@@ -162,15 +177,53 @@ def main(argv: list[str] | None = None) -> int:
         if c and sup:
             ratios[f"supernet[softmax] / child step time, {tag}"] = sup["step_ms"] / c["step_ms"]
             ratios[f"supernet[softmax] / child peak memory, {tag}"] = sup["peak_mem_gib"] / c["peak_mem_gib"]
+    return ratios
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--models", nargs="*", default=None, help="subset of model names")
+    parser.add_argument("--modes", nargs="+", default=["eager"], choices=MODES, help="how steps run (default eager)")
+    parser.add_argument("--json", default=None, help="output JSON (default benchmarks/models_<gpu>.json)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: supernet.bench needs a CUDA GPU", file=sys.stderr)
+        return 2
+    gpu = torch.cuda.get_device_name()
+    rows = []
+    for mode in args.modes:
+        for name, kw in DEFAULT_MODELS:
+            if args.models and name not in args.models:
+                continue
+            label = name + "".join(f"[{k}={v}]" for k, v in kw.items())
+            try:
+                model = _build(name, kw, args.img_size)
+                res = time_train_step(model, args.batch_size, args.img_size, steps=args.steps, mode=mode)
+            except Exception as e:  # noqa: BLE001  (a failing model is reported in the table, the others still run)
+                res = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
+                model = None
+            rows.append({"model": label, "mode": mode, **res})
+            print(json.dumps(rows[-1]), flush=True)
+            del model
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+    ratios = {}
+    for mode in args.modes:
+        tag = "" if mode == "eager" else f" [{mode}]"
+        by = {r["model"]: r for r in rows if "error" not in r and r["mode"] == mode}
+        ratios.update({k + tag: v for k, v in ratios_of(by).items()})
     print(f"\n{gpu}, batch {args.batch_size}, {args.img_size}px, bf16 autocast, fwd+bwd+AdamW")
-    print(f"{'model':<36} {'img/s':>9} {'step ms':>9} {'peak GiB':>9} {'params M':>9}")
+    print(f"{'model':<48} {'mode':<14} {'img/s':>9} {'step ms':>9} {'peak GiB':>9} {'params M':>9}")
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:<36} {r['error']}")
+            print(f"{r['model']:<48} {r['mode']:<14} {r['error']}")
         else:
             print(
-                f"{r['model']:<36} {r['img_per_s']:>9.0f} {r['step_ms']:>9.2f} {r['peak_mem_gib']:>9.2f} "
-                f"{r['params_m']:>9.2f}"
+                f"{r['model']:<48} {r['mode']:<14} {r['img_per_s']:>9.0f} {r['step_ms']:>9.2f} "
+                f"{r['peak_mem_gib']:>9.2f} {r['params_m']:>9.2f}"
             )
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}")
@@ -185,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "steps": args.steps,
         "img_size": args.img_size,
+        "modes": args.modes,
         "rows": rows,
         "ratios": ratios,
     }

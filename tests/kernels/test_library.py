@@ -140,3 +140,20 @@ def test_backward_fills_no_zero_gradient_for_the_states():
     assert any("selective_scan_bwd" in f for f in seen)
     assert not [f for f in seen if "zeros" in f or "fill" in f or "zero_" in f], seen
     assert all(v.grad is not None for v in leaves.values() if v is not None and v.requires_grad)
+
+
+def test_fake_impls_match_the_kernels_on_strided_inputs():
+    """torch.library.opcheck: the fake (meta) outputs must have the real outputs' shapes, dtypes AND strides. delta
+    here is a permuted view, as the mixer's einsum makes it; an ``empty_like`` fake kept that layout and broke
+    torch.compile (inductor asserted the wrong strides in the backward)."""
+    inputs, orders = _setup(ku=1)
+    delta = inputs["delta"].permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)  # (B, L, K, D) values, K-outer
+    args = [inputs[n] for n in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    args[1] = delta
+    _, states = torch.ops.scan_nas.selective_scan_fwd(*args, orders, True, None, True)
+    dy = torch.randn(1, 15, 2, 4, generator=torch.Generator().manual_seed(3))
+    tests = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.scan_nas.selective_scan_bwd, (dy, *args, orders, states, True), test_utils=tests)
+    x = torch.randn(1, 15, 1, 8)[..., :4]  # a slice of a wider projection, as the mixer passes it
+    conv_args = (x, torch.randn(2, 4, 3), torch.randn(2, 4), orders, True)
+    torch.library.opcheck(torch.ops.scan_nas.causal_conv1d_bwd, (dy, *conv_args), test_utils=tests)
