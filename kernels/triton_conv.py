@@ -6,8 +6,9 @@ block of steps of one (batch, order) and a block of channels; the W taps are gat
 pointer loads and the result is written straight to the token's original position.
 
 Backward: one kernel recomputes the pre-activation, writes its gradient in scan-step order (so the second pass
-reads it without a gather) and reduces per-program partials of dweight and dbias; a second kernel gathers the W
-taps of that gradient into dx at original positions.
+reads it without a gather) and reduces per-program partials of dweight and dbias; a second kernel owns blocks of
+original token positions, finds each order's step for them through the inverse orders and gathers the W taps of
+that gradient, summing the K orders in registers when they share one x.
 """
 
 from __future__ import annotations
@@ -110,36 +111,63 @@ def _conv_bwd_pre_kernel(
 
 @triton.jit
 def _conv_bwd_dx_kernel(
-    dpre_ptr, w_ptr, orders_ptr, dx_ptr,
+    dpre_ptr, w_ptr, inv_ptr, dx_ptr,
     L, K, DIM,
-    W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ORDERS: tl.constexpr,
+    W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ORDERS: tl.constexpr, SUM_K: tl.constexpr,
 ):  # fmt: skip
+    """dx at original token positions. Order k visits token p at step s = inv[k, p]; that step feeds the outputs of
+    steps s..s+W-1 through taps W-1..0. With SUM_K (one x shared by every order) a program adds all K orders' terms
+    and writes dx (B, L, 1, D) once, in x's dtype."""
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_bk = tl.program_id(2)
-    b = (pid_bk // K).to(tl.int64)
-    k = pid_bk % K
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    if SUM_K:
+        b = pid_bk.to(tl.int64)
+        k_lo = 0
+        k_hi = K
+    else:
+        b = (pid_bk // K).to(tl.int64)
+        k_lo = pid_bk % K
+        k_hi = k_lo + 1
+    p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_t = t < L
+    mask_p = p < L
     mask_d = offs_d < DIM
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    for j in tl.static_range(W):
-        # The token visited at step t feeds the outputs of steps t..t+W-1, through tap W-1-(s-t).
-        s = t + (W - 1) - j
-        valid = s < L
-        m = valid[:, None] & mask_d[None, :]
-        gv = tl.load(dpre_ptr + ((b * L + s[:, None]) * K + k) * DIM + offs_d[None, :], mask=m, other=0.0)
-        wj = tl.load(w_ptr + (k * DIM + offs_d) * W + j, mask=mask_d, other=0.0).to(tl.float32)
-        acc += gv * wj[None, :]
-    idx_t = _token_index(orders_ptr, k, L, t, mask_t, HAS_ORDERS)
-    out_off = ((b * L + idx_t[:, None]) * K + k) * DIM + offs_d[None, :]
-    tl.store(dx_ptr + out_off, acc.to(dx_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
+    for k in range(k_lo, k_hi):
+        step = _token_index(inv_ptr, k, L, p, mask_p, HAS_ORDERS)
+        for j in tl.static_range(W):
+            s = step + (W - 1) - j
+            m = (mask_p & (s < L))[:, None] & mask_d[None, :]
+            gv = tl.load(dpre_ptr + ((b * L + s[:, None]) * K + k) * DIM + offs_d[None, :], mask=m, other=0.0)
+            wj = tl.load(w_ptr + (k * DIM + offs_d) * W + j, mask=mask_d, other=0.0).to(tl.float32)
+            acc += gv * wj[None, :]
+    out_off = ((b * L + p[:, None]) * (1 if SUM_K else K) + k_lo) * DIM + offs_d[None, :]
+    tl.store(dx_ptr + out_off, acc.to(dx_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_d[None, :])
 
 
-def _conv_config(dim: int, device: torch.device) -> tuple[int, int, int]:
+_CONV_CONFIGS: dict[str, tuple[int, int, int]] = {}  # pass ("fwd", "bwd") -> (BLOCK_T, BLOCK_D, warps), set by hand
+
+
+def set_conv_config(which: str, config: tuple[int, int, int] | None) -> None:
+    """Fix the (BLOCK_T, BLOCK_D, warps) of the conv's forward (``"fwd"``) or backward (``"bwd"``) kernels on CUDA;
+    None restores the built-in choice."""
+    if which not in ("fwd", "bwd"):
+        raise ValueError(f"set_conv_config: which must be 'fwd' or 'bwd', got {which!r}")
+    if config is None:
+        _CONV_CONFIGS.pop(which, None)
+        return
+    bt, bd, warps = (int(v) for v in config)
+    if min(bt, bd, warps) < 1 or any(v & (v - 1) for v in (bt, bd, warps)):
+        raise ValueError(f"set_conv_config: BLOCK_T, BLOCK_D and warps must be powers of two, got {config}")
+    _CONV_CONFIGS[which] = (bt, bd, warps)
+
+
+def _conv_config(dim: int, device: torch.device, which: str = "fwd") -> tuple[int, int, int]:
     if device.type != "cuda":
         return 16, min(triton.next_power_of_2(dim), 16), 1
+    if which in _CONV_CONFIGS:
+        return _CONV_CONFIGS[which]
     return 32, min(triton.next_power_of_2(dim), 128), 4
 
 
@@ -172,7 +200,7 @@ def conv_bwd(dout, x, weight, bias, orders, activation):
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     bsz, seqlen, kx, dim = x.shape
     k, _, width = weight.shape
-    bt, bd, warps = _conv_config(dim, x.device)
+    bt, bd, warps = _conv_config(dim, x.device, "bwd")
     n_tb = triton.cdiv(seqlen, bt)
     dev = x.device
     orders_i = orders.to(device=dev, dtype=torch.int32).contiguous() if orders is not None else None
@@ -188,13 +216,13 @@ def conv_bwd(dout, x, weight, bias, orders, activation):
         W=width, BLOCK_T=bt, BLOCK_D=bd, HAS_BIAS=bias is not None, SILU=activation == "silu",
         HAS_ORDERS=orders_i is not None, num_warps=warps,
     )  # fmt: skip
-    dx = torch.empty(bsz, seqlen, k, dim, device=dev, dtype=x.dtype if kx == k else torch.float32)
-    _conv_bwd_dx_kernel[grid](
-        dpre, w, orders_i if orders_i is not None else w, dx, seqlen, k, dim,
-        W=width, BLOCK_T=bt, BLOCK_D=bd, HAS_ORDERS=orders_i is not None, num_warps=warps,
+    # Inverse orders: the step at which each order visits each token (argsort of a permutation).
+    inv = torch.argsort(orders_i, dim=1).to(torch.int32) if orders_i is not None else None
+    dx = torch.empty(bsz, seqlen, kx, dim, device=dev, dtype=x.dtype)
+    _conv_bwd_dx_kernel[(n_tb, triton.cdiv(dim, bd), bsz * kx)](
+        dpre, w, inv if inv is not None else w, dx, seqlen, k, dim,
+        W=width, BLOCK_T=bt, BLOCK_D=bd, HAS_ORDERS=inv is not None, SUM_K=kx != k, num_warps=warps,
     )  # fmt: skip
-    if kx != k:
-        dx = dx.sum(2, keepdim=True).to(x.dtype)
     dw = dw_part.sum((0, 1)).to(weight.dtype)
     db = db_part.sum((0, 1)).to(bias.dtype) if db_part is not None else None
     return dx, dw, db

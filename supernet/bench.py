@@ -3,7 +3,9 @@
 ``python -m supernet.bench [--batch-size 128] [--img-size 224] [--json benchmarks/models_<gpu>.json]``
 
 Per model: one training step = bf16 autocast forward + backward + AdamW step, timed with CUDA events over a few
-steps after warm-up (median), on random data; peak memory from ``torch.cuda.max_memory_allocated``. Prints a table
+steps after warm-up (median), on random data; peak memory from ``torch.cuda.max_memory_allocated`` over the whole
+run (warm-up and graph capture included). ``--modes`` runs the steps eagerly, under ``torch.compile``, as one
+captured CUDA graph per step, or both (see :func:`make_train_step`). Prints a table
 and writes JSON with the device name, library versions and the commit.
 """
 
@@ -130,11 +132,13 @@ def time_train_step(
     model: torch.nn.Module, batch_size: int, img_size: int, steps: int = 10, warmup: int = 3, mode: str = "eager"
 ) -> dict:
     """Median seconds per training step and peak memory for one model on the current CUDA device."""
+    # The peak covers warm-up and capture too: a CUDA graph's activations are allocated once, while it is captured.
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
     step = make_train_step(model, batch_size, img_size, mode)
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
