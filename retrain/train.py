@@ -105,6 +105,7 @@ DEFAULTS: dict[str, Any] = {
     "model_ema": False,
     "model_ema_decay": 0.999,
     "amp": True,  # bf16 autocast on CUDA; CPU always runs fp32
+    "compile": "",  # torch.compile mode for the training and eval forward ("" = eager; e.g. default, reduce-overhead)
     "rollback_after": 5,  # non-finite steps in a row that roll back to the last checkpoint (0 = never)
     "max_bad_steps": 20,  # non-finite steps in all (each is skipped) after which the run stops
     # run
@@ -219,6 +220,10 @@ def build_model(cfg: dict[str, Any], info: DatasetInfo) -> tuple[nn.Module, dict
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# torch.compile's modes ("" = eager). reduce-overhead also replays the compiled forward and backward as CUDA graphs.
+COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def _check_values(cfg: dict[str, Any]) -> None:
     """Ranges the types cannot express; each error names the flag and a valid range."""
     checks = [
@@ -243,6 +248,7 @@ def _check_values(cfg: dict[str, Any]) -> None:
         ("dist_timeout", cfg["dist_timeout"] > 0, "> 0"),
         ("eval_metric", cfg["eval_metric"] in ("top1", "top5", "loss"), "one of top1, top5, loss"),
         ("val_frac", 0.0 <= cfg["val_frac"] < 1.0, "in [0, 1) (0 = validate on the test split)"),
+        ("compile", cfg["compile"] in COMPILE_MODES, "among " + ", ".join(repr(m) for m in COMPILE_MODES)),
     ]
     for key, ok, want in checks:
         if not ok:
@@ -441,6 +447,8 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
         seed_everything(cfg["seed"] + dinfo.rank)  # augmentation, mixup and SLWS streams differ per rank
     scheduler.step_update(step)
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dinfo.distributed else model
+    if cfg["compile"]:  # checkpoints keep using `model` (no _orig_mod. prefixes); eval compiles its own graph once
+        net = torch.compile(net, mode=cfg["compile"])
 
     logger = RunLogger(run_dir, dinfo.is_main)
     if dinfo.is_main:

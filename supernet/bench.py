@@ -70,7 +70,7 @@ def _build(name: str, kwargs: dict, img_size: int) -> torch.nn.Module:
     return timm.create_model(name, img_size=img_size, **kwargs)
 
 
-MODES = ("eager", "compile", "graph", "compile+graph")
+MODES = ("eager", "compile", "reduce-overhead", "graph", "compile+graph")
 
 
 def _host_random(model: torch.nn.Module) -> str | None:
@@ -86,8 +86,10 @@ def _host_random(model: torch.nn.Module) -> str | None:
 def make_train_step(model: torch.nn.Module, batch_size: int, img_size: int, mode: str = "eager"):
     """One training step on random data on the current CUDA device: bf16 autocast forward + backward + AdamW.
 
-    ``mode``: ``eager``; ``compile`` (``torch.compile`` of the model, inductor); ``graph`` (the whole step, optimizer
-    included, captured once in a CUDA graph and replayed: no per-kernel host work); ``compile+graph`` (both).
+    ``mode``: ``eager``; ``compile`` (``torch.compile`` of the model, inductor); ``reduce-overhead`` (the same with
+    torch.compile's CUDA graphs of the forward and the backward: what ``retrain.train --compile reduce-overhead``
+    runs); ``graph`` (the whole step, optimizer included, captured once in a CUDA graph and replayed: no per-kernel
+    host work); ``compile+graph`` (both).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -100,7 +102,9 @@ def make_train_step(model: torch.nn.Module, batch_size: int, img_size: int, mode
     x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
     y = torch.randint(0, model.num_classes, (batch_size,), device=dev)
     loss_fn = torch.nn.CrossEntropyLoss()
-    fwd = torch.compile(model) if mode.startswith("compile") else model
+    fwd = model
+    if mode.startswith("compile") or mode == "reduce-overhead":
+        fwd = torch.compile(model, mode="reduce-overhead" if mode == "reduce-overhead" else None)
 
     def step() -> None:
         # No autocast weight cache under a graph: cached casts would be captured once and go stale.

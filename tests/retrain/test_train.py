@@ -126,6 +126,8 @@ def test_bad_requests_are_one_line(tmp_path) -> None:
         _run(tmp_path, epoch=3)
     with pytest.raises(ValueError, match="--shuffle-max 1.5 is out of range"):
         _run(tmp_path, shuffle_max=1.5)
+    with pytest.raises(ValueError, match="--compile 'fast' is out of range; use a value among '', 'default'"):
+        _run(tmp_path, compile="fast")
 
 
 def test_held_out_split_is_disjoint_seeded_and_unaugmented(tmp_path) -> None:
