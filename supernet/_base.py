@@ -114,7 +114,8 @@ class ArchModelMixin:
         """How supernet layers mix their orders: ``softmax`` (DARTS), ``gumbel`` (temperature ``tau``, every order
         computed) or ``hard`` (Gumbel top-``top_m`` straight-through: only the sampled orders are computed).
 
-        Sampling happens in training mode only, from torch's default CPU generator. In eval mode ``gumbel`` uses the
+        Sampling happens in training mode only, from the default generator of the model's device. In eval mode
+        ``gumbel`` uses the
         plain softmax and ``hard`` the ``top_m`` most probable orders.
         """
         if not self.is_search:

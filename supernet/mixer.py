@@ -233,12 +233,10 @@ class MultiOrderMixer(nn.Module):
         logits = self.arch_logits.float()
         sampling = self.training and self.mode != "softmax"
         if sampling:
-            # Noise from torch's default CPU generator: one seed reproduces the draws on any device.
-            u = torch.rand(logits.shape).clamp_(1e-10, 1.0 - 1e-7)
-            noise = -torch.log(-torch.log(u))
-            # To the GPU from pinned memory, asynchronously: a pageable copy would stall the host every layer.
-            noise = noise.pin_memory() if logits.is_cuda else noise
-            logits = logits + noise.to(logits.device, non_blocking=True)
+            # Noise from the default generator of the logits' device: no host round trip (a pageable copy stalled the
+            # host every layer), and a step can be captured as a CUDA graph (each replay draws afresh).
+            u = torch.rand(logits.shape, device=logits.device).clamp_(1e-10, 1.0 - 1e-7)
+            logits = logits - torch.log(-torch.log(u))
         if self.mode == "softmax" or (self.mode == "gumbel" and not sampling):
             return torch.softmax(logits, 0), None
         if self.mode == "gumbel":

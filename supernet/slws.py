@@ -1,10 +1,12 @@
 """Stochastic layer-wise shuffle (SLWS), the regularizer of ShuffleMamba (arXiv 2408.17081).
 
 In training, layer ``l`` of ``depth`` shuffles its tokens with probability ``p_l = P_max · l / (depth − 1)`` (layer 0
-never): one Bernoulli draw per layer per step for the whole batch and, when it fires, one ``randperm`` of the tokens
-shared by the batch, applied to the hidden state and the residual before the layer and undone (``argsort``) after it.
-Draws come from torch's default CPU generator, so a seed (or a saved ``torch.get_rng_state()``) reproduces them on
-any device.
+never): one Bernoulli draw per layer per step for the whole batch and, when it fires, one uniformly random
+permutation of the tokens shared by the batch, applied to the hidden state and the residual before the layer and
+undone (``argsort``) after it. Draws come from the default generator of the device the model runs on (torch CPU or
+CUDA, both seeded by ``torch.manual_seed`` and saved with a run's checkpoints), and never reach the host: no
+synchronisation, nothing data-dependent in Python, so a training step with SLWS can be captured as a CUDA graph or
+compiled whole.
 
 In the plain family a block's only token-order-dependent computations are its scans along orders (the per-order
 causal conv1d included); everything else acts on each token alone. Shuffling the tokens, scanning order ``o`` and
@@ -40,16 +42,19 @@ def slws_probs(depth: int, p_max: float) -> list[float]:
     return [p_max * layer / (depth - 1) for layer in range(depth)]
 
 
-def draw_shuffle(prob: float, num_tokens: int) -> torch.Tensor | None:
-    """One step's draw for one layer: a (num_tokens,) permutation with probability ``prob``, else None.
+def draw_shuffle(prob: float, num_tokens: int, device: torch.device | str | None = None) -> torch.Tensor | None:
+    """One step's draw for one layer: a (num_tokens,) permutation on ``device``, random with probability ``prob`` and
+    the identity otherwise; None when ``prob`` is 0.
 
-    Nothing is drawn when ``prob`` is 0, so ``shuffle_max=0`` leaves the RNG stream untouched.
+    The permutation is the argsort of ``num_tokens`` uniform draws (a uniformly random permutation) and the Bernoulli
+    decision is a ``torch.where`` on the device, so the host never waits for it. Nothing is drawn when ``prob`` is 0,
+    so ``shuffle_max=0`` leaves the RNG stream untouched.
     """
     if prob <= 0.0:
         return None
-    if torch.rand(()).item() >= prob:
-        return None
-    return torch.randperm(num_tokens)
+    draws = torch.rand(num_tokens + 1, device=device)
+    perm = torch.argsort(draws[1:])
+    return torch.where(draws[0] < prob, perm, torch.arange(num_tokens, device=device))
 
 
 def shuffle_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:

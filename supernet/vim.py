@@ -255,12 +255,11 @@ class VisionMamba(ArchModelMixin, nn.Module):
     def _shuffle(self, layer: int, num_tokens: int, device: torch.device) -> torch.Tensor | None:
         if not self.training or self.shuffle_max <= 0.0:
             return None
-        perm = draw_shuffle(self.slws_probs[layer], self.num_grid_tokens)
-        if perm is None:
-            return None
+        perm = draw_shuffle(self.slws_probs[layer], self.num_grid_tokens, device)
+        if perm is None or num_tokens == self.num_grid_tokens:
+            return perm
         # Only grid tokens are shuffled; the class token keeps its place (the middle step of every order).
-        extra = torch.arange(self.num_grid_tokens, num_tokens)
-        return torch.cat([perm, extra]).to(device, non_blocking=True)
+        return torch.cat([perm, torch.arange(self.num_grid_tokens, num_tokens, device=device)])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, in_chans, H, W) → (B, L, C) normalized tokens (grid tokens row-major, then the class token)."""

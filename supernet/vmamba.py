@@ -282,8 +282,7 @@ class VMamba(ArchModelMixin, nn.Module):
             for blk in stage.blocks:
                 perm = None
                 if self.training and self.shuffle_max > 0.0:
-                    perm = draw_shuffle(self.slws_probs[layer], num_tokens)
-                    perm = None if perm is None else perm.to(x.device, non_blocking=True)
+                    perm = draw_shuffle(self.slws_probs[layer], num_tokens, x.device)
                 if self.grad_checkpointing and not torch.jit.is_scripting():
                     x = checkpoint(blk, x, perm, use_reentrant=False)
                 else:

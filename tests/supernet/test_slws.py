@@ -33,11 +33,25 @@ def test_draws_use_the_global_rng_and_nothing_at_p0() -> None:
     assert draw_shuffle(0.0, 10) is None
     assert torch.equal(state, torch.get_rng_state())
     torch.manual_seed(1)
-    a = [draw_shuffle(0.5, 10) for _ in range(20)]
+    a = [draw_shuffle(0.5, 10) for _ in range(40)]
     torch.manual_seed(1)
-    b = [draw_shuffle(0.5, 10) for _ in range(20)]
-    assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(a, b))
-    assert any(x is None for x in a) and any(x is not None for x in a)
+    b = [draw_shuffle(0.5, 10) for _ in range(40)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(torch.sort(x).values, torch.arange(10)) for x in a)
+    fired = [not torch.equal(x, torch.arange(10)) for x in a]
+    assert 8 <= sum(fired) <= 32  # Bernoulli(0.5) over 40 draws (a 1e-4 tail either side); not firing = identity
+    assert draw_shuffle(1.0, 10) is not None and not torch.equal(draw_shuffle(1.0, 10), draw_shuffle(1.0, 10))
+
+
+def test_permutations_are_uniform() -> None:
+    """argsort of uniform keys: every token lands on every position equally often (chi-square over 6000 draws)."""
+    torch.manual_seed(2)
+    counts = torch.zeros(5, 5)
+    for _ in range(6000):
+        perm = draw_shuffle(1.0, 5)
+        counts[torch.arange(5), perm] += 1
+    chi2 = ((counts - 1200.0) ** 2 / 1200.0).sum().item()
+    assert chi2 < 50.0, counts  # 16 degrees of freedom: P(chi2 > 50) < 1e-4
 
 
 @pytest.mark.parametrize("name", ["test_vim", "test_local_vmamba"])
@@ -83,7 +97,7 @@ def test_composed_orders_equal_shuffling_the_hidden_state(pool: str) -> None:
 def test_hierarchical_counts_depth_over_all_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple[float, int]] = []
 
-    def record(prob: float, num_tokens: int):
+    def record(prob: float, num_tokens: int, device=None):
         seen.append((prob, num_tokens))
         return None
 
@@ -92,3 +106,27 @@ def test_hierarchical_counts_depth_over_all_blocks(monkeypatch: pytest.MonkeyPat
     model(torch.randn(1, 3, 32, 32))
     assert [p for p, _ in seen] == pytest.approx(slws_probs(4, 0.3))
     assert [n for _, n in seen] == [64, 16, 4, 1]  # each block shuffles its own stage's tokens
+
+
+@pytest.mark.parametrize(
+    "name, kw", [("test_local_vim_search", {"mix": "hard"}), ("test_local_vmamba_search", {"mix": "gumbel"})]
+)
+def test_training_draws_stay_on_the_model_device(name: str, kw: dict) -> None:
+    """SLWS and the Gumbel noise draw on the model's device: a training step on the meta device makes no tensor
+    anywhere else (a host draw, a copy to the device or an ``.item()`` would), so a CUDA graph can capture it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    off_device: list[str] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(isinstance(t, torch.Tensor) and t.device.type != "meta" for t in tree_leaves(out)):
+                off_device.append(str(func))
+            return out
+
+    model = build(name, img_size=32, shuffle_max=1.0, **kw).train().to("meta")
+    with Watch():
+        model(torch.randn(2, 3, 32, 32, device="meta")).sum().backward()
+    assert not off_device, off_device
