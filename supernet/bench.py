@@ -31,6 +31,7 @@ DEFAULT_MODELS = [
     ("deit_tiny_patch16_224", {}),
     ("mambaout_femto", {}),
     ("vim_tiny", {}),
+    ("vim_tiny", {"shuffle_max": 0.5}),  # SLWS: a shuffle drawn on the device for half of the layers on average
     ("local_fixed_vim_tiny", {}),
     ("local_vim_tiny", {}),  # the K=4 child of a (randomly initialised) supernet's arch
     ("local_vim_tiny", {"scan_recompute": True}),
