@@ -76,8 +76,13 @@ def _scan_bwd_op(
 def _(dy, u, delta, A, B, C, D, z, delta_bias, orders, states, delta_softplus):
     # The kernels write every gradient into a fresh contiguous tensor: not empty_like, which keeps an input's strides
     # (delta and z are often slices of a wider projection output) and would tell the compiler the wrong layout.
+    # dA, dD and d(delta_bias) are fp32 sums whatever their inputs' dtype (ops.selective_scan requires fp32 anyway).
     like = (u, delta, A, B, C, D, z, delta_bias)
-    return [t.new_empty(t.shape) if t is not None else u.new_empty((0,)) for t in like]
+    fp32 = (False, False, True, False, False, True, False, True)
+    return [
+        (t.new_empty(t.shape, dtype=torch.float32) if f else t.new_empty(t.shape)) if t is not None else u.new_empty(0)
+        for t, f in zip(like, fp32)
+    ]
 
 
 def _scan_setup_context(ctx, inputs, output):

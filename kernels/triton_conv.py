@@ -157,6 +157,8 @@ def set_conv_config(which: str, config: tuple[int, int, int] | None) -> None:
     if config is None:
         _CONV_CONFIGS.pop(which, None)
         return
+    if len(config) != 3:
+        raise ValueError(f"set_conv_config: expected (BLOCK_T, BLOCK_D, warps), got {config}")
     bt, bd, warps = (int(v) for v in config)
     if min(bt, bd, warps) < 1 or any(v & (v - 1) for v in (bt, bd, warps)):
         raise ValueError(f"set_conv_config: BLOCK_T, BLOCK_D and warps must be powers of two, got {config}")

@@ -23,6 +23,33 @@ from kernels.testing import make_orders
 from kernels.triton_conv import set_conv_config
 
 
+def _time_configs(configs, x, weight, bias, orders, dy) -> list[dict]:
+    rows, first = [], None
+    for cfg in configs:
+        set_conv_config("fwd", cfg)
+        set_conv_config("bwd", cfg)
+        xl = x.detach().requires_grad_()  # still the strided slice (clone() would make it contiguous)
+
+        def fwd(xl=xl):
+            return causal_conv1d(xl, weight, bias, orders=orders, backend="triton")
+
+        def fwd_bwd(xl=xl):
+            torch.autograd.grad(fwd(xl), (xl, weight, bias), dy)
+
+        out = fwd()
+        grads = torch.autograd.grad(out, (xl, weight, bias), dy)
+        if first is None:
+            first = (out, *grads)
+        err = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+                  for a, b in zip((out, *grads), first))  # fmt: skip
+        row = {"config": list(cfg), "max_rel_err_vs_first": err}
+        if err < 1e-2:
+            row["fwd_ms"] = do_bench(fwd, warmup=10, rep=50, return_mode="median")
+            row["fwd_bwd_ms"] = do_bench(fwd_bwd, warmup=10, rep=50, return_mode="median")
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", type=int, nargs=4, metavar=("B", "D", "L", "K"), required=True)
@@ -45,36 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     orders = make_orders(seqlen, (height, width), k, names).cuda()
     gen = torch.Generator(device="cuda").manual_seed(0)
     xz = torch.randn(batch, seqlen, 2 * dim, device="cuda", generator=gen, dtype=torch.bfloat16)
-    x = xz[..., :dim].unsqueeze(2).requires_grad_(False)  # a strided slice, as in the mixer
+    x = xz[..., :dim].unsqueeze(2)  # a strided slice, as in the mixer
     weight = torch.randn(k, dim, 4, device="cuda", generator=gen).requires_grad_()
     bias = torch.randn(k, dim, device="cuda", generator=gen).requires_grad_()
     dy = torch.randn(batch, seqlen, k, dim, device="cuda", generator=gen, dtype=torch.bfloat16)
-    rows, first = [], None
-    for cfg in configs:
-        set_conv_config("fwd", cfg)
-        set_conv_config("bwd", cfg)
-        xl = x.detach().clone().requires_grad_()
-
-        def fwd(xl=xl):
-            return causal_conv1d(xl, weight, bias, orders=orders, backend="triton")
-
-        def fwd_bwd(xl=xl):
-            out = fwd()
-            torch.autograd.grad(out, (xl, weight, bias), dy)
-
-        out = fwd()
-        grads = torch.autograd.grad(out, (xl, weight, bias), dy)
-        if first is None:
-            first = (out, *grads)
-        err = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-                  for a, b in zip((out, *grads), first))  # fmt: skip
-        row = {"config": list(cfg), "max_rel_err_vs_first": err}
-        if err < 1e-2:
-            row["fwd_ms"] = do_bench(fwd, warmup=10, rep=50, return_mode="median")
-            row["fwd_bwd_ms"] = do_bench(fwd_bwd, warmup=10, rep=50, return_mode="median")
-        rows.append(row)
-    set_conv_config("fwd", None)
-    set_conv_config("bwd", None)
+    try:
+        rows = _time_configs(configs, x, weight, bias, orders, dy)
+    finally:
+        set_conv_config("fwd", None)
+        set_conv_config("bwd", None)
     print(f"conv1d B {batch} D {dim} L {seqlen} K {k} (Kx 1, W 4, bf16), {torch.cuda.get_device_name()}")
     print(f"{'config':<14} {'fwd ms':>8} {'f+b ms':>8} {'rel err':>9}")
     for r in rows:

@@ -115,8 +115,7 @@ class ArchModelMixin:
         computed) or ``hard`` (Gumbel top-``top_m`` straight-through: only the sampled orders are computed).
 
         Sampling happens in training mode only, from the default generator of the model's device. In eval mode
-        ``gumbel`` uses the
-        plain softmax and ``hard`` the ``top_m`` most probable orders.
+        ``gumbel`` uses the plain softmax and ``hard`` the ``top_m`` most probable orders.
         """
         if not self.is_search:
             raise RuntimeError(f"set_arch_mode: {type(self).__name__} has fixed orders (no arch_logits)")

@@ -24,7 +24,7 @@ CASES = [
     pytest.param(63, (9, 7), 1, 16, 1, (True, True, False), ("w2",), 4, id="L63-K1-N16-zD"),
     pytest.param(37, (4, 9), 2, 1, 2, (False, True, True), ("v_flip", "zh"), 4, id="L37-K2-N1-Ku2-Dbias"),
     pytest.param(37, None, 2, 16, 1, (True, False, True), None, 4, id="L37-K2-N16-identity-zbias"),
-    pytest.param(63, (7, 9), 4, 16, 1, (True, True, True), ("h", "v_flip", "w2", "w3_flip"), 12, id="L63-K4-Ku1-D12"),
+    pytest.param(35, (5, 7), 4, 16, 1, (True, True, True), ("h", "v_flip", "w2", "w3_flip"), 12, id="L35-K4-Ku1-D12"),
 ]
 
 
