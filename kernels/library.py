@@ -2,8 +2,8 @@
 ``torch.utils.flop_counter.FlopCounterMode`` counts them.
 
 Registered ops (namespace ``scan_nas``):
-    selective_scan_fwd(u, delta, A, B, C, D?, z?, delta_bias?, orders?, delta_softplus, out_dtype?, save_states)
-        -> (y, chunk_states)
+    selective_scan_fwd(u, delta, A, B, C, D?, z?, delta_bias?, orders?, delta_softplus, out_dtype?, save_states,
+                       store_y=True) -> (y, chunk_states); y is empty with store_y=False (the backward's recompute)
     selective_scan_bwd(dy, u, delta, A, B, C, D?, z?, delta_bias?, orders?, chunk_states, delta_softplus)
         -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias] (empty tensors for absent inputs)
     causal_conv1d_fwd / causal_conv1d_bwd: the same for the per-order causal conv1d.
@@ -38,15 +38,18 @@ def _scan_fwd_op(
     delta_softplus: bool,
     out_dtype: torch.dtype | None,
     save_states: bool,
+    store_y: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    return scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, orders, out_dtype, save_states)
+    return scan_fwd(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, orders, out_dtype, save_states, store_y=store_y
+    )
 
 
 @_scan_fwd_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, out_dtype, save_states):
+def _(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, out_dtype, save_states, store_y=True):
     bsz, seqlen, k, dim = delta.shape
     n = A.shape[2]
-    y = delta.new_empty((bsz, seqlen, k, dim), dtype=out_dtype or u.dtype)
+    y = delta.new_empty((bsz, seqlen, k, dim) if store_y else (0,), dtype=out_dtype or u.dtype)
     if not save_states:
         return y, delta.new_empty((0,), dtype=torch.float32)
     bt = scan_config(dim, n, seqlen, u.device)[0]
@@ -86,7 +89,7 @@ def _(dy, u, delta, A, B, C, D, z, delta_bias, orders, states, delta_softplus):
 
 
 def _scan_setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, _out_dtype, save = inputs
+    u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, _out_dtype, save, _store_y = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, orders, output[1])
     ctx.delta_softplus = delta_softplus
     ctx.recompute = not save  # a forward that kept no states (recompute_states): the backward reruns it first
@@ -98,13 +101,14 @@ def _scan_setup_context(ctx, inputs, output):
 def _scan_backward(ctx, dy, _dstates):
     u, delta, A, B, C, D, z, delta_bias, orders, states = ctx.saved_tensors
     if dy is None:  # no gradient reached y (grads are not materialized)
-        return (None,) * 12
+        return (None,) * 13  # one per op input
     if ctx.recompute:
-        _, states = _scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, orders, ctx.delta_softplus, None, True)
+        # States only: the rerun neither computes nor writes y.
+        _, states = _scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, orders, ctx.delta_softplus, None, True, False)
     grads = _scan_bwd_op(dy.contiguous(), u, delta, A, B, C, D, z, delta_bias, orders, states, ctx.delta_softplus)
     present = (u, delta, A, B, C, D, z, delta_bias)
     grads = [g if t is not None else None for g, t in zip(grads, present)]
-    return (*grads, None, None, None, None)
+    return (*grads, None, None, None, None, None)
 
 
 _scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
@@ -128,7 +132,7 @@ def selective_scan_op(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     """The registered Triton scan; same arguments as :func:`kernels.triton_scan.selective_scan_triton`.
 
     ``recompute_states``: keep no chunk-start states between forward and backward (the backward reruns the forward
-    kernel to get them, writing and discarding its output once more): less memory for one more forward pass.
+    kernel for the states alone, without computing or writing y): less memory for one more pass over the inputs.
     """
     save = (
         torch.is_grad_enabled()

@@ -125,7 +125,7 @@ def _scan_fwd_kernel(
     s_zb, s_zl, s_zk, s_yb, s_yl, s_yk,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_ORDERS: tl.constexpr, SAVE_STATES: tl.constexpr,
+    HAS_ORDERS: tl.constexpr, SAVE_STATES: tl.constexpr, STORE_Y: tl.constexpr = True,
 ):  # fmt: skip
     pid_d = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -176,14 +176,15 @@ def _scan_fwd_kernel(
         bx = (dt * u)[:, :, None] * Bt[:, None, :]
         P, S = tl.associative_scan((a, bx), axis=0, combine_fn=_affine_combine)
         xs = P * x[None, :, :] + S
-        y = tl.sum(xs * Ct[:, None, :], axis=2)
         x = tl.sum(tl.where(offs_t[:, None, None] == BLOCK_T - 1, xs, 0.0), axis=0)
-        if HAS_D:
-            y += u * dskip[None, :]
-        if HAS_Z:
-            zt = tl.load(z_base + idx[:, None] * s_zl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
-            y = y * zt * _sigmoid(zt)
-        tl.store(y_base + idx[:, None] * s_yl + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=m_td)
+        if STORE_Y:  # off for the backward's state recompute: no C·h, no gate, no store
+            y = tl.sum(xs * Ct[:, None, :], axis=2)
+            if HAS_D:
+                y += u * dskip[None, :]
+            if HAS_Z:
+                zt = tl.load(z_base + idx[:, None] * s_zl + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+                y = y * zt * _sigmoid(zt)
+            tl.store(y_base + idx[:, None] * s_yl + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=m_td)
 
 
 @triton.jit
@@ -466,13 +467,16 @@ def scan_fwd(
     out_dtype: torch.dtype | None,
     save_states: bool,
     config: tuple[int, ...] | None = None,
+    store_y: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
-    Args: as :func:`selective_scan_triton`; ``save_states`` keeps the chunk-start states for the backward.
+    Args: as :func:`selective_scan_triton`; ``save_states`` keeps the chunk-start states for the backward;
+    ``store_y=False`` (with ``save_states``: the backward's recompute) computes and writes only the states.
 
     Returns:
-        y (B, L, K, D) in ``out_dtype``, and the chunk-start states (B·K, n_chunks, D, N) fp32 (empty when not saved).
+        y (B, L, K, D) in ``out_dtype`` (empty without ``store_y``), and the chunk-start states (B·K, n_chunks, D, N)
+        fp32 (empty when not saved).
     """
     u, delta, z = _last_contiguous(u), _last_contiguous(delta), _last_contiguous(z)
     bsz, seqlen, k, dim = delta.shape
@@ -481,7 +485,10 @@ def scan_fwd(
     config = tuple(config or scan_config(dim, n, seqlen, u.device))
     save_t = config[0]
     n_save = triton.cdiv(seqlen, save_t)
-    y = torch.empty(bsz, seqlen, k, dim, device=u.device, dtype=out_dtype or u.dtype)
+    if not (store_y or save_states):
+        raise ValueError("scan_fwd: store_y=False needs save_states=True (there would be nothing to compute)")
+    y_shape = (bsz, seqlen, k, dim) if store_y else (1, 1, 1, 1)  # a stand-in the kernel never touches
+    y = torch.empty(y_shape, device=u.device, dtype=out_dtype or u.dtype)
     if save_states:
         states = torch.empty(bsz * k, n_save, dim, n, device=u.device, dtype=torch.float32)
     else:
@@ -489,9 +496,9 @@ def scan_fwd(
     orders_i = orders.to(device=u.device, dtype=torch.int32).contiguous() if orders is not None else None
     dummy = A
     zs = _strides(z, k) if z is not None else (0, 0, 0)
-    common = dict(
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-        HAS_ORDERS=orders_i is not None, SAVE_STATES=save_states,
+    common = dict(  # without y, z is not read at all
+        HAS_D=D is not None, HAS_Z=z is not None and store_y, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus), HAS_ORDERS=orders_i is not None, SAVE_STATES=save_states, STORE_Y=store_y,
     )  # fmt: skip
     args = (
         u, delta, A, B, C,
@@ -522,7 +529,7 @@ def scan_fwd(
             BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n), SAVE_T=save_t, num_warps=warps,
             IDX64=_needs_int64(seqlen, k, dim, n, u, delta, B, C, z, y), **common,
         )  # fmt: skip
-    return y, states
+    return (y if store_y else y.new_empty(0)), states
 
 
 def scan_bwd(

@@ -84,7 +84,7 @@ def _scan_fwd_nd_kernel(
     s_zb, s_zl, s_zk, s_yb, s_yl, s_yk,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SAVE_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_ORDERS: tl.constexpr, SAVE_STATES: tl.constexpr, IDX64: tl.constexpr = True,
+    HAS_ORDERS: tl.constexpr, SAVE_STATES: tl.constexpr, IDX64: tl.constexpr = True, STORE_Y: tl.constexpr = True,
 ):  # fmt: skip
     pid_d = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -138,7 +138,6 @@ def _scan_fwd_nd_kernel(
         bx = (d32 * uf)[:, None, :] * Bt.to(tl.float32)[:, :, None]
         P, S = tl.associative_scan((a, bx), axis=0, combine_fn=_affine_combine)
         xs = P * x[None, :, :] + S
-        y = tl.sum(xs * Ct.to(tl.float32)[:, :, None], axis=1)
         if SAVE_STATES and BLOCK_T > SAVE_T:
             # A chunk longer than the saved-state interval: the state after step t is the one the backward's chunk
             # starting at t + 1 needs, for every t + 1 inside this chunk that is a multiple of SAVE_T.
@@ -147,12 +146,14 @@ def _scan_fwd_nd_kernel(
             st_off = (t1 // SAVE_T).to(tl.int64)[:, None, None] * DIM * N + nd_off[None, :, :]
             tl.store(st_base + st_off, xs, mask=keep[:, None, None] & mask_nd[None, :, :])
         x = tl.sum(tl.where(offs_t[:, None, None] == BLOCK_T - 1, xs, 0.0), axis=0)
-        if HAS_D:
-            y += uf * dskip[None, :]
-        if HAS_Z:
-            z32 = zt.to(tl.float32)
-            y = y * z32 * _sigmoid(z32)
-        tl.store(y_base + idx[:, None] * s_yl + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=m_td)
+        if STORE_Y:  # off for the backward's state recompute: no C·h, no gate, no store
+            y = tl.sum(xs * Ct.to(tl.float32)[:, :, None], axis=1)
+            if HAS_D:
+                y += uf * dskip[None, :]
+            if HAS_Z:
+                z32 = zt.to(tl.float32)
+                y = y * z32 * _sigmoid(z32)
+            tl.store(y_base + idx[:, None] * s_yl + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=m_td)
         idx, u, dt, Bt, Ct, zt = idx_n, u_n, dt_n, B_n, C_n, z_n
 
 

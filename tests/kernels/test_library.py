@@ -157,3 +157,18 @@ def test_fake_impls_match_the_kernels_on_strided_inputs():
     x = torch.randn(1, 15, 1, 8)[..., :4]  # a slice of a wider projection, as the mixer passes it
     conv_args = (x, torch.randn(2, 4, 3), torch.randn(2, 4), orders, True)
     torch.library.opcheck(torch.ops.scan_nas.causal_conv1d_bwd, (dy, *conv_args), test_utils=tests)
+
+
+@pytest.mark.parametrize("config", [None, (4, 4, 1, 8, 4, 1, 2, 0, 1)], ids=["tdn", "nd"])
+def test_states_only_forward_matches_the_full_one(monkeypatch, config):
+    """store_y=False (the recompute backward's rerun): the same chunk states, no y."""
+    import kernels.triton_scan as ts
+
+    if config is not None:
+        monkeypatch.setattr(ts, "scan_config", lambda *args: config)
+    inputs, orders = _setup(ku=1)
+    args = [inputs[n] for n in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    y, states = torch.ops.scan_nas.selective_scan_fwd(*args, orders, True, None, True)
+    y0, states0 = torch.ops.scan_nas.selective_scan_fwd(*args, orders, True, None, True, False)
+    assert y.shape == (1, 15, 2, 4) and y0.numel() == 0
+    assert torch.equal(states, states0)
