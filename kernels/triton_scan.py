@@ -487,8 +487,7 @@ def scan_fwd(
     n_save = triton.cdiv(seqlen, save_t)
     if not (store_y or save_states):
         raise ValueError("scan_fwd: store_y=False needs save_states=True (there would be nothing to compute)")
-    y_shape = (bsz, seqlen, k, dim) if store_y else (1, 1, 1, 1)  # a stand-in the kernel never touches
-    y = torch.empty(y_shape, device=u.device, dtype=out_dtype or u.dtype)
+    y = torch.empty((bsz, seqlen, k, dim) if store_y else (0,), device=u.device, dtype=out_dtype or u.dtype)
     if save_states:
         states = torch.empty(bsz * k, n_save, dim, n, device=u.device, dtype=torch.float32)
     else:
@@ -508,7 +507,7 @@ def scan_fwd(
     )  # fmt: skip
     strides = (
         *_strides(u, k), *_strides(delta, k), *_strides(B, k), B.stride(3), *_strides(C, k), C.stride(3),
-        *zs, *_strides(y, k),
+        *zs, *(_strides(y, k) if store_y else (0, 0, 0)),
     )  # fmt: skip
     if len(config) == 3:
         bt, bd, warps = config
@@ -529,7 +528,7 @@ def scan_fwd(
             BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n), SAVE_T=save_t, num_warps=warps,
             IDX64=_needs_int64(seqlen, k, dim, n, u, delta, B, C, z, y), **common,
         )  # fmt: skip
-    return (y if store_y else y.new_empty(0)), states
+    return y, states
 
 
 def scan_bwd(

@@ -58,13 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("error: profile_conv needs a CUDA GPU", file=sys.stderr)
-        return 2
     try:
         configs = [tuple(int(v) for v in spec.split(",")) for spec in args.configs]
-    except ValueError:
-        print(f"error: --configs takes comma-separated integers such as 32,128,4; got {args.configs}", file=sys.stderr)
+        for cfg in configs:
+            set_conv_config("fwd", cfg)  # checks the length and the powers of two now, not mid-run
+        set_conv_config("fwd", None)
+    except ValueError as err:
+        print(f"error: --configs takes BLOCK_T,BLOCK_D,warps such as 32,128,4 ({err})", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("error: profile_conv needs a CUDA GPU", file=sys.stderr)
         return 2
     batch, dim, seqlen, k = args.shape
     height, width = args.hw

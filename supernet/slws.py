@@ -49,8 +49,7 @@ def draw_shuffle(prob: float, num_tokens: int, device: torch.device | str | None
     The permutation is the argsort of ``num_tokens`` uniform float64 draws (uniformly random up to ties, ~1e-9 likely
     at 3,136 tokens) and the Bernoulli decision is a ``torch.where`` on the device, so the host never waits for it.
     A layer with ``prob`` > 0 therefore composes its orders with a permutation every step, the identity when the draw
-    does not fire. Nothing is drawn when ``prob`` is 0,
-    so ``shuffle_max=0`` leaves the RNG stream untouched.
+    does not fire. Nothing is drawn when ``prob`` is 0, so ``shuffle_max=0`` leaves the RNG stream untouched.
     """
     if prob <= 0.0:
         return None

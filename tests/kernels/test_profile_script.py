@@ -24,3 +24,17 @@ def test_bad_arguments_are_one_line_errors(capsys, extra, message):
     assert profile_scan.main(["--shape", "2", "8", "37", "4", "2", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+_CONV = Path(__file__).resolve().parents[2] / "scripts" / "profile_conv.py"
+_conv_spec = importlib.util.spec_from_file_location("profile_conv", _CONV)
+profile_conv = importlib.util.module_from_spec(_conv_spec)
+_conv_spec.loader.exec_module(profile_conv)
+
+
+@pytest.mark.parametrize("spec, message", [("32,a,4", "BLOCK_T,BLOCK_D,warps"), ("32,128", "expected (BLOCK_T"),
+                                           ("32,100,4", "powers of two")])  # fmt: skip
+def test_profile_conv_bad_configs_are_one_line_errors(capsys, spec, message):
+    assert profile_conv.main(["--shape", "2", "8", "37", "2", "--configs", spec]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
