@@ -1,11 +1,23 @@
 """Order-dependent ops for vision Mamba: the selective scan and causal conv1d over K token orders in one call."""
 
 from . import library  # registers the torch.library ops and their FLOP formula before any FlopCounterMode exists
-from .ops import BACKENDS, causal_conv1d, resolve_backend, selective_scan, validate_scan_inputs
-from .reference import causal_conv1d_ref, selective_scan_ref
+from .ops import (
+    BACKENDS,
+    branch_attn_merge,
+    branch_merge,
+    causal_conv1d,
+    resolve_backend,
+    selective_scan,
+    validate_scan_inputs,
+)
+from .reference import branch_attn_merge_ref, branch_merge_ref, causal_conv1d_ref, selective_scan_ref
 
 __all__ = [
     "BACKENDS",
+    "branch_attn_merge",
+    "branch_attn_merge_ref",
+    "branch_merge",
+    "branch_merge_ref",
     "causal_conv1d",
     "causal_conv1d_ref",
     "library",

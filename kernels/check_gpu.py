@@ -6,7 +6,10 @@ run in fp64 for fp32 cases (in fp32 for bf16/fp16 cases); with mamba-ssm present
 passes when its error is at most twice mamba-ssm's own error against the same truth (both compute the decays with an
 approximate exp2), and the report says which criterion each tensor met. Writes a JSON report.
 
-    python -m kernels.check_gpu --out benchmarks/kernels_h100.json [--commit SHA] [--quick]
+    python -m kernels.check_gpu --out benchmarks/kernels_h100.json [--commit SHA] [--quick] [--parts scan merge]
+
+The ``merge`` part checks the mixer's fused branch merge (:func:`kernels.branch_attn_merge` and
+:func:`kernels.branch_merge`) against the reference at the models' shapes, output and every gradient.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ import time
 import torch
 import triton
 
-from kernels.ops import selective_scan
-from kernels.reference import selective_scan_ref
+from kernels.ops import branch_attn_merge, branch_merge, selective_scan
+from kernels.reference import branch_attn_merge_ref, branch_merge_ref, selective_scan_ref
 from kernels.testing import (
     GRAD_NAMES,
     TOLERANCES,
@@ -51,6 +54,47 @@ GRID = [
     (4096, (64, 64), 8, 16, 1, True),
     (4096, (64, 64), 1, 1, 1, True),
 ]
+
+
+# The branch merge at the models' shapes: (B, L, K, D, gate hidden width or 0 for the plain merge)
+MERGE_GRID = [
+    (128, 197, 8, 256, 32),  # LocalVim-T supernet layer (the K=8 localmamba space)
+    (128, 197, 4, 384, 48),  # LocalVim-T child layer
+    (128, 197, 2, 384, 0),  # Vim-Ti layer
+    (16, 3136, 8, 192, 24),  # LocalVMamba-T stage 1, small batch
+    (3, 199, 3, 37, 4),  # odd sizes
+]
+
+
+def check_merge_case(bsz, seqlen, k, dim, hidden, dtype) -> dict:
+    """Fused merge vs the reference (fp32 truth; fp64 for fp32 inputs), output and every gradient."""
+    gen = torch.Generator().manual_seed(bsz + seqlen + k + dim)
+    y = torch.randn(bsz, seqlen, k, dim, generator=gen)
+    w = torch.softmax(torch.randn(k, generator=gen), 0)
+    params = [1.0 + 0.5 * torch.randn(dim, generator=gen), 0.1 * torch.randn(dim, generator=gen)]
+    params += [0.3 * torch.randn(hidden, dim, generator=gen), 0.1 * torch.randn(hidden, generator=gen)]
+    params += [0.3 * torch.randn(dim, hidden, generator=gen), 0.1 * torch.randn(dim, generator=gen)]
+    dout = torch.randn(bsz, seqlen, dim, generator=gen)
+    tensors = [y.to(dtype), w] + (params if hidden else [])
+    names = ["y", "w"] + (["norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"] if hidden
+                          else [])  # fmt: skip
+
+    def run(fn, ts, d):
+        leaves = [t.detach().cuda().requires_grad_() for t in ts]
+        out = fn(*leaves)
+        out.backward(d.cuda())
+        return out, [t.grad for t in leaves]
+
+    fast, ref = (branch_attn_merge, branch_attn_merge_ref) if hidden else (branch_merge, branch_merge_ref)
+    with poisoned_empty():
+        out, grads = run(lambda *a: fast(*a, backend="triton"), tensors, dout.to(dtype))
+    truth_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    out_ref, grads_ref = run(ref, [t.to(truth_dtype) for t in tensors], dout.to(dtype).to(truth_dtype))
+    rtol, atol = TOLERANCES[dtype]
+    recs = [compare("out", out, out_ref, rtol, atol)]
+    recs += [compare(nm, g, r, rtol, atol) for nm, g, r in zip(names, grads, grads_ref)]
+    return {"B": bsz, "L": seqlen, "K": k, "D": dim, "hidden": hidden, "dtype": str(dtype).replace("torch.", ""),
+            "ok": all(r["ok"] for r in recs), "vs_ref": recs}  # fmt: skip
 
 
 def mamba_grad_tolerance(name: str, dtype: torch.dtype, k: int, ku: int) -> tuple[float, float]:
@@ -152,16 +196,18 @@ def main(cfg: dict) -> dict:
             load_scan_configs(cfg["configs"])
         except ValueError as err:
             raise SystemExit(f"error: --configs: {err}") from None
-    with_mamba = not cfg.get("no_mamba") and try_load_mamba(cfg.get("mamba_anchor"))
+    parts = cfg.get("parts") or ("scan", "merge")
+    with_mamba = "scan" in parts and not cfg.get("no_mamba") and try_load_mamba(cfg.get("mamba_anchor"))
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    grid = GRID[:3] if cfg.get("quick") else GRID
-    results = []
+    grid = (GRID[:3] if cfg.get("quick") else GRID) if "scan" in parts else []
+    results, merge_results = [], []
     t0 = time.time()
     info = env_info(cfg.get("commit"))
 
     def write() -> dict:
-        report = {**info, "with_mamba": with_mamba, "all_ok": all(r["ok"] for r in results),
-                  "seconds": round(time.time() - t0, 1), "cases": results}  # fmt: skip
+        ok = all(r["ok"] for r in results + merge_results)
+        report = {**info, "with_mamba": with_mamba, "all_ok": ok, "seconds": round(time.time() - t0, 1),
+                  "cases": results, "merge_cases": merge_results}  # fmt: skip
         if cfg.get("out"):  # rewritten after every case, so a cut-off run still leaves its report
             os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)
             with open(cfg["out"], "w") as f:
@@ -178,8 +224,18 @@ def main(cfg: dict) -> dict:
                   f"extras={rec['z_D_bias']!s:5} {status}  worst vs ref: {worst['name']} "
                   f"err/bound={worst['max_err_over_bound']:.3f}", flush=True)  # fmt: skip
             write()
+    for dtype in dtypes if "merge" in parts else ():
+        for case in MERGE_GRID:
+            rec = check_merge_case(*case, dtype=dtype)
+            merge_results.append(rec)
+            worst = max(rec["vs_ref"], key=lambda r: r["max_err_over_bound"])
+            print(f"merge {rec['dtype']:>8} B={rec['B']:<3} L={rec['L']:<4} K={rec['K']} D={rec['D']:<3} "
+                  f"hidden={rec['hidden']:<2} {'PASS' if rec['ok'] else 'FAIL'}  worst vs ref: {worst['name']} "
+                  f"err/bound={worst['max_err_over_bound']:.3f}", flush=True)  # fmt: skip
+            write()
     report = write()
-    print(f"all ok: {report['all_ok']} ({len(results)} cases, mamba={with_mamba}, {report['seconds']} s)")
+    n_cases = len(results) + len(merge_results)
+    print(f"all ok: {report['all_ok']} ({n_cases} cases, mamba={with_mamba}, {report['seconds']} s)")
     return report
 
 
@@ -190,5 +246,6 @@ if __name__ == "__main__":
     p.add_argument("--mamba-anchor", default=None, help="folder with build.py that builds mamba-ssm's scan")
     p.add_argument("--no-mamba", action="store_true")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--parts", nargs="+", choices=("scan", "merge"), default=["scan", "merge"], help="what to check")
     p.add_argument("--configs", default=None, help="JSON of tuned block sizes written by kernels.bench --configs-out")
     main(vars(p.parse_args()))

@@ -7,6 +7,8 @@ Registered ops (namespace ``scan_nas``):
     selective_scan_bwd(dy, u, delta, A, B, C, D?, z?, delta_bias?, orders?, chunk_states, delta_softplus)
         -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias] (empty tensors for absent inputs)
     causal_conv1d_fwd / causal_conv1d_bwd: the same for the per-order causal conv1d.
+    branch_merge / branch_merge_bwd: the mixer's weighted sum over K orders.
+    branch_attn_merge / branch_attn_merge_bwd: the same behind LocalMamba's per-branch channel gate.
 
 FLOPs follow VMamba's rule for the scan: 9·B·L·K·D·N, plus B·L·K·D for the D skip and B·L·K·D for the z gate.
 The ``ref`` and ``mamba`` backends are plain PyTorch compositions and are not registered here.
@@ -17,9 +19,10 @@ import triton
 from torch.utils.flop_counter import register_flop_formula
 
 from .triton_conv import conv_bwd, conv_fwd
+from .triton_merge import branch_attn_merge_bwd, branch_attn_merge_fwd, branch_merge_bwd, branch_merge_fwd
 from .triton_scan import scan_bwd, scan_config, scan_fwd
 
-__all__ = ["causal_conv1d_op", "scan_flops", "selective_scan_op"]
+__all__ = ["branch_attn_merge_op", "branch_merge_op", "causal_conv1d_op", "scan_flops", "selective_scan_op"]
 
 Tensor = torch.Tensor
 
@@ -192,3 +195,103 @@ _conv_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup_context
 def causal_conv1d_op(x, weight, bias=None, orders=None, activation="silu", out_dtype=None) -> Tensor:
     """The registered Triton causal conv1d; same arguments as :func:`kernels.triton_conv.causal_conv1d_triton`."""
     return _conv_fwd_op(x, weight, bias, orders, activation == "silu", out_dtype)
+
+
+@torch.library.custom_op("scan_nas::branch_merge", mutates_args=())
+def _merge_op(y: Tensor, w: Tensor) -> Tensor:
+    return branch_merge_fwd(y, w)
+
+
+@_merge_op.register_fake
+def _(y, w):
+    return y.new_empty((y.shape[0], y.shape[1], y.shape[3]))
+
+
+@torch.library.custom_op("scan_nas::branch_merge_bwd", mutates_args=())
+def _merge_bwd_op(dout: Tensor, y: Tensor, w: Tensor, need_dw: bool) -> list[Tensor]:
+    dy, dw = branch_merge_bwd(dout, y, w, need_dw)
+    return [dy, dw if dw is not None else w.new_empty((0,), dtype=torch.float32)]
+
+
+@_merge_bwd_op.register_fake
+def _(dout, y, w, need_dw):
+    return [y.new_empty(y.shape), w.new_empty(w.shape if need_dw else (0,), dtype=torch.float32)]
+
+
+def _merge_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _merge_backward(ctx, dout):
+    y, w = ctx.saved_tensors
+    need_dw = ctx.needs_input_grad[1]
+    dy, dw = _merge_bwd_op(dout, y, w, need_dw)
+    return dy, dw.to(w.dtype) if need_dw else None
+
+
+_merge_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
+
+
+def branch_merge_op(y: Tensor, w: Tensor) -> Tensor:
+    """The registered Triton merge: ``Σ_k w_k · y[:, :, k]`` → (B, L, D) in y's dtype."""
+    return _merge_op(y, w)
+
+
+@torch.library.custom_op("scan_nas::branch_attn_merge", mutates_args=())
+def _attn_merge_op(
+    y: Tensor, w: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float, fc1_weight: Tensor, fc1_bias: Tensor,
+    fc2_weight: Tensor, fc2_bias: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    out, pooled, mean, rstd = branch_attn_merge_fwd(
+        y, w, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias
+    )
+    return out, pooled, mean, rstd
+
+
+@_attn_merge_op.register_fake
+def _(y, w, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    bsz, seqlen, k, dim = y.shape
+    stats = y.new_empty((bsz, seqlen, k), dtype=torch.float32)
+    return (y.new_empty((bsz, seqlen, dim)), y.new_empty((bsz, k, dim), dtype=torch.float32), stats,
+            torch.empty_like(stats))  # fmt: skip
+
+
+@torch.library.custom_op("scan_nas::branch_attn_merge_bwd", mutates_args=())
+def _attn_merge_bwd_op(
+    dout: Tensor, y: Tensor, w: Tensor, pooled: Tensor, mean: Tensor, rstd: Tensor, norm_weight: Tensor,
+    norm_bias: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
+) -> list[Tensor]:  # fmt: skip
+    grads = branch_attn_merge_bwd(
+        dout, y, w, pooled, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias
+    )
+    return list(grads)
+
+
+@_attn_merge_bwd_op.register_fake
+def _(dout, y, w, pooled, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    params = (w, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    return [y.new_empty(y.shape)] + [p.new_empty(p.shape, dtype=torch.float32) for p in params]
+
+
+def _attn_merge_setup_context(ctx, inputs, output):
+    y, w, norm_weight, norm_bias, _eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias = inputs
+    _, pooled, mean, rstd = output
+    ctx.save_for_backward(y, w, pooled, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    ctx.set_materialize_grads(False)  # the pooled means and statistics never receive a gradient
+
+
+def _attn_merge_backward(ctx, dout, _dpooled, _dmean, _drstd):
+    y, w, pooled, mean, rstd, *params = ctx.saved_tensors
+    if dout is None:
+        return (None,) * 9
+    dy, dw, *dparams = _attn_merge_bwd_op(dout, y, w, pooled, mean, rstd, *params)
+    dparams = [g.to(p.dtype) for g, p in zip(dparams, params)]
+    return dy, dw.to(w.dtype), dparams[0], dparams[1], None, *dparams[2:]
+
+
+_attn_merge_op.register_autograd(_attn_merge_backward, setup_context=_attn_merge_setup_context)
+
+
+def branch_attn_merge_op(y, w, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=1e-5) -> Tensor:
+    """The registered Triton gated merge; same arguments as :func:`kernels.reference.branch_attn_merge_ref`."""
+    return _attn_merge_op(y, w, norm_weight, norm_bias, float(eps), fc1_weight, fc1_bias, fc2_weight, fc2_bias)[0]

@@ -12,9 +12,17 @@ import os
 
 import torch
 
-from .reference import causal_conv1d_ref, selective_scan_ref
+from .reference import branch_attn_merge_ref, branch_merge_ref, causal_conv1d_ref, selective_scan_ref
 
-__all__ = ["BACKENDS", "causal_conv1d", "resolve_backend", "selective_scan", "validate_scan_inputs"]
+__all__ = [
+    "BACKENDS",
+    "branch_attn_merge",
+    "branch_merge",
+    "causal_conv1d",
+    "resolve_backend",
+    "selective_scan",
+    "validate_scan_inputs",
+]
 
 BACKENDS = ("auto", "ref", "triton", "mamba")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -176,6 +184,71 @@ def causal_conv1d(
         return causal_conv1d_op(x, weight, bias, orders=orders, activation=activation, out_dtype=out_dtype)
     # 'mamba' has no conv of its own here: it uses the reference, as before.
     return causal_conv1d_ref(x, weight, bias, orders=orders, activation=activation, out_dtype=out_dtype)
+
+
+def _check_merge_inputs(y: torch.Tensor, w: torch.Tensor) -> None:
+    if y.dim() != 4:
+        raise ValueError(f"y: expected shape (B, L, K, D), got {tuple(y.shape)}")
+    _expect_shape("w", w, (y.shape[2],))
+
+
+def branch_merge(y: torch.Tensor, w: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """The mixer's merge of K orders: ``Σ_k w_k · y[:, :, k]``. See :func:`branch_merge_ref`.
+
+    Args:
+        y: (B, L, K, D). w: (K,) merge weights (fp32; they may require grad). backend: as for
+            :func:`selective_scan` (``mamba`` uses the reference).
+
+    Returns:
+        (B, L, D) in y's dtype.
+    """
+    _check_merge_inputs(y, w)
+    if resolve_backend(backend, y.device) == "triton":
+        from .library import branch_merge_op
+
+        return branch_merge_op(y, w)
+    return branch_merge_ref(y, w)
+
+
+def branch_attn_merge(
+    y: torch.Tensor,
+    w: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor,
+    eps: float = 1e-5,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """LocalMamba's per-branch channel gate, then the merge. See :func:`branch_attn_merge_ref`.
+
+    The ``triton`` backend reads y twice forward (pooled LayerNorm statistics, then the gated sum) and writes dy once
+    backward; the gate's small MLP runs in fp32.
+
+    Args:
+        y: (B, L, K, D). w: (K,). norm_weight, norm_bias: (D,). fc1_weight (H, D), fc1_bias (H,), fc2_weight (D, H),
+            fc2_bias (D,). eps: the LayerNorm's. backend: as for :func:`branch_merge`.
+
+    Returns:
+        (B, L, D) in y's dtype.
+    """
+    _check_merge_inputs(y, w)
+    dim = y.shape[3]
+    _expect_shape("norm_weight", norm_weight, (dim,))
+    _expect_shape("norm_bias", norm_bias, (dim,))
+    _expect_shape("fc1_weight", fc1_weight, (None, dim))
+    hidden = fc1_weight.shape[0]
+    _expect_shape("fc1_bias", fc1_bias, (hidden,))
+    _expect_shape("fc2_weight", fc2_weight, (dim, hidden))
+    _expect_shape("fc2_bias", fc2_bias, (dim,))
+    args = (y, w, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    if resolve_backend(backend, y.device) == "triton":
+        from .library import branch_attn_merge_op
+
+        return branch_attn_merge_op(*args, eps=eps)
+    return branch_attn_merge_ref(*args, eps=eps)
 
 
 def _interpreting() -> bool:

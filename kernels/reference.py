@@ -14,10 +14,12 @@ to ``out_dtype`` (default: the dtype of ``u``) at the end.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["causal_conv1d_ref", "selective_scan_ref"]
+__all__ = ["branch_attn_merge_ref", "branch_merge_ref", "causal_conv1d_ref", "selective_scan_ref"]
 
 
 def _gather_tokens(x: torch.Tensor, orders: torch.Tensor | None, k: int) -> torch.Tensor:
@@ -131,3 +133,45 @@ def causal_conv1d_ref(
     elif activation is not None:
         raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
     return _scatter_tokens(out, orders).to(out_dtype)
+
+
+def autocast_off(device: torch.device):
+    """A context that turns autocast off for ``device``'s type when it is on (and does nothing where it cannot be)."""
+    kind = device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
+
+
+def branch_merge_ref(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The mixer's merge of K orders (reference): ``Σ_k w_k · y[:, :, k]``.
+
+    Args:
+        y: (B, L, K, D). w: (K,) merge weights.
+
+    Returns:
+        (B, L, D) in y's dtype, computed in fp32.
+    """
+    return (y.float() * w.float().view(1, 1, -1, 1)).sum(2).to(y.dtype)
+
+
+def branch_attn_merge_ref(y, w, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=1e-5):
+    """LocalMamba's per-branch channel gate, then the merge (reference).
+
+    ``out = Σ_k w_k · g_k ⊙ y[:, :, k]`` with ``g_k = σ(fc2(gelu(fc1(mean_L LayerNorm(y[:, :, k])))))``, one gate per
+    sample and order (LocalMamba's ``BiAttn``, channel part).
+
+    Args:
+        y: (B, L, K, D). w: (K,). norm_weight, norm_bias: (D,). fc1: (H, D), (H,). fc2: (D, H), (D,).
+
+    Returns:
+        (B, L, D) in y's dtype, computed in fp32 (autocast off).
+    """
+    with autocast_off(y.device):
+        yf = y.float()
+        pooled = F.layer_norm(yf, yf.shape[-1:], norm_weight.float(), norm_bias.float(), eps).mean(1)  # (B, K, D)
+        g = F.linear(
+            F.gelu(F.linear(pooled, fc1_weight.float(), fc1_bias.float())), fc2_weight.float(), fc2_bias.float()
+        )
+        out = (yf * (torch.sigmoid(g) * w.float().view(1, -1, 1)).unsqueeze(1)).sum(2)
+    return out.to(y.dtype)

@@ -59,10 +59,11 @@ def build_orders(names: Sequence[str], grid: tuple[int, int], extra_token_step: 
 
 
 class BranchAttn(nn.Module):
-    """Per-branch channel attention of LocalMamba's multi-order mixer (its ``BiAttn``, channel part).
+    """Per-branch channel attention of LocalMamba's multi-order mixer (its ``BiAttn``, channel part), and the merge.
 
-    Each order's output is gated by ``sigmoid(fc2(gelu(fc1(mean_L(LN(y_k))))))``; the weights are shared by every
-    order, so the module has no K axis and is used unchanged by a supernet and its children.
+    Each order's output is gated by ``sigmoid(fc2(gelu(fc1(mean_L(LN(y_k))))))``, then the orders are summed with the
+    merge weights; the module's weights are shared by every order, so it has no K axis and is used unchanged by a
+    supernet and its children. The computation is :func:`kernels.branch_attn_merge` (fused on the ``triton`` backend).
     """
 
     def __init__(self, dim: int, ratio: float = 0.125) -> None:
@@ -73,11 +74,12 @@ class BranchAttn(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        """y: (B, L, K, D) → (B, L, K, D)."""
-        g = self.norm(y).mean(1, keepdim=True)  # (B, 1, K, D): one gate per sample and order
-        g = torch.sigmoid(self.fc2(self.act(self.fc1(g))))
-        return y * g
+    def forward(self, y: torch.Tensor, w: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        """y: (B, L, K, D), w: (K,) merge weights → (B, L, D)."""
+        return kernels.branch_attn_merge(
+            y, w, self.norm.weight, self.norm.bias, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+            eps=self.norm.eps, backend=backend,
+        )  # fmt: skip
 
 
 class MultiOrderMixer(nn.Module):
@@ -306,11 +308,12 @@ class MultiOrderMixer(nn.Module):
             backend=self.scan_backend,
             recompute_states=recompute,
         )  # (B, L, K, D), original token order
+        # The merge over K: one pass over y forward and one backward on the triton backend (as broadcast products in
+        # PyTorch, the gated merge wrote an fp32 LayerNorm output and several (B, L, K, D) temporaries each way).
         if self.branch_attn is not None:
-            y = self.branch_attn(y)
-        # The branch merge as a broadcast product and a sum over K (einsum ran it as a GEMV: 0.18 ms per Vim-Ti layer
-        # on an H200, against ~0.02 ms for these two passes over y).
-        y = (y * w.to(y.dtype).view(1, 1, -1, 1)).sum(2)
+            y = self.branch_attn(y, w, backend=self.scan_backend)
+        else:
+            y = kernels.branch_merge(y, w, backend=self.scan_backend)
         if self.out_norm is not None:
             y = self.out_norm(y)
         return self.out_proj(y)

@@ -1,0 +1,297 @@
+"""The mixer's branch merge in Triton: LocalMamba's per-branch channel gate and the weighted sum over K orders.
+
+The multi-order mixer ends every layer with
+
+    out[b, l] = Σ_k w_k · g[b, k] ⊙ y[b, l, k],      g[b, k] = σ(fc2(gelu(fc1(mean_l LN(y[b, l, k])))))
+
+(``g = 1`` without the branch attention). In PyTorch ops this is a chain over the (B, L, K, D) scan output: an fp32
+LayerNorm output, its mean, two broadcast products, a sum, and about as many passes again in the backward. Here:
+
+- ``_pool_kernel`` reads y once and gives ``mean_l xhat`` (the LayerNorm's mean over tokens, before its affine) and
+  the per-row LayerNorm statistics (B, L, K) that the backward reuses;
+- ``_merge_fwd_kernel`` reads y once more and writes the (B, L, D) output, with the small (B, K, D) gate ``w_k·g``
+  computed in between by PyTorch;
+- backward: ``_merge_dgw_kernel`` reduces ``Σ_l y ⊙ dout`` (the gate's gradient), PyTorch runs the small MLP's
+  backward, and ``_merge_dy_kernel`` writes dy once: the merge's term plus the LayerNorm-mean's term
+  ``rstd·(a − mean_d a − xhat·mean_d(a·xhat))``, where ``a`` (the gradient of every xhat row) does not depend on l.
+
+Layout: y (B, L, K, D) with unit stride along D; out and dout (B, L, D) contiguous; statistics (B, L, K) fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .reference import autocast_off
+
+__all__ = ["branch_attn_merge_bwd", "branch_attn_merge_fwd", "branch_merge_bwd", "branch_merge_fwd", "gate_mlp"]
+
+_ROWS_PER_PROGRAM = 64  # tokens one reduction program walks (L 197 → 4 programs per (batch, order))
+
+
+@triton.jit
+def _pool_kernel(
+    y_ptr, mean_ptr, rstd_ptr, part_ptr,
+    L, K, DIM, rows_per_prog, inv_l, eps,
+    s_yb, s_yl, s_yk,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_bk = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = (pid_bk // K).to(tl.int64)
+    k = pid_bk % K
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    base = y_ptr + b * s_yb + k * s_yk
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    l0 = pid_s * rows_per_prog
+    for start in range(l0, l0 + rows_per_prog, BLOCK_L):
+        offs_l = start + tl.arange(0, BLOCK_L)
+        mask_l = offs_l < L
+        m = mask_l[:, None] & mask_d[None, :]
+        yv = tl.load(base + offs_l[:, None].to(tl.int64) * s_yl + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+        mu = tl.sum(yv, axis=1) / DIM
+        xc = tl.where(m, yv - mu[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / DIM + eps)
+        acc += tl.sum(xc * rstd[:, None], axis=0)
+        stat = (b * L + offs_l) * K + k
+        tl.store(mean_ptr + stat, mu, mask=mask_l)
+        tl.store(rstd_ptr + stat, rstd, mask=mask_l)
+    tl.store(part_ptr + (pid_bk * tl.num_programs(1) + pid_s) * DIM + offs_d, acc * inv_l, mask=mask_d)
+
+
+@triton.jit
+def _merge_fwd_kernel(
+    y_ptr, gw_ptr, out_ptr,
+    L, K, DIM,
+    s_yb, s_yl, s_yk, s_gb, s_gk, s_gd,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_l = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_l = offs_l < L
+    mask_d = offs_d < DIM
+    m = mask_l[:, None] & mask_d[None, :]
+    rows = y_ptr + b * s_yb + offs_l[:, None].to(tl.int64) * s_yl + offs_d[None, :]
+    acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+    for k in range(K):
+        yv = tl.load(rows + k * s_yk, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(gw_ptr + b * s_gb + k * s_gk + offs_d * s_gd, mask=mask_d, other=0.0)
+        acc += yv * g[None, :]
+    out = out_ptr + (b * L + offs_l[:, None]) * DIM + offs_d[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _merge_dgw_kernel(
+    y_ptr, dout_ptr, part_ptr,
+    L, K, DIM, rows_per_prog,
+    s_yb, s_yl, s_yk,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_bk = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    b = (pid_bk // K).to(tl.int64)
+    k = pid_bk % K
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    l0 = pid_s * rows_per_prog
+    for start in range(l0, l0 + rows_per_prog, BLOCK_L):
+        offs_l = start + tl.arange(0, BLOCK_L)
+        m = (offs_l < L)[:, None] & mask_d[None, :]
+        yv = tl.load(y_ptr + b * s_yb + k * s_yk + offs_l[:, None].to(tl.int64) * s_yl + offs_d[None, :], mask=m,
+                     other=0.0).to(tl.float32)  # fmt: skip
+        dv = tl.load(dout_ptr + (b * L + offs_l[:, None]) * DIM + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(yv * dv, axis=0)
+    tl.store(part_ptr + (pid_bk * tl.num_programs(1) + pid_s) * DIM + offs_d, acc, mask=mask_d)
+
+
+@triton.jit
+def _merge_dy_kernel(
+    dout_ptr, gw_ptr, y_ptr, mean_ptr, rstd_ptr, a_ptr, dy_ptr,
+    L, K, DIM,
+    s_yb, s_yl, s_yk, s_gb, s_gk, s_gd,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, POOL: tl.constexpr,
+):  # fmt: skip
+    pid_l = tl.program_id(0)
+    pid_d = tl.program_id(1)  # a single block of channels when POOL (the LayerNorm terms need whole rows)
+    pid_bk = tl.program_id(2)
+    b = (pid_bk // K).to(tl.int64)
+    k = pid_bk % K
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_l = offs_l < L
+    mask_d = offs_d < DIM
+    m = mask_l[:, None] & mask_d[None, :]
+    dv = tl.load(dout_ptr + (b * L + offs_l[:, None]) * DIM + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+    g = tl.load(gw_ptr + b * s_gb + k * s_gk + offs_d * s_gd, mask=mask_d, other=0.0)
+    dy = dv * g[None, :]
+    if POOL:
+        yv = tl.load(y_ptr + b * s_yb + k * s_yk + offs_l[:, None].to(tl.int64) * s_yl + offs_d[None, :], mask=m,
+                     other=0.0).to(tl.float32)  # fmt: skip
+        stat = (b * L + offs_l) * K + k
+        mu = tl.load(mean_ptr + stat, mask=mask_l, other=0.0)
+        rstd = tl.load(rstd_ptr + stat, mask=mask_l, other=0.0)
+        a = tl.load(a_ptr + pid_bk * DIM + offs_d, mask=mask_d, other=0.0)
+        xhat = tl.where(m, (yv - mu[:, None]) * rstd[:, None], 0.0)
+        c1 = tl.sum(a, axis=0) / DIM
+        c2 = tl.sum(xhat * a[None, :], axis=1) / DIM
+        dy += rstd[:, None] * (a[None, :] - c1 - xhat * c2[:, None])
+    out = dy_ptr + ((b * L + offs_l[:, None]) * K + k) * DIM + offs_d[None, :]
+    tl.store(out, dy.to(dy_ptr.dtype.element_ty), mask=m)
+
+
+def _row_blocks(dim: int) -> tuple[int, int, int]:
+    """(BLOCK_L, BLOCK_D, num_warps) for kernels that hold whole rows of D channels (~8K elements per tile)."""
+    block_d = triton.next_power_of_2(dim)
+    block_l = max(1, min(16, 8192 // block_d))
+    return block_l, block_d, 4 if block_d <= 512 else 8
+
+
+def _reduce_split(seqlen: int, block_l: int) -> tuple[int, int]:
+    """(rows per program, programs along L) for the reductions over tokens; rows are a multiple of BLOCK_L."""
+    rows = block_l * max(1, _ROWS_PER_PROGRAM // block_l)
+    return rows, triton.cdiv(seqlen, rows)
+
+
+def _y_strides(y: torch.Tensor) -> tuple[int, int, int]:
+    return y.stride(0), y.stride(1), y.stride(2)
+
+
+def _gw_strides(gw: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, order, channel) strides of a gate that may be broadcast: (K,) weights or a (B, K, D) gate."""
+    if gw.dim() == 1:
+        return 0, gw.stride(0), 0
+    return gw.stride(0), gw.stride(1), gw.stride(2)
+
+
+def _unit_last(y: torch.Tensor) -> torch.Tensor:
+    return y if y.stride(-1) == 1 else y.contiguous()
+
+
+def branch_pool(y: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mean over tokens of the un-affine LayerNorm of every (b, l, k) row: (B, K, D) fp32, and its (B, L, K) stats."""
+    y = _unit_last(y)
+    bsz, seqlen, k, dim = y.shape
+    block_l, block_d, warps = _row_blocks(dim)
+    rows, n_s = _reduce_split(seqlen, block_l)
+    part = torch.empty(bsz, k, n_s, dim, device=y.device, dtype=torch.float32)
+    mean = torch.empty(bsz, seqlen, k, device=y.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    _pool_kernel[(bsz * k, n_s)](
+        y, mean, rstd, part, seqlen, k, dim, rows, 1.0 / seqlen, eps, *_y_strides(y),
+        BLOCK_L=block_l, BLOCK_D=block_d, num_warps=warps,
+    )  # fmt: skip
+    return (part[:, :, 0] if n_s == 1 else part.sum(2)), mean, rstd
+
+
+def branch_merge_fwd(y: torch.Tensor, gw: torch.Tensor) -> torch.Tensor:
+    """Σ_k gw[b, k] ⊙ y[b, l, k] → (B, L, D) in y's dtype (fp32 accumulation); gw (K,) or (B, K, D) fp32."""
+    y = _unit_last(y)
+    bsz, seqlen, k, dim = y.shape
+    out = torch.empty(bsz, seqlen, dim, device=y.device, dtype=y.dtype)
+    block_d = min(128, triton.next_power_of_2(dim))
+    block_l = 32
+    grid = (triton.cdiv(seqlen, block_l), triton.cdiv(dim, block_d), bsz)
+    _merge_fwd_kernel[grid](
+        y, gw, out, seqlen, k, dim, *_y_strides(y), *_gw_strides(gw), BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4
+    )
+    return out
+
+
+def _merge_dgw(y: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """Σ_l y[b, l, k] ⊙ dout[b, l] → (B, K, D) fp32."""
+    bsz, seqlen, k, dim = y.shape
+    block_d = min(128, triton.next_power_of_2(dim))
+    block_l = 32
+    rows, n_s = _reduce_split(seqlen, block_l)
+    part = torch.empty(bsz, k, n_s, dim, device=y.device, dtype=torch.float32)
+    _merge_dgw_kernel[(bsz * k, n_s, triton.cdiv(dim, block_d))](
+        y, dout, part, seqlen, k, dim, rows, *_y_strides(y), BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4
+    )
+    return part[:, :, 0] if n_s == 1 else part.sum(2)
+
+
+def _merge_dy(dout, gw, y, mean=None, rstd=None, a=None) -> torch.Tensor:
+    """dy (B, L, K, D) in y's dtype: ``gw ⊙ dout``, plus the LayerNorm-mean term when ``a`` (B, K, D) is given."""
+    bsz, seqlen, k, dim = y.shape
+    dy = torch.empty(bsz, seqlen, k, dim, device=y.device, dtype=y.dtype)
+    pool = a is not None
+    if pool:
+        block_l, block_d, warps = _row_blocks(dim)
+    else:
+        block_l, block_d, warps = 32, min(128, triton.next_power_of_2(dim)), 4
+        mean = rstd = a = dout  # unused
+    grid = (triton.cdiv(seqlen, block_l), triton.cdiv(dim, block_d), bsz * k)
+    _merge_dy_kernel[grid](
+        dout, gw, y, mean, rstd, a, dy, seqlen, k, dim, *_y_strides(y), *_gw_strides(gw),
+        BLOCK_L=block_l, BLOCK_D=block_d, POOL=pool, num_warps=warps,
+    )  # fmt: skip
+    return dy
+
+
+def branch_merge_bwd(dout: torch.Tensor, y: torch.Tensor, w: torch.Tensor, need_dw: bool):
+    """Gradients of :func:`branch_merge_fwd` with (K,) weights: (dy, dw or None)."""
+    y = _unit_last(y)
+    dout = dout.contiguous()
+    dy = _merge_dy(dout, w, y)
+    dw = _merge_dgw(y, dout).sum((0, 2)) if need_dw else None
+    return dy, dw
+
+
+def gate_mlp(pooled, w, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    """The branch gate ``w_k · σ(fc2(gelu(fc1(γ·pooled + β))))`` in fp32: (B, K, D), and the intermediates."""
+    h0 = pooled * norm_weight.float() + norm_bias.float()
+    h1 = F.linear(h0, fc1_weight.float(), fc1_bias.float())
+    g = torch.sigmoid(F.linear(F.gelu(h1), fc2_weight.float(), fc2_bias.float()))
+    return g * w.float().view(1, -1, 1), (h0, h1, g)
+
+
+def branch_attn_merge_fwd(y, w, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    """Forward of the gated merge: (out (B, L, D), pooled (B, K, D), mean, rstd (B, L, K))."""
+    y = _unit_last(y)
+    pooled, mean, rstd = branch_pool(y, eps)
+    with autocast_off(y.device):
+        gw, _ = gate_mlp(pooled, w, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    return branch_merge_fwd(y, gw), pooled, mean, rstd
+
+
+def branch_attn_merge_bwd(dout, y, w, pooled, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+                          fc2_bias):  # fmt: skip
+    """Gradients of the gated merge: dy, dw, dγ, dβ, dfc1_w, dfc1_b, dfc2_w, dfc2_b (parameters' in fp32).
+
+    The gate's small MLP is differentiated by hand (plain tensor ops, so a compiled graph can hold it).
+    """
+    y = _unit_last(y)
+    dout = dout.contiguous()
+    seqlen = y.shape[1]
+    with autocast_off(y.device):
+        gw, (h0, h1, g) = gate_mlp(pooled, w, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+        dgw = _merge_dgw(y, dout)  # (B, K, D)
+        dw = (dgw * g).sum((0, 2))
+        dh2 = dgw * w.float().view(1, -1, 1) * g * (1.0 - g)
+        a1 = F.gelu(h1)
+        dfc2_w = torch.einsum("bkd,bkh->dh", dh2, a1)
+        dfc2_b = dh2.sum((0, 1))
+        gelu_grad = 0.5 * (1.0 + torch.erf(h1 * math.sqrt(0.5))) + h1 * torch.exp(-0.5 * h1 * h1) / math.sqrt(
+            2.0 * math.pi
+        )
+        dh1 = (dh2 @ fc2_weight.float()) * gelu_grad
+        dfc1_w = torch.einsum("bkh,bkd->hd", dh1, h0)
+        dfc1_b = dh1.sum((0, 1))
+        dh0 = dh1 @ fc1_weight.float()
+        dnorm_w = (dh0 * pooled).sum((0, 1))
+        dnorm_b = dh0.sum((0, 1))
+        a = (dh0 * norm_weight.float()) * (1.0 / seqlen)  # the gradient of every xhat row of (b, k)
+    dy = _merge_dy(dout, gw, y, mean, rstd, a.contiguous())
+    return dy, dw, dnorm_w, dnorm_b, dfc1_w, dfc1_b, dfc2_w, dfc2_b
