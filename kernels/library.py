@@ -241,52 +241,54 @@ def branch_merge_op(y: Tensor, w: Tensor) -> Tensor:
 def _attn_merge_op(
     y: Tensor, w: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float, fc1_weight: Tensor, fc1_bias: Tensor,
     fc2_weight: Tensor, fc2_bias: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    out, pooled, mean, rstd = branch_attn_merge_fwd(
-        y, w, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias
-    )
-    return out, pooled, mean, rstd
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    return branch_attn_merge_fwd(y, w, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
 
 
 @_attn_merge_op.register_fake
 def _(y, w, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
     bsz, seqlen, k, dim = y.shape
     stats = y.new_empty((bsz, seqlen, k), dtype=torch.float32)
-    return (y.new_empty((bsz, seqlen, dim)), y.new_empty((bsz, k, dim), dtype=torch.float32), stats,
-            torch.empty_like(stats))  # fmt: skip
+    per_branch = y.new_empty((bsz, k, dim), dtype=torch.float32)
+    hidden = y.new_empty((bsz, k, fc1_weight.shape[0]), dtype=torch.float32)
+    return (
+        y.new_empty((bsz, seqlen, dim)),
+        per_branch,
+        stats,
+        torch.empty_like(stats),
+        hidden,
+        torch.empty_like(per_branch),
+    )
 
 
 @torch.library.custom_op("scan_nas::branch_attn_merge_bwd", mutates_args=())
 def _attn_merge_bwd_op(
-    dout: Tensor, y: Tensor, w: Tensor, pooled: Tensor, mean: Tensor, rstd: Tensor, norm_weight: Tensor,
-    norm_bias: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
+    dout: Tensor, y: Tensor, w: Tensor, pooled: Tensor, mean: Tensor, rstd: Tensor, h1: Tensor, g: Tensor,
+    norm_weight: Tensor, norm_bias: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
 ) -> list[Tensor]:  # fmt: skip
-    grads = branch_attn_merge_bwd(
-        dout, y, w, pooled, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias
-    )
-    return list(grads)
+    return list(branch_attn_merge_bwd(dout, y, w, pooled, mean, rstd, h1, g, norm_weight, norm_bias, fc1_weight,
+                                      fc1_bias, fc2_weight, fc2_bias))  # fmt: skip
 
 
 @_attn_merge_bwd_op.register_fake
-def _(dout, y, w, pooled, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+def _(dout, y, w, pooled, mean, rstd, h1, g, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
     params = (w, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     return [y.new_empty(y.shape)] + [p.new_empty(p.shape, dtype=torch.float32) for p in params]
 
 
 def _attn_merge_setup_context(ctx, inputs, output):
     y, w, norm_weight, norm_bias, _eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias = inputs
-    _, pooled, mean, rstd = output
-    ctx.save_for_backward(y, w, pooled, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    ctx.set_materialize_grads(False)  # the pooled means and statistics never receive a gradient
+    ctx.save_for_backward(y, w, *output[1:], norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    ctx.set_materialize_grads(False)  # the saved intermediates never receive a gradient
 
 
-def _attn_merge_backward(ctx, dout, _dpooled, _dmean, _drstd):
-    y, w, pooled, mean, rstd, *params = ctx.saved_tensors
+def _attn_merge_backward(ctx, dout, *_unused):
+    y, w, pooled, mean, rstd, h1, g, *params = ctx.saved_tensors
     if dout is None:
         return (None,) * 9
-    dy, dw, *dparams = _attn_merge_bwd_op(dout, y, w, pooled, mean, rstd, *params)
-    dparams = [g.to(p.dtype) for g, p in zip(dparams, params)]
-    return dy, dw.to(w.dtype), dparams[0], dparams[1], None, *dparams[2:]
+    dy, dw, *dparams = _attn_merge_bwd_op(dout, y, w, pooled, mean, rstd, h1, g, *params)
+    dparams = [d if d.dtype == p.dtype else d.to(p.dtype) for d, p in zip(dparams, params)]
+    return dy, dw if dw.dtype == w.dtype else dw.to(w.dtype), dparams[0], dparams[1], None, *dparams[2:]
 
 
 _attn_merge_op.register_autograd(_attn_merge_backward, setup_context=_attn_merge_setup_context)

@@ -20,8 +20,6 @@ Layout: y (B, L, K, D) with unit stride along D; out and dout (B, L, D) contiguo
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -249,49 +247,45 @@ def branch_merge_bwd(dout: torch.Tensor, y: torch.Tensor, w: torch.Tensor, need_
     return dy, dw
 
 
-def gate_mlp(pooled, w, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
-    """The branch gate ``w_k · σ(fc2(gelu(fc1(γ·pooled + β))))`` in fp32: (B, K, D), and the intermediates."""
-    h0 = pooled * norm_weight.float() + norm_bias.float()
+def gate_mlp(pooled, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    """The branch gate ``σ(fc2(gelu(fc1(γ·pooled + β))))`` in fp32: (h0, h1, g), h1 the fc1 output (B, K, H)."""
+    h0 = torch.addcmul(norm_bias.float(), pooled, norm_weight.float())
     h1 = F.linear(h0, fc1_weight.float(), fc1_bias.float())
-    g = torch.sigmoid(F.linear(F.gelu(h1), fc2_weight.float(), fc2_bias.float()))
-    return g * w.float().view(1, -1, 1), (h0, h1, g)
+    return h0, h1, torch.sigmoid(F.linear(F.gelu(h1), fc2_weight.float(), fc2_bias.float()))
 
 
 def branch_attn_merge_fwd(y, w, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
-    """Forward of the gated merge: (out (B, L, D), pooled (B, K, D), mean, rstd (B, L, K))."""
+    """Forward of the gated merge: out (B, L, D), and for the backward pooled (B, K, D), mean, rstd (B, L, K), the
+    gate MLP's fc1 output h1 (B, K, H) and the gate g (B, K, D)."""
     y = _unit_last(y)
     pooled, mean, rstd = branch_pool(y, eps)
     with autocast_off(y.device):
-        gw, _ = gate_mlp(pooled, w, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    return branch_merge_fwd(y, gw), pooled, mean, rstd
+        _, h1, g = gate_mlp(pooled, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+        gw = g * w.float().view(1, -1, 1)
+    return branch_merge_fwd(y, gw), pooled, mean, rstd, h1, g
 
 
-def branch_attn_merge_bwd(dout, y, w, pooled, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
-                          fc2_bias):  # fmt: skip
+def branch_attn_merge_bwd(dout, y, w, pooled, mean, rstd, h1, g, norm_weight, norm_bias, fc1_weight, fc1_bias,
+                          fc2_weight, fc2_bias):  # fmt: skip
     """Gradients of the gated merge: dy, dw, dγ, dβ, dfc1_w, dfc1_b, dfc2_w, dfc2_b (parameters' in fp32).
 
-    The gate's small MLP is differentiated by hand (plain tensor ops, so a compiled graph can hold it).
+    The gate's small MLP is differentiated by hand, in as few tensor ops as possible (eager training is bound by the
+    host's per-op cost at these sizes), and with plain ops, so that a compiled graph can hold it.
     """
     y = _unit_last(y)
     dout = dout.contiguous()
-    seqlen = y.shape[1]
+    rows = pooled.shape[0] * pooled.shape[1]  # B·K rows of the gate MLP
     with autocast_off(y.device):
-        gw, (h0, h1, g) = gate_mlp(pooled, w, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+        wk = w.float().view(1, -1, 1)
         dgw = _merge_dgw(y, dout)  # (B, K, D)
         dw = (dgw * g).sum((0, 2))
-        dh2 = dgw * w.float().view(1, -1, 1) * g * (1.0 - g)
-        a1 = F.gelu(h1)
-        dfc2_w = torch.einsum("bkd,bkh->dh", dh2, a1)
-        dfc2_b = dh2.sum((0, 1))
-        gelu_grad = 0.5 * (1.0 + torch.erf(h1 * math.sqrt(0.5))) + h1 * torch.exp(-0.5 * h1 * h1) / math.sqrt(
-            2.0 * math.pi
-        )
-        dh1 = (dh2 @ fc2_weight.float()) * gelu_grad
-        dfc1_w = torch.einsum("bkh,bkd->hd", dh1, h0)
-        dfc1_b = dh1.sum((0, 1))
+        dh2 = torch.ops.aten.sigmoid_backward(dgw * wk, g).view(rows, -1)
+        dfc2_w = dh2.t() @ F.gelu(h1).view(rows, -1)
+        dh1 = torch.ops.aten.gelu_backward(dh2 @ fc2_weight.float(), h1.view(rows, -1))
+        h0 = torch.addcmul(norm_bias.float(), pooled, norm_weight.float()).view(rows, -1)
+        dfc1_w = dh1.t() @ h0
         dh0 = dh1 @ fc1_weight.float()
-        dnorm_w = (dh0 * pooled).sum((0, 1))
-        dnorm_b = dh0.sum((0, 1))
-        a = (dh0 * norm_weight.float()) * (1.0 / seqlen)  # the gradient of every xhat row of (b, k)
-    dy = _merge_dy(dout, gw, y, mean, rstd, a.contiguous())
-    return dy, dw, dnorm_w, dnorm_b, dfc1_w, dfc1_b, dfc2_w, dfc2_b
+        dnorm_w = (dh0 * pooled.view(rows, -1)).sum(0)
+        a = dh0 * (norm_weight.float() * (1.0 / y.shape[1]))  # the gradient of every xhat row of (b, k)
+        dy = _merge_dy(dout, g * wk, y, mean, rstd, a)
+    return dy, dw, dnorm_w, dh0.sum(0), dfc1_w, dh1.sum(0), dfc2_w, dh2.sum(0)

@@ -86,8 +86,8 @@ def test_fake_impls_match_the_kernels():
     norm_w, norm_b, fc1_w, fc1_b, fc2_w, fc2_b = params
     args = (y, w, norm_w, norm_b, 1e-5, fc1_w, fc1_b, fc2_w, fc2_b)
     torch.library.opcheck(torch.ops.scan_nas.branch_attn_merge, args, test_utils=tests)
-    _, pooled, mean, rstd = torch.ops.scan_nas.branch_attn_merge(*args)
-    bwd_args = (dout, y, w, pooled, mean, rstd, *params)
+    saved = torch.ops.scan_nas.branch_attn_merge(*args)[1:]
+    bwd_args = (dout, y, w, *saved, *params)
     torch.library.opcheck(torch.ops.scan_nas.branch_attn_merge_bwd, bwd_args, test_utils=tests)
     torch.library.opcheck(torch.ops.scan_nas.branch_merge, (y, w), test_utils=tests)
     torch.library.opcheck(torch.ops.scan_nas.branch_merge_bwd, (dout, y, w, True), test_utils=tests)

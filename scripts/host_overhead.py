@@ -1,0 +1,110 @@
+"""Host time per call of the project's ops, next to plain PyTorch ops, at sizes where the GPU work is negligible.
+
+Eager training of these models is bound by the host: each op's Python, dispatcher and launch cost. This measures that
+cost directly: N back-to-back calls at tiny shapes, one synchronisation at the end, wall time per call (median of
+repeats). Prints a table and writes JSON (device, versions, commit).
+
+    python scripts/host_overhead.py [--iters 200] [--json benchmarks/host_overhead_<gpu>.json] [--commit SHA]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import kernels  # noqa: E402
+from kernels.check_gpu import env_info  # noqa: E402
+from kernels.triton_merge import branch_merge_fwd  # noqa: E402
+from supernet.bench import gpu_slug  # noqa: E402
+
+
+def _time(fn, iters: int, repeats: int = 5) -> float:
+    """Median over repeats of the wall time per call, in µs (one synchronisation per repeat)."""
+    fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+        samples.append((time.perf_counter() - t0) / iters * 1e6)
+    return statistics.median(samples)
+
+
+def _cases(dev: torch.device) -> dict:
+    """name -> a callable doing one call (fwd, or fwd+bwd) at a tiny size."""
+    bsz, seqlen, k, dim, n, hidden = 2, 16, 4, 32, 16, 4
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*shape, grad=True, scale=1.0):
+        return (scale * torch.randn(*shape, device=dev, generator=gen)).requires_grad_(grad)
+
+    a, b = rnd(64, grad=False), rnd(64, grad=False)
+    y = rnd(bsz, seqlen, k, dim)
+    w = torch.softmax(rnd(k, grad=False), 0).requires_grad_()
+    params = [rnd(dim), rnd(dim), rnd(hidden, dim), rnd(hidden), rnd(dim, hidden), rnd(dim)]
+    dout = rnd(bsz, seqlen, dim, grad=False)
+    u, delta = rnd(bsz, seqlen, 1, dim), rnd(bsz, seqlen, k, dim, scale=0.1)
+    A = (-torch.rand(k, dim, n, device=dev)).requires_grad_()
+    Bm, Cm = rnd(bsz, seqlen, k, n), rnd(bsz, seqlen, k, n)
+    orders = torch.stack([torch.randperm(seqlen, device=dev) for _ in range(k)])
+    dy = rnd(bsz, seqlen, k, dim, grad=False)
+    cw, cb = rnd(k, dim, 4), rnd(k, dim)
+
+    def torch_gated_merge():
+        # The PyTorch composition the fused op replaced (LayerNorm, mean, MLP, gate, weighted sum), forward+backward.
+        g = F.layer_norm(y, (dim,), params[0], params[1]).mean(1, keepdim=True)
+        g = torch.sigmoid(F.linear(F.gelu(F.linear(g, params[2], params[3])), params[4], params[5]))
+        ((y * g) * w.view(1, 1, -1, 1)).sum(2).backward(dout)
+
+    return {
+        "torch add (no grad)": lambda: torch.add(a, b),
+        "triton launch: merge kernel (no grad)": lambda: branch_merge_fwd(y.detach(), w.detach()),
+        "registered merge op (no grad)": lambda: torch.ops.scan_nas.branch_merge(y.detach(), w.detach()),
+        "branch_merge fwd+bwd": lambda: kernels.branch_merge(y, w, backend="triton").backward(dout),
+        "branch_attn_merge fwd+bwd (fused)": lambda: kernels.branch_attn_merge(
+            y, w, *params, backend="triton"
+        ).backward(dout),
+        "gated merge fwd+bwd (PyTorch ops)": torch_gated_merge,
+        "selective_scan fwd+bwd": lambda: kernels.selective_scan(
+            u, delta, A, Bm, Cm, orders=orders, delta_softplus=True, backend="triton"
+        ).backward(dy),
+        "causal_conv1d fwd+bwd": lambda: kernels.causal_conv1d(u, cw, cb, orders=orders, backend="triton").backward(dy),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--json", default=None, help="output JSON (default benchmarks/host_overhead_<gpu>.json)")
+    parser.add_argument("--commit", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("error: host_overhead needs a CUDA GPU (the Triton launches are what it times)")
+    dev = torch.device("cuda")
+    rows = []
+    for name, fn in _cases(dev).items():
+        us = _time(fn, args.iters)
+        rows.append({"case": name, "us_per_call": round(us, 1)})
+        print(f"{name:42s} {us:9.1f} us", flush=True)
+    info = env_info(args.commit)
+    path = args.json or f"benchmarks/host_overhead_{gpu_slug(info['device'])}.json"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({**info, "iters": args.iters, "rows": rows}, f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
