@@ -27,8 +27,35 @@ __all__ = ["branch_attn_merge_op", "branch_merge_op", "causal_conv1d_op", "scan_
 Tensor = torch.Tensor
 
 
-@torch.library.custom_op("scan_nas::selective_scan_fwd", mutates_args=())
-def _scan_fwd_op(
+def _direct() -> bool:
+    """Whether a call may skip the dispatcher: plain eager execution, no torch.compile tracing, no dispatch mode.
+
+    Every op below is registered with torch.library, so torch.compile keeps it as one graph node and
+    ``FlopCounterMode`` (a dispatch mode) sees it. In plain eager mode the same implementations run inside a
+    ``torch.autograd.Function`` instead: the registered path's Python dispatch and ``register_autograd`` wrapper cost
+    several hundred microseconds per forward+backward, and eager training of these models is bound by such host time.
+    """
+    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+
+
+def _eager_function(name: str, impl, setup_context, backward) -> type:
+    """An autograd.Function running ``impl`` directly, with the registered op's setup_context and backward; outputs
+    after the first carry no gradient."""
+
+    def forward(ctx, *args):
+        out = impl(*args)
+        ctx.direct = True  # the backward calls the implementations directly too
+        setup_context(ctx, args, out)
+        if isinstance(out, tuple):
+            ctx.mark_non_differentiable(*out[1:])
+        return out
+
+    return type(
+        name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+    )
+
+
+def _scan_fwd_impl(
     u: Tensor,
     delta: Tensor,
     A: Tensor,
@@ -48,6 +75,9 @@ def _scan_fwd_op(
     )
 
 
+_scan_fwd_op = torch.library.custom_op("scan_nas::selective_scan_fwd", _scan_fwd_impl, mutates_args=())
+
+
 @_scan_fwd_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, out_dtype, save_states, store_y=True):
     bsz, seqlen, k, dim = delta.shape
@@ -59,8 +89,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, out_dtype, sa
     return y, delta.new_empty((bsz * k, triton.cdiv(seqlen, bt), dim, n), dtype=torch.float32)
 
 
-@torch.library.custom_op("scan_nas::selective_scan_bwd", mutates_args=())
-def _scan_bwd_op(
+def _scan_bwd_impl(
     dy: Tensor,
     u: Tensor,
     delta: Tensor,
@@ -76,6 +105,9 @@ def _scan_bwd_op(
 ) -> list[Tensor]:
     grads = scan_bwd(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, orders, states)
     return [g if g is not None else u.new_empty((0,)) for g in grads]
+
+
+_scan_bwd_op = torch.library.custom_op("scan_nas::selective_scan_bwd", _scan_bwd_impl, mutates_args=())
 
 
 @_scan_bwd_op.register_fake
@@ -105,16 +137,18 @@ def _scan_backward(ctx, dy, _dstates):
     u, delta, A, B, C, D, z, delta_bias, orders, states = ctx.saved_tensors
     if dy is None:  # no gradient reached y (grads are not materialized)
         return (None,) * 13  # one per op input
+    fwd, bwd = (_scan_fwd_impl, _scan_bwd_impl) if getattr(ctx, "direct", False) else (_scan_fwd_op, _scan_bwd_op)
     if ctx.recompute:
         # States only: the rerun neither computes nor writes y.
-        _, states = _scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, orders, ctx.delta_softplus, None, True, False)
-    grads = _scan_bwd_op(dy.contiguous(), u, delta, A, B, C, D, z, delta_bias, orders, states, ctx.delta_softplus)
+        _, states = fwd(u, delta, A, B, C, D, z, delta_bias, orders, ctx.delta_softplus, None, True, False)
+    grads = bwd(dy.contiguous(), u, delta, A, B, C, D, z, delta_bias, orders, states, ctx.delta_softplus)
     present = (u, delta, A, B, C, D, z, delta_bias)
     grads = [g if t is not None else None for g, t in zip(grads, present)]
     return (*grads, None, None, None, None, None)
 
 
 _scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+_ScanFunction = _eager_function("_ScanFunction", _scan_fwd_impl, _scan_setup_context, _scan_backward)
 
 
 def scan_flops(delta_shape, A_shape, has_D: bool, has_z: bool) -> int:
@@ -142,12 +176,12 @@ def selective_scan_op(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         and not recompute_states
         and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
     )
-    y, _ = _scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, orders, bool(delta_softplus), out_dtype, save)
+    fwd = _ScanFunction.apply if _direct() else _scan_fwd_op
+    y, _ = fwd(u, delta, A, B, C, D, z, delta_bias, orders, bool(delta_softplus), out_dtype, save, True)
     return y
 
 
-@torch.library.custom_op("scan_nas::causal_conv1d_fwd", mutates_args=())
-def _conv_fwd_op(
+def _conv_fwd_impl(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -158,17 +192,22 @@ def _conv_fwd_op(
     return conv_fwd(x, weight, bias, orders, "silu" if silu else None, out_dtype)
 
 
+_conv_fwd_op = torch.library.custom_op("scan_nas::causal_conv1d_fwd", _conv_fwd_impl, mutates_args=())
+
+
 @_conv_fwd_op.register_fake
 def _(x, weight, bias, orders, silu, out_dtype):
     return x.new_empty((x.shape[0], x.shape[1], weight.shape[0], x.shape[3]), dtype=out_dtype or x.dtype)
 
 
-@torch.library.custom_op("scan_nas::causal_conv1d_bwd", mutates_args=())
-def _conv_bwd_op(
+def _conv_bwd_impl(
     dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, orders: Tensor | None, silu: bool
 ) -> list[Tensor]:
     dx, dw, db = conv_bwd(dout, x, weight, bias, orders, "silu" if silu else None)
     return [dx, dw, db if db is not None else x.new_empty((0,))]
+
+
+_conv_bwd_op = torch.library.custom_op("scan_nas::causal_conv1d_bwd", _conv_bwd_impl, mutates_args=())
 
 
 @_conv_bwd_op.register_fake
@@ -185,21 +224,26 @@ def _conv_setup_context(ctx, inputs, output):
 
 def _conv_backward(ctx, dout):
     x, weight, bias, orders = ctx.saved_tensors
-    dx, dw, db = _conv_bwd_op(dout.contiguous(), x, weight, bias, orders, ctx.silu)
+    bwd = _conv_bwd_impl if getattr(ctx, "direct", False) else _conv_bwd_op
+    dx, dw, db = bwd(dout.contiguous(), x, weight, bias, orders, ctx.silu)
     return dx, dw, db if bias is not None else None, None, None, None
 
 
 _conv_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+_ConvFunction = _eager_function("_ConvFunction", _conv_fwd_impl, _conv_setup_context, _conv_backward)
 
 
 def causal_conv1d_op(x, weight, bias=None, orders=None, activation="silu", out_dtype=None) -> Tensor:
     """The registered Triton causal conv1d; same arguments as :func:`kernels.triton_conv.causal_conv1d_triton`."""
-    return _conv_fwd_op(x, weight, bias, orders, activation == "silu", out_dtype)
+    fwd = _ConvFunction.apply if _direct() else _conv_fwd_op
+    return fwd(x, weight, bias, orders, activation == "silu", out_dtype)
 
 
-@torch.library.custom_op("scan_nas::branch_merge", mutates_args=())
-def _merge_op(y: Tensor, w: Tensor) -> Tensor:
+def _merge_impl(y: Tensor, w: Tensor) -> Tensor:
     return branch_merge_fwd(y, w)
+
+
+_merge_op = torch.library.custom_op("scan_nas::branch_merge", _merge_impl, mutates_args=())
 
 
 @_merge_op.register_fake
@@ -207,10 +251,12 @@ def _(y, w):
     return y.new_empty((y.shape[0], y.shape[1], y.shape[3]))
 
 
-@torch.library.custom_op("scan_nas::branch_merge_bwd", mutates_args=())
-def _merge_bwd_op(dout: Tensor, y: Tensor, w: Tensor, need_dw: bool) -> list[Tensor]:
+def _merge_bwd_impl(dout: Tensor, y: Tensor, w: Tensor, need_dw: bool) -> list[Tensor]:
     dy, dw = branch_merge_bwd(dout, y, w, need_dw)
     return [dy, dw if dw is not None else w.new_empty((0,), dtype=torch.float32)]
+
+
+_merge_bwd_op = torch.library.custom_op("scan_nas::branch_merge_bwd", _merge_bwd_impl, mutates_args=())
 
 
 @_merge_bwd_op.register_fake
@@ -225,24 +271,28 @@ def _merge_setup_context(ctx, inputs, output):
 def _merge_backward(ctx, dout):
     y, w = ctx.saved_tensors
     need_dw = ctx.needs_input_grad[1]
-    dy, dw = _merge_bwd_op(dout, y, w, need_dw)
+    bwd = _merge_bwd_impl if getattr(ctx, "direct", False) else _merge_bwd_op
+    dy, dw = bwd(dout, y, w, need_dw)
     return dy, dw.to(w.dtype) if need_dw else None
 
 
 _merge_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
+_MergeFunction = _eager_function("_MergeFunction", _merge_impl, _merge_setup_context, _merge_backward)
 
 
 def branch_merge_op(y: Tensor, w: Tensor) -> Tensor:
     """The registered Triton merge: ``Σ_k w_k · y[:, :, k]`` → (B, L, D) in y's dtype."""
-    return _merge_op(y, w)
+    return (_MergeFunction.apply if _direct() else _merge_op)(y, w)
 
 
-@torch.library.custom_op("scan_nas::branch_attn_merge", mutates_args=())
-def _attn_merge_op(
+def _attn_merge_impl(
     y: Tensor, w: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float, fc1_weight: Tensor, fc1_bias: Tensor,
     fc2_weight: Tensor, fc2_bias: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     return branch_attn_merge_fwd(y, w, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+
+
+_attn_merge_op = torch.library.custom_op("scan_nas::branch_attn_merge", _attn_merge_impl, mutates_args=())
 
 
 @_attn_merge_op.register_fake
@@ -261,13 +311,15 @@ def _(y, w, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_b
     )
 
 
-@torch.library.custom_op("scan_nas::branch_attn_merge_bwd", mutates_args=())
-def _attn_merge_bwd_op(
+def _attn_merge_bwd_impl(
     dout: Tensor, y: Tensor, w: Tensor, pooled: Tensor, mean: Tensor, rstd: Tensor, h1: Tensor, g: Tensor,
     norm_weight: Tensor, norm_bias: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
 ) -> list[Tensor]:  # fmt: skip
     return list(branch_attn_merge_bwd(dout, y, w, pooled, mean, rstd, h1, g, norm_weight, norm_bias, fc1_weight,
                                       fc1_bias, fc2_weight, fc2_bias))  # fmt: skip
+
+
+_attn_merge_bwd_op = torch.library.custom_op("scan_nas::branch_attn_merge_bwd", _attn_merge_bwd_impl, mutates_args=())
 
 
 @_attn_merge_bwd_op.register_fake
@@ -286,14 +338,19 @@ def _attn_merge_backward(ctx, dout, *_unused):
     y, w, pooled, mean, rstd, h1, g, *params = ctx.saved_tensors
     if dout is None:
         return (None,) * 9
-    dy, dw, *dparams = _attn_merge_bwd_op(dout, y, w, pooled, mean, rstd, h1, g, *params)
+    bwd = _attn_merge_bwd_impl if getattr(ctx, "direct", False) else _attn_merge_bwd_op
+    dy, dw, *dparams = bwd(dout, y, w, pooled, mean, rstd, h1, g, *params)
     dparams = [d if d.dtype == p.dtype else d.to(p.dtype) for d, p in zip(dparams, params)]
     return dy, dw if dw.dtype == w.dtype else dw.to(w.dtype), dparams[0], dparams[1], None, *dparams[2:]
 
 
 _attn_merge_op.register_autograd(_attn_merge_backward, setup_context=_attn_merge_setup_context)
+_AttnMergeFunction = _eager_function(
+    "_AttnMergeFunction", _attn_merge_impl, _attn_merge_setup_context, _attn_merge_backward
+)
 
 
 def branch_attn_merge_op(y, w, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=1e-5) -> Tensor:
     """The registered Triton gated merge; same arguments as :func:`kernels.reference.branch_attn_merge_ref`."""
-    return _attn_merge_op(y, w, norm_weight, norm_bias, float(eps), fc1_weight, fc1_bias, fc2_weight, fc2_bias)[0]
+    fwd = _AttnMergeFunction.apply if _direct() else _attn_merge_op
+    return fwd(y, w, norm_weight, norm_bias, float(eps), fc1_weight, fc1_bias, fc2_weight, fc2_bias)[0]

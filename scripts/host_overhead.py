@@ -41,6 +41,20 @@ def _time(fn, iters: int, repeats: int = 5) -> float:
     return statistics.median(samples)
 
 
+def _profile(fn, iters: int, top: int) -> None:
+    """Python-level breakdown of one case: cProfile over ``iters`` calls, the top functions by own time."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
 def _cases(dev: torch.device) -> dict:
     """name -> a callable doing one call (fwd, or fwd+bwd) at a tiny size."""
     bsz, seqlen, k, dim, n, hidden = 2, 16, 4, 32, 16, 4
@@ -88,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--json", default=None, help="output JSON (default benchmarks/host_overhead_<gpu>.json)")
     parser.add_argument("--commit", default=None)
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N", help="also print each case's top N functions")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("error: host_overhead needs a CUDA GPU (the Triton launches are what it times)")
@@ -97,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         us = _time(fn, args.iters)
         rows.append({"case": name, "us_per_call": round(us, 1)})
         print(f"{name:42s} {us:9.1f} us", flush=True)
+        if args.cprofile:
+            _profile(fn, args.iters, args.cprofile)
     info = env_info(args.commit)
     path = args.json or f"benchmarks/host_overhead_{gpu_slug(info['device'])}.json"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

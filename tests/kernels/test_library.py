@@ -121,7 +121,8 @@ def test_recompute_states_must_be_a_bool():
         selective_scan(**inputs, orders=orders, backend="triton", recompute_states="false")
 
 
-def test_backward_fills_no_zero_gradient_for_the_states():
+@pytest.mark.parametrize("direct", [True, False], ids=["eager", "registered"])
+def test_backward_fills_no_zero_gradient_for_the_states(monkeypatch, direct):
     """The op's second output (the chunk states) never gets a gradient; autograd must not zero-fill one per step."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -134,10 +135,14 @@ def test_backward_fills_no_zero_gradient_for_the_states():
             seen.append(str(func))
             return func(*args, **(kwargs or {}))
 
+    if not direct:
+        import kernels.library as lib
+
+        monkeypatch.setattr(lib, "_direct", lambda: False)
     y = selective_scan(**leaves, orders=make_orders(16, (4, 4), 2), backend="triton")
     with Log():
         y.sum().backward()
-    assert any("selective_scan_bwd" in f for f in seen)
+    assert direct or any("selective_scan_bwd" in f for f in seen)  # the eager path calls the kernels directly
     assert not [f for f in seen if "zeros" in f or "fill" in f or "zero_" in f], seen
     assert all(v.grad is not None for v in leaves.values() if v is not None and v.requires_grad)
 
@@ -172,3 +177,37 @@ def test_states_only_forward_matches_the_full_one(monkeypatch, config):
     y0, states0 = torch.ops.scan_nas.selective_scan_fwd(*args, orders, True, None, True, False)
     assert y.shape == (1, 15, 2, 4) and y0.numel() == 0
     assert torch.equal(states, states0)
+
+
+def test_eager_direct_path_matches_the_registered_ops(monkeypatch):
+    """Plain eager calls run the implementations inside an autograd.Function, skipping the dispatcher; with the
+    registered ops forced instead (as under torch.compile or a dispatch mode) outputs and gradients are identical."""
+    import kernels
+    import kernels.library as lib
+
+    inputs, orders = _setup(ku=1)
+    gen = torch.Generator().manual_seed(4)
+    conv_w, conv_b = torch.randn(2, 4, 3, generator=gen), torch.randn(2, 4, generator=gen)
+    merge_w = torch.softmax(torch.randn(2, generator=gen), 0)
+    gate = [torch.ones(4), torch.zeros(4), torch.randn(2, 4, generator=gen), torch.zeros(2)]
+    gate += [torch.randn(4, 2, generator=gen), torch.zeros(4)]
+
+    def step(recompute: bool):
+        leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items() if t is not None}
+        extra = [t.clone().requires_grad_() for t in (conv_w, conv_b, merge_w, *gate)]
+        u = kernels.causal_conv1d(leaves["u"], extra[0], extra[1], orders=orders, backend="triton")
+        scan_in = {**leaves, "u": u}
+        y = selective_scan(**scan_in, orders=orders, backend="triton", recompute_states=recompute)
+        out = kernels.branch_attn_merge(y, extra[2], *extra[3:], backend="triton")
+        out = out + kernels.branch_merge(y, extra[2], backend="triton")
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5)))
+        return [type(y.grad_fn).__name__, out] + [t.grad for t in (*leaves.values(), *extra)]
+
+    for recompute in (False, True):
+        direct = step(recompute)
+        with monkeypatch.context() as m:
+            m.setattr(lib, "_direct", lambda: False)
+            registered = step(recompute)
+        assert direct[0] == "_ScanFunctionBackward" and registered[0] != direct[0], (direct[0], registered[0])
+        for a, b in zip(direct[1:], registered[1:]):
+            assert torch.equal(a, b)
