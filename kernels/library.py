@@ -265,12 +265,17 @@ def _(dout, y, w, need_dw):
 
 
 def _merge_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    y, w = inputs
+    # y is needed only for the weights' gradient; fixed weights (every non-search model) keep no (B, L, K, D) tensor.
+    ctx.save_for_backward(y if w.requires_grad else None, w)
+    ctx.y_shape, ctx.y_dtype = y.shape, y.dtype
 
 
 def _merge_backward(ctx, dout):
     y, w = ctx.saved_tensors
-    need_dw = ctx.needs_input_grad[1]
+    need_dw = y is not None and ctx.needs_input_grad[1]
+    if y is None:  # a stride-0 stand-in that only carries y's shape and dtype to the dy kernel
+        y = dout.new_empty((), dtype=ctx.y_dtype).expand(ctx.y_shape)
     bwd = _merge_bwd_impl if getattr(ctx, "direct", False) else _merge_bwd_op
     dy, dw = bwd(dout, y, w, need_dw)
     return dy, dw.to(w.dtype) if need_dw else None

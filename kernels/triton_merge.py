@@ -239,8 +239,9 @@ def _merge_dy(dout, gw, y, mean=None, rstd=None, a=None) -> torch.Tensor:
 
 
 def branch_merge_bwd(dout: torch.Tensor, y: torch.Tensor, w: torch.Tensor, need_dw: bool):
-    """Gradients of :func:`branch_merge_fwd` with (K,) weights: (dy, dw or None)."""
-    y = _unit_last(y)
+    """Gradients of :func:`branch_merge_fwd` with (K,) weights: (dy, dw or None). Without ``need_dw``, y is read
+    for its shape and dtype only (it may be a stride-0 stand-in)."""
+    y = _unit_last(y) if need_dw else y
     dout = dout.contiguous()
     dy = _merge_dy(dout, w, y)
     dw = _merge_dgw(y, dout).sum((0, 2)) if need_dw else None

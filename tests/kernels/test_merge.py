@@ -77,6 +77,9 @@ def test_no_gradient_for_fixed_weights():
     yl = y.requires_grad_()
     branch_merge(yl, w, backend="triton").backward(dout)  # w does not require grad: the dw reduction is skipped
     assert w.grad is None and yl.grad is not None
+    assert torch.equal(yl.grad, (dout.unsqueeze(2) * w.view(1, 1, -1, 1)).expand_as(y))
+    out = branch_merge(yl, w, backend="triton")
+    assert not [t for t in out.grad_fn.saved_tensors if t is not None and t.shape == y.shape]  # y is not kept
 
 
 def test_fake_impls_match_the_kernels():
