@@ -67,7 +67,7 @@ MERGE_GRID = [
 
 
 def check_merge_case(bsz, seqlen, k, dim, hidden, dtype) -> dict:
-    """Fused merge vs the reference (fp32 truth; fp64 for fp32 inputs), output and every gradient."""
+    """Fused merge vs the reference (run in fp64 for fp32 inputs, in fp32 otherwise), output and every gradient."""
     gen = torch.Generator().manual_seed(bsz + seqlen + k + dim)
     y = torch.randn(bsz, seqlen, k, dim, generator=gen)
     w = torch.softmax(torch.randn(k, generator=gen), 0)

@@ -16,6 +16,7 @@ The ``ref`` and ``mamba`` backends are plain PyTorch compositions and are not re
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import register_flop_formula
 
 from .triton_conv import conv_bwd, conv_fwd
@@ -50,9 +51,10 @@ def _eager_function(name: str, impl, setup_context, backward) -> type:
             ctx.mark_non_differentiable(*out[1:])
         return out
 
-    return type(
-        name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)}
-    )
+    # once_differentiable: the backward is not itself differentiable (the registered ops have no formula for it
+    # either), so a double backward raises instead of returning a gradient of a partial graph.
+    attrs = {"forward": staticmethod(forward), "backward": staticmethod(once_differentiable(backward))}
+    return type(name, (torch.autograd.Function,), attrs)
 
 
 def _scan_fwd_impl(

@@ -150,9 +150,10 @@ def branch_merge_ref(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         y: (B, L, K, D). w: (K,) merge weights.
 
     Returns:
-        (B, L, D) in y's dtype, computed in fp32.
+        (B, L, D) in y's dtype, computed in fp32 (fp64 for fp64 inputs).
     """
-    return (y.float() * w.float().view(1, 1, -1, 1)).sum(2).to(y.dtype)
+    ct = torch.float64 if y.dtype == torch.float64 else torch.float32
+    return (y.to(ct) * w.to(ct).view(1, 1, -1, 1)).sum(2).to(y.dtype)
 
 
 def branch_attn_merge_ref(y, w, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=1e-5):
@@ -165,13 +166,15 @@ def branch_attn_merge_ref(y, w, norm_weight, norm_bias, fc1_weight, fc1_bias, fc
         y: (B, L, K, D). w: (K,). norm_weight, norm_bias: (D,). fc1: (H, D), (H,). fc2: (D, H), (D,).
 
     Returns:
-        (B, L, D) in y's dtype, computed in fp32 (autocast off).
+        (B, L, D) in y's dtype, computed in fp32 (fp64 for fp64 inputs; autocast off).
     """
+    ct = torch.float64 if y.dtype == torch.float64 else torch.float32
     with autocast_off(y.device):
-        yf = y.float()
-        pooled = F.layer_norm(yf, yf.shape[-1:], norm_weight.float(), norm_bias.float(), eps).mean(1)  # (B, K, D)
-        g = F.linear(
-            F.gelu(F.linear(pooled, fc1_weight.float(), fc1_bias.float())), fc2_weight.float(), fc2_bias.float()
+        yf = y.to(ct)
+        nw, nb, w1, b1, w2, b2 = (
+            t.to(ct) for t in (norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
         )
-        out = (yf * (torch.sigmoid(g) * w.float().view(1, -1, 1)).unsqueeze(1)).sum(2)
+        pooled = F.layer_norm(yf, yf.shape[-1:], nw, nb, eps).mean(1)  # (B, K, D)
+        g = torch.sigmoid(F.linear(F.gelu(F.linear(pooled, w1, b1)), w2, b2))
+        out = (yf * (g * w.to(ct).view(1, -1, 1)).unsqueeze(1)).sum(2)
     return out.to(y.dtype)

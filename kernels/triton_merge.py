@@ -70,9 +70,11 @@ def _merge_fwd_kernel(
     s_yb, s_yl, s_yk, s_gb, s_gk, s_gd,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid_l = tl.program_id(0)
+    pid = tl.program_id(0)  # (batch, token block) on axis 0, which has no 65535 limit
     pid_d = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    n_lblocks = tl.cdiv(L, BLOCK_L)
+    b = (pid // n_lblocks).to(tl.int64)
+    pid_l = pid % n_lblocks
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_l = offs_l < L
@@ -82,7 +84,7 @@ def _merge_fwd_kernel(
     acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
     for k in range(K):
         yv = tl.load(rows + k * s_yk, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(gw_ptr + b * s_gb + k * s_gk + offs_d * s_gd, mask=mask_d, other=0.0)
+        g = tl.load(gw_ptr + b * s_gb + k * s_gk + offs_d * s_gd, mask=mask_d, other=0.0).to(tl.float32)
         acc += yv * g[None, :]
     out = out_ptr + (b * L + offs_l[:, None]) * DIM + offs_d[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m)
@@ -121,9 +123,11 @@ def _merge_dy_kernel(
     s_yb, s_yl, s_yk, s_gb, s_gk, s_gd,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, POOL: tl.constexpr,
 ):  # fmt: skip
-    pid_l = tl.program_id(0)
+    pid = tl.program_id(0)  # (batch, order, token block) on axis 0, which has no 65535 limit
     pid_d = tl.program_id(1)  # a single block of channels when POOL (the LayerNorm terms need whole rows)
-    pid_bk = tl.program_id(2)
+    n_lblocks = tl.cdiv(L, BLOCK_L)
+    pid_bk = pid // n_lblocks
+    pid_l = pid % n_lblocks
     b = (pid_bk // K).to(tl.int64)
     k = pid_bk % K
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -132,7 +136,7 @@ def _merge_dy_kernel(
     mask_d = offs_d < DIM
     m = mask_l[:, None] & mask_d[None, :]
     dv = tl.load(dout_ptr + (b * L + offs_l[:, None]) * DIM + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
-    g = tl.load(gw_ptr + b * s_gb + k * s_gk + offs_d * s_gd, mask=mask_d, other=0.0)
+    g = tl.load(gw_ptr + b * s_gb + k * s_gk + offs_d * s_gd, mask=mask_d, other=0.0).to(tl.float32)
     dy = dv * g[None, :]
     if POOL:
         yv = tl.load(y_ptr + b * s_yb + k * s_yk + offs_l[:, None].to(tl.int64) * s_yl + offs_d[None, :], mask=m,
@@ -200,7 +204,7 @@ def branch_merge_fwd(y: torch.Tensor, gw: torch.Tensor) -> torch.Tensor:
     out = torch.empty(bsz, seqlen, dim, device=y.device, dtype=y.dtype)
     block_d = min(128, triton.next_power_of_2(dim))
     block_l = 32
-    grid = (triton.cdiv(seqlen, block_l), triton.cdiv(dim, block_d), bsz)
+    grid = (bsz * triton.cdiv(seqlen, block_l), triton.cdiv(dim, block_d))
     _merge_fwd_kernel[grid](
         y, gw, out, seqlen, k, dim, *_y_strides(y), *_gw_strides(gw), BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4
     )
@@ -230,7 +234,7 @@ def _merge_dy(dout, gw, y, mean=None, rstd=None, a=None) -> torch.Tensor:
     else:
         block_l, block_d, warps = 32, min(128, triton.next_power_of_2(dim)), 4
         mean = rstd = a = dout  # unused
-    grid = (triton.cdiv(seqlen, block_l), triton.cdiv(dim, block_d), bsz * k)
+    grid = (bsz * k * triton.cdiv(seqlen, block_l), triton.cdiv(dim, block_d))
     _merge_dy_kernel[grid](
         dout, gw, y, mean, rstd, a, dy, seqlen, k, dim, *_y_strides(y), *_gw_strides(gw),
         BLOCK_L=block_l, BLOCK_D=block_d, POOL=pool, num_warps=warps,

@@ -198,16 +198,21 @@ def test_eager_direct_path_matches_the_registered_ops(monkeypatch):
         u = kernels.causal_conv1d(leaves["u"], extra[0], extra[1], orders=orders, backend="triton")
         scan_in = {**leaves, "u": u}
         y = selective_scan(**scan_in, orders=orders, backend="triton", recompute_states=recompute)
-        out = kernels.branch_attn_merge(y, extra[2], *extra[3:], backend="triton")
-        out = out + kernels.branch_merge(y, extra[2], backend="triton")
+        gated = kernels.branch_attn_merge(y, extra[2], *extra[3:], backend="triton")
+        plain = kernels.branch_merge(y, extra[2], backend="triton")
+        fixed = kernels.branch_merge(y, merge_w, backend="triton")  # weights without a gradient
+        out = gated + plain + fixed
         out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5)))
-        return [type(y.grad_fn).__name__, out] + [t.grad for t in (*leaves.values(), *extra)]
+        paths = [type(t.grad_fn).__name__ for t in (u, y, gated, plain, fixed)]
+        return [paths, out] + [t.grad for t in (*leaves.values(), *extra)]
 
     for recompute in (False, True):
         direct = step(recompute)
         with monkeypatch.context() as m:
             m.setattr(lib, "_direct", lambda: False)
             registered = step(recompute)
-        assert direct[0] == "_ScanFunctionBackward" and registered[0] != direct[0], (direct[0], registered[0])
+        want = ["_ConvFunctionBackward", "_ScanFunctionBackward", "_AttnMergeFunctionBackward"]
+        assert direct[0] == want + ["_MergeFunctionBackward"] * 2, direct[0]
+        assert not set(registered[0]) & set(direct[0]), registered[0]
         for a, b in zip(direct[1:], registered[1:]):
             assert torch.equal(a, b)
