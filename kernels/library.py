@@ -347,8 +347,8 @@ def _attn_merge_backward(ctx, dout, *_unused):
         return (None,) * 9
     bwd = _attn_merge_bwd_impl if getattr(ctx, "direct", False) else _attn_merge_bwd_op
     dy, dw, *dparams = bwd(dout, y, w, pooled, mean, rstd, h1, g, *params)
-    dparams = [d if d.dtype == p.dtype else d.to(p.dtype) for d, p in zip(dparams, params)]
-    return dy, dw if dw.dtype == w.dtype else dw.to(w.dtype), dparams[0], dparams[1], None, *dparams[2:]
+    dparams = [d.to(p.dtype) for d, p in zip(dparams, params)]  # fp32 sums; a no-op for fp32 parameters
+    return dy, dw.to(w.dtype), dparams[0], dparams[1], None, *dparams[2:]
 
 
 _attn_merge_op.register_autograd(_attn_merge_backward, setup_context=_attn_merge_setup_context)

@@ -33,6 +33,22 @@ _ROWS_PER_PROGRAM = 64  # tokens one reduction program walks (L 197 → 4 progra
 
 
 @triton.jit
+def _token_tile(pid, pid_d, L, DIM, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Axis-0 program id → (outer index, token block): the outer index, the tile's offsets and masks."""
+    n_lblocks = tl.cdiv(L, BLOCK_L)
+    offs_l = (pid % n_lblocks) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    return pid // n_lblocks, offs_l, offs_d, offs_l < L, offs_d < DIM
+
+
+@triton.jit
+def _load_y(y_ptr, b, k, offs_l, offs_d, m, s_yb, s_yl, s_yk):
+    """The (tokens, channels) tile of y for batch b and order k, in fp32 (b is int64; zeros outside the mask)."""
+    rows = y_ptr + b * s_yb + k * s_yk + offs_l[:, None].to(tl.int64) * s_yl + offs_d[None, :]
+    return tl.load(rows, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _pool_kernel(
     y_ptr, mean_ptr, rstd_ptr, part_ptr,
     L, K, DIM, rows_per_prog, inv_l, eps,
@@ -45,14 +61,13 @@ def _pool_kernel(
     k = pid_bk % K
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < DIM
-    base = y_ptr + b * s_yb + k * s_yk
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     l0 = pid_s * rows_per_prog
     for start in range(l0, l0 + rows_per_prog, BLOCK_L):
         offs_l = start + tl.arange(0, BLOCK_L)
         mask_l = offs_l < L
         m = mask_l[:, None] & mask_d[None, :]
-        yv = tl.load(base + offs_l[:, None].to(tl.int64) * s_yl + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+        yv = _load_y(y_ptr, b, k, offs_l, offs_d, m, s_yb, s_yl, s_yk)
         mu = tl.sum(yv, axis=1) / DIM
         xc = tl.where(m, yv - mu[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / DIM + eps)
@@ -70,20 +85,13 @@ def _merge_fwd_kernel(
     s_yb, s_yl, s_yk, s_gb, s_gk, s_gd,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)  # (batch, token block) on axis 0, which has no 65535 limit
-    pid_d = tl.program_id(1)
-    n_lblocks = tl.cdiv(L, BLOCK_L)
-    b = (pid // n_lblocks).to(tl.int64)
-    pid_l = pid % n_lblocks
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_l = offs_l < L
-    mask_d = offs_d < DIM
+    # (batch, token block) on axis 0, which has no 65535 limit
+    b, offs_l, offs_d, mask_l, mask_d = _token_tile(tl.program_id(0), tl.program_id(1), L, DIM, BLOCK_L, BLOCK_D)
+    b = b.to(tl.int64)
     m = mask_l[:, None] & mask_d[None, :]
-    rows = y_ptr + b * s_yb + offs_l[:, None].to(tl.int64) * s_yl + offs_d[None, :]
     acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
     for k in range(K):
-        yv = tl.load(rows + k * s_yk, mask=m, other=0.0).to(tl.float32)
+        yv = _load_y(y_ptr, b, k, offs_l, offs_d, m, s_yb, s_yl, s_yk)
         g = tl.load(gw_ptr + b * s_gb + k * s_gk + offs_d * s_gd, mask=mask_d, other=0.0).to(tl.float32)
         acc += yv * g[None, :]
     out = out_ptr + (b * L + offs_l[:, None]) * DIM + offs_d[None, :]
@@ -109,8 +117,7 @@ def _merge_dgw_kernel(
     for start in range(l0, l0 + rows_per_prog, BLOCK_L):
         offs_l = start + tl.arange(0, BLOCK_L)
         m = (offs_l < L)[:, None] & mask_d[None, :]
-        yv = tl.load(y_ptr + b * s_yb + k * s_yk + offs_l[:, None].to(tl.int64) * s_yl + offs_d[None, :], mask=m,
-                     other=0.0).to(tl.float32)  # fmt: skip
+        yv = _load_y(y_ptr, b, k, offs_l, offs_d, m, s_yb, s_yl, s_yk)
         dv = tl.load(dout_ptr + (b * L + offs_l[:, None]) * DIM + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
         acc += tl.sum(yv * dv, axis=0)
     tl.store(part_ptr + (pid_bk * tl.num_programs(1) + pid_s) * DIM + offs_d, acc, mask=mask_d)
@@ -123,24 +130,17 @@ def _merge_dy_kernel(
     s_yb, s_yl, s_yk, s_gb, s_gk, s_gd,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, POOL: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)  # (batch, order, token block) on axis 0, which has no 65535 limit
-    pid_d = tl.program_id(1)  # a single block of channels when POOL (the LayerNorm terms need whole rows)
-    n_lblocks = tl.cdiv(L, BLOCK_L)
-    pid_bk = pid // n_lblocks
-    pid_l = pid % n_lblocks
+    # (batch, order, token block) on axis 0, which has no 65535 limit; axis 1 has a single block of channels when
+    # POOL (the LayerNorm terms need whole rows).
+    pid_bk, offs_l, offs_d, mask_l, mask_d = _token_tile(tl.program_id(0), tl.program_id(1), L, DIM, BLOCK_L, BLOCK_D)
     b = (pid_bk // K).to(tl.int64)
     k = pid_bk % K
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_l = offs_l < L
-    mask_d = offs_d < DIM
     m = mask_l[:, None] & mask_d[None, :]
     dv = tl.load(dout_ptr + (b * L + offs_l[:, None]) * DIM + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
     g = tl.load(gw_ptr + b * s_gb + k * s_gk + offs_d * s_gd, mask=mask_d, other=0.0).to(tl.float32)
     dy = dv * g[None, :]
     if POOL:
-        yv = tl.load(y_ptr + b * s_yb + k * s_yk + offs_l[:, None].to(tl.int64) * s_yl + offs_d[None, :], mask=m,
-                     other=0.0).to(tl.float32)  # fmt: skip
+        yv = _load_y(y_ptr, b, k, offs_l, offs_d, m, s_yb, s_yl, s_yk)
         stat = (b * L + offs_l) * K + k
         mu = tl.load(mean_ptr + stat, mask=mask_l, other=0.0)
         rstd = tl.load(rstd_ptr + stat, mask=mask_l, other=0.0)

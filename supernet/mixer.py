@@ -70,8 +70,7 @@ class BranchAttn(nn.Module):
         super().__init__()
         hidden = max(1, int(dim * ratio))
         self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.fc1 = nn.Linear(dim, hidden)  # followed by the exact (erf) GELU inside the merge op
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, y: torch.Tensor, w: torch.Tensor, backend: str = "auto") -> torch.Tensor:
