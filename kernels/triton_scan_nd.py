@@ -7,11 +7,20 @@ the scan along T and every sum over N stay inside a thread. The backward walks t
 (a runtime loop) to bound registers, carrying the adjoint state and dA through small per-program buffers (in
 registers when there is one group). Its one-decay path runs the state recompute and the adjoint as unrolled
 in-thread recurrences: Triton lowers a ``reverse=True`` associative scan with warp shuffles even along an in-thread
-axis, so that path's only cross-lane work is the channel sum of dB and dC.
+axis, so that path's only cross-lane work is the channel sum of dB and dC. With one warp that sum is a
+reduce-scatter (``_lane_sums``): a butterfly sum per (step, state) costs log2(32) = 5 shuffles each, 320 per group
+of 8 steps × 4 states × (dB, dC); halving the rows at each stage costs 62, and each lane ends with its own sums.
 
-Same arguments, buffers and semantics as the kernels in :mod:`kernels.triton_scan`; chunk-start states are saved
-every ``SAVE_T`` steps (the backward's chunk); the forward's own chunk ``BLOCK_T`` may be shorter or longer (the
-two divide one another), so a memory-bound forward can walk long chunks while the backward keeps short ones.
+Every per-(channel, state) array these kernels read or write is (N, D) row-major: A (passed as (K, N, D)), the
+chunk-start states, the adjoint carries and dA. Loads of a (GROUP_N, BLOCK_D) tile are then contiguous along the
+channels, so Triton gives them the layout of the (T, N, D) tiles (channels across lanes); from (D, N) storage it
+picked one with the states across lanes, and every unrolled step of the recurrences converted between the two
+through shared memory.
+
+Otherwise the same arguments, buffers and semantics as the kernels in :mod:`kernels.triton_scan`; chunk-start
+states are saved every ``SAVE_T`` steps (the backward's chunk); the forward's own chunk ``BLOCK_T`` may be shorter
+or longer (the two divide one another), so a memory-bound forward can walk long chunks while the backward keeps
+short ones.
 """
 
 import triton
@@ -52,6 +61,59 @@ def _recur_adjoint(a, c, carry, offs_t, BLOCK_T: tl.constexpr):
         h = tl.where(offs_t[:, None, None] == BLOCK_T - 1 - i, ht[None, :, :], h)
         acc = _row(a, offs_t, BLOCK_T - 1 - i) * ht
     return h, acc
+
+
+@triton.jit
+def _lane_halve(x, lane, m: tl.constexpr):
+    # One stage of a reduce-scatter across the W channels of an (V, W) tile: channel `lane` keeps the half of the
+    # V rows selected by its bit m, adds its partner's (lane ^ m) copy of that half, and hands the other half over.
+    # With one channel per lane that is one shuffle per kept row (a butterfly sum of every row takes log2(W) per
+    # row). With a single row left, it is a plain butterfly step: both partners end with the sum.
+    V: tl.constexpr = x.shape[0]
+    W: tl.constexpr = x.shape[1]
+    if V > 1:
+        lo, hi = tl.split(tl.permute(tl.reshape(x, (2, V // 2, W)), (1, 2, 0)))
+        bit = ((lane & m) != 0)[None, :]
+        send = tl.where(bit, lo, hi)
+        partner = tl.broadcast_to((lane ^ m)[None, :], (V // 2, W))
+        return tl.where(bit, hi, lo) + tl.gather(send, partner, axis=1)
+    else:
+        return x + tl.gather(x, tl.broadcast_to((lane ^ m)[None, :], (1, W)), axis=1)
+
+
+@triton.jit
+def _lane_sums(x, lane):
+    # Σ over the W channels of each of the V rows of x (V, W), reduce-scattered: returns (max(V / W, 1), W) where
+    # channel `lane` holds row (lane // max(W / V, 1))·max(V / W, 1) + r in its r-th entry (see _lane_rows). W = 32
+    # and V = 64 take 62 shuffles where 64 butterfly sums take 320.
+    W: tl.constexpr = x.shape[1]
+    tl.static_assert(W <= 128, "_lane_sums: at most 128 channels")
+    if W >= 128:
+        x = _lane_halve(x, lane, 64)
+    if W >= 64:
+        x = _lane_halve(x, lane, 32)
+    if W >= 32:
+        x = _lane_halve(x, lane, 16)
+    if W >= 16:
+        x = _lane_halve(x, lane, 8)
+    if W >= 8:
+        x = _lane_halve(x, lane, 4)
+    if W >= 4:
+        x = _lane_halve(x, lane, 2)
+    if W >= 2:
+        x = _lane_halve(x, lane, 1)
+    return x
+
+
+@triton.jit
+def _lane_rows(lane, V: tl.constexpr, W: tl.constexpr):
+    # For _lane_sums of a (V, W) tile: the row index each (entry, channel) holds, and whether this channel is the one
+    # that stores it (with fewer rows than channels, W / V channels hold each sum).
+    R: tl.constexpr = V // W if V > W else 1  # sums per channel
+    F: tl.constexpr = W // V if W > V else 1  # channels per sum
+    rows = (lane // F)[None, :] * R + tl.arange(0, R)[:, None]
+    owner = (lane % F) == 0
+    return rows, tl.broadcast_to(owner[None, :], (R, W))
 
 
 @triton.jit
@@ -96,7 +158,7 @@ def _scan_fwd_nd_kernel(
     mask_d = offs_d < DIM
     mask_n = offs_n < N
     mask_nd = mask_n[:, None] & mask_d[None, :]
-    nd_off = offs_d[None, :] * N + offs_n[:, None]  # (N, D) tile of a (D, N) row-major block
+    nd_off = offs_n[:, None] * DIM + offs_d[None, :]  # (N, D) tile of an (N, D) row-major block
     A2 = tl.load(A_ptr + k * DIM * N + nd_off, mask=mask_nd, other=0.0) * 1.4426950408889634
     if HAS_BIAS:
         bias = tl.load(bias_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
@@ -185,6 +247,7 @@ def _scan_bwd_nd_kernel(
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_ORDERS: tl.constexpr, PREFETCH: tl.constexpr, ONE_DECAY: tl.constexpr = False, IDX64: tl.constexpr = True,
+    LANE_SUM: tl.constexpr = False,
 ):  # fmt: skip
     seg = tl.program_id(2)  # this program's segment of L: chunks [c_lo, c_hi)
     pid_d, pid_bk, b, k, offs_d, offs_g, offs_t, mask_d, c_lo, c_hi, slot = _bwd_program(
@@ -224,7 +287,7 @@ def _scan_bwd_nd_kernel(
         for n0 in range(0, BLOCK_N, GROUP_N):
             offs_n = n0 + offs_g
             mask_nd = (offs_n < N)[:, None] & mask_d[None, :]
-            nd_off = offs_d[None, :] * N + offs_n[:, None]
+            nd_off = offs_n[:, None] * DIM + offs_d[None, :]
             A2 = tl.load(A_ptr + k * DIM * N + nd_off, mask=mask_nd, other=0.0) * 1.4426950408889634
             x = tl.zeros([GROUP_N, BLOCK_D], dtype=tl.float32)
             for j in range(0, n_seg - 1 - seg):
@@ -236,6 +299,13 @@ def _scan_bwd_nd_kernel(
                 carry_r = x
             else:
                 tl.store(h_base + nd_off, x, mask=mask_nd)
+    # LANE_SUM: the channel sums of dB and dC reduce-scattered across the lanes (_lane_sums); which (step, state)
+    # each lane's sums belong to is the same in every chunk and group.
+    lane = tl.arange(0, BLOCK_D)
+    if LANE_SUM:
+        rows, owner = _lane_rows(lane, BLOCK_T * GROUP_N, BLOCK_D)
+        row_t = (rows // GROUP_N) % BLOCK_T
+        row_g = rows % GROUP_N
     # PREFETCH: software pipelining as in the forward, the previous chunk's gathered rows are in flight while this
     # one computes (costs registers: the tuner decides).
     if PREFETCH:
@@ -284,6 +354,10 @@ def _scan_bwd_nd_kernel(
             g = dy * zt * sz
         else:
             g = dy
+        if LANE_SUM:
+            t_r = c * BLOCK_T + row_t
+            m_r = owner & (t_r < L)
+            o_r = _token_index(orders_ptr, k, L, t_r, m_r, HAS_ORDERS, IDX64) * (K * N) + row_g
         y_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         wA_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         hB_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
@@ -292,7 +366,7 @@ def _scan_bwd_nd_kernel(
             mask_n = offs_n < N
             mask_nd = mask_n[:, None] & mask_d[None, :]
             m_tn = mask_t[:, None] & mask_n[None, :]
-            nd_off = offs_d[None, :] * N + offs_n[:, None]
+            nd_off = offs_n[:, None] * DIM + offs_d[None, :]
             A = tl.load(A_ptr + k * DIM * N + nd_off, mask=mask_nd, other=0.0)
             A2 = A * 1.4426950408889634
             Bt = tl.load(b_base + idx[:, None] * s_bl + offs_n[None, :] * s_bn, mask=m_tn, other=0.0).to(tl.float32)
@@ -334,11 +408,18 @@ def _scan_bwd_nd_kernel(
             else:
                 dA_old = tl.load(dA_base + nd_off, mask=mask_nd, other=0.0)
                 tl.store(dA_base + nd_off, dA_old + tl.sum(w * dt[:, None, :], axis=0), mask=mask_nd)
-            dB = tl.sum(h * dtu[:, None, :], axis=2)
-            dC = tl.sum(xs * g[:, None, :], axis=2)
-            o_tn = idx[:, None] * (K * N) + offs_n[None, :]
-            tl.store(dB_base + o_tn, dB, mask=m_tn)
-            tl.store(dC_base + o_tn, dC, mask=m_tn)
+            if LANE_SUM:
+                o = o_r + n0
+                m_o = m_r & (n0 + row_g < N)
+                tg: tl.constexpr = BLOCK_T * GROUP_N
+                tl.store(dB_base + o, _lane_sums(tl.reshape(h * dtu[:, None, :], (tg, BLOCK_D)), lane), mask=m_o)
+                tl.store(dC_base + o, _lane_sums(tl.reshape(xs * g[:, None, :], (tg, BLOCK_D)), lane), mask=m_o)
+            else:
+                dB = tl.sum(h * dtu[:, None, :], axis=2)
+                dC = tl.sum(xs * g[:, None, :], axis=2)
+                o_tn = idx[:, None] * (K * N) + offs_n[None, :]
+                tl.store(dB_base + o_tn, dB, mask=m_tn)
+                tl.store(dC_base + o_tn, dC, mask=m_tn)
         ddt = wA_acc + u * hB_acc
         du = dt * hB_acc
         if HAS_D:
@@ -359,7 +440,7 @@ def _scan_bwd_nd_kernel(
         if PREFETCH:
             idx, u_r, dt_r, dt1_r, dy_r, z_r = idx_p, u_p, dt_p, dt1_p, dy_p, z_p
     if GROUP_N == BLOCK_N:
-        nd_all = offs_d[None, :] * N + offs_g[:, None]
+        nd_all = offs_g[:, None] * DIM + offs_d[None, :]
         tl.store(dA_base + nd_all, dA_r, mask=(offs_g < N)[:, None] & mask_d[None, :])
     vec_off = slot * DIM + offs_d
     if HAS_D:
@@ -394,7 +475,7 @@ def _scan_bwd_carry_kernel(
         offs_n = n0 + offs_g
         mask_n = offs_n < N
         mask_nd = mask_n[:, None] & mask_d[None, :]
-        nd_off = offs_d[None, :] * N + offs_n[:, None]
+        nd_off = offs_n[:, None] * DIM + offs_d[None, :]
         A2 = tl.load(A_ptr + k * DIM * N + nd_off, mask=mask_nd, other=0.0) * 1.4426950408889634
         acc = tl.zeros([GROUP_N, BLOCK_D], dtype=tl.float32)
         for ci in range(0, c_hi - c_lo):

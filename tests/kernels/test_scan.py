@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernels import selective_scan, selective_scan_ref
 from kernels.testing import (
@@ -14,6 +16,7 @@ from kernels.testing import (
     poisoned_empty,
     scan_with_grads,
 )
+from kernels.triton_scan_nd import _lane_rows, _lane_sums
 
 # (L, grid or None for identity orders, K, N, Ku, has z / D / delta_bias, order names, channels)
 CASES = [
@@ -101,7 +104,8 @@ def test_triton_matches_ref_cuda(dtype):
         pytest.param(37, (4, 9), 2, 16, 2, True, (8, 8, 1, 4, 8, 1, 2, 1), id="nd-prefetch-L37-K2-N16-Ku2"),
         pytest.param(63, (7, 9), 4, 1, 1, True, (8, 8, 1, 8, 8, 1, 1, 1), id="nd-prefetch-L63-K4-N1-Ku1"),
         pytest.param(63, (7, 9), 2, 1, 1, True, (4, 8, 1, 16, 8, 1, 1, 1), id="nd-longfwd-L63-K2-N1-Ku1"),
-        pytest.param(37, (4, 9), 2, 16, 2, False, (2, 8, 1, 8, 8, 1, 4, 0), id="nd-longfwd-L37-K2-N16-Ku2"),
+        # two warps: the backward's dB/dC channel sums are plain sums (one warp: reduce-scattered across lanes)
+        pytest.param(37, (4, 9), 2, 16, 2, False, (2, 8, 2, 8, 8, 1, 4, 0), id="nd-longfwd-twowarps-L37-K2-N16"),
         pytest.param(37, (4, 9), 2, 16, 1, True, (8, 8, 1, 4, 8, 1, 4, 0, 1), id="nd-onedecay-L37-K2-N16-Ku1"),
         pytest.param(63, (7, 9), 2, 1, 2, True, (4, 8, 1, 16, 8, 1, 1, 1, 1), id="nd-onedecay-prefetch-L63-K2-N1"),
         pytest.param(37, (4, 9), 2, 16, 2, True, (4, 16, 1, 8, 8, 1, 2, 0, 1), id="nd-onedecay-wide-bwd-L37-K2-N16"),
@@ -215,3 +219,24 @@ def test_tuning_candidates_and_gpu_defaults_are_well_formed():
         if len(cfg) > 3:
             assert cfg[0] % cfg[3] == 0 or cfg[3] % cfg[0] == 0, cfg
             assert all(v in (0, 1) for v in cfg[7:]), cfg
+
+
+@triton.jit
+def _lane_sums_kernel(x_ptr, out_ptr, hits_ptr, V: tl.constexpr, W: tl.constexpr):
+    lane = tl.arange(0, W)
+    x = tl.load(x_ptr + tl.arange(0, V)[:, None] * W + lane[None, :])
+    at, owner = _lane_rows(lane, V, W)
+    tl.store(out_ptr + at, _lane_sums(x, lane), mask=owner)
+    tl.atomic_add(hits_ptr + at, tl.where(owner, 1, 0))
+
+
+@pytest.mark.parametrize("rows, width", [(1, 8), (4, 8), (8, 8), (32, 8), (4, 32), (64, 32), (16, 2), (2, 64)])
+def test_lane_sums_reduce_scatter_every_row(rows, width):
+    """The backward's reduce-scattered channel sum: every row's sum lands at the (entry, channel) the row map names,
+    stored once (with fewer rows than channels, only one of the channels holding a sum stores it)."""
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(rows * width))
+    out = torch.full((rows,), float("nan"))
+    hits = torch.zeros(rows, dtype=torch.int32)
+    _lane_sums_kernel[(1,)](x, out, hits, rows, width)
+    torch.testing.assert_close(out, x.sum(1), rtol=1e-6, atol=1e-6)
+    assert hits.tolist() == [1] * rows
