@@ -15,12 +15,13 @@ The ``ref`` and ``mamba`` backends are plain PyTorch compositions and are not re
 """
 
 import torch
+import triton
 from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import register_flop_formula
 
 from .triton_conv import conv_bwd, conv_fwd
 from .triton_merge import branch_attn_merge_bwd, branch_attn_merge_fwd, branch_merge_bwd, branch_merge_fwd
-from .triton_scan import scan_bwd, scan_config, scan_fwd, states_shape
+from .triton_scan import scan_bwd, scan_config, scan_fwd
 
 __all__ = ["branch_attn_merge_op", "branch_merge_op", "causal_conv1d_op", "scan_flops", "selective_scan_op"]
 
@@ -86,8 +87,8 @@ def _(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, out_dtype, sa
     y = delta.new_empty((bsz, seqlen, k, dim) if store_y else (0,), dtype=out_dtype or u.dtype)
     if not save_states:
         return y, delta.new_empty((0,), dtype=torch.float32)
-    return y, delta.new_empty(states_shape(scan_config(dim, n, seqlen, u.device), bsz, seqlen, k, dim, n),
-                              dtype=torch.float32)  # fmt: skip
+    bt = scan_config(dim, n, seqlen, u.device)[0]
+    return y, delta.new_empty((bsz * k, triton.cdiv(seqlen, bt), dim, n), dtype=torch.float32)
 
 
 def _scan_bwd_impl(

@@ -399,18 +399,6 @@ def _segments(config: tuple[int, ...], n_chunks: int, programs: int, device: tor
     return triton.cdiv(n_chunks, seg_chunks), seg_chunks
 
 
-def states_shape(config: tuple[int, ...], bsz: int, seqlen: int, k: int, dim: int, n: int) -> tuple[int, ...]:
-    """Shape of the forward's saved chunk-start states: (B·K, chunks, D, N) for the (T, D, N)-tile kernels (a
-    3-number config), (B·K, chunks, N, D) for the (T, N, D)-tile ones; a chunk is the config's first number."""
-    chunks = triton.cdiv(seqlen, config[0])
-    return (bsz * k, chunks, dim, n) if len(config) == 3 else (bsz * k, chunks, n, dim)
-
-
-def _a_nd(A: torch.Tensor) -> torch.Tensor:
-    """A (K, D, N) as the (K, N, D) row-major array the (T, N, D)-tile kernels read."""
-    return A.transpose(1, 2).contiguous()
-
-
 def _needs_int64(seqlen: int, k: int, dim: int, n: int, *tensors: torch.Tensor | None) -> bool:
     """Whether a row offset inside one (batch, order) slice needs int64: the largest token stride times L plus the
     largest span of the last axis (channels, or states at B/C's own stride), over every gathered or written tensor
@@ -487,8 +475,8 @@ def scan_fwd(
     ``store_y=False`` (with ``save_states``: the backward's recompute) computes and writes only the states.
 
     Returns:
-        y (B, L, K, D) in ``out_dtype`` (empty without ``store_y``), and the chunk-start states fp32, shaped by
-        :func:`states_shape` (empty when not saved).
+        y (B, L, K, D) in ``out_dtype`` (empty without ``store_y``), and the chunk-start states (B·K, n_chunks, D, N)
+        fp32 (empty when not saved).
     """
     u, delta, z = _last_contiguous(u), _last_contiguous(delta), _last_contiguous(z)
     bsz, seqlen, k, dim = delta.shape
@@ -501,7 +489,7 @@ def scan_fwd(
         raise ValueError("scan_fwd: store_y=False needs save_states=True (there would be nothing to compute)")
     y = torch.empty((bsz, seqlen, k, dim) if store_y else (0,), device=u.device, dtype=out_dtype or u.dtype)
     if save_states:
-        states = torch.empty(states_shape(config, bsz, seqlen, k, dim, n), device=u.device, dtype=torch.float32)
+        states = torch.empty(bsz * k, n_save, dim, n, device=u.device, dtype=torch.float32)
     else:
         states = torch.empty(0, device=u.device, dtype=torch.float32)
     orders_i = orders.to(device=u.device, dtype=torch.int32).contiguous() if orders is not None else None
@@ -512,7 +500,7 @@ def scan_fwd(
         SOFTPLUS=bool(delta_softplus), HAS_ORDERS=orders_i is not None, SAVE_STATES=save_states, STORE_Y=store_y,
     )  # fmt: skip
     args = (
-        u, delta, A if len(config) == 3 else _a_nd(A), B, C,
+        u, delta, A, B, C,
         D.contiguous() if D is not None else dummy, z if z is not None else dummy,
         delta_bias.contiguous() if delta_bias is not None else dummy,
         orders_i if orders_i is not None else dummy, y, states,
@@ -594,15 +582,14 @@ def scan_bwd(
     # Per-program partials have one slot per segment of L.
     one_group = len(config) > 3 and config[6] >= triton.next_power_of_2(n)
     alloc = torch.empty if len(config) == 3 or one_group else torch.zeros
-    nd = len(config) > 3
-    dA_part = alloc(n_seg * bsz, k, *((n, dim) if nd else (dim, n)), device=dev, dtype=f32)
+    dA_part = alloc(n_seg * bsz, k, dim, n, device=dev, dtype=f32)
     dD_part = torch.empty(n_seg * bsz, k, dim, device=dev, dtype=f32) if D is not None else None
     dbias_part = torch.empty(n_seg * bsz, k, dim, device=dev, dtype=f32) if delta_bias is not None else None
     orders_i = orders.to(device=dev, dtype=torch.int32).contiguous() if orders is not None else None
     dummy = A
     zs = _strides(z, k) if z is not None else (0, 0, 0)
     inputs = (
-        u, delta, _a_nd(A) if nd else A, B, C,
+        u, delta, A, B, C,
         D.contiguous() if D is not None else dummy, z if z is not None else dummy,
         delta_bias.contiguous() if delta_bias is not None else dummy,
         orders_i if orders_i is not None else dummy, dy, states,
@@ -630,17 +617,17 @@ def scan_bwd(
         hbuf = (
             dummy
             if one_group
-            else (torch.empty if one_decay else torch.zeros)(n_seg * bsz * k, n, dim, device=dev, dtype=f32)
+            else (torch.empty if one_decay else torch.zeros)(n_seg * bsz * k, dim, n, device=dev, dtype=f32)
         )
         group = min(config[6], triton.next_power_of_2(n))
         prefetch = bool(config[7]) if len(config) > 7 else False
         idx64 = _needs_int64(seqlen, k, dim, n, u, delta, B, C, z, dy)
         segc = segdt = dummy
         if n_seg > 1:  # first pass: each later segment's carry-out with a zero carry-in, and its ΣΔ
-            segc = torch.empty(n_seg * bsz * k, n, dim, device=dev, dtype=f32)
+            segc = torch.empty(n_seg * bsz * k, dim, n, device=dev, dtype=f32)
             segdt = torch.empty(n_seg * bsz * k, dim, device=dev, dtype=f32)
             _scan_bwd_carry_kernel[(n_dblocks, bsz * k, n_seg - 1)](
-                delta, inputs[2], C, z if z is not None else dummy, inputs[7], inputs[8], dy, segc, segdt,
+                delta, A, C, z if z is not None else dummy, inputs[7], inputs[8], dy, segc, segdt,
                 seqlen, k, dim, n, n_chunks, bsz, seg_chunks,
                 *_strides(delta, k), *_strides(C, k), C.stride(3), *zs, *_strides(dy, k),
                 BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n), GROUP_N=group, HAS_Z=z is not None,
@@ -649,7 +636,8 @@ def scan_bwd(
             )  # fmt: skip
         _scan_bwd_nd_kernel[(n_dblocks, bsz * k, n_seg)](
             *inputs, hbuf, *outputs, segc, segdt, seqlen, k, dim, n, n_chunks, bsz, n_seg, seg_chunks, *strides,
-            GROUP_N=group, PREFETCH=prefetch, ONE_DECAY=one_decay, IDX64=idx64, LANE_SUM=warps == 1, **common,
+            GROUP_N=group, PREFETCH=prefetch, ONE_DECAY=one_decay, IDX64=idx64,
+            LANE_SUM=warps == 1 and bt * group < bd, **common,
         )  # fmt: skip
     if u.shape[2] != k:
         du = _sum_orders(du)
@@ -657,7 +645,7 @@ def scan_bwd(
         dz = _sum_orders(dz)
     dB = (dB_part[0] if len(dB_part) == 1 else dB_part.sum(0)).to(B.dtype)
     dC = (dC_part[0] if len(dC_part) == 1 else dC_part.sum(0)).to(C.dtype)
-    dA = dA_part.sum(0).transpose(1, 2).contiguous() if nd else dA_part.sum(0)
+    dA = dA_part.sum(0)
     dD = dD_part.sum(0) if dD_part is not None else None
     dbias = dbias_part.sum(0) if dbias_part is not None else None
     return du, ddelta, dA, dB, dC, dD, dz, dbias

@@ -7,20 +7,15 @@ the scan along T and every sum over N stay inside a thread. The backward walks t
 (a runtime loop) to bound registers, carrying the adjoint state and dA through small per-program buffers (in
 registers when there is one group). Its one-decay path runs the state recompute and the adjoint as unrolled
 in-thread recurrences: Triton lowers a ``reverse=True`` associative scan with warp shuffles even along an in-thread
-axis, so that path's only cross-lane work is the channel sum of dB and dC. With one warp that sum is a
-reduce-scatter (``_lane_sums``): a butterfly sum per (step, state) costs log2(32) = 5 shuffles each, 320 per group
-of 8 steps × 4 states × (dB, dC); halving the rows at each stage costs 62, and each lane ends with its own sums.
+axis, so that path's only cross-lane work is the channel sum of dB and dC. When a group has fewer (step, state)
+rows than a warp has lanes (N = 1), that sum is a partial reduce-scatter (``_lane_sums``, LANE_SUM): with 4 rows
+and 32 lanes, 12 shuffles where four butterfly sums take 20 each (VMamba-T stage 1 backward 1.26 → 1.19 ms on an
+H200). With more rows (N = 16: 32 rows) the full reduce-scatter made the backward slower (3.70 → 6.80 ms, with
+(N, D)-ordered buffers; benchmarks/NOTES-scan.md v7), so those keep the butterfly sums.
 
-Every per-(channel, state) array these kernels read or write is (N, D) row-major: A (passed as (K, N, D)), the
-chunk-start states, the adjoint carries and dA. Loads of a (GROUP_N, BLOCK_D) tile are then contiguous along the
-channels, so Triton gives them the layout of the (T, N, D) tiles (channels across lanes); from (D, N) storage it
-picked one with the states across lanes, and every unrolled step of the recurrences converted between the two
-through shared memory.
-
-Otherwise the same arguments, buffers and semantics as the kernels in :mod:`kernels.triton_scan`; chunk-start
-states are saved every ``SAVE_T`` steps (the backward's chunk); the forward's own chunk ``BLOCK_T`` may be shorter
-or longer (the two divide one another), so a memory-bound forward can walk long chunks while the backward keeps
-short ones.
+Same arguments, buffers and semantics as the kernels in :mod:`kernels.triton_scan`; chunk-start states are saved
+every ``SAVE_T`` steps (the backward's chunk); the forward's own chunk ``BLOCK_T`` may be shorter or longer (the
+two divide one another), so a memory-bound forward can walk long chunks while the backward keeps short ones.
 """
 
 import triton
@@ -158,7 +153,7 @@ def _scan_fwd_nd_kernel(
     mask_d = offs_d < DIM
     mask_n = offs_n < N
     mask_nd = mask_n[:, None] & mask_d[None, :]
-    nd_off = offs_n[:, None] * DIM + offs_d[None, :]  # (N, D) tile of an (N, D) row-major block
+    nd_off = offs_d[None, :] * N + offs_n[:, None]  # (N, D) tile of a (D, N) row-major block
     A2 = tl.load(A_ptr + k * DIM * N + nd_off, mask=mask_nd, other=0.0) * 1.4426950408889634
     if HAS_BIAS:
         bias = tl.load(bias_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
@@ -287,7 +282,7 @@ def _scan_bwd_nd_kernel(
         for n0 in range(0, BLOCK_N, GROUP_N):
             offs_n = n0 + offs_g
             mask_nd = (offs_n < N)[:, None] & mask_d[None, :]
-            nd_off = offs_n[:, None] * DIM + offs_d[None, :]
+            nd_off = offs_d[None, :] * N + offs_n[:, None]
             A2 = tl.load(A_ptr + k * DIM * N + nd_off, mask=mask_nd, other=0.0) * 1.4426950408889634
             x = tl.zeros([GROUP_N, BLOCK_D], dtype=tl.float32)
             for j in range(0, n_seg - 1 - seg):
@@ -366,7 +361,7 @@ def _scan_bwd_nd_kernel(
             mask_n = offs_n < N
             mask_nd = mask_n[:, None] & mask_d[None, :]
             m_tn = mask_t[:, None] & mask_n[None, :]
-            nd_off = offs_n[:, None] * DIM + offs_d[None, :]
+            nd_off = offs_d[None, :] * N + offs_n[:, None]
             A = tl.load(A_ptr + k * DIM * N + nd_off, mask=mask_nd, other=0.0)
             A2 = A * 1.4426950408889634
             Bt = tl.load(b_base + idx[:, None] * s_bl + offs_n[None, :] * s_bn, mask=m_tn, other=0.0).to(tl.float32)
@@ -440,7 +435,7 @@ def _scan_bwd_nd_kernel(
         if PREFETCH:
             idx, u_r, dt_r, dt1_r, dy_r, z_r = idx_p, u_p, dt_p, dt1_p, dy_p, z_p
     if GROUP_N == BLOCK_N:
-        nd_all = offs_g[:, None] * DIM + offs_d[None, :]
+        nd_all = offs_d[None, :] * N + offs_g[:, None]
         tl.store(dA_base + nd_all, dA_r, mask=(offs_g < N)[:, None] & mask_d[None, :])
     vec_off = slot * DIM + offs_d
     if HAS_D:
@@ -475,7 +470,7 @@ def _scan_bwd_carry_kernel(
         offs_n = n0 + offs_g
         mask_n = offs_n < N
         mask_nd = mask_n[:, None] & mask_d[None, :]
-        nd_off = offs_n[:, None] * DIM + offs_d[None, :]
+        nd_off = offs_d[None, :] * N + offs_n[:, None]
         A2 = tl.load(A_ptr + k * DIM * N + nd_off, mask=mask_nd, other=0.0) * 1.4426950408889634
         acc = tl.zeros([GROUP_N, BLOCK_D], dtype=tl.float32)
         for ci in range(0, c_hi - c_lo):
