@@ -1,0 +1,55 @@
+"""scripts/sass_census.py: the SASS parser, its one-line errors, and one real compile for sm_90 (no GPU needed)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[2] / "scripts" / "sass_census.py"
+_spec = importlib.util.spec_from_file_location("sass_census", _PATH)
+sass_census = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sass_census)
+
+_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+        /*0020*/                   FFMA R2, R0, R0, R1 ;
+        /*0030*/                   SHFL.BFLY PT, R3, R2, 0x10, 0x1f ;
+        /*0040*/              @!P0 MUFU.EX2 R4, R3 ;
+        /*0050*/               @P1 BRA 0x20 ;
+        /*0060*/                   STG.E [R6.64], R4 ;
+        /*0070*/                   EXIT ;
+"""
+
+
+def test_census_counts_by_class_and_finds_the_loop():
+    whole = sass_census.census(_SASS)
+    assert whole["total"] == 8
+    assert (whole["shfl"], whole["mufu"], whole["fp32"], whole["stg"], whole["mov"]) == (1, 1, 1, 1, 2)
+    loops = sass_census.loops(_SASS)
+    assert [(a, b) for a, b, _ in loops] == [(0x20, 0x50)]
+    assert sass_census.census(loops[0][2])["total"] == 4  # FFMA, SHFL, MUFU, BRA
+
+
+def test_short_config_is_a_one_line_error(capsys):
+    assert sass_census.main(["--config", "8,32,1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --config needs")
+
+
+def test_compiles_the_n1_backward_for_sm90(tmp_path):
+    """A real compile, in a fresh process: the tests run Triton's interpreter, which cannot compile for a target."""
+    pytest.importorskip("triton.backends.nvidia")
+    out = tmp_path / "census.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(_PATH.parents[1]), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, str(_PATH), "--n", "1", "--config", "4,32,1,32,32,1,1,1,1", "--json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text())
+    assert row["arch"] == "sm_90" and row["registers"] > 0
+    assert row["whole"]["mufu"] > 0 and row["loops"]
