@@ -48,6 +48,7 @@ from retrain.checkpoint import CheckpointKeeper, load_checkpoint, resolve_resume
 from retrain.config import resolve_config, run_cli, save_config
 from retrain.data import build_dataset, build_loader, split_train
 from retrain.engine import (
+    COMPILE_MODES,
     BadStepGuard,
     RunLogger,
     StopFlag,
@@ -107,6 +108,7 @@ DEFAULTS: dict[str, Any] = {
     "clip_grad": 5.0,  # max norm of the weights' gradient (0 = off); DARTS clips at 5
     "smoothing": 0.0,
     "amp": True,
+    "compile": "",  # torch.compile mode for the supernet's forward ("" = eager; e.g. default, reduce-overhead)
     "rollback_after": 5,  # non-finite steps in a row that roll back to the last checkpoint (0 = never)
     "max_bad_steps": 20,  # non-finite steps in all (each is skipped) after which the search stops
     # run
@@ -279,6 +281,7 @@ def _check_values(cfg: dict[str, Any]) -> None:
         ("rollback_after", cfg["rollback_after"] >= 0, ">= 0 (0 = never)"),
         ("max_bad_steps", cfg["max_bad_steps"] >= 1, ">= 1"),
         ("dist_timeout", cfg["dist_timeout"] > 0, "> 0"),
+        ("compile", cfg["compile"] in COMPILE_MODES, "a value among " + ", ".join(repr(m) for m in COMPILE_MODES)),
     ]
     for key, ok, want in checks:
         if not ok:
@@ -458,6 +461,10 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
         net = DDP(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=mode == "hard"
         )
+    if cfg["compile"]:
+        # Arch and weight steps share the training graph; evaluation compiles its own. gdas's temperature changes every
+        # step: dynamo recompiles once, then traces it as a symbolic float. Checkpoints keep using `model`.
+        net = torch.compile(net, mode=cfg["compile"])
 
     logger = RunLogger(run_dir, dinfo.is_main)
     probs_path = run_dir / "arch_probs.jsonl"

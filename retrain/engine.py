@@ -50,6 +50,10 @@ __all__ = [
 ]
 
 
+# torch.compile's modes ("" = eager). reduce-overhead also replays the compiled forward and backward as CUDA graphs.
+COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (all devices)."""
     random.seed(seed)

@@ -51,6 +51,7 @@ from retrain.checkpoint import CheckpointKeeper, load_checkpoint, resolve_resume
 from retrain.config import resolve_config, run_cli, save_config
 from retrain.data import DatasetInfo, build_dataset, build_loader, split_train
 from retrain.engine import (
+    COMPILE_MODES,
     BadStepGuard,
     RunLogger,
     StopFlag,
@@ -218,10 +219,6 @@ def build_model(cfg: dict[str, Any], info: DatasetInfo) -> tuple[nn.Module, dict
 # --------------------------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------------------------
-
-
-# torch.compile's modes ("" = eager). reduce-overhead also replays the compiled forward and backward as CUDA graphs.
-COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _check_values(cfg: dict[str, Any]) -> None:

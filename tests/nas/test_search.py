@@ -194,3 +194,35 @@ if __name__ == "__main__":  # one rank of the 2-process test above, started by t
     result = main({**cfg, "experiment": "ddp"})
     rank = int(os.environ["RANK"])
     torch.save({k: torch.tensor(v) for k, v in result["arch_logits"].items()}, out_dir / f"rank{rank}.pt")
+
+
+def test_compiled_gdas_search_matches_eager_without_graph_breaks(tmp_path, monkeypatch) -> None:
+    """--compile: the supernet runs through dynamo and AOT autograd (the aot_eager backend here: inductor's codegen
+    is not what is tested, and is slow on CPU) with no graph break, gdas's changing temperature included, and the
+    search ends where the eager one does."""
+    from torch._dynamo.utils import counters
+
+    import nas.search as search
+
+    modes = []
+    real_compile = torch.compile
+
+    def aot_eager_compile(model, mode=None):
+        modes.append(mode)
+        return real_compile(model, backend="aot_eager")
+
+    kw = dict(algo="gdas", epochs=1, num_samples=128, batch_size=32, seed=3)
+    eager = _run(tmp_path, experiment="eager", **kw)
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(search.torch, "compile", aot_eager_compile)
+    compiled = _run(tmp_path, experiment="compiled", compile="reduce-overhead", **kw)
+    assert modes == ["reduce-overhead"]
+    assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"]  # train and eval graphs
+    a = load_checkpoint(Path(eager["run_dir"]) / "last.pt")["model_state"]
+    b = load_checkpoint(Path(compiled["run_dir"]) / "last.pt")["model_state"]
+    assert a.keys() == b.keys()  # no _orig_mod. prefixes
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    with pytest.raises(ValueError, match="--compile 'fast' is out of range"):
+        _run(tmp_path, compile="fast")
