@@ -552,6 +552,8 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
                     arch_images, arch_targets = next(arch_stream)
                     arch_images, arch_targets = arch_images.to(device), arch_targets.to(device)
                     arch_optimizer.zero_grad(set_to_none=True)
+                    if cfg["compile"]:  # two forwards per step: tell CUDA-graph trees where a step begins
+                        torch.compiler.cudagraph_mark_step_begin()
                     with autocast(device, amp_dtype):
                         arch_out = net(arch_images)
                     arch_loss = guard.poison(loss_fn(arch_out.float(), arch_targets))
@@ -567,8 +569,12 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
                 # Weight step: timm's optimizer over the weights only (joint: the arch optimizer steps here too).
                 optimizer.zero_grad(set_to_none=True)
                 arch_optimizer.zero_grad(set_to_none=True)
+                if cfg["compile"]:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with autocast(device, amp_dtype):
                     output = net(images)
+                # Read the output before the backward: with CUDA graphs its memory may be reused after that.
+                correct = (output.argmax(-1) == targets).sum()
                 loss = guard.poison(loss_fn(output.float(), targets))
                 loss.backward()  # on every rank, even for a bad loss: DDP's gradient all-reduce needs all of them
                 # One small all-reduce agrees on "skip this step" (non-finite loss or gradient) and "stop".
@@ -582,7 +588,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
                     step += 1
                     scheduler.step_update(step)
                     sums[0] += loss.detach() * images.shape[0]
-                    sums[1] += (output.argmax(-1) == targets).sum()
+                    sums[1] += correct
                     seen += images.shape[0]
                     if step % cfg["log_interval"] == 0:
                         lr = optimizer.param_groups[0]["lr"]
