@@ -615,7 +615,9 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
             epoch_time = time.perf_counter() - t_epoch
 
             # Epoch end: arch-set accuracy of the supernet (softmax mixing; gdas: its top-m orders), probabilities.
-            arch_eval = evaluate(net, arch_eval_loader, device, amp_dtype)
+            # The uncompiled model: an inference graph between the training graph's steps broke CUDA-graph trees
+            # (reduce-overhead) at the next arch step's backward.
+            arch_eval = evaluate(model, arch_eval_loader, device, amp_dtype)
             probs = model.arch_probs()
             prob_rows = [probs[label].tolist() for label in labels]
             n_arch_steps = max(float(sums[3].item()), 1.0)
