@@ -399,6 +399,15 @@ def _segments(config: tuple[int, ...], n_chunks: int, programs: int, device: tor
     return triton.cdiv(n_chunks, seg_chunks), seg_chunks
 
 
+def lane_sum(block_t: int, block_d: int, warps: int, group: int) -> bool:
+    """Whether the (T, N, D) backward sums dB and dC across channels as a partial reduce-scatter (``LANE_SUM``).
+
+    Only where it was measured faster: one state per group (N = 1), one warp, one channel per lane, and fewer steps
+    per chunk than lanes (VMamba-T stage 1 backward 1.26 → 1.19 ms on an H200). With 32 (step, state) rows per
+    group (N = 16) the full reduce-scatter made the backward 1.84x slower (benchmarks/NOTES-scan.md v7)."""
+    return warps == 1 and group == 1 and block_t < block_d <= 32
+
+
 def _needs_int64(seqlen: int, k: int, dim: int, n: int, *tensors: torch.Tensor | None) -> bool:
     """Whether a row offset inside one (batch, order) slice needs int64: the largest token stride times L plus the
     largest span of the last axis (channels, or states at B/C's own stride), over every gathered or written tensor
@@ -637,7 +646,7 @@ def scan_bwd(
         _scan_bwd_nd_kernel[(n_dblocks, bsz * k, n_seg)](
             *inputs, hbuf, *outputs, segc, segdt, seqlen, k, dim, n, n_chunks, bsz, n_seg, seg_chunks, *strides,
             GROUP_N=group, PREFETCH=prefetch, ONE_DECAY=one_decay, IDX64=idx64,
-            LANE_SUM=warps == 1 and bt * group < bd, **common,
+            LANE_SUM=lane_sum(bt, bd, warps, group), **common,
         )  # fmt: skip
     if u.shape[2] != k:
         du = _sum_orders(du)

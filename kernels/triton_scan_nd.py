@@ -7,11 +7,11 @@ the scan along T and every sum over N stay inside a thread. The backward walks t
 (a runtime loop) to bound registers, carrying the adjoint state and dA through small per-program buffers (in
 registers when there is one group). Its one-decay path runs the state recompute and the adjoint as unrolled
 in-thread recurrences: Triton lowers a ``reverse=True`` associative scan with warp shuffles even along an in-thread
-axis, so that path's only cross-lane work is the channel sum of dB and dC. When a group has fewer (step, state)
-rows than a warp has lanes (N = 1), that sum is a partial reduce-scatter (``_lane_sums``, LANE_SUM): with 4 rows
-and 32 lanes, 12 shuffles where four butterfly sums take 20 each (VMamba-T stage 1 backward 1.26 → 1.19 ms on an
-H200). With more rows (N = 16: 32 rows) the full reduce-scatter made the backward slower (3.70 → 6.80 ms, with
-(N, D)-ordered buffers; benchmarks/NOTES-scan.md v7), so those keep the butterfly sums.
+axis, so that path's only cross-lane work is the channel sum of dB and dC. For N = 1 on one warp (see
+:func:`kernels.triton_scan.lane_sum`) that sum is a partial reduce-scatter (``_lane_sums``, LANE_SUM): 4 rows over 32
+lanes take 12 shuffles where four butterfly sums take 20 (VMamba-T stage 1 backward 1.26 → 1.19 ms on an H200). With
+32 rows (N = 16) the full reduce-scatter made the backward slower (3.70 → 6.80 ms, with (N, D)-ordered buffers;
+benchmarks/NOTES-scan.md v7), so every other shape keeps the butterfly sums.
 
 Same arguments, buffers and semantics as the kernels in :mod:`kernels.triton_scan`; chunk-start states are saved
 every ``SAVE_T`` steps (the backward's chunk); the forward's own chunk ``BLOCK_T`` may be shorter or longer (the

@@ -462,8 +462,9 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=mode == "hard"
         )
     if cfg["compile"]:
-        # Arch and weight steps share the training graph; evaluation compiles its own. gdas's temperature changes every
-        # step: dynamo recompiles once, then traces it as a symbolic float. Checkpoints keep using `model`.
+        # Arch and weight steps share the training graph; evaluation runs the uncompiled model. gdas's temperature
+        # changes every step: dynamo recompiles once, then traces it as a symbolic float. Checkpoints keep using
+        # `model`.
         net = torch.compile(net, mode=cfg["compile"])
 
     logger = RunLogger(run_dir, dinfo.is_main)

@@ -8,8 +8,9 @@ cubin with the ``cuobjdump`` that ships with Triton. Prints registers, stack byt
 instructions by class (shuffles, MUFU, FP32, integer, loads/stores, selects) for the whole kernel and for its three
 largest loops (from a backward branch's target to the branch, by address). ``--json`` saves
 the same. Static counts, not a profile: they bound the issue cost per chunk and say nothing of latency, memory
-stalls or scheduling. On an H200 a backward whose group loop this script counted at 1,019 instructions (62
-shuffles) ran 1.84x slower than one counted at 1,526 (320 shuffles); see benchmarks/NOTES-scan.md v7.
+stalls or scheduling. On an H200 a backward whose group loop this script counted (Triton 3.6) at 1,081
+instructions (62 shuffles) ran 1.84x slower than one counted at 1,606 (320 shuffles); see benchmarks/NOTES-scan.md
+v7.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from kernels.triton_scan import lane_sum
 from kernels.triton_scan_nd import _scan_bwd_nd_kernel, _scan_fwd_nd_kernel
 
 _CLASSES = {
@@ -34,7 +36,7 @@ _CLASSES = {
     "mufu": ("MUFU",),
     "fp32": ("FADD", "FMUL", "FFMA", "FMNMX", "FSETP", "FSEL", "FCHK"),
     "int": ("IADD3", "IMAD", "LEA", "LOP3", "SHF", "ISETP", "IABS", "IMNMX", "PRMT", "SGXT"),
-    "select": ("SEL", "FSEL"),
+    "select": ("SEL",),  # FSEL is counted with fp32
     "mov": ("MOV", "S2R", "CS2R", "UMOV", "S2UR"),
     "ldg": ("LDG",),
     "stg": ("STG", "RED", "ATOM"),
@@ -44,8 +46,12 @@ _CLASSES = {
 }
 
 
+def _tool_path(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
 def _tool(name: str) -> str:
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    path = _tool_path(name)
     if not os.path.exists(path):
         raise SystemExit(f"error: {name} not found next to Triton at {path}; install triton with its CUDA tools")
     return path
@@ -102,19 +108,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dump", default=None, help="write the SASS here")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    cfg = [int(v) for v in args.config.split(",")]
-    if len(cfg) < 7:
-        print("error: --config needs the 7-10 numbers of the (T, N, D) kernels, e.g. 8,32,1,4,32,1,4,0,1",
-              file=sys.stderr)  # fmt: skip
+    try:
+        cfg = [int(v) for v in args.config.split(",")]
+    except ValueError:
+        cfg = []
+    if not 7 <= len(cfg) <= 10 or min(cfg[:7]) < 1 or args.n < 1:
+        print(f"error: --config needs the 7-10 positive integers of the (T, N, D) kernels, e.g. 8,32,1,4,32,1,4,0,1, "
+              f"and --n >= 1; got --config {args.config} --n {args.n}", file=sys.stderr)  # fmt: skip
         return 2
     common = dict(HAS_D=True, HAS_Z=args.z, HAS_BIAS=True, SOFTPLUS=True, HAS_ORDERS=True, IDX64=False,
                   BLOCK_N=triton.next_power_of_2(args.n))  # fmt: skip
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        print(f"error: --json {args.json}: its folder does not exist; create it or pick another path", file=sys.stderr)
+        return 2
     if args.kernel == "bwd":
         fn, warps = _scan_bwd_nd_kernel, cfg[2]
         consts = dict(common, BLOCK_T=cfg[0], BLOCK_D=cfg[1], GROUP_N=min(cfg[6], common["BLOCK_N"]),
                       PREFETCH=bool(cfg[7]) if len(cfg) > 7 else False,
                       ONE_DECAY=bool(cfg[8]) if len(cfg) > 8 else False)  # fmt: skip
-        consts["LANE_SUM"] = warps == 1 and cfg[0] * consts["GROUP_N"] < cfg[1]  # as scan_bwd chooses
+        consts["LANE_SUM"] = lane_sum(cfg[0], cfg[1], warps, consts["GROUP_N"])  # as scan_bwd chooses
     else:
         fn, warps = _scan_fwd_nd_kernel, cfg[5]
         consts = dict(common, BLOCK_T=cfg[3], BLOCK_D=cfg[4], SAVE_T=cfg[0], SAVE_STATES=True, STORE_Y=True)

@@ -35,15 +35,27 @@ def test_census_counts_by_class_and_finds_the_loop():
     assert sass_census.census(loops[0][2])["total"] == 4  # FFMA, SHFL, MUFU, BRA
 
 
-def test_short_config_is_a_one_line_error(capsys):
-    assert sass_census.main(["--config", "8,32,1"]) == 2
+@pytest.mark.parametrize(
+    "argv, start",
+    [
+        (["--config", "8,32,1"], "error: --config needs"),
+        (["--config", "8,x,1,4,32,1,4"], "error: --config needs"),
+        (["--config", "8,32,1,4,32,1,4,0,1,0,0"], "error: --config needs"),
+        (["--config", "8,32,1,4,32,1,4", "--n", "0"], "error: --config needs"),
+        (["--config", "8,32,1,4,32,1,4", "--json", "/nonexistent-dir/x.json"], "error: --json"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(capsys, argv, start):
+    assert sass_census.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --config needs")
+    assert len(err) == 1 and err[0].startswith(start)
 
 
 def test_compiles_the_n1_backward_for_sm90(tmp_path):
     """A real compile, in a fresh process: the tests run Triton's interpreter, which cannot compile for a target."""
     pytest.importorskip("triton.backends.nvidia")
+    if not os.path.exists(sass_census._tool_path("cuobjdump")):
+        pytest.skip("Triton's cuobjdump is not installed")
     out = tmp_path / "census.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(_PATH.parents[1]), env.get("PYTHONPATH", "")])
@@ -53,3 +65,5 @@ def test_compiles_the_n1_backward_for_sm90(tmp_path):
     row = json.loads(out.read_text())
     assert row["arch"] == "sm_90" and row["registers"] > 0
     assert row["whole"]["mufu"] > 0 and row["loops"]
+    # N = 1 takes the reduce-scatter of dB/dC (LANE_SUM): butterfly sums of its 4 rows would take 40 shuffles
+    assert 0 < row["whole"]["shfl"] < 40
