@@ -83,20 +83,9 @@ def _lane_sums(x, lane):
     # and V = 64 take 62 shuffles where 64 butterfly sums take 320.
     W: tl.constexpr = x.shape[1]
     tl.static_assert(W <= 128, "_lane_sums: at most 128 channels")
-    if W >= 128:
-        x = _lane_halve(x, lane, 64)
-    if W >= 64:
-        x = _lane_halve(x, lane, 32)
-    if W >= 32:
-        x = _lane_halve(x, lane, 16)
-    if W >= 16:
-        x = _lane_halve(x, lane, 8)
-    if W >= 8:
-        x = _lane_halve(x, lane, 4)
-    if W >= 4:
-        x = _lane_halve(x, lane, 2)
-    if W >= 2:
-        x = _lane_halve(x, lane, 1)
+    for s in tl.static_range(6, -1, -1):  # partner bit 64, 32, ..., 1: the stages a W-channel tile has
+        if W > (1 << s):
+            x = _lane_halve(x, lane, 1 << s)
     return x
 
 
@@ -296,10 +285,10 @@ def _scan_bwd_nd_kernel(
                 tl.store(h_base + nd_off, x, mask=mask_nd)
     # LANE_SUM: the channel sums of dB and dC reduce-scattered across the lanes (_lane_sums); which (step, state)
     # each lane's sums belong to is the same in every chunk and group.
-    lane = tl.arange(0, BLOCK_D)
     if LANE_SUM:
+        lane = tl.arange(0, BLOCK_D)
         rows, owner = _lane_rows(lane, BLOCK_T * GROUP_N, BLOCK_D)
-        row_t = (rows // GROUP_N) % BLOCK_T
+        row_t = rows // GROUP_N
         row_g = rows % GROUP_N
     # PREFETCH: software pipelining as in the forward, the previous chunk's gathered rows are in flight while this
     # one computes (costs registers: the tuner decides).

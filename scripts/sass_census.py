@@ -152,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{row['stack_bytes']} B stack")  # fmt: skip
     keys = list(row["whole"])
     print(f"{'':14}" + "".join(f"{k:>8}" for k in keys))
-    print(f"{'whole':14}" + "".join(f"{row['whole'][k]:>8}" for k in keys))
-    for name, counts in row["loops"].items():
+    for name, counts in [("whole", row["whole"]), *row["loops"].items()]:
         print(f"{name:14}" + "".join(f"{counts[k]:>8}" for k in keys))
     if args.json:
         with open(args.json, "w") as f:
