@@ -337,9 +337,9 @@ def load_scan_configs(path: str) -> list[tuple[int, int, tuple[int, ...]]]:
         raise ValueError(f"block-size file not found at {os.path.abspath(path)}; {hint}") from None
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a block-size file ({type(err).__name__}: {err}); {hint}") from None
-    bad = [c for _, _, c in pinned if len(c) not in (3, 7, 8, 9, 10)]
+    bad = [c for _, _, c in pinned if len(c) not in (3, 7, 8, 9, 10, 11)]
     if bad:
-        raise ValueError(f"{path}: a config has 3 or 7 to 10 numbers, got {list(bad[0])}; {hint}")
+        raise ValueError(f"{path}: a config has 3 or 7 to 11 numbers, got {list(bad[0])}; {hint}")
     for n, seqlen, config in pinned:
         set_scan_config(n, seqlen, config)
     return pinned
@@ -348,12 +348,13 @@ def load_scan_configs(path: str) -> list[tuple[int, int, tuple[int, ...]]]:
 def scan_config(dim: int, dstate: int, seqlen: int, device: torch.device) -> tuple[int, ...]:
     """Kernel configuration for ``dim`` channels, ``dstate`` states, ``seqlen`` steps.
 
-    Three numbers ``(BLOCK_T, BLOCK_D, num_warps)`` select the (T, D, N)-tile kernels of this module; seven to nine
+    Three numbers ``(BLOCK_T, BLOCK_D, num_warps)`` select the (T, D, N)-tile kernels of this module; seven to eleven
     numbers ``(BLOCK_T, BLOCK_D, num_warps, fwd BLOCK_T, fwd BLOCK_D, fwd num_warps, GROUP_N[, PREFETCH[,
-    ONE_DECAY[, SEGMENTS]]])`` select the (T, N, D)-tile kernels of :mod:`kernels.triton_scan_nd` (PREFETCH and
-    ONE_DECAY switch on the backward's prefetch and its one-decay adjoint, off when absent; SEGMENTS splits the
-    one-decay backward along L, 0 or absent: automatic, see ``_segments``). The first number is always the
-    saved-state interval.
+    ONE_DECAY[, SEGMENTS[, MAXNREG]]]])`` select the (T, N, D)-tile kernels of :mod:`kernels.triton_scan_nd`
+    (PREFETCH and ONE_DECAY switch on the backward's prefetch and its one-decay adjoint, off when absent; SEGMENTS
+    splits the one-decay backward along L, 0 or absent: automatic, see ``_segments``; MAXNREG caps the backward's
+    registers per thread, 0 or absent: the compiler's choice, which for a one-warp program is up to 255 and so 8
+    programs per SM). The first number is always the saved-state interval.
 
     The forward's chunk and the saved-state interval must divide one another. Under the CPU interpreter, whose scan
     runs element by element, the tiles are kept tiny.
@@ -373,8 +374,12 @@ def scan_config(dim: int, dstate: int, seqlen: int, device: torch.device) -> tup
     # on an H200 the N = 1 backward is 1.9x faster with 4-step chunks and its prefetch, while the forward keeps
     # 32-step chunks and saves every 4th state; the one-decay backward (unrolled recurrences, no shuffles but the
     # dB/dC channel sums) took the N = 16 backward from 7.5 to 4.3 ms (scan_tuning_h200_run3.json).
+    # For N = 1 beyond 1024 steps the backward takes 8-step chunks under a 128-register cap (16 programs per SM, a few
+    # spills): the forward then saves every 8th state instead of every 4th, VMamba-T stage 1 (L 3136) forward +
+    # backward 1.89 -> 1.75 ms and 3 % less peak memory on an H200 (at L 784 and 196 the capped 8-step backward was
+    # slower; benchmarks/NOTES-scan.md v8).
     if bn == 1:
-        return 4, 32, 1, 32, 32, 1, 1, 1, 1
+        return (8, 32, 1, 32, 32, 1, 1, 1, 1, 0, 128) if seqlen > _LONG else (4, 32, 1, 32, 32, 1, 1, 1, 1)
     return 8, 32, 1, min(8, max(2, 64 // bn)), 32, 1, min(bn, 4), 0, 1
 
 
@@ -643,10 +648,11 @@ def scan_bwd(
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), HAS_ORDERS=orders_i is not None,
                 IDX64=idx64, num_warps=warps,
             )  # fmt: skip
+        cap = {"maxnreg": config[10]} if len(config) > 10 and config[10] > 0 else {}
         _scan_bwd_nd_kernel[(n_dblocks, bsz * k, n_seg)](
             *inputs, hbuf, *outputs, segc, segdt, seqlen, k, dim, n, n_chunks, bsz, n_seg, seg_chunks, *strides,
             GROUP_N=group, PREFETCH=prefetch, ONE_DECAY=one_decay, IDX64=idx64,
-            LANE_SUM=lane_sum(bt, bd, warps, group), **common,
+            LANE_SUM=lane_sum(bt, bd, warps, group), **cap, **common,
         )  # fmt: skip
     if u.shape[2] != k:
         du = _sum_orders(du)

@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = [int(v) for v in args.config.split(",")]
     except ValueError:
         cfg = []
-    if not 7 <= len(cfg) <= 10 or min(cfg[:7]) < 1 or args.n < 1:
-        print(f"error: --config needs the 7-10 positive integers of the (T, N, D) kernels, e.g. 8,32,1,4,32,1,4,0,1, "
+    if not 7 <= len(cfg) <= 11 or min(cfg[:7]) < 1 or args.n < 1:
+        print(f"error: --config needs the 7-11 positive integers of the (T, N, D) kernels, e.g. 8,32,1,4,32,1,4,0,1, "
               f"and --n >= 1; got --config {args.config} --n {args.n}", file=sys.stderr)  # fmt: skip
         return 2
     common = dict(HAS_D=True, HAS_Z=args.z, HAS_BIAS=True, SOFTPLUS=True, HAS_ORDERS=True, IDX64=False,
@@ -131,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         fn, warps = _scan_fwd_nd_kernel, cfg[5]
         consts = dict(common, BLOCK_T=cfg[3], BLOCK_D=cfg[4], SAVE_T=cfg[0], SAVE_STATES=True, STORE_Y=True)
     src = ASTSource(fn=fn, signature=_signature(fn, consts), constexprs=consts)
-    compiled = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options={"num_warps": warps})
+    options = {"num_warps": warps}
+    if args.kernel == "bwd" and len(cfg) > 10 and cfg[10] > 0:  # the backward's register cap, as scan_bwd passes it
+        options["maxnreg"] = cfg[10]
+    compiled = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:

@@ -40,7 +40,7 @@ def test_census_counts_by_class_and_finds_the_loop():
     [
         (["--config", "8,32,1"], "error: --config needs"),
         (["--config", "8,x,1,4,32,1,4"], "error: --config needs"),
-        (["--config", "8,32,1,4,32,1,4,0,1,0,0"], "error: --config needs"),
+        (["--config", "8,32,1,4,32,1,4,0,1,0,128,0"], "error: --config needs"),
         (["--config", "8,32,1,4,32,1,4", "--n", "0"], "error: --config needs"),
         (["--config", "8,32,1,4,32,1,4", "--json", "/nonexistent-dir/x.json"], "error: --json"),
     ],

@@ -117,12 +117,13 @@ def test_triton_matches_ref_cuda(dtype):
         pytest.param(37, (4, 9), 2, 1, 1, True, (4, 8, 1, 16, 8, 1, 1, 1, 1, 5), id="nd-split5-prefetch-L37-K2-N1"),
         pytest.param(37, (4, 9), 2, 5, 1, False, (8, 8, 1, 8, 8, 1, 8, 0, 1, 99), id="nd-split-every-chunk-N5"),
         pytest.param(37, (4, 9), 2, 4, 2, True, (8, 8, 1, 4, 8, 1, 2, 0, 0, 3), id="nd-twodecay-no-split"),
+        pytest.param(37, (4, 9), 2, 8, 2, True, (8, 8, 1, 4, 8, 1, 4, 0, 1, 0, 64), id="nd-maxnreg-N8"),
     ],
 )
 def test_nd_layout_kernels_match_ref(monkeypatch, seqlen, hw, k, n, ku, extras, config):
-    """The (T, N, D)-tile kernels (7 to 10 numbers: the 8th turns on the backward's prefetch, the 9th its one-decay
-    adjoint, the 10th splits that backward along L), with a forward chunk shorter, and longer, than the saved-state
-    interval."""
+    """The (T, N, D)-tile kernels (7 to 11 numbers: the 8th turns on the backward's prefetch, the 9th its one-decay
+    adjoint, the 10th splits that backward along L, the 11th caps its registers), with a forward chunk shorter, and
+    longer, than the saved-state interval."""
     import kernels.triton_scan as ts
 
     monkeypatch.setattr(ts, "scan_config", lambda *args: config)
@@ -204,20 +205,22 @@ def test_ref_in_float64_agrees_with_float32():
 
 
 def test_tuning_candidates_and_gpu_defaults_are_well_formed():
-    """Every block-size tuple the GPU tuner or the CUDA defaults can pick has 3 or 7 to 9 numbers, power-of-two
-    tiles, and a forward chunk that divides the saved-state interval or is divided by it."""
+    """Every block-size tuple the GPU tuner or the CUDA defaults can pick has 3, 7 to 9, or 11 numbers, power-of-two
+    tiles, a forward chunk that divides the saved-state interval or is divided by it, on/off switches, an automatic
+    segment count and a register cap ptxas can meet."""
     from kernels.bench import CANDIDATES
     from kernels.triton_scan import scan_config
 
     cuda = torch.device("cuda")  # only its type is read: no GPU needed
     defaults = [scan_config(dim, n, seqlen, cuda) for dim in (96, 384) for n in (1, 4, 16) for seqlen in (197, 3136)]
     for cfg in [c for cands in CANDIDATES.values() for c in cands] + defaults:
-        assert len(cfg) in (3, 7, 8, 9), cfg
+        assert len(cfg) in (3, 7, 8, 9, 11), cfg
         tiles = cfg[:2] if len(cfg) == 3 else (*cfg[:2], *cfg[3:5], cfg[6])
         assert all(v > 0 and v & (v - 1) == 0 for v in tiles), cfg
         if len(cfg) > 3:
             assert cfg[0] % cfg[3] == 0 or cfg[3] % cfg[0] == 0, cfg
-            assert all(v in (0, 1) for v in cfg[7:]), cfg
+            assert all(v in (0, 1) for v in cfg[7:9]), cfg
+            assert len(cfg) < 10 or (cfg[9] == 0 and (cfg[10] == 0 or 64 <= cfg[10] <= 255)), cfg
 
 
 @triton.jit

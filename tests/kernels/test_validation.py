@@ -139,7 +139,7 @@ def test_block_size_files_load_or_fail_in_one_line(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{"N": 16, "config": [1, 2]}]))
     (tmp_path / "short.json").write_text(json.dumps([{"N": 16, "L": 9, "config": [1, 2]}]))
     for name, pattern in (("missing.json", "not found"), ("bad.json", "not a block-size file"),
-                          ("short.json", "3 or 7 to 10 numbers")):  # fmt: skip
+                          ("short.json", "3 or 7 to 11 numbers")):  # fmt: skip
         with pytest.raises(ValueError, match=pattern):
             load_scan_configs(str(tmp_path / name))
     proc = subprocess.run([sys.executable, "-m", "kernels.check_gpu", "--configs", str(tmp_path / "missing.json")],
