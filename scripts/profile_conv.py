@@ -5,7 +5,8 @@
 ``--shape B D L K``: a shared input (Kx = 1, as the mixer calls it: a slice of ``in_proj``'s output) scanned along K
 orders of the token grid, width 4, bias, SiLU, bf16. Each ``--configs`` entry (BLOCK_T, BLOCK_D, warps) is applied to
 the forward and to the backward kernels; each config's output and gradients are checked against the first config's.
-Prints a table of do_bench medians and writes JSON with the device, versions and commit.
+Prints a table of do_bench medians (wall clock, host launch work included) and each config's device time per kernel
+(torch.profiler, per forward + backward), and writes JSON with the device, versions and commit.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import sys
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 from kernels.check_gpu import env_info
@@ -46,6 +48,13 @@ def _time_configs(configs, x, weight, bias, orders, dy) -> list[dict]:
         if err < 1e-2:
             row["fwd_ms"] = do_bench(fwd, warmup=10, rep=50, return_mode="median")
             row["fwd_bwd_ms"] = do_bench(fwd_bwd, warmup=10, rep=50, return_mode="median")
+            # Device time per kernel (the wall-clock medians above include the host's launch work)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    fwd_bwd()
+                torch.cuda.synchronize()
+            events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+            row["kernels_ms"] = {e.key[:60]: e.device_time_total / 5e3 for e in events if e.device_time_total > 0}
         rows.append(row)
     return rows
 
@@ -90,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ",".join(map(str, r["config"]))
         if "fwd_ms" in r:
             print(f"{cfg:<14} {r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>8.3f} {r['max_rel_err_vs_first']:>9.1e}")
+            for name, ms in list(r["kernels_ms"].items())[:4]:
+                print(f"    {ms:8.3f} ms  {name}")
         else:
             print(f"{cfg:<14} {'failed':>8} {'':>8} {r['max_rel_err_vs_first']:>9.1e}")
     if args.json:
