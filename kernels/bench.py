@@ -225,17 +225,19 @@ def bench_conv(ceil: dict, batch=128, seqlen=197, k=8, dim=384, width=4, hw=(14,
     return rec
 
 
-# Candidate block sizes per (BLOCK_N class, long sequence) for --tune; the first is the untuned default. Three numbers
-# are the (T, D, N)-tile kernels (BLOCK_T, BLOCK_D, num_warps); seven to nine are the (T, N, D)-tile kernels of
+# Candidate block sizes per (BLOCK_N class, long sequence) for --tune; each list holds the untuned defaults of its class
+# (scan_config), first where the class has one. Three numbers
+# are the (T, D, N)-tile kernels (BLOCK_T, BLOCK_D, num_warps); seven to eleven are the (T, N, D)-tile kernels of
 # triton_scan_nd: (backward BLOCK_T = saved-state interval, backward BLOCK_D, backward warps, forward BLOCK_T, forward
-# BLOCK_D, forward warps, backward state group, backward prefetch, backward one-decay adjoint). The lists keep the
+# BLOCK_D, forward warps, backward state group, backward prefetch, backward one-decay adjoint[, backward segments,
+# backward register cap]; see kernels.triton_scan.scan_config). The lists keep the
 # winners of the H200 tunings (benchmarks/scan_tuning_h200_run*.json: run 3 compared the v2 backward with the
 # one-decay one) and their nearest neighbours.
 CANDIDATES = {
     (16, False): [(8, 32, 1, 4, 32, 1, 4, 0, 1), (4, 32, 1, 4, 32, 1, 4, 1, 1), (8, 32, 1, 8, 32, 1, 4, 0, 1)],
     (16, True): [(8, 32, 1, 4, 32, 1, 4, 0, 1), (8, 32, 1, 8, 32, 1, 4, 0, 1)],
-    (1, False): [(4, 32, 1, 32, 32, 1, 1, 1, 1), (4, 32, 1, 16, 32, 1, 1, 1, 1), (4, 32, 1, 8, 32, 1, 1, 1, 1),
-                 (8, 32, 1, 32, 32, 1, 1, 1, 1)],
+    (1, False): [(4, 32, 1, 32, 32, 1, 1, 1, 1), (8, 32, 1, 32, 32, 1, 1, 1, 1, 0, 128), (4, 32, 1, 16, 32, 1, 1, 1, 1),
+                 (4, 32, 1, 8, 32, 1, 1, 1, 1), (8, 32, 1, 32, 32, 1, 1, 1, 1)],
     (1, True): [(8, 32, 1, 32, 32, 1, 1, 1, 1, 0, 128), (4, 32, 1, 32, 32, 1, 1, 1, 1), (4, 32, 1, 16, 32, 1, 1, 1, 1),
                 (4, 32, 1, 8, 32, 1, 1, 1, 1), (8, 32, 1, 32, 32, 1, 1, 1, 1), (4, 64, 1, 32, 32, 1, 1, 1, 1)],
 }  # fmt: skip

@@ -311,6 +311,7 @@ def _scan_bwd_kernel(
 # listed falls back to the heuristic in :func:`scan_config`. ``set_scan_config`` overrides an entry at run time.
 _TUNED: dict[tuple[int, bool], tuple[int, ...]] = {}
 _LONG = 1024
+_N1_CAPPED = 512  # N = 1 beyond this many steps: the register-capped 8-step backward (scan_config)
 
 
 def set_scan_config(dstate: int, seqlen: int, config: tuple[int, ...] | None) -> None:
@@ -340,6 +341,9 @@ def load_scan_configs(path: str) -> list[tuple[int, int, tuple[int, ...]]]:
     bad = [c for _, _, c in pinned if len(c) not in (3, 7, 8, 9, 10, 11)]
     if bad:
         raise ValueError(f"{path}: a config has 3 or 7 to 11 numbers, got {list(bad[0])}; {hint}")
+    bad = [c for _, _, c in pinned if len(c) > 10 and not (c[10] == 0 or 64 <= c[10] <= 255)]
+    if bad:
+        raise ValueError(f"{path}: the register cap (11th number) is 0 or 64-255, got {list(bad[0])}; {hint}")
     for n, seqlen, config in pinned:
         set_scan_config(n, seqlen, config)
     return pinned
@@ -352,9 +356,10 @@ def scan_config(dim: int, dstate: int, seqlen: int, device: torch.device) -> tup
     numbers ``(BLOCK_T, BLOCK_D, num_warps, fwd BLOCK_T, fwd BLOCK_D, fwd num_warps, GROUP_N[, PREFETCH[,
     ONE_DECAY[, SEGMENTS[, MAXNREG]]]])`` select the (T, N, D)-tile kernels of :mod:`kernels.triton_scan_nd`
     (PREFETCH and ONE_DECAY switch on the backward's prefetch and its one-decay adjoint, off when absent; SEGMENTS
-    splits the one-decay backward along L, 0 or absent: automatic, see ``_segments``; MAXNREG caps the backward's
-    registers per thread, 0 or absent: the compiler's choice, which for a one-warp program is up to 255 and so 8
-    programs per SM). The first number is always the saved-state interval.
+    splits the one-decay backward along L, 0 or absent: automatic, see ``_segments``; MAXNREG, 0 or 64-255, caps the
+    registers per thread of the backward's chunk kernel (not the split's first pass), 0 or absent: the compiler's
+    choice, up to 255 for a one-warp program, which allows 8 such programs per SM). The first number is always the
+    saved-state interval.
 
     The forward's chunk and the saved-state interval must divide one another. Under the CPU interpreter, whose scan
     runs element by element, the tiles are kept tiny.
@@ -374,12 +379,12 @@ def scan_config(dim: int, dstate: int, seqlen: int, device: torch.device) -> tup
     # on an H200 the N = 1 backward is 1.9x faster with 4-step chunks and its prefetch, while the forward keeps
     # 32-step chunks and saves every 4th state; the one-decay backward (unrolled recurrences, no shuffles but the
     # dB/dC channel sums) took the N = 16 backward from 7.5 to 4.3 ms (scan_tuning_h200_run3.json).
-    # For N = 1 beyond 1024 steps the backward takes 8-step chunks under a 128-register cap (16 programs per SM, a few
-    # spills): the forward then saves every 8th state instead of every 4th, VMamba-T stage 1 (L 3136) forward +
-    # backward 1.89 -> 1.75 ms and 3 % less peak memory on an H200 (at L 784 and 196 the capped 8-step backward was
-    # slower; benchmarks/NOTES-scan.md v8).
+    # For N = 1 beyond 512 steps the backward takes 8-step chunks under a 128-register cap (16 programs per SM, a few
+    # spills) at the time of 4-step chunks, and the forward saves every 8th state instead of every 4th. Kernel time
+    # on an H200: VMamba-T stage 1 (L 3136) 1.72 -> 1.59 ms, stage 2 (L 784) 0.75 -> 0.71 ms; stage 3 (L 196) was
+    # slower, 0.34 -> 0.37 ms (benchmarks/NOTES-scan.md v8; the crossover between 196 and 784 was not measured).
     if bn == 1:
-        return (8, 32, 1, 32, 32, 1, 1, 1, 1, 0, 128) if seqlen > _LONG else (4, 32, 1, 32, 32, 1, 1, 1, 1)
+        return (8, 32, 1, 32, 32, 1, 1, 1, 1, 0, 128) if seqlen > _N1_CAPPED else (4, 32, 1, 32, 32, 1, 1, 1, 1)
     return 8, 32, 1, min(8, max(2, 64 // bn)), 32, 1, min(bn, 4), 0, 1
 
 

@@ -24,10 +24,13 @@ def _rows(path: str) -> tuple[list[str], list[list[str]]]:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", newline="") as f:
         rows = list(csv.reader(f))
-    for i, row in enumerate(rows):
-        if row[:2] == ["Address", "Source"]:
-            return row, rows[i + 1 :]
-    raise ValueError("no 'Address,Source' header row")
+    heads = [i for i, row in enumerate(rows) if row[:2] == ["Address", "Source"]]
+    if not heads:
+        raise ValueError("no 'Address,Source' header row")
+    if len(heads) > 1:
+        raise ValueError(f"{len(heads)} kernels in one page; export one with ncu --import R -k NAME -c 1")
+    header = rows[heads[0]]
+    return header, [r for r in rows[heads[0] + 1 :] if len(r) >= 2]  # blank and short lines skipped
 
 
 def _opcode(source: str) -> str:

@@ -112,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = [int(v) for v in args.config.split(",")]
     except ValueError:
         cfg = []
-    if not 7 <= len(cfg) <= 11 or min(cfg[:7]) < 1 or args.n < 1:
-        print(f"error: --config needs the 7-11 positive integers of the (T, N, D) kernels, e.g. 8,32,1,4,32,1,4,0,1, "
+    bad_cap = len(cfg) > 10 and not (cfg[10] == 0 or 64 <= cfg[10] <= 255)
+    if not 7 <= len(cfg) <= 11 or min(cfg[:7]) < 1 or args.n < 1 or bad_cap:
+        print(f"error: --config needs the 7-11 positive integers of the (T, N, D) kernels (an 11th, the register cap, "
+              f"0 or 64-255), e.g. 8,32,1,4,32,1,4,0,1, "
               f"and --n >= 1; got --config {args.config} --n {args.n}", file=sys.stderr)  # fmt: skip
         return 2
     common = dict(HAS_D=True, HAS_Z=args.z, HAS_BIAS=True, SOFTPLUS=True, HAS_ORDERS=True, IDX64=False,

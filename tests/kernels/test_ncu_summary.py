@@ -49,7 +49,12 @@ def test_main_writes_json_and_bad_input_is_one_line(tmp_path, capsys):
     assert json.loads(out.read_text())["stall_share"]["long_sb"] == pytest.approx(0.64)
     assert "long_sb 64.0%" in capsys.readouterr().out
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
-    for arg, start in ((tmp_path / "missing.csv", "error: "), (tmp_path / "other.csv", "error: ")):
+    (tmp_path / "two.csv").write_text(_CSV + _CSV)  # two kernels in one page
+    (tmp_path / "blank.csv").write_text(_CSV.replace('"0x30"', '\n"0x30"'))  # a blank line inside: skipped
+    assert ncu_summary.main([str(tmp_path / "blank.csv")]) == 0
+    capsys.readouterr()
+    for arg, start in ((tmp_path / "missing.csv", "error: "), (tmp_path / "other.csv", "error: "),
+                       (tmp_path / "two.csv", "error: ")):  # fmt: skip
         assert ncu_summary.main([str(arg)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(start) and err.count("\n") == 1, err

@@ -41,6 +41,7 @@ def test_census_counts_by_class_and_finds_the_loop():
         (["--config", "8,32,1"], "error: --config needs"),
         (["--config", "8,x,1,4,32,1,4"], "error: --config needs"),
         (["--config", "8,32,1,4,32,1,4,0,1,0,128,0"], "error: --config needs"),
+        (["--config", "8,32,1,4,32,1,4,0,1,0,300"], "error: --config needs"),
         (["--config", "8,32,1,4,32,1,4", "--n", "0"], "error: --config needs"),
         (["--config", "8,32,1,4,32,1,4", "--json", "/nonexistent-dir/x.json"], "error: --json"),
     ],
@@ -67,3 +68,9 @@ def test_compiles_the_n1_backward_for_sm90(tmp_path):
     assert row["whole"]["mufu"] > 0 and row["loops"]
     # N = 1 takes the reduce-scatter of dB/dC (LANE_SUM): butterfly sums of its 4 rows would take 40 shuffles
     assert 0 < row["whole"]["shfl"] < 40
+    # The 11th config number reaches the compiler as maxnreg: the 8-step N = 1 backward holds 206-209 registers
+    # uncapped (Triton 3.6-3.8 for sm_90), so 128 or fewer means the cap was applied.
+    cmd[cmd.index("--config") + 1] = "8,32,1,32,32,1,1,1,1,0,128"
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 0 < json.loads(out.read_text())["registers"] <= 128

@@ -130,16 +130,21 @@ def test_block_size_files_load_or_fail_in_one_line(tmp_path):
     from kernels.triton_scan import load_scan_configs, scan_config, set_scan_config
 
     good = tmp_path / "sizes.json"
-    good.write_text(json.dumps([{"N": 16, "L": 197, "config": [4, 32, 1, 4, 32, 1, 2, 0, 1]}]))
+    capped = [8, 32, 1, 32, 32, 1, 1, 1, 1, 0, 96]
+    good.write_text(json.dumps([{"N": 16, "L": 197, "config": [4, 32, 1, 4, 32, 1, 2, 0, 1]},
+                                {"N": 1, "L": 3136, "config": capped}]))  # fmt: skip
     try:
         load_scan_configs(str(good))
         assert scan_config(384, 16, 197, torch.device("cuda")) == (4, 32, 1, 4, 32, 1, 2, 0, 1)
+        assert scan_config(96, 1, 3136, torch.device("cuda")) == tuple(capped)
     finally:
         set_scan_config(16, 197, None)
+        set_scan_config(1, 3136, None)
     (tmp_path / "bad.json").write_text(json.dumps([{"N": 16, "config": [1, 2]}]))
     (tmp_path / "short.json").write_text(json.dumps([{"N": 16, "L": 9, "config": [1, 2]}]))
+    (tmp_path / "cap.json").write_text(json.dumps([{"N": 1, "L": 9, "config": [*capped[:10], 300]}]))
     for name, pattern in (("missing.json", "not found"), ("bad.json", "not a block-size file"),
-                          ("short.json", "3 or 7 to 11 numbers")):  # fmt: skip
+                          ("short.json", "3 or 7 to 11 numbers"), ("cap.json", "register cap")):  # fmt: skip
         with pytest.raises(ValueError, match=pattern):
             load_scan_configs(str(tmp_path / name))
     proc = subprocess.run([sys.executable, "-m", "kernels.check_gpu", "--configs", str(tmp_path / "missing.json")],
