@@ -20,6 +20,7 @@ import time
 import torch
 import triton
 import triton.language as tl
+from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 from kernels.check_gpu import env_info, try_load_mamba
@@ -43,6 +44,17 @@ REF_MAX_L = 256  # the pure-PyTorch reference is timed where affordable: the sho
 
 def real_orders(seqlen: int, hw: tuple[int, int], names: tuple[str, ...]) -> torch.Tensor:
     return make_orders(seqlen, hw, len(names), names)
+
+
+def kernel_times(fn, reps: int = 5) -> list[tuple[str, float, int]]:
+    """(kernel name, device ms per call of ``fn``, launches per call) for every CUDA kernel ``fn`` runs, longest first
+    (torch.profiler over ``reps`` calls; unlike a wall-clock median, no host launch work)."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / (reps * 1e3), e.count // reps) for e in prof.key_averages()]
+    return sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
 
 
 def _leaves(inputs: dict) -> dict:

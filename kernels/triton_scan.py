@@ -314,6 +314,11 @@ _LONG = 1024
 _N1_CAPPED = 512  # N = 1 beyond this many steps: the register-capped 8-step backward (scan_config)
 
 
+def register_cap_ok(config: tuple[int, ...] | list[int]) -> bool:
+    """Whether a config's register cap (11th number, MAXNREG) is one ptxas can meet: absent, 0 (none) or 64-255."""
+    return len(config) < 11 or config[10] == 0 or 64 <= config[10] <= 255
+
+
 def set_scan_config(dstate: int, seqlen: int, config: tuple[int, ...] | None) -> None:
     """Pin ``(BLOCK_T, BLOCK_D, num_warps)`` for GPU scans with this state size and sequence-length class."""
     key = (triton.next_power_of_2(dstate), seqlen > _LONG)
@@ -341,7 +346,7 @@ def load_scan_configs(path: str) -> list[tuple[int, int, tuple[int, ...]]]:
     bad = [c for _, _, c in pinned if len(c) not in (3, 7, 8, 9, 10, 11)]
     if bad:
         raise ValueError(f"{path}: a config has 3 or 7 to 11 numbers, got {list(bad[0])}; {hint}")
-    bad = [c for _, _, c in pinned if len(c) > 10 and not (c[10] == 0 or 64 <= c[10] <= 255)]
+    bad = [c for _, _, c in pinned if not register_cap_ok(c)]
     if bad:
         raise ValueError(f"{path}: the register cap (11th number) is 0 or 64-255, got {list(bad[0])}; {hint}")
     for n, seqlen, config in pinned:

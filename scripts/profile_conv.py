@@ -16,9 +16,9 @@ import json
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
+from kernels.bench import kernel_times
 from kernels.check_gpu import env_info
 from kernels.ops import causal_conv1d
 from kernels.testing import make_orders
@@ -49,14 +49,9 @@ def _time_configs(configs, x, weight, bias, orders, dy) -> list[dict]:
             row["fwd_ms"] = do_bench(fwd, warmup=10, rep=50, return_mode="median")
             row["fwd_bwd_ms"] = do_bench(fwd_bwd, warmup=10, rep=50, return_mode="median")
             # Device time per kernel (the wall-clock medians above include the host's launch work)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    fwd_bwd()
-                torch.cuda.synchronize()
             kernels: dict[str, float] = {}
-            for e in prof.key_averages():
-                if e.device_time_total > 0:  # names cut to 60 characters: kernels that share them are summed
-                    kernels[e.key[:60]] = kernels.get(e.key[:60], 0.0) + e.device_time_total / 5e3
+            for name, ms, _ in kernel_times(fwd_bwd):  # names cut to 60 characters: kernels that share them are summed
+                kernels[name[:60]] = kernels.get(name[:60], 0.0) + ms
             row["kernels_ms"] = dict(sorted(kernels.items(), key=lambda kv: -kv[1]))
         rows.append(row)
     return rows

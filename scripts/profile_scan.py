@@ -16,7 +16,6 @@ import json
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 from kernels.check_gpu import env_info
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("error: profile_scan needs a CUDA GPU", file=sys.stderr)
         return 2
-    from kernels.bench import _leaves, real_orders
+    from kernels.bench import _leaves, kernel_times, real_orders
 
     torch.manual_seed(0)
     x = make_scan_inputs(batch, seqlen, k, dim, n, ku=args.ku or k, dtype=torch.bfloat16, device="cuda", has_z=args.z)
@@ -97,12 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             report["runs"].append({"config": list(cfg), "error": f"relative error {err:.3g} vs the first config"})
             continue
         ms = do_bench(step, warmup=10, rep=50, return_mode="median")
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                step()
-            torch.cuda.synchronize()
-        rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[: args.top]
-        kernels = [{"name": e.key[:90], "ms_per_step": e.device_time_total / 5e3, "calls": e.count // 5} for e in rows]
+        rows = kernel_times(step)[: args.top]
+        kernels = [{"name": name[:90], "ms_per_step": ms, "calls": calls} for name, ms, calls in rows]
         print(f"{cfg}: fwd+bwd {ms:.3f} ms, rel. err vs first {err:.1e}")
         for r in kernels:
             print(f"    {r['ms_per_step']:8.3f} ms  x{r['calls']:<3} {r['name']}")

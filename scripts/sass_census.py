@@ -28,7 +28,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.triton_scan import lane_sum
+from kernels.triton_scan import lane_sum, register_cap_ok
 from kernels.triton_scan_nd import _scan_bwd_nd_kernel, _scan_fwd_nd_kernel
 
 _CLASSES = {
@@ -112,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = [int(v) for v in args.config.split(",")]
     except ValueError:
         cfg = []
-    bad_cap = len(cfg) > 10 and not (cfg[10] == 0 or 64 <= cfg[10] <= 255)
-    if not 7 <= len(cfg) <= 11 or min(cfg[:7]) < 1 or args.n < 1 or bad_cap:
+    if not 7 <= len(cfg) <= 11 or min(cfg[:7]) < 1 or args.n < 1 or not register_cap_ok(cfg):
         print(f"error: --config needs the 7-11 positive integers of the (T, N, D) kernels (an 11th, the register cap, "
               f"0 or 64-255), e.g. 8,32,1,4,32,1,4,0,1, "
               f"and --n >= 1; got --config {args.config} --n {args.n}", file=sys.stderr)  # fmt: skip
