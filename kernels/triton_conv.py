@@ -5,8 +5,9 @@ original token order. Step t of order k sees the tokens that order visits at ste
 block of steps of one (batch, order) and a block of channels; the W taps are gathered through ``orders[k]`` with
 pointer loads and the result is written straight to the token's original position.
 
-Backward: one kernel recomputes the pre-activation, writes its gradient in scan-step order (so the second pass
-reads it without a gather) and reduces per-program partials of dweight and dbias; a second kernel owns blocks of
+Backward: one kernel recomputes the pre-activation and writes its gradient in scan-step order (so the second pass
+reads it without a gather). Each of its programs walks SPAN step blocks and keeps dweight and dbias as elementwise
+sums, reduced over steps once at its end (one partial per program, not per block). A second kernel owns blocks of
 original token positions, finds each order's step for them through the inverse orders and gathers the W taps of
 that gradient, summing the K orders in registers when they share one x.
 """
@@ -20,6 +21,16 @@ import triton.language as tl
 from .triton_scan import _token_index
 
 __all__ = ["causal_conv1d_triton"]
+
+
+@triton.jit
+def _tap(x_base, orders_ptr, k, L, t, mask_t, offs_d, mask_d, s_xl, lag: tl.constexpr, HAS_ORDERS: tl.constexpr):
+    """x at the steps ``lag`` before ``t`` of order k, as fp32 (zero before the first step and past L)."""
+    s = t - lag
+    valid = mask_t & (s >= 0)
+    idx = _token_index(orders_ptr, k, L, s, valid, HAS_ORDERS)
+    m = valid[:, None] & mask_d[None, :]
+    return tl.load(x_base + idx[:, None] * s_xl + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -44,13 +55,8 @@ def _conv_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)[None, :]
     for j in tl.static_range(W):
-        s = t - (W - 1) + j
-        valid = mask_t & (s >= 0)
-        idx = _token_index(orders_ptr, k, L, s, valid, HAS_ORDERS)
-        m = valid[:, None] & mask_d[None, :]
-        xv = tl.load(x_base + idx[:, None] * s_xl + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
         wj = tl.load(w_ptr + (k * DIM + offs_d) * W + j, mask=mask_d, other=0.0).to(tl.float32)
-        acc += xv * wj[None, :]
+        acc += wj[None, :] * _tap(x_base, orders_ptr, k, L, t, mask_t, offs_d, mask_d, s_xl, W - 1 - j, HAS_ORDERS)
     if SILU:
         acc = acc * tl.sigmoid(acc)
     idx_t = _token_index(orders_ptr, k, L, t, mask_t, HAS_ORDERS)
@@ -60,53 +66,64 @@ def _conv_fwd_kernel(
 
 @triton.jit
 def _conv_bwd_pre_kernel(
-    x_ptr, w_ptr, bias_ptr, orders_ptr, dout_ptr, dpre_ptr, dw_ptr, dbias_ptr,
-    L, K, DIM, n_tblocks,
+    x_ptr, w_ptr, bias_ptr, orders_ptr, inv_ptr, dout_ptr, dpre_ptr, dw_ptr, dbias_ptr,
+    L, K, DIM, n_parts, span,
     s_xb, s_xl, s_xk, s_gb, s_gl, s_gk,
     W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_ORDERS: tl.constexpr,
 ):  # fmt: skip
-    pid_t = tl.program_id(0)
+    """A program walks ``span`` consecutive step blocks of one (batch, order) and channel block. dweight and dbias
+    are accumulated elementwise over the walk and reduced over steps once at its end: one partial per program. The
+    programs of batch 0 and channel block 0 also write the inverse orders (the step at which order k visits each
+    token) for the dx kernel."""
+    pid_p = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_bk = tl.program_id(2)
     b = (pid_bk // K).to(tl.int64)
     k = pid_bk % K
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_t = t < L
     mask_d = offs_d < DIM
-    m_td = mask_t[:, None] & mask_d[None, :]
     x_base = x_ptr + b * s_xb + k * s_xk
-    idx_t = _token_index(orders_ptr, k, L, t, mask_t, HAS_ORDERS)
-    g = tl.load(dout_ptr + b * s_gb + k * s_gk + idx_t[:, None] * s_gl + offs_d[None, :], mask=m_td, other=0.0)
-    g = g.to(tl.float32)
-    if SILU:
-        pre = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        if HAS_BIAS:
-            pre += tl.load(bias_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)[None, :]
-        for j in tl.static_range(W):
-            s = t - (W - 1) + j
-            valid = mask_t & (s >= 0)
-            idx = _token_index(orders_ptr, k, L, s, valid, HAS_ORDERS)
-            m = valid[:, None] & mask_d[None, :]
-            xv = tl.load(x_base + idx[:, None] * s_xl + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
-            wj = tl.load(w_ptr + (k * DIM + offs_d) * W + j, mask=mask_d, other=0.0).to(tl.float32)
-            pre += xv * wj[None, :]
-        sg = tl.sigmoid(pre)
-        g = g * sg * (1.0 + pre * (1.0 - sg))
-    g = tl.where(m_td, g, 0.0)
-    # dpre in scan-step order: the dx pass reads W consecutive steps without a gather.
-    tl.store(dpre_ptr + ((b * L + t[:, None]) * K + k) * DIM + offs_d[None, :], g, mask=m_td)
-    part = ((b * n_tblocks + pid_t) * K + k) * DIM + offs_d
+    # Tuples built by concatenation in unrolled loops (the compiler takes no tuple() of a generator).
+    taps = ()
+    acc_w = ()
     for j in tl.static_range(W):
-        s = t - (W - 1) + j
-        valid = mask_t & (s >= 0)
-        idx = _token_index(orders_ptr, k, L, s, valid, HAS_ORDERS)
-        m = valid[:, None] & mask_d[None, :]
-        xv = tl.load(x_base + idx[:, None] * s_xl + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
-        tl.store(dw_ptr + part * W + j, tl.sum(g * xv, axis=0), mask=mask_d)
+        taps = taps + (tl.load(w_ptr + (k * DIM + offs_d) * W + j, mask=mask_d, other=0.0).to(tl.float32)[None, :],)
+        acc_w = acc_w + (tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32),)
+    bias = tl.zeros([1, BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
-        tl.store(dbias_ptr + part, tl.sum(g, axis=0), mask=mask_d)
+        bias += tl.load(bias_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)[None, :]
+    acc_b = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for it in range(span):
+        t = (pid_p * span + it) * BLOCK_T + tl.arange(0, BLOCK_T)
+        mask_t = t < L
+        m_td = mask_t[:, None] & mask_d[None, :]
+        idx_t = _token_index(orders_ptr, k, L, t, mask_t, HAS_ORDERS)
+        if HAS_ORDERS:
+            if (pid_d == 0) & (pid_bk < K):
+                tl.store(inv_ptr + k * L + idx_t, t, mask=mask_t)
+        g = tl.load(dout_ptr + b * s_gb + k * s_gk + idx_t[:, None] * s_gl + offs_d[None, :], mask=m_td, other=0.0)
+        g = g.to(tl.float32)
+        if SILU:
+            pre = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32) + bias
+            for j in tl.static_range(W):
+                pre += taps[j] * _tap(x_base, orders_ptr, k, L, t, mask_t, offs_d, mask_d, s_xl, W - 1 - j, HAS_ORDERS)
+            sg = tl.sigmoid(pre)
+            g = g * sg * (1.0 + pre * (1.0 - sg))
+        g = tl.where(m_td, g, 0.0)
+        # dpre in scan-step order: the dx pass reads W consecutive steps without a gather.
+        tl.store(dpre_ptr + ((b * L + t[:, None]) * K + k) * DIM + offs_d[None, :], g, mask=m_td)
+        acc_b += g
+        new_w = ()
+        for j in tl.static_range(W):
+            xv = _tap(x_base, orders_ptr, k, L, t, mask_t, offs_d, mask_d, s_xl, W - 1 - j, HAS_ORDERS)
+            new_w = new_w + (acc_w[j] + g * xv,)
+        acc_w = new_w
+    part = ((b * n_parts + pid_p) * K + k) * DIM + offs_d
+    for j in tl.static_range(W):
+        tl.store(dw_ptr + part * W + j, tl.sum(acc_w[j], axis=0), mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + part, tl.sum(acc_b, axis=0), mask=mask_d)
 
 
 @triton.jit
@@ -146,31 +163,49 @@ def _conv_bwd_dx_kernel(
     tl.store(dx_ptr + out_off, acc.to(dx_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_d[None, :])
 
 
-_CONV_CONFIGS: dict[str, tuple[int, int, int]] = {}  # pass ("fwd", "bwd") -> (BLOCK_T, BLOCK_D, warps), set by hand
+_CONV_CONFIGS: dict[str, tuple] = {}  # "fwd": (BLOCK_T, BLOCK_D, warps); "bwd": the same and SPAN (None: automatic)
 
 
-def set_conv_config(which: str, config: tuple[int, int, int] | None) -> None:
-    """Fix the (BLOCK_T, BLOCK_D, warps) of the conv's forward (``"fwd"``) or backward (``"bwd"``) kernels on CUDA;
-    None restores the built-in choice."""
+def set_conv_config(which: str, config: tuple[int, ...] | None) -> None:
+    """Fix the block sizes of the conv's forward (``"fwd"``: BLOCK_T, BLOCK_D, warps) or backward (``"bwd"``: the same
+    and optionally SPAN, the step blocks each program of the first backward kernel walks, 0 for all of them; without it
+    SPAN is chosen per call) on CUDA; None restores the built-in choice."""
     if which not in ("fwd", "bwd"):
         raise ValueError(f"set_conv_config: which must be 'fwd' or 'bwd', got {which!r}")
     if config is None:
         _CONV_CONFIGS.pop(which, None)
         return
-    if len(config) != 3:
-        raise ValueError(f"set_conv_config: expected (BLOCK_T, BLOCK_D, warps), got {config}")
-    bt, bd, warps = (int(v) for v in config)
+    lengths = (3,) if which == "fwd" else (3, 4)
+    if len(config) not in lengths:
+        what = "(BLOCK_T, BLOCK_D, warps)" if which == "fwd" else "(BLOCK_T, BLOCK_D, warps[, SPAN])"
+        raise ValueError(f"set_conv_config: expected {what} for {which!r}, got {config}")
+    bt, bd, warps = (int(v) for v in config[:3])
     if min(bt, bd, warps) < 1 or any(v & (v - 1) for v in (bt, bd, warps)):
         raise ValueError(f"set_conv_config: BLOCK_T, BLOCK_D and warps must be powers of two, got {config}")
-    _CONV_CONFIGS[which] = (bt, bd, warps)
+    span = int(config[3]) if len(config) == 4 else None
+    if span is not None and span < 0:
+        raise ValueError(f"set_conv_config: SPAN must be 0 (every step block) or positive, got {config}")
+    _CONV_CONFIGS[which] = (bt, bd, warps) if which == "fwd" else (bt, bd, warps, span)
 
 
-def _conv_config(dim: int, device: torch.device, which: str = "fwd") -> tuple[int, int, int]:
-    if device.type != "cuda":
-        return 16, min(triton.next_power_of_2(dim), 16), 1
+def _conv_config(dim: int, device: torch.device, which: str = "fwd") -> tuple:
+    if device.type != "cuda":  # SPAN 2: the interpreter tests walk several blocks per program and several programs
+        return (16, min(triton.next_power_of_2(dim), 16), 1, *(() if which == "fwd" else (2,)))
     if which in _CONV_CONFIGS:
         return _CONV_CONFIGS[which]
-    return 32, min(triton.next_power_of_2(dim), 128), 4
+    if which == "fwd":
+        return 32, min(triton.next_power_of_2(dim), 128), 4
+    # 8-step blocks: the walk's accumulators (W + 1 tiles) stay in registers; fastest of those measured on an H200.
+    return 8, min(triton.next_power_of_2(dim), 128), 4, None
+
+
+def _auto_span(n_tb: int, programs_per_part: int, device: torch.device) -> int:
+    """Step blocks per program: all of them while the (batch, order, channel block) programs alone fill every SM about
+    four times over; otherwise the sequence is cut into as many parts as that takes. Walking more blocks per program
+    was faster at every span measured on an H200 (benchmarks/NOTES-scan.md, v9)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    parts = min(n_tb, max(1, -(-4 * sms // programs_per_part)))
+    return -(-n_tb // parts)
 
 
 def _x_strides(x: torch.Tensor, k: int) -> tuple[int, int, int]:
@@ -202,24 +237,29 @@ def conv_bwd(dout, x, weight, bias, orders, activation):
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     bsz, seqlen, kx, dim = x.shape
     k, _, width = weight.shape
-    bt, bd, warps = _conv_config(dim, x.device, "bwd")
-    n_tb = triton.cdiv(seqlen, bt)
+    bt, bd, warps, span = _conv_config(dim, x.device, "bwd")
     dev = x.device
+    n_tb = triton.cdiv(seqlen, bt)
+    if span is None:
+        span = _auto_span(n_tb, bsz * k * triton.cdiv(dim, bd), dev)
+    span = n_tb if span == 0 else min(span, n_tb)
+    n_parts = triton.cdiv(n_tb, span)
     orders_i = orders.to(device=dev, dtype=torch.int32).contiguous() if orders is not None else None
     w = weight.contiguous()
     dpre = torch.empty(bsz, seqlen, k, dim, device=dev, dtype=torch.float32)
-    dw_part = torch.empty(bsz, n_tb, k, dim, width, device=dev, dtype=torch.float32)
-    db_part = torch.empty(bsz, n_tb, k, dim, device=dev, dtype=torch.float32) if bias is not None else None
-    grid = (n_tb, triton.cdiv(dim, bd), bsz * k)
+    dw_part = torch.empty(bsz, n_parts, k, dim, width, device=dev, dtype=torch.float32)
+    db_part = torch.empty(bsz, n_parts, k, dim, device=dev, dtype=torch.float32) if bias is not None else None
+    # Inverse orders (the step at which each order visits each token), written by the first kernel.
+    inv = torch.empty(orders_i.shape, device=dev, dtype=torch.int32) if orders_i is not None else None
+    grid = (n_parts, triton.cdiv(dim, bd), bsz * k)
     _conv_bwd_pre_kernel[grid](
-        x, w, bias.contiguous() if bias is not None else w, orders_i if orders_i is not None else w, dout, dpre,
+        x, w, bias.contiguous() if bias is not None else w, orders_i if orders_i is not None else w,
+        inv if inv is not None else w, dout, dpre,
         dw_part, db_part if db_part is not None else w,
-        seqlen, k, dim, n_tb, *_x_strides(x, k), *_x_strides(dout, k),
+        seqlen, k, dim, n_parts, span, *_x_strides(x, k), *_x_strides(dout, k),
         W=width, BLOCK_T=bt, BLOCK_D=bd, HAS_BIAS=bias is not None, SILU=activation == "silu",
         HAS_ORDERS=orders_i is not None, num_warps=warps,
     )  # fmt: skip
-    # Inverse orders: the step at which each order visits each token (argsort of a permutation).
-    inv = torch.argsort(orders_i, dim=1).to(torch.int32) if orders_i is not None else None
     dx = torch.empty(bsz, seqlen, kx, dim, device=dev, dtype=x.dtype)
     _conv_bwd_dx_kernel[(n_tb, triton.cdiv(dim, bd), bsz * kx)](
         dpre, w, inv if inv is not None else w, dx, seqlen, k, dim,

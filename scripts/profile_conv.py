@@ -4,7 +4,8 @@
 
 ``--shape B D L K``: a shared input (Kx = 1, as the mixer calls it: a slice of ``in_proj``'s output) scanned along K
 orders of the token grid, width 4, bias, SiLU, bf16. Each ``--configs`` entry (BLOCK_T, BLOCK_D, warps) is applied to
-the forward and to the backward kernels; each config's output and gradients are checked against the first config's.
+the forward and to the backward kernels; an optional 4th number, SPAN (step blocks per program of the first backward
+kernel, 0 for all), to the backward alone. Each config's output and gradients are checked against the first config's.
 Prints a table of do_bench medians (wall clock, host launch work included) and each config's device time per kernel
 (torch.profiler, per forward + backward), and writes JSON with the device, versions and commit.
 """
@@ -28,7 +29,7 @@ from kernels.triton_conv import set_conv_config
 def _time_configs(configs, x, weight, bias, orders, dy) -> list[dict]:
     rows, first = [], None
     for cfg in configs:
-        set_conv_config("fwd", cfg)
+        set_conv_config("fwd", cfg[:3])
         set_conv_config("bwd", cfg)
         xl = x.detach().requires_grad_()  # still the strided slice (clone() would make it contiguous)
 
@@ -68,10 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configs = [tuple(int(v) for v in spec.split(",")) for spec in args.configs]
         for cfg in configs:
-            set_conv_config("fwd", cfg)  # checks the length and the powers of two now, not mid-run
-        set_conv_config("fwd", None)
+            set_conv_config("bwd", cfg)  # checks the length, the powers of two and SPAN now, not mid-run
+        set_conv_config("bwd", None)
     except ValueError as err:
-        print(f"error: --configs takes BLOCK_T,BLOCK_D,warps such as 32,128,4 ({err})", file=sys.stderr)
+        print(f"error: --configs takes BLOCK_T,BLOCK_D,warps[,SPAN] such as 32,128,4 or 16,128,4,4 ({err})",
+              file=sys.stderr)  # fmt: skip
         return 2
     if not torch.cuda.is_available():
         print("error: profile_conv needs a CUDA GPU", file=sys.stderr)

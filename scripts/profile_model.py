@@ -43,6 +43,23 @@ def group_of(name: str) -> str:
     return "other"
 
 
+def launching_ops(prof, steps: int) -> list[tuple[str, str, float, float]]:
+    """Device time per step of the kernels each op launched itself, keyed by (op name, input shapes), largest first.
+
+    Needs a profile recorded with ``record_shapes=True``. An op's kernels are those of its own launches, so a
+    composite op (``aten::einsum``) shows only what its children did not launch.
+    """
+    acc: dict[tuple[str, str], list[float]] = {}
+    for evt in prof.events():
+        if not evt.kernels:
+            continue
+        key = (evt.name, str(evt.input_shapes))
+        slot = acc.setdefault(key, [0.0, 0.0])
+        slot[0] += sum(k.duration for k in evt.kernels) / 1e3 / steps
+        slot[1] += 1 / steps
+    return sorted(((n, sh, ms, c) for (n, sh), (ms, c) in acc.items()), key=lambda r: -r[2])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
@@ -53,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="eager", help="supernet.bench's step mode: eager, compile, graph, compile+graph")
     p.add_argument("--json", default=None)
     p.add_argument("--commit", default=None)
+    p.add_argument(
+        "--by-op", action="store_true", help="also group device time by the launching op and its input shapes"
+    )
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: profile_model needs a CUDA GPU", file=sys.stderr)
@@ -68,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         step()
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=args.by_op) as prof:
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
@@ -100,12 +120,19 @@ def main(argv: list[str] | None = None) -> int:
     print("  host (self CPU time per step):")
     for name, ms, calls in host[: args.top]:
         print(f"    {ms:8.3f} ms  x{calls:<6g} {name[:100]}")
+    by_op = launching_ops(prof, args.steps) if args.by_op else []
+    if by_op:
+        print("  device time by launching op (innermost op, input shapes):")
+        for name, shapes, ms, calls in by_op[: args.top]:
+            print(f"    {ms:8.3f} ms  x{calls:<5g} {name} {shapes[:110]}")
     if args.json:
         top = [{"name": n[:120], "ms_per_step": ms, "calls": c} for n, ms, c in kernels[: args.top]]
         top_host = [{"name": n[:120], "ms_per_step": ms, "calls": c} for n, ms, c in host[: args.top]]
         report = {**env_info(args.commit), "model": args.model, "mode": args.mode, "batch_size": args.batch_size,
                   "img_size": args.img_size, "step_ms": wall_ms, "kernel_ms_per_step": total,
-                  "host_op_ms_per_step": host_ms, "groups_ms": groups, "top": top, "top_host": top_host}  # fmt: skip
+                  "host_op_ms_per_step": host_ms, "groups_ms": groups, "top": top, "top_host": top_host,
+                  "by_op": [{"op": n, "shapes": sh[:300], "ms_per_step": ms, "calls": c}
+                            for n, sh, ms, c in by_op[: args.top]]}  # fmt: skip
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     return 0

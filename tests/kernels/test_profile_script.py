@@ -33,7 +33,8 @@ _conv_spec.loader.exec_module(profile_conv)
 
 
 @pytest.mark.parametrize("spec, message", [("32,a,4", "BLOCK_T,BLOCK_D,warps"), ("32,128", "expected (BLOCK_T"),
-                                           ("32,100,4", "powers of two")])  # fmt: skip
+                                           ("32,100,4", "powers of two"), ("32,128,4,-1", "SPAN must be"),
+                                           ("32,128,4,2,1", "expected (BLOCK_T")])  # fmt: skip
 def test_profile_conv_bad_configs_are_one_line_errors(capsys, spec, message):
     assert profile_conv.main(["--shape", "2", "8", "37", "2", "--configs", spec]) == 2
     err = capsys.readouterr().err.strip()
