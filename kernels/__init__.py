@@ -7,6 +7,7 @@ from .ops import (
     branch_merge,
     causal_conv1d,
     resolve_backend,
+    rms_norm,
     selective_scan,
     validate_scan_inputs,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "causal_conv1d_ref",
     "library",
     "resolve_backend",
+    "rms_norm",
     "selective_scan",
     "selective_scan_ref",
     "validate_scan_inputs",

@@ -9,7 +9,9 @@ approximate exp2), and the report says which criterion each tensor met. Writes a
     python -m kernels.check_gpu --out benchmarks/kernels_h100.json [--commit SHA] [--quick] [--parts scan merge]
 
 The ``merge`` part checks the mixer's fused branch merge (:func:`kernels.branch_attn_merge` and
-:func:`kernels.branch_merge`) against the reference at the models' shapes, output and every gradient.
+:func:`kernels.branch_merge`) against the reference at the models' shapes, output and every gradient; the ``conv``
+part the per-order causal conv1d (:func:`kernels.causal_conv1d`) and the ``norm`` part the RMSNorm
+(:func:`kernels.rms_norm`, fp32 inputs, as the models call it) the same way.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import subprocess
 import time
 
 import torch
+import torch.nn.functional as F
 import triton
 
-from kernels.ops import branch_attn_merge, branch_merge, selective_scan
-from kernels.reference import branch_attn_merge_ref, branch_merge_ref, selective_scan_ref
+from kernels.ops import branch_attn_merge, branch_merge, causal_conv1d, rms_norm, selective_scan
+from kernels.reference import branch_attn_merge_ref, branch_merge_ref, causal_conv1d_ref, selective_scan_ref
 from kernels.testing import (
     GRAD_NAMES,
     TOLERANCES,
@@ -64,6 +67,59 @@ MERGE_GRID = [
     (16, 3136, 8, 192, 24),  # LocalVMamba-T stage 1, small batch
     (3, 199, 3, 37, 4),  # odd sizes
 ]
+
+
+CONV_GRID = [  # (B, L, H, W, K, D, W taps): the plain family's conv, x shared by the K orders
+    (128, 197, 14, 14, 2, 384, 4),  # Vim-Ti layer (class token in the middle)
+    (128, 197, 14, 14, 8, 256, 4),  # LocalVim-T supernet layer
+    (8, 785, 28, 28, 2, 384, 4),  # 448 px, small batch (the backward cuts the sequence into parts)
+    (3, 63, 7, 9, 3, 37, 3),  # odd sizes
+]
+NORM_GRID = [(128, 197, 192), (8, 785, 384), (3, 37, 100)]  # (B, L, C)
+
+
+def _run_with_grads(fn, tensors, dout):
+    leaves = [t.detach().cuda().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    out.backward(dout.cuda())
+    return out, [t.grad for t in leaves]
+
+
+def _check_vs_ref(fast, ref, tensors, names, dout, dtype, truth_dtype=None) -> list[dict]:
+    """Triton (NaN-poisoned buffers) vs the reference run in ``truth_dtype``, output and every gradient."""
+    truth_dtype = truth_dtype or (torch.float64 if dtype == torch.float32 else torch.float32)
+    with poisoned_empty():
+        out, grads = _run_with_grads(fast, tensors, dout)
+    out_ref, grads_ref = _run_with_grads(ref, [t.to(truth_dtype) for t in tensors], dout.to(truth_dtype))
+    rtol, atol = TOLERANCES[dtype]
+    recs = [compare("out", out, out_ref, rtol, atol)]
+    return recs + [compare(nm, g, r, rtol, atol) for nm, g, r in zip(names, grads, grads_ref)]
+
+
+def check_conv_case(bsz, seqlen, height, width, k, dim, taps, dtype) -> dict:
+    gen = torch.Generator().manual_seed(bsz + seqlen + k + dim)
+    orders = make_orders(seqlen, (height, width), k, ("h", "h_flip", "v", "v_flip", "w2", "w2_flip", "w7", "w7_flip"))
+    x = torch.randn(bsz, seqlen, 1, dim, generator=gen).to(dtype)
+    w = torch.randn(k, dim, taps, generator=gen) / taps
+    b = 0.1 * torch.randn(k, dim, generator=gen)
+    dout = torch.randn(bsz, seqlen, k, dim, generator=gen).to(dtype)
+    orders = orders.cuda()
+    recs = _check_vs_ref(lambda *a: causal_conv1d(*a, orders=orders, backend="triton"),
+                         lambda *a: causal_conv1d_ref(*a, orders=orders), [x, w, b], ["x", "weight", "bias"], dout,
+                         dtype)  # fmt: skip
+    return {"B": bsz, "L": seqlen, "K": k, "D": dim, "W": taps, "dtype": str(dtype).replace("torch.", ""),
+            "ok": all(r["ok"] for r in recs), "vs_ref": recs}  # fmt: skip
+
+
+def check_norm_case(bsz, seqlen, dim) -> dict:
+    gen = torch.Generator().manual_seed(bsz + seqlen + dim)
+    x = 3.0 * torch.randn(bsz, seqlen, dim, generator=gen)
+    w = 1.0 + 0.3 * torch.randn(dim, generator=gen)
+    dout = torch.randn(bsz, seqlen, dim, generator=gen)
+    recs = _check_vs_ref(lambda a, b: rms_norm(a, b, 1e-5, backend="triton"),
+                         lambda a, b: F.rms_norm(a, (dim,), b, 1e-5), [x, w], ["x", "weight"], dout,
+                         torch.float32)  # fmt: skip
+    return {"B": bsz, "L": seqlen, "C": dim, "dtype": "float32", "ok": all(r["ok"] for r in recs), "vs_ref": recs}
 
 
 def check_merge_case(bsz, seqlen, k, dim, hidden, dtype) -> dict:
@@ -196,18 +252,20 @@ def main(cfg: dict) -> dict:
             load_scan_configs(cfg["configs"])
         except ValueError as err:
             raise SystemExit(f"error: --configs: {err}") from None
-    parts = cfg.get("parts") or ("scan", "merge")
+    parts = cfg.get("parts") or ("scan", "merge", "conv", "norm")
     with_mamba = "scan" in parts and not cfg.get("no_mamba") and try_load_mamba(cfg.get("mamba_anchor"))
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     grid = (GRID[:3] if cfg.get("quick") else GRID) if "scan" in parts else []
-    results, merge_results = [], []
+    results, merge_results, other_results = [], [], []
     t0 = time.time()
     info = env_info(cfg.get("commit"))
 
     def write() -> dict:
-        ok = all(r["ok"] for r in results + merge_results)
+        ok = all(r["ok"] for r in results + merge_results + other_results)
         report = {**info, "with_mamba": with_mamba, "all_ok": ok, "seconds": round(time.time() - t0, 1),
-                  "cases": results, "merge_cases": merge_results}  # fmt: skip
+                  "cases": results, "merge_cases": merge_results,
+                  "conv_cases": [r for r in other_results if "W" in r],
+                  "norm_cases": [r for r in other_results if "C" in r]}  # fmt: skip
         if cfg.get("out"):  # rewritten after every case, so a cut-off run still leaves its report
             os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)
             with open(cfg["out"], "w") as f:
@@ -233,8 +291,21 @@ def main(cfg: dict) -> dict:
                   f"hidden={rec['hidden']:<2} {'PASS' if rec['ok'] else 'FAIL'}  worst vs ref: {worst['name']} "
                   f"err/bound={worst['max_err_over_bound']:.3f}", flush=True)  # fmt: skip
             write()
+    others = [(check_conv_case, (*case, dt)) for dt in dtypes[:2] for case in CONV_GRID] if "conv" in parts else []
+    others += [(check_norm_case, case) for case in NORM_GRID] if "norm" in parts else []
+    for fn, case in others:
+        rec = fn(*case)
+        other_results.append(rec)
+        worst = max(rec["vs_ref"], key=lambda r: r["max_err_over_bound"])
+        what = " ".join(f"{key}={rec[key]}" for key in ("B", "L", "K", "D", "W", "C") if key in rec)
+        print(
+            f"{'conv' if 'W' in rec else 'norm'} {rec['dtype']:>8} {what} {'PASS' if rec['ok'] else 'FAIL'}  "
+            f"worst vs ref: {worst['name']} err/bound={worst['max_err_over_bound']:.3f}",
+            flush=True,
+        )
+        write()
     report = write()
-    n_cases = len(results) + len(merge_results)
+    n_cases = len(results) + len(merge_results) + len(other_results)
     print(f"all ok: {report['all_ok']} ({n_cases} cases, mamba={with_mamba}, {report['seconds']} s)")
     return report
 
@@ -246,6 +317,7 @@ if __name__ == "__main__":
     p.add_argument("--mamba-anchor", default=None, help="folder with build.py that builds mamba-ssm's scan")
     p.add_argument("--no-mamba", action="store_true")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--parts", nargs="+", choices=("scan", "merge"), default=["scan", "merge"], help="what to check")
+    p.add_argument("--parts", nargs="+", choices=("scan", "merge", "conv", "norm"),
+                   default=["scan", "merge", "conv", "norm"], help="what to check")  # fmt: skip
     p.add_argument("--configs", default=None, help="JSON of tuned block sizes written by kernels.bench --configs-out")
     main(vars(p.parse_args()))

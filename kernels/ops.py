@@ -20,6 +20,7 @@ __all__ = [
     "branch_merge",
     "causal_conv1d",
     "resolve_backend",
+    "rms_norm",
     "selective_scan",
     "validate_scan_inputs",
 ]
@@ -249,6 +250,24 @@ def branch_attn_merge(
 
         return branch_attn_merge_op(*args, eps=eps)
     return branch_attn_merge_ref(*args, eps=eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
+    """RMSNorm over the last dimension, ``torch.nn.functional.rms_norm(x, (C,), weight, eps)``.
+
+    The ``triton`` backend takes an fp32 x (the plain family's fp32 residual stream) and writes dweight as one partial
+    per program instead of a column sum over every row; other dtypes, and the ``ref``/``mamba`` backends, use PyTorch.
+
+    Args:
+        x: (..., C). weight: (C,). eps: added to the mean square. backend: as for :func:`selective_scan`.
+    """
+    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
+    if resolve_backend(backend, x.device) == "triton" and x.dtype == torch.float32 and x.numel() > 0:
+        from .library import rms_norm_op
+
+        return rms_norm_op(x, weight, float(eps))
+    return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def _interpreting() -> bool:

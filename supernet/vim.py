@@ -30,6 +30,8 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
+import kernels
+
 from ._base import ArchModelMixin, ArchSpecLike, SpaceSpec, resolve_layer_orders, to_size
 from .mixer import ARCH_MODES, MultiOrderMixer
 from .slws import draw_shuffle, slws_probs
@@ -40,9 +42,21 @@ VIM_ORDERS = ("h", "h_flip")
 LOCAL_FIXED_ORDERS = ("h", "h_flip", "w2", "w2_flip")
 
 
-def _norm_layer(name: str) -> type[nn.Module] | partial:
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` over the last dimension whose fp32 calls run ``kernels.rms_norm`` (the Triton kernels on CUDA
+    with ``backend`` auto/triton). Same parameters and state dict as ``nn.RMSNorm``."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, backend: str = "auto") -> None:
+        super().__init__(dim, eps=eps)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps, backend=self.backend)
+
+
+def _norm_layer(name: str, backend: str = "auto") -> type[nn.Module] | partial:
     if name == "rmsnorm":
-        return partial(nn.RMSNorm, eps=1e-5)
+        return partial(RMSNorm, eps=1e-5, backend=backend)
     if name == "layernorm":
         return partial(nn.LayerNorm, eps=1e-5)
     raise ValueError(f"norm_layer must be 'rmsnorm' or 'layernorm', got {name!r}")
@@ -182,7 +196,7 @@ class VisionMamba(ArchModelMixin, nn.Module):
         extra_step = self.num_grid_tokens // 2 if self.cls_token is not None else None
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
-        norm = _norm_layer(norm_layer)
+        norm = _norm_layer(norm_layer, scan_backend)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         mixer = partial(
             MultiOrderMixer,
