@@ -9,7 +9,7 @@ Registered ops (namespace ``scan_nas``):
     causal_conv1d_fwd / causal_conv1d_bwd: the same for the per-order causal conv1d.
     branch_merge / branch_merge_bwd: the mixer's weighted sum over K orders.
     branch_attn_merge / branch_attn_merge_bwd: the same behind LocalMamba's per-branch channel gate.
-    rms_norm_fwd(x, weight, eps) -> (out, rstd) / rms_norm_bwd: the plain family's RMSNorm.
+    rms_norm(x, weight, eps) / rms_norm_bwd: the plain family's RMSNorm (PyTorch's forward, the Triton backward).
 
 FLOPs follow VMamba's rule for the scan: 9·B·L·K·D·N, plus B·L·K·D for the D skip and B·L·K·D for the z gate.
 The ``ref`` and ``mamba`` backends are plain PyTorch compositions and are not registered here.
@@ -22,7 +22,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .triton_conv import conv_bwd, conv_fwd
 from .triton_merge import branch_attn_merge_bwd, branch_attn_merge_fwd, branch_merge_bwd, branch_merge_fwd
-from .triton_norm import rms_norm_bwd, rms_norm_fwd
+from .triton_norm import rms_norm_bwd
 from .triton_scan import scan_bwd, scan_config, scan_fwd
 
 __all__ = [
@@ -372,40 +372,40 @@ def branch_attn_merge_op(y, w, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2
     return fwd(y, w, norm_weight, norm_bias, float(eps), fc1_weight, fc1_bias, fc2_weight, fc2_bias)[0]
 
 
-def _norm_fwd_impl(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    return rms_norm_fwd(x, weight, eps)
+def _norm_fwd_impl(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-_norm_fwd_op = torch.library.custom_op("scan_nas::rms_norm_fwd", _norm_fwd_impl, mutates_args=())
+_norm_fwd_op = torch.library.custom_op("scan_nas::rms_norm", _norm_fwd_impl, mutates_args=())
 
 
 @_norm_fwd_op.register_fake
 def _(x, weight, eps):
-    rows = x.numel() // x.shape[-1]
-    return x.new_empty(x.shape), x.new_empty((rows,), dtype=torch.float32)
+    return x.new_empty(x.shape)
 
 
-def _norm_bwd_impl(dout: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> list[Tensor]:
-    return list(rms_norm_bwd(dout, x, weight, rstd))
+def _norm_bwd_impl(dout: Tensor, x: Tensor, weight: Tensor, eps: float) -> list[Tensor]:
+    return list(rms_norm_bwd(dout, x, weight, eps))
 
 
 _norm_bwd_op = torch.library.custom_op("scan_nas::rms_norm_bwd", _norm_bwd_impl, mutates_args=())
 
 
 @_norm_bwd_op.register_fake
-def _(dout, x, weight, rstd):
+def _(dout, x, weight, eps):
     return [x.new_empty(x.shape), weight.new_empty(weight.shape)]
 
 
 def _norm_setup_context(ctx, inputs, output):
-    x, weight, _ = inputs
-    ctx.save_for_backward(x, weight, output[1])
+    x, weight, eps = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps = eps
 
 
-def _norm_backward(ctx, dout, _drstd):
-    x, weight, rstd = ctx.saved_tensors
+def _norm_backward(ctx, dout):
+    x, weight = ctx.saved_tensors
     bwd = _norm_bwd_impl if getattr(ctx, "direct", False) else _norm_bwd_op
-    dx, dw = bwd(dout.contiguous(), x, weight, rstd)
+    dx, dw = bwd(dout.contiguous(), x, weight, ctx.eps)
     return dx, dw, None
 
 
@@ -414,5 +414,5 @@ _NormFunction = _eager_function("_NormFunction", _norm_fwd_impl, _norm_setup_con
 
 
 def rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """The registered Triton RMSNorm over the last dimension: x (..., C), weight (C,) → like x."""
-    return (_NormFunction.apply if _direct() else _norm_fwd_op)(x, weight, eps)[0]
+    """RMSNorm over the last dimension: PyTorch's fused forward, the Triton backward. x (..., C), weight (C,)."""
+    return (_NormFunction.apply if _direct() else _norm_fwd_op)(x, weight, eps)

@@ -255,8 +255,9 @@ def branch_attn_merge(
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
     """RMSNorm over the last dimension, ``torch.nn.functional.rms_norm(x, (C,), weight, eps)``.
 
-    The ``triton`` backend takes an fp32 x (the plain family's fp32 residual stream) and writes dweight as one partial
-    per program instead of a column sum over every row; other dtypes, and the ``ref``/``mamba`` backends, use PyTorch.
+    The ``triton`` backend runs PyTorch's forward and a Triton backward for an fp32 x (the plain family's fp32
+    residual stream) that writes dweight as one partial per program instead of a column sum over every row; other
+    dtypes, and the ``ref``/``mamba`` backends, use PyTorch for both.
 
     Args:
         x: (..., C). weight: (C,). eps: added to the mean square. backend: as for :func:`selective_scan`.

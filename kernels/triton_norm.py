@@ -1,13 +1,13 @@
-"""RMSNorm over the last dimension in Triton, forward and backward (the plain family's pre-norm on an fp32 residual).
+"""The backward of RMSNorm over the last dimension in Triton (the plain family's pre-norm on an fp32 residual).
 
-``y = x · rstd · weight`` with ``rstd = 1 / sqrt(mean(x²) + eps)`` per row, as ``torch.nn.functional.rms_norm``.
+``y = x · rstd · weight`` with ``rstd = 1 / sqrt(mean(x²) + eps)`` per row, as ``torch.nn.functional.rms_norm``, whose
+fused forward is already at memory speed and cheap to launch. The backward is
+``dx = rstd · (w·dy − x̂ · mean(w·dy · x̂))`` per row with ``x̂ = x · rstd``, rstd recomputed from the x row it loads
+anyway. Each program walks a run of rows and keeps ``dy · x̂`` as an elementwise sum, reduced over rows once at its
+end: one (C,) partial of dweight per program, summed afterwards. (PyTorch's fused backward spent three quarters of its
+time in the dweight column sum.)
 
-- forward: a program normalizes ``ROWS`` rows at a time and saves each row's rstd (fp32) for the backward;
-- backward: ``dx = rstd · (w·dy − x̂ · mean(w·dy · x̂))`` per row with ``x̂ = x · rstd``. Each program walks a run of
-  rows and keeps ``dy · x̂`` as an elementwise sum, reduced over rows once at its end: one (C,) partial of dweight per
-  program, summed afterwards. (PyTorch's fused backward spent three quarters of its time in the dweight column sum.)
-
-Layout: x and dy (rows, C) with unit stride along C; out in x's dtype.
+Layout: x and dy (rows, C) with unit stride along C; dx in x's dtype.
 """
 
 from __future__ import annotations
@@ -16,31 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["rms_norm_bwd", "rms_norm_fwd"]
+__all__ = ["rms_norm_bwd"]
 
 _ROWS = 16  # rows per tile
 
 
 @triton.jit
-def _rms_fwd_kernel(
-    x_ptr, w_ptr, out_ptr, rstd_ptr, n_rows, C, eps,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_C)
-    mask_r = rows < n_rows
-    m = mask_r[:, None] & (cols < C)[None, :]
-    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / C + eps)
-    tl.store(out_ptr + offs, (x * rstd[:, None] * w[None, :]).to(out_ptr.dtype.element_ty), mask=m)
-    tl.store(rstd_ptr + rows, rstd, mask=mask_r)
-
-
-@triton.jit
 def _rms_bwd_kernel(
-    dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows, C, tiles_per_prog,
+    dy_ptr, x_ptr, w_ptr, dx_ptr, dw_ptr, n_rows, C, eps, tiles_per_prog,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -55,7 +38,7 @@ def _rms_bwd_kernel(
         offs = rows[:, None].to(tl.int64) * C + cols[None, :]
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + rows, mask=mask_r, other=0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / C + eps)
         xhat = x * rstd[:, None]
         wdy = dy * w[None, :]
         c = tl.sum(wdy * xhat, axis=1) / C
@@ -72,19 +55,6 @@ def _launch_shape(x: torch.Tensor) -> tuple[int, int, int]:
     return c, block_c, warps
 
 
-def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (..., C), weight (C,) → (out like x, rstd (rows,) fp32)."""
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    c, block_c, warps = _launch_shape(x2)
-    n_rows = x2.shape[0]
-    out = torch.empty_like(x2)
-    rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
-    _rms_fwd_kernel[(triton.cdiv(n_rows, _ROWS),)](
-        x2, weight.contiguous(), out, rstd, n_rows, c, eps, ROWS=_ROWS, BLOCK_C=block_c, num_warps=warps
-    )
-    return out.view(x.shape), rstd
-
-
 def _tiles_per_program(n_tiles: int, device: torch.device) -> int:
     """Row tiles per backward program: enough programs for about four per SM (two on the CPU interpreter, so tests
     walk several tiles in several programs)."""
@@ -95,9 +65,9 @@ def _tiles_per_program(n_tiles: int, device: torch.device) -> int:
 
 
 def rms_norm_bwd(
-    dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+    dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`rms_norm_fwd`: (dx like x, dweight (C,) in weight's dtype)."""
+    """Gradients of ``F.rms_norm(x, (C,), weight, eps)``: (dx like x, dweight (C,) in weight's dtype)."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     dy2 = dout.reshape(-1, x.shape[-1]).contiguous()
     c, block_c, warps = _launch_shape(x2)
@@ -105,10 +75,10 @@ def rms_norm_bwd(
     n_tiles = triton.cdiv(n_rows, _ROWS)
     per = _tiles_per_program(n_tiles, x.device)
     n_progs = triton.cdiv(n_tiles, per)
-    dx = torch.empty_like(x2)
+    dx = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
     dw_part = torch.empty(n_progs, c, device=x.device, dtype=torch.float32)
     _rms_bwd_kernel[(n_progs,)](
-        dy2, x2, weight.contiguous(), rstd, dx, dw_part, n_rows, c, per,
+        dy2, x2, weight.contiguous(), dx, dw_part, n_rows, c, eps, per,
         ROWS=_ROWS, BLOCK_C=block_c, num_warps=warps,
     )  # fmt: skip
     return dx.view(x.shape), dw_part.sum(0).to(weight.dtype)

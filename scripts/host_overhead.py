@@ -74,6 +74,7 @@ def _cases(dev: torch.device) -> dict:
     orders = torch.stack([torch.randperm(seqlen, device=dev) for _ in range(k)])
     dy = rnd(bsz, seqlen, k, dim, grad=False)
     cw, cb = rnd(k, dim, 4), rnd(k, dim)
+    xn = rnd(bsz, seqlen, dim)
 
     def torch_gated_merge():
         # The PyTorch composition the fused op replaced (LayerNorm, mean, MLP, gate, weighted sum), forward+backward.
@@ -94,6 +95,8 @@ def _cases(dev: torch.device) -> dict:
             u, delta, A, Bm, Cm, orders=orders, delta_softplus=True, backend="triton"
         ).backward(dy),
         "causal_conv1d fwd+bwd": lambda: kernels.causal_conv1d(u, cw, cb, orders=orders, backend="triton").backward(dy),
+        "rms_norm fwd+bwd (Triton backward)": lambda: kernels.rms_norm(xn, params[0], backend="triton").backward(dout),
+        "rms_norm fwd+bwd (PyTorch)": lambda: F.rms_norm(xn, (dim,), params[0]).backward(dout),
     }
 
 
