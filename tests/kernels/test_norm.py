@@ -33,3 +33,19 @@ def test_rms_norm_other_dtypes_and_bad_weight():
     torch.testing.assert_close(rms_norm(x, w, backend="triton"), F.rms_norm(x, (6,), w, 1e-5))
     with pytest.raises(ValueError, match="does not match the last dim"):
         rms_norm(x, torch.randn(5))
+
+
+def test_rms_norm_auto_takes_triton_only_where_it_pays(monkeypatch):
+    import kernels.ops as ops
+
+    monkeypatch.setattr(ops, "resolve_backend", lambda backend, device: "triton")  # as on CUDA
+    monkeypatch.setattr(ops, "_NORM_EAGER_MIN_NUMEL", 64)
+    w = torch.ones(8, requires_grad=True)
+    small = ops.rms_norm(torch.randn(7, 8, requires_grad=True), w)  # 56 elements: PyTorch's autograd node
+    large = ops.rms_norm(torch.randn(9, 8, requires_grad=True), w)  # 72: the Triton backward
+    assert "NormFunction" not in type(small.grad_fn).__name__
+    assert "NormFunction" in type(large.grad_fn).__name__
+    assert (
+        "NormFunction"
+        in type(ops.rms_norm(torch.randn(7, 8, requires_grad=True), w, backend="triton").grad_fn).__name__
+    )
