@@ -148,6 +148,9 @@ class MultiOrderMixer(nn.Module):
         self.scan_recompute = scan_recompute
         self.search = search
         self.tau = 1.0
+        # The temperature as a device tensor too, so a compiled step reads it as an input: as a Python float changing
+        # every step (gdas) it was a graph input whose every value CUDA-graph trees could record anew.
+        self.register_buffer("_tau", torch.ones(()), persistent=False)
         self.top_m = 1
         self.mode = "softmax"
         kernels.resolve_backend(scan_backend, torch.device("cpu"))  # reject a bad backend name now, not mid-forward
@@ -213,6 +216,9 @@ class MultiOrderMixer(nn.Module):
             raise ValueError(f"arch mode temperature tau must be > 0, got {tau!r}")
         if not isinstance(top_m, int) or not 1 <= top_m <= self.num_orders:
             raise ValueError(f"top_m must be an integer in 1..{self.num_orders}, got {top_m!r}")
+        if float(tau) != self.tau:
+            with torch.no_grad():
+                self._tau.fill_(float(tau))
         self.mode, self.tau, self.top_m = mode, float(tau), top_m
 
     def arch_probs(self) -> torch.Tensor:
@@ -241,10 +247,10 @@ class MultiOrderMixer(nn.Module):
         if self.mode == "softmax" or (self.mode == "gumbel" and not sampling):
             return torch.softmax(logits, 0), None
         if self.mode == "gumbel":
-            return torch.softmax(logits / self.tau, 0), None
+            return torch.softmax(logits / self._tau, 0), None
         # hard: top-m of the (noisy) logits, uniform 1/m in value, Gumbel-softmax straight-through gradient.
         idx = torch.topk(logits.detach(), self.top_m).indices.sort().values
-        soft = torch.softmax(logits / self.tau, 0).index_select(0, idx)
+        soft = torch.softmax(logits / self._tau, 0).index_select(0, idx)
         return soft - soft.detach() + 1.0 / self.top_m, idx
 
     def forward(self, x: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
