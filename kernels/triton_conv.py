@@ -155,7 +155,7 @@ def _conv_bwd_dx_kernel(
         step = _token_index(inv_ptr, k, L, p, mask_p, HAS_ORDERS)
         for j in tl.static_range(W):
             s = step + (W - 1) - j
-            m = (mask_p & (s < L))[:, None] & mask_d[None, :]
+            m = (mask_p & (s >= 0) & (s < L))[:, None] & mask_d[None, :]
             gv = tl.load(dpre_ptr + ((b * L + s[:, None]) * K + k) * DIM + offs_d[None, :], mask=m, other=0.0)
             wj = tl.load(w_ptr + (k * DIM + offs_d) * W + j, mask=mask_d, other=0.0).to(tl.float32)
             acc += gv * wj[None, :]
@@ -169,7 +169,7 @@ _CONV_CONFIGS: dict[str, tuple] = {}  # "fwd": (BLOCK_T, BLOCK_D, warps); "bwd":
 def set_conv_config(which: str, config: tuple[int, ...] | None) -> None:
     """Fix the block sizes of the conv's forward (``"fwd"``: BLOCK_T, BLOCK_D, warps) or backward (``"bwd"``: the same
     and optionally SPAN, the step blocks each program of the first backward kernel walks, 0 for all of them; without it
-    SPAN is chosen per call) on CUDA; None restores the built-in choice."""
+    SPAN is chosen per call); None restores the built-in choice."""
     if which not in ("fwd", "bwd"):
         raise ValueError(f"set_conv_config: which must be 'fwd' or 'bwd', got {which!r}")
     if config is None:
@@ -189,10 +189,10 @@ def set_conv_config(which: str, config: tuple[int, ...] | None) -> None:
 
 
 def _conv_config(dim: int, device: torch.device, which: str = "fwd") -> tuple:
-    if device.type != "cuda":  # SPAN 2: the interpreter tests walk several blocks per program and several programs
-        return (16, min(triton.next_power_of_2(dim), 16), 1, *(() if which == "fwd" else (2,)))
     if which in _CONV_CONFIGS:
         return _CONV_CONFIGS[which]
+    if device.type != "cuda":  # SPAN 2: the interpreter tests walk several blocks per program and several programs
+        return (16, min(triton.next_power_of_2(dim), 16), 1, *(() if which == "fwd" else (2,)))
     if which == "fwd":
         return 32, min(triton.next_power_of_2(dim), 128), 4
     # 4-step blocks: the walk's accumulators (W + 1 tiles) stay in registers; fastest in models on an H200 (v9).
@@ -203,9 +203,9 @@ def _auto_span(n_tb: int, programs_per_part: int, device: torch.device) -> int:
     """Step blocks per program: all of them while the (batch, order, channel block) programs alone fill every SM about
     four times over; otherwise the sequence is cut into as many parts as that takes. Walking more blocks per program
     was faster at every span measured on an H200 (benchmarks/NOTES-scan.md, v9)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    parts = min(n_tb, max(1, -(-4 * sms // programs_per_part)))
-    return -(-n_tb // parts)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    parts = min(n_tb, max(1, -(-4 * sms // max(1, programs_per_part))))
+    return -(-n_tb // max(1, parts))
 
 
 def _x_strides(x: torch.Tensor, k: int) -> tuple[int, int, int]:
@@ -242,7 +242,7 @@ def conv_bwd(dout, x, weight, bias, orders, activation):
     n_tb = triton.cdiv(seqlen, bt)
     if span is None:
         span = _auto_span(n_tb, bsz * k * triton.cdiv(dim, bd), dev)
-    span = n_tb if span == 0 else min(span, n_tb)
+    span = max(1, n_tb if span == 0 else min(span, n_tb))  # at least 1: an empty sequence launches no program
     n_parts = triton.cdiv(n_tb, span)
     orders_i = orders.to(device=dev, dtype=torch.int32).contiguous() if orders is not None else None
     w = weight.contiguous()

@@ -463,8 +463,8 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
         )
     if cfg["compile"]:
         # Arch and weight steps share the training graph; evaluation runs the uncompiled model. gdas's temperature
-        # changes every step: dynamo recompiles once, then traces it as a symbolic float. Checkpoints keep using
-        # `model`.
+        # changes every step: the mixers keep it in a device buffer that the graph reads, so nothing recompiles.
+        # Checkpoints keep using `model`.
         net = torch.compile(net, mode=cfg["compile"])
 
     logger = RunLogger(run_dir, dinfo.is_main)

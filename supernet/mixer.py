@@ -216,10 +216,9 @@ class MultiOrderMixer(nn.Module):
             raise ValueError(f"arch mode temperature tau must be > 0, got {tau!r}")
         if not isinstance(top_m, int) or not 1 <= top_m <= self.num_orders:
             raise ValueError(f"top_m must be an integer in 1..{self.num_orders}, got {top_m!r}")
-        if float(tau) != self.tau:
-            with torch.no_grad():
-                self._tau.fill_(float(tau))
         self.mode, self.tau, self.top_m = mode, float(tau), top_m
+        with torch.no_grad():  # always: a dtype round trip of the module may have rounded the buffer
+            self._tau.fill_(self.tau)
 
     def arch_probs(self) -> torch.Tensor:
         """softmax(arch_logits) as a detached fp32 CPU tensor (K,)."""

@@ -51,7 +51,8 @@ class RMSNorm(nn.RMSNorm):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps, backend=self.backend)
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps  # nn.RMSNorm's rule for eps=None
+        return kernels.rms_norm(x, self.weight, eps, backend=self.backend)
 
 
 def _norm_layer(name: str, backend: str = "auto") -> type[nn.Module] | partial:

@@ -38,3 +38,37 @@ def test_conv_triton_matches_ref(seqlen, hw, k, kx, width, has_bias, activation)
         if got is not None:
             recs.append(compare(name, got.grad, want.grad, rtol, atol))
     assert all(r["ok"] for r in recs), recs
+
+
+@pytest.mark.parametrize("span", [0, 1, 3, None])  # every step block, one, three, the per-call rule
+def test_conv_backward_walks_any_span(span):
+    from kernels.triton_conv import set_conv_config
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 37, 1, 12, generator=gen)  # 10 blocks of 4 steps, channels 8 + 4 (masked)
+    w, b = torch.randn(3, 12, 4, generator=gen), torch.randn(3, 12, generator=gen)
+    orders = make_orders(37, (4, 9), 3, ("w2_flip", "v", "h"))
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    leaves_ref = [t.clone().requires_grad_() for t in (x, w, b)]
+    set_conv_config("bwd", (4, 8, 1) if span is None else (4, 8, 1, span))
+    try:
+        with poisoned_empty():
+            y = causal_conv1d(*leaves, orders=orders, backend="triton")
+            dy = torch.randn(y.shape, generator=gen)
+            y.backward(dy)
+    finally:
+        set_conv_config("bwd", None)
+    causal_conv1d_ref(*leaves_ref, orders=orders).backward(dy)
+    rtol, atol = TOLERANCES[torch.float32]
+    recs = [compare(n, a.grad, r.grad, rtol, atol) for n, a, r in zip(("x", "weight", "bias"), leaves, leaves_ref)]
+    assert all(r["ok"] for r in recs), recs
+
+
+@pytest.mark.parametrize("bsz, seqlen", [(0, 5), (2, 0)])
+def test_conv_empty_batch_or_sequence(bsz, seqlen):
+    x = torch.randn(bsz, seqlen, 1, 6, requires_grad=True)
+    w, b = torch.randn(2, 6, 4, requires_grad=True), torch.randn(2, 6, requires_grad=True)
+    y = causal_conv1d(x, w, b, backend="triton")
+    y.backward(torch.ones_like(y))
+    assert y.shape == (bsz, seqlen, 2, 6) and x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))

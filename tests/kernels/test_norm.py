@@ -29,8 +29,10 @@ def test_rms_norm_triton_matches_torch(shape):
 def test_rms_norm_other_dtypes_and_bad_weight():
     x = torch.randn(4, 6, dtype=torch.bfloat16)
     w = torch.randn(6, dtype=torch.bfloat16)
-    # Not fp32: PyTorch's op on every backend.
-    torch.testing.assert_close(rms_norm(x, w, backend="triton"), F.rms_norm(x, (6,), w, 1e-5))
+    # Not fp32: PyTorch's op (and its autograd node) on every backend.
+    y = rms_norm(x.requires_grad_(), w, backend="triton")
+    assert "NormFunction" not in type(y.grad_fn).__name__
+    torch.testing.assert_close(y, F.rms_norm(x, (6,), w, 1e-5))
     with pytest.raises(ValueError, match="does not match the last dim"):
         rms_norm(x, torch.randn(5))
 

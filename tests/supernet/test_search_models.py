@@ -285,3 +285,19 @@ def test_padded_projections_change_nothing(monkeypatch, d_state, dt_rank, conv):
     k, rows, d = mixer.x_proj_weight.shape
     x_w, dt_w = pad(mixer, mixer.x_proj_weight, mixer.dt_proj_weight)
     assert x_w.shape[1] % 8 == 0 and dt_w.shape[2] % 8 == 0 and x_w.shape[1] >= rows
+
+
+def test_temperature_reaches_the_arch_gradient_after_a_dtype_round_trip() -> None:
+    """``hard`` mode's straight-through gradient is that of softmax(logits / tau): the temperature the step reads (a
+    device buffer, so that a compiled step does not specialise on it) follows every ``set_arch_mode`` call, also after
+    the module went to bf16 and back (which rounds the buffer)."""
+    mixer = MultiOrderMixer(16, (4, 4), ("h", "v", "w2"), search=True, d_state=4).eval()
+    mixer.set_arch_mode("hard", tau=0.37, top_m=1)
+    mixer.to(torch.bfloat16).float()  # the buffer now holds 0.3691
+    for tau in (0.37, 2.5):
+        mixer.set_arch_mode("hard", tau=tau, top_m=1)
+        w, idx = mixer.branch_weights()
+        (grad,) = torch.autograd.grad(w.sum(), mixer.arch_logits)
+        logits = mixer.arch_logits.detach().float().requires_grad_()
+        (want,) = torch.autograd.grad(torch.softmax(logits / tau, 0)[idx].sum(), logits)
+        torch.testing.assert_close(grad, want)
