@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -9,14 +10,43 @@ import re
 import signal
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from retrain.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def selected_params(request: Any, *names: str) -> list[tuple]:
+    """The distinct values of the parameters ``names`` among this module's tests that the session will run."""
+    seen: dict[tuple, None] = {}
+    for item in request.session.items:
+        spec = getattr(item, "callspec", None)
+        if getattr(item, "module", None) is request.module and spec is not None and set(names) <= spec.params.keys():
+            seen[tuple(spec.params[n] for n in names)] = None
+    return list(seen)
+
+
+def is_selected(request: Any, test_name: str) -> bool:
+    """Whether the session will run this module's test ``test_name`` (a fixture that starts its work early asks)."""
+    items = request.session.items
+    return any(getattr(it, "module", None) is request.module and it.originalname == test_name for it in items)
+
+
+@contextlib.contextmanager
+def side_by_side(keys: Sequence[tuple], run: Callable[..., Any]) -> Iterator[dict[tuple, Future]]:
+    """``run(*key)`` for every key at once, one thread each (each mostly waits on its own CLI processes, so they
+    share the cores); yields key -> Future, whose ``result()`` re-raises what the run raised. Waits for all on exit.
+    """
+    pool = ThreadPoolExecutor(max_workers=max(1, len(keys)))
+    try:
+        yield {key: pool.submit(run, *key) for key in keys}
+    finally:
+        pool.shutdown(wait=True)
 
 
 def cli_env() -> dict[str, str]:

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from reliability_testutils import cli_env
+from reliability_testutils import cli_env, is_selected
 
 from retrain.checkpoint import save_checkpoint
 
@@ -294,8 +294,27 @@ def test_catalogue_covers_every_area() -> None:
     assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
 
 
-def test_debug_shows_the_traceback(tmp_path) -> None:
+@pytest.fixture(scope="module", autouse=True)
+def debug_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """test_debug_shows_the_traceback's CLI process, started with this module's first test (before the case runner,
+    which runs on one core meanwhile) rather than after the catalogue: (process, its stderr file)."""
+    if not is_selected(request, "test_debug_shows_the_traceback"):
+        yield None
+        return
+    base = tmp_path_factory.mktemp("debug")
+    (tmp_path := base / "run").mkdir()
     cmd = [sys.executable, "-m", "retrain.train", *TRAIN, "--lr", "-1", "--output", str(tmp_path), "--debug"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "Traceback" in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: --lr -1.0 is out of range")
+    err = base / "stderr.txt"
+    with open(err, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=f)
+    yield proc, err
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_debug_shows_the_traceback(debug_run) -> None:
+    proc, err = debug_run
+    returncode, stderr = proc.wait(timeout=120), err.read_text()
+    assert returncode == 2 and "Traceback" in stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: --lr -1.0 is out of range")

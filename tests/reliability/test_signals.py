@@ -1,12 +1,17 @@
-"""SIGTERM / SIGINT on the real CLIs: checkpoint at the next step boundary, a clear message, exit status 0."""
+"""SIGTERM / SIGINT on the real CLIs: checkpoint at the next step boundary, a clear message, exit status 0.
+
+The selected runs start together (one thread each, by the first test) so that their interpreter start-ups share the
+machine's cores; every test checks its own run.
+"""
 
 from __future__ import annotations
 
 import signal
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
-from reliability_testutils import start
+from reliability_testutils import selected_params, side_by_side, start
 
 from retrain.checkpoint import load_checkpoint
 
@@ -22,9 +27,8 @@ ARGS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("module", list(ARGS))
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_checkpoints_and_exits_zero(tmp_path: Path, module: str, sig: signal.Signals) -> None:
+def _signal_once_under_way(module: str, sig: signal.Signals, tmp_path: Path) -> tuple[int, str, Path]:
+    """Start the CLI, send ``sig`` once a progress line reports a step; returns (exit status, output, run folder)."""
     log = tmp_path / "stderr.log"
     proc = start(module, [*ARGS[module], "--output", str(tmp_path / "runs"), "--experiment", "run"], log)
     assert proc.stdout is not None
@@ -36,8 +40,24 @@ def test_signal_checkpoints_and_exits_zero(tmp_path: Path, module: str, sig: sig
             break
     lines.extend(proc.stdout)
     code = proc.wait(timeout=120)
-    out = "".join(lines) + log.read_text()
+    return code, "".join(lines) + log.read_text(), tmp_path / "runs" / "run"
+
+
+@pytest.fixture(scope="module")
+def signalled(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """(module, signal) -> Future of its run, for every selected test of this file, started together."""
+
+    keys = selected_params(request, "module", "sig")
+    dirs = {key: tmp_path_factory.mktemp(f"{key[0]}-{key[1].name}") for key in keys}  # mktemp is not thread-safe
+    with side_by_side(keys, lambda module, sig: _signal_once_under_way(module, sig, dirs[module, sig])) as futures:
+        yield futures
+
+
+@pytest.mark.parametrize("module", list(ARGS))
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_checkpoints_and_exits_zero(signalled: dict[tuple, Future], module: str, sig: signal.Signals) -> None:
+    code, out, run_dir = signalled[(module, sig)].result()
     assert code == 0, out[-2000:]
     assert f"stopped by signal {int(sig)}" in out and "--resume auto" in out
-    state = load_checkpoint(tmp_path / "runs" / "run" / "last.pt")
+    state = load_checkpoint(run_dir / "last.pt")
     assert state["epoch"] < 49  # saved mid-run, not at the end
