@@ -135,20 +135,8 @@ def check_merge_case(bsz, seqlen, k, dim, hidden, dtype) -> dict:
     names = ["y", "w"] + (["norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"] if hidden
                           else [])  # fmt: skip
 
-    def run(fn, ts, d):
-        leaves = [t.detach().cuda().requires_grad_() for t in ts]
-        out = fn(*leaves)
-        out.backward(d.cuda())
-        return out, [t.grad for t in leaves]
-
     fast, ref = (branch_attn_merge, branch_attn_merge_ref) if hidden else (branch_merge, branch_merge_ref)
-    with poisoned_empty():
-        out, grads = run(lambda *a: fast(*a, backend="triton"), tensors, dout.to(dtype))
-    truth_dtype = torch.float64 if dtype == torch.float32 else torch.float32
-    out_ref, grads_ref = run(ref, [t.to(truth_dtype) for t in tensors], dout.to(dtype).to(truth_dtype))
-    rtol, atol = TOLERANCES[dtype]
-    recs = [compare("out", out, out_ref, rtol, atol)]
-    recs += [compare(nm, g, r, rtol, atol) for nm, g, r in zip(names, grads, grads_ref)]
+    recs = _check_vs_ref(lambda *a: fast(*a, backend="triton"), ref, tensors, names, dout.to(dtype), dtype)
     return {"B": bsz, "L": seqlen, "K": k, "D": dim, "hidden": hidden, "dtype": str(dtype).replace("torch.", ""),
             "ok": all(r["ok"] for r in recs), "vs_ref": recs}  # fmt: skip
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_scan import _token_index
+from .triton_scan import _token_index, sm_count
 
 __all__ = ["causal_conv1d_triton"]
 
@@ -203,7 +203,7 @@ def _auto_span(n_tb: int, programs_per_part: int, device: torch.device) -> int:
     """Step blocks per program: all of them while the (batch, order, channel block) programs alone fill every SM about
     four times over; otherwise the sequence is cut into as many parts as that takes. Walking more blocks per program
     was faster at every span measured on an H200 (benchmarks/NOTES-scan.md, v9)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = sm_count(device) if device.type == "cuda" else 1
     parts = min(n_tb, max(1, -(-4 * sms // max(1, programs_per_part))))
     return -(-n_tb // max(1, parts))
 

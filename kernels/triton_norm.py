@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_scan import sm_count
+
 __all__ = ["rms_norm_bwd"]
 
 _ROWS = 16  # rows per tile
@@ -60,7 +62,7 @@ def _tiles_per_program(n_tiles: int, device: torch.device) -> int:
     walk several tiles in several programs)."""
     if device.type != "cuda":
         return 2
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     return max(1, -(-n_tiles // (4 * sms)))
 
 

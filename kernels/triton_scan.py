@@ -21,6 +21,7 @@ thread), which measured faster on an H100 and are the GPU default. benchmarks/NO
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -393,6 +394,16 @@ def scan_config(dim: int, dstate: int, seqlen: int, device: torch.device) -> tup
     return 8, 32, 1, min(8, max(2, 64 // bn)), 32, 1, min(bn, 4), 0, 1
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (looked up once per device: the launchers ask on every call)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _segments(config: tuple[int, ...], n_chunks: int, programs: int, device: torch.device) -> tuple[int, int]:
     """(segments, chunks per segment) of the backward's split along L.
 
@@ -405,7 +416,7 @@ def _segments(config: tuple[int, ...], n_chunks: int, programs: int, device: tor
     if want <= 0:
         if device.type != "cuda":
             return 1, n_chunks
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = sm_count(device)
         if programs >= 2 * sms:
             return 1, n_chunks
         want = min(triton.cdiv(_SEG_WARPS_PER_SM * sms // config[2], programs), n_chunks // 8)
