@@ -3,6 +3,7 @@
 from . import library  # registers the torch.library ops and their FLOP formula before any FlopCounterMode exists
 from .ops import (
     BACKENDS,
+    add_rms_norm,
     branch_attn_merge,
     branch_merge,
     causal_conv1d,
@@ -15,6 +16,7 @@ from .reference import branch_attn_merge_ref, branch_merge_ref, causal_conv1d_re
 
 __all__ = [
     "BACKENDS",
+    "add_rms_norm",
     "branch_attn_merge",
     "branch_attn_merge_ref",
     "branch_merge",

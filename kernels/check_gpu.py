@@ -11,7 +11,8 @@ approximate exp2), and the report says which criterion each tensor met. Writes a
 The ``merge`` part checks the mixer's fused branch merge (:func:`kernels.branch_attn_merge` and
 :func:`kernels.branch_merge`) against the reference at the models' shapes, output and every gradient; the ``conv``
 part the per-order causal conv1d (:func:`kernels.causal_conv1d`) and the ``norm`` part the RMSNorm
-(:func:`kernels.rms_norm`, fp32 inputs, as the models call it) the same way.
+(:func:`kernels.rms_norm`, fp32 inputs, as the models call it) and the fused residual add + RMSNorm
+(:func:`kernels.add_rms_norm`, bf16 block output onto an fp32 residual) the same way.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernels.ops import branch_attn_merge, branch_merge, causal_conv1d, rms_norm, selective_scan
+from kernels.ops import add_rms_norm, branch_attn_merge, branch_merge, causal_conv1d, rms_norm, selective_scan
 from kernels.reference import branch_attn_merge_ref, branch_merge_ref, causal_conv1d_ref, selective_scan_ref
 from kernels.testing import (
     GRAD_NAMES,
@@ -120,6 +121,27 @@ def check_norm_case(bsz, seqlen, dim) -> dict:
                          lambda a, b: F.rms_norm(a, (dim,), b, 1e-5), [x, w], ["x", "weight"], dout,
                          torch.float32)  # fmt: skip
     return {"B": bsz, "L": seqlen, "C": dim, "dtype": "float32", "ok": all(r["ok"] for r in recs), "vs_ref": recs}
+
+
+def check_add_norm_case(bsz, seqlen, dim) -> dict:
+    """The fused residual add + RMSNorm as the plain family's blocks call it under autocast: x (the mixer output) bf16,
+    the residual fp32, y written in bf16. Output is ``cat(y, r)``; gradients of x, residual and weight."""
+    gen = torch.Generator().manual_seed(bsz + seqlen + dim + 1)
+    x = torch.randn(bsz, seqlen, dim, generator=gen).bfloat16()
+    res = 3.0 * torch.randn(bsz, seqlen, dim, generator=gen)
+    w = 1.0 + 0.3 * torch.randn(dim, generator=gen)
+    dout = torch.randn(bsz, seqlen, 2 * dim, generator=gen)
+
+    def fast(a, r, b):
+        y, r_new = add_rms_norm(a, r, b, 1e-5, torch.bfloat16, backend="triton")
+        return torch.cat([y.float(), r_new], -1)
+
+    def ref(a, r, b):
+        return torch.cat([F.rms_norm(r + a, (dim,), b, 1e-5), r + a], -1)
+
+    recs = _check_vs_ref(fast, ref, [x, res, w], ["x", "residual", "weight"], dout, torch.bfloat16)
+    return {"op": "addnorm", "B": bsz, "L": seqlen, "C": dim, "dtype": "bfloat16", "ok": all(r["ok"] for r in recs),
+            "vs_ref": recs}  # fmt: skip
 
 
 def check_merge_case(bsz, seqlen, k, dim, hidden, dtype) -> dict:
@@ -280,14 +302,17 @@ def main(cfg: dict) -> dict:
                   f"err/bound={worst['max_err_over_bound']:.3f}", flush=True)  # fmt: skip
             write()
     others = [(check_conv_case, (*case, dt)) for dt in dtypes[:2] for case in CONV_GRID] if "conv" in parts else []
-    others += [(check_norm_case, case) for case in NORM_GRID] if "norm" in parts else []
+    others += (
+        [(fn, case) for fn in (check_norm_case, check_add_norm_case) for case in NORM_GRID] if "norm" in parts else []
+    )
     for fn, case in others:
         rec = fn(*case)
         other_results.append(rec)
         worst = max(rec["vs_ref"], key=lambda r: r["max_err_over_bound"])
         what = " ".join(f"{key}={rec[key]}" for key in ("B", "L", "K", "D", "W", "C") if key in rec)
+        op = rec.get("op") or ("conv" if "W" in rec else "norm")
         print(
-            f"{'conv' if 'W' in rec else 'norm'} {rec['dtype']:>8} {what} {'PASS' if rec['ok'] else 'FAIL'}  "
+            f"{op} {rec['dtype']:>8} {what} {'PASS' if rec['ok'] else 'FAIL'}  "
             f"worst vs ref: {worst['name']} err/bound={worst['max_err_over_bound']:.3f}",
             flush=True,
         )

@@ -10,6 +10,7 @@ Registered ops (namespace ``scan_nas``):
     branch_merge / branch_merge_bwd: the mixer's weighted sum over K orders.
     branch_attn_merge / branch_attn_merge_bwd: the same behind LocalMamba's per-branch channel gate.
     rms_norm(x, weight, eps) / rms_norm_bwd: the plain family's RMSNorm (PyTorch's forward, the Triton backward).
+    add_rms_norm(x, residual?, weight, eps, out_dtype) -> (y, r) / add_rms_norm_bwd: the residual add fused with it.
 
 FLOPs follow VMamba's rule for the scan: 9·B·L·K·D·N, plus B·L·K·D for the D skip and B·L·K·D for the z gate.
 The ``ref`` and ``mamba`` backends are plain PyTorch compositions and are not registered here.
@@ -22,10 +23,11 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .triton_conv import conv_bwd, conv_fwd
 from .triton_merge import branch_attn_merge_bwd, branch_attn_merge_fwd, branch_merge_bwd, branch_merge_fwd
-from .triton_norm import rms_norm_bwd
+from .triton_norm import add_rms_norm_bwd, add_rms_norm_fwd, rms_norm_bwd
 from .triton_scan import scan_bwd, scan_config, scan_fwd
 
 __all__ = [
+    "add_rms_norm_op",
     "branch_attn_merge_op",
     "branch_merge_op",
     "causal_conv1d_op",
@@ -48,16 +50,16 @@ def _direct() -> bool:
     return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
 
 
-def _eager_function(name: str, impl, setup_context, backward) -> type:
+def _eager_function(name: str, impl, setup_context, backward, n_differentiable: int = 1) -> type:
     """An autograd.Function running ``impl`` directly, with the registered op's setup_context and backward; outputs
-    after the first carry no gradient."""
+    after the first ``n_differentiable`` carry no gradient."""
 
     def forward(ctx, *args):
         out = impl(*args)
         ctx.direct = True  # the backward calls the implementations directly too
         setup_context(ctx, args, out)
-        if isinstance(out, tuple):
-            ctx.mark_non_differentiable(*out[1:])
+        if isinstance(out, tuple) and len(out) > n_differentiable:
+            ctx.mark_non_differentiable(*out[n_differentiable:])
         return out
 
     # once_differentiable: the backward is not itself differentiable (the registered ops have no formula for it
@@ -416,3 +418,61 @@ _NormFunction = _eager_function("_NormFunction", _norm_fwd_impl, _norm_setup_con
 def rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last dimension: PyTorch's fused forward, the Triton backward. x (..., C), weight (C,)."""
     return (_NormFunction.apply if _direct() else _norm_fwd_op)(x, weight, eps)
+
+
+def _add_norm_fwd_impl(
+    x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    return add_rms_norm_fwd(x, residual, weight, eps, out_dtype)
+
+
+_add_norm_fwd_op = torch.library.custom_op("scan_nas::add_rms_norm", _add_norm_fwd_impl, mutates_args=())
+
+
+@_add_norm_fwd_op.register_fake
+def _(x, residual, weight, eps, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape, dtype=torch.float32)
+
+
+def _add_norm_bwd_impl(
+    dy: Tensor, dr: Tensor | None, r: Tensor, weight: Tensor, eps: float, x_dtype: torch.dtype, has_residual: bool
+) -> list[Tensor]:
+    dx, dres, dw = add_rms_norm_bwd(dy, dr, r, weight, eps, x_dtype, has_residual)
+    return [dx, dres if dres is not None else r.new_empty(0), dw]
+
+
+_add_norm_bwd_op = torch.library.custom_op("scan_nas::add_rms_norm_bwd", _add_norm_bwd_impl, mutates_args=())
+
+
+@_add_norm_bwd_op.register_fake
+def _(dy, dr, r, weight, eps, x_dtype, has_residual):
+    dres = r.new_empty(r.shape) if has_residual else r.new_empty(0)
+    return [r.new_empty(r.shape, dtype=x_dtype), dres, weight.new_empty(weight.shape)]
+
+
+def _add_norm_setup_context(ctx, inputs, output):
+    x, residual, weight, eps, _ = inputs
+    ctx.save_for_backward(output[1], weight)
+    ctx.eps, ctx.x_dtype, ctx.has_residual = eps, x.dtype, residual is not None
+    ctx.set_materialize_grads(False)  # r's gradient is None where r is not used again (the final norm)
+
+
+def _add_norm_backward(ctx, dy, dr):
+    r, weight = ctx.saved_tensors
+    bwd = _add_norm_bwd_impl if getattr(ctx, "direct", False) else _add_norm_bwd_op
+    if dy is None:
+        dy = torch.zeros_like(r)
+    dx, dres, dw = bwd(dy.contiguous(), None if dr is None else dr.contiguous(), r, weight, ctx.eps, ctx.x_dtype,
+                       ctx.has_residual)  # fmt: skip
+    return dx, (dres if ctx.has_residual else None), dw, None, None
+
+
+_add_norm_fwd_op.register_autograd(_add_norm_backward, setup_context=_add_norm_setup_context)
+_AddNormFunction = _eager_function(
+    "_AddNormFunction", _add_norm_fwd_impl, _add_norm_setup_context, _add_norm_backward, n_differentiable=2
+)
+
+
+def add_rms_norm_op(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype):
+    """``r = residual + x`` (fp32) and ``y = rms_norm(r)`` in out_dtype, in one Triton pass each way: (y, r)."""
+    return (_AddNormFunction.apply if _direct() else _add_norm_fwd_op)(x, residual, weight, eps, out_dtype)

@@ -16,6 +16,7 @@ from .reference import branch_attn_merge_ref, branch_merge_ref, causal_conv1d_re
 
 __all__ = [
     "BACKENDS",
+    "add_rms_norm",
     "branch_attn_merge",
     "branch_merge",
     "causal_conv1d",
@@ -274,15 +275,65 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, backend: 
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
     use = resolve_backend(backend, x.device) == "triton" and x.dtype == torch.float32 and x.numel() > 0
-    if use and backend == "auto":
-        use = not torch.compiler.is_compiling() and (
-            (x.is_cuda and torch.cuda.is_current_stream_capturing()) or x.numel() >= _NORM_EAGER_MIN_NUMEL
-        )
-    if use:
+    if use and _norm_takes_triton(x, backend):
         from .library import rms_norm_op
 
         return rms_norm_op(x, weight, float(eps))
     return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _norm_takes_triton(x: torch.Tensor, backend: str) -> bool:
+    """``auto``'s rule for the Triton norms on an fp32 stream: under CUDA-graph capture, or from
+    ``_NORM_EAGER_MIN_NUMEL`` elements in eager mode; never under torch.compile (Inductor fuses PyTorch's norm)."""
+    if backend != "auto":
+        return True
+    return not torch.compiler.is_compiling() and (
+        (x.is_cuda and torch.cuda.is_current_stream_capturing()) or x.numel() >= _NORM_EAGER_MIN_NUMEL
+    )
+
+
+def add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float = 1e-5,
+    out_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-norm block's residual add and RMSNorm: ``r = residual + x`` and ``y = rms_norm(r)`` (Vim's fused
+    add-norm with an fp32 residual).
+
+    Returns ``(y, r)``: y in ``out_dtype`` (default r's dtype; pass the autocast dtype so the next GEMM reads y without
+    a cast), r the new residual stream. With ``residual=None`` (the first block) ``r`` is x. The Triton path (fp32
+    residual) does each direction in one pass: the forward writes r and y, the backward adds the residual's gradient to
+    the norm's and writes it for both inputs. ``auto`` takes it where :func:`rms_norm` takes its Triton backward;
+    otherwise the same thing is composed from PyTorch ops.
+
+    Args:
+        x: (..., C), the block input (the previous mixer's output). residual: like x, or None. weight: (C,).
+        eps: added to the mean square. out_dtype: dtype of y. backend: as for :func:`selective_scan`.
+    """
+    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(
+            f"add_rms_norm: weight {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}"
+        )
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} and x {tuple(x.shape)} differ in shape")
+    res_dtype = x.dtype if residual is None else torch.promote_types(residual.dtype, x.dtype)
+    out_dtype = res_dtype if out_dtype is None else out_dtype
+    use = (
+        resolve_backend(backend, x.device) == "triton"
+        and res_dtype == torch.float32
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and x.numel() > 0
+        and _norm_takes_triton(x, backend)
+    )
+    if use:
+        from .library import add_rms_norm_op
+
+        return add_rms_norm_op(x, residual, weight, float(eps), out_dtype)
+    r = x if residual is None else residual + x
+    return torch.nn.functional.rms_norm(r, (r.shape[-1],), weight, eps).to(out_dtype), r
 
 
 def _interpreting() -> bool:

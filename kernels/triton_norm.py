@@ -1,13 +1,22 @@
-"""The backward of RMSNorm over the last dimension in Triton (the plain family's pre-norm on an fp32 residual).
+"""RMSNorm over the last dimension in Triton: the plain family's pre-norm on an fp32 residual stream.
 
-``y = x · rstd · weight`` with ``rstd = 1 / sqrt(mean(x²) + eps)`` per row, as ``torch.nn.functional.rms_norm``, whose
-fused forward is already at memory speed and cheap to launch. The backward is
-``dx = rstd · (w·dy − x̂ · mean(w·dy · x̂))`` per row with ``x̂ = x · rstd``, rstd recomputed from the x row it loads
-anyway. Each program walks a run of rows and keeps ``dy · x̂`` as an elementwise sum, reduced over rows once at its
-end: one (C,) partial of dweight per program, summed afterwards. (PyTorch's fused backward spent three quarters of its
-time in the dweight column sum.)
+``y = x · rstd · weight`` with ``rstd = 1 / sqrt(mean(x²) + eps)`` per row, as ``torch.nn.functional.rms_norm``.
 
-Layout: x and dy (rows, C) with unit stride along C; dx in x's dtype.
+Two ops:
+
+* :func:`rms_norm_bwd`, the backward of a plain RMSNorm (PyTorch's fused forward is already at memory speed and cheap
+  to launch): ``dx = rstd · (w·dy − x̂ · mean(w·dy · x̂))`` per row with ``x̂ = x · rstd``, rstd recomputed from the x
+  row it loads anyway. Each program walks a run of rows and keeps ``dy · x̂`` as an elementwise sum, reduced over
+  rows once at its end: one (C,) partial of dweight per program, summed afterwards. (PyTorch's fused backward spent
+  three quarters of its time in the dweight column sum.)
+* :func:`add_rms_norm_fwd` / :func:`add_rms_norm_bwd`, the residual add fused with the norm (Vim's fused add-norm with
+  an fp32 residual): ``r = residual + x`` (fp32), ``y = rms_norm(r)`` written directly in the dtype the next GEMM
+  reads (bf16 under autocast). Forward: one pass writes r and y. Backward: the same kernel as above, with the
+  residual's incoming gradient added to dr, written once in fp32 for the residual and once in x's dtype for x.
+  In PyTorch the same block is an add, the norm, a cast of its output, and in the backward a cast of the gradient
+  and an add of the two gradients of r: five passes over the (rows, C) stream per layer instead of two.
+
+Layout: every (rows, C) tensor with unit stride along C.
 """
 
 from __future__ import annotations
@@ -18,16 +27,37 @@ import triton.language as tl
 
 from .triton_scan import sm_count
 
-__all__ = ["rms_norm_bwd"]
+__all__ = ["add_rms_norm_bwd", "add_rms_norm_fwd", "rms_norm_bwd"]
 
 _ROWS = 16  # rows per tile
 
 
 @triton.jit
-def _rms_bwd_kernel(
-    dy_ptr, x_ptr, w_ptr, dx_ptr, dw_ptr, n_rows, C, eps, tiles_per_prog,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+def _add_rms_fwd_kernel(
+    x_ptr, res_ptr, w_ptr, y_ptr, r_ptr, n_rows, C, eps,
+    HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    m = (rows < n_rows)[:, None] & mask_c[None, :]
+    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+    r = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r += tl.load(res_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(r_ptr + offs, r, mask=m)
+    w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(r * r, axis=1) / C + eps)
+    tl.store(y_ptr + offs, (r * rstd[:, None] * w[None, :]).to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rms_bwd_kernel(
+    dy_ptr, x_ptr, w_ptr, dx_ptr, dw_ptr, dr_in_ptr, dr_out_ptr, n_rows, C, eps, tiles_per_prog,
+    HAS_DR_IN: tl.constexpr, STORE_DR: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # x is the norm's input (r of the fused op). dr_in: the gradient reaching r from elsewhere (the residual stream),
+    # added to the norm's; dr_out: the sum again in fp32 (the residual's gradient), dx: the sum in dx's dtype.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     mask_c = cols < C
@@ -45,16 +75,19 @@ def _rms_bwd_kernel(
         wdy = dy * w[None, :]
         c = tl.sum(wdy * xhat, axis=1) / C
         dx = (wdy - xhat * c[:, None]) * rstd[:, None]
+        if HAS_DR_IN:
+            dx += tl.load(dr_in_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if STORE_DR:
+            tl.store(dr_out_ptr + offs, dx, mask=m)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
         acc += dy * xhat
     tl.store(dw_ptr + pid * C + cols, tl.sum(acc, axis=0), mask=mask_c)
 
 
-def _launch_shape(x: torch.Tensor) -> tuple[int, int, int]:
-    c = x.shape[-1]
+def _launch_shape(c: int, device: torch.device) -> tuple[int, int]:
     block_c = triton.next_power_of_2(c)
-    warps = 1 if x.device.type != "cuda" else max(1, min(8, block_c * _ROWS // 1024))
-    return c, block_c, warps
+    warps = 1 if device.type != "cuda" else max(1, min(8, block_c * _ROWS // 1024))
+    return block_c, warps
 
 
 def _tiles_per_program(n_tiles: int, device: torch.device) -> int:
@@ -66,21 +99,74 @@ def _tiles_per_program(n_tiles: int, device: torch.device) -> int:
     return max(1, -(-n_tiles // (4 * sms)))
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1]).contiguous()
+
+
+def _bwd(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    dx_dtype: torch.dtype,
+    dr_in: torch.Tensor | None,
+    store_dr: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    x2, dy2 = _rows(x), _rows(dout)
+    c = x2.shape[1]
+    block_c, warps = _launch_shape(c, x.device)
+    n_rows = x2.shape[0]
+    per = _tiles_per_program(triton.cdiv(n_rows, _ROWS), x.device)
+    n_progs = triton.cdiv(triton.cdiv(n_rows, _ROWS), per)
+    dx = torch.empty(x2.shape, device=x.device, dtype=dx_dtype)
+    dr = torch.empty(x2.shape, device=x.device, dtype=torch.float32) if store_dr else None
+    dw_part = torch.empty(n_progs, c, device=x.device, dtype=torch.float32)
+    dr_in2 = _rows(dr_in) if dr_in is not None else None
+    _rms_bwd_kernel[(n_progs,)](
+        dy2, x2, weight.contiguous(), dx, dw_part, dr_in2, dr, n_rows, c, eps, per,
+        HAS_DR_IN=dr_in is not None, STORE_DR=store_dr, ROWS=_ROWS, BLOCK_C=block_c, num_warps=warps,
+    )  # fmt: skip
+    return dx.view(x.shape), None if dr is None else dr.view(x.shape), dw_part.sum(0).to(weight.dtype)
+
+
 def rms_norm_bwd(
     dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``F.rms_norm(x, (C,), weight, eps)``: (dx like x, dweight (C,) in weight's dtype)."""
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    dy2 = dout.reshape(-1, x.shape[-1]).contiguous()
-    c, block_c, warps = _launch_shape(x2)
-    n_rows = x2.shape[0]
-    n_tiles = triton.cdiv(n_rows, _ROWS)
-    per = _tiles_per_program(n_tiles, x.device)
-    n_progs = triton.cdiv(n_tiles, per)
-    dx = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
-    dw_part = torch.empty(n_progs, c, device=x.device, dtype=torch.float32)
-    _rms_bwd_kernel[(n_progs,)](
-        dy2, x2, weight.contiguous(), dx, dw_part, n_rows, c, eps, per,
-        ROWS=_ROWS, BLOCK_C=block_c, num_warps=warps,
+    dx, _, dw = _bwd(dout, x, weight, eps, x.dtype, None, False)
+    return dx, dw
+
+
+def add_rms_norm_fwd(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``r = residual + x`` in fp32 (``x`` alone when residual is None), ``y = rms_norm(r) · weight`` in out_dtype.
+
+    Returns:
+        (y, r), both shaped like x.
+    """
+    x2 = _rows(x)
+    res2 = _rows(residual) if residual is not None else None
+    n_rows, c = x2.shape
+    block_c, warps = _launch_shape(c, x.device)
+    y = torch.empty(x2.shape, device=x.device, dtype=out_dtype)
+    r = torch.empty(x2.shape, device=x.device, dtype=torch.float32)
+    _add_rms_fwd_kernel[(triton.cdiv(n_rows, _ROWS),)](
+        x2, res2, weight.contiguous(), y, r, n_rows, c, eps,
+        HAS_RES=residual is not None, ROWS=_ROWS, BLOCK_C=block_c, num_warps=warps,
     )  # fmt: skip
-    return dx.view(x.shape), dw_part.sum(0).to(weight.dtype)
+    return y.view(x.shape), r.view(x.shape)
+
+
+def add_rms_norm_bwd(
+    dy: torch.Tensor,
+    dr: torch.Tensor | None,
+    r: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    x_dtype: torch.dtype,
+    has_residual: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Gradients of :func:`add_rms_norm_fwd` from those of y and (optionally) r: (dx in x_dtype, dresidual in fp32 or
+    None without a residual input, dweight)."""
+    return _bwd(dy, r, weight, eps, x_dtype, dr, has_residual)

@@ -76,6 +76,13 @@ def _cases(dev: torch.device) -> dict:
     cw, cb = rnd(k, dim, 4), rnd(k, dim)
     xn = rnd(bsz, seqlen, dim)
 
+    xh, dout_h = xn.detach().bfloat16().requires_grad_(), dout.bfloat16()
+
+    def add_norm(backend: str):
+        # A block's residual add + norm under autocast: bf16 mixer output onto the fp32 residual, y in bf16.
+        out, res = kernels.add_rms_norm(xh, xn, params[0], 1e-5, torch.bfloat16, backend=backend)
+        torch.autograd.backward([out, res], [dout_h, dout])
+
     def torch_gated_merge():
         # The PyTorch composition the fused op replaced (LayerNorm, mean, MLP, gate, weighted sum), forward+backward.
         g = F.layer_norm(y, (dim,), params[0], params[1]).mean(1, keepdim=True)
@@ -97,6 +104,8 @@ def _cases(dev: torch.device) -> dict:
         "causal_conv1d fwd+bwd": lambda: kernels.causal_conv1d(u, cw, cb, orders=orders, backend="triton").backward(dy),
         "rms_norm fwd+bwd (Triton backward)": lambda: kernels.rms_norm(xn, params[0], backend="triton").backward(dout),
         "rms_norm fwd+bwd (PyTorch)": lambda: F.rms_norm(xn, (dim,), params[0]).backward(dout),
+        "add_rms_norm fwd+bwd (Triton)": lambda: add_norm("triton"),
+        "add_rms_norm fwd+bwd (PyTorch ops)": lambda: add_norm("ref"),
     }
 
 

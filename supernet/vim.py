@@ -11,10 +11,11 @@ A patch embedding, an absolute position embedding, ``depth`` pre-norm residual b
 or middle-class-token head. Every layer scans the same orders (``orders=``, the baselines), searches over a space
 (``space=``, the supernets, which own ``arch_logits``), or scans the orders an arch file gives it (``arch=``).
 
-Differences from the published code, on purpose: the residual stream is the usual ``x + drop_path(mixer(norm(x)))``
-(Vim's fused add-norm computes the same thing); the middle class token is stored after the grid tokens and every order
-visits it at its middle step (Vim inserts it in the middle of a row-major sequence, which is the same for ``h`` and
-``h_flip``); no RoPE (LocalVim adds one).
+Differences from the published code, on purpose: the residual stream is the usual ``x + drop_path(mixer(norm(x)))``,
+computed as Vim's fused add-norm does (each block adds the previous mixer's output to the residual inside its norm,
+``kernels.add_rms_norm``), but with each block's drop path on its own mixer's output; the middle class token is
+stored after the grid tokens and every order visits it at its middle step (Vim inserts it in the middle of a
+row-major sequence, which is the same for ``h`` and ``h_flip``); no RoPE (LocalVim adds one).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ._base import ArchModelMixin, ArchSpecLike, SpaceSpec, resolve_layer_orders
 from .mixer import ARCH_MODES, MultiOrderMixer
 from .slws import draw_shuffle, slws_probs
 
-__all__ = ["Block", "PatchEmbed", "VisionMamba"]
+__all__ = ["Block", "PatchEmbed", "RMSNorm", "VisionMamba", "add_norm"]
 
 VIM_ORDERS = ("h", "h_flip")
 LOCAL_FIXED_ORDERS = ("h", "h_flip", "w2", "w2_flip")
@@ -51,8 +52,22 @@ class RMSNorm(nn.RMSNorm):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps  # nn.RMSNorm's rule for eps=None
-        return kernels.rms_norm(x, self.weight, eps, backend=self.backend)
+        return kernels.rms_norm(x, self.weight, self._eps(x), backend=self.backend)
+
+    def _eps(self, x: torch.Tensor) -> float:
+        return self.eps if self.eps is not None else torch.finfo(x.dtype).eps  # nn.RMSNorm's rule for eps=None
+
+
+def add_norm(
+    norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``r = residual + x`` (x alone without a residual) and ``(norm(r) in out_dtype, r)``: one fused op for
+    :class:`RMSNorm` (``kernels.add_rms_norm``), composed for any other norm."""
+    if isinstance(norm, RMSNorm):
+        return kernels.add_rms_norm(x, residual, norm.weight, norm._eps(x), out_dtype, backend=norm.backend)
+    r = x if residual is None else residual + x
+    y = norm(r)
+    return (y if out_dtype is None else y.to(out_dtype)), r
 
 
 def _norm_layer(name: str, backend: str = "auto") -> type[nn.Module] | partial:
@@ -75,7 +90,9 @@ class PatchEmbed(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: ``x + drop_path(mixer(norm(x)))``.
+    """Pre-norm residual block ``x + drop_path(mixer(norm(x)))`` on a (hidden, residual) pair, whose sum is x: the block
+    adds ``hidden`` (the previous block's drop-pathed mixer output) to the residual inside its norm and returns its own
+    (Vim's fused add-norm). Start with ``(x, None)``; ``sum(block(h, r))`` is the usual block applied to ``h + r``.
 
     Args:
         dim: width C.
@@ -90,9 +107,18 @@ class Block(nn.Module):
         self.mixer = mixer
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, L, C) → (B, L, C); ``perm`` (L,) shuffles the tokens the mixer scans (SLWS)."""
-        return x + self.drop_path(self.mixer(self.norm(x), perm=perm))
+    def forward(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None = None, perm: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, C) pair → (hidden, residual) pair; ``perm`` (L,) shuffles the tokens the mixer scans (SLWS).
+
+        Under autocast the norm writes the autocast dtype, which the mixer's first GEMM reads without a cast.
+        """
+        dev = hidden.device.type
+        autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+        out_dtype = torch.get_autocast_dtype(dev) if autocast else None
+        normed, residual = add_norm(self.norm, hidden, residual, out_dtype)
+        return self.drop_path(self.mixer(normed, perm=perm)), residual
 
 
 class VisionMamba(ArchModelMixin, nn.Module):
@@ -287,13 +313,14 @@ class VisionMamba(ArchModelMixin, nn.Module):
         x = self.pos_drop(x)
         if self.residual_in_fp32:
             x = x.float()
+        residual = None
         for i, blk in enumerate(self.blocks):
             perm = self._shuffle(i, x.shape[1], x.device)
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, perm, use_reentrant=False)
+                x, residual = checkpoint(blk, x, residual, perm, use_reentrant=False)
             else:
-                x = blk(x, perm)
-        return self.norm(x)
+                x, residual = blk(x, residual, perm)
+        return add_norm(self.norm, x, residual)[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """x: (B, L, C) → (B, num_classes), or the pooled (B, C) with ``pre_logits``."""

@@ -216,3 +216,51 @@ def test_eager_direct_path_matches_the_registered_ops(monkeypatch):
         assert not set(registered[0]) & set(direct[0]), registered[0]
         for a, b in zip(direct[1:], registered[1:]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("with_res", [True, False])
+def test_add_rms_norm_registered_op_matches_the_direct_path(monkeypatch, with_res):
+    """The fused add-norm through the dispatcher (as under torch.compile): opcheck of both ops (schema, fake outputs,
+    autograd registration), and outputs and gradients identical to the eager autograd.Function's; r's gradient may be
+    absent (the final norm)."""
+    import kernels
+    import kernels.library as lib
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 9, 12, generator=gen)
+    x = x.bfloat16() if with_res else x  # without a residual, x is the (fp32) stream itself
+    res = torch.randn(2, 9, 12, generator=gen) if with_res else None
+    w = torch.randn(12, generator=gen)
+    tests = ("test_schema", "test_faketensor", "test_autograd_registration")
+    fwd_args = (
+        x.requires_grad_(),
+        res.requires_grad_() if with_res else None,
+        w.requires_grad_(),
+        1e-5,
+        torch.bfloat16,
+    )
+    torch.library.opcheck(torch.ops.scan_nas.add_rms_norm, fwd_args, test_utils=tests)
+    _, r = torch.ops.scan_nas.add_rms_norm(*fwd_args)
+    dy = torch.randn(2, 9, 12, generator=gen).bfloat16()
+    for dr in (torch.randn(2, 9, 12, generator=gen), None):
+        bwd_args = (dy, dr, r.detach(), w.detach(), 1e-5, x.dtype, with_res)
+        torch.library.opcheck(
+            torch.ops.scan_nas.add_rms_norm_bwd, bwd_args, test_utils=("test_schema", "test_faketensor")
+        )
+
+    def step(use_r: bool):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, res, w) if t is not None]
+        y, r = kernels.add_rms_norm(leaves[0], leaves[1] if with_res else None, leaves[-1], 1e-5, torch.bfloat16,
+                                    backend="triton")  # fmt: skip
+        loss = y.float().square().sum() + (r.sin().sum() if use_r else 0)
+        loss.backward()
+        return [type(y.grad_fn).__name__, y, r] + [t.grad for t in leaves]
+
+    for use_r in (True, False):
+        direct = step(use_r)
+        with monkeypatch.context() as m:
+            m.setattr(lib, "_direct", lambda: False)
+            registered = step(use_r)
+        assert direct[0] == "_AddNormFunctionBackward" and registered[0] != direct[0], (direct[0], registered[0])
+        for a, b in zip(direct[1:], registered[1:]):
+            assert torch.equal(a, b)

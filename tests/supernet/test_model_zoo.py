@@ -151,6 +151,22 @@ def test_grad_checkpointing_matches() -> None:
         torch.testing.assert_close(p.grad, ref[n], msg=n)
 
 
+@pytest.mark.parametrize("norm_layer", ["rmsnorm", "layernorm"])
+def test_block_pair_is_the_usual_residual_block(norm_layer: str) -> None:
+    """A block on (hidden, residual) is ``x + mixer(norm(x))`` with x = hidden + residual: the sum of its outputs,
+    and its residual output is x (x itself for the first block)."""
+    torch.manual_seed(0)
+    block = build("test_vim", img_size=16, norm_layer=norm_layer).blocks[1]
+    h, r = torch.randn(2, 2, 16, block.norm.weight.shape[0])
+    x = h + r
+    out, res = block(h, r)
+    torch.testing.assert_close(out + res, x + block.mixer(block.norm(x)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res, x, rtol=0, atol=0)
+    out0, res0 = block(x)
+    torch.testing.assert_close(out0, out, rtol=1e-5, atol=1e-5)
+    assert torch.equal(res0, x)
+
+
 def test_count_params_flops() -> None:
     real_scan = kernels.selective_scan
     search = build("test_local_vim_search", img_size=16)

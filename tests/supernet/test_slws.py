@@ -83,15 +83,17 @@ def test_shuffle_is_training_only_and_seeded(name: str) -> None:
 
 @pytest.mark.parametrize("pool", ["avg", "token"])
 def test_composed_orders_equal_shuffling_the_hidden_state(pool: str) -> None:
-    """Permute hidden state (and so the residual), run the block, argsort back == the block scanning perm[orders]."""
+    """Permute hidden state and residual, run the block, argsort back == the block scanning perm[orders]."""
     torch.manual_seed(0)
     model = build("test_local_vim", img_size=16, global_pool=pool)
     block = model.blocks[1]
     n_grid = model.num_grid_tokens
-    x = torch.randn(2, n_grid + (pool == "token"), model.embed_dim)
+    x, res = torch.randn(2, 2, n_grid + (pool == "token"), model.embed_dim)
     perm = torch.cat([torch.randperm(n_grid), torch.arange(n_grid, x.shape[1])])
-    literal = unshuffle_tokens(block(shuffle_tokens(x, perm)), perm)
-    torch.testing.assert_close(block(x, perm), literal, rtol=1e-5, atol=1e-5)
+    literal = [unshuffle_tokens(t, perm) for t in block(shuffle_tokens(x, perm), shuffle_tokens(res, perm))]
+    composed = block(x, res, perm)
+    torch.testing.assert_close(composed[0], literal[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(composed[1], literal[1], rtol=0, atol=0)
 
 
 def test_hierarchical_counts_depth_over_all_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
