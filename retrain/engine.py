@@ -428,6 +428,10 @@ class BadStepGuard:
 class StopFlag:
     """SIGINT/SIGTERM set ``signum``; a training loop checkpoints at the next step boundary and returns.
 
+    A second SIGINT/SIGTERM stops at once, as if this flag were not there (the previous handlers run: KeyboardInterrupt
+    for SIGINT, termination for SIGTERM's default): the way out of a step that does not finish. The last checkpoint
+    written stays as it was.
+
     Use as a context manager; the previous handlers come back on exit. Outside the main thread (where signals cannot
     be handled, e.g. some Ray workers) it is inert.
     """
@@ -445,11 +449,22 @@ class StopFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum:
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
         self.signum = signum
+        print(
+            f"{signal.Signals(signum).name}: stopping at the next step boundary (checkpoint, then exit); "
+            "send it again to stop now",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+        self._old = {}
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -61,3 +61,42 @@ def test_signal_checkpoints_and_exits_zero(signalled: dict[tuple, Future], modul
     assert f"stopped by signal {int(sig)}" in out and "--resume auto" in out
     state = load_checkpoint(run_dir / "last.pt")
     assert state["epoch"] < 49  # saved mid-run, not at the end
+
+
+def test_second_sigint_stops_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """The first SIGINT only sets the flag (and says how to stop now); the second raises KeyboardInterrupt inside the
+    step, as without the flag; the previous handler is back afterwards."""
+    from retrain.engine import StopFlag
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with StopFlag() as stop:
+            signal.raise_signal(signal.SIGINT)
+            assert stop.signum == signal.SIGINT
+            signal.raise_signal(signal.SIGINT)
+            pytest.fail("the second SIGINT did not interrupt")
+    assert "send it again to stop now" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_second_sigterm_terminates_a_stuck_step() -> None:
+    """A process whose step never ends: the first SIGTERM is noted, the second terminates it by SIGTERM."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal, time\n"
+        "from retrain.engine import StopFlag\n"
+        "with StopFlag() as stop:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.2)\n"
+        "    print('flag', stop.signum, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "print('not stopped', flush=True)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, proc.stdout, proc.stderr)
+    assert f"flag {int(signal.SIGTERM)}" in proc.stdout and "not stopped" not in proc.stdout
+    assert proc.stderr.count("SIGTERM: stopping at the next step boundary") == 1, proc.stderr
