@@ -253,10 +253,13 @@ def branch_attn_merge(
     return branch_attn_merge_ref(*args, eps=eps)
 
 
-# Elements of x from which the Triton backward pays for its extra host work in plain eager mode. On an H200 it cost
-# 147 µs more host time per forward+backward than PyTorch's (scripts/host_overhead.py) and saved 79 µs of GPU time on
-# 4.8 M elements (Vim-Ti's (128, 197, 192) norm), about 16 µs per million.
+# Elements of x from which the Triton norms pay for their extra host work in plain eager mode. On an H200 the Triton
+# backward cost 147 µs more host time per forward+backward than PyTorch's (scripts/host_overhead.py) and saved 79 µs
+# of GPU time on 4.8 M elements (Vim-Ti's (128, 197, 192) norm), about 16 µs per million; the fused add-norm cost
+# 383 µs more than the PyTorch ops it replaces (benchmarks/add_norm_h200/host_overhead.json) and saved about 124 µs of
+# GPU time per call at Vim-Ti's size in graph mode (vim_tiny 50.9 → 47.8 ms per step, 25 calls), ~26 µs per million.
 _NORM_EAGER_MIN_NUMEL = 1 << 23
+_ADD_NORM_EAGER_MIN_NUMEL = 1 << 24
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
@@ -275,20 +278,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, backend: 
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
     use = resolve_backend(backend, x.device) == "triton" and x.dtype == torch.float32 and x.numel() > 0
-    if use and _norm_takes_triton(x, backend):
+    if use and _norm_takes_triton(x, backend, _NORM_EAGER_MIN_NUMEL):
         from .library import rms_norm_op
 
         return rms_norm_op(x, weight, float(eps))
     return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def _norm_takes_triton(x: torch.Tensor, backend: str) -> bool:
-    """``auto``'s rule for the Triton norms on an fp32 stream: under CUDA-graph capture, or from
-    ``_NORM_EAGER_MIN_NUMEL`` elements in eager mode; never under torch.compile (Inductor fuses PyTorch's norm)."""
+def _norm_takes_triton(x: torch.Tensor, backend: str, eager_min_numel: int) -> bool:
+    """``auto``'s rule for the Triton norms on an fp32 stream: under CUDA-graph capture, or from ``eager_min_numel``
+    elements in eager mode; never under torch.compile (Inductor fuses PyTorch's norm)."""
     if backend != "auto":
         return True
     return not torch.compiler.is_compiling() and (
-        (x.is_cuda and torch.cuda.is_current_stream_capturing()) or x.numel() >= _NORM_EAGER_MIN_NUMEL
+        (x.is_cuda and torch.cuda.is_current_stream_capturing()) or x.numel() >= eager_min_numel
     )
 
 
@@ -306,8 +309,9 @@ def add_rms_norm(
     Returns ``(y, r)``: y in ``out_dtype`` (default r's dtype; pass the autocast dtype so the next GEMM reads y without
     a cast), r the new residual stream. With ``residual=None`` (the first block) ``r`` is x. The Triton path (fp32
     residual) does each direction in one pass: the forward writes r and y, the backward adds the residual's gradient to
-    the norm's and writes it for both inputs. ``auto`` takes it where :func:`rms_norm` takes its Triton backward;
-    otherwise the same thing is composed from PyTorch ops.
+    the norm's and writes it for both inputs. ``auto`` takes it under CUDA-graph capture and in eager mode from
+    ``_ADD_NORM_EAGER_MIN_NUMEL`` elements (its extra host time is larger than the plain norm's); otherwise, and under
+    torch.compile, the same thing is composed from PyTorch ops.
 
     Args:
         x: (..., C), the block input (the previous mixer's output). residual: like x, or None. weight: (C,).
@@ -326,7 +330,7 @@ def add_rms_norm(
         and res_dtype == torch.float32
         and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and x.numel() > 0
-        and _norm_takes_triton(x, backend)
+        and _norm_takes_triton(x, backend, _ADD_NORM_EAGER_MIN_NUMEL)
     )
     if use:
         from .library import add_rms_norm_op

@@ -106,7 +106,7 @@ def test_add_rms_norm_fallback_and_bad_shapes(monkeypatch):
     assert r.dtype == torch.bfloat16 and "AddNorm" not in type(y.grad_fn).__name__
     torch.testing.assert_close(y, F.rms_norm(res + x.bfloat16(), (6,), w, 1e-5).bfloat16())
     monkeypatch.setattr(ops, "resolve_backend", lambda backend, device: "triton")  # as on CUDA
-    monkeypatch.setattr(ops, "_NORM_EAGER_MIN_NUMEL", 64)
+    monkeypatch.setattr(ops, "_ADD_NORM_EAGER_MIN_NUMEL", 64)
     small, _ = ops.add_rms_norm(x, None, w)  # 48 elements in eager mode: PyTorch
     large, _ = ops.add_rms_norm(torch.randn(3, 4, 6, requires_grad=True), None, w)  # 72: Triton
     assert "AddNorm" not in type(small.grad_fn).__name__ and "AddNorm" in type(large.grad_fn).__name__
