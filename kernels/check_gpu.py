@@ -125,21 +125,33 @@ def check_norm_case(bsz, seqlen, dim) -> dict:
 
 def check_add_norm_case(bsz, seqlen, dim) -> dict:
     """The fused residual add + RMSNorm as the plain family's blocks call it under autocast: x (the mixer output) bf16,
-    the residual fp32, y written in bf16. Output is ``cat(y, r)``; gradients of x, residual and weight."""
+    the residual fp32, y written in bf16. Truth in fp64 with y rounded to bf16 as the op writes it (its gradient then
+    reaches the norm rounded alike). y and dx (bf16) are held to the bf16 bound, r, dresidual and dweight (fp32) to the
+    fp32 one."""
     gen = torch.Generator().manual_seed(bsz + seqlen + dim + 1)
     x = torch.randn(bsz, seqlen, dim, generator=gen).bfloat16()
     res = 3.0 * torch.randn(bsz, seqlen, dim, generator=gen)
     w = 1.0 + 0.3 * torch.randn(dim, generator=gen)
-    dout = torch.randn(bsz, seqlen, 2 * dim, generator=gen)
+    dy = torch.randn(bsz, seqlen, dim, generator=gen).bfloat16()
+    dr = torch.randn(bsz, seqlen, dim, generator=gen)
 
-    def fast(a, r, b):
-        y, r_new = add_rms_norm(a, r, b, 1e-5, torch.bfloat16, backend="triton")
-        return torch.cat([y.float(), r_new], -1)
+    def run(tensors, fn):
+        leaves = [t.detach().cuda().requires_grad_() for t in tensors]
+        y, r = fn(*leaves)
+        torch.autograd.backward([y, r], [dy.cuda().to(y.dtype), dr.cuda().to(r.dtype)])
+        return [y, r] + [t.grad for t in leaves]
 
-    def ref(a, r, b):  # y rounded to bf16 as the op writes it, so its gradient reaches the norm rounded alike
-        return torch.cat([F.rms_norm(r + a, (dim,), b, 1e-5).bfloat16().float(), r + a], -1)
+    with poisoned_empty():
+        got = run([x, res, w], lambda a, b, c: add_rms_norm(a, b, c, 1e-5, torch.bfloat16, backend="triton"))
 
-    recs = _check_vs_ref(fast, ref, [x, res, w], ["x", "residual", "weight"], dout, torch.bfloat16)
+    def ref(a, b, c):
+        r = b + a
+        return F.rms_norm(r, (dim,), c, 1e-5).to(torch.bfloat16).double(), r
+
+    want = run([t.double() for t in (x, res, w)], ref)
+    bf16, f32 = TOLERANCES[torch.bfloat16], TOLERANCES[torch.float32]
+    names = [("out", bf16), ("r", f32), ("x", bf16), ("residual", f32), ("weight", f32)]
+    recs = [compare(nm, g, wv, *tol) for (nm, tol), g, wv in zip(names, got, want)]
     return {"op": "addnorm", "B": bsz, "L": seqlen, "C": dim, "dtype": "bfloat16", "ok": all(r["ok"] for r in recs),
             "vs_ref": recs}  # fmt: skip
 

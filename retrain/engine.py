@@ -428,16 +428,20 @@ class BadStepGuard:
 class StopFlag:
     """SIGINT/SIGTERM set ``signum``; a training loop checkpoints at the next step boundary and returns.
 
-    A second SIGINT/SIGTERM stops at once, as if this flag were not there (the previous handlers run: KeyboardInterrupt
-    for SIGINT, termination for SIGTERM's default): the way out of a step that does not finish. The last checkpoint
-    written stays as it was.
+    A repeat of either signal at least ``repeat_after`` seconds after the first stops at once, as if this flag were not
+    there (the previous handlers run: KeyboardInterrupt for SIGINT, termination for SIGTERM's default): the way out of
+    a step that does not finish. The last checkpoint written stays as it was. Repeats sooner than that are taken as
+    the same request delivered twice (e.g. a scheduler signalling every process of a job while torchrun forwards its
+    own copy to the workers), so they do not skip the checkpoint.
 
     Use as a context manager; the previous handlers come back on exit. Outside the main thread (where signals cannot
     be handled, e.g. some Ray workers) it is inert.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, repeat_after: float = 3.0) -> None:
         self.signum = 0
+        self.repeat_after = repeat_after
+        self._first_at = 0.0
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
@@ -450,16 +454,18 @@ class StopFlag:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum:
-            self.__exit__()
-            signal.raise_signal(signum)
+            if time.monotonic() - self._first_at >= self.repeat_after:
+                self.__exit__()
+                signal.raise_signal(signum)
             return
-        self.signum = signum
-        print(
-            f"{signal.Signals(signum).name}: stopping at the next step boundary (checkpoint, then exit); "
-            "send it again to stop now",
-            file=sys.stderr,
-            flush=True,
-        )
+        self.signum, self._first_at = signum, time.monotonic()
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(
+                f"{signal.Signals(signum).name}: stopping at the next step boundary (checkpoint, then exit); "
+                f"send it again after {self.repeat_after:g} s to stop now",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._old.items():

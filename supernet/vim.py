@@ -52,10 +52,11 @@ class RMSNorm(nn.RMSNorm):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self._eps(x), backend=self.backend)
+        return kernels.rms_norm(x, self.weight, self._eps(x.dtype), backend=self.backend)
 
-    def _eps(self, x: torch.Tensor) -> float:
-        return self.eps if self.eps is not None else torch.finfo(x.dtype).eps  # nn.RMSNorm's rule for eps=None
+    def _eps(self, dtype: torch.dtype) -> float:
+        """nn.RMSNorm's rule for eps=None: the machine epsilon of the normalized tensor's dtype."""
+        return self.eps if self.eps is not None else torch.finfo(dtype).eps
 
 
 def add_norm(
@@ -63,8 +64,9 @@ def add_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``r = residual + x`` (x alone without a residual) and ``(norm(r) in out_dtype, r)``: one fused op for
     :class:`RMSNorm` (``kernels.add_rms_norm``), composed for any other norm."""
-    if isinstance(norm, RMSNorm):
-        return kernels.add_rms_norm(x, residual, norm.weight, norm._eps(x), out_dtype, backend=norm.backend)
+    if isinstance(norm, RMSNorm):  # eps=None: the epsilon of r's dtype, the sum's (what is normalized)
+        r_dtype = x.dtype if residual is None else torch.promote_types(residual.dtype, x.dtype)
+        return kernels.add_rms_norm(x, residual, norm.weight, norm._eps(r_dtype), out_dtype, backend=norm.backend)
     r = x if residual is None else residual + x
     y = norm(r)
     return (y if out_dtype is None else y.to(out_dtype)), r
@@ -108,7 +110,7 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(
-        self, hidden: torch.Tensor, residual: torch.Tensor | None = None, perm: torch.Tensor | None = None
+        self, hidden: torch.Tensor, residual: torch.Tensor | None = None, *, perm: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, C) pair → (hidden, residual) pair; ``perm`` (L,) shuffles the tokens the mixer scans (SLWS).
 
@@ -317,9 +319,9 @@ class VisionMamba(ArchModelMixin, nn.Module):
         for i, blk in enumerate(self.blocks):
             perm = self._shuffle(i, x.shape[1], x.device)
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x, residual = checkpoint(blk, x, residual, perm, use_reentrant=False)
+                x, residual = checkpoint(blk, x, residual, perm=perm, use_reentrant=False)
             else:
-                x, residual = blk(x, residual, perm)
+                x, residual = blk(x, residual, perm=perm)
         return add_norm(self.norm, x, residual)[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -91,7 +91,6 @@ def test_add_rms_norm_triton_matches_torch(shape, x_dtype, out_dtype, with_res, 
     recs = [compare("y", y, y_ref, *TOLERANCES[out_dtype]), compare("r", r, r_ref, *TOLERANCES[torch.float32])]
     for name, got, ref in zip(("x", "residual", "weight"), (x, res, w), (x_ref, res_ref, w_ref)):
         if got is not None:
-            assert got.grad.dtype == got.dtype, name
             recs.append(compare(name, got.grad, ref.grad, *TOLERANCES[got.dtype]))
     assert all(rec["ok"] for rec in recs), recs
 

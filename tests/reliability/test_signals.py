@@ -64,32 +64,39 @@ def test_signal_checkpoints_and_exits_zero(signalled: dict[tuple, Future], modul
 
 
 def test_second_sigint_stops_at_once(capsys: pytest.CaptureFixture[str]) -> None:
-    """The first SIGINT only sets the flag (and says how to stop now); the second raises KeyboardInterrupt inside the
-    step, as without the flag; the previous handler is back afterwards."""
+    """The first SIGINT only sets the flag (and says how to stop now); a repeat within the grace period is the same
+    request delivered twice; one after it raises KeyboardInterrupt inside the step, as without the flag; the previous
+    handler is back afterwards."""
+    import time
+
     from retrain.engine import StopFlag
 
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
-        with StopFlag() as stop:
+        with StopFlag(repeat_after=0.3) as stop:
             signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # a duplicate: no interrupt
             assert stop.signum == signal.SIGINT
+            time.sleep(0.4)
             signal.raise_signal(signal.SIGINT)
-            pytest.fail("the second SIGINT did not interrupt")
-    assert "send it again to stop now" in capsys.readouterr().err
+            pytest.fail("the repeated SIGINT did not interrupt")
+    assert "send it again after 0.3 s to stop now" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_second_sigterm_terminates_a_stuck_step() -> None:
-    """A process whose step never ends: the first SIGTERM is noted, the second terminates it by SIGTERM."""
+    """A process whose step never ends: the first SIGTERM is noted, a duplicate right after it is ignored, a repeat
+    after the grace period terminates it by SIGTERM."""
     import subprocess
     import sys
 
     code = (
         "import os, signal, time\n"
         "from retrain.engine import StopFlag\n"
-        "with StopFlag() as stop:\n"
+        "with StopFlag(repeat_after=0.5) as stop:\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    time.sleep(0.2)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.6)\n"
         "    print('flag', stop.signum, flush=True)\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    time.sleep(30)\n"

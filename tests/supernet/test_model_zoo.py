@@ -167,6 +167,52 @@ def test_block_pair_is_the_usual_residual_block(norm_layer: str) -> None:
     assert torch.equal(res0, x)
 
 
+class _Scale(torch.nn.Module):
+    def __init__(self, c: float) -> None:
+        super().__init__()
+        self.c = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c * x
+
+
+def test_each_blocks_drop_path_scales_its_own_mixer_output() -> None:
+    """forward_features is ``x_{i+1} = x_i + drop_path_i(mixer_i(norm_i(x_i)))`` then the final norm, with block i's
+    own drop path (Vim's code applies block i's rate to block i-1's output); the drop paths are stand-in scalings."""
+    torch.manual_seed(0)
+    model = build("test_vim", img_size=16).eval()
+    for i, blk in enumerate(model.blocks):
+        blk.drop_path = _Scale(0.5 + i)
+    img = torch.randn(2, 3, 16, 16)
+    x = model.patch_embed(img) + model.pos_embed
+    for blk in model.blocks:
+        x = x + blk.drop_path(blk.mixer(blk.norm(x)))
+    torch.testing.assert_close(model.forward_features(img), model.norm(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_blocks_hand_the_mixer_the_autocast_dtype(autocast: bool) -> None:
+    """Under autocast the fused norm writes the autocast dtype the mixer's first GEMM reads; otherwise the stream's
+    fp32. The residual stream stays fp32 either way."""
+    model = build("test_vim", img_size=16)
+    seen = []
+    model.blocks[1].mixer.register_forward_pre_hook(lambda mod, args, kw: seen.append(args[0].dtype), with_kwargs=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        h, r = model.blocks[1](torch.randn(2, 16, model.embed_dim), torch.randn(2, 16, model.embed_dim))
+    assert seen == [torch.bfloat16 if autocast else torch.float32]
+    assert r.dtype == torch.float32
+
+
+def test_rmsnorm_eps_none_uses_the_sums_dtype() -> None:
+    """nn.RMSNorm's eps=None means the machine epsilon of the normalized tensor: in a block that is the fp32 sum, even
+    when the incoming hidden state is bf16."""
+    from supernet.vim import RMSNorm, add_norm
+
+    norm = RMSNorm(8, eps=None)
+    x, res = (1e-2 * torch.randn(3, 8)).bfloat16(), 1e-2 * torch.randn(3, 8)
+    torch.testing.assert_close(add_norm(norm, x, res)[0], norm(res + x))
+
+
 def test_count_params_flops() -> None:
     real_scan = kernels.selective_scan
     search = build("test_local_vim_search", img_size=16)

@@ -91,7 +91,7 @@ def test_composed_orders_equal_shuffling_the_hidden_state(pool: str) -> None:
     x, res = torch.randn(2, 2, n_grid + (pool == "token"), model.embed_dim)
     perm = torch.cat([torch.randperm(n_grid), torch.arange(n_grid, x.shape[1])])
     literal = [unshuffle_tokens(t, perm) for t in block(shuffle_tokens(x, perm), shuffle_tokens(res, perm))]
-    composed = block(x, res, perm)
+    composed = block(x, res, perm=perm)
     torch.testing.assert_close(composed[0], literal[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(composed[1], literal[1], rtol=0, atol=0)
 
