@@ -116,9 +116,12 @@ class Block(nn.Module):
 
         Under autocast the norm writes the autocast dtype, which the mixer's first GEMM reads without a cast.
         """
-        dev = hidden.device.type
-        autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
-        out_dtype = torch.get_autocast_dtype(dev) if autocast else None
+        out_dtype = None
+        if not torch.compiler.is_compiling():  # compiled, the GEMM's own autocast cast fuses with the norm anyway
+            # (and torch.amp.is_autocast_available breaks the graph under torch 2.11's Dynamo)
+            dev = hidden.device.type
+            if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+                out_dtype = torch.get_autocast_dtype(dev)
         normed, residual = add_norm(self.norm, hidden, residual, out_dtype)
         return self.drop_path(self.mixer(normed, perm=perm)), residual
 

@@ -235,3 +235,11 @@ def test_count_params_flops() -> None:
     tokens = mixer.grid[0] * mixer.grid[1]
     scan = scan_flops((1, tokens, 1, mixer.d_inner), (1, mixer.d_inner, mixer.d_state), True, True)
     assert step > 2 * len(child.blocks) * scan
+
+
+def test_plain_model_compiles_to_one_graph_under_autocast() -> None:
+    """The (hidden, residual) blocks with SLWS under autocast: Dynamo traces the whole forward as one graph."""
+    model = build("test_vim", img_size=16, shuffle_max=0.5, num_classes=3).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model)(torch.randn(2, 3, 16, 16))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
