@@ -80,9 +80,12 @@ NORM_GRID = [(128, 197, 192), (8, 785, 384), (3, 37, 100)]  # (B, L, C)
 
 
 def _run_with_grads(fn, tensors, dout):
+    """fn on CUDA leaf copies of ``tensors``, backward from ``dout`` (a tuple of them for a tuple of outputs, each cast
+    to its output's dtype); returns (output(s), the leaves' gradients)."""
     leaves = [t.detach().cuda().requires_grad_() for t in tensors]
     out = fn(*leaves)
-    out.backward(dout.cuda())
+    outs, douts = (out, dout) if isinstance(out, tuple) else ((out,), (dout,))
+    torch.autograd.backward(outs, [d.cuda().to(o.dtype) for o, d in zip(outs, douts)])
     return out, [t.grad for t in leaves]
 
 
@@ -135,20 +138,17 @@ def check_add_norm_case(bsz, seqlen, dim) -> dict:
     dy = torch.randn(bsz, seqlen, dim, generator=gen).bfloat16()
     dr = torch.randn(bsz, seqlen, dim, generator=gen)
 
-    def run(tensors, fn):
-        leaves = [t.detach().cuda().requires_grad_() for t in tensors]
-        y, r = fn(*leaves)
-        torch.autograd.backward([y, r], [dy.cuda().to(y.dtype), dr.cuda().to(r.dtype)])
-        return [y, r] + [t.grad for t in leaves]
-
     with poisoned_empty():
-        got = run([x, res, w], lambda a, b, c: add_rms_norm(a, b, c, 1e-5, torch.bfloat16, backend="triton"))
+        outs, grads = _run_with_grads(
+            lambda a, b, c: add_rms_norm(a, b, c, 1e-5, torch.bfloat16, backend="triton"), [x, res, w], (dy, dr)
+        )
 
     def ref(a, b, c):
         r = b + a
         return F.rms_norm(r, (dim,), c, 1e-5).to(torch.bfloat16).double(), r
 
-    want = run([t.double() for t in (x, res, w)], ref)
+    outs_ref, grads_ref = _run_with_grads(ref, [t.double() for t in (x, res, w)], (dy, dr))
+    got, want = [*outs, *grads], [*outs_ref, *grads_ref]
     bf16, f32 = TOLERANCES[torch.bfloat16], TOLERANCES[torch.float32]
     names = [("out", bf16), ("r", f32), ("x", bf16), ("residual", f32), ("weight", f32)]
     recs = [compare(nm, g, wv, *tol) for (nm, tol), g, wv in zip(names, got, want)]

@@ -262,7 +262,7 @@ _NORM_EAGER_MIN_NUMEL = 1 << 23
 _ADD_NORM_EAGER_MIN_NUMEL = 1 << 24
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float | None = 1e-5, backend: str = "auto") -> torch.Tensor:
     """RMSNorm over the last dimension, ``torch.nn.functional.rms_norm(x, (C,), weight, eps)``.
 
     The Triton path runs PyTorch's forward and a Triton backward that writes dweight as one partial per program instead
@@ -273,10 +273,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, backend: 
     dtypes and the ``ref``/``mamba`` backends use PyTorch.
 
     Args:
-        x: (..., C). weight: (C,). eps: added to the mean square. backend: as for :func:`selective_scan`.
+        x: (..., C). weight: (C,). eps: added to the mean square (None: the machine epsilon of x's dtype, as
+            ``torch.nn.functional.rms_norm``). backend: as for :func:`selective_scan`.
     """
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
     use = resolve_backend(backend, x.device) == "triton" and x.dtype == torch.float32 and x.numel() > 0
     if use and _norm_takes_triton(x, backend, _NORM_EAGER_MIN_NUMEL):
         from .library import rms_norm_op
@@ -299,7 +301,7 @@ def add_rms_norm(
     x: torch.Tensor,
     residual: torch.Tensor | None,
     weight: torch.Tensor,
-    eps: float = 1e-5,
+    eps: float | None = 1e-5,
     out_dtype: torch.dtype | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,7 +317,8 @@ def add_rms_norm(
 
     Args:
         x: (..., C), the block input (the previous mixer's output). residual: like x, or None. weight: (C,).
-        eps: added to the mean square. out_dtype: dtype of y. backend: as for :func:`selective_scan`.
+        eps: added to the mean square (None: the machine epsilon of r's dtype, as ``torch.nn.functional.rms_norm``).
+        out_dtype: dtype of y. backend: as for :func:`selective_scan`.
     """
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(
@@ -325,6 +328,7 @@ def add_rms_norm(
         raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} and x {tuple(x.shape)} differ in shape")
     res_dtype = x.dtype if residual is None else torch.promote_types(residual.dtype, x.dtype)
     out_dtype = res_dtype if out_dtype is None else out_dtype
+    eps = torch.finfo(res_dtype).eps if eps is None else eps
     use = (
         resolve_backend(backend, x.device) == "triton"
         and res_dtype == torch.float32

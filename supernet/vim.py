@@ -52,11 +52,7 @@ class RMSNorm(nn.RMSNorm):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self._eps(x.dtype), backend=self.backend)
-
-    def _eps(self, dtype: torch.dtype) -> float:
-        """nn.RMSNorm's rule for eps=None: the machine epsilon of the normalized tensor's dtype."""
-        return self.eps if self.eps is not None else torch.finfo(dtype).eps
+        return kernels.rms_norm(x, self.weight, self.eps, backend=self.backend)
 
 
 def add_norm(
@@ -64,9 +60,8 @@ def add_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``r = residual + x`` (x alone without a residual) and ``(norm(r) in out_dtype, r)``: one fused op for
     :class:`RMSNorm` (``kernels.add_rms_norm``), composed for any other norm."""
-    if isinstance(norm, RMSNorm):  # eps=None: the epsilon of r's dtype, the sum's (what is normalized)
-        r_dtype = x.dtype if residual is None else torch.promote_types(residual.dtype, x.dtype)
-        return kernels.add_rms_norm(x, residual, norm.weight, norm._eps(r_dtype), out_dtype, backend=norm.backend)
+    if isinstance(norm, RMSNorm):
+        return kernels.add_rms_norm(x, residual, norm.weight, norm.eps, out_dtype, backend=norm.backend)
     r = x if residual is None else residual + x
     y = norm(r)
     return (y if out_dtype is None else y.to(out_dtype)), r
