@@ -17,10 +17,10 @@ The ``ref`` and ``mamba`` backends are plain PyTorch compositions and are not re
 """
 
 import torch
-import triton
 from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import register_flop_formula
 
+from ._host import cdiv
 from .triton_conv import conv_bwd, conv_fwd
 from .triton_merge import branch_attn_merge_bwd, branch_attn_merge_fwd, branch_merge_bwd, branch_merge_fwd
 from .triton_norm import add_rms_norm_bwd, add_rms_norm_fwd, rms_norm_bwd
@@ -99,7 +99,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, out_dtype, sa
     if not save_states:
         return y, delta.new_empty((0,), dtype=torch.float32)
     bt = scan_config(dim, n, seqlen, u.device)[0]
-    return y, delta.new_empty((bsz * k, triton.cdiv(seqlen, bt), dim, n), dtype=torch.float32)
+    return y, delta.new_empty((bsz * k, cdiv(seqlen, bt), dim, n), dtype=torch.float32)
 
 
 def _scan_bwd_impl(

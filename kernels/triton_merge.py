@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2
 from .reference import autocast_off
 
 __all__ = ["branch_attn_merge_bwd", "branch_attn_merge_fwd", "branch_merge_bwd", "branch_merge_fwd", "gate_mlp"]
@@ -155,7 +156,7 @@ def _merge_dy_kernel(
 
 def _row_blocks(dim: int) -> tuple[int, int, int]:
     """(BLOCK_L, BLOCK_D, num_warps) for kernels that hold whole rows of D channels (~8K elements per tile)."""
-    block_d = triton.next_power_of_2(dim)
+    block_d = next_pow2(dim)
     block_l = max(1, min(16, 8192 // block_d))
     return block_l, block_d, 4 if block_d <= 512 else 8
 
@@ -163,7 +164,7 @@ def _row_blocks(dim: int) -> tuple[int, int, int]:
 def _reduce_split(seqlen: int, block_l: int) -> tuple[int, int]:
     """(rows per program, programs along L) for the reductions over tokens; rows are a multiple of BLOCK_L."""
     rows = block_l * max(1, _ROWS_PER_PROGRAM // block_l)
-    return rows, triton.cdiv(seqlen, rows)
+    return rows, cdiv(seqlen, rows)
 
 
 def _y_strides(y: torch.Tensor) -> tuple[int, int, int]:
@@ -202,9 +203,9 @@ def branch_merge_fwd(y: torch.Tensor, gw: torch.Tensor) -> torch.Tensor:
     y = _unit_last(y)
     bsz, seqlen, k, dim = y.shape
     out = torch.empty(bsz, seqlen, dim, device=y.device, dtype=y.dtype)
-    block_d = min(128, triton.next_power_of_2(dim))
+    block_d = min(128, next_pow2(dim))
     block_l = 32
-    grid = (bsz * triton.cdiv(seqlen, block_l), triton.cdiv(dim, block_d))
+    grid = (bsz * cdiv(seqlen, block_l), cdiv(dim, block_d))
     _merge_fwd_kernel[grid](
         y, gw, out, seqlen, k, dim, *_y_strides(y), *_gw_strides(gw), BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4
     )
@@ -214,11 +215,11 @@ def branch_merge_fwd(y: torch.Tensor, gw: torch.Tensor) -> torch.Tensor:
 def _merge_dgw(y: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     """Σ_l y[b, l, k] ⊙ dout[b, l] → (B, K, D) fp32."""
     bsz, seqlen, k, dim = y.shape
-    block_d = min(128, triton.next_power_of_2(dim))
+    block_d = min(128, next_pow2(dim))
     block_l = 32
     rows, n_s = _reduce_split(seqlen, block_l)
     part = torch.empty(bsz, k, n_s, dim, device=y.device, dtype=torch.float32)
-    _merge_dgw_kernel[(bsz * k, n_s, triton.cdiv(dim, block_d))](
+    _merge_dgw_kernel[(bsz * k, n_s, cdiv(dim, block_d))](
         y, dout, part, seqlen, k, dim, rows, *_y_strides(y), BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4
     )
     return part[:, :, 0] if n_s == 1 else part.sum(2)
@@ -232,9 +233,9 @@ def _merge_dy(dout, gw, y, mean=None, rstd=None, a=None) -> torch.Tensor:
     if pool:
         block_l, block_d, warps = _row_blocks(dim)
     else:
-        block_l, block_d, warps = 32, min(128, triton.next_power_of_2(dim)), 4
+        block_l, block_d, warps = 32, min(128, next_pow2(dim)), 4
         mean = rstd = a = dout  # unused
-    grid = (bsz * k * triton.cdiv(seqlen, block_l), triton.cdiv(dim, block_d))
+    grid = (bsz * k * cdiv(seqlen, block_l), cdiv(dim, block_d))
     _merge_dy_kernel[grid](
         dout, gw, y, mean, rstd, a, dy, seqlen, k, dim, *_y_strides(y), *_gw_strides(gw),
         BLOCK_L=block_l, BLOCK_D=block_d, POOL=pool, num_warps=warps,

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2
 from .triton_scan import sm_count
 
 __all__ = ["add_rms_norm_bwd", "add_rms_norm_fwd", "rms_norm_bwd"]
@@ -85,7 +86,7 @@ def _rms_bwd_kernel(
 
 
 def _launch_shape(c: int, device: torch.device) -> tuple[int, int]:
-    block_c = triton.next_power_of_2(c)
+    block_c = next_pow2(c)
     warps = 1 if device.type != "cuda" else max(1, min(8, block_c * _ROWS // 1024))
     return block_c, warps
 
@@ -116,8 +117,8 @@ def _bwd(
     c = x2.shape[1]
     block_c, warps = _launch_shape(c, x.device)
     n_rows = x2.shape[0]
-    per = _tiles_per_program(triton.cdiv(n_rows, _ROWS), x.device)
-    n_progs = triton.cdiv(triton.cdiv(n_rows, _ROWS), per)
+    per = _tiles_per_program(cdiv(n_rows, _ROWS), x.device)
+    n_progs = cdiv(cdiv(n_rows, _ROWS), per)
     dx = torch.empty(x2.shape, device=x.device, dtype=dx_dtype)
     dr = torch.empty(x2.shape, device=x.device, dtype=torch.float32) if store_dr else None
     dw_part = torch.empty(n_progs, c, device=x.device, dtype=torch.float32)
@@ -151,7 +152,7 @@ def add_rms_norm_fwd(
     block_c, warps = _launch_shape(c, x.device)
     y = torch.empty(x2.shape, device=x.device, dtype=out_dtype)
     r = torch.empty(x2.shape, device=x.device, dtype=torch.float32)
-    _add_rms_fwd_kernel[(triton.cdiv(n_rows, _ROWS),)](
+    _add_rms_fwd_kernel[(cdiv(n_rows, _ROWS),)](
         x2, res2, weight.contiguous(), y, r, n_rows, c, eps,
         HAS_RES=residual is not None, ROWS=_ROWS, BLOCK_C=block_c, num_warps=warps,
     )  # fmt: skip

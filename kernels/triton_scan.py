@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ._host import cdiv, next_pow2
+
 __all__ = ["load_scan_configs", "selective_scan_triton", "scan_bwd", "scan_config", "scan_fwd", "set_scan_config"]
 
 _LOG2E = math.log2(math.e)
@@ -322,7 +324,7 @@ def register_cap_ok(config: tuple[int, ...] | list[int]) -> bool:
 
 def set_scan_config(dstate: int, seqlen: int, config: tuple[int, ...] | None) -> None:
     """Pin ``(BLOCK_T, BLOCK_D, num_warps)`` for GPU scans with this state size and sequence-length class."""
-    key = (triton.next_power_of_2(dstate), seqlen > _LONG)
+    key = (next_pow2(dstate), seqlen > _LONG)
     if config is None:
         _TUNED.pop(key, None)
     else:
@@ -370,10 +372,10 @@ def scan_config(dim: int, dstate: int, seqlen: int, device: torch.device) -> tup
     The forward's chunk and the saved-state interval must divide one another. Under the CPU interpreter, whose scan
     runs element by element, the tiles are kept tiny.
     """
-    bn = triton.next_power_of_2(dstate)
-    dim_cap = max(16, triton.next_power_of_2(dim))
+    bn = next_pow2(dstate)
+    dim_cap = max(16, next_pow2(dim))
     if device.type != "cuda":
-        return 8, min(triton.next_power_of_2(dim), 8), 1
+        return 8, min(next_pow2(dim), 8), 1
     tuned = _TUNED.get((bn, seqlen > _LONG))
     if tuned is not None:
         if len(tuned) != 3:
@@ -419,10 +421,10 @@ def _segments(config: tuple[int, ...], n_chunks: int, programs: int, device: tor
         sms = sm_count(device)
         if programs >= 2 * sms:
             return 1, n_chunks
-        want = min(triton.cdiv(_SEG_WARPS_PER_SM * sms // config[2], programs), n_chunks // 8)
+        want = min(cdiv(_SEG_WARPS_PER_SM * sms // config[2], programs), n_chunks // 8)
     want = max(1, min(want, n_chunks))
-    seg_chunks = triton.cdiv(n_chunks, want)
-    return triton.cdiv(n_chunks, seg_chunks), seg_chunks
+    seg_chunks = cdiv(n_chunks, want)
+    return cdiv(n_chunks, seg_chunks), seg_chunks
 
 
 def lane_sum(block_t: int, block_d: int, warps: int, group: int) -> bool:
@@ -469,10 +471,10 @@ def _sum_orders(x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty(bsz, seqlen, 1, dim, device=x.device, dtype=x.dtype)
     rows = bsz * seqlen
-    block_d = min(triton.next_power_of_2(dim), 128)
-    block_k = triton.next_power_of_2(k)
+    block_d = min(next_pow2(dim), 128)
+    block_k = next_pow2(k)
     block_r = max(1, 4096 // (block_d * block_k)) if x.device.type == "cuda" else 4
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(dim, block_d))
+    grid = (cdiv(rows, block_r), cdiv(dim, block_d))
     _sum_orders_kernel[grid](x, out, rows, k, dim, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
     return out
 
@@ -519,7 +521,7 @@ def scan_fwd(
     A = A.contiguous()
     config = tuple(config or scan_config(dim, n, seqlen, u.device))
     save_t = config[0]
-    n_save = triton.cdiv(seqlen, save_t)
+    n_save = cdiv(seqlen, save_t)
     if not (store_y or save_states):
         raise ValueError("scan_fwd: store_y=False needs save_states=True (there would be nothing to compute)")
     y = torch.empty((bsz, seqlen, k, dim) if store_y else (0,), device=u.device, dtype=out_dtype or u.dtype)
@@ -546,9 +548,9 @@ def scan_fwd(
     )  # fmt: skip
     if len(config) == 3:
         bt, bd, warps = config
-        _scan_fwd_kernel[(triton.cdiv(dim, bd), bsz * k)](
+        _scan_fwd_kernel[(cdiv(dim, bd), bsz * k)](
             *args, seqlen, k, dim, n, n_save, *strides,
-            BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n), num_warps=warps, **common,
+            BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=next_pow2(n), num_warps=warps, **common,
         )  # fmt: skip
     else:
         from .triton_scan_nd import _scan_fwd_nd_kernel
@@ -558,9 +560,9 @@ def scan_fwd(
             raise ValueError(
                 f"config: the forward chunk {bt} and the saved-state interval {save_t} must divide one another"
             )
-        _scan_fwd_nd_kernel[(triton.cdiv(dim, bd), bsz * k)](
-            *args, seqlen, k, dim, n, triton.cdiv(seqlen, bt), n_save, *strides,
-            BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n), SAVE_T=save_t, num_warps=warps,
+        _scan_fwd_nd_kernel[(cdiv(dim, bd), bsz * k)](
+            *args, seqlen, k, dim, n, cdiv(seqlen, bt), n_save, *strides,
+            BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=next_pow2(n), SAVE_T=save_t, num_warps=warps,
             IDX64=_needs_int64(seqlen, k, dim, n, u, delta, B, C, z, y), **common,
         )  # fmt: skip
     return y, states
@@ -596,8 +598,8 @@ def scan_bwd(
     A = A.contiguous()
     config = tuple(config or scan_config(dim, n, seqlen, u.device))
     bt, bd, warps = config[:3]
-    n_chunks = triton.cdiv(seqlen, bt)
-    n_dblocks = triton.cdiv(dim, bd)
+    n_chunks = cdiv(seqlen, bt)
+    n_dblocks = cdiv(dim, bd)
     dev = u.device
     f32 = torch.float32
     # Per-order gradients in the input's dtype, also for a u or z shared by the K orders: each order's term is rounded
@@ -615,7 +617,7 @@ def scan_bwd(
     # The second kernel layout accumulates dA in place across chunks through this buffer, so it starts from zeros,
     # unless the states form a single group (then dA stays in registers and each program writes its slice once).
     # Per-program partials have one slot per segment of L.
-    one_group = len(config) > 3 and config[6] >= triton.next_power_of_2(n)
+    one_group = len(config) > 3 and config[6] >= next_pow2(n)
     alloc = torch.empty if len(config) == 3 or one_group else torch.zeros
     dA_part = alloc(n_seg * bsz, k, dim, n, device=dev, dtype=f32)
     dD_part = torch.empty(n_seg * bsz, k, dim, device=dev, dtype=f32) if D is not None else None
@@ -639,7 +641,7 @@ def scan_bwd(
     )  # fmt: skip
     common = dict(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-        HAS_ORDERS=orders_i is not None, BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n), num_warps=warps,
+        HAS_ORDERS=orders_i is not None, BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=next_pow2(n), num_warps=warps,
     )  # fmt: skip
     if len(config) == 3:
         grid = (n_dblocks, bsz * k)
@@ -654,7 +656,7 @@ def scan_bwd(
             if one_group
             else (torch.empty if one_decay else torch.zeros)(n_seg * bsz * k, dim, n, device=dev, dtype=f32)
         )
-        group = min(config[6], triton.next_power_of_2(n))
+        group = min(config[6], next_pow2(n))
         prefetch = bool(config[7]) if len(config) > 7 else False
         idx64 = _needs_int64(seqlen, k, dim, n, u, delta, B, C, z, dy)
         segc = segdt = dummy
@@ -665,7 +667,7 @@ def scan_bwd(
                 delta, A, C, z if z is not None else dummy, inputs[7], inputs[8], dy, segc, segdt,
                 seqlen, k, dim, n, n_chunks, bsz, seg_chunks,
                 *_strides(delta, k), *_strides(C, k), C.stride(3), *zs, *_strides(dy, k),
-                BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(n), GROUP_N=group, HAS_Z=z is not None,
+                BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=next_pow2(n), GROUP_N=group, HAS_Z=z is not None,
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), HAS_ORDERS=orders_i is not None,
                 IDX64=idx64, num_warps=warps,
             )  # fmt: skip

@@ -155,7 +155,9 @@ class MultiOrderMixer(nn.Module):
         self.mode = "softmax"
         kernels.resolve_backend(scan_backend, torch.device("cpu"))  # reject a bad backend name now, not mid-forward
 
-        self.register_buffer("orders", build_orders(self.order_names, self.grid, extra_token_step), persistent=False)
+        # int32, the kernels' index type: an int64 buffer cost a conversion kernel in every scan and conv call.
+        orders = build_orders(self.order_names, self.grid, extra_token_step).to(torch.int32)
+        self.register_buffer("orders", orders, persistent=False)
         same = coinciding_orders(self.order_names, *self.grid)
         if same:
             what = "candidates" if search else "orders"
@@ -269,7 +271,7 @@ class MultiOrderMixer(nn.Module):
         w, idx = self.branch_weights()
         orders = self.orders if idx is None else self.orders.index_select(0, idx)
         if perm is not None:
-            orders = perm.to(orders.device)[orders]
+            orders = perm.to(device=orders.device, dtype=orders.dtype)[orders]
         pick = (lambda p: p) if idx is None else (lambda p: None if p is None else p.index_select(0, idx))
 
         xz = self.in_proj(x)
