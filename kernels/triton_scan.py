@@ -610,8 +610,9 @@ def scan_bwd(
     dz = None
     if z is not None:
         dz = torch.empty(bsz, seqlen, k, dim, device=dev, dtype=z.dtype)
-    dB_part = torch.empty(n_dblocks, bsz, seqlen, k, n, device=dev, dtype=f32)
-    dC_part = torch.empty(n_dblocks, bsz, seqlen, k, n, device=dev, dtype=f32)
+    # dB's and dC's per-channel-block partials in one buffer: one sum for both.
+    dBC_part = torch.empty(2, n_dblocks, bsz, seqlen, k, n, device=dev, dtype=f32)
+    dB_part, dC_part = dBC_part[0], dBC_part[1]
     one_decay = len(config) > 8 and bool(config[8])
     n_seg, seg_chunks = _segments(config, n_chunks, n_dblocks * bsz * k, dev) if one_decay else (1, n_chunks)
     # The second kernel layout accumulates dA in place across chunks through this buffer, so it starts from zeros,
@@ -681,8 +682,9 @@ def scan_bwd(
         du = _sum_orders(du)
     if z is not None and z.shape[2] != k:
         dz = _sum_orders(dz)
-    dB = (dB_part[0] if len(dB_part) == 1 else dB_part.sum(0)).to(B.dtype)
-    dC = (dC_part[0] if len(dC_part) == 1 else dC_part.sum(0)).to(C.dtype)
+    dBC = dBC_part[:, 0] if n_dblocks == 1 else dBC_part.sum(1)
+    # Separate tensors (a registered op's outputs may not alias each other): the casts copy, and so does fp32.
+    dB, dC = dBC[0].to(B.dtype, copy=True), dBC[1].to(C.dtype, copy=True)
     dA = dA_part.sum(0)
     dD = dD_part.sum(0) if dD_part is not None else None
     dbias = dbias_part.sum(0) if dbias_part is not None else None

@@ -5,6 +5,7 @@ cost directly: N back-to-back calls at tiny shapes, one synchronisation at the e
 repeats). Prints a table and writes JSON (device, versions, commit).
 
     python scripts/host_overhead.py [--iters 200] [--json benchmarks/host_overhead_<gpu>.json] [--commit SHA]
+    python scripts/host_overhead.py --no-ops --models vim_tiny local_vim_tiny_search --model-batch 2
 """
 
 from __future__ import annotations
@@ -109,23 +110,54 @@ def _cases(dev: torch.device) -> dict:
     }
 
 
+def _model_cases(dev: torch.device, names: list[str], bsz: int) -> dict:
+    """name -> one training step (forward, backward, AdamW) of a registered model under bf16 autocast, at a batch
+    small enough that the GPU work is negligible: the step's wall time is then the host's."""
+    import timm
+
+    import supernet  # noqa: F401  (registers the entrypoints)
+
+    cases = {}
+    for name in names:
+        model = timm.create_model(name).to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x = torch.randn(bsz, 3, 224, 224, device=dev)
+        target = torch.randint(0, 1000, (bsz,), device=dev)
+
+        def step(model=model, opt=opt, x=x, target=target):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), target)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        cases[f"{name} train step, batch {bsz}"] = step
+    return cases
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--json", default=None, help="output JSON (default benchmarks/host_overhead_<gpu>.json)")
     parser.add_argument("--commit", default=None)
     parser.add_argument("--cprofile", type=int, default=0, metavar="N", help="also print each case's top N functions")
+    parser.add_argument("--models", nargs="*", default=[], help="also time a training step of these models (µs)")
+    parser.add_argument("--model-batch", type=int, default=2, help="batch size of the model steps (default 2)")
+    parser.add_argument("--model-iters", type=int, default=20, help="steps per repeat of the model cases")
+    parser.add_argument("--ops", action=argparse.BooleanOptionalAction, default=True, help="time the op cases")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("error: host_overhead needs a CUDA GPU (the Triton launches are what it times)")
     dev = torch.device("cuda")
     rows = []
-    for name, fn in _cases(dev).items():
-        us = _time(fn, args.iters)
+    cases = [(name, fn, args.iters) for name, fn in (_cases(dev) if args.ops else {}).items()]
+    cases += [(name, fn, args.model_iters) for name, fn in _model_cases(dev, args.models, args.model_batch).items()]
+    for name, fn, iters in cases:
+        us = _time(fn, iters)
         rows.append({"case": name, "us_per_call": round(us, 1)})
         print(f"{name:42s} {us:9.1f} us", flush=True)
         if args.cprofile:
-            _profile(fn, args.iters, args.cprofile)
+            _profile(fn, iters, args.cprofile)
     info = env_info(args.commit)
     path = args.json or f"benchmarks/host_overhead_{gpu_slug(info['device'])}.json"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -175,7 +175,7 @@ def test_derived_child_uses_exactly_the_arch_orders(family: str, monkeypatch: py
     for (_, mixer), want, (k, orders) in zip(child.named_mixers(), per_layer, spy.calls):
         assert mixer.order_names == tuple(want) and mixer.arch_logits is None and k == 4
         h, w = mixer.grid
-        torch.testing.assert_close(orders, torch.stack([scan_order(o, h, w) for o in want]), rtol=0, atol=0)
+        torch.testing.assert_close(orders.long(), torch.stack([scan_order(o, h, w) for o in want]), rtol=0, atol=0)
 
 
 def test_create_derived_from_yaml(tmp_path) -> None:
@@ -301,3 +301,16 @@ def test_temperature_reaches_the_arch_gradient_after_a_dtype_round_trip() -> Non
         logits = mixer.arch_logits.detach().float().requires_grad_()
         (want,) = torch.autograd.grad(torch.softmax(logits / tau, 0)[idx].sum(), logits)
         torch.testing.assert_close(grad, want)
+
+
+@pytest.mark.parametrize("mix", ["softmax", "hard"])
+def test_orders_reach_the_kernels_as_int32(mix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The kernels index in int32; orders of any other dtype would cost a conversion kernel in every scan and conv
+    # call. Covers the sampled subset (hard) and the SLWS shuffle (the last layer always shuffles at P_max = 1).
+    model = build("test_local_vim_search", img_size=16, mix=mix, shuffle_max=1.0).train()
+    spy = ScanSpy(monkeypatch)
+    model(torch.randn(2, 3, 16, 16))
+    assert len(spy.calls) == len(model.blocks)
+    assert all(orders.dtype == torch.int32 for _, orders in spy.calls)
+    unshuffled = {tuple(row) for row in model.blocks[-1].mixer.orders.tolist()}
+    assert all(tuple(row) not in unshuffled for row in spy.calls[-1][1].tolist())  # the shuffle was applied
