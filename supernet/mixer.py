@@ -58,6 +58,109 @@ def build_orders(names: Sequence[str], grid: tuple[int, int], extra_token_step: 
     return torch.stack(rows)
 
 
+def _gemm_dtype(u: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """The dtype the projections' GEMMs run in: autocast's when it is on for u's device, else the promoted one."""
+    dev = u.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(u.dtype, w.dtype)
+
+
+def _x_proj(u: torch.Tensor, x_w: torch.Tensor) -> torch.Tensor:
+    """(B, L, Ku, D) × (K, C, D) → (K, B·L, C): every order's x_proj (one GEMM when the K orders share u)."""
+    bsz, seqlen, ku, d = u.shape
+    k, c, _ = x_w.shape
+    rows = bsz * seqlen
+    if ku == 1:
+        return (u.reshape(rows, d) @ x_w.reshape(k * c, d).t()).view(rows, k, c).transpose(0, 1)
+    return torch.bmm(u.reshape(rows, k, d).transpose(0, 1), x_w.transpose(1, 2))
+
+
+def order_projections(
+    u: torch.Tensor, x_w: torch.Tensor, dt_w: torch.Tensor, d_state: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every order's ``x_proj`` and ``dt_proj``: ``(delta, B, C)``, each (B, L, K, ·), views of (K, B·L, ·) GEMMs.
+
+    Args:
+        u: (B, L, Ku, D) scan input, Ku in {1, K}.
+        x_w: (K, R' + 2N + pad, D) padded x_proj weights, laid out [Δ rank | B | C | pad].
+        dt_w: (K, D, R') padded dt_proj weights.
+        d_state: N.
+
+    In plain eager mode this is one autograd node whose backward writes u's gradient straight into u's own
+    (B, L, K, D) layout: through autograd's GEMM backward it came out order-major, and summing it with the scan's
+    contiguous gradient was a strided add (1.6 ms of vim_tiny's 48 ms graph-mode step on an H200). Under
+    torch.compile and dispatch modes the same math runs as plain ops (:func:`_order_projections_ops`).
+    """
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return _order_projections_ops(u, x_w, dt_w, d_state)
+    return _OrderProjections.apply(u, x_w, dt_w, d_state)
+
+
+def _project(u, x_w, dt_w, d_state):
+    # (K, B·L, ·) GEMM outputs: dt (the Δ-rank columns of x_proj's), delta, B, C (views of x_proj's output).
+    x_dbl = _x_proj(u, x_w)
+    rank_p = dt_w.shape[-1]
+    # split, not slices: its backward is one cat, where each slice's is a zero-filled copy summed with the others
+    dt, b, c, _ = x_dbl.split([rank_p, d_state, d_state, x_dbl.shape[-1] - rank_p - 2 * d_state], dim=-1)
+    return dt, torch.bmm(dt, dt_w.transpose(1, 2)), b, c
+
+
+def _order_major(t: torch.Tensor, bsz: int, seqlen: int) -> torch.Tensor:
+    return t.unflatten(1, (bsz, seqlen)).permute(1, 2, 0, 3)  # (K, B·L, ·) → (B, L, K, ·) view
+
+
+def _order_projections_ops(u, x_w, dt_w, d_state):
+    _, delta, b, c = _project(u, x_w, dt_w, d_state)
+    return tuple(_order_major(t, *u.shape[:2]) for t in (delta, b, c))
+
+
+class _OrderProjections(torch.autograd.Function):
+    """:func:`order_projections` as one node; the GEMMs run in :func:`_gemm_dtype` (autocast's under autocast)."""
+
+    @staticmethod
+    def forward(ctx, u, x_w, dt_w, d_state):
+        dtype = _gemm_dtype(u, x_w)
+        uc, x_wc, dt_wc = u.to(dtype), x_w.to(dtype), dt_w.to(dtype)
+        with torch.autocast(u.device.type, enabled=False):
+            dt, delta, b, c = _project(uc, x_wc, dt_wc, d_state)
+        ctx.save_for_backward(uc, x_wc, dt_wc, dt)
+        ctx.d_state, ctx.dtypes = d_state, (u.dtype, x_w.dtype, dt_w.dtype)
+        ctx.set_materialize_grads(False)
+        return tuple(_order_major(t, *u.shape[:2]) for t in (delta, b, c))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, ddelta, db, dc):
+        uc, x_wc, dt_wc, dt = ctx.saved_tensors
+        bsz, seqlen, ku, dim = uc.shape
+        k, width, _ = x_wc.shape
+        rows, n, rank_p = bsz * seqlen, ctx.d_state, dt_wc.shape[-1]
+        dx = uc.new_empty(k, rows, width)  # gradient of x_proj's output: [Δ rank | B | C | pad]
+        dx[..., rank_p + 2 * n :].zero_()
+        if ddelta is None:
+            dx[..., :rank_p].zero_()
+        else:
+            dd = ddelta.to(uc.dtype).permute(2, 0, 1, 3).reshape(k, rows, dim)
+            torch.bmm(dd, dt_wc, out=dx[..., :rank_p])
+        for i, g in enumerate((db, dc)):
+            part = dx[..., rank_p + i * n : rank_p + (i + 1) * n]
+            if g is None:
+                part.zero_()
+            else:
+                part.copy_(g.permute(2, 0, 1, 3).reshape(k, rows, n))
+        if ku == 1:
+            du = (dx.transpose(0, 1).reshape(rows, k * width) @ x_wc.reshape(k * width, dim)).view(bsz, seqlen, 1, dim)
+            u2 = uc.reshape(rows, dim)
+        else:  # written in u's own (B, L, K, D) layout
+            du = uc.new_empty(bsz, seqlen, k, dim)
+            torch.bmm(dx, x_wc, out=du.view(rows, k, dim).transpose(0, 1))
+            u2 = uc.reshape(rows, k, dim).transpose(0, 1)
+        dx_w = torch.matmul(dx.transpose(1, 2), u2)
+        ddt_w = None if ddelta is None else torch.bmm(dd.transpose(1, 2), dt).to(ctx.dtypes[2])
+        return du.to(ctx.dtypes[0]), dx_w.to(ctx.dtypes[1]), ddt_w, None
+
+
 class BranchAttn(nn.Module):
     """Per-branch channel attention of LocalMamba's multi-order mixer (its ``BiAttn``, channel part), and the merge.
 
@@ -292,23 +395,7 @@ class MultiOrderMixer(nn.Module):
         x_w, dt_w = self._padded_projections(pick(self.x_proj_weight), pick(self.dt_proj_weight))
         if self.conv1d_weight is None:
             u = xin.unsqueeze(2)  # (B, L, 1, D): one input shared by every order
-        # The per-order projections as batched GEMMs over K on (K, B·L, ·) views (what einsum would run, without its
-        # per-call parsing and permutes: about 30 µs of host time per call in eager mode, four calls per layer).
-        # dt, B and C stay views of x_proj's output: the scan reads strided rows.
-        k_used, rows = x_w.shape[0], bsz * seqlen
-        if u.shape[2] == 1:  # one GEMM against every order's weights at once
-            x_dbl = (u.reshape(rows, -1) @ x_w.reshape(-1, x_w.shape[2]).t()).view(rows, k_used, -1).transpose(0, 1)
-        else:
-            x_dbl = torch.bmm(u.reshape(rows, k_used, -1).transpose(0, 1), x_w.transpose(1, 2))  # (K, B·L, C')
-        rank_p, n = dt_w.shape[-1], self.d_state
-        delta = torch.bmm(x_dbl[..., :rank_p], dt_w.transpose(1, 2))  # (K, B·L, D)
-
-        def order_major(t: torch.Tensor) -> torch.Tensor:  # (K, B·L, ·) → (B, L, K, ·) view
-            return t.unflatten(1, (bsz, seqlen)).permute(1, 2, 0, 3)
-
-        delta = order_major(delta)
-        b_ssm = order_major(x_dbl[..., rank_p : rank_p + n])
-        c_ssm = order_major(x_dbl[..., rank_p + n : rank_p + 2 * n])
+        delta, b_ssm, c_ssm = order_projections(u, x_w, dt_w, self.d_state)
         # None: recompute the scan states when this call scans every candidate (the supernet's memory peak).
         recompute = orders.shape[0] == self.orders.shape[0] if self.scan_recompute is None else self.scan_recompute
         y = kernels.selective_scan(
@@ -349,7 +436,8 @@ class MultiOrderMixer(nn.Module):
         tail = -(-(rank_p + 2 * n) // 8) * 8 - (rank_p + 2 * n)
         if rank_p == rank and tail == 0:
             return x_w, dt_w
-        parts = [x_w[:, :rank], x_w.new_zeros(k, rank_p - rank, d), x_w[:, rank:], x_w.new_zeros(k, tail, d)]
+        head, rest = x_w.split([rank, x_w.shape[1] - rank], 1)  # split: one cat backward, no zero-filled slices
+        parts = [head, x_w.new_zeros(k, rank_p - rank, d), rest, x_w.new_zeros(k, tail, d)]
         return torch.cat(parts, 1), F.pad(dt_w, (0, rank_p - rank))
 
     def extra_repr(self) -> str:
