@@ -440,9 +440,11 @@ def _needs_int64(seqlen: int, k: int, dim: int, n: int, *tensors: torch.Tensor |
     """Whether a row offset inside one (batch, order) slice needs int64: the largest token stride times L plus the
     largest span of the last axis (channels, or states at B/C's own stride), over every gathered or written tensor
     (the per-order outputs have the token stride K·D and the dB/dC partials K·N)."""
-    four_d = [t for t in tensors if t is not None and t.dim() == 4]
-    token = max([k * dim, k * n] + [abs(t.stride(1)) for t in four_d])
-    last = max([dim, n] + [t.shape[3] * abs(t.stride(3)) for t in four_d])
+    token, last = k * max(dim, n), max(dim, n)
+    for t in tensors:
+        if t is not None and t.dim() == 4:
+            st = t.stride()
+            token, last = max(token, abs(st[1])), max(last, t.shape[3] * abs(st[3]))
     return seqlen * token + last >= 2**31
 
 
@@ -481,7 +483,8 @@ def _sum_orders(x: torch.Tensor) -> torch.Tensor:
 
 def _strides(t: torch.Tensor, ndim_k: int) -> tuple[int, int, int]:
     """(batch, token, order) strides; the order stride is 0 for a size-1 order axis (shared across K)."""
-    return t.stride(0), t.stride(1), 0 if t.shape[2] == 1 and ndim_k > 1 else t.stride(2)
+    st = t.stride()
+    return st[0], st[1], 0 if t.shape[2] == 1 and ndim_k > 1 else st[2]
 
 
 def _last_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:

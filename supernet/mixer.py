@@ -121,9 +121,9 @@ class _OrderProjections(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, x_w, dt_w, d_state):
         dtype = _gemm_dtype(u, x_w)
+        # every operand already in the GEMMs' dtype: autocast, if on, has nothing left to cast
         uc, x_wc, dt_wc = u.to(dtype), x_w.to(dtype), dt_w.to(dtype)
-        with torch.autocast(u.device.type, enabled=False):
-            dt, delta, b, c = _project(uc, x_wc, dt_wc, d_state)
+        dt, delta, b, c = _project(uc, x_wc, dt_wc, d_state)
         ctx.save_for_backward(uc, x_wc, dt_wc, dt)
         ctx.d_state, ctx.dtypes = d_state, (u.dtype, x_w.dtype, dt_w.dtype)
         ctx.set_materialize_grads(False)
