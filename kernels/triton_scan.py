@@ -149,12 +149,12 @@ def _scan_fwd_kernel(
         bias = tl.load(bias_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
     if HAS_D:
         dskip = tl.load(D_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
-    u_base = u_ptr + b * s_ub + k * s_uk
-    d_base = delta_ptr + b * s_db + k * s_dk
-    b_base = B_ptr + b * s_bb + k * s_bk
-    c_base = C_ptr + b * s_cb + k * s_ck
-    z_base = z_ptr + b * s_zb + k * s_zk
-    y_base = y_ptr + b * s_yb + k * s_yk
+    u_base = u_ptr + b * s_ub + k.to(tl.int64) * s_uk
+    d_base = delta_ptr + b * s_db + k.to(tl.int64) * s_dk
+    b_base = B_ptr + b * s_bb + k.to(tl.int64) * s_bk
+    c_base = C_ptr + b * s_cb + k.to(tl.int64) * s_ck
+    z_base = z_ptr + b * s_zb + k.to(tl.int64) * s_zk
+    y_base = y_ptr + b * s_yb + k.to(tl.int64) * s_yk
     st_base = states_ptr + pid_bk.to(tl.int64) * n_chunks * DIM * N
     x = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     for c in range(0, n_chunks):
@@ -218,12 +218,12 @@ def _scan_bwd_kernel(
         bias = tl.load(bias_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
     if HAS_D:
         dskip = tl.load(D_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
-    u_base = u_ptr + b * s_ub + k * s_uk
-    d_base = delta_ptr + b * s_db + k * s_dk
-    b_base = B_ptr + b * s_bb + k * s_bk
-    c_base = C_ptr + b * s_cb + k * s_ck
-    z_base = z_ptr + b * s_zb + k * s_zk
-    g_base = dy_ptr + b * s_gb + k * s_gk
+    u_base = u_ptr + b * s_ub + k.to(tl.int64) * s_uk
+    d_base = delta_ptr + b * s_db + k.to(tl.int64) * s_dk
+    b_base = B_ptr + b * s_bb + k.to(tl.int64) * s_bk
+    c_base = C_ptr + b * s_cb + k.to(tl.int64) * s_ck
+    z_base = z_ptr + b * s_zb + k.to(tl.int64) * s_zk
+    g_base = dy_ptr + b * s_gb + k.to(tl.int64) * s_gk
     st_base = states_ptr + pid_bk.to(tl.int64) * n_chunks * DIM * N
     # Gradient outputs are contiguous (B, L, K, D) / partials (n_dblocks, B, L, K, N).
     out_base = (b * L * K + k) * DIM

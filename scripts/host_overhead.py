@@ -27,8 +27,10 @@ from kernels.check_gpu import env_info  # noqa: E402
 from kernels.triton_merge import branch_merge_fwd  # noqa: E402
 from supernet.bench import gpu_slug  # noqa: E402
 
+_REPEATS = 5
 
-def _time(fn, iters: int, repeats: int = 5) -> float:
+
+def _time(fn, iters: int, repeats: int = _REPEATS) -> float:
     """Median over repeats of the wall time per call, in µs (one synchronisation per repeat)."""
     fn()
     torch.cuda.synchronize()
@@ -154,15 +156,17 @@ def main(argv: list[str] | None = None) -> int:
     cases += [(name, fn, args.model_iters) for name, fn in _model_cases(dev, args.models, args.model_batch).items()]
     for name, fn, iters in cases:
         us = _time(fn, iters)
-        rows.append({"case": name, "us_per_call": round(us, 1)})
+        rows.append({"case": name, "us_per_call": round(us, 1), "calls_per_repeat": iters})
         print(f"{name:42s} {us:9.1f} us", flush=True)
         if args.cprofile:
             _profile(fn, iters, args.cprofile)
     info = env_info(args.commit)
-    path = args.json or f"benchmarks/host_overhead_{gpu_slug(info['device'])}.json"
+    kind = "" if args.ops else "_models"  # a models-only run does not replace the op table
+    path = args.json or f"benchmarks/host_overhead{kind}_{gpu_slug(info['device'])}.json"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    settings = dict(iters=args.iters, model_iters=args.model_iters, model_batch=args.model_batch, repeats=_REPEATS)
     with open(path, "w") as f:
-        json.dump({**info, "iters": args.iters, "rows": rows}, f, indent=1)
+        json.dump({**info, **settings, "rows": rows}, f, indent=1)
     print(f"wrote {path}")
     return 0
 

@@ -58,10 +58,15 @@ def build_orders(names: Sequence[str], grid: tuple[int, int], extra_token_step: 
     return torch.stack(rows)
 
 
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _gemm_dtype(u: torch.Tensor, w: torch.Tensor) -> torch.dtype:
-    """The dtype the projections' GEMMs run in: autocast's when it is on for u's device, else the promoted one."""
+    """The dtype the projections' GEMMs run in: what autocast would give a bmm (its dtype when it is on for u's device
+    and the operands are fp32/fp16/bf16; fp64 is left alone), else the promoted one."""
     dev = u.device.type
-    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+    eligible = u.dtype in _AUTOCAST_ELIGIBLE and w.dtype in _AUTOCAST_ELIGIBLE
+    if eligible and torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return torch.promote_types(u.dtype, w.dtype)
 
@@ -90,9 +95,14 @@ def order_projections(
     In plain eager mode this is one autograd node whose backward writes u's gradient straight into u's own
     (B, L, K, D) layout: through autograd's GEMM backward it came out order-major, and summing it with the scan's
     contiguous gradient was a strided add (1.6 ms of vim_tiny's 48 ms graph-mode step on an H200). Under
-    torch.compile and dispatch modes the same math runs as plain ops (:func:`_order_projections_ops`).
+    torch.compile, dispatch modes (``FlopCounterMode``) and ``torch.func`` transforms the same math runs as plain ops
+    (:func:`_order_projections_ops`).
     """
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._are_functorch_transforms_active()
+    ):
         return _order_projections_ops(u, x_w, dt_w, d_state)
     return _OrderProjections.apply(u, x_w, dt_w, d_state)
 
@@ -121,8 +131,9 @@ class _OrderProjections(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, x_w, dt_w, d_state):
         dtype = _gemm_dtype(u, x_w)
-        # every operand already in the GEMMs' dtype: autocast, if on, has nothing left to cast
-        uc, x_wc, dt_wc = u.to(dtype), x_w.to(dtype), dt_w.to(dtype)
+        # Every operand already in the GEMMs' dtype: autocast, if on, has nothing left to cast. u contiguous: the GEMMs
+        # read it as a (B·L, ·) view, forward and backward, without a copy each time (the VMamba path's is strided).
+        uc, x_wc, dt_wc = u.to(dtype).contiguous(), x_w.to(dtype), dt_w.to(dtype)
         dt, delta, b, c = _project(uc, x_wc, dt_wc, d_state)
         ctx.save_for_backward(uc, x_wc, dt_wc, dt)
         ctx.d_state, ctx.dtypes = d_state, (u.dtype, x_w.dtype, dt_w.dtype)
@@ -133,6 +144,7 @@ class _OrderProjections(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, ddelta, db, dc):
         uc, x_wc, dt_wc, dt = ctx.saved_tensors
+        need_u, need_xw, need_dtw = ctx.needs_input_grad[:3]
         bsz, seqlen, ku, dim = uc.shape
         k, width, _ = x_wc.shape
         rows, n, rank_p = bsz * seqlen, ctx.d_state, dt_wc.shape[-1]
@@ -149,16 +161,18 @@ class _OrderProjections(torch.autograd.Function):
                 part.zero_()
             else:
                 part.copy_(g.permute(2, 0, 1, 3).reshape(k, rows, n))
-        if ku == 1:
+        du = dx_w = ddt_w = None
+        if need_u and ku == 1:
             du = (dx.transpose(0, 1).reshape(rows, k * width) @ x_wc.reshape(k * width, dim)).view(bsz, seqlen, 1, dim)
-            u2 = uc.reshape(rows, dim)
-        else:  # written in u's own (B, L, K, D) layout
+        elif need_u:  # written in u's own (B, L, K, D) layout
             du = uc.new_empty(bsz, seqlen, k, dim)
             torch.bmm(dx, x_wc, out=du.view(rows, k, dim).transpose(0, 1))
-            u2 = uc.reshape(rows, k, dim).transpose(0, 1)
-        dx_w = torch.matmul(dx.transpose(1, 2), u2)
-        ddt_w = None if ddelta is None else torch.bmm(dd.transpose(1, 2), dt).to(ctx.dtypes[2])
-        return du.to(ctx.dtypes[0]), dx_w.to(ctx.dtypes[1]), ddt_w, None
+        if need_xw:
+            u2 = uc.view(rows, dim) if ku == 1 else uc.view(rows, k, dim).transpose(0, 1)
+            dx_w = torch.matmul(dx.transpose(1, 2), u2).to(ctx.dtypes[1])
+        if need_dtw and ddelta is not None:
+            ddt_w = torch.bmm(dd.transpose(1, 2), dt).to(ctx.dtypes[2])
+        return None if du is None else du.to(ctx.dtypes[0]), dx_w, ddt_w, None
 
 
 class BranchAttn(nn.Module):

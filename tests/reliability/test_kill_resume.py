@@ -90,7 +90,6 @@ def finished(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 def test_sigkill_at_five_random_steps_then_resume_is_bit_identical(finished: dict[tuple, Future], which) -> None:
     runs, msg, killed_log, resumable = finished[(which,)].result()
     a, b = runs / "straight", runs / "killed"
-    assert resumable >= 2  # five distinct kill steps, at most `interval` (3) of them before the first checkpoint
     assert killed_log.count("resume auto: using") >= resumable, msg
     assert_same_state(a / "last.pt", b / "last.pt")
     assert rows(a / "summary.csv") == rows(b / "summary.csv"), msg
