@@ -93,6 +93,17 @@ def _token_index(orders_ptr, k, L, t, mask, HAS_ORDERS: tl.constexpr, IDX64: tl.
 
 
 @triton.jit
+def _slice_ptr(ptr, b, k, s_b, s_k, WIDE: tl.constexpr = True):
+    # Start of one (batch, order) slice of a (B, L, K, ·) tensor; b is int64. With WIDE the order index is widened
+    # too: an order-major tensor's order stride is B·L·D, and (K - 1)·B·L·D passes 2**31 at large batch or resolution
+    # (the launchers pass IDX64, which _needs_int64 sets for that case).
+    if WIDE:
+        return ptr + b * s_b + k.to(tl.int64) * s_k
+    else:
+        return ptr + b * s_b + k * s_k
+
+
+@triton.jit
 def _load_bwd_rows(
     orders_ptr, u_base, d_base, g_base, z_base, k, L, c, s_ul, s_dl, s_zl, s_gl, offs_t, offs_d, mask_d,
     BLOCK_T: tl.constexpr, HAS_Z: tl.constexpr, HAS_ORDERS: tl.constexpr, NEXT_DELTA: tl.constexpr = True,
@@ -149,12 +160,12 @@ def _scan_fwd_kernel(
         bias = tl.load(bias_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
     if HAS_D:
         dskip = tl.load(D_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
-    u_base = u_ptr + b * s_ub + k.to(tl.int64) * s_uk
-    d_base = delta_ptr + b * s_db + k.to(tl.int64) * s_dk
-    b_base = B_ptr + b * s_bb + k.to(tl.int64) * s_bk
-    c_base = C_ptr + b * s_cb + k.to(tl.int64) * s_ck
-    z_base = z_ptr + b * s_zb + k.to(tl.int64) * s_zk
-    y_base = y_ptr + b * s_yb + k.to(tl.int64) * s_yk
+    u_base = _slice_ptr(u_ptr, b, k, s_ub, s_uk)
+    d_base = _slice_ptr(delta_ptr, b, k, s_db, s_dk)
+    b_base = _slice_ptr(B_ptr, b, k, s_bb, s_bk)
+    c_base = _slice_ptr(C_ptr, b, k, s_cb, s_ck)
+    z_base = _slice_ptr(z_ptr, b, k, s_zb, s_zk)
+    y_base = _slice_ptr(y_ptr, b, k, s_yb, s_yk)
     st_base = states_ptr + pid_bk.to(tl.int64) * n_chunks * DIM * N
     x = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     for c in range(0, n_chunks):
@@ -218,12 +229,12 @@ def _scan_bwd_kernel(
         bias = tl.load(bias_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
     if HAS_D:
         dskip = tl.load(D_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
-    u_base = u_ptr + b * s_ub + k.to(tl.int64) * s_uk
-    d_base = delta_ptr + b * s_db + k.to(tl.int64) * s_dk
-    b_base = B_ptr + b * s_bb + k.to(tl.int64) * s_bk
-    c_base = C_ptr + b * s_cb + k.to(tl.int64) * s_ck
-    z_base = z_ptr + b * s_zb + k.to(tl.int64) * s_zk
-    g_base = dy_ptr + b * s_gb + k.to(tl.int64) * s_gk
+    u_base = _slice_ptr(u_ptr, b, k, s_ub, s_uk)
+    d_base = _slice_ptr(delta_ptr, b, k, s_db, s_dk)
+    b_base = _slice_ptr(B_ptr, b, k, s_bb, s_bk)
+    c_base = _slice_ptr(C_ptr, b, k, s_cb, s_ck)
+    z_base = _slice_ptr(z_ptr, b, k, s_zb, s_zk)
+    g_base = _slice_ptr(dy_ptr, b, k, s_gb, s_gk)
     st_base = states_ptr + pid_bk.to(tl.int64) * n_chunks * DIM * N
     # Gradient outputs are contiguous (B, L, K, D) / partials (n_dblocks, B, L, K, N).
     out_base = (b * L * K + k) * DIM
@@ -437,15 +448,16 @@ def lane_sum(block_t: int, block_d: int, warps: int, group: int) -> bool:
 
 
 def _needs_int64(seqlen: int, k: int, dim: int, n: int, *tensors: torch.Tensor | None) -> bool:
-    """Whether a row offset inside one (batch, order) slice needs int64: the largest token stride times L plus the
-    largest span of the last axis (channels, or states at B/C's own stride), over every gathered or written tensor
+    """Whether the kernels need int64 offsets: a row offset inside one (batch, order) slice (the largest token stride
+    times L plus the largest span of the last axis, channels or states at B/C's own stride) or an order's offset
+    (K - 1 times the largest order stride: B·L·D for an order-major tensor), over every gathered or written tensor
     (the per-order outputs have the token stride K·D and the dB/dC partials K·N)."""
-    token, last = k * max(dim, n), max(dim, n)
+    token, last, order = k * max(dim, n), max(dim, n), 0
     for t in tensors:
         if t is not None and t.dim() == 4:
             st = t.stride()
-            token, last = max(token, abs(st[1])), max(last, t.shape[3] * abs(st[3]))
-    return seqlen * token + last >= 2**31
+            token, last, order = max(token, abs(st[1])), max(last, t.shape[3] * abs(st[3])), max(order, abs(st[2]))
+    return max(seqlen * token + last, (k - 1) * order) >= 2**31
 
 
 @triton.jit

@@ -21,7 +21,15 @@ two divide one another), so a memory-bound forward can walk long chunks while th
 import triton
 import triton.language as tl
 
-from .triton_scan import _affine_combine, _load_bwd_rows, _sigmoid, _sigmoid_from_softplus, _softplus, _token_index
+from .triton_scan import (
+    _affine_combine,
+    _load_bwd_rows,
+    _sigmoid,
+    _sigmoid_from_softplus,
+    _slice_ptr,
+    _softplus,
+    _token_index,
+)
 
 
 @triton.jit
@@ -148,12 +156,12 @@ def _scan_fwd_nd_kernel(
         bias = tl.load(bias_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
     if HAS_D:
         dskip = tl.load(D_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
-    u_base = u_ptr + b * s_ub + k.to(tl.int64) * s_uk
-    d_base = delta_ptr + b * s_db + k.to(tl.int64) * s_dk
-    b_base = B_ptr + b * s_bb + k.to(tl.int64) * s_bk
-    c_base = C_ptr + b * s_cb + k.to(tl.int64) * s_ck
-    z_base = z_ptr + b * s_zb + k.to(tl.int64) * s_zk
-    y_base = y_ptr + b * s_yb + k.to(tl.int64) * s_yk
+    u_base = _slice_ptr(u_ptr, b, k, s_ub, s_uk, IDX64)
+    d_base = _slice_ptr(delta_ptr, b, k, s_db, s_dk, IDX64)
+    b_base = _slice_ptr(B_ptr, b, k, s_bb, s_bk, IDX64)
+    c_base = _slice_ptr(C_ptr, b, k, s_cb, s_ck, IDX64)
+    z_base = _slice_ptr(z_ptr, b, k, s_zb, s_zk, IDX64)
+    y_base = _slice_ptr(y_ptr, b, k, s_yb, s_yk, IDX64)
     st_base = states_ptr + pid_bk.to(tl.int64) * n_save * DIM * N
     x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # Software prefetch: the next chunk's gathered rows are in flight while this chunk computes.
@@ -241,12 +249,12 @@ def _scan_bwd_nd_kernel(
         bias = tl.load(bias_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
     if HAS_D:
         dskip = tl.load(D_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
-    u_base = u_ptr + b * s_ub + k.to(tl.int64) * s_uk
-    d_base = delta_ptr + b * s_db + k.to(tl.int64) * s_dk
-    b_base = B_ptr + b * s_bb + k.to(tl.int64) * s_bk
-    c_base = C_ptr + b * s_cb + k.to(tl.int64) * s_ck
-    z_base = z_ptr + b * s_zb + k.to(tl.int64) * s_zk
-    g_base = dy_ptr + b * s_gb + k.to(tl.int64) * s_gk
+    u_base = _slice_ptr(u_ptr, b, k, s_ub, s_uk, IDX64)
+    d_base = _slice_ptr(delta_ptr, b, k, s_db, s_dk, IDX64)
+    b_base = _slice_ptr(B_ptr, b, k, s_bb, s_bk, IDX64)
+    c_base = _slice_ptr(C_ptr, b, k, s_cb, s_ck, IDX64)
+    z_base = _slice_ptr(z_ptr, b, k, s_zb, s_zk, IDX64)
+    g_base = _slice_ptr(dy_ptr, b, k, s_gb, s_gk, IDX64)
     st_base = states_ptr + pid_bk.to(tl.int64) * n_chunks * DIM * N
     # Per-program (N, D) buffers, zero-initialised by the launcher: the adjoint carry and the dA partial sum (unused
     # with a single state group, whose carry and dA stay in registers).
@@ -450,10 +458,10 @@ def _scan_bwd_carry_kernel(
     )
     if HAS_BIAS:
         bias = tl.load(bias_ptr + k * DIM + offs_d, mask=mask_d, other=0.0)
-    d_base = delta_ptr + b * s_db + k.to(tl.int64) * s_dk
-    c_base = C_ptr + b * s_cb + k.to(tl.int64) * s_ck
-    z_base = z_ptr + b * s_zb + k.to(tl.int64) * s_zk
-    g_base = dy_ptr + b * s_gb + k.to(tl.int64) * s_gk
+    d_base = _slice_ptr(delta_ptr, b, k, s_db, s_dk, IDX64)
+    c_base = _slice_ptr(C_ptr, b, k, s_cb, s_ck, IDX64)
+    z_base = _slice_ptr(z_ptr, b, k, s_zb, s_zk, IDX64)
+    g_base = _slice_ptr(dy_ptr, b, k, s_gb, s_gk, IDX64)
     dts = tl.zeros([BLOCK_D], dtype=tl.float32)
     for n0 in range(0, BLOCK_N, GROUP_N):
         offs_n = n0 + offs_g

@@ -165,6 +165,12 @@ def test_int64_offsets_chosen_only_when_a_slice_overflows_int32():
     n_outer = meta((1, 64, 1, 16), (64 * 2**27, 1, 0, 2**27))  # B/C with the state axis outermost
     assert _needs_int64(64, 1, 8, 16, n_outer)
     assert _needs_int64(2**20, 8, 384, 16)  # the (B, L, K, D) outputs alone: L·K·D ≥ 2^31
+    # An order-major delta (what the mixer's per-order projections give): order stride B·L·D. VMamba-T stage 1 at
+    # K 8 and batch 128 stays in int32; at batch 512, (K - 1)·B·L·D ≥ 2^31 while every row offset is small.
+    for bsz, wide in ((128, False), (512, True)):
+        seqlen, dim = 3136, 192
+        order_major = meta((bsz, seqlen, 8, dim), (seqlen * dim, dim, bsz * seqlen * dim, 1))
+        assert _needs_int64(seqlen, 8, dim, 1, order_major) is wide
 
 
 def test_backward_segments_cover_every_chunk_once():
