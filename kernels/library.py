@@ -31,6 +31,7 @@ __all__ = [
     "branch_attn_merge_op",
     "branch_merge_op",
     "causal_conv1d_op",
+    "direct_eager",
     "rms_norm_op",
     "scan_flops",
     "selective_scan_op",
@@ -39,7 +40,7 @@ __all__ = [
 Tensor = torch.Tensor
 
 
-def _direct() -> bool:
+def direct_eager() -> bool:
     """Whether a call may skip the dispatcher: plain eager execution, no torch.compile tracing, no dispatch mode.
 
     Every op below is registered with torch.library, so torch.compile keeps it as one graph node and
@@ -189,7 +190,7 @@ def selective_scan_op(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         and not recompute_states
         and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
     )
-    fwd = _ScanFunction.apply if _direct() else _scan_fwd_op
+    fwd = _ScanFunction.apply if direct_eager() else _scan_fwd_op
     y, _ = fwd(u, delta, A, B, C, D, z, delta_bias, orders, bool(delta_softplus), out_dtype, save, True)
     return y
 
@@ -248,7 +249,7 @@ _ConvFunction = _eager_function("_ConvFunction", _conv_fwd_impl, _conv_setup_con
 
 def causal_conv1d_op(x, weight, bias=None, orders=None, activation="silu", out_dtype=None) -> Tensor:
     """The registered Triton causal conv1d; same arguments as :func:`kernels.triton_conv.causal_conv1d_triton`."""
-    fwd = _ConvFunction.apply if _direct() else _conv_fwd_op
+    fwd = _ConvFunction.apply if direct_eager() else _conv_fwd_op
     return fwd(x, weight, bias, orders, activation == "silu", out_dtype)
 
 
@@ -300,7 +301,7 @@ _MergeFunction = _eager_function("_MergeFunction", _merge_impl, _merge_setup_con
 
 def branch_merge_op(y: Tensor, w: Tensor) -> Tensor:
     """The registered Triton merge: ``Σ_k w_k · y[:, :, k]`` → (B, L, D) in y's dtype."""
-    return (_MergeFunction.apply if _direct() else _merge_op)(y, w)
+    return (_MergeFunction.apply if direct_eager() else _merge_op)(y, w)
 
 
 def _attn_merge_impl(
@@ -370,7 +371,7 @@ _AttnMergeFunction = _eager_function(
 
 def branch_attn_merge_op(y, w, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=1e-5) -> Tensor:
     """The registered Triton gated merge; same arguments as :func:`kernels.reference.branch_attn_merge_ref`."""
-    fwd = _AttnMergeFunction.apply if _direct() else _attn_merge_op
+    fwd = _AttnMergeFunction.apply if direct_eager() else _attn_merge_op
     return fwd(y, w, norm_weight, norm_bias, float(eps), fc1_weight, fc1_bias, fc2_weight, fc2_bias)[0]
 
 
@@ -417,7 +418,7 @@ _NormFunction = _eager_function("_NormFunction", _norm_fwd_impl, _norm_setup_con
 
 def rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last dimension: PyTorch's fused forward, the Triton backward. x (..., C), weight (C,)."""
-    return (_NormFunction.apply if _direct() else _norm_fwd_op)(x, weight, eps)
+    return (_NormFunction.apply if direct_eager() else _norm_fwd_op)(x, weight, eps)
 
 
 def _add_norm_fwd_impl(
@@ -475,4 +476,4 @@ _AddNormFunction = _eager_function(
 
 def add_rms_norm_op(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype):
     """``r = residual + x`` (fp32) and ``y = rms_norm(r)`` in out_dtype, in one Triton pass each way: (y, r)."""
-    return (_AddNormFunction.apply if _direct() else _add_norm_fwd_op)(x, residual, weight, eps, out_dtype)
+    return (_AddNormFunction.apply if direct_eager() else _add_norm_fwd_op)(x, residual, weight, eps, out_dtype)

@@ -205,8 +205,8 @@ def _auto_span(n_tb: int, programs_per_part: int, device: torch.device) -> int:
     four times over; otherwise the sequence is cut into as many parts as that takes. Walking more blocks per program
     was faster at every span measured on an H200 (benchmarks/NOTES-scan.md, v9)."""
     sms = sm_count(device) if device.type == "cuda" else 1
-    parts = min(n_tb, max(1, -(-4 * sms // max(1, programs_per_part))))
-    return -(-n_tb // max(1, parts))
+    parts = min(n_tb, max(1, cdiv(4 * sms, max(1, programs_per_part))))
+    return cdiv(n_tb, max(1, parts))
 
 
 def _x_strides(x: torch.Tensor, k: int) -> tuple[int, int, int]:

@@ -97,7 +97,7 @@ def _tiles_per_program(n_tiles: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 2
     sms = sm_count(device)
-    return max(1, -(-n_tiles // (4 * sms)))
+    return max(1, cdiv(n_tiles, 4 * sms))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -98,11 +98,8 @@ def order_projections(
     torch.compile, dispatch modes (``FlopCounterMode``) and ``torch.func`` transforms the same math runs as plain ops
     (:func:`_order_projections_ops`).
     """
-    if (
-        torch.compiler.is_compiling()
-        or torch._C._len_torch_dispatch_stack() > 0
-        or torch._C._are_functorch_transforms_active()
-    ):
+    # the kernels' own rule for running an autograd.Function directly, plus torch.func, which cannot trace this one
+    if not kernels.library.direct_eager() or torch._C._are_functorch_transforms_active():
         return _order_projections_ops(u, x_w, dt_w, d_state)
     return _OrderProjections.apply(u, x_w, dt_w, d_state)
 

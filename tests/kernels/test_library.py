@@ -138,7 +138,7 @@ def test_backward_fills_no_zero_gradient_for_the_states(monkeypatch, direct):
     if not direct:
         import kernels.library as lib
 
-        monkeypatch.setattr(lib, "_direct", lambda: False)
+        monkeypatch.setattr(lib, "direct_eager", lambda: False)
     y = selective_scan(**leaves, orders=make_orders(16, (4, 4), 2), backend="triton")
     with Log():
         y.sum().backward()
@@ -209,7 +209,7 @@ def test_eager_direct_path_matches_the_registered_ops(monkeypatch):
     for recompute in (False, True):
         direct = step(recompute)
         with monkeypatch.context() as m:
-            m.setattr(lib, "_direct", lambda: False)
+            m.setattr(lib, "direct_eager", lambda: False)
             registered = step(recompute)
         want = ["_ConvFunctionBackward", "_ScanFunctionBackward", "_AttnMergeFunctionBackward"]
         assert direct[0] == want + ["_MergeFunctionBackward"] * 2, direct[0]
@@ -259,7 +259,7 @@ def test_add_rms_norm_registered_op_matches_the_direct_path(monkeypatch, with_re
     for use_r in (True, False):
         direct = step(use_r)
         with monkeypatch.context() as m:
-            m.setattr(lib, "_direct", lambda: False)
+            m.setattr(lib, "direct_eager", lambda: False)
             registered = step(use_r)
         assert direct[0] == "_AddNormFunctionBackward" and registered[0] != direct[0], (direct[0], registered[0])
         for a, b in zip(direct[1:], registered[1:]):

@@ -84,7 +84,7 @@ def test_double_backward_raises(monkeypatch, direct):
     import kernels.library as lib
 
     if not direct:
-        monkeypatch.setattr(lib, "_direct", lambda: False)
+        monkeypatch.setattr(lib, "direct_eager", lambda: False)
     y, w, params, dout = _inputs(1, 6, 2, 5, 2, False, seed=2)
     leaves = [t.requires_grad_() for t in (y, w, *params)]
     out = branch_attn_merge(*leaves, backend="triton")
