@@ -148,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-iters", type=int, default=20, help="steps per repeat of the model cases")
     parser.add_argument("--ops", action=argparse.BooleanOptionalAction, default=True, help="time the op cases")
     args = parser.parse_args(argv)
+    from retrain.train import _is_zoo_model  # names checked up front, with the trainers' one-line error
+
+    for name in args.models:
+        try:
+            _is_zoo_model(name)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
     if not torch.cuda.is_available():
         raise SystemExit("error: host_overhead needs a CUDA GPU (the Triton launches are what it times)")
     dev = torch.device("cuda")
