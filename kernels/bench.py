@@ -239,10 +239,10 @@ def bench_conv(ceil: dict, batch=128, seqlen=197, k=8, dim=384, width=4, hw=(14,
 
 # Candidate block sizes per (BLOCK_N class, long sequence) for --tune; each list holds the untuned defaults of its class
 # (scan_config), first where the class has one. Three numbers
-# are the (T, D, N)-tile kernels (BLOCK_T, BLOCK_D, num_warps); seven to eleven are the (T, N, D)-tile kernels of
+# are the (T, D, N)-tile kernels (BLOCK_T, BLOCK_D, num_warps); seven to twelve are the (T, N, D)-tile kernels of
 # triton_scan_nd: (backward BLOCK_T = saved-state interval, backward BLOCK_D, backward warps, forward BLOCK_T, forward
 # BLOCK_D, forward warps, backward state group, backward prefetch, backward one-decay adjoint[, backward segments,
-# backward register cap]; see kernels.triton_scan.scan_config). The lists keep the
+# backward register cap[, forward segments]]; see kernels.triton_scan.scan_config). The lists keep the
 # winners of the H200 tunings (benchmarks/scan_tuning_h200_run*.json: run 3 compared the v2 backward with the
 # one-decay one) and their nearest neighbours.
 CANDIDATES = {

@@ -38,6 +38,7 @@ __all__ = ["load_scan_configs", "selective_scan_triton", "scan_bwd", "scan_confi
 _LOG2E = math.log2(math.e)
 # Automatic split of the backward along L: aim for this many one-warp programs per SM (see _segments).
 _SEG_WARPS_PER_SM = 32
+_FWD_SEG_WARPS_PER_SM = 16  # the same for the forward's split (see _fwd_segments)
 _HW_LOG2 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on"))
 
 
@@ -357,9 +358,9 @@ def load_scan_configs(path: str) -> list[tuple[int, int, tuple[int, ...]]]:
         raise ValueError(f"block-size file not found at {os.path.abspath(path)}; {hint}") from None
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a block-size file ({type(err).__name__}: {err}); {hint}") from None
-    bad = [c for _, _, c in pinned if len(c) not in (3, 7, 8, 9, 10, 11)]
+    bad = [c for _, _, c in pinned if len(c) not in (3, 7, 8, 9, 10, 11, 12)]
     if bad:
-        raise ValueError(f"{path}: a config has 3 or 7 to 11 numbers, got {list(bad[0])}; {hint}")
+        raise ValueError(f"{path}: a config has 3 or 7 to 12 numbers, got {list(bad[0])}; {hint}")
     bad = [c for _, _, c in pinned if not register_cap_ok(c)]
     if bad:
         raise ValueError(f"{path}: the register cap (11th number) is 0 or 64-255, got {list(bad[0])}; {hint}")
@@ -371,14 +372,15 @@ def load_scan_configs(path: str) -> list[tuple[int, int, tuple[int, ...]]]:
 def scan_config(dim: int, dstate: int, seqlen: int, device: torch.device) -> tuple[int, ...]:
     """Kernel configuration for ``dim`` channels, ``dstate`` states, ``seqlen`` steps.
 
-    Three numbers ``(BLOCK_T, BLOCK_D, num_warps)`` select the (T, D, N)-tile kernels of this module; seven to eleven
+    Three numbers ``(BLOCK_T, BLOCK_D, num_warps)`` select the (T, D, N)-tile kernels of this module; seven to twelve
     numbers ``(BLOCK_T, BLOCK_D, num_warps, fwd BLOCK_T, fwd BLOCK_D, fwd num_warps, GROUP_N[, PREFETCH[,
-    ONE_DECAY[, SEGMENTS[, MAXNREG]]]])`` select the (T, N, D)-tile kernels of :mod:`kernels.triton_scan_nd`
-    (PREFETCH and ONE_DECAY switch on the backward's prefetch and its one-decay adjoint, off when absent; SEGMENTS
-    splits the one-decay backward along L, 0 or absent: automatic, see ``_segments``; MAXNREG, 0 or 64-255, caps the
-    registers per thread of the backward's chunk kernel (not the split's first pass), 0 or absent: the compiler's
-    choice, up to 255 for a one-warp program, which allows 8 such programs per SM). The first number is always the
-    saved-state interval.
+    ONE_DECAY[, SEGMENTS[, MAXNREG[, FWD_SEGMENTS]]]]])`` select the (T, N, D)-tile kernels of
+    :mod:`kernels.triton_scan_nd` (PREFETCH and ONE_DECAY switch on the backward's prefetch and its one-decay adjoint,
+    off when absent; SEGMENTS splits the one-decay backward along L, 0 or absent: automatic, see ``_segments``;
+    MAXNREG, 0 or 64-255, caps the registers per thread of the backward's chunk kernel (not the split's first pass),
+    0 or absent: the compiler's choice, up to 255 for a one-warp program, which allows 8 such programs per SM;
+    FWD_SEGMENTS splits the forward along L, 0 or absent: automatic, see ``_fwd_segments``). The first number is
+    always the saved-state interval.
 
     The forward's chunk and the saved-state interval must divide one another. Under the CPU interpreter, whose scan
     runs element by element, the tiles are kept tiny.
@@ -417,6 +419,22 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _split(want: int, n_chunks: int, programs: int, warps: int, per_sm: int, min_chunks: int, device) -> tuple[int, int]:
+    """(segments, chunks per segment) of a split along L: ``want`` segments if positive, else, on a GPU where the
+    unsplit launch has fewer than two programs per SM, enough for about ``per_sm`` warps per SM, each segment at
+    least ``min_chunks`` long."""
+    if want <= 0:
+        if device.type != "cuda":
+            return 1, n_chunks
+        sms = sm_count(device)
+        if programs >= 2 * sms:
+            return 1, n_chunks
+        want = min(cdiv(per_sm * sms // warps, programs), n_chunks // min_chunks)
+    want = max(1, min(want, n_chunks))
+    seg_chunks = cdiv(n_chunks, want)
+    return cdiv(n_chunks, seg_chunks), seg_chunks
+
+
 def _segments(config: tuple[int, ...], n_chunks: int, programs: int, device: torch.device) -> tuple[int, int]:
     """(segments, chunks per segment) of the backward's split along L.
 
@@ -426,16 +444,17 @@ def _segments(config: tuple[int, ...], n_chunks: int, programs: int, device: tor
     stage 1, 1,536 programs, 1.88 → 2.19-2.46 ms; L 1024 at batch 24, 576 programs, 1.84 → 2.08-2.16 ms; L 4096 at
     batch 6, 144 programs, 5.55 → 2.49 ms with 32 segments; NOTES-scan.md v5)."""
     want = config[9] if len(config) > 9 else 0
-    if want <= 0:
-        if device.type != "cuda":
-            return 1, n_chunks
-        sms = sm_count(device)
-        if programs >= 2 * sms:
-            return 1, n_chunks
-        want = min(cdiv(_SEG_WARPS_PER_SM * sms // config[2], programs), n_chunks // 8)
-    want = max(1, min(want, n_chunks))
-    seg_chunks = cdiv(n_chunks, want)
-    return cdiv(n_chunks, seg_chunks), seg_chunks
+    return _split(want, n_chunks, programs, config[2], _SEG_WARPS_PER_SM, 8, device)
+
+
+def _fwd_segments(config: tuple[int, ...], n_chunks: int, programs: int, device: torch.device) -> tuple[int, int]:
+    """(segments, chunks per segment) of the forward's split along L, in forward chunks.
+
+    The 12th config number asks for a segment count (0 or absent: choose, by the rule of :func:`_split` with
+    ``_FWD_SEG_WARPS_PER_SM``). A first pass writes each segment's end state from a zero start and its ΣΔ; the
+    chunk pass folds those of the segments before its own into its starting state."""
+    want = config[11] if len(config) > 11 else 0
+    return _split(want, n_chunks, programs, config[5], _FWD_SEG_WARPS_PER_SM, 4, device)
 
 
 def lane_sum(block_t: int, block_d: int, warps: int, group: int) -> bool:
@@ -575,10 +594,22 @@ def scan_fwd(
             raise ValueError(
                 f"config: the forward chunk {bt} and the saved-state interval {save_t} must divide one another"
             )
-        _scan_fwd_nd_kernel[(cdiv(dim, bd), bsz * k)](
-            *args, seqlen, k, dim, n, cdiv(seqlen, bt), n_save, *strides,
-            BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=next_pow2(n), SAVE_T=save_t, num_warps=warps,
-            IDX64=_needs_int64(seqlen, k, dim, n, u, delta, B, C, z, y), **common,
+        n_chunks = cdiv(seqlen, bt)
+        n_dblocks = cdiv(dim, bd)
+        n_seg, seg_chunks = _fwd_segments(config, n_chunks, n_dblocks * bsz * k, u.device)
+        idx64 = _needs_int64(seqlen, k, dim, n, u, delta, B, C, z, y)
+        shape = dict(BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=next_pow2(n), SAVE_T=save_t, num_warps=warps, IDX64=idx64)
+        segx = segdt = dummy
+        if n_seg > 1:  # first pass: each earlier segment's end state from a zero start, and its ΣΔ
+            segx = torch.empty((n_seg - 1) * bsz * k, dim, n, device=u.device, dtype=torch.float32)
+            segdt = torch.empty((n_seg - 1) * bsz * k, dim, device=u.device, dtype=torch.float32)
+            first = {**common, "HAS_Z": False, "SAVE_STATES": False, "STORE_Y": False}
+            _scan_fwd_nd_kernel[(n_dblocks, bsz * k, n_seg - 1)](
+                *args[:-2], dummy, dummy, segx, segdt, seqlen, k, dim, n, n_chunks, n_save, bsz, seg_chunks,
+                *strides, CARRY_OUT=True, **shape, **first,
+            )  # fmt: skip
+        _scan_fwd_nd_kernel[(n_dblocks, bsz * k, n_seg)](
+            *args, segx, segdt, seqlen, k, dim, n, n_chunks, n_save, bsz, seg_chunks, *strides, **shape, **common,
         )  # fmt: skip
     return y, states
 

@@ -132,16 +132,24 @@ def _load_chunk(
 
 @triton.jit
 def _scan_fwd_nd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, orders_ptr, y_ptr, states_ptr,
-    L, K, DIM, N, n_chunks, n_save,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, orders_ptr, y_ptr, states_ptr, segx_ptr, segdt_ptr,
+    L, K, DIM, N, n_chunks, n_save, BATCH, seg_chunks,
     s_ub, s_ul, s_uk, s_db, s_dl, s_dk, s_bb, s_bl, s_bk, s_bn, s_cb, s_cl, s_ck, s_cn,
     s_zb, s_zl, s_zk, s_yb, s_yl, s_yk,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SAVE_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_ORDERS: tl.constexpr, SAVE_STATES: tl.constexpr, IDX64: tl.constexpr = True, STORE_Y: tl.constexpr = True,
+    CARRY_OUT: tl.constexpr = False,
 ):  # fmt: skip
+    # Split along L (program axis 2: this program's segment, chunks [c_lo, c_hi) of seg_chunks each). The state
+    # entering a segment is folded from the segments before it: each one's end state from a zero start (segx) plus
+    # its decay product exp2(A·log2e·ΣΔ) (from ΣΔ, segdt) times the state entering it. CARRY_OUT is the first pass
+    # that writes those two per segment (no y, no saved states). Unsplit: one segment, nothing folded.
     pid_d = tl.program_id(0)
     pid_bk = tl.program_id(1)
+    seg = tl.program_id(2)
+    c_lo = seg * seg_chunks
+    c_hi = tl.minimum(c_lo + seg_chunks, n_chunks)
     b = (pid_bk // K).to(tl.int64)
     k = pid_bk % K
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -164,12 +172,19 @@ def _scan_fwd_nd_kernel(
     y_base = _slice_ptr(y_ptr, b, k, s_yb, s_yk, IDX64)
     st_base = states_ptr + pid_bk.to(tl.int64) * n_save * DIM * N
     x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if not CARRY_OUT:
+        for j in range(0, seg):
+            s2 = (j * BATCH * K + pid_bk).to(tl.int64)
+            dts = tl.load(segdt_ptr + s2 * DIM + offs_d, mask=mask_d, other=0.0)
+            loc = tl.load(segx_ptr + s2 * DIM * N + nd_off, mask=mask_nd, other=0.0)
+            x = loc + tl.exp2(A2 * dts[None, :]) * x
+    dsum = tl.zeros([BLOCK_D], dtype=tl.float32)
     # Software prefetch: the next chunk's gathered rows are in flight while this chunk computes.
     idx, u, dt, Bt, Ct, zt = _load_chunk(
-        orders_ptr, u_base, d_base, b_base, c_base, z_base, k, L, 0, s_ul, s_dl, s_bl, s_bn, s_cl, s_cn, s_zl,
+        orders_ptr, u_base, d_base, b_base, c_base, z_base, k, L, c_lo, s_ul, s_dl, s_bl, s_bn, s_cl, s_cn, s_zl,
         offs_t, offs_n, offs_d, mask_d, mask_n, BLOCK_T, HAS_Z, HAS_ORDERS, IDX64,
     )  # fmt: skip
-    for c in range(0, n_chunks):
+    for c in range(c_lo, c_hi):
         idx_n, u_n, dt_n, B_n, C_n, z_n = _load_chunk(
             orders_ptr, u_base, d_base, b_base, c_base, z_base, k, L, c + 1, s_ul, s_dl, s_bl, s_bn, s_cl, s_cn,
             s_zl, offs_t, offs_n, offs_d, mask_d, mask_n, BLOCK_T, HAS_Z, HAS_ORDERS, IDX64,
@@ -188,6 +203,8 @@ def _scan_fwd_nd_kernel(
         if SOFTPLUS:
             d32 = _softplus(d32)
         d32 = tl.where(m_td, d32, 0.0)
+        if CARRY_OUT:
+            dsum += tl.sum(d32, axis=0)
         a = tl.exp2(d32[:, None, :] * A2[None, :, :])
         bx = (d32 * uf)[:, None, :] * Bt.to(tl.float32)[:, :, None]
         P, S = tl.associative_scan((a, bx), axis=0, combine_fn=_affine_combine)
@@ -209,6 +226,10 @@ def _scan_fwd_nd_kernel(
                 y = y * z32 * _sigmoid(z32)
             tl.store(y_base + idx[:, None] * s_yl + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=m_td)
         idx, u, dt, Bt, Ct, zt = idx_n, u_n, dt_n, B_n, C_n, z_n
+    if CARRY_OUT:
+        slot = (seg * BATCH * K + pid_bk).to(tl.int64)
+        tl.store(segx_ptr + slot * DIM * N + nd_off, x, mask=mask_nd)
+        tl.store(segdt_ptr + slot * DIM + offs_d, dsum, mask=mask_d)
 
 
 @triton.jit

@@ -118,12 +118,19 @@ def test_triton_matches_ref_cuda(dtype):
         pytest.param(21, (4, 5), 2, 5, 1, False, (8, 8, 1, 8, 8, 1, 8, 0, 1, 99), id="nd-split-every-chunk-N5"),
         pytest.param(21, (4, 5), 2, 4, 2, True, (8, 8, 1, 4, 8, 1, 2, 0, 0, 3), id="nd-twodecay-no-split"),
         pytest.param(21, (4, 5), 2, 8, 2, True, (8, 8, 1, 4, 8, 1, 4, 0, 1, 0, 64), id="nd-maxnreg-N8"),
+        # the forward split along L (12th number): 4-step forward chunks in segments of 3+3+1 (the second starts in
+        # the middle of a saved-state interval); 2-step ones in 4+4+4+1, with the backward split too; 8-step ones
+        # (longer than the interval: in-chunk saves) in 2+2; one segment per chunk
+        pytest.param(25, (4, 6), 2, 8, 1, True, (8, 8, 1, 4, 8, 1, 4, 0, 1, 0, 0, 3), id="nd-fwdsplit3-L25-N8"),
+        pytest.param(25, (4, 6), 2, 4, 2, True, (4, 8, 1, 2, 8, 1, 4, 0, 1, 2, 0, 4), id="nd-fwdsplit4-bwdsplit2-N4"),
+        pytest.param(25, (4, 6), 2, 16, 1, True, (2, 8, 1, 8, 8, 1, 8, 0, 1, 0, 0, 3), id="nd-fwdsplit2-longfwd-N16"),
+        pytest.param(21, (4, 5), 2, 1, 1, False, (4, 8, 1, 4, 8, 1, 1, 1, 1, 0, 0, 99), id="nd-fwdsplit-every-chunk-N1"),
     ],
 )
 def test_nd_layout_kernels_match_ref(monkeypatch, seqlen, hw, k, n, ku, extras, config):
-    """The (T, N, D)-tile kernels (7 to 11 numbers: the 8th turns on the backward's prefetch, the 9th its one-decay
-    adjoint, the 10th splits that backward along L, the 11th caps its registers), with a forward chunk shorter, and
-    longer, than the saved-state interval."""
+    """The (T, N, D)-tile kernels (7 to 12 numbers: the 8th turns on the backward's prefetch, the 9th its one-decay
+    adjoint, the 10th splits that backward along L, the 11th caps its registers, the 12th splits the forward along
+    L), with a forward chunk shorter, and longer, than the saved-state interval."""
     import kernels.triton_scan as ts
 
     monkeypatch.setattr(ts, "scan_config", lambda *args: config)
@@ -137,15 +144,16 @@ def test_nd_layout_kernels_match_ref(monkeypatch, seqlen, hw, k, n, ku, extras, 
 
 
 def test_split_backward_with_int64_offsets_batch_and_shared_gate(monkeypatch):
-    """The split backward at batch 2 with a gate shared by the orders (Kz = 1), on the int64 row-offset path the
-    launcher takes for huge slices (forced here), against the reference."""
+    """The split backward and forward at batch 2 with a gate shared by the orders (Kz = 1), on the int64 row-offset
+    path the launcher takes for huge slices (forced here), against the reference."""
     import kernels.triton_scan as ts
 
-    monkeypatch.setattr(ts, "scan_config", lambda *args: (4, 8, 1, 8, 8, 1, 2, 1, 1, 3))
+    monkeypatch.setattr(ts, "scan_config", lambda *args: (4, 8, 1, 4, 8, 1, 2, 1, 1, 3, 0, 2))
     monkeypatch.setattr(ts, "_needs_int64", lambda *args: True)
     gen = torch.Generator().manual_seed(11)
     inputs = make_scan_inputs(2, 17, 2, 10, 4, ku=1, kz=1, generator=gen)
     orders = make_orders(17, (4, 4), 2, ("v_flip", "w2"))  # 4x4 grid + an extra token: chunks 4+4+4+4+1, segments 2+2+1
+    # (forward: the same chunks, in segments of 3 + 2)
     with poisoned_empty():
         y, grads, dy = scan_with_grads(ts.selective_scan_triton, inputs, orders=orders)
     y_ref, grads_ref, _ = scan_with_grads(selective_scan_ref, inputs, dy=dy, orders=orders)
@@ -173,15 +181,20 @@ def test_int64_offsets_chosen_only_when_a_slice_overflows_int32():
         assert _needs_int64(seqlen, 8, dim, 1, order_major) is wide
 
 
-def test_backward_segments_cover_every_chunk_once():
-    from kernels.triton_scan import _segments
+def test_split_segments_cover_every_chunk_once():
+    from kernels.triton_scan import _fwd_segments, _segments
 
     cpu = torch.device("cpu")
     for n_chunks in (1, 5, 16, 97, 784):
         for want in (1, 2, 3, 7, 16, 1000):
-            n_seg, per = _segments((4, 32, 1, 32, 32, 1, 1, 1, 1, want), n_chunks, 1536, cpu)
-            assert 1 <= n_seg <= min(want, n_chunks) and (n_seg - 1) * per < n_chunks <= n_seg * per
-    assert _segments((4, 32, 1, 32, 32, 1, 1, 1, 1), 784, 1536, cpu) == (1, 784)  # automatic: no split on the CPU
+            for n_seg, per in (
+                _segments((4, 32, 1, 32, 32, 1, 1, 1, 1, want), n_chunks, 1536, cpu),
+                _fwd_segments((4, 32, 1, 32, 32, 1, 1, 1, 1, 0, 0, want), n_chunks, 1536, cpu),
+            ):
+                assert 1 <= n_seg <= min(want, n_chunks) and (n_seg - 1) * per < n_chunks <= n_seg * per
+    # automatic: no split on the CPU
+    assert _segments((4, 32, 1, 32, 32, 1, 1, 1, 1), 784, 1536, cpu) == (1, 784)
+    assert _fwd_segments((4, 32, 1, 32, 32, 1, 1, 1, 1), 98, 1536, cpu) == (1, 98)
 
 
 @pytest.mark.parametrize("shape, dtype", [((2, 37, 4, 12), torch.bfloat16), ((1, 63, 3, 5), torch.float32),
@@ -211,7 +224,7 @@ def test_ref_in_float64_agrees_with_float32():
 
 
 def test_tuning_candidates_and_gpu_defaults_are_well_formed():
-    """Every block-size tuple the GPU tuner or the CUDA defaults can pick has 3, 7 to 9, or 11 numbers, power-of-two
+    """Every block-size tuple the GPU tuner or the CUDA defaults can pick has 3, 7 to 9, 11 or 12 numbers, power-of-two
     tiles, a forward chunk that divides the saved-state interval or is divided by it, on/off switches, an automatic
     segment count and a register cap ptxas can meet."""
     from kernels.bench import CANDIDATES
@@ -220,13 +233,14 @@ def test_tuning_candidates_and_gpu_defaults_are_well_formed():
     cuda = torch.device("cuda")  # only its type is read: no GPU needed
     defaults = [scan_config(dim, n, seqlen, cuda) for dim in (96, 384) for n in (1, 4, 16) for seqlen in (197, 3136)]
     for cfg in [c for cands in CANDIDATES.values() for c in cands] + defaults:
-        assert len(cfg) in (3, 7, 8, 9, 11), cfg
+        assert len(cfg) in (3, 7, 8, 9, 11, 12), cfg
         tiles = cfg[:2] if len(cfg) == 3 else (*cfg[:2], *cfg[3:5], cfg[6])
         assert all(v > 0 and v & (v - 1) == 0 for v in tiles), cfg
         if len(cfg) > 3:
             assert cfg[0] % cfg[3] == 0 or cfg[3] % cfg[0] == 0, cfg
             assert all(v in (0, 1) for v in cfg[7:9]), cfg
             assert len(cfg) < 10 or (cfg[9] == 0 and (cfg[10] == 0 or 64 <= cfg[10] <= 255)), cfg
+            assert len(cfg) < 12 or cfg[11] == 0, cfg
 
 
 @triton.jit

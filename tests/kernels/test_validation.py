@@ -144,7 +144,7 @@ def test_block_size_files_load_or_fail_in_one_line(tmp_path):
     (tmp_path / "short.json").write_text(json.dumps([{"N": 16, "L": 9, "config": [1, 2]}]))
     (tmp_path / "cap.json").write_text(json.dumps([{"N": 1, "L": 9, "config": [*capped[:10], 300]}]))
     for name, pattern in (("missing.json", "not found"), ("bad.json", "not a block-size file"),
-                          ("short.json", "3 or 7 to 11 numbers"), ("cap.json", "register cap")):  # fmt: skip
+                          ("short.json", "3 or 7 to 12 numbers"), ("cap.json", "register cap")):  # fmt: skip
         with pytest.raises(ValueError, match=pattern):
             load_scan_configs(str(tmp_path / name))
     proc = subprocess.run([sys.executable, "-m", "kernels.check_gpu", "--configs", str(tmp_path / "missing.json")],
