@@ -419,7 +419,9 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _split(want: int, n_chunks: int, programs: int, warps: int, per_sm: int, min_chunks: int, device) -> tuple[int, int]:
+def _split(
+    want: int, n_chunks: int, programs: int, warps: int, per_sm: int, min_chunks: int, device: torch.device
+) -> tuple[int, int]:
     """(segments, chunks per segment) of a split along L: ``want`` segments if positive, else, on a GPU where the
     unsplit launch has fewer than two programs per SM, enough for about ``per_sm`` warps per SM, each segment at
     least ``min_chunks`` long."""

@@ -124,7 +124,7 @@ def test_triton_matches_ref_cuda(dtype):
         pytest.param(25, (4, 6), 2, 8, 1, True, (8, 8, 1, 4, 8, 1, 4, 0, 1, 0, 0, 3), id="nd-fwdsplit3-L25-N8"),
         pytest.param(25, (4, 6), 2, 4, 2, True, (4, 8, 1, 2, 8, 1, 4, 0, 1, 2, 0, 4), id="nd-fwdsplit4-bwdsplit2-N4"),
         pytest.param(25, (4, 6), 2, 16, 1, True, (2, 8, 1, 8, 8, 1, 8, 0, 1, 0, 0, 3), id="nd-fwdsplit2-longfwd-N16"),
-        pytest.param(21, (4, 5), 2, 1, 1, False, (4, 8, 1, 4, 8, 1, 1, 1, 1, 0, 0, 99), id="nd-fwdsplit-every-chunk-N1"),
+        pytest.param(21, (4, 5), 2, 1, 1, False, (4, 8, 1, 4, 8, 1, 1, 1, 1, 0, 0, 99), id="nd-fwdsplit-each-chunk-N1"),
     ],
 )
 def test_nd_layout_kernels_match_ref(monkeypatch, seqlen, hw, k, n, ku, extras, config):
