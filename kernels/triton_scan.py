@@ -38,7 +38,7 @@ __all__ = ["load_scan_configs", "selective_scan_triton", "scan_bwd", "scan_confi
 _LOG2E = math.log2(math.e)
 # Automatic split of the backward along L: aim for this many one-warp programs per SM (see _segments).
 _SEG_WARPS_PER_SM = 32
-_FWD_SEG_WARPS_PER_SM = 16  # the same for the forward's split (see _fwd_segments)
+_FWD_SEG_WARPS_PER_SM = 32  # the same for the forward's split (see _fwd_segments)
 _HW_LOG2 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on"))
 
 
@@ -420,16 +420,16 @@ def sm_count(device: torch.device) -> int:
 
 
 def _split(
-    want: int, n_chunks: int, programs: int, warps: int, per_sm: int, min_chunks: int, device: torch.device
+    want: int, n_chunks: int, programs: int, warps: int, per_sm: int, min_chunks: int, below: int, device: torch.device
 ) -> tuple[int, int]:
     """(segments, chunks per segment) of a split along L: ``want`` segments if positive, else, on a GPU where the
-    unsplit launch has fewer than two programs per SM, enough for about ``per_sm`` warps per SM, each segment at
+    unsplit launch has fewer than ``below`` programs per SM, enough for about ``per_sm`` warps per SM, each segment at
     least ``min_chunks`` long."""
     if want <= 0:
         if device.type != "cuda":
             return 1, n_chunks
         sms = sm_count(device)
-        if programs >= 2 * sms:
+        if programs >= below * sms:
             return 1, n_chunks
         want = min(cdiv(per_sm * sms // warps, programs), n_chunks // min_chunks)
     want = max(1, min(want, n_chunks))
@@ -446,17 +446,21 @@ def _segments(config: tuple[int, ...], n_chunks: int, programs: int, device: tor
     stage 1, 1,536 programs, 1.88 → 2.19-2.46 ms; L 1024 at batch 24, 576 programs, 1.84 → 2.08-2.16 ms; L 4096 at
     batch 6, 144 programs, 5.55 → 2.49 ms with 32 segments; NOTES-scan.md v5)."""
     want = config[9] if len(config) > 9 else 0
-    return _split(want, n_chunks, programs, config[2], _SEG_WARPS_PER_SM, 8, device)
+    return _split(want, n_chunks, programs, config[2], _SEG_WARPS_PER_SM, 8, 2, device)
 
 
 def _fwd_segments(config: tuple[int, ...], n_chunks: int, programs: int, device: torch.device) -> tuple[int, int]:
     """(segments, chunks per segment) of the forward's split along L, in forward chunks.
 
-    The 12th config number asks for a segment count (0 or absent: choose, by the rule of :func:`_split` with
-    ``_FWD_SEG_WARPS_PER_SM``). A first pass writes each segment's end state from a zero start and its ΣΔ; the
-    chunk pass folds those of the segments before its own into its starting state."""
+    The 12th config number asks for a segment count (0 or absent: choose). A first pass writes each segment's end
+    state from a zero start and its ΣΔ; the chunk pass folds those of the segments before its own into its starting
+    state, so a split costs a second walk over u, Δ and B. Chosen when the unsplit forward has fewer than four
+    programs per SM: then about 32 warps per SM, each segment at least 4 chunks long. H200, N 16, dim 192, K 4
+    (NOTES-scan.md v12): L 2048 at batch 12 (288 programs) 0.54 → 0.37 ms with 16 segments, L 4096 at batch 6
+    1.06 → 0.39 ms with 32; at L 1024 and batch 24 (576 programs) the best split gained 4 %, and at 768 programs
+    and more none gained."""
     want = config[11] if len(config) > 11 else 0
-    return _split(want, n_chunks, programs, config[5], _FWD_SEG_WARPS_PER_SM, 4, device)
+    return _split(want, n_chunks, programs, config[5], _FWD_SEG_WARPS_PER_SM, 4, 4, device)
 
 
 def lane_sum(block_t: int, block_d: int, warps: int, group: int) -> bool:
