@@ -441,12 +441,13 @@ def _segments(config: tuple[int, ...], n_chunks: int, programs: int, device: tor
     """(segments, chunks per segment) of the backward's split along L.
 
     The 10th config number asks for a segment count (0: choose). Chosen only when the unsplit backward has fewer
-    programs than two per SM (long L at small batch): then about 32 one-warp programs per SM, each segment at
+    programs than four per SM (long L at small batch): then about 32 one-warp programs per SM, each segment at
     least 8 chunks long. With more programs the first pass costs more than the added occupancy gains (H200: VMamba-T
-    stage 1, 1,536 programs, 1.88 → 2.19-2.46 ms; L 1024 at batch 24, 576 programs, 1.84 → 2.08-2.16 ms; L 4096 at
-    batch 6, 144 programs, 5.55 → 2.49 ms with 32 segments; NOTES-scan.md v5)."""
+    stage 1, 1,536 programs, 1.88 → 2.19-2.46 ms; L 1024 at batch 24, 576 programs, 1.84 → 2.08-2.16 ms); below,
+    it pays (L 2048 at batch 12, 288 programs, 2.66 → 1.64 ms fwd+bwd with 16 segments, NOTES-scan.md v12; L 4096 at
+    batch 6, 144 programs, 5.55 → 2.49 ms with 32 segments, v5)."""
     want = config[9] if len(config) > 9 else 0
-    return _split(want, n_chunks, programs, config[2], _SEG_WARPS_PER_SM, 8, 2, device)
+    return _split(want, n_chunks, programs, config[2], _SEG_WARPS_PER_SM, 8, 4, device)
 
 
 def _fwd_segments(config: tuple[int, ...], n_chunks: int, programs: int, device: torch.device) -> tuple[int, int]:
@@ -454,11 +455,11 @@ def _fwd_segments(config: tuple[int, ...], n_chunks: int, programs: int, device:
 
     The 12th config number asks for a segment count (0 or absent: choose). A first pass writes each segment's end
     state from a zero start and its ΣΔ; the chunk pass folds those of the segments before its own into its starting
-    state, so a split costs a second walk over u, Δ and B. Chosen when the unsplit forward has fewer than four
-    programs per SM: then about 32 warps per SM, each segment at least 4 chunks long. H200, N 16, dim 192, K 4
-    (NOTES-scan.md v12): L 2048 at batch 12 (288 programs) 0.54 → 0.37 ms with 16 segments, L 4096 at batch 6
-    1.06 → 0.39 ms with 32; at L 1024 and batch 24 (576 programs) the best split gained 4 %, and at 768 programs
-    and more none gained."""
+    state, so a split costs a second walk over u, Δ and B. Chosen, as the backward's, when the unsplit forward has
+    fewer than four programs per SM: then about 32 warps per SM, each segment at least 4 chunks long. H200, N 16,
+    dim 192, K 4 (NOTES-scan.md v12): L 2048 at batch 12 (288 programs) 0.54 → 0.37 ms with 16 segments, L 4096
+    at batch 6 1.06 → 0.39 ms with 32; at L 1024 and batch 24 (576 programs) the best split gained 4 %, and at 768
+    programs and more none gained."""
     want = config[11] if len(config) > 11 else 0
     return _split(want, n_chunks, programs, config[5], _FWD_SEG_WARPS_PER_SM, 4, 4, device)
 
