@@ -613,10 +613,11 @@ def scan_fwd(
             first = {**common, "HAS_Z": False, "SAVE_STATES": False, "STORE_Y": False}
             _scan_fwd_nd_kernel[(n_dblocks, bsz * k, n_seg - 1)](
                 *args[:-2], dummy, dummy, segx, segdt, seqlen, k, dim, n, n_chunks, n_save, bsz, seg_chunks,
-                *strides, CARRY_OUT=True, **shape, **first,
+                *strides, SPLIT=True, CARRY_OUT=True, **shape, **first,
             )  # fmt: skip
         _scan_fwd_nd_kernel[(n_dblocks, bsz * k, n_seg)](
-            *args, segx, segdt, seqlen, k, dim, n, n_chunks, n_save, bsz, seg_chunks, *strides, **shape, **common,
+            *args, segx, segdt, seqlen, k, dim, n, n_chunks, n_save, bsz, seg_chunks, *strides, SPLIT=n_seg > 1,
+            **shape, **common,
         )  # fmt: skip
     return y, states
 

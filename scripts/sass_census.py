@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = [int(v) for v in args.config.split(",")]
     except ValueError:
         cfg = []
-    if not 7 <= len(cfg) <= 11 or min(cfg[:7]) < 1 or args.n < 1 or not register_cap_ok(cfg):
-        print(f"error: --config needs the 7-11 positive integers of the (T, N, D) kernels (an 11th, the register cap, "
+    if not 7 <= len(cfg) <= 12 or min(cfg[:7]) < 1 or args.n < 1 or not register_cap_ok(cfg):
+        print(f"error: --config needs the 7-12 positive integers of the (T, N, D) kernels (an 11th, the register cap, "
               f"0 or 64-255), e.g. 8,32,1,4,32,1,4,0,1, "
               f"and --n >= 1; got --config {args.config} --n {args.n}", file=sys.stderr)  # fmt: skip
         return 2
@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         consts["LANE_SUM"] = lane_sum(cfg[0], cfg[1], warps, consts["GROUP_N"])  # as scan_bwd chooses
     else:
         fn, warps = _scan_fwd_nd_kernel, cfg[5]
-        consts = dict(common, BLOCK_T=cfg[3], BLOCK_D=cfg[4], SAVE_T=cfg[0], SAVE_STATES=True, STORE_Y=True)
+        consts = dict(common, BLOCK_T=cfg[3], BLOCK_D=cfg[4], SAVE_T=cfg[0], SAVE_STATES=True, STORE_Y=True,
+                      SPLIT=False, CARRY_OUT=False)  # the unsplit forward  # fmt: skip
     src = ASTSource(fn=fn, signature=_signature(fn, consts), constexprs=consts)
     options = {"num_warps": warps}
     if args.kernel == "bwd" and len(cfg) > 10 and cfg[10] > 0:  # the backward's register cap, as scan_bwd passes it

@@ -40,7 +40,7 @@ def test_census_counts_by_class_and_finds_the_loop():
     [
         (["--config", "8,32,1"], "error: --config needs"),
         (["--config", "8,x,1,4,32,1,4"], "error: --config needs"),
-        (["--config", "8,32,1,4,32,1,4,0,1,0,128,0"], "error: --config needs"),
+        (["--config", "8,32,1,4,32,1,4,0,1,0,128,0,0"], "error: --config needs"),
         (["--config", "8,32,1,4,32,1,4,0,1,0,300"], "error: --config needs"),
         (["--config", "8,32,1,4,32,1,4", "--n", "0"], "error: --config needs"),
         (["--config", "8,32,1,4,32,1,4", "--json", "/nonexistent-dir/x.json"], "error: --json"),
@@ -74,3 +74,9 @@ def test_compiles_the_n1_backward_for_sm90(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 0 < json.loads(out.read_text())["registers"] <= 128
+    # The forward compiles too (every constexpr of the kernel is given one)
+    cmd[cmd.index("--config") + 1 : cmd.index("--config") + 2] = ["4,32,1,32,32,1,1,1,1", "--kernel", "fwd"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text())
+    assert row["kernel"] == "fwd" and row["registers"] > 0 and row["whole"]["mufu"] > 0

@@ -143,6 +143,28 @@ def test_nd_layout_kernels_match_ref(monkeypatch, seqlen, hw, k, n, ku, extras, 
     _check(y, grads, y_ref, grads_ref, torch.float32)
 
 
+def test_forward_split_at_batch_3_folds_each_images_own_segments(monkeypatch):
+    """The forward split at batch 3 with 4 segments (2+2+2+1 chunks): each program folds the carries of its own
+    image's and order's earlier segments (slot = segment·B·K + image·K + order). Outputs and gradients against the
+    reference; the saved chunk states, also those of the backward's recompute pass (no y), against the unsplit run."""
+    import kernels.triton_scan as ts
+
+    config = (8, 8, 1, 4, 8, 1, 4, 0, 1, 0, 0, 4)
+    monkeypatch.setattr(ts, "scan_config", lambda *args: config)
+    gen = torch.Generator().manual_seed(25)
+    inputs = make_scan_inputs(3, 25, 2, 10, 4, ku=1, generator=gen)
+    orders = make_orders(25, (4, 6), 2, ("w2_flip", "v"))
+    with poisoned_empty():
+        y, grads, dy = scan_with_grads(ts.selective_scan_triton, inputs, orders=orders)
+    y_ref, grads_ref, _ = scan_with_grads(selective_scan_ref, inputs, dy=dy, orders=orders)
+    _check(y, grads, y_ref, grads_ref, torch.float32)
+    args = [inputs[name] for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    unsplit = ts.scan_fwd(*args, True, orders, None, True, config=config[:11] + (1,))[1]
+    for store_y in (True, False):
+        states = ts.scan_fwd(*args, True, orders, None, True, config=config, store_y=store_y)[1]
+        torch.testing.assert_close(states, unsplit, rtol=1e-5, atol=1e-6)
+
+
 def test_split_backward_with_int64_offsets_batch_and_shared_gate(monkeypatch):
     """The split backward and forward at batch 2 with a gate shared by the orders (Kz = 1), on the int64 row-offset
     path the launcher takes for huge slices (forced here), against the reference."""
