@@ -36,9 +36,8 @@ from ._host import cdiv, next_pow2
 __all__ = ["load_scan_configs", "selective_scan_triton", "scan_bwd", "scan_config", "scan_fwd", "set_scan_config"]
 
 _LOG2E = math.log2(math.e)
-# Automatic split of the backward along L: aim for this many one-warp programs per SM (see _segments).
+# Automatic split of the backward and the forward along L: aim for this many warps per SM (see _segments).
 _SEG_WARPS_PER_SM = 32
-_FWD_SEG_WARPS_PER_SM = 32  # the same for the forward's split (see _fwd_segments)
 _HW_LOG2 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on"))
 
 
@@ -461,7 +460,7 @@ def _fwd_segments(config: tuple[int, ...], n_chunks: int, programs: int, device:
     at batch 6 1.06 → 0.39 ms with 32; at L 1024 and batch 24 (576 programs) the best split gained 4 %, and at 768
     programs and more none gained."""
     want = config[11] if len(config) > 11 else 0
-    return _split(want, n_chunks, programs, config[5], _FWD_SEG_WARPS_PER_SM, 4, 4, device)
+    return _split(want, n_chunks, programs, config[5], _SEG_WARPS_PER_SM, 4, 4, device)
 
 
 def lane_sum(block_t: int, block_d: int, warps: int, group: int) -> bool:

@@ -131,6 +131,22 @@ def _load_chunk(
 
 
 @triton.jit
+def _fold_segments(
+    seg_ptr, segdt_ptr, x, A2, first, count, step, slot_stride, pid_bk, DIM, N, nd_off, offs_d, mask_d, mask_nd
+):
+    # x <- end + exp2(A2·ΣΔ)·x over the segments first, first + step, ... (count of them): the state (forward) or the
+    # adjoint carry (backward, step -1) entering a segment, from each earlier-walked segment's own carry with a zero
+    # start (seg_ptr) and its ΣΔ (segdt_ptr), whose exp2(A·log2e·ΣΔ) is that segment's decay product. A segment's
+    # slot is segment·slot_stride + pid_bk.
+    for i in range(0, count):
+        s2 = ((first + i * step) * slot_stride + pid_bk).to(tl.int64)
+        dts = tl.load(segdt_ptr + s2 * DIM + offs_d, mask=mask_d, other=0.0)
+        loc = tl.load(seg_ptr + s2 * DIM * N + nd_off, mask=mask_nd, other=0.0)
+        x = loc + tl.exp2(A2 * dts[None, :]) * x
+    return x
+
+
+@triton.jit
 def _scan_fwd_nd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, orders_ptr, y_ptr, states_ptr, segx_ptr, segdt_ptr,
     L, K, DIM, N, n_chunks, n_save, BATCH, seg_chunks,
@@ -179,12 +195,11 @@ def _scan_fwd_nd_kernel(
     st_base = states_ptr + pid_bk.to(tl.int64) * n_save * DIM * N
     x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if SPLIT and not CARRY_OUT:
-        for j in range(0, seg):
-            s2 = (j * BATCH * K + pid_bk).to(tl.int64)
-            dts = tl.load(segdt_ptr + s2 * DIM + offs_d, mask=mask_d, other=0.0)
-            loc = tl.load(segx_ptr + s2 * DIM * N + nd_off, mask=mask_nd, other=0.0)
-            x = loc + tl.exp2(A2 * dts[None, :]) * x
-    dsum = tl.zeros([BLOCK_D], dtype=tl.float32)
+        x = _fold_segments(
+            segx_ptr, segdt_ptr, x, A2, 0, seg, 1, BATCH * K, pid_bk, DIM, N, nd_off, offs_d, mask_d, mask_nd
+        )
+    if CARRY_OUT:
+        dsum = tl.zeros([BLOCK_D], dtype=tl.float32)
     # Software prefetch: the next chunk's gathered rows are in flight while this chunk computes.
     idx, u, dt, Bt, Ct, zt = _load_chunk(
         orders_ptr, u_base, d_base, b_base, c_base, z_base, k, L, c_lo, s_ul, s_dl, s_bl, s_bn, s_cl, s_cn, s_zl,
@@ -309,11 +324,10 @@ def _scan_bwd_nd_kernel(
             nd_off = offs_d[None, :] * N + offs_n[:, None]
             A2 = tl.load(A_ptr + k * DIM * N + nd_off, mask=mask_nd, other=0.0) * 1.4426950408889634
             x = tl.zeros([GROUP_N, BLOCK_D], dtype=tl.float32)
-            for j in range(0, n_seg - 1 - seg):
-                s2 = (n_seg - 1 - j) * BATCH * K + pid_bk
-                dts = tl.load(segdt_ptr + s2.to(tl.int64) * DIM + offs_d, mask=mask_d, other=0.0)
-                loc = tl.load(segc_ptr + s2.to(tl.int64) * DIM * N + nd_off, mask=mask_nd, other=0.0)
-                x = loc + tl.exp2(A2 * dts[None, :]) * x
+            x = _fold_segments(
+                segc_ptr, segdt_ptr, x, A2, n_seg - 1, n_seg - 1 - seg, -1, BATCH * K, pid_bk, DIM, N, nd_off, offs_d,
+                mask_d, mask_nd,
+            )  # fmt: skip
             if GROUP_N == BLOCK_N:
                 carry_r = x
             else:
