@@ -33,7 +33,8 @@ DEFAULT_MODELS = [
     ("vim_tiny", {}),
     ("vim_tiny", {"shuffle_max": 0.5}),  # SLWS: a shuffle drawn on the device for half of the layers on average
     ("local_fixed_vim_tiny", {}),
-    ("local_vim_tiny", {}),  # the K=4 child of a (randomly initialised) supernet's arch
+    ("local_vim_tiny", {}),  # the K=4 child of a (randomly initialised) supernet's arch, at the supernet's width
+    ("local_vim_tiny", {"embed_dim": 192}),  # the same arch in the registered child (what retrain.train trains)
     ("local_vim_tiny", {"scan_recompute": True}),
     ("local_vim_tiny_search", {"mix": "softmax"}),  # recomputes its scan states (the search models' default)
     ("local_vim_tiny_search", {"mix": "softmax", "scan_recompute": False}),
@@ -62,10 +63,12 @@ def gpu_slug(name: str) -> str:
 
 def _build(name: str, kwargs: dict, img_size: int) -> torch.nn.Module:
     if name == "local_vim_tiny":
-        # A child of the K=8 supernet with the same width as the supernet, so the ratio isolates the K cost.
+        # A child of the K=8 supernet, by default as wide as the supernet (so the ratio isolates the K cost); an
+        # explicit embed_dim gives another width, e.g. the registered child's 192.
         search = timm.create_model("local_vim_tiny_search", img_size=img_size)
         arch = derive_arch(search)
-        return timm.create_model("local_vim_tiny", arch=arch, img_size=img_size, embed_dim=search.embed_dim, **kwargs)
+        kwargs = {"embed_dim": search.embed_dim, **kwargs}
+        return timm.create_model("local_vim_tiny", arch=arch, img_size=img_size, **kwargs)
     if name.startswith("mambaout"):  # timm's MambaOut is fully convolutional: it takes no img_size
         return timm.create_model(name, **kwargs)
     return timm.create_model(name, img_size=img_size, **kwargs)
@@ -165,6 +168,15 @@ def ratios_of(by: dict[str, dict]) -> dict[str, float]:
                     sup["step_ms"] / child["step_ms"]
                 )
                 ratios[f"supernet[{mix}] / child peak memory, defaults"] = sup["peak_mem_gib"] / child["peak_mem_gib"]
+    # Against the registered child (embed_dim 192: the model a search hands to retrain.train).
+    child = by.get("local_vim_tiny[embed_dim=192]")
+    if child:
+        for mix in ("softmax", "hard"):
+            sup = by.get(f"local_vim_tiny_search[mix={mix}]")
+            if sup:
+                tag = f"supernet[{mix}] / registered child (embed_dim 192)"
+                ratios[f"{tag} step time"] = sup["step_ms"] / child["step_ms"]
+                ratios[f"{tag} peak memory"] = sup["peak_mem_gib"] / child["peak_mem_gib"]
     # The same comparison with both models recomputing, and with both keeping, their scan states.
     for tag, c_name, s_name in (
         ("both recompute", "local_vim_tiny[scan_recompute=True]", "local_vim_tiny_search[mix=softmax]"),
