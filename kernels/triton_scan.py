@@ -463,6 +463,24 @@ def _fwd_segments(config: tuple[int, ...], n_chunks: int, programs: int, device:
     return _split(want, n_chunks, programs, config[5], _SEG_WARPS_PER_SM, 4, 4, device)
 
 
+_PACKED_SUMS = [True]
+
+
+def set_packed_channel_sums(enabled: bool) -> None:
+    """Whether the (T, N, D) backward sums dB and dC over channels as packed bf16 pairs when B and C are bf16 (the
+    default; bf16 autocast training). Each term and partial sum is then rounded to bf16: dB's and dC's error against
+    an fp64 reference rose from 1.7e-3 to 4.5e-3 (relative norm) on the Vim-Ti layer, and the N = 16 backward got
+    17-23 % faster on an H200 (benchmarks/NOTES-scan.md v13). ``False`` sums them in fp32 as for other dtypes."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_packed_channel_sums: expected True or False, got {enabled!r}")
+    _PACKED_SUMS[0] = enabled
+
+
+def packed_channel_sums(B: torch.Tensor, C: torch.Tensor, lane_sums: bool) -> bool:
+    """Whether a backward call takes the packed bf16 channel sums (see :func:`set_packed_channel_sums`)."""
+    return _PACKED_SUMS[0] and B.dtype == torch.bfloat16 and C.dtype == torch.bfloat16 and not lane_sums
+
+
 def lane_sum(block_t: int, block_d: int, warps: int, group: int) -> bool:
     """Whether the (T, N, D) backward sums dB and dC across channels as a partial reduce-scatter (``LANE_SUM``).
 
@@ -470,6 +488,11 @@ def lane_sum(block_t: int, block_d: int, warps: int, group: int) -> bool:
     per chunk than lanes (VMamba-T stage 1 backward 1.26 → 1.19 ms on an H200). With 32 (step, state) rows per
     group (N = 16) the full reduce-scatter made the backward 1.84x slower (benchmarks/NOTES-scan.md v7)."""
     return warps == 1 and group == 1 and block_t < block_d <= 32
+
+
+def _bf16x2_asm(device: torch.device) -> bool:
+    """The packed channel sums as PTX (cvt/add .bf16x2) on a GPU; the CPU interpreter runs an integer emulation."""
+    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
 def _needs_int64(seqlen: int, k: int, dim: int, n: int, *tensors: torch.Tensor | None) -> bool:
@@ -726,10 +749,11 @@ def scan_bwd(
                 IDX64=idx64, num_warps=warps,
             )  # fmt: skip
         cap = {"maxnreg": config[10]} if len(config) > 10 and config[10] > 0 else {}
+        lsum = lane_sum(bt, bd, warps, group)
         _scan_bwd_nd_kernel[(n_dblocks, bsz * k, n_seg)](
             *inputs, hbuf, *outputs, segc, segdt, seqlen, k, dim, n, n_chunks, bsz, n_seg, seg_chunks, *strides,
             GROUP_N=group, PREFETCH=prefetch, ONE_DECAY=one_decay, IDX64=idx64,
-            LANE_SUM=lane_sum(bt, bd, warps, group), **cap, **common,
+            LANE_SUM=lsum, PACK_BC=packed_channel_sums(B, C, lsum), BF16X2_ASM=_bf16x2_asm(dev), **cap, **common,
         )  # fmt: skip
     if u.shape[2] != k:
         du = _sum_orders(du)

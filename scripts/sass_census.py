@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=16, help="state size N")
     p.add_argument("--config", required=True, help="a scan_config tuple, e.g. 8,32,1,4,32,1,4,0,1")
     p.add_argument("--z", action="store_true", help="with the z gate")
+    p.add_argument("--fp32-sums", action="store_true", help="the backward's dB/dC channel sums in fp32 (non-bf16 B, C)")
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--dump", default=None, help="write the SASS here")
     p.add_argument("--json", default=None)
@@ -128,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                       PREFETCH=bool(cfg[7]) if len(cfg) > 7 else False,
                       ONE_DECAY=bool(cfg[8]) if len(cfg) > 8 else False)  # fmt: skip
         consts["LANE_SUM"] = lane_sum(cfg[0], cfg[1], warps, consts["GROUP_N"])  # as scan_bwd chooses
+        # bf16 B and C (autocast training) take the packed channel sums; --fp32-sums gives the fp32 ones
+        consts["PACK_BC"] = not args.fp32_sums and not consts["LANE_SUM"]
+        consts["BF16X2_ASM"] = True
     else:
         fn, warps = _scan_fwd_nd_kernel, cfg[5]
         consts = dict(common, BLOCK_T=cfg[3], BLOCK_D=cfg[4], SAVE_T=cfg[0], SAVE_STATES=True, STORE_Y=True,
@@ -149,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.dump, "w") as f:
             f.write(sass)
     row = {"kernel": args.kernel, "n": args.n, "config": cfg, "z": args.z, "arch": f"sm_{args.arch}",
+           "packed_sums": bool(consts.get("PACK_BC", False)),
            "triton": triton.__version__, "registers": int(regs.group(1)) if regs else None,
            "stack_bytes": int(spill.group(1)) if spill else None,
            "whole": census(sass),

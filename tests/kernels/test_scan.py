@@ -16,7 +16,7 @@ from kernels.testing import (
     poisoned_empty,
     scan_with_grads,
 )
-from kernels.triton_scan_nd import _lane_rows, _lane_sums
+from kernels.triton_scan_nd import _add_bf16x2_emulated, _lane_rows, _lane_sums, _pack_bf16x2, _unpack_bf16x2
 
 # (L, grid or None for identity orders, K, N, Ku, has z / D / delta_bias, order names, channels)
 CASES = [
@@ -284,3 +284,74 @@ def test_lane_sums_reduce_scatter_every_row(rows, width):
     _lane_sums_kernel[(1,)](x, out, hits, rows, width)
     torch.testing.assert_close(out, x.sum(1), rtol=1e-6, atol=1e-6)
     assert hits.tolist() == [1] * rows
+
+
+@triton.jit
+def _bf16x2_kernel(a_ptr, b_ptr, c_ptr, d_ptr, out_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    p = _pack_bf16x2(tl.load(a_ptr + offs), tl.load(b_ptr + offs), False)
+    q = _pack_bf16x2(tl.load(c_ptr + offs), tl.load(d_ptr + offs), False)
+    p_hi, p_lo = _unpack_bf16x2(p)
+    s_hi, s_lo = _unpack_bf16x2(_add_bf16x2_emulated(p, q))
+    for i, v in enumerate((p_hi, p_lo, s_hi, s_lo)):
+        tl.store(out_ptr + i * BLOCK + offs, v)
+
+
+def test_bf16x2_emulation_rounds_to_nearest_even():
+    """The interpreter's stand-in for cvt.rn.bf16x2.f32 and add.rn.bf16x2: each half rounds to bf16 as torch does
+    (nearest, ties to even), and a packed add is the fp32 sum of the halves rounded to bf16."""
+    gen = torch.Generator().manual_seed(7)
+    n = 64
+    a, b, c, d = (torch.randn(n, generator=gen) * 10.0 ** torch.randint(-30, 30, (n,), generator=gen) for _ in range(4))
+    # halfway cases: 1 + 2^-8 rounds down to 1, 1 + 3·2^-8 up to 1 + 2^-6, -(1 + 2^-8) to -1, and a subnormal
+    bits = [0x3F808000, 0x3F818000, 0xBF808000 - (1 << 32), 0x00018000]
+    a[:4] = torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+    out = torch.empty(4, n)
+    _bf16x2_kernel[(1,)](a, b, c, d, out, n)
+    bf = [t.to(torch.bfloat16).float() for t in (a, b, c, d)]
+    torch.testing.assert_close(out[0], bf[0], rtol=0, atol=0)
+    torch.testing.assert_close(out[1], bf[1], rtol=0, atol=0)
+    torch.testing.assert_close(out[2], (bf[0] + bf[2]).to(torch.bfloat16).float(), rtol=0, atol=0)
+    torch.testing.assert_close(out[3], (bf[1] + bf[3]).to(torch.bfloat16).float(), rtol=0, atol=0)
+    assert out[0, :3].tolist() == [1.0, 1.015625, -1.0]
+
+
+def test_packed_bf16_channel_sums_match_ref(monkeypatch):
+    """bf16 B and C: the backward sums dB and dC over the channels as packed bf16 pairs (here the interpreter's integer
+    emulation), with groups of 4 states, a split backward and 12 channels over blocks of 8. Against the reference
+    with bf16 tolerances; against the fp32 channel sums (``set_packed_channel_sums(False)``) only dB and dC differ,
+    by bf16 rounding."""
+    import kernels.triton_scan as ts
+
+    config = (4, 8, 1, 4, 8, 1, 4, 0, 1, 2)
+    monkeypatch.setattr(ts, "scan_config", lambda *args: config)
+    gen = torch.Generator().manual_seed(41)
+    inputs = make_scan_inputs(2, 21, 2, 12, 8, ku=1, dtype=torch.bfloat16, generator=gen)
+    orders = make_orders(21, (4, 5), 2, ("w2_flip", "v"))
+    with poisoned_empty():
+        y, grads, dy = scan_with_grads(ts.selective_scan_triton, inputs, orders=orders)
+    y_ref, grads_ref, _ = scan_with_grads(selective_scan_ref, inputs, dy=dy, orders=orders)
+    _check(y, grads, y_ref, grads_ref, torch.bfloat16)
+    monkeypatch.setattr(ts, "_PACKED_SUMS", [False])
+    _, grads32, _ = scan_with_grads(ts.selective_scan_triton, inputs, dy=dy, orders=orders)
+    for name, g in grads.items():
+        if name in ("B", "C"):
+            rel = float((g.float() - grads32[name].float()).norm() / grads32[name].float().norm())
+            assert 0 < rel < 2e-2, (name, rel)
+        else:
+            assert torch.equal(g, grads32[name]), name
+
+
+def test_packed_channel_sums_switch():
+    import kernels.triton_scan as ts
+
+    bf, f32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
+    assert ts.packed_channel_sums(bf, bf, False) and not ts.packed_channel_sums(bf, bf, True)
+    assert not ts.packed_channel_sums(f32, f32, False) and not ts.packed_channel_sums(bf, f32, False)
+    try:
+        ts.set_packed_channel_sums(False)
+        assert not ts.packed_channel_sums(bf, bf, False)
+    finally:
+        ts.set_packed_channel_sums(True)
+    with pytest.raises(TypeError, match="True or False"):
+        ts.set_packed_channel_sums(1)
