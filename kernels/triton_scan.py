@@ -463,14 +463,20 @@ def _fwd_segments(config: tuple[int, ...], n_chunks: int, programs: int, device:
     return _split(want, n_chunks, programs, config[5], _SEG_WARPS_PER_SM, 4, 4, device)
 
 
-_PACKED_SUMS = [True]
+_PACKED_SUMS = [False]
 
 
 def set_packed_channel_sums(enabled: bool) -> None:
-    """Whether the (T, N, D) backward sums dB and dC over channels as packed bf16 pairs when B and C are bf16 (the
-    default; bf16 autocast training). Each term and partial sum is then rounded to bf16: dB's and dC's error against
-    an fp64 reference rose from 1.7e-3 to 4.5e-3 (relative norm) on the Vim-Ti layer, and the N = 16 backward got
-    17-23 % faster on an H200 (benchmarks/NOTES-scan.md v13). ``False`` sums them in fp32 as for other dtypes."""
+    """Opt in (or out again) to a faster, less precise backward: when B and C are bf16, the (T, N, D) backward then
+    sums dB and dC over the channels as packed bf16 pairs (half the shuffles), rounding each term and each partial sum
+    to bf16. Off by default, like TF32 matmuls.
+
+    Measured on an H200 (benchmarks/NOTES-scan.md v13): the N = 16 backward kernel 17-23 % faster (Vim-Ti layer
+    0.945 → 0.783 ms), vim_tiny graph-mode training 2,766 → 3,018 img/s. The price: on the Vim-Ti layer dB's and
+    dC's relative error against an fp64 reference rose from 1.7e-3 to 4.5e-3 (norm), and element-wise they exceed
+    mamba-ssm's bf16 tolerance by up to 4.5× at N = 16 (`kernels.check_gpu`: 7 of the 7 bf16 N = 16 cases fail on dB
+    or dC, where mamba-ssm's own error is 4-30× smaller). Other gradients and other dtypes are unchanged.
+    """
     if not isinstance(enabled, bool):
         raise TypeError(f"set_packed_channel_sums: expected True or False, got {enabled!r}")
     _PACKED_SUMS[0] = enabled

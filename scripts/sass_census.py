@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=16, help="state size N")
     p.add_argument("--config", required=True, help="a scan_config tuple, e.g. 8,32,1,4,32,1,4,0,1")
     p.add_argument("--z", action="store_true", help="with the z gate")
-    p.add_argument("--fp32-sums", action="store_true", help="the backward's dB/dC channel sums in fp32 (non-bf16 B, C)")
+    p.add_argument("--packed-sums", action="store_true", help="the backward's opt-in packed bf16 dB/dC channel sums")
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--dump", default=None, help="write the SASS here")
     p.add_argument("--json", default=None)
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                       PREFETCH=bool(cfg[7]) if len(cfg) > 7 else False,
                       ONE_DECAY=bool(cfg[8]) if len(cfg) > 8 else False)  # fmt: skip
         consts["LANE_SUM"] = lane_sum(cfg[0], cfg[1], warps, consts["GROUP_N"])  # as scan_bwd chooses
-        # bf16 B and C (autocast training) take the packed channel sums; --fp32-sums gives the fp32 ones
-        consts["PACK_BC"] = not args.fp32_sums and not consts["LANE_SUM"]
+        # the opt-in packed bf16 channel sums of dB and dC (kernels.set_packed_channel_sums)
+        consts["PACK_BC"] = args.packed_sums and not consts["LANE_SUM"]
         consts["BF16X2_ASM"] = True
     else:
         fn, warps = _scan_fwd_nd_kernel, cfg[5]

@@ -317,14 +317,15 @@ def test_bf16x2_emulation_rounds_to_nearest_even():
 
 
 def test_packed_bf16_channel_sums_match_ref(monkeypatch):
-    """bf16 B and C: the backward sums dB and dC over the channels as packed bf16 pairs (here the interpreter's integer
-    emulation), with groups of 4 states, a split backward and 12 channels over blocks of 8. Against the reference
-    with bf16 tolerances; against the fp32 channel sums (``set_packed_channel_sums(False)``) only dB and dC differ,
-    by bf16 rounding."""
+    """Opted in with bf16 B and C, the backward sums dB and dC over the channels as packed bf16 pairs (here the
+    interpreter's integer emulation), with groups of 4 states, a split backward and 12 channels over blocks of 8.
+    Against the reference with bf16 tolerances (at this size: 12 channels per sum); against the default fp32 channel
+    sums only dB and dC differ, by bf16 rounding."""
     import kernels.triton_scan as ts
 
     config = (4, 8, 1, 4, 8, 1, 4, 0, 1, 2)
     monkeypatch.setattr(ts, "scan_config", lambda *args: config)
+    monkeypatch.setattr(ts, "_PACKED_SUMS", [True])
     gen = torch.Generator().manual_seed(41)
     inputs = make_scan_inputs(2, 21, 2, 12, 8, ku=1, dtype=torch.bfloat16, generator=gen)
     orders = make_orders(21, (4, 5), 2, ("w2_flip", "v"))
@@ -346,12 +347,12 @@ def test_packed_channel_sums_switch():
     import kernels.triton_scan as ts
 
     bf, f32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
-    assert ts.packed_channel_sums(bf, bf, False) and not ts.packed_channel_sums(bf, bf, True)
-    assert not ts.packed_channel_sums(f32, f32, False) and not ts.packed_channel_sums(bf, f32, False)
+    assert not ts.packed_channel_sums(bf, bf, False)  # off by default
     try:
-        ts.set_packed_channel_sums(False)
-        assert not ts.packed_channel_sums(bf, bf, False)
-    finally:
         ts.set_packed_channel_sums(True)
+        assert ts.packed_channel_sums(bf, bf, False) and not ts.packed_channel_sums(bf, bf, True)
+        assert not ts.packed_channel_sums(f32, f32, False) and not ts.packed_channel_sums(bf, f32, False)
+    finally:
+        ts.set_packed_channel_sums(False)
     with pytest.raises(TypeError, match="True or False"):
         ts.set_packed_channel_sums(1)
