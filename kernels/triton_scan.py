@@ -38,7 +38,9 @@ __all__ = ["load_scan_configs", "selective_scan_triton", "scan_bwd", "scan_confi
 _LOG2E = math.log2(math.e)
 # Automatic split of the backward and the forward along L: aim for this many warps per SM (see _segments).
 _SEG_WARPS_PER_SM = 32
-_HW_LOG2 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on"))
+# Compiled for a GPU, not run by the CPU interpreter: the kernels then use hardware instructions the interpreter has no
+# counterpart for (lg2.approx, the bf16x2 conversions and adds) and fall back to portable code otherwise.
+_COMPILED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on"))
 
 
 @triton.jit
@@ -51,7 +53,7 @@ def _affine_combine(a1, b1, a2, b2):
 def _log2(x):
     # The hardware log2 (lg2.approx) in compiled code; tl.log2 lowers to libdevice's precise one (~50 instructions).
     # The interpreter has no libdevice and takes numpy's.
-    if _HW_LOG2:
+    if _COMPILED:
         return libdevice.fast_log2f(x)
     else:
         return tl.log2(x)
@@ -463,7 +465,7 @@ def _fwd_segments(config: tuple[int, ...], n_chunks: int, programs: int, device:
     return _split(want, n_chunks, programs, config[5], _SEG_WARPS_PER_SM, 4, 4, device)
 
 
-_PACKED_SUMS = [False]
+_PACKED_SUMS = False
 
 
 def set_packed_channel_sums(enabled: bool) -> None:
@@ -477,14 +479,15 @@ def set_packed_channel_sums(enabled: bool) -> None:
     mamba-ssm's bf16 tolerance by up to 4.5× at N = 16 (`kernels.check_gpu`: 7 of the 7 bf16 N = 16 cases fail on dB
     or dC, where mamba-ssm's own error is 4-30× smaller). Other gradients and other dtypes are unchanged.
     """
+    global _PACKED_SUMS
     if not isinstance(enabled, bool):
         raise TypeError(f"set_packed_channel_sums: expected True or False, got {enabled!r}")
-    _PACKED_SUMS[0] = enabled
+    _PACKED_SUMS = enabled
 
 
 def packed_channel_sums(B: torch.Tensor, C: torch.Tensor, lane_sums: bool) -> bool:
     """Whether a backward call takes the packed bf16 channel sums (see :func:`set_packed_channel_sums`)."""
-    return _PACKED_SUMS[0] and B.dtype == torch.bfloat16 and C.dtype == torch.bfloat16 and not lane_sums
+    return _PACKED_SUMS and B.dtype == torch.bfloat16 and C.dtype == torch.bfloat16 and not lane_sums
 
 
 def lane_sum(block_t: int, block_d: int, warps: int, group: int) -> bool:
@@ -494,11 +497,6 @@ def lane_sum(block_t: int, block_d: int, warps: int, group: int) -> bool:
     per chunk than lanes (VMamba-T stage 1 backward 1.26 → 1.19 ms on an H200). With 32 (step, state) rows per
     group (N = 16) the full reduce-scatter made the backward 1.84x slower (benchmarks/NOTES-scan.md v7)."""
     return warps == 1 and group == 1 and block_t < block_d <= 32
-
-
-def _bf16x2_asm(device: torch.device) -> bool:
-    """The packed channel sums as PTX (cvt/add .bf16x2) on a GPU; the CPU interpreter runs an integer emulation."""
-    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
 def _needs_int64(seqlen: int, k: int, dim: int, n: int, *tensors: torch.Tensor | None) -> bool:
@@ -759,7 +757,7 @@ def scan_bwd(
         _scan_bwd_nd_kernel[(n_dblocks, bsz * k, n_seg)](
             *inputs, hbuf, *outputs, segc, segdt, seqlen, k, dim, n, n_chunks, bsz, n_seg, seg_chunks, *strides,
             GROUP_N=group, PREFETCH=prefetch, ONE_DECAY=one_decay, IDX64=idx64,
-            LANE_SUM=lsum, PACK_BC=packed_channel_sums(B, C, lsum), BF16X2_ASM=_bf16x2_asm(dev), **cap, **common,
+            LANE_SUM=lsum, PACK_BC=packed_channel_sums(B, C, lsum), **cap, **common,
         )  # fmt: skip
     if u.shape[2] != k:
         du = _sum_orders(du)

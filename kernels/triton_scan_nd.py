@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .triton_scan import (
+    _COMPILED,
     _affine_combine,
     _load_bwd_rows,
     _sigmoid,
@@ -77,14 +78,20 @@ def _round_bf16_bits(x):
 
 
 @triton.jit
-def _pack_bf16x2(hi, lo, ASM: tl.constexpr):
+def _pack_bf16x2_emulated(hi, lo):
+    # The interpreter's stand-in for cvt.rn.bf16x2.f32 (below).
+    return (_round_bf16_bits(hi) | (_round_bf16_bits(lo) >> 16)).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _pack_bf16x2(hi, lo):
     # Two fp32 tiles rounded to bf16 and packed into one int32 tile: hi in the upper half, lo in the lower.
-    if ASM:
+    if _COMPILED:
         return tl.inline_asm_elementwise(
             "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f", [hi, lo], dtype=tl.int32, is_pure=True, pack=1
         )
     else:
-        return (_round_bf16_bits(hi) | (_round_bf16_bits(lo) >> 16)).to(tl.int32, bitcast=True)
+        return _pack_bf16x2_emulated(hi, lo)
 
 
 @triton.jit
@@ -104,16 +111,16 @@ def _add_bf16x2_emulated(a, b):
     # The interpreter's stand-in for add.rn.bf16x2: fp32 sums of the halves, each rounded to bf16.
     a_hi, a_lo = _unpack_bf16x2(a)
     b_hi, b_lo = _unpack_bf16x2(b)
-    return _pack_bf16x2(a_hi + b_hi, a_lo + b_lo, False)
+    return _pack_bf16x2_emulated(a_hi + b_hi, a_lo + b_lo)
 
 
 @triton.jit
-def _channel_sums_bf16x2(p, q, ASM: tl.constexpr):
+def _channel_sums_bf16x2(p, q):
     # Σ over the channel axis (2) of two (T, G, D) fp32 tiles, as packed bf16 pairs: one shuffle and one HADD2 per pair
     # and butterfly stage where the fp32 sums take two shuffles and two FADDs. Each term and each partial sum is
     # rounded to bf16, hence the opt-in (set_packed_channel_sums).
-    packed = _pack_bf16x2(p, q, ASM)
-    if ASM:
+    packed = _pack_bf16x2(p, q)
+    if _COMPILED:
         sums = tl.reduce(packed, 2, _add_bf16x2_asm)
     else:
         sums = tl.reduce(packed, 2, _add_bf16x2_emulated)
@@ -335,7 +342,7 @@ def _scan_bwd_nd_kernel(
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_ORDERS: tl.constexpr, PREFETCH: tl.constexpr, ONE_DECAY: tl.constexpr = False, IDX64: tl.constexpr = True,
-    LANE_SUM: tl.constexpr = False, PACK_BC: tl.constexpr = False, BF16X2_ASM: tl.constexpr = False,
+    LANE_SUM: tl.constexpr = False, PACK_BC: tl.constexpr = False,
 ):  # fmt: skip
     seg = tl.program_id(2)  # this program's segment of L: chunks [c_lo, c_hi)
     pid_d, pid_bk, b, k, offs_d, offs_g, offs_t, mask_d, c_lo, c_hi, slot = _bwd_program(
@@ -503,7 +510,7 @@ def _scan_bwd_nd_kernel(
                 tl.store(dC_base + o, _lane_sums(tl.reshape(xs * g[:, None, :], (tg, BLOCK_D)), lane), mask=m_o)
             else:
                 if PACK_BC:
-                    dB, dC = _channel_sums_bf16x2(h * dtu[:, None, :], xs * g[:, None, :], BF16X2_ASM)
+                    dB, dC = _channel_sums_bf16x2(h * dtu[:, None, :], xs * g[:, None, :])
                 else:
                     dB = tl.sum(h * dtu[:, None, :], axis=2)
                     dC = tl.sum(xs * g[:, None, :], axis=2)

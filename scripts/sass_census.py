@@ -131,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         consts["LANE_SUM"] = lane_sum(cfg[0], cfg[1], warps, consts["GROUP_N"])  # as scan_bwd chooses
         # the opt-in packed bf16 channel sums of dB and dC (kernels.set_packed_channel_sums)
         consts["PACK_BC"] = args.packed_sums and not consts["LANE_SUM"]
-        consts["BF16X2_ASM"] = True
     else:
         fn, warps = _scan_fwd_nd_kernel, cfg[5]
         consts = dict(common, BLOCK_T=cfg[3], BLOCK_D=cfg[4], SAVE_T=cfg[0], SAVE_STATES=True, STORE_Y=True,

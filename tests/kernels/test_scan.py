@@ -16,7 +16,13 @@ from kernels.testing import (
     poisoned_empty,
     scan_with_grads,
 )
-from kernels.triton_scan_nd import _add_bf16x2_emulated, _lane_rows, _lane_sums, _pack_bf16x2, _unpack_bf16x2
+from kernels.triton_scan_nd import (
+    _add_bf16x2_emulated,
+    _lane_rows,
+    _lane_sums,
+    _pack_bf16x2_emulated,
+    _unpack_bf16x2,
+)
 
 # (L, grid or None for identity orders, K, N, Ku, has z / D / delta_bias, order names, channels)
 CASES = [
@@ -289,8 +295,8 @@ def test_lane_sums_reduce_scatter_every_row(rows, width):
 @triton.jit
 def _bf16x2_kernel(a_ptr, b_ptr, c_ptr, d_ptr, out_ptr, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
-    p = _pack_bf16x2(tl.load(a_ptr + offs), tl.load(b_ptr + offs), False)
-    q = _pack_bf16x2(tl.load(c_ptr + offs), tl.load(d_ptr + offs), False)
+    p = _pack_bf16x2_emulated(tl.load(a_ptr + offs), tl.load(b_ptr + offs))
+    q = _pack_bf16x2_emulated(tl.load(c_ptr + offs), tl.load(d_ptr + offs))
     p_hi, p_lo = _unpack_bf16x2(p)
     s_hi, s_lo = _unpack_bf16x2(_add_bf16x2_emulated(p, q))
     for i, v in enumerate((p_hi, p_lo, s_hi, s_lo)):
@@ -325,7 +331,7 @@ def test_packed_bf16_channel_sums_match_ref(monkeypatch):
 
     config = (4, 8, 1, 4, 8, 1, 4, 0, 1)
     monkeypatch.setattr(ts, "scan_config", lambda *args: config)
-    monkeypatch.setattr(ts, "_PACKED_SUMS", [True])
+    monkeypatch.setattr(ts, "_PACKED_SUMS", True)
     gen = torch.Generator().manual_seed(41)
     inputs = make_scan_inputs(1, 9, 1, 12, 8, dtype=torch.bfloat16, generator=gen)
     orders = make_orders(9, (2, 4), 1, ("w2_flip",))
@@ -333,7 +339,7 @@ def test_packed_bf16_channel_sums_match_ref(monkeypatch):
         y, grads, dy = scan_with_grads(ts.selective_scan_triton, inputs, orders=orders)
     y_ref, grads_ref, _ = scan_with_grads(selective_scan_ref, inputs, dy=dy, orders=orders)
     _check(y, grads, y_ref, grads_ref, torch.bfloat16)
-    monkeypatch.setattr(ts, "_PACKED_SUMS", [False])
+    monkeypatch.setattr(ts, "_PACKED_SUMS", False)
     _, grads32, _ = scan_with_grads(ts.selective_scan_triton, inputs, dy=dy, orders=orders)
     for name, g in grads.items():
         if name in ("B", "C"):
