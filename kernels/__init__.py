@@ -13,7 +13,7 @@ from .ops import (
     validate_scan_inputs,
 )
 from .reference import branch_attn_merge_ref, branch_merge_ref, causal_conv1d_ref, selective_scan_ref
-from .triton_scan import set_packed_channel_sums
+from .triton_scan import set_fixed_channel_sums, set_packed_channel_sums
 
 __all__ = [
     "BACKENDS",
@@ -29,6 +29,7 @@ __all__ = [
     "rms_norm",
     "selective_scan",
     "selective_scan_ref",
+    "set_fixed_channel_sums",
     "set_packed_channel_sums",
     "validate_scan_inputs",
 ]

@@ -159,6 +159,51 @@ def _lane_sums(x, lane):
 
 
 @triton.jit
+def _warp_max_s32(x):
+    # Every lane gets the largest of the 32 lanes' values (redux.sync; the interpreter: a max over the channel axis).
+    if _COMPILED:
+        return tl.inline_asm_elementwise(
+            "redux.sync.max.s32 $0, $1, 0xffffffff;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1
+        )
+    else:
+        return tl.broadcast_to(tl.max(x, axis=0, keep_dims=True), x.shape)
+
+
+@triton.jit
+def _warp_sum_s32(x):
+    # Every lane of a one-warp (V, 32) tile gets each row's sum over the 32 lanes (redux.sync, one per row).
+    if _COMPILED:
+        return tl.inline_asm_elementwise(
+            "redux.sync.add.s32 $0, $1, 0xffffffff;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1
+        )
+    else:
+        return tl.broadcast_to(tl.sum(x, axis=1, keep_dims=True), x.shape)
+
+
+@triton.jit
+def _lane_sums_fixed(x, lane):
+    # Σ over the 32 channels of each of the 32 rows of x (32, 32), one channel per lane of one warp, as exact integer
+    # sums: the tile is scaled by one power of two so that its largest |value| is below 2^22, each value is rounded to
+    # an integer (x·s + 1.5·2^23, whose low mantissa bits then hold it) and each row summed by one redux.sync, which 32
+    # such integers cannot overflow. A term is rounded to 2^-21 of the tile's largest (not to its own ulp) and the sum
+    # loses nothing. Lane j keeps row j, chosen by a tree of selects on its bits; inf or NaN anywhere in the tile gives
+    # NaN. Returns (1, 32), as _lane_sums does for this shape (see _lane_rows).
+    V: tl.constexpr = x.shape[0]
+    W: tl.constexpr = x.shape[1]
+    tl.static_assert(V == 32 and W == 32, "_lane_sums_fixed: 32 rows over one warp, one channel per lane")
+    # the largest |x| as bits (integer order is float order for |x|, NaN above inf): |x| < 2^(e - 126), e its exponent
+    big = _warp_max_s32(tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=0))
+    e = tl.maximum((big >> 23) & 0xFF, 22)
+    scale = ((275 - e) << 23).to(tl.float32, bitcast=True)  # 2^(148 - e)
+    unscale = tl.where(e < 255, ((e - 21) << 23).to(tl.float32, bitcast=True), float("nan"))
+    sums = _warp_sum_s32((x * scale[None, :] + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000)
+    for s in tl.static_range(4, -1, -1):  # keep the half of the rows named by bit s of the lane
+        lo, hi = tl.split(tl.permute(tl.reshape(sums, (2, sums.shape[0] // 2, W)), (1, 2, 0)))
+        sums = tl.where(((lane & (1 << s)) != 0)[None, :], hi, lo)
+    return sums.to(tl.float32) * unscale[None, :]
+
+
+@triton.jit
 def _lane_rows(lane, V: tl.constexpr, W: tl.constexpr):
     # For _lane_sums of a (V, W) tile: the row index each (entry, channel) holds, and whether this channel is the one
     # that stores it (with fewer rows than channels, W / V channels hold each sum).
@@ -342,7 +387,7 @@ def _scan_bwd_nd_kernel(
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_ORDERS: tl.constexpr, PREFETCH: tl.constexpr, ONE_DECAY: tl.constexpr = False, IDX64: tl.constexpr = True,
-    LANE_SUM: tl.constexpr = False, PACK_BC: tl.constexpr = False,
+    LANE_SUM: tl.constexpr = False, PACK_BC: tl.constexpr = False, FIXED_SUM: tl.constexpr = False,
 ):  # fmt: skip
     seg = tl.program_id(2)  # this program's segment of L: chunks [c_lo, c_hi)
     pid_d, pid_bk, b, k, offs_d, offs_g, offs_t, mask_d, c_lo, c_hi, slot = _bwd_program(
@@ -395,7 +440,7 @@ def _scan_bwd_nd_kernel(
                 tl.store(h_base + nd_off, x, mask=mask_nd)
     # LANE_SUM: the channel sums of dB and dC reduce-scattered across the lanes (_lane_sums); which (step, state)
     # each lane's sums belong to is the same in every chunk and group.
-    if LANE_SUM:
+    if LANE_SUM or FIXED_SUM:
         lane = tl.arange(0, BLOCK_D)
         rows, owner = _lane_rows(lane, BLOCK_T * GROUP_N, BLOCK_D)
         row_t = rows // GROUP_N
@@ -448,7 +493,7 @@ def _scan_bwd_nd_kernel(
             g = dy * zt * sz
         else:
             g = dy
-        if LANE_SUM:
+        if LANE_SUM or FIXED_SUM:
             t_r = c * BLOCK_T + row_t
             m_r = owner & (t_r < L)
             o_r = _token_index(orders_ptr, k, L, t_r, m_r, HAS_ORDERS, IDX64) * (K * N) + row_g
@@ -502,12 +547,18 @@ def _scan_bwd_nd_kernel(
             else:
                 dA_old = tl.load(dA_base + nd_off, mask=mask_nd, other=0.0)
                 tl.store(dA_base + nd_off, dA_old + tl.sum(w * dt[:, None, :], axis=0), mask=mask_nd)
-            if LANE_SUM:
+            if LANE_SUM or FIXED_SUM:
                 o = o_r + n0
                 m_o = m_r & (n0 + row_g < N)
                 tg: tl.constexpr = BLOCK_T * GROUP_N
-                tl.store(dB_base + o, _lane_sums(tl.reshape(h * dtu[:, None, :], (tg, BLOCK_D)), lane), mask=m_o)
-                tl.store(dC_base + o, _lane_sums(tl.reshape(xs * g[:, None, :], (tg, BLOCK_D)), lane), mask=m_o)
+                pB = tl.reshape(h * dtu[:, None, :], (tg, BLOCK_D))
+                pC = tl.reshape(xs * g[:, None, :], (tg, BLOCK_D))
+                if FIXED_SUM:
+                    tl.store(dB_base + o, _lane_sums_fixed(pB, lane), mask=m_o)
+                    tl.store(dC_base + o, _lane_sums_fixed(pC, lane), mask=m_o)
+                else:
+                    tl.store(dB_base + o, _lane_sums(pB, lane), mask=m_o)
+                    tl.store(dC_base + o, _lane_sums(pC, lane), mask=m_o)
             else:
                 if PACK_BC:
                     dB, dC = _channel_sums_bf16x2(h * dtu[:, None, :], xs * g[:, None, :])

@@ -24,15 +24,17 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.triton_scan import lane_sum, register_cap_ok
+from kernels.triton_scan import fixed_channel_sums, lane_sum, register_cap_ok
 from kernels.triton_scan_nd import _scan_bwd_nd_kernel, _scan_fwd_nd_kernel
 
 _CLASSES = {
     "shfl": ("SHFL",),
+    "redux": ("REDUX",),
     "mufu": ("MUFU",),
     "fp32": ("FADD", "FMUL", "FFMA", "FMNMX", "FSETP", "FSEL", "FCHK"),
     "int": ("IADD3", "IMAD", "LEA", "LOP3", "SHF", "ISETP", "IABS", "IMNMX", "PRMT", "SGXT"),
@@ -105,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="a scan_config tuple, e.g. 8,32,1,4,32,1,4,0,1")
     p.add_argument("--z", action="store_true", help="with the z gate")
     p.add_argument("--packed-sums", action="store_true", help="the backward's opt-in packed bf16 dB/dC channel sums")
+    p.add_argument("--butterfly-sums", action="store_true",
+                   help="fp32 shuffle sums of dB/dC, as kernels.set_fixed_channel_sums(False)")  # fmt: skip
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--dump", default=None, help="write the SASS here")
     p.add_argument("--json", default=None)
@@ -128,9 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         consts = dict(common, BLOCK_T=cfg[0], BLOCK_D=cfg[1], GROUP_N=min(cfg[6], common["BLOCK_N"]),
                       PREFETCH=bool(cfg[7]) if len(cfg) > 7 else False,
                       ONE_DECAY=bool(cfg[8]) if len(cfg) > 8 else False)  # fmt: skip
-        consts["LANE_SUM"] = lane_sum(cfg[0], cfg[1], warps, consts["GROUP_N"])  # as scan_bwd chooses
-        # the opt-in packed bf16 channel sums of dB and dC (kernels.set_packed_channel_sums)
+        # as scan_bwd chooses: the reduce-scatter (N = 1), the opt-in packed bf16 sums, or the fixed-point sums
+        consts["LANE_SUM"] = lane_sum(cfg[0], cfg[1], warps, consts["GROUP_N"])
         consts["PACK_BC"] = args.packed_sums and not consts["LANE_SUM"]
+        consts["FIXED_SUM"] = (
+            not args.butterfly_sums
+            and not consts["PACK_BC"]
+            and fixed_channel_sums(cfg[0], cfg[1], warps, consts["GROUP_N"], torch.device("cpu"))
+        )
     else:
         fn, warps = _scan_fwd_nd_kernel, cfg[5]
         consts = dict(common, BLOCK_T=cfg[3], BLOCK_D=cfg[4], SAVE_T=cfg[0], SAVE_STATES=True, STORE_Y=True,
@@ -152,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.dump, "w") as f:
             f.write(sass)
     row = {"kernel": args.kernel, "n": args.n, "config": cfg, "z": args.z, "arch": f"sm_{args.arch}",
-           "packed_sums": bool(consts.get("PACK_BC", False)),
+           "packed_sums": bool(consts.get("PACK_BC", False)), "fixed_sums": bool(consts.get("FIXED_SUM", False)),
            "triton": triton.__version__, "registers": int(regs.group(1)) if regs else None,
            "stack_bytes": int(spill.group(1)) if spill else None,
            "whole": census(sass),
