@@ -181,6 +181,11 @@ def _warp_sum_s32(x):
 
 
 @triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _lane_sums_fixed(x, lane):
     # Σ over the 32 channels of each of the 32 rows of x (32, 32), one channel per lane of one warp, as exact integer
     # sums: the tile is scaled by one power of two so that its largest |value| is below 2^22, each value is rounded to
@@ -191,8 +196,8 @@ def _lane_sums_fixed(x, lane):
     V: tl.constexpr = x.shape[0]
     W: tl.constexpr = x.shape[1]
     tl.static_assert(V == 32 and W == 32, "_lane_sums_fixed: 32 rows over one warp, one channel per lane")
-    # the largest |x| as bits (integer order is float order for |x|, NaN above inf): |x| < 2^(e - 126), e its exponent
-    big = _warp_max_s32(tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=0))
+    # the largest |x| (NaN if any), as bits: |x| < 2^(e - 126), e its exponent; NaN's bits sort above inf's
+    big = _warp_max_s32(tl.reduce(tl.abs(x), 0, _max_nan).to(tl.int32, bitcast=True))
     e = tl.maximum((big >> 23) & 0xFF, 22)
     scale = ((275 - e) << 23).to(tl.float32, bitcast=True)  # 2^(148 - e)
     unscale = tl.where(e < 255, ((e - 21) << 23).to(tl.float32, bitcast=True), float("nan"))

@@ -2,7 +2,8 @@
 reductions (``kernels.set_fixed_channel_sums``) and packed bf16 pairs (``kernels.set_packed_channel_sums``).
 
 Device kernel time of the backward (torch.profiler), and for the Vim-Ti layer the relative error of every gradient
-against the PyTorch reference run in fp64 on the same inputs. Writes ``$OUT/fixed_sums.json``.
+against the PyTorch reference run in fp64 on the same inputs. Writes ``$OUT/fixed_sums.json`` (``SHAPES="a b"``: only
+those rows).
 
     GIT_COMMIT=<sha> python benchmarks/fixed_sums_h200/fixed_sums.py
 """
@@ -28,6 +29,10 @@ SHAPES = [
     ("len3136_b32", 32, 192, 3136, 16, 4, (56, 56), False, False),
     ("vmamba_t_s1", 128, 192, 3136, 1, 4, (56, 56), False, False),
     ("vmamba_t_s3", 128, 768, 196, 1, 4, (14, 14), False, False),
+    # the z gate swapped: does the gain follow L or the gate?
+    ("vim_ti_noz", 128, 384, 197, 16, 2, (14, 14), False, False),
+    ("len2048_b12_z", 12, 192, 2048, 16, 4, (32, 64), True, False),
+    ("len784_b32_z", 32, 192, 784, 16, 4, (28, 28), True, False),
 ]
 MODES = {"butterfly": (False, False), "fixed": (True, False), "packed": (False, True)}
 ORDERS = ("h", "v", "h_flip", "v_flip", "w2", "w2_flip", "w7", "w7_flip")
@@ -35,7 +40,10 @@ ORDERS = ("h", "v", "h_flip", "v_flip", "w2", "w2_flip", "w7", "w7_flip")
 
 def main() -> None:
     out = {**env_info(os.environ.get("GIT_COMMIT")), "rows": []}
+    only = os.environ.get("SHAPES", "").split()
     for name, batch, dim, L, n, k, hw, z, truth in SHAPES:
+        if only and name not in only:
+            continue
         torch.manual_seed(0)
         inp = make_scan_inputs(batch, L, k, dim, n, ku=1, dtype=torch.bfloat16, device="cuda", has_z=z)
         orders = make_orders(L, hw, k, ORDERS[:k]).cuda().to(torch.int32)
