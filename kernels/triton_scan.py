@@ -494,15 +494,16 @@ _FIXED_SUMS = True
 
 
 def set_fixed_channel_sums(enabled: bool) -> None:
-    """Switch the backward's fixed-point channel sums of dB and dC (on by default) off or on again.
+    """Switch the backward's fixed-point channel sums of dB and dC (on by default) off, or on again.
 
-    Where the (T, N, D) backward runs one warp of 32 channels with 32 (step, state) rows per state group (N = 16 by
-    default), on a GPU of compute capability 8.0 or newer, dB and dC are summed over the channels as integers: each
-    term scaled by the tile's power of two and rounded to 2^-21 of the tile's largest, each row summed exactly by one
-    ``redux.sync`` (66 per group and chunk, in place of 320 shuffles). Measured on an H200 (benchmarks/NOTES-scan.md
-    v14): the backward kernel 11-17 % faster at L 2048 and 3136, the same time on the Vim-Ti and LocalVim-T supernet
-    layers; dB's and dC's error against an fp64 reference is that of the fp32 shuffle sums at bf16. Off, the butterfly
-    sums run as before. The packed bf16 sums (:func:`set_packed_channel_sums`), when opted into, take precedence.
+    They apply where B and C are bf16 or fp16 and the (T, N, D) backward runs one warp of 32 channels with 32
+    (step, state) rows per state group (N = 16 by default), on a GPU of compute capability 8.0 or newer: each term is
+    scaled by the tile's power of two and rounded to 2^-21 of the tile's largest, and each row is summed exactly by
+    one ``redux.sync`` (66 per group and chunk, in place of 320 shuffles). Measured on an H200 (benchmarks/NOTES-scan.md
+    v14): the backward kernel 4-16 % faster (Vim-Ti layer 0.94 → 0.87 ms), vim_tiny graph-mode training +3.6 %; dB's
+    and dC's error against an fp64 reference is that of the fp32 shuffle sums (bf16 rounding dominates both). fp32 B
+    and C keep the shuffle sums, whose error is smaller than this rounding. The opt-in packed bf16 sums
+    (:func:`set_packed_channel_sums`) take precedence.
     """
     global _FIXED_SUMS
     if not isinstance(enabled, bool):
@@ -510,15 +511,23 @@ def set_fixed_channel_sums(enabled: bool) -> None:
     _FIXED_SUMS = enabled
 
 
-def fixed_channel_sums(block_t: int, block_d: int, warps: int, group: int, device: torch.device) -> bool:
+def fixed_channel_sums(
+    block_t: int, block_d: int, warps: int, group: int, B: torch.Tensor, C: torch.Tensor, packed: bool = False
+) -> bool:
     """Whether a (T, N, D) backward call takes the fixed-point channel sums (see :func:`set_fixed_channel_sums`)."""
     return (
         _FIXED_SUMS
+        and not packed
+        and B.dtype in _HALF
+        and C.dtype in _HALF
         and warps == 1
         and block_d == 32
         and block_t * group == 32
-        and (device.type != "cuda" or _capability(device)[0] >= 8)
+        and (B.device.type != "cuda" or _capability(B.device)[0] >= 8)
     )
+
+
+_HALF = (torch.bfloat16, torch.float16)
 
 
 @functools.cache
@@ -795,7 +804,7 @@ def scan_bwd(
         cap = {"maxnreg": config[10]} if len(config) > 10 and config[10] > 0 else {}
         lsum = lane_sum(bt, bd, warps, group)
         packed = packed_channel_sums(B, C, lsum)
-        fixed = not packed and fixed_channel_sums(bt, bd, warps, group, dev)
+        fixed = fixed_channel_sums(bt, bd, warps, group, B, C, packed)
         _scan_bwd_nd_kernel[(n_dblocks, bsz * k, n_seg)](
             *inputs, hbuf, *outputs, segc, segdt, seqlen, k, dim, n, n_chunks, bsz, n_seg, seg_chunks, *strides,
             GROUP_N=group, PREFETCH=prefetch, ONE_DECAY=one_decay, IDX64=idx64,

@@ -132,13 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         consts = dict(common, BLOCK_T=cfg[0], BLOCK_D=cfg[1], GROUP_N=min(cfg[6], common["BLOCK_N"]),
                       PREFETCH=bool(cfg[7]) if len(cfg) > 7 else False,
                       ONE_DECAY=bool(cfg[8]) if len(cfg) > 8 else False)  # fmt: skip
-        # as scan_bwd chooses: the reduce-scatter (N = 1), the opt-in packed bf16 sums, or the fixed-point sums
+        # as scan_bwd chooses for bf16 B and C: the reduce-scatter (N = 1), the opt-in packed sums, or the fixed-point
+        bf16 = torch.empty(0, dtype=torch.bfloat16)
         consts["LANE_SUM"] = lane_sum(cfg[0], cfg[1], warps, consts["GROUP_N"])
         consts["PACK_BC"] = args.packed_sums and not consts["LANE_SUM"]
         consts["FIXED_SUM"] = (
             not args.butterfly_sums
             and not consts["PACK_BC"]
-            and fixed_channel_sums(cfg[0], cfg[1], warps, consts["GROUP_N"], torch.device("cpu"))
+            and fixed_channel_sums(cfg[0], cfg[1], warps, consts["GROUP_N"], bf16, bf16)
         )
     else:
         fn, warps = _scan_fwd_nd_kernel, cfg[5]

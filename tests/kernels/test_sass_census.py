@@ -74,6 +74,15 @@ def test_compiles_the_n1_backward_for_sm90(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 0 < json.loads(out.read_text())["registers"] <= 128
+    # N = 16 sums dB/dC as fixed point by redux.sync (32 rows per group: 2 x 32 sums and 2 maxima), no shuffles;
+    # with --butterfly-sums, 2 x 32 rows x 5 butterfly stages of shuffles
+    cmd[cmd.index("--n") + 1], cmd[cmd.index("--config") + 1] = "16", "8,32,1,4,32,1,4,0,1"
+    for extra, redux, shfl in (([], 66, 0), (["--butterfly-sums"], 0, 320)):
+        proc = subprocess.run(cmd + extra, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        row = json.loads(out.read_text())
+        assert (row["whole"]["redux"], row["whole"]["shfl"], row["fixed_sums"]) == (redux, shfl, not extra), row
+    cmd[cmd.index("--n") + 1] = "1"
     # The forward compiles too (every constexpr of the kernel is given one)
     cmd[cmd.index("--config") + 1 : cmd.index("--config") + 2] = ["4,32,1,32,32,1,1,1,1", "--kernel", "fwd"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -330,17 +330,18 @@ def test_lane_sums_fixed_exact():
 
 
 def test_fixed_channel_sums_match_ref(monkeypatch):
-    """By default the backward with 32 (step, state) rows per group on one warp of 32 channels sums dB and dC as fixed
-    point (here 8 steps x 4 states, 37 channels over blocks of 32, a partial chunk). fp32: against the reference with
-    fp32 tolerances; against the fp32 shuffle sums (set_fixed_channel_sums(False)) only dB and dC differ, by < 2e-6."""
+    """The fixed-point channel sums of dB and dC in the backward (32 (step, state) rows per group on one warp of 32
+    channels: here 8 steps x 4 states, 37 channels over blocks of 32, a partial chunk), taken here with fp32 B and C
+    (by default only half-precision ones take them) to see their own error: against the reference with fp32
+    tolerances; against the fp32 shuffle sums only dB and dC differ, by < 2e-6."""
     import kernels.triton_scan as ts
 
     config = (8, 32, 1, 4, 32, 1, 4, 0, 1)
     monkeypatch.setattr(ts, "scan_config", lambda *args: config)
+    monkeypatch.setattr(ts, "_HALF", (torch.float32,))
     gen = torch.Generator().manual_seed(43)
     inputs = make_scan_inputs(1, 11, 2, 37, 8, ku=1, generator=gen)
     orders = make_orders(11, (1, 11), 2, ("h", "h_flip"))
-    assert ts.fixed_channel_sums(8, 32, 1, 4, torch.device("cpu"))
     with poisoned_empty():
         y, grads, dy = scan_with_grads(ts.selective_scan_triton, inputs, orders=orders)
     y_ref, grads_ref, _ = scan_with_grads(selective_scan_ref, inputs, dy=dy, orders=orders)
@@ -355,18 +356,47 @@ def test_fixed_channel_sums_match_ref(monkeypatch):
             assert torch.equal(g, grads32[name]), name
 
 
-def test_fixed_channel_sums_switch():
-    import kernels.triton_scan as ts
+class _LaunchSpy:
+    """Stands in for a Triton kernel: records each launch's keyword arguments, then launches the kernel."""
 
-    cpu = torch.device("cpu")
-    assert ts.fixed_channel_sums(8, 32, 1, 4, cpu) and ts.fixed_channel_sums(4, 32, 1, 8, cpu)  # on by default
-    assert not ts.fixed_channel_sums(4, 32, 1, 1, cpu)  # N = 1: the reduce-scatter
-    assert not ts.fixed_channel_sums(8, 64, 2, 4, cpu) and not ts.fixed_channel_sums(8, 16, 1, 4, cpu)
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def test_fixed_channel_sums_switch(monkeypatch):
+    """On by default for bf16/fp16 B and C on eligible tiles (the launch gets FIXED_SUM), not for fp32 B or C, other
+    tiles, the opt-in packed sums, or once switched off; a bf16 scan through them matches the reference."""
+    import kernels.triton_scan as ts
+    import kernels.triton_scan_nd as nd
+
+    bf, f32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
+    assert ts.fixed_channel_sums(8, 32, 1, 4, bf, bf) and ts.fixed_channel_sums(4, 32, 1, 8, bf, bf.half())
+    assert not ts.fixed_channel_sums(8, 32, 1, 4, f32, f32) and not ts.fixed_channel_sums(8, 32, 1, 4, bf, f32)
+    assert not ts.fixed_channel_sums(4, 32, 1, 1, bf, bf)  # N = 1: the reduce-scatter
+    assert not ts.fixed_channel_sums(8, 64, 2, 4, bf, bf) and not ts.fixed_channel_sums(8, 16, 1, 4, bf, bf)
+    assert not ts.fixed_channel_sums(8, 32, 1, 4, bf, bf, packed=True)
+    spy = _LaunchSpy(nd._scan_bwd_nd_kernel)
+    monkeypatch.setattr(nd, "_scan_bwd_nd_kernel", spy)
+    monkeypatch.setattr(ts, "scan_config", lambda *args: (8, 32, 1, 4, 32, 1, 4, 0, 1))
+    inputs = make_scan_inputs(1, 9, 1, 32, 16, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(47))
+    y, grads, dy = scan_with_grads(ts.selective_scan_triton, inputs)
+    y_ref, grads_ref, _ = scan_with_grads(selective_scan_ref, inputs, dy=dy)
+    _check(y, grads, y_ref, grads_ref, torch.bfloat16)
     try:
         ts.set_fixed_channel_sums(False)
-        assert not ts.fixed_channel_sums(8, 32, 1, 4, cpu)
+        assert not ts.fixed_channel_sums(8, 32, 1, 4, bf, bf)
+        scan_with_grads(ts.selective_scan_triton, inputs, dy=dy)
     finally:
         ts.set_fixed_channel_sums(True)
+    scan_with_grads(ts.selective_scan_triton, {n: t.float() if t is not None else t for n, t in inputs.items()}, dy=dy)
+    assert [c["FIXED_SUM"] for c in spy.calls] == [True, False, False]
     with pytest.raises(TypeError, match="True or False"):
         ts.set_fixed_channel_sums(0)
 
