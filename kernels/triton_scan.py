@@ -473,11 +473,13 @@ def set_packed_channel_sums(enabled: bool) -> None:
     sums dB and dC over the channels as packed bf16 pairs (half the shuffles), rounding each term and each partial sum
     to bf16. Off by default, like TF32 matmuls.
 
-    Measured on an H200 (benchmarks/NOTES-scan.md v13): the N = 16 backward kernel 17-23 % faster (Vim-Ti layer
-    0.945 → 0.783 ms), vim_tiny graph-mode training 2,766 → 3,018 img/s. The price: on the Vim-Ti layer dB's and
-    dC's relative error against an fp64 reference rose from 1.7e-3 to 4.5e-3 (norm), and element-wise they exceed
-    mamba-ssm's bf16 tolerance by up to 4.5× at N = 16 (`kernels.check_gpu`: 7 of the 7 bf16 N = 16 cases fail on dB
-    or dC, where mamba-ssm's own error is 4-30× smaller). Other gradients and other dtypes are unchanged.
+    Measured on an H200 (benchmarks/NOTES-scan.md v13) against the fp32 shuffle sums, the default then: the N = 16
+    backward kernel 17-23 % faster (Vim-Ti layer 0.945 → 0.783 ms; the fixed-point sums of
+    :func:`set_fixed_channel_sums`, the default now, take 0.87 ms), vim_tiny graph-mode training 2,766 → 3,018 img/s.
+    The price: on the Vim-Ti layer dB's and dC's relative error against an fp64 reference rose from 1.7e-3 to 4.5e-3
+    (norm), and element-wise they exceed mamba-ssm's bf16 tolerance by up to 4.5× at N = 16 (`kernels.check_gpu`: 7 of
+    the 7 bf16 N = 16 cases fail on dB or dC, where mamba-ssm's own error is 4-30× smaller). Other gradients and other
+    dtypes are unchanged.
     """
     global _PACKED_SUMS
     if not isinstance(enabled, bool):

@@ -11,10 +11,13 @@ axis, so that path's only cross-lane work is the channel sum of dB and dC. For N
 :func:`kernels.triton_scan.lane_sum`) that sum is a partial reduce-scatter (``_lane_sums``, LANE_SUM): 4 rows over 32
 lanes take 12 shuffles where four butterfly sums take 20 (VMamba-T stage 1 backward 1.26 → 1.19 ms on an H200). With
 32 rows (N = 16) the full reduce-scatter made the backward slower (3.70 → 6.80 ms, with (N, D)-ordered buffers;
-benchmarks/NOTES-scan.md v7), so every other shape keeps the butterfly sums. Opt-in
-(:func:`kernels.set_packed_channel_sums`), with bf16 B and C those sums run on packed bf16 pairs (PACK_BC: dB and dC
-in one 32-bit register, one shuffle and one ``add.rn.bf16x2`` per pair and stage): half the shuffles, the N = 16
-backward 17-23 % faster on an H200, and dB, dC less precise than mamba-ssm's tolerance allows (v13).
+benchmarks/NOTES-scan.md v7). With 32 rows on one warp of 32 channels and bf16/fp16 B and C, the default (FIXED_SUM,
+:func:`kernels.set_fixed_channel_sums`) sums them exactly as integers, one ``redux.sync`` per row after one
+power-of-two scale per tile (``_lane_sums_fixed``; Vim-Ti layer backward 0.94 → 0.87 ms on an H200, v14); every other
+shape keeps the butterfly sums. Opt-in (:func:`kernels.set_packed_channel_sums`), with bf16 B and C those sums run on
+packed bf16 pairs (PACK_BC: dB and dC in one 32-bit register, one shuffle and one ``add.rn.bf16x2`` per pair and
+stage): half the shuffles, the N = 16 backward 17-23 % faster than the butterfly on an H200, and dB, dC less precise
+than mamba-ssm's tolerance allows (v13).
 
 Same arguments, buffers and semantics as the kernels in :mod:`kernels.triton_scan`; chunk-start states are saved
 every ``SAVE_T`` steps (the backward's chunk); the forward's own chunk ``BLOCK_T`` may be shorter or longer (the
