@@ -49,6 +49,7 @@ from retrain.config import resolve_config, run_cli, save_config
 from retrain.data import build_dataset, build_loader, split_train
 from retrain.engine import (
     COMPILE_MODES,
+    SCAN_SUMS,
     BadStepGuard,
     RunLogger,
     StopFlag,
@@ -63,6 +64,7 @@ from retrain.engine import (
     print_rank0,
     seed_everything,
     set_rng_state,
+    set_scan_sums,
 )
 
 __all__ = ["ALGOS", "DEFAULTS", "arch_param_groups", "build_supernet", "gdas_tau", "main", "weight_param_groups"]
@@ -109,6 +111,7 @@ DEFAULTS: dict[str, Any] = {
     "smoothing": 0.0,
     "amp": True,
     "compile": "",  # torch.compile mode for the supernet's forward ("" = eager; e.g. default, reduce-overhead)
+    "scan_sums": "fixed",  # the scan backward's dB/dC channel sums (GPU, bf16): fixed (exact) | butterfly | packed
     "rollback_after": 5,  # non-finite steps in a row that roll back to the last checkpoint (0 = never)
     "max_bad_steps": 20,  # non-finite steps in all (each is skipped) after which the search stops
     # run
@@ -282,6 +285,7 @@ def _check_values(cfg: dict[str, Any]) -> None:
         ("max_bad_steps", cfg["max_bad_steps"] >= 1, ">= 1"),
         ("dist_timeout", cfg["dist_timeout"] > 0, "> 0"),
         ("compile", cfg["compile"] in COMPILE_MODES, "a value among " + ", ".join(repr(m) for m in COMPILE_MODES)),
+        ("scan_sums", cfg["scan_sums"] in SCAN_SUMS, "a value among " + ", ".join(repr(m) for m in SCAN_SUMS)),
     ]
     for key, ok, want in checks:
         if not ok:
@@ -339,6 +343,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     """
     cfg = resolve_config(DEFAULTS, overrides=cfg)
     _check_values(cfg)
+    set_scan_sums(cfg["scan_sums"])
     dinfo = init_distributed(cfg["device"], cfg["dist_timeout"])
     device, amp_dtype = dinfo.device, amp_dtype_for(dinfo.device, cfg["amp"])
     experiment = cfg["experiment"] or f"{cfg['model']}-{cfg['algo']}-{cfg['dataset']}-s{cfg['seed']}"

@@ -46,12 +46,29 @@ __all__ = [
     "rng_state",
     "seed_everything",
     "set_rng_state",
+    "set_scan_sums",
     "unwrap_model",
 ]
 
 
 # torch.compile's modes ("" = eager). reduce-overhead also replays the compiled forward and backward as CUDA graphs.
 COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+# How the scan backward sums dB and dC over channels (kernels.set_fixed_channel_sums / set_packed_channel_sums):
+# "fixed" exact integer sums (the default), "butterfly" fp32 shuffles, "packed" bf16 pairs (faster, less precise).
+SCAN_SUMS = ("fixed", "butterfly", "packed")
+
+
+def set_scan_sums(mode: str) -> None:
+    """Select the scan backward's channel sums for this process (see :data:`SCAN_SUMS`); only GPU runs with bf16/fp16
+    B and C take them, so on the CPU this changes nothing."""
+    import kernels
+
+    if mode not in SCAN_SUMS:
+        raise ValueError(f"--scan-sums {mode!r} is not known; use one of {', '.join(SCAN_SUMS)}")
+    kernels.set_fixed_channel_sums(mode == "fixed")
+    kernels.set_packed_channel_sums(mode == "packed")
 
 
 def seed_everything(seed: int) -> None:

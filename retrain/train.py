@@ -52,6 +52,7 @@ from retrain.config import resolve_config, run_cli, save_config
 from retrain.data import DatasetInfo, build_dataset, build_loader, split_train
 from retrain.engine import (
     COMPILE_MODES,
+    SCAN_SUMS,
     BadStepGuard,
     RunLogger,
     StopFlag,
@@ -65,6 +66,7 @@ from retrain.engine import (
     print_rank0,
     seed_everything,
     set_rng_state,
+    set_scan_sums,
     unwrap_model,
 )
 
@@ -107,6 +109,7 @@ DEFAULTS: dict[str, Any] = {
     "model_ema_decay": 0.999,
     "amp": True,  # bf16 autocast on CUDA; CPU always runs fp32
     "compile": "",  # torch.compile mode for the training and eval forward ("" = eager; e.g. default, reduce-overhead)
+    "scan_sums": "fixed",  # the scan backward's dB/dC channel sums (GPU, bf16): fixed (exact) | butterfly | packed
     "rollback_after": 5,  # non-finite steps in a row that roll back to the last checkpoint (0 = never)
     "max_bad_steps": 20,  # non-finite steps in all (each is skipped) after which the run stops
     # run
@@ -246,6 +249,7 @@ def _check_values(cfg: dict[str, Any]) -> None:
         ("eval_metric", cfg["eval_metric"] in ("top1", "top5", "loss"), "one of top1, top5, loss"),
         ("val_frac", 0.0 <= cfg["val_frac"] < 1.0, "in [0, 1) (0 = validate on the test split)"),
         ("compile", cfg["compile"] in COMPILE_MODES, "among " + ", ".join(repr(m) for m in COMPILE_MODES)),
+        ("scan_sums", cfg["scan_sums"] in SCAN_SUMS, "among " + ", ".join(repr(m) for m in SCAN_SUMS)),
     ]
     for key, ok, want in checks:
         if not ok:
@@ -347,6 +351,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     if cfg["eval_only"]:
         return _eval_only(cfg)
     _check_values(cfg)
+    set_scan_sums(cfg["scan_sums"])
     dinfo = init_distributed(cfg["device"], cfg["dist_timeout"])
     device, amp_dtype = dinfo.device, amp_dtype_for(dinfo.device, cfg["amp"])
     run_dir = Path(cfg["output"]) / (cfg["experiment"] or _experiment_name(cfg))

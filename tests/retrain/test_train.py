@@ -128,6 +128,36 @@ def test_bad_requests_are_one_line(tmp_path) -> None:
         _run(tmp_path, shuffle_max=1.5)
     with pytest.raises(ValueError, match="--compile 'fast' is out of range; use a value among '', 'default'"):
         _run(tmp_path, compile="fast")
+    with pytest.raises(ValueError, match="--scan-sums 'exact' is out of range; use a value among 'fixed', 'butterfly'"):
+        _run(tmp_path, scan_sums="exact")
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("entry", ["retrain.train", "nas.search"])
+def test_scan_sums_reach_the_kernels(tmp_path, monkeypatch, entry) -> None:
+    """--scan-sums sets the scan backward's channel sums for the process before the run starts (GPU bf16 runs take
+    them): fixed by default, butterfly or packed on request."""
+    import importlib
+
+    import kernels.triton_scan as ts
+
+    mod = importlib.import_module(entry)
+
+    def stop(*args, **kwargs):
+        raise _Stop((ts._FIXED_SUMS, ts._PACKED_SUMS))
+
+    monkeypatch.setattr(mod, "init_distributed", stop)
+    monkeypatch.setattr(ts, "_FIXED_SUMS", ts._FIXED_SUMS)
+    monkeypatch.setattr(ts, "_PACKED_SUMS", ts._PACKED_SUMS)
+    seen = []
+    for mode in ("packed", "butterfly", "fixed"):
+        with pytest.raises(_Stop) as info:
+            mod.main({"output": str(tmp_path), "scan_sums": mode})
+        seen.append(info.value.args[0])
+    assert seen == [(False, True), (False, False), (True, False)]
 
 
 def test_held_out_split_is_disjoint_seeded_and_unaugmented(tmp_path) -> None:
