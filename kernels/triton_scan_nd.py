@@ -162,25 +162,24 @@ def _lane_sums(x, lane):
 
 
 @triton.jit
-def _warp_max_s32(x):
-    # Every lane gets the largest of the 32 lanes' values (redux.sync; the interpreter: a max over the channel axis).
+def _warp_reduce_s32(x, ADD: tl.constexpr):
+    # Every lane gets the sum (ADD) or the largest of the 32 lanes' values of each element, the lanes holding the last
+    # axis of x on one warp: one redux.sync per element (the interpreter: a sum or max over that axis).
     if _COMPILED:
-        return tl.inline_asm_elementwise(
-            "redux.sync.max.s32 $0, $1, 0xffffffff;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1
-        )
+        if ADD:
+            return tl.inline_asm_elementwise(
+                "redux.sync.add.s32 $0, $1, 0xffffffff;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1
+            )
+        else:
+            return tl.inline_asm_elementwise(
+                "redux.sync.max.s32 $0, $1, 0xffffffff;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1
+            )
     else:
-        return tl.broadcast_to(tl.max(x, axis=0, keep_dims=True), x.shape)
-
-
-@triton.jit
-def _warp_sum_s32(x):
-    # Every lane of a one-warp (V, 32) tile gets each row's sum over the 32 lanes (redux.sync, one per row).
-    if _COMPILED:
-        return tl.inline_asm_elementwise(
-            "redux.sync.add.s32 $0, $1, 0xffffffff;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1
-        )
-    else:
-        return tl.broadcast_to(tl.sum(x, axis=1, keep_dims=True), x.shape)
+        lanes = len(x.shape) - 1
+        if ADD:
+            return tl.broadcast_to(tl.sum(x, axis=lanes, keep_dims=True), x.shape)
+        else:
+            return tl.broadcast_to(tl.max(x, axis=lanes, keep_dims=True), x.shape)
 
 
 @triton.jit
@@ -200,11 +199,11 @@ def _lane_sums_fixed(x, lane):
     W: tl.constexpr = x.shape[1]
     tl.static_assert(V == 32 and W == 32, "_lane_sums_fixed: 32 rows over one warp, one channel per lane")
     # the largest |x| (NaN if any), as bits: |x| < 2^(e - 126), e its exponent; NaN's bits sort above inf's
-    big = _warp_max_s32(tl.reduce(tl.abs(x), 0, _max_nan).to(tl.int32, bitcast=True))
+    big = _warp_reduce_s32(tl.reduce(tl.abs(x), 0, _max_nan).to(tl.int32, bitcast=True), False)
     e = tl.maximum((big >> 23) & 0xFF, 22)
     scale = ((275 - e) << 23).to(tl.float32, bitcast=True)  # 2^(148 - e)
     unscale = tl.where(e < 255, ((e - 21) << 23).to(tl.float32, bitcast=True), float("nan"))
-    sums = _warp_sum_s32((x * scale[None, :] + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000)
+    sums = _warp_reduce_s32((x * scale[None, :] + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000, True)
     for s in tl.static_range(4, -1, -1):  # keep the half of the rows named by bit s of the lane
         lo, hi = tl.split(tl.permute(tl.reshape(sums, (2, sums.shape[0] // 2, W)), (1, 2, 0)))
         sums = tl.where(((lane & (1 << s)) != 0)[None, :], hi, lo)

@@ -329,6 +329,26 @@ def test_lane_sums_fixed_exact():
         assert out.isnan().all()
 
 
+def _check_channel_sums(monkeypatch, inputs, orders, switch, rel_max):
+    """A backward whose dB/dC channel sums are switched on by the module flag ``switch``: against the reference with
+    the inputs' tolerances, and against the fp32 butterfly sums (the flag off) only dB and dC differ, by < rel_max."""
+    import kernels.triton_scan as ts
+
+    with poisoned_empty():
+        y, grads, dy = scan_with_grads(ts.selective_scan_triton, inputs, orders=orders)
+    y_ref, grads_ref, _ = scan_with_grads(selective_scan_ref, inputs, dy=dy, orders=orders)
+    _check(y, grads, y_ref, grads_ref, inputs["u"].dtype)
+    monkeypatch.setattr(ts, switch, False)
+    monkeypatch.setattr(ts, "_FIXED_SUMS", False)
+    _, grads32, _ = scan_with_grads(ts.selective_scan_triton, inputs, dy=dy, orders=orders)
+    for name, g in grads.items():
+        if name in ("B", "C"):
+            rel = float((g.float() - grads32[name].float()).norm() / grads32[name].float().norm())
+            assert 0 < rel < rel_max, (name, rel)
+        else:
+            assert torch.equal(g, grads32[name]), name
+
+
 def test_fixed_channel_sums_match_ref(monkeypatch):
     """The fixed-point channel sums of dB and dC in the backward (32 (step, state) rows per group on one warp of 32
     channels: here 8 steps x 4 states, 37 channels over blocks of 32, a partial chunk), taken here with fp32 B and C
@@ -342,18 +362,7 @@ def test_fixed_channel_sums_match_ref(monkeypatch):
     gen = torch.Generator().manual_seed(43)
     inputs = make_scan_inputs(1, 11, 2, 37, 8, ku=1, generator=gen)
     orders = make_orders(11, (1, 11), 2, ("h", "h_flip"))
-    with poisoned_empty():
-        y, grads, dy = scan_with_grads(ts.selective_scan_triton, inputs, orders=orders)
-    y_ref, grads_ref, _ = scan_with_grads(selective_scan_ref, inputs, dy=dy, orders=orders)
-    _check(y, grads, y_ref, grads_ref, torch.float32)
-    monkeypatch.setattr(ts, "_FIXED_SUMS", False)
-    _, grads32, _ = scan_with_grads(ts.selective_scan_triton, inputs, dy=dy, orders=orders)
-    for name, g in grads.items():
-        if name in ("B", "C"):
-            rel = float((g - grads32[name]).norm() / grads32[name].norm())
-            assert 0 < rel < 2e-6, (name, rel)
-        else:
-            assert torch.equal(g, grads32[name]), name
+    _check_channel_sums(monkeypatch, inputs, orders, "_FIXED_SUMS", 2e-6)
 
 
 class _LaunchSpy:
@@ -444,18 +453,7 @@ def test_packed_bf16_channel_sums_match_ref(monkeypatch):
     gen = torch.Generator().manual_seed(41)
     inputs = make_scan_inputs(1, 9, 1, 12, 8, dtype=torch.bfloat16, generator=gen)
     orders = make_orders(9, (2, 4), 1, ("w2_flip",))
-    with poisoned_empty():
-        y, grads, dy = scan_with_grads(ts.selective_scan_triton, inputs, orders=orders)
-    y_ref, grads_ref, _ = scan_with_grads(selective_scan_ref, inputs, dy=dy, orders=orders)
-    _check(y, grads, y_ref, grads_ref, torch.bfloat16)
-    monkeypatch.setattr(ts, "_PACKED_SUMS", False)
-    _, grads32, _ = scan_with_grads(ts.selective_scan_triton, inputs, dy=dy, orders=orders)
-    for name, g in grads.items():
-        if name in ("B", "C"):
-            rel = float((g.float() - grads32[name].float()).norm() / grads32[name].float().norm())
-            assert 0 < rel < 2e-2, (name, rel)
-        else:
-            assert torch.equal(g, grads32[name]), name
+    _check_channel_sums(monkeypatch, inputs, orders, "_PACKED_SUMS", 2e-2)
 
 
 def test_packed_channel_sums_switch():
