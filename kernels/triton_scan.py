@@ -499,12 +499,15 @@ def set_fixed_channel_sums(enabled: bool) -> None:
     """Switch the backward's fixed-point channel sums of dB and dC (on by default) off, or on again.
 
     They apply where B and C are bf16 or fp16 and the (T, N, D) backward runs one warp of 32 channels with 32
-    (step, state) rows per state group (N = 16 by default), on a GPU of compute capability 8.0 or newer: each term is
-    scaled by the tile's power of two and rounded to 2^-21 of the tile's largest, and each row is summed exactly by
-    one ``redux.sync`` (66 per group and chunk, in place of 320 shuffles). Measured on an H200 (benchmarks/NOTES-scan.md
+    (step, state) rows per state group (8 steps x 4 states in the default configs, so every N >= 3; measured on a GPU
+    for N = 16), on a GPU of compute capability 8.0 or newer: each term is scaled by the tile's power of two and
+    rounded to 2^-21 of the tile's largest (to 2^-126 when that is below 2^-104), and each row is summed exactly by one
+    ``redux.sync`` (66 per group and chunk, in place of 320 shuffles). So a sum's error is bounded relative to the
+    tile's largest term, not to the sum itself (a row far smaller than its tile's largest keeps few bits), and a
+    tile whose largest term is within a unit of FLT_MAX sums to inf. Measured on an H200 (benchmarks/NOTES-scan.md
     v14): the backward kernel 4-16 % faster (Vim-Ti layer 0.94 → 0.87 ms), vim_tiny graph-mode training +3.6 %; dB's
-    and dC's error against an fp64 reference is that of the fp32 shuffle sums (bf16 rounding dominates both). fp32 B
-    and C keep the shuffle sums, whose error is smaller than this rounding. The opt-in packed bf16 sums
+    and dC's error against an fp64 reference, in norm, is that of the fp32 shuffle sums (the bf16 rounding of the
+    outputs dominates both). fp32 B and C keep the shuffle sums. The opt-in packed bf16 sums
     (:func:`set_packed_channel_sums`) take precedence.
     """
     global _FIXED_SUMS

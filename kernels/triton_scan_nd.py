@@ -192,9 +192,10 @@ def _lane_sums_fixed(x, lane):
     # Σ over the 32 channels of each of the 32 rows of x (32, 32), one channel per lane of one warp, as exact integer
     # sums: the tile is scaled by one power of two so that its largest |value| is below 2^22, each value is rounded to
     # an integer (x·s + 1.5·2^23, whose low mantissa bits then hold it) and each row summed by one redux.sync, which 32
-    # such integers cannot overflow. A term is rounded to 2^-21 of the tile's largest (not to its own ulp) and the sum
-    # loses nothing. Lane j keeps row j, chosen by a tree of selects on its bits; inf or NaN anywhere in the tile gives
-    # NaN. Returns (1, 32), as _lane_sums does for this shape (see _lane_rows).
+    # such integers cannot overflow. A term is rounded to 2^-21 of the tile's largest (not to its own ulp; to 2^-126
+    # when the largest is below 2^-104, the scale being capped at 2^126) and the sum loses nothing. Lane j keeps row j,
+    # chosen by a tree of selects on its bits; inf or NaN anywhere in the tile gives NaN, and a largest term within a
+    # unit (2^106) of FLT_MAX can round up to inf. Returns (1, 32), as _lane_sums does for this shape (see _lane_rows).
     V: tl.constexpr = x.shape[0]
     W: tl.constexpr = x.shape[1]
     tl.static_assert(V == 32 and W == 32, "_lane_sums_fixed: 32 rows over one warp, one channel per lane")

@@ -111,7 +111,7 @@ DEFAULTS: dict[str, Any] = {
     "smoothing": 0.0,
     "amp": True,
     "compile": "",  # torch.compile mode for the supernet's forward ("" = eager; e.g. default, reduce-overhead)
-    "scan_sums": "fixed",  # the scan backward's dB/dC channel sums (GPU, bf16): fixed (exact) | butterfly | packed
+    "scan_sums": "fixed",  # scan backward dB/dC channel sums (GPU bf16, process-wide): fixed(-point)|butterfly|packed
     "rollback_after": 5,  # non-finite steps in a row that roll back to the last checkpoint (0 = never)
     "max_bad_steps": 20,  # non-finite steps in all (each is skipped) after which the search stops
     # run

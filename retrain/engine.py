@@ -56,13 +56,15 @@ COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune
 
 
 # How the scan backward sums dB and dC over channels (kernels.set_fixed_channel_sums / set_packed_channel_sums):
-# "fixed" exact integer sums (the default), "butterfly" fp32 shuffles, "packed" bf16 pairs (faster, less precise).
+# "fixed" fixed-point terms summed exactly (the default), "butterfly" fp32 shuffles, "packed" bf16 pairs (faster, less
+# precise).
 SCAN_SUMS = ("fixed", "butterfly", "packed")
 
 
 def set_scan_sums(mode: str) -> None:
-    """Select the scan backward's channel sums for this process (see :data:`SCAN_SUMS`); only GPU runs with bf16/fp16
-    B and C take them, so on the CPU this changes nothing."""
+    """Select the scan backward's channel sums for this process (see :data:`SCAN_SUMS`), replacing any earlier
+    ``kernels.set_fixed_channel_sums`` / ``set_packed_channel_sums`` call; only GPU runs with bf16/fp16 B and C take
+    them, so on the CPU this changes nothing."""
     import kernels
 
     if mode not in SCAN_SUMS:

@@ -109,7 +109,7 @@ DEFAULTS: dict[str, Any] = {
     "model_ema_decay": 0.999,
     "amp": True,  # bf16 autocast on CUDA; CPU always runs fp32
     "compile": "",  # torch.compile mode for the training and eval forward ("" = eager; e.g. default, reduce-overhead)
-    "scan_sums": "fixed",  # the scan backward's dB/dC channel sums (GPU, bf16): fixed (exact) | butterfly | packed
+    "scan_sums": "fixed",  # scan backward dB/dC channel sums (GPU bf16, process-wide): fixed(-point)|butterfly|packed
     "rollback_after": 5,  # non-finite steps in a row that roll back to the last checkpoint (0 = never)
     "max_bad_steps": 20,  # non-finite steps in all (each is skipped) after which the run stops
     # run

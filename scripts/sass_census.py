@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         consts["FIXED_SUM"] = (
             not args.butterfly_sums
             and not consts["PACK_BC"]
+            and args.arch >= 80  # redux.sync
             and fixed_channel_sums(cfg[0], cfg[1], warps, consts["GROUP_N"], bf16, bf16)
         )
     else:

@@ -303,7 +303,7 @@ def _lane_sums_fixed_kernel(x_ptr, out_ptr):
 def _fixed_sums_expected(x: torch.Tensor) -> torch.Tensor:
     """What the fixed-point sums promise, in float64: one power-of-two scale per tile putting its largest |value| in
     [2^21, 2^22), each term rounded to an integer (ties to even), exact sums, scaled back."""
-    e = max(int(torch.frexp(x.abs().max().double())[1]) - 1, -105)  # 2^e <= max |x| < 2^(e+1)
+    e = max(int(torch.frexp(x.abs().max().double())[1]) - 1, -105)  # 2^e <= max |x| < 2^(e+1), capped below
     scale = 2.0 ** (21 - e)
     return torch.round(x.double() * scale).sum(1) / scale
 
@@ -316,11 +316,19 @@ def test_lane_sums_fixed_exact():
     x = torch.randn(32, 32, generator=gen) * 10.0 ** torch.randint(-4, 4, (32, 1), generator=gen).float()
     x[3] *= 2.0**-30
     x[7] = 0.0
-    for tile in (x, x * 1e-30, x * 1e30, torch.zeros(32, 32)):
+    # scales: ordinary, tiny, huge, the largest below 2^-104 (the scale capped at 2^126: terms rounded to 2^-126), zero
+    for tile in (x, x * 1e-30, x * 1e30, x / x.abs().max() * 2.0**-110, torch.zeros(32, 32)):
         out = torch.full((32,), float("nan"))
         _lane_sums_fixed_kernel[(1,)](tile, out)
         assert torch.equal(out.double(), _fixed_sums_expected(tile).float().double()), (out, tile.abs().max())
-        assert (out.double() - tile.double().sum(1)).abs().max() <= 2.0**-16 * tile.abs().max()
+        bound = max(2.0**-16 * float(tile.abs().max()), 16 * 2.0**-126)
+        assert (out.double() - tile.double().sum(1)).abs().max() <= bound
+    # the largest term within a unit of FLT_MAX rounds up to 2^22 units: inf (documented), the other rows unharmed
+    y = x.clone()
+    y[2, 5] = torch.finfo(torch.float32).max
+    out = torch.zeros(32)
+    _lane_sums_fixed_kernel[(1,)](y, out)
+    assert out[2] == float("inf") and (out[:2] == 0).all() and (out[3:] == 0).all()
     for bad in (float("inf"), float("nan")):
         y = x.clone()
         y[9, 30] = bad
