@@ -469,9 +469,9 @@ _PACKED_SUMS = False
 
 
 def set_packed_channel_sums(enabled: bool) -> None:
-    """Opt in (or out again) to a faster, less precise backward: when B and C are bf16, the (T, N, D) backward then
-    sums dB and dC over the channels as packed bf16 pairs (half the shuffles), rounding each term and each partial sum
-    to bf16. Off by default, like TF32 matmuls.
+    """Opt in (or out again) to a faster, less precise backward: when B and C are bf16 (on an NVIDIA GPU of compute
+    capability 8.0 or newer), the (T, N, D) backward then sums dB and dC over the channels as packed bf16 pairs (half
+    the shuffles), rounding each term and each partial sum to bf16. Off by default, like TF32 matmuls.
 
     Measured on an H200 (benchmarks/NOTES-scan.md v13) against the fp32 shuffle sums, the default then: the N = 16
     backward kernel 17-23 % faster (Vim-Ti layer 0.945 → 0.783 ms; the fixed-point sums of
@@ -489,7 +489,13 @@ def set_packed_channel_sums(enabled: bool) -> None:
 
 def packed_channel_sums(B: torch.Tensor, C: torch.Tensor, lane_sums: bool) -> bool:
     """Whether a backward call takes the packed bf16 channel sums (see :func:`set_packed_channel_sums`)."""
-    return _PACKED_SUMS and B.dtype == torch.bfloat16 and C.dtype == torch.bfloat16 and not lane_sums
+    return (
+        _PACKED_SUMS
+        and B.dtype == torch.bfloat16
+        and C.dtype == torch.bfloat16
+        and not lane_sums
+        and _nvidia_sm80(B.device)
+    )
 
 
 _FIXED_SUMS = True
@@ -528,7 +534,7 @@ def fixed_channel_sums(
         and warps == 1
         and block_d == 32
         and block_t * group == 32
-        and (B.device.type != "cuda" or _capability(B.device)[0] >= 8)
+        and _nvidia_sm80(B.device)
     )
 
 
@@ -540,8 +546,15 @@ def _capability_of(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _capability(device: torch.device) -> tuple[int, int]:
-    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
+def _nvidia_sm80(device: torch.device) -> bool:
+    """Whether the compiled kernels may use PTX of sm_80 and later (redux.sync, bf16x2) on ``device``: an NVIDIA GPU
+    of compute capability 8.0 or newer, not a ROCm one (whose devices torch also calls ``cuda``). True off the GPU,
+    where the interpreter runs the emulations."""
+    if device.type != "cuda":
+        return True
+    if torch.version.hip is not None:
+        return False
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())[0] >= 8
 
 
 def lane_sum(block_t: int, block_d: int, warps: int, group: int) -> bool:

@@ -418,6 +418,24 @@ def test_fixed_channel_sums_switch(monkeypatch):
         ts.set_fixed_channel_sums(0)
 
 
+def test_sm80_sums_only_on_nvidia_sm80_gpus(monkeypatch):
+    """The fixed-point and packed channel sums compile to sm_80+ PTX (redux.sync, bf16x2): on a GPU they are taken
+    only on NVIDIA devices of compute capability 8.0 or newer, not on older ones or ROCm (whose devices torch also
+    calls cuda). Off the GPU the interpreter runs their emulations."""
+    import types
+
+    import kernels.triton_scan as ts
+
+    bf = types.SimpleNamespace(dtype=torch.bfloat16, device=torch.device("cuda", 0))  # no GPU needed to ask
+    monkeypatch.setattr(ts, "_PACKED_SUMS", True)
+    seen = []
+    for hip, cc in ((None, (9, 0)), (None, (8, 0)), (None, (7, 5)), ("6.2", (9, 4))):
+        monkeypatch.setattr(torch.version, "hip", hip)
+        monkeypatch.setattr(ts, "_capability_of", lambda index, cc=cc: cc)
+        seen.append((ts.fixed_channel_sums(8, 32, 1, 4, bf, bf), ts.packed_channel_sums(bf, bf, False)))
+    assert seen == [(True, True), (True, True), (False, False), (False, False)]
+
+
 @triton.jit
 def _bf16x2_kernel(a_ptr, b_ptr, c_ptr, d_ptr, out_ptr, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
