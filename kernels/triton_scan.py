@@ -474,11 +474,11 @@ def set_packed_channel_sums(enabled: bool) -> None:
     the shuffles), rounding each term and each partial sum to bf16. Off by default, like TF32 matmuls.
 
     Measured on an H200 (benchmarks/NOTES-scan.md v13) against the fp32 shuffle sums, the default then: the N = 16
-    backward kernel 17-23 % faster (Vim-Ti layer 0.945 → 0.783 ms; the fixed-point sums of
+    backward kernel took 17-23 % less time (Vim-Ti layer 0.945 → 0.783 ms; the fixed-point sums of
     :func:`set_fixed_channel_sums`, the default now, take 0.87 ms), vim_tiny graph-mode training 2,766 → 3,018 img/s.
     The price: on the Vim-Ti layer dB's and dC's relative error against an fp64 reference rose from 1.7e-3 to 4.5e-3
     (norm), and element-wise they exceed mamba-ssm's bf16 tolerance by up to 4.5× at N = 16 (`kernels.check_gpu`: 7 of
-    the 7 bf16 N = 16 cases fail on dB or dC, where mamba-ssm's own error is 4-30× smaller). Other gradients and other
+    the 7 bf16 N = 16 cases fail on dB or dC, where mamba-ssm's own error is 4-32× smaller). Other gradients and other
     dtypes are unchanged.
     """
     global _PACKED_SUMS
@@ -511,9 +511,9 @@ def set_fixed_channel_sums(enabled: bool) -> None:
     ``redux.sync`` (66 per group and chunk, in place of 320 shuffles). So a sum's error is bounded relative to the
     tile's largest term, not to the sum itself (a row far smaller than its tile's largest keeps few bits), and a
     tile whose largest term is within a unit of FLT_MAX sums to inf. Measured on an H200 (benchmarks/NOTES-scan.md
-    v14): the backward kernel 4-16 % faster (Vim-Ti layer 0.94 → 0.87 ms), vim_tiny graph-mode training +3.6 %; dB's
-    and dC's error against an fp64 reference, in norm, is that of the fp32 shuffle sums (the bf16 rounding of the
-    outputs dominates both). fp32 B and C keep the shuffle sums. The opt-in packed bf16 sums
+    v14): the backward kernel took 4-16 % less time (Vim-Ti layer 0.94 → 0.87 ms), vim_tiny graph-mode training
+    +3.6 %; dB's and dC's error against an fp64 reference, in norm, is that of the fp32 shuffle sums (the bf16 rounding
+    of the outputs dominates both). fp32 B and C keep the shuffle sums. The opt-in packed bf16 sums
     (:func:`set_packed_channel_sums`) take precedence.
     """
     global _FIXED_SUMS

@@ -16,7 +16,7 @@ benchmarks/NOTES-scan.md v7). With 32 rows on one warp of 32 channels and bf16/f
 power-of-two scale per tile (``_lane_sums_fixed``; Vim-Ti layer backward 0.94 → 0.87 ms on an H200, v14); every other
 shape keeps the butterfly sums. Opt-in (:func:`kernels.set_packed_channel_sums`), with bf16 B and C those sums run on
 packed bf16 pairs (PACK_BC: dB and dC in one 32-bit register, one shuffle and one ``add.rn.bf16x2`` per pair and
-stage): half the shuffles, the N = 16 backward 17-23 % faster than the butterfly on an H200, and dB, dC less precise
+stage): half the shuffles, the N = 16 backward 17-23 % less time than the butterfly on an H200, and dB, dC less precise
 than mamba-ssm's tolerance allows (v13).
 
 Same arguments, buffers and semantics as the kernels in :mod:`kernels.triton_scan`; chunk-start states are saved
