@@ -13,10 +13,17 @@ from .ops import (
     validate_scan_inputs,
 )
 from .reference import branch_attn_merge_ref, branch_merge_ref, causal_conv1d_ref, selective_scan_ref
-from .triton_scan import set_fixed_channel_sums, set_packed_channel_sums
+from .triton_scan import (
+    CHANNEL_SUMS,
+    channel_sums,
+    set_channel_sums,
+    set_fixed_channel_sums,
+    set_packed_channel_sums,
+)
 
 __all__ = [
     "BACKENDS",
+    "CHANNEL_SUMS",
     "add_rms_norm",
     "branch_attn_merge",
     "branch_attn_merge_ref",
@@ -24,11 +31,13 @@ __all__ = [
     "branch_merge_ref",
     "causal_conv1d",
     "causal_conv1d_ref",
+    "channel_sums",
     "library",
     "resolve_backend",
     "rms_norm",
     "selective_scan",
     "selective_scan_ref",
+    "set_channel_sums",
     "set_fixed_channel_sums",
     "set_packed_channel_sums",
     "validate_scan_inputs",

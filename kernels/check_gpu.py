@@ -42,7 +42,7 @@ from kernels.testing import (
     poisoned_empty,
     scan_with_grads,
 )
-from kernels.triton_scan import load_scan_configs
+from kernels.triton_scan import CHANNEL_SUMS, channel_sums, load_scan_configs, set_channel_sums
 
 # (L, grid H×W or None for a plain sequence with a middle class token, K, N, Ku, has z/D/bias)
 GRID = [
@@ -269,6 +269,7 @@ def env_info(commit: str | None) -> dict:
 
 
 def main(cfg: dict) -> dict:
+    set_channel_sums(cfg.get("scan_sums") or "fixed")
     if cfg.get("configs"):
         try:
             load_scan_configs(cfg["configs"])
@@ -284,7 +285,8 @@ def main(cfg: dict) -> dict:
 
     def write() -> dict:
         ok = all(r["ok"] for r in results + merge_results + other_results)
-        report = {**info, "with_mamba": with_mamba, "all_ok": ok, "seconds": round(time.time() - t0, 1),
+        report = {**info, "scan_sums": channel_sums(), "with_mamba": with_mamba, "all_ok": ok,
+                  "seconds": round(time.time() - t0, 1),
                   "cases": results, "merge_cases": merge_results,
                   "conv_cases": [r for r in other_results if "W" in r],
                   "norm_cases": [r for r in other_results if "C" in r]}  # fmt: skip
@@ -345,4 +347,6 @@ if __name__ == "__main__":
     p.add_argument("--parts", nargs="+", choices=("scan", "merge", "conv", "norm"),
                    default=["scan", "merge", "conv", "norm"], help="what to check")  # fmt: skip
     p.add_argument("--configs", default=None, help="JSON of tuned block sizes written by kernels.bench --configs-out")
+    p.add_argument("--scan-sums", default="fixed", choices=CHANNEL_SUMS,
+                   help="the backward's dB/dC channel sums to check (see kernels.set_channel_sums)")  # fmt: skip
     main(vars(p.parse_args()))

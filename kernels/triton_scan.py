@@ -522,6 +522,24 @@ def set_fixed_channel_sums(enabled: bool) -> None:
     _FIXED_SUMS = enabled
 
 
+CHANNEL_SUMS = ("fixed", "butterfly", "packed")
+
+
+def set_channel_sums(mode: str) -> None:
+    """One switch for the backward's channel sums of dB and dC: ``fixed`` (the fixed-point sums, the default),
+    ``butterfly`` (fp32 shuffles) or ``packed`` (the opt-in bf16 pairs). See :func:`set_fixed_channel_sums` and
+    :func:`set_packed_channel_sums`; process-wide, like them."""
+    if mode not in CHANNEL_SUMS:
+        raise ValueError(f"channel sums {mode!r} are not known; use one of {', '.join(CHANNEL_SUMS)}")
+    set_fixed_channel_sums(mode == "fixed")
+    set_packed_channel_sums(mode == "packed")
+
+
+def channel_sums() -> str:
+    """The current setting of :func:`set_channel_sums` (``packed`` when opted into, whatever the fixed switch)."""
+    return "packed" if _PACKED_SUMS else "fixed" if _FIXED_SUMS else "butterfly"
+
+
 def fixed_channel_sums(
     block_t: int, block_d: int, warps: int, group: int, B: torch.Tensor, C: torch.Tensor, packed: bool = False
 ) -> bool:

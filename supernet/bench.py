@@ -24,6 +24,7 @@ import timm
 import torch
 import triton
 
+import kernels
 import supernet  # noqa: F401  (registers the entrypoints)
 from supernet.derive import derive_arch
 
@@ -197,10 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=None, help="subset of model names")
     parser.add_argument("--modes", nargs="+", default=["eager"], choices=MODES, help="how steps run (default eager)")
     parser.add_argument("--json", default=None, help="output JSON (default benchmarks/models_<gpu>.json)")
+    parser.add_argument("--scan-sums", default="fixed", choices=kernels.CHANNEL_SUMS,
+                        help="the scan backward's dB/dC channel sums (see kernels.set_channel_sums)")  # fmt: skip
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: supernet.bench needs a CUDA GPU", file=sys.stderr)
         return 2
+    kernels.set_channel_sums(args.scan_sums)
     gpu = torch.cuda.get_device_name()
     rows = []
     for mode in args.modes:
@@ -248,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "img_size": args.img_size,
         "modes": args.modes,
+        "scan_sums": args.scan_sums,
         "rows": rows,
         "ratios": ratios,
     }

@@ -418,6 +418,22 @@ def test_fixed_channel_sums_switch(monkeypatch):
         ts.set_fixed_channel_sums(0)
 
 
+def test_channel_sums_one_switch(monkeypatch):
+    """kernels.set_channel_sums sets both switches from one name and channel_sums() reads it back; an unknown name is
+    refused with the valid ones."""
+    import kernels
+    import kernels.triton_scan as ts
+
+    monkeypatch.setattr(ts, "_FIXED_SUMS", True)
+    monkeypatch.setattr(ts, "_PACKED_SUMS", False)
+    assert kernels.channel_sums() == "fixed"  # the default
+    for mode, flags in (("packed", (False, True)), ("butterfly", (False, False)), ("fixed", (True, False))):
+        kernels.set_channel_sums(mode)
+        assert (ts._FIXED_SUMS, ts._PACKED_SUMS) == flags and kernels.channel_sums() == mode
+    with pytest.raises(ValueError, match="'exact' are not known; use one of fixed, butterfly, packed"):
+        kernels.set_channel_sums("exact")
+
+
 def test_sm80_sums_only_on_nvidia_sm80_gpus(monkeypatch):
     """The fixed-point and packed channel sums compile to sm_80+ PTX (redux.sync, bf16x2): on a GPU they are taken
     only on NVIDIA devices of compute capability 8.0 or newer, not on older ones or ROCm (whose devices torch also

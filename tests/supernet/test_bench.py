@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from supernet.bench import DEFAULT_MODELS, _build, ratios_of
+from supernet.bench import DEFAULT_MODELS, _build, main, ratios_of
 
 
 def test_child_rows_use_the_supernets_arch_at_both_widths():
@@ -40,3 +41,9 @@ def test_ratios_against_both_children():
     assert r["supernet[hard] / registered child (embed_dim 192) step time"] == 25.0 / 80.0
     del by["local_vim_tiny[embed_dim=192]"]
     assert not any("registered child" in k for k in ratios_of(by))
+
+
+def test_bench_refuses_unknown_channel_sums(capsys):
+    with pytest.raises(SystemExit):
+        main(["--scan-sums", "exact"])
+    assert "invalid choice: 'exact'" in capsys.readouterr().err
