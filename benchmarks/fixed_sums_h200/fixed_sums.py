@@ -38,6 +38,22 @@ MODES = {"butterfly": (False, False), "fixed": (True, False), "packed": (False, 
 ORDERS = ("h", "v", "h_flip", "v_flip", "w2", "w2_flip", "w7", "w7_flip")
 
 
+def timed_backward(inp: dict, orders: torch.Tensor, dy: torch.Tensor) -> tuple[dict, list, float, float]:
+    """Forward+backward of the Triton scan on fresh leaves of ``inp``, once to warm up and ten times under the
+    profiler: (leaves with their gradients, kernel rows, backward kernels ms, all kernels ms)."""
+    leaves = {a: (v.detach().requires_grad_() if v is not None else None) for a, v in inp.items()}
+
+    def fb():
+        for v in leaves.values():
+            if v is not None:
+                v.grad = None
+        ts.selective_scan_triton(**leaves, orders=orders, delta_softplus=True).backward(dy)
+
+    fb()
+    kt = kernel_times(fb, reps=10)  # each call recomputes the same gradients into the leaves
+    return leaves, kt, sum(t for nm, t, _ in kt if "bwd" in nm), sum(t for nm, t, _ in kt)
+
+
 def main() -> None:
     out = {**env_info(os.environ.get("GIT_COMMIT")), "rows": []}
     only = os.environ.get("SHAPES", "").split()
@@ -57,22 +73,11 @@ def main() -> None:
         for mode, (fixed, packed) in MODES.items():
             ts.set_fixed_channel_sums(fixed)
             ts.set_packed_channel_sums(packed)
-            leaves = {a: (v.detach().requires_grad_() if v is not None else None) for a, v in inp.items()}
-
-            def fb(leaves=leaves, orders=orders, dy=dy):
-                for v in leaves.values():
-                    if v is not None:
-                        v.grad = None
-                ts.selective_scan_triton(**leaves, orders=orders, delta_softplus=True).backward(dy)
-
-            fb()
+            leaves, kt, bwd, tot = timed_backward(inp, orders, dy)
             errs = {}
             if ref is not None:
                 errs = {a: float((v.grad.double() - ref[a]).norm() / ref[a].norm()) for a, v in leaves.items()
                         if v is not None and v.grad is not None}  # fmt: skip
-            kt = kernel_times(fb, reps=10)
-            bwd = sum(t for nm, t, _ in kt if "bwd" in nm)
-            tot = sum(t for nm, t, _ in kt)
             err_txt = "  ".join(f"{a} {e:.2e}" for a, e in errs.items() if a in ("B", "C", "u", "delta"))
             print(f"{name:18s} {mode:9s} bwd kernels {bwd:.4f} ms  all {tot:.4f} ms  {err_txt}", flush=True)
             out["rows"].append({"shape": name, "batch": batch, "dim": dim, "L": L, "N": n, "K": k, "mode": mode,

@@ -12,8 +12,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fixed_sums import timed_backward
+
 import kernels.triton_scan as ts
-from kernels.bench import kernel_times
 from kernels.check_gpu import env_info
 from kernels.testing import make_orders, make_scan_inputs
 
@@ -42,17 +44,7 @@ def main() -> None:
         for cfg, fixed in TILES:
             ts.set_fixed_channel_sums(fixed)
             ts.set_scan_config(n, L, cfg)
-            leaves = {a: (v.detach().requires_grad_() if v is not None else None) for a, v in inp.items()}
-
-            def fb(leaves=leaves, orders=orders, dy=dy):
-                for v in leaves.values():
-                    if v is not None:
-                        v.grad = None
-                ts.selective_scan_triton(**leaves, orders=orders, delta_softplus=True).backward(dy)
-
-            fb()
-            kt = kernel_times(fb, reps=10)
-            bwd = sum(t for nm, t, _ in kt if "bwd" in nm)
+            _, _, bwd, _ = timed_backward(inp, orders, dy)
             print(f"{name:18s} {str(cfg):34s} fixed={int(fixed)} bwd kernels {bwd:.4f} ms", flush=True)
             out["rows"].append({"shape": name, "config": list(cfg), "fixed": fixed, "bwd_kernel_ms": bwd})
         ts.set_scan_config(n, L, None)
