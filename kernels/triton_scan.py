@@ -540,6 +540,9 @@ def channel_sums() -> str:
     return "packed" if _PACKED_SUMS else "fixed" if _FIXED_SUMS else "butterfly"
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
 def fixed_channel_sums(
     block_t: int, block_d: int, warps: int, group: int, B: torch.Tensor, C: torch.Tensor, packed: bool = False
 ) -> bool:
@@ -554,9 +557,6 @@ def fixed_channel_sums(
         and block_t * group == 32
         and _nvidia_sm80(B.device)
     )
-
-
-_HALF = (torch.bfloat16, torch.float16)
 
 
 @functools.cache

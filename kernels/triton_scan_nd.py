@@ -446,8 +446,9 @@ def _scan_bwd_nd_kernel(
                 carry_r = x
             else:
                 tl.store(h_base + nd_off, x, mask=mask_nd)
-    # LANE_SUM: the channel sums of dB and dC reduce-scattered across the lanes (_lane_sums); which (step, state)
-    # each lane's sums belong to is the same in every chunk and group.
+    # LANE_SUM / FIXED_SUM: the channel sums of dB and dC reduce-scattered across the lanes (_lane_sums) or summed in
+    # fixed point (_lane_sums_fixed), each lane storing its rows' sums; which (step, state) a lane's rows are is the
+    # same in every chunk and group.
     if LANE_SUM or FIXED_SUM:
         lane = tl.arange(0, BLOCK_D)
         rows, owner = _lane_rows(lane, BLOCK_T * GROUP_N, BLOCK_D)

@@ -44,12 +44,12 @@ from timm.scheduler import create_scheduler_v2
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import Subset
 
+from kernels import CHANNEL_SUMS, set_channel_sums
 from retrain.checkpoint import CheckpointKeeper, load_checkpoint, resolve_resume, save_checkpoint
 from retrain.config import resolve_config, run_cli, save_config
 from retrain.data import build_dataset, build_loader, split_train
 from retrain.engine import (
     COMPILE_MODES,
-    SCAN_SUMS,
     BadStepGuard,
     RunLogger,
     StopFlag,
@@ -64,7 +64,6 @@ from retrain.engine import (
     print_rank0,
     seed_everything,
     set_rng_state,
-    set_scan_sums,
 )
 
 __all__ = ["ALGOS", "DEFAULTS", "arch_param_groups", "build_supernet", "gdas_tau", "main", "weight_param_groups"]
@@ -285,7 +284,7 @@ def _check_values(cfg: dict[str, Any]) -> None:
         ("max_bad_steps", cfg["max_bad_steps"] >= 1, ">= 1"),
         ("dist_timeout", cfg["dist_timeout"] > 0, "> 0"),
         ("compile", cfg["compile"] in COMPILE_MODES, "a value among " + ", ".join(repr(m) for m in COMPILE_MODES)),
-        ("scan_sums", cfg["scan_sums"] in SCAN_SUMS, "a value among " + ", ".join(repr(m) for m in SCAN_SUMS)),
+        ("scan_sums", cfg["scan_sums"] in CHANNEL_SUMS, "a value among " + ", ".join(repr(m) for m in CHANNEL_SUMS)),
     ]
     for key, ok, want in checks:
         if not ok:
@@ -343,7 +342,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     """
     cfg = resolve_config(DEFAULTS, overrides=cfg)
     _check_values(cfg)
-    set_scan_sums(cfg["scan_sums"])
+    set_channel_sums(cfg["scan_sums"])  # process-wide, before any scan runs
     dinfo = init_distributed(cfg["device"], cfg["dist_timeout"])
     device, amp_dtype = dinfo.device, amp_dtype_for(dinfo.device, cfg["amp"])
     experiment = cfg["experiment"] or f"{cfg['model']}-{cfg['algo']}-{cfg['dataset']}-s{cfg['seed']}"

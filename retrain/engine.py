@@ -27,8 +27,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-
 __all__ = [
     "BadStepGuard",
     "DistInfo",
@@ -48,27 +46,12 @@ __all__ = [
     "rng_state",
     "seed_everything",
     "set_rng_state",
-    "set_scan_sums",
     "unwrap_model",
 ]
 
 
 # torch.compile's modes ("" = eager). reduce-overhead also replays the compiled forward and backward as CUDA graphs.
 COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-# How the scan backward sums dB and dC over channels (kernels.set_channel_sums): "fixed" fixed-point terms summed
-# exactly (the default), "butterfly" fp32 shuffles, "packed" bf16 pairs (faster, less precise).
-SCAN_SUMS = kernels.CHANNEL_SUMS
-
-
-def set_scan_sums(mode: str) -> None:
-    """Select the scan backward's channel sums for this process (see :data:`SCAN_SUMS`), replacing any earlier
-    ``kernels.set_*channel_sums`` call; only GPU runs with bf16/fp16 B and C take them, so on the CPU this changes
-    nothing."""
-    if mode not in SCAN_SUMS:
-        raise ValueError(f"--scan-sums {mode!r} is not known; use one of {', '.join(SCAN_SUMS)}")
-    kernels.set_channel_sums(mode)
 
 
 def seed_everything(seed: int) -> None:

@@ -47,12 +47,12 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import Dataset, Subset
 
+from kernels import CHANNEL_SUMS, set_channel_sums
 from retrain.checkpoint import CheckpointKeeper, load_checkpoint, resolve_resume, save_checkpoint
 from retrain.config import resolve_config, run_cli, save_config
 from retrain.data import DatasetInfo, build_dataset, build_loader, split_train
 from retrain.engine import (
     COMPILE_MODES,
-    SCAN_SUMS,
     BadStepGuard,
     RunLogger,
     StopFlag,
@@ -66,7 +66,6 @@ from retrain.engine import (
     print_rank0,
     seed_everything,
     set_rng_state,
-    set_scan_sums,
     unwrap_model,
 )
 
@@ -249,7 +248,7 @@ def _check_values(cfg: dict[str, Any]) -> None:
         ("eval_metric", cfg["eval_metric"] in ("top1", "top5", "loss"), "one of top1, top5, loss"),
         ("val_frac", 0.0 <= cfg["val_frac"] < 1.0, "in [0, 1) (0 = validate on the test split)"),
         ("compile", cfg["compile"] in COMPILE_MODES, "among " + ", ".join(repr(m) for m in COMPILE_MODES)),
-        ("scan_sums", cfg["scan_sums"] in SCAN_SUMS, "among " + ", ".join(repr(m) for m in SCAN_SUMS)),
+        ("scan_sums", cfg["scan_sums"] in CHANNEL_SUMS, "among " + ", ".join(repr(m) for m in CHANNEL_SUMS)),
     ]
     for key, ok, want in checks:
         if not ok:
@@ -351,7 +350,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     if cfg["eval_only"]:
         return _eval_only(cfg)
     _check_values(cfg)
-    set_scan_sums(cfg["scan_sums"])
+    set_channel_sums(cfg["scan_sums"])  # process-wide, before any scan runs
     dinfo = init_distributed(cfg["device"], cfg["dist_timeout"])
     device, amp_dtype = dinfo.device, amp_dtype_for(dinfo.device, cfg["amp"])
     run_dir = Path(cfg["output"]) / (cfg["experiment"] or _experiment_name(cfg))
