@@ -44,7 +44,7 @@ from kernels.testing import (
 )
 from kernels.triton_scan import CHANNEL_SUMS, channel_sums, load_scan_configs, set_channel_sums
 
-# (L, grid H×W or None for a plain sequence with a middle class token, K, N, Ku, has z/D/bias)
+# (L, grid H×W or None for a plain sequence with a middle class token, K, N, Ku, has z/D/bias[, channels])
 GRID = [
     (63, (7, 9), 4, 16, 4, True),
     (197, (14, 14), 8, 16, 8, True),
@@ -57,6 +57,12 @@ GRID = [
     (3136, (56, 56), 4, 16, 4, True),
     (4096, (64, 64), 8, 16, 1, True),
     (4096, (64, 64), 1, 1, 1, True),
+    # other state sizes (the fixed-point channel sums serve every N >= 3); a 7th number sets the channels (default 24)
+    (197, (14, 14), 2, 8, 2, True, 80),  # three channel blocks, the last one part-masked
+    (197, (14, 14), 4, 4, 1, True),
+    (63, (7, 9), 3, 3, 3, True),  # N 3, padded to 4 states
+    (784, (28, 28), 2, 32, 2, True, 40),
+    (256, (16, 16), 2, 64, 2, False),
 ]
 
 
@@ -67,6 +73,8 @@ MERGE_GRID = [
     (128, 197, 2, 384, 0),  # Vim-Ti layer
     (16, 3136, 8, 192, 24),  # LocalVMamba-T stage 1, small batch
     (3, 199, 3, 37, 4),  # odd sizes
+    (128, 197, 2, 384, -1),  # Vim-Ti layer: the plain merge with the SiLU gate after it (hidden -1: gated)
+    (3, 199, 3, 37, -1),  # odd sizes, gated
 ]
 
 
@@ -165,11 +173,15 @@ def check_merge_case(bsz, seqlen, k, dim, hidden, dtype) -> dict:
     params += [0.3 * torch.randn(hidden, dim, generator=gen), 0.1 * torch.randn(hidden, generator=gen)]
     params += [0.3 * torch.randn(dim, hidden, generator=gen), 0.1 * torch.randn(dim, generator=gen)]
     dout = torch.randn(bsz, seqlen, dim, generator=gen)
-    tensors = [y.to(dtype), w] + (params if hidden else [])
-    names = ["y", "w"] + (["norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"] if hidden
-                          else [])  # fmt: skip
+    if hidden < 0:  # gated: z a (B, L, D) view with row stride 2D, as the mixer's half of the in-projection
+        z = torch.randn(bsz, seqlen, 2 * dim, generator=gen)[..., dim:]
+        tensors, names = [y.to(dtype), w, z.to(dtype)], ["y", "w", "z"]
+    else:
+        tensors = [y.to(dtype), w] + (params if hidden else [])
+        names = ["y", "w"] + (["norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"]
+                              if hidden else [])  # fmt: skip
 
-    fast, ref = (branch_attn_merge, branch_attn_merge_ref) if hidden else (branch_merge, branch_merge_ref)
+    fast, ref = (branch_attn_merge, branch_attn_merge_ref) if hidden > 0 else (branch_merge, branch_merge_ref)
     recs = _check_vs_ref(lambda *a: fast(*a, backend="triton"), ref, tensors, names, dout.to(dtype), dtype)
     return {"B": bsz, "L": seqlen, "K": k, "D": dim, "hidden": hidden, "dtype": str(dtype).replace("torch.", ""),
             "ok": all(r["ok"] for r in recs), "vs_ref": recs}  # fmt: skip
@@ -298,7 +310,7 @@ def main(cfg: dict) -> dict:
 
     for dtype in dtypes:
         for case in grid:
-            rec = check_case(*case, dtype=dtype, with_mamba=with_mamba)
+            rec = check_case(*case[:6], dtype=dtype, with_mamba=with_mamba, dim=case[6] if len(case) > 6 else 24)
             results.append(rec)
             worst = max(rec["vs_ref"], key=lambda r: r["max_err_over_bound"])
             status = "PASS" if rec["ok"] else "FAIL"

@@ -22,7 +22,14 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ._host import cdiv
 from .triton_conv import conv_bwd, conv_fwd
-from .triton_merge import branch_attn_merge_bwd, branch_attn_merge_fwd, branch_merge_bwd, branch_merge_fwd
+from .triton_merge import (
+    branch_attn_merge_bwd,
+    branch_attn_merge_fwd,
+    branch_merge_bwd,
+    branch_merge_fwd,
+    gated_merge_bwd,
+    gated_merge_fwd,
+)
 from .triton_norm import add_rms_norm_bwd, add_rms_norm_fwd, rms_norm_bwd
 from .triton_scan import scan_bwd, scan_config, scan_fwd
 
@@ -30,6 +37,7 @@ __all__ = [
     "add_rms_norm_op",
     "branch_attn_merge_op",
     "branch_merge_op",
+    "gated_branch_merge_op",
     "causal_conv1d_op",
     "direct_eager",
     "rms_norm_op",
@@ -302,6 +310,65 @@ _MergeFunction = _eager_function("_MergeFunction", _merge_impl, _merge_setup_con
 def branch_merge_op(y: Tensor, w: Tensor) -> Tensor:
     """The registered Triton merge: ``Σ_k w_k · y[:, :, k]`` → (B, L, D) in y's dtype."""
     return (_MergeFunction.apply if direct_eager() else _merge_op)(y, w)
+
+
+def _gated_merge_impl(y: Tensor, w: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    return gated_merge_fwd(y, w, z)
+
+
+_gated_merge_op = torch.library.custom_op("scan_nas::gated_branch_merge", _gated_merge_impl, mutates_args=())
+
+
+@_gated_merge_op.register_fake
+def _(y, w, z):
+    out = y.new_empty((y.shape[0], y.shape[1], y.shape[3]))
+    return out, torch.empty_like(out)
+
+
+def _gated_merge_bwd_impl(
+    dout: Tensor, y: Tensor, w: Tensor, z: Tensor, pre: Tensor, need_dw: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    dy, dz, dw = gated_merge_bwd(dout, y, w, z, pre, need_dw)
+    return dy, dz, dw if dw is not None else w.new_empty((0,), dtype=torch.float32)
+
+
+_gated_merge_bwd_op = torch.library.custom_op(
+    "scan_nas::gated_branch_merge_bwd", _gated_merge_bwd_impl, mutates_args=()
+)
+
+
+@_gated_merge_bwd_op.register_fake
+def _(dout, y, w, z, pre, need_dw):
+    dz = z.new_empty((z.shape[0], z.shape[1], z.shape[2]))
+    return y.new_empty(y.shape), dz, w.new_empty(w.shape if need_dw else (0,), dtype=torch.float32)
+
+
+def _gated_merge_setup_context(ctx, inputs, output):
+    y, w, z = inputs
+    # The merge before the gate is kept for dz; y only for the weights' gradient.
+    ctx.save_for_backward(y if w.requires_grad else None, w, z, output[1])
+    ctx.y_shape, ctx.y_dtype = y.shape, y.dtype
+
+
+def _gated_merge_backward(ctx, dout, _dpre):
+    y, w, z, pre = ctx.saved_tensors
+    need_dw = y is not None and ctx.needs_input_grad[1]
+    if y is None:  # a stride-0 stand-in that only carries y's shape and dtype to the kernel
+        y = dout.new_empty((), dtype=ctx.y_dtype).expand(ctx.y_shape)
+    bwd = _gated_merge_bwd_impl if getattr(ctx, "direct", False) else _gated_merge_bwd_op
+    dy, dz, dw = bwd(dout, y, w, z, pre, need_dw)
+    return dy, dw.to(w.dtype) if need_dw else None, dz
+
+
+_gated_merge_op.register_autograd(_gated_merge_backward, setup_context=_gated_merge_setup_context)
+_GatedMergeFunction = _eager_function(
+    "_GatedMergeFunction", _gated_merge_impl, _gated_merge_setup_context, _gated_merge_backward
+)
+
+
+def gated_branch_merge_op(y: Tensor, w: Tensor, z: Tensor) -> Tensor:
+    """The registered Triton gated merge: ``silu(z) ⊙ Σ_k w_k · y[:, :, k]`` → (B, L, D) in y's dtype."""
+    return (_GatedMergeFunction.apply if direct_eager() else _gated_merge_op)(y, w, z)[0]
 
 
 def _attn_merge_impl(

@@ -194,22 +194,27 @@ def _check_merge_inputs(y: torch.Tensor, w: torch.Tensor) -> None:
     _expect_shape("w", w, (y.shape[2],))
 
 
-def branch_merge(y: torch.Tensor, w: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """The mixer's merge of K orders: ``Σ_k w_k · y[:, :, k]``. See :func:`branch_merge_ref`.
+def branch_merge(
+    y: torch.Tensor, w: torch.Tensor, z: torch.Tensor | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """The mixer's merge of K orders: ``Σ_k w_k · y[:, :, k]``, times ``silu(z)`` with a gate. See
+    :func:`branch_merge_ref`.
 
     Args:
-        y: (B, L, K, D). w: (K,) merge weights (fp32; they may require grad). backend: as for
-            :func:`selective_scan` (``mamba`` uses the reference).
+        y: (B, L, K, D). w: (K,) merge weights (fp32; they may require grad). z: optional (B, L, D) gate input (unit
+            stride along D is cheapest). backend: as for :func:`selective_scan` (``mamba`` uses the reference).
 
     Returns:
         (B, L, D) in y's dtype.
     """
     _check_merge_inputs(y, w)
+    if z is not None:
+        _expect_shape("z", z, (y.shape[0], y.shape[1], y.shape[3]))
     if resolve_backend(backend, y.device) == "triton":
-        from .library import branch_merge_op
+        from .library import branch_merge_op, gated_branch_merge_op
 
-        return branch_merge_op(y, w)
-    return branch_merge_ref(y, w)
+        return branch_merge_op(y, w) if z is None else gated_branch_merge_op(y, w, z)
+    return branch_merge_ref(y, w, z)
 
 
 def branch_attn_merge(

@@ -143,17 +143,21 @@ def autocast_off(device: torch.device):
     return contextlib.nullcontext()
 
 
-def branch_merge_ref(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The mixer's merge of K orders (reference): ``Σ_k w_k · y[:, :, k]``.
+def branch_merge_ref(y: torch.Tensor, w: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+    """The mixer's merge of K orders (reference): ``Σ_k w_k · y[:, :, k]``, times ``silu(z)`` with a gate.
 
     Args:
-        y: (B, L, K, D). w: (K,) merge weights.
+        y: (B, L, K, D). w: (K,) merge weights. z: optional (B, L, D) gate input shared by the K orders; since the merge
+            is linear, ``silu(z) ⊙ Σ_k w_k y_k`` equals gating every order's output before the merge.
 
     Returns:
         (B, L, D) in y's dtype, computed in fp32 (fp64 for fp64 inputs).
     """
     ct = torch.float64 if y.dtype == torch.float64 else torch.float32
-    return (y.to(ct) * w.to(ct).view(1, 1, -1, 1)).sum(2).to(y.dtype)
+    out = (y.to(ct) * w.to(ct).view(1, 1, -1, 1)).sum(2)
+    if z is not None:
+        out = out * F.silu(z.to(ct))
+    return out.to(y.dtype)
 
 
 def branch_attn_merge_ref(y, w, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=1e-5):

@@ -28,7 +28,15 @@ import triton.language as tl
 from ._host import cdiv, next_pow2
 from .reference import autocast_off
 
-__all__ = ["branch_attn_merge_bwd", "branch_attn_merge_fwd", "branch_merge_bwd", "branch_merge_fwd", "gate_mlp"]
+__all__ = [
+    "branch_attn_merge_bwd",
+    "branch_attn_merge_fwd",
+    "branch_merge_bwd",
+    "branch_merge_fwd",
+    "gate_mlp",
+    "gated_merge_bwd",
+    "gated_merge_fwd",
+]
 
 _ROWS_PER_PROGRAM = 64  # tokens one reduction program walks (L 197 → 4 programs per (batch, order))
 
@@ -80,11 +88,19 @@ def _pool_kernel(
 
 
 @triton.jit
+def _load_z(z_ptr, b, offs_l, offs_d, m, s_zb, s_zl):
+    """The (tokens, channels) tile of the gate input z (B, L, D) with unit stride along D, in fp32."""
+    return tl.load(z_ptr + b * s_zb + offs_l[:, None].to(tl.int64) * s_zl + offs_d[None, :], mask=m, other=0.0).to(
+        tl.float32
+    )
+
+
+@triton.jit
 def _merge_fwd_kernel(
-    y_ptr, gw_ptr, out_ptr,
+    y_ptr, gw_ptr, z_ptr, out_ptr, pre_ptr,
     L, K, DIM,
-    s_yb, s_yl, s_yk, s_gb, s_gk, s_gd,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    s_yb, s_yl, s_yk, s_gb, s_gk, s_gd, s_zb, s_zl,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HAS_Z: tl.constexpr,
 ):  # fmt: skip
     # (batch, token block) on axis 0, which has no 65535 limit
     b, offs_l, offs_d, mask_l, mask_d = _token_tile(tl.program_id(0), tl.program_id(1), L, DIM, BLOCK_L, BLOCK_D)
@@ -95,8 +111,12 @@ def _merge_fwd_kernel(
         yv = _load_y(y_ptr, b, k, offs_l, offs_d, m, s_yb, s_yl, s_yk)
         g = tl.load(gw_ptr + b * s_gb + k * s_gk + offs_d * s_gd, mask=mask_d, other=0.0).to(tl.float32)
         acc += yv * g[None, :]
-    out = out_ptr + (b * L + offs_l[:, None]) * DIM + offs_d[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m)
+    rows = (b * L + offs_l[:, None]) * DIM + offs_d[None, :]
+    if HAS_Z:  # the SiLU gate after the merge; the merge before it is kept for the gate's gradient
+        tl.store(pre_ptr + rows, acc.to(pre_ptr.dtype.element_ty), mask=m)
+        zv = _load_z(z_ptr, b, offs_l, offs_d, m, s_zb, s_zl)
+        acc = acc * zv * tl.sigmoid(zv)
+    tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -154,6 +174,37 @@ def _merge_dy_kernel(
     tl.store(out, dy.to(dy_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _gated_merge_bwd_kernel(
+    dout_ptr, w_ptr, y_ptr, z_ptr, pre_ptr, dy_ptr, dz_ptr, part_ptr,
+    L, K, DIM,
+    s_yb, s_yl, s_yk, s_zb, s_zl,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, NEED_DW: tl.constexpr,
+):  # fmt: skip
+    """out = silu(z) ⊙ pre, pre = Σ_k w_k y_k: dy_k = w_k · silu(z) ⊙ dout, dz = dout ⊙ pre ⊙ silu'(z), and with
+    NEED_DW this program's share of dw_k = Σ y_k ⊙ silu(z) ⊙ dout (one partial per program and order)."""
+    pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b, offs_l, offs_d, mask_l, mask_d = _token_tile(pid, pid_d, L, DIM, BLOCK_L, BLOCK_D)
+    b = b.to(tl.int64)
+    m = mask_l[:, None] & mask_d[None, :]
+    rows = (b * L + offs_l[:, None]) * DIM + offs_d[None, :]
+    dv = tl.load(dout_ptr + rows, mask=m, other=0.0).to(tl.float32)
+    zv = _load_z(z_ptr, b, offs_l, offs_d, m, s_zb, s_zl)
+    sz = tl.sigmoid(zv)
+    gd = dv * zv * sz
+    pre = tl.load(pre_ptr + rows, mask=m, other=0.0).to(tl.float32)
+    tl.store(dz_ptr + rows, (dv * pre * sz * (1.0 + zv * (1.0 - sz))).to(dz_ptr.dtype.element_ty), mask=m)
+    part = (pid * tl.num_programs(1) + pid_d) * K
+    for k in range(K):
+        wk = tl.load(w_ptr + k).to(tl.float32)
+        out = dy_ptr + ((b * L + offs_l[:, None]) * K + k) * DIM + offs_d[None, :]
+        tl.store(out, (wk * gd).to(dy_ptr.dtype.element_ty), mask=m)
+        if NEED_DW:
+            yv = _load_y(y_ptr, b, k, offs_l, offs_d, m, s_yb, s_yl, s_yk)
+            tl.store(part_ptr + part + k, tl.sum(tl.sum(yv * gd, axis=1), axis=0))
+
+
 def _row_blocks(dim: int) -> tuple[int, int, int]:
     """(BLOCK_L, BLOCK_D, num_warps) for kernels that hold whole rows of D channels (~8K elements per tile)."""
     block_d = next_pow2(dim)
@@ -207,9 +258,47 @@ def branch_merge_fwd(y: torch.Tensor, gw: torch.Tensor) -> torch.Tensor:
     block_l = 32
     grid = (bsz * cdiv(seqlen, block_l), cdiv(dim, block_d))
     _merge_fwd_kernel[grid](
-        y, gw, out, seqlen, k, dim, *_y_strides(y), *_gw_strides(gw), BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4
-    )
+        y, gw, out, out, out, seqlen, k, dim, *_y_strides(y), *_gw_strides(gw), 0, 0,
+        BLOCK_L=block_l, BLOCK_D=block_d, HAS_Z=False, num_warps=4,
+    )  # fmt: skip
     return out
+
+
+def gated_merge_fwd(y: torch.Tensor, w: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``silu(z) ⊙ Σ_k w_k · y[b, l, k]`` → (out, pre): both (B, L, D) in y's dtype, pre the merge before the gate
+    (kept for the backward); w (K,) fp32, z (B, L, D) with unit stride along D, fp32 accumulation."""
+    y, z = _unit_last(y), _unit_last(z)
+    bsz, seqlen, k, dim = y.shape
+    out = torch.empty(bsz, seqlen, dim, device=y.device, dtype=y.dtype)
+    pre = torch.empty_like(out)
+    block_d = min(128, next_pow2(dim))
+    block_l = 32
+    grid = (bsz * cdiv(seqlen, block_l), cdiv(dim, block_d))
+    _merge_fwd_kernel[grid](
+        y, w, z, out, pre, seqlen, k, dim, *_y_strides(y), *_gw_strides(w), z.stride(0), z.stride(1),
+        BLOCK_L=block_l, BLOCK_D=block_d, HAS_Z=True, num_warps=4,
+    )  # fmt: skip
+    return out, pre
+
+
+def gated_merge_bwd(dout, y, w, z, pre, need_dw: bool):
+    """Gradients of :func:`gated_merge_fwd`: (dy, dz, dw or None); dz in z's dtype. Without ``need_dw``, y is read for
+    its shape and dtype only (it may be a stride-0 stand-in)."""
+    y = _unit_last(y) if need_dw else y
+    z = _unit_last(z)
+    dout = dout.contiguous()
+    bsz, seqlen, k, dim = y.shape
+    dy = torch.empty(bsz, seqlen, k, dim, device=dout.device, dtype=y.dtype)
+    dz = torch.empty(bsz, seqlen, dim, device=dout.device, dtype=z.dtype)
+    block_d = min(128, next_pow2(dim))
+    block_l = 32
+    grid = (bsz * cdiv(seqlen, block_l), cdiv(dim, block_d))
+    part = torch.empty(grid[0] * grid[1] if need_dw else 0, k, device=dout.device, dtype=torch.float32)
+    _gated_merge_bwd_kernel[grid](
+        dout, w, y, z, pre, dy, dz, part, seqlen, k, dim, *_y_strides(y), z.stride(0), z.stride(1),
+        BLOCK_L=block_l, BLOCK_D=block_d, NEED_DW=need_dw, num_warps=4,
+    )  # fmt: skip
+    return dy, dz, (part.sum(0) if need_dw else None)
 
 
 def _merge_dgw(y: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:

@@ -407,6 +407,10 @@ class MultiOrderMixer(nn.Module):
         if self.conv1d_weight is None:
             u = xin.unsqueeze(2)  # (B, L, 1, D): one input shared by every order
         delta, b_ssm, c_ssm = order_projections(u, x_w, dt_w, self.d_state)
+        # z is shared by the K orders and the plain merge is linear, so silu(z) ⊙ Σ_k w_k y_k is the same as gating
+        # every order: one gate in the merge instead of K in the scan (whose backward is cheaper without z). The branch
+        # attention pools LayerNorm'd branch outputs, which are not linear in y: its orders are gated in the scan.
+        gate_after_merge = self.branch_attn is None
         # None: recompute the scan states when this call scans every candidate (the supernet's memory peak).
         recompute = orders.shape[0] == self.orders.shape[0] if self.scan_recompute is None else self.scan_recompute
         y = kernels.selective_scan(
@@ -416,7 +420,7 @@ class MultiOrderMixer(nn.Module):
             b_ssm,
             c_ssm,
             D=pick(self.D).float(),
-            z=None if z is None else z.unsqueeze(2),
+            z=None if z is None or gate_after_merge else z.unsqueeze(2),
             delta_bias=pick(self.dt_proj_bias).float(),
             delta_softplus=True,
             orders=orders,
@@ -428,7 +432,7 @@ class MultiOrderMixer(nn.Module):
         if self.branch_attn is not None:
             y = self.branch_attn(y, w, backend=self.scan_backend)
         else:
-            y = kernels.branch_merge(y, w, backend=self.scan_backend)
+            y = kernels.branch_merge(y, w, z if gate_after_merge else None, backend=self.scan_backend)
         if self.out_norm is not None:
             y = self.out_norm(y)
         return self.out_proj(y)

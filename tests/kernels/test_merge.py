@@ -78,6 +78,53 @@ def test_merge_in_bf16_keeps_the_dtype_and_the_values():
     assert all(r["ok"] for r in recs), recs
 
 
+def _gate_input(y, seed):
+    """z as the mixer passes it: the second half of the in-projection's output, a (B, L, D) view with row stride 2D."""
+    gen = torch.Generator().manual_seed(seed)
+    bsz, seqlen, _, dim = y.shape
+    return torch.randn(bsz, seqlen, 2 * dim, generator=gen, dtype=y.dtype)[..., dim:]
+
+
+@pytest.mark.parametrize("bsz, seqlen, k, dim, hidden, strided", CASES)
+@pytest.mark.parametrize("learn_w", [True, False], ids=["dw", "fixed_w"])
+def test_gated_merge_matches_ref(bsz, seqlen, k, dim, hidden, strided, learn_w):
+    y, w, _, dout = _inputs(bsz, seqlen, k, dim, hidden, strided, seed=seqlen + k + 3)
+    z = _gate_input(y, seed=dim)
+    leaves = [y.detach().requires_grad_(), w.detach().requires_grad_(learn_w), z.detach().requires_grad_()]
+    leaves_ref = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    with poisoned_empty():
+        out = branch_merge(*leaves, backend="triton")
+        out.backward(dout)
+    out_ref = branch_merge_ref(*leaves_ref)
+    out_ref.backward(dout.double())
+    recs = [compare("out", out, out_ref, *FP32)]
+    recs += [compare(n, a.grad, r.grad, *FP32) for n, a, r in zip("ywz", leaves, leaves_ref) if a.requires_grad]
+    assert all(r["ok"] for r in recs), recs
+    assert (leaves[1].grad is not None) == learn_w
+
+
+def test_gate_after_the_merge_is_gating_every_order():
+    """silu(z) ⊙ Σ_k w_k y_k equals Σ_k w_k (y_k ⊙ silu(z)): the mixer may gate once, after the merge."""
+    y, w, _, _ = _inputs(2, 9, 3, 6, 1, False, seed=4)
+    z = _gate_input(y, seed=5)
+    y, w, z = y.double(), w.double(), z.double()
+    gated_each = branch_merge_ref(y * torch.nn.functional.silu(z).unsqueeze(2), w)
+    torch.testing.assert_close(branch_merge_ref(y, w, z), gated_each, rtol=1e-12, atol=1e-12)
+
+
+def test_gated_merge_in_bf16_keeps_the_dtype():
+    y, w, _, dout = _inputs(2, 19, 2, 24, 1, False, seed=6)
+    y, dout = y.bfloat16(), dout.bfloat16()
+    z = _gate_input(y, seed=7)
+    out, grads = _run(lambda *a: branch_merge(*a, backend="triton"), [y, w, z], dout)
+    out_ref, grads_ref = _run(branch_merge_ref, [y, w, z], dout)
+    assert out.dtype == torch.bfloat16 and grads[0].dtype == grads[2].dtype == torch.bfloat16
+    rtol, atol = TOLERANCES[torch.bfloat16]
+    recs = [compare("out", out, out_ref, rtol, atol)]
+    recs += [compare(n, a, r, rtol, atol) for n, a, r in zip("ywz", grads, grads_ref)]
+    assert all(r["ok"] for r in recs), recs
+
+
 @pytest.mark.parametrize("direct", [True, False], ids=["eager", "registered"])
 def test_double_backward_raises(monkeypatch, direct):
     """The backward is not differentiable: a gradient of a gradient must fail, not come out of a partial graph."""
@@ -101,6 +148,11 @@ def test_no_gradient_for_fixed_weights():
     assert torch.equal(yl.grad, (dout.unsqueeze(2) * w.view(1, 1, -1, 1)).expand_as(y))
     out = branch_merge(yl, w, backend="triton")
     assert not [t for t in out.grad_fn.saved_tensors if t is not None and t.shape == y.shape]  # y is not kept
+    z = _gate_input(y, seed=3).requires_grad_()
+    out = branch_merge(yl, w, z, backend="triton")
+    assert not [t for t in out.grad_fn.saved_tensors if t is not None and t.shape == y.shape]  # gated: nor here
+    out.backward(dout)
+    assert w.grad is None and z.grad is not None
 
 
 def test_fake_impls_match_the_kernels():
@@ -117,6 +169,12 @@ def test_fake_impls_match_the_kernels():
     torch.library.opcheck(torch.ops.scan_nas.branch_merge_bwd, (dout, y, w, True), test_utils=tests)
     shape_only = dout.new_empty(()).expand(y.shape)  # the stand-in for y when the weights need no gradient
     torch.library.opcheck(torch.ops.scan_nas.branch_merge_bwd, (dout, shape_only, w, False), test_utils=tests)
+    z = _gate_input(y, seed=8)
+    torch.library.opcheck(torch.ops.scan_nas.gated_branch_merge, (y, w, z), test_utils=tests)
+    pre = torch.ops.scan_nas.gated_branch_merge(y, w, z)[1]
+    for y_or_shape, need_dw in ((y, True), (shape_only, False)):
+        args = (dout, y_or_shape, w, z, pre, need_dw)
+        torch.library.opcheck(torch.ops.scan_nas.gated_branch_merge_bwd, args, test_utils=tests)
 
 
 def test_bad_shapes_are_one_line_errors():
@@ -125,6 +183,8 @@ def test_bad_shapes_are_one_line_errors():
         branch_merge(y, torch.ones(4), backend="triton")
     with pytest.raises(ValueError, match=r"y: expected shape \(B, L, K, D\)"):
         branch_merge(y[0], torch.ones(3))
+    with pytest.raises(ValueError, match=r"z: expected shape \(2, 5, 8\)"):
+        branch_merge(y, torch.ones(3), torch.ones(2, 5, 3, 8), backend="triton")
     with pytest.raises(ValueError, match=r"fc2_weight: expected shape \(8, 2\)"):
         branch_attn_merge(y, torch.ones(3), torch.ones(8), torch.zeros(8), torch.ones(2, 8), torch.ones(2),
                           torch.ones(2, 8), torch.ones(8))  # fmt: skip
