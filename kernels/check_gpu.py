@@ -169,9 +169,10 @@ def check_merge_case(bsz, seqlen, k, dim, hidden, dtype) -> dict:
     gen = torch.Generator().manual_seed(bsz + seqlen + k + dim)
     y = torch.randn(bsz, seqlen, k, dim, generator=gen)
     w = torch.softmax(torch.randn(k, generator=gen), 0)
+    width = max(hidden, 0)
     params = [1.0 + 0.5 * torch.randn(dim, generator=gen), 0.1 * torch.randn(dim, generator=gen)]
-    params += [0.3 * torch.randn(hidden, dim, generator=gen), 0.1 * torch.randn(hidden, generator=gen)]
-    params += [0.3 * torch.randn(dim, hidden, generator=gen), 0.1 * torch.randn(dim, generator=gen)]
+    params += [0.3 * torch.randn(width, dim, generator=gen), 0.1 * torch.randn(width, generator=gen)]
+    params += [0.3 * torch.randn(dim, width, generator=gen), 0.1 * torch.randn(dim, generator=gen)]
     dout = torch.randn(bsz, seqlen, dim, generator=gen)
     if hidden < 0:  # gated: z a (B, L, D) view with row stride 2D, as the mixer's half of the in-projection
         z = torch.randn(bsz, seqlen, 2 * dim, generator=gen)[..., dim:]
