@@ -15,7 +15,12 @@ LayerNorm output, its mean, two broadcast products, a sum, and about as many pas
   backward, and ``_merge_dy_kernel`` writes dy once: the merge's term plus the LayerNorm-mean's term
   ``rstd·(a − mean_d a − xhat·mean_d(a·xhat))``, where ``a`` (the gradient of every xhat row) does not depend on l.
 
-Layout: y (B, L, K, D) with unit stride along D; out and dout (B, L, D) contiguous; statistics (B, L, K) fp32.
+The plain merge may carry Mamba's SiLU gate, applied once after the sum (``silu(z) ⊙ Σ_k w_k y_k``, z shared by the
+orders): the forward also writes the sum before the gate, and ``_gated_merge_bwd_kernel`` writes dy, dz and the weights'
+partial sums in one pass without reading y (unless the weights need a gradient).
+
+Layout: y (B, L, K, D) with unit stride along D; z (B, L, D) with unit stride along D; out and dout (B, L, D)
+contiguous; statistics (B, L, K) fp32.
 """
 
 from __future__ import annotations

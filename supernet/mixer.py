@@ -15,6 +15,10 @@ combination ``y = Σ_k w_k · y_k`` with ``Σ_k w_k = 1``:
   in the forward pass with the straight-through gradient of the Gumbel-softmax (GDAS);
 * derived child or baseline with k orders: ``w = 1/k`` (Vim averages its two branches the same way).
 
+With a z gate (Mamba's ``y ⊙ silu(z)``, z shared by the K orders) and the plain merge, the gate is applied once, after
+the merge: ``silu(z) ⊙ Σ_k w_k · y_k`` equals ``Σ_k w_k · (y_k ⊙ silu(z))``, and the scan then runs without z. With the
+branch attention, which pools each order's LayerNorm'd output, every order is gated in the scan.
+
 So a child evaluated with ``hard`` weights of its own orders computes exactly what the supernet computes in ``hard``
 mode with those orders sampled. LocalMamba instead layer-normalised the branches in the supernet and summed them in
 the child; that mismatch is what this rule removes.
