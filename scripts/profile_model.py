@@ -16,6 +16,7 @@ import sys
 import time
 
 import torch
+import yaml
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -63,6 +64,8 @@ def launching_ops(prof, steps: int) -> list[tuple[str, str, float, float]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
+    p.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="model arguments, e.g. mix=hard (values read as YAML)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=3)
@@ -79,7 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from supernet.bench import _build, make_train_step
 
-    step = make_train_step(_build(args.model, {}, args.img_size), args.batch_size, args.img_size, args.mode)
+    kwargs = {}
+    for item in args.model_kwargs:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"error: --model-kwargs takes KEY=VALUE items such as mix=hard, got {item!r}", file=sys.stderr)
+            return 2
+        kwargs[key] = yaml.safe_load(value)
+    step = make_train_step(_build(args.model, kwargs, args.img_size), args.batch_size, args.img_size, args.mode)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -128,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         top = [{"name": n[:120], "ms_per_step": ms, "calls": c} for n, ms, c in kernels[: args.top]]
         top_host = [{"name": n[:120], "ms_per_step": ms, "calls": c} for n, ms, c in host[: args.top]]
-        report = {**env_info(args.commit), "model": args.model, "mode": args.mode, "batch_size": args.batch_size,
-                  "img_size": args.img_size, "step_ms": wall_ms, "kernel_ms_per_step": total,
-                  "host_op_ms_per_step": host_ms, "groups_ms": groups, "top": top, "top_host": top_host,
+        report = {**env_info(args.commit), "model": args.model, "model_kwargs": kwargs, "mode": args.mode,
+                  "batch_size": args.batch_size, "img_size": args.img_size, "step_ms": wall_ms,
+                  "kernel_ms_per_step": total, "host_op_ms_per_step": host_ms, "groups_ms": groups, "top": top,
+                  "top_host": top_host,
                   "by_op": [{"op": n, "shapes": sh[:300], "ms_per_step": ms, "calls": c}
                             for n, sh, ms, c in by_op[: args.top]]}  # fmt: skip
         with open(args.json, "w") as f:
