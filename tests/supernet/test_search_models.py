@@ -242,7 +242,7 @@ _HAS_TRITON_CONV = importlib.util.find_spec("kernels.triton_conv") is not None
 
 
 @pytest.mark.skipif(not _HAS_TRITON_SCAN, reason="kernels/triton_scan.py not there yet")
-@pytest.mark.parametrize("name", ["test_vmamba", "test_local_vim"])
+@pytest.mark.parametrize("name", ["test_vmamba", "test_local_vim", "test_vim"])
 def test_triton_backend_matches_ref(name: str) -> None:
     if name == "test_local_vim" and not _HAS_TRITON_CONV:
         pytest.skip("kernels/triton_conv.py not there yet")
@@ -260,6 +260,39 @@ def test_triton_backend_matches_ref(name: str) -> None:
     grads = dict(ref.named_parameters())
     for n, p in tri.named_parameters():
         torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-3, atol=1e-4, msg=n)
+
+
+class _GateInScanMerge(torch.nn.Module):
+    """A plain merge that takes the branch attention's place, so the mixer gates every order in the scan."""
+
+    def forward(self, y, w, backend="auto"):
+        return kernels.branch_merge(y, w, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("search", [False, True], ids=["fixed", "softmax"])
+def test_gate_after_the_merge_equals_gating_every_order(backend: str, search: bool) -> None:
+    """Without the branch attention the mixer gates once, after the merge: the same outputs and gradients (arch
+    logits included) as gating each order's scan output and merging after."""
+    interpreted = __import__("os").environ.get("TRITON_INTERPRET") == "1"
+    if backend == "triton" and not torch.cuda.is_available() and not interpreted:
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+    torch.manual_seed(0)
+    mixer = MultiOrderMixer(16, (3, 5), ("h", "v_flip", "w2"), search=search, d_state=4, scan_backend=backend)
+    x = torch.randn(2, 15, 16)
+    runs = []
+    for gate_in_scan in (False, True):
+        if gate_in_scan:
+            mixer.branch_attn = _GateInScanMerge()
+        mixer.zero_grad()
+        y = mixer(x)
+        y.square().sum().backward()
+        runs.append((y.detach(), {n: p.grad.clone() for n, p in mixer.named_parameters()}))
+    (y_once, g_once), (y_each, g_each) = runs
+    torch.testing.assert_close(y_once, y_each, rtol=1e-5, atol=1e-6)
+    assert ("arch_logits" in g_once) == search
+    for name in g_each:
+        torch.testing.assert_close(g_once[name], g_each[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("d_state, dt_rank, conv", [(16, "auto", 4), (1, 6, 0), (4, 8, 4)])
