@@ -191,6 +191,7 @@ def test_eager_direct_path_matches_the_registered_ops(monkeypatch):
     merge_w = torch.softmax(torch.randn(2, generator=gen), 0)
     gate = [torch.ones(4), torch.zeros(4), torch.randn(2, 4, generator=gen), torch.zeros(2)]
     gate += [torch.randn(4, 2, generator=gen), torch.zeros(4)]
+    gate_z = torch.randn(1, 15, 8, generator=gen)[..., 4:]  # (B, L, D) with row stride 2D, as the mixer's
 
     def step(recompute: bool):
         leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items() if t is not None}
@@ -201,10 +202,13 @@ def test_eager_direct_path_matches_the_registered_ops(monkeypatch):
         gated = kernels.branch_attn_merge(y, extra[2], *extra[3:], backend="triton")
         plain = kernels.branch_merge(y, extra[2], backend="triton")
         fixed = kernels.branch_merge(y, merge_w, backend="triton")  # weights without a gradient
-        out = gated + plain + fixed
+        z = gate_z.clone().requires_grad_()
+        silu_gated = kernels.branch_merge(y, extra[2], z, backend="triton")  # Vim's gate after the merge
+        silu_fixed = kernels.branch_merge(y, merge_w, z, backend="triton")
+        out = gated + plain + fixed + silu_gated + silu_fixed
         out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5)))
-        paths = [type(t.grad_fn).__name__ for t in (u, y, gated, plain, fixed)]
-        return [paths, out] + [t.grad for t in (*leaves.values(), *extra)]
+        paths = [type(t.grad_fn).__name__ for t in (u, y, gated, plain, fixed, silu_gated, silu_fixed)]
+        return [paths, out] + [t.grad for t in (*leaves.values(), *extra, z)]
 
     for recompute in (False, True):
         direct = step(recompute)
@@ -212,7 +216,7 @@ def test_eager_direct_path_matches_the_registered_ops(monkeypatch):
             m.setattr(lib, "direct_eager", lambda: False)
             registered = step(recompute)
         want = ["_ConvFunctionBackward", "_ScanFunctionBackward", "_AttnMergeFunctionBackward"]
-        assert direct[0] == want + ["_MergeFunctionBackward"] * 2, direct[0]
+        assert direct[0] == want + ["_MergeFunctionBackward"] * 2 + ["_GatedMergeFunctionBackward"] * 2, direct[0]
         assert not set(registered[0]) & set(direct[0]), registered[0]
         for a, b in zip(direct[1:], registered[1:]):
             assert torch.equal(a, b)
