@@ -262,6 +262,21 @@ def test_triton_backend_matches_ref(name: str) -> None:
         torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-3, atol=1e-4, msg=n)
 
 
+def _mixer_step(mixer: MultiOrderMixer, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The mixer's output and every parameter's gradient of its squared sum."""
+    mixer.zero_grad()
+    y = mixer(x)
+    y.square().sum().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in mixer.named_parameters()}
+
+
+def _assert_same_step(got, want) -> None:
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert got[1].keys() == want[1].keys()
+    for name, grad in want[1].items():
+        torch.testing.assert_close(got[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 class _GateInScanMerge(torch.nn.Module):
     """A plain merge that takes the branch attention's place, so the mixer gates every order in the scan."""
 
@@ -280,19 +295,10 @@ def test_gate_after_the_merge_equals_gating_every_order(backend: str, search: bo
     torch.manual_seed(0)
     mixer = MultiOrderMixer(16, (3, 5), ("h", "v_flip", "w2"), search=search, d_state=4, scan_backend=backend)
     x = torch.randn(2, 15, 16)
-    runs = []
-    for gate_in_scan in (False, True):
-        if gate_in_scan:
-            mixer.branch_attn = _GateInScanMerge()
-        mixer.zero_grad()
-        y = mixer(x)
-        y.square().sum().backward()
-        runs.append((y.detach(), {n: p.grad.clone() for n, p in mixer.named_parameters()}))
-    (y_once, g_once), (y_each, g_each) = runs
-    torch.testing.assert_close(y_once, y_each, rtol=1e-5, atol=1e-6)
-    assert ("arch_logits" in g_once) == search
-    for name in g_each:
-        torch.testing.assert_close(g_once[name], g_each[name], rtol=1e-4, atol=1e-6, msg=name)
+    once = _mixer_step(mixer, x)
+    mixer.branch_attn = _GateInScanMerge()
+    _assert_same_step(once, _mixer_step(mixer, x))
+    assert ("arch_logits" in once[1]) == search
 
 
 @pytest.mark.parametrize("d_state, dt_rank, conv", [(16, "auto", 4), (1, 6, 0), (4, 8, 4)])
@@ -303,18 +309,9 @@ def test_padded_projections_change_nothing(monkeypatch, d_state, dt_rank, conv):
     mixer = MultiOrderMixer(24, (3, 5), ("h", "v_flip", "w2"), d_state=d_state, dt_rank=dt_rank, d_conv=conv)
     x = torch.randn(2, 15, 24)
     pad = MultiOrderMixer._padded_projections
-    runs = []
-    for padded in (True, False):
-        if not padded:
-            monkeypatch.setattr(MultiOrderMixer, "_padded_projections", lambda self, a, b: (a, b))
-        mixer.zero_grad()
-        y = mixer(x)
-        y.square().sum().backward()
-        runs.append((y.detach(), {n: p.grad.clone() for n, p in mixer.named_parameters()}))
-    (y_pad, g_pad), (y_ref, g_ref) = runs
-    torch.testing.assert_close(y_pad, y_ref, rtol=1e-5, atol=1e-6)
-    for name in g_ref:
-        torch.testing.assert_close(g_pad[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    padded = _mixer_step(mixer, x)
+    monkeypatch.setattr(MultiOrderMixer, "_padded_projections", lambda self, a, b: (a, b))
+    _assert_same_step(padded, _mixer_step(mixer, x))
     k, rows, d = mixer.x_proj_weight.shape
     x_w, dt_w = pad(mixer, mixer.x_proj_weight, mixer.dt_proj_weight)
     assert x_w.shape[1] % 8 == 0 and dt_w.shape[2] % 8 == 0 and x_w.shape[1] >= rows
