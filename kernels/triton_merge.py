@@ -290,7 +290,7 @@ def gated_merge_bwd(dout, y, w, z, pre, need_dw: bool):
     """Gradients of :func:`gated_merge_fwd`: (dy, dz, dw or None); dz in z's dtype. Without ``need_dw``, y is read for
     its shape and dtype only (it may be a stride-0 stand-in)."""
     y = _unit_last(y) if need_dw else y
-    z = _unit_last(z)
+    z, w = _unit_last(z), w.contiguous()
     dout = dout.contiguous()
     bsz, seqlen, k, dim = y.shape
     dy = torch.empty(bsz, seqlen, k, dim, device=dout.device, dtype=y.dtype)

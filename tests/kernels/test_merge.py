@@ -103,6 +103,23 @@ def test_gated_merge_matches_ref(bsz, seqlen, k, dim, hidden, strided, learn_w):
     assert (leaves[1].grad is not None) == learn_w
 
 
+@pytest.mark.parametrize("learn_w", [True, False], ids=["dw", "fixed_w"])
+def test_gated_merge_takes_strided_weights(learn_w):
+    """Weights that are a strided view (every other entry of a longer vector) reach both kernels as such."""
+    y, _, _, dout = _inputs(2, 11, 3, 10, 1, False, seed=9)
+    z = _gate_input(y, seed=10)
+    base = torch.rand(6, generator=torch.Generator().manual_seed(11)).requires_grad_(learn_w)
+    w = base[::2]
+    out, grads = _run(lambda a, c: branch_merge(a, w, c, backend="triton"), [y, z], dout)
+    out_ref, grads_ref = _run(lambda a, c: branch_merge_ref(a, w.detach(), c), [y, z], dout)
+    recs = [compare("out", out, out_ref, *FP32)] + [compare(n, a, r, *FP32) for n, a, r in zip("yz", grads, grads_ref)]
+    assert all(r["ok"] for r in recs), recs
+    if learn_w:
+        want = [(y * torch.nn.functional.silu(z).unsqueeze(2) * dout.unsqueeze(2)).sum((0, 1, 3))[i // 2] if i % 2 == 0
+                else 0.0 for i in range(6)]  # fmt: skip
+        torch.testing.assert_close(base.grad, torch.tensor(want), rtol=1e-5, atol=1e-5)
+
+
 def test_gate_after_the_merge_is_gating_every_order():
     """silu(z) ⊙ Σ_k w_k y_k equals Σ_k w_k (y_k ⊙ silu(z)): the mixer may gate once, after the merge."""
     y, w, _, _ = _inputs(2, 9, 3, 6, 1, False, seed=4)
