@@ -174,15 +174,25 @@ def check_merge_case(bsz, seqlen, k, dim, hidden, dtype) -> dict:
     params += [0.3 * torch.randn(width, dim, generator=gen), 0.1 * torch.randn(width, generator=gen)]
     params += [0.3 * torch.randn(dim, width, generator=gen), 0.1 * torch.randn(dim, generator=gen)]
     dout = torch.randn(bsz, seqlen, dim, generator=gen)
-    if hidden < 0:  # gated: z a (B, L, D) view with row stride 2D, as the mixer's half of the in-projection
-        z = torch.randn(bsz, seqlen, 2 * dim, generator=gen)[..., dim:]
-        tensors, names = [y.to(dtype), w, z.to(dtype)], ["y", "w", "z"]
+    if hidden < 0:  # gated: z the second half of a (B, L, 2D) tensor, as the mixer's half of the in-projection; it is
+        # sliced on the GPU (a copy of the view would be contiguous), and "z" is the gradient of the whole tensor
+        xz = torch.randn(bsz, seqlen, 2 * dim, generator=gen)
+        tensors, names = [y.to(dtype), w, xz.to(dtype)], ["y", "w", "z"]
     else:
         tensors = [y.to(dtype), w] + (params if hidden else [])
         names = ["y", "w"] + (["norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"]
                               if hidden else [])  # fmt: skip
 
     fast, ref = (branch_attn_merge, branch_attn_merge_ref) if hidden > 0 else (branch_merge, branch_merge_ref)
+    if hidden < 0:
+        fast_merge, ref_merge = fast, ref
+
+        def fast(y_, w_, xz_, **kw):
+            return fast_merge(y_, w_, xz_[..., dim:], **kw)
+
+        def ref(y_, w_, xz_):
+            return ref_merge(y_, w_, xz_[..., dim:])
+
     recs = _check_vs_ref(lambda *a: fast(*a, backend="triton"), ref, tensors, names, dout.to(dtype), dtype)
     return {"B": bsz, "L": seqlen, "K": k, "D": dim, "hidden": hidden, "dtype": str(dtype).replace("torch.", ""),
             "ok": all(r["ok"] for r in recs), "vs_ref": recs}  # fmt: skip

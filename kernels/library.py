@@ -8,11 +8,15 @@ Registered ops (namespace ``scan_nas``):
         -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias] (empty tensors for absent inputs)
     causal_conv1d_fwd / causal_conv1d_bwd: the same for the per-order causal conv1d.
     branch_merge / branch_merge_bwd: the mixer's weighted sum over K orders.
+    gated_branch_merge(y, w, z) -> (out, pre) / gated_branch_merge_bwd: the same times silu(z) (Vim's gate, applied
+        once after the merge); pre, the sum before the gate, is kept for dz.
     branch_attn_merge / branch_attn_merge_bwd: the same behind LocalMamba's per-branch channel gate.
     rms_norm(x, weight, eps) / rms_norm_bwd: the plain family's RMSNorm (PyTorch's forward, the Triton backward).
     add_rms_norm(x, residual?, weight, eps, out_dtype) -> (y, r) / add_rms_norm_bwd: the residual add fused with it.
 
-FLOPs follow VMamba's rule for the scan: 9·B·L·K·D·N, plus B·L·K·D for the D skip and B·L·K·D for the z gate.
+FLOPs follow VMamba's rule for the scan: 9·B·L·K·D·N, plus B·L·K·D for the D skip and B·L·K·D for the z gate. A gate
+applied once after the merge (``gated_branch_merge``) counts the same B·L·K·D, so a model's count does not depend on
+where its gate runs.
 The ``ref`` and ``mamba`` backends are plain PyTorch compositions and are not registered here.
 """
 
@@ -322,7 +326,7 @@ _gated_merge_op = torch.library.custom_op("scan_nas::gated_branch_merge", _gated
 @_gated_merge_op.register_fake
 def _(y, w, z):
     out = y.new_empty((y.shape[0], y.shape[1], y.shape[3]))
-    return out, torch.empty_like(out)
+    return out, out.new_empty(out.shape, dtype=torch.promote_types(y.dtype, z.dtype))
 
 
 def _gated_merge_bwd_impl(
@@ -348,10 +352,13 @@ def _gated_merge_setup_context(ctx, inputs, output):
     # The merge before the gate is kept for dz; y only for the weights' gradient.
     ctx.save_for_backward(y if w.requires_grad else None, w, z, output[1])
     ctx.y_shape, ctx.y_dtype = y.shape, y.dtype
+    ctx.set_materialize_grads(False)  # pre never receives a gradient: no zero (B, L, D) tensor for it
 
 
 def _gated_merge_backward(ctx, dout, _dpre):
     y, w, z, pre = ctx.saved_tensors
+    if dout is None:
+        return None, None, None
     need_dw = y is not None and ctx.needs_input_grad[1]
     if y is None:  # a stride-0 stand-in that only carries y's shape and dtype to the kernel
         y = dout.new_empty((), dtype=ctx.y_dtype).expand(ctx.y_shape)
@@ -361,6 +368,14 @@ def _gated_merge_backward(ctx, dout, _dpre):
 
 
 _gated_merge_op.register_autograd(_gated_merge_backward, setup_context=_gated_merge_setup_context)
+
+
+@register_flop_formula(torch.ops.scan_nas.gated_branch_merge)
+def _gated_merge_flop_formula(y, w, z, *args, out_shape=None, **kwargs) -> int:
+    bsz, seqlen, k, dim = y  # shapes: the z gate, counted per order as VMamba's rule counts it inside the scan
+    return bsz * seqlen * k * dim
+
+
 _GatedMergeFunction = _eager_function(
     "_GatedMergeFunction", _gated_merge_impl, _gated_merge_setup_context, _gated_merge_backward
 )

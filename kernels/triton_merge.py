@@ -270,12 +270,12 @@ def branch_merge_fwd(y: torch.Tensor, gw: torch.Tensor) -> torch.Tensor:
 
 
 def gated_merge_fwd(y: torch.Tensor, w: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``silu(z) ⊙ Σ_k w_k · y[b, l, k]`` → (out, pre): both (B, L, D) in y's dtype, pre the merge before the gate
-    (kept for the backward); w (K,) fp32, z (B, L, D) with unit stride along D, fp32 accumulation."""
+    """``silu(z) ⊙ Σ_k w_k · y[b, l, k]`` → (out, pre): (B, L, D), out in y's dtype, pre (the merge before the gate,
+    kept for the backward) in the wider of y's and z's; w (K,) fp32, z (B, L, D), fp32 accumulation."""
     y, z = _unit_last(y), _unit_last(z)
     bsz, seqlen, k, dim = y.shape
     out = torch.empty(bsz, seqlen, dim, device=y.device, dtype=y.dtype)
-    pre = torch.empty_like(out)
+    pre = torch.empty_like(out, dtype=torch.promote_types(y.dtype, z.dtype))  # fp32 z keeps dz at fp32 precision
     block_d = min(128, next_pow2(dim))
     block_l = 32
     grid = (bsz * cdiv(seqlen, block_l), cdiv(dim, block_d))

@@ -77,11 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         "--by-op", action="store_true", help="also group device time by the launching op and its input shapes"
     )
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("error: profile_model needs a CUDA GPU", file=sys.stderr)
-        return 2
-    from supernet.bench import _build, make_train_step
-
     kwargs = {}
     for item in args.model_kwargs:
         key, sep, value = item.partition("=")
@@ -89,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --model-kwargs takes KEY=VALUE items such as mix=hard, got {item!r}", file=sys.stderr)
             return 2
         kwargs[key] = yaml.safe_load(value)
+    if not torch.cuda.is_available():
+        print("error: profile_model needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from supernet.bench import _build, make_train_step
+
     step = make_train_step(_build(args.model, kwargs, args.img_size), args.batch_size, args.img_size, args.mode)
     for _ in range(3):
         step()

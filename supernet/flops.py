@@ -6,9 +6,11 @@ module reproduces that: ``torch.utils.flop_counter.FlopCounterMode`` counts ever
 halved), and the two order-dependent ops are counted once each by their rule, whatever backend would run them:
 
 * ``kernels.selective_scan``: :func:`kernels.library.scan_flops` (the formula the registered Triton op reports);
-* ``kernels.causal_conv1d``: one multiply-add per output element and tap, B·L·K·D·W.
+* ``kernels.causal_conv1d``: one multiply-add per output element and tap, B·L·K·D·W;
+* ``kernels.branch_merge`` with a z gate (Vim's, applied once after the merge): B·L·K·D, the gate counted per order as
+  the rule counts it inside the scan, so a model's count does not depend on where its gate runs.
 
-While counting, both ops are replaced by stand-ins that return zeros of the right shape, so neither the reference's
+While counting, these ops are replaced by stand-ins that return zeros of the right shape, so neither the reference's
 per-step matmuls nor the registered op's own formula is seen by the counter (nothing is counted twice), and a count
 at 224² takes seconds on a CPU.
 """
@@ -32,8 +34,9 @@ __all__ = ["count_params_flops"]
 
 @contextmanager
 def _counted_order_ops(tally: list[int]) -> Iterator[None]:
-    """Swap ``kernels.selective_scan`` / ``kernels.causal_conv1d`` for zero-output stand-ins that add to ``tally``."""
-    real_scan, real_conv = kernels.selective_scan, kernels.causal_conv1d
+    """Swap ``kernels.selective_scan`` / ``causal_conv1d`` / ``branch_merge`` for zero-output stand-ins that add to
+    ``tally``."""
+    real_scan, real_conv, real_merge = kernels.selective_scan, kernels.causal_conv1d, kernels.branch_merge
 
     def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, orders=None, **kwargs):
         kernels.validate_scan_inputs(u, delta, A, B, C, D, z, delta_bias, orders)
@@ -45,11 +48,16 @@ def _counted_order_ops(tally: list[int]) -> Iterator[None]:
         tally.append(x.shape[0] * x.shape[1] * k * dim * width)
         return x.new_zeros(x.shape[0], x.shape[1], k, dim)
 
-    kernels.selective_scan, kernels.causal_conv1d = scan, conv
+    def merge(y, w, z=None, **kwargs):
+        if z is not None:
+            tally.append(y.shape[0] * y.shape[1] * y.shape[2] * y.shape[3])
+        return y.new_zeros(y.shape[0], y.shape[1], y.shape[3])
+
+    kernels.selective_scan, kernels.causal_conv1d, kernels.branch_merge = scan, conv, merge
     try:
         yield
     finally:
-        kernels.selective_scan, kernels.causal_conv1d = real_scan, real_conv
+        kernels.selective_scan, kernels.causal_conv1d, kernels.branch_merge = real_scan, real_conv, real_merge
 
 
 def count_params_flops(model: nn.Module, img_size: int | Sequence[int], in_chans: int = 3) -> tuple[int, int]:

@@ -23,6 +23,19 @@ def test_flop_counter_counts_the_scan():
     assert scan_flops((bsz, seqlen, k, dim), (k, dim, n), True, True) == 9 * 480 + 2 * 120
 
 
+def test_flop_counter_counts_the_gate_after_the_merge_per_order():
+    """The registered gated merge counts its silu(z) as VMamba's rule counts the gate inside the scan: B·L·K·D."""
+    import kernels
+
+    y, w, z = torch.randn(2, 7, 3, 5), torch.softmax(torch.randn(3), 0), torch.randn(2, 7, 5)
+    with FlopCounterMode(display=False) as counter:
+        kernels.branch_merge(y, w, z, backend="triton")
+    assert counter.get_total_flops() == 2 * 7 * 3 * 5
+    with FlopCounterMode(display=False) as counter:
+        kernels.branch_merge(y, w, backend="triton")
+    assert counter.get_total_flops() == 0
+
+
 def test_compile_keeps_one_scan_op_and_matches_eager():
     inputs, orders = _setup()
     graphs = []

@@ -39,3 +39,15 @@ def test_profile_conv_bad_configs_are_one_line_errors(capsys, spec, message):
     assert profile_conv.main(["--shape", "2", "8", "37", "2", "--configs", spec]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+_MODEL = Path(__file__).resolve().parents[2] / "scripts" / "profile_model.py"
+_model_spec = importlib.util.spec_from_file_location("profile_model", _MODEL)
+profile_model = importlib.util.module_from_spec(_model_spec)
+_model_spec.loader.exec_module(profile_model)
+
+
+def test_profile_model_bad_model_kwargs_are_one_line_errors(capsys):
+    assert profile_model.main(["--model", "vim_tiny", "--model-kwargs", "mix"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "KEY=VALUE" in err and len(err.splitlines()) == 1

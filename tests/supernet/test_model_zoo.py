@@ -237,6 +237,20 @@ def test_count_params_flops() -> None:
     assert step > 2 * len(child.blocks) * scan
 
 
+class _PlainMerge(torch.nn.Module):
+    def forward(self, y, w, backend="auto"):
+        return kernels.branch_merge(y, w, backend=backend)
+
+
+def test_flop_count_does_not_depend_on_where_the_gate_runs() -> None:
+    """Vim's z gate runs once after the merge; the count charges it per order, as VMamba's rule does in the scan."""
+    model = build("test_vim", img_size=16)
+    after = supernet.count_params_flops(model, 16)[1]
+    for block in model.blocks:  # the branch-attention path: the same mixer with the gate in the scan
+        block.mixer.branch_attn = _PlainMerge()
+    assert supernet.count_params_flops(model, 16)[1] == after
+
+
 def test_plain_model_compiles_to_one_graph_under_autocast() -> None:
     """The (hidden, residual) blocks with SLWS under autocast: Dynamo traces the whole forward as one graph."""
     model = build("test_vim", img_size=16, shuffle_max=0.5, num_classes=3).train()

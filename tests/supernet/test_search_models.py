@@ -286,7 +286,9 @@ class _GateInScanMerge(torch.nn.Module):
 
 @pytest.mark.parametrize("backend", ["ref", "triton"])
 @pytest.mark.parametrize("search", [False, True], ids=["fixed", "softmax"])
-def test_gate_after_the_merge_equals_gating_every_order(backend: str, search: bool) -> None:
+def test_gate_after_the_merge_equals_gating_every_order(
+    backend: str, search: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without the branch attention the mixer gates once, after the merge: the same outputs and gradients (arch
     logits included) as gating each order's scan output and merging after."""
     interpreted = __import__("os").environ.get("TRITON_INTERPRET") == "1"
@@ -295,9 +297,18 @@ def test_gate_after_the_merge_equals_gating_every_order(backend: str, search: bo
     torch.manual_seed(0)
     mixer = MultiOrderMixer(16, (3, 5), ("h", "v_flip", "w2"), search=search, d_state=4, scan_backend=backend)
     x = torch.randn(2, 15, 16)
+    gated_in_scan = []
+    real_scan = kernels.selective_scan
+
+    def spy(*args, z=None, **kwargs):
+        gated_in_scan.append(z is not None)
+        return real_scan(*args, z=z, **kwargs)
+
+    monkeypatch.setattr(kernels, "selective_scan", spy)
     once = _mixer_step(mixer, x)
     mixer.branch_attn = _GateInScanMerge()
     _assert_same_step(once, _mixer_step(mixer, x))
+    assert gated_in_scan == [False, True]  # the default path gates after the merge; the stand-in in the scan
     assert ("arch_logits" in once[1]) == search
 
 
