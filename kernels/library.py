@@ -297,11 +297,15 @@ def _merge_setup_context(ctx, inputs, output):
     ctx.y_shape, ctx.y_dtype = y.shape, y.dtype
 
 
+def _y_or_stand_in(ctx, y: Tensor | None, dout: Tensor) -> Tensor:
+    """The saved y, or (fixed weights: not saved) a stride-0 stand-in carrying only y's shape and dtype."""
+    return y if y is not None else dout.new_empty((), dtype=ctx.y_dtype).expand(ctx.y_shape)
+
+
 def _merge_backward(ctx, dout):
     y, w = ctx.saved_tensors
     need_dw = y is not None and ctx.needs_input_grad[1]
-    if y is None:  # a stride-0 stand-in that only carries y's shape and dtype to the dy kernel
-        y = dout.new_empty((), dtype=ctx.y_dtype).expand(ctx.y_shape)
+    y = _y_or_stand_in(ctx, y, dout)
     bwd = _merge_bwd_impl if getattr(ctx, "direct", False) else _merge_bwd_op
     dy, dw = bwd(dout, y, w, need_dw)
     return dy, dw.to(w.dtype) if need_dw else None
@@ -360,8 +364,7 @@ def _gated_merge_backward(ctx, dout, _dpre):
     if dout is None:
         return None, None, None
     need_dw = y is not None and ctx.needs_input_grad[1]
-    if y is None:  # a stride-0 stand-in that only carries y's shape and dtype to the kernel
-        y = dout.new_empty((), dtype=ctx.y_dtype).expand(ctx.y_shape)
+    y = _y_or_stand_in(ctx, y, dout)
     bwd = _gated_merge_bwd_impl if getattr(ctx, "direct", False) else _gated_merge_bwd_op
     dy, dz, dw = bwd(dout, y, w, z, pre, need_dw)
     return dy, dw.to(w.dtype) if need_dw else None, dz

@@ -254,36 +254,38 @@ def branch_pool(y: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor
     return (part[:, :, 0] if n_s == 1 else part.sum(2)), mean, rstd
 
 
-def branch_merge_fwd(y: torch.Tensor, gw: torch.Tensor) -> torch.Tensor:
-    """Σ_k gw[b, k] ⊙ y[b, l, k] → (B, L, D) in y's dtype (fp32 accumulation); gw (K,) or (B, K, D) fp32."""
+def _token_tiles(bsz: int, seqlen: int, dim: int) -> tuple[int, int, tuple[int, int]]:
+    """(BLOCK_L, BLOCK_D, grid) of the kernels that walk (batch, token block) × channel-block tiles."""
+    block_l, block_d = 32, min(128, next_pow2(dim))
+    return block_l, block_d, (bsz * cdiv(seqlen, block_l), cdiv(dim, block_d))
+
+
+def _merge_fwd(y: torch.Tensor, gw: torch.Tensor, z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     y = _unit_last(y)
     bsz, seqlen, k, dim = y.shape
     out = torch.empty(bsz, seqlen, dim, device=y.device, dtype=y.dtype)
-    block_d = min(128, next_pow2(dim))
-    block_l = 32
-    grid = (bsz * cdiv(seqlen, block_l), cdiv(dim, block_d))
+    pre = None
+    if z is not None:
+        z = _unit_last(z)
+        pre = torch.empty_like(out, dtype=torch.promote_types(y.dtype, z.dtype))  # fp32 z keeps dz at fp32 precision
+    block_l, block_d, grid = _token_tiles(bsz, seqlen, dim)
     _merge_fwd_kernel[grid](
-        y, gw, out, out, out, seqlen, k, dim, *_y_strides(y), *_gw_strides(gw), 0, 0,
-        BLOCK_L=block_l, BLOCK_D=block_d, HAS_Z=False, num_warps=4,
+        y, gw, z if z is not None else out, out, pre if pre is not None else out, seqlen, k, dim,
+        *_y_strides(y), *_gw_strides(gw), *(z.stride()[:2] if z is not None else (0, 0)),
+        BLOCK_L=block_l, BLOCK_D=block_d, HAS_Z=z is not None, num_warps=4,
     )  # fmt: skip
-    return out
+    return out, pre
+
+
+def branch_merge_fwd(y: torch.Tensor, gw: torch.Tensor) -> torch.Tensor:
+    """Σ_k gw[b, k] ⊙ y[b, l, k] → (B, L, D) in y's dtype (fp32 accumulation); gw (K,) or (B, K, D) fp32."""
+    return _merge_fwd(y, gw, None)[0]
 
 
 def gated_merge_fwd(y: torch.Tensor, w: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``silu(z) ⊙ Σ_k w_k · y[b, l, k]`` → (out, pre): (B, L, D), out in y's dtype, pre (the merge before the gate,
     kept for the backward) in the wider of y's and z's; w (K,) fp32, z (B, L, D), fp32 accumulation."""
-    y, z = _unit_last(y), _unit_last(z)
-    bsz, seqlen, k, dim = y.shape
-    out = torch.empty(bsz, seqlen, dim, device=y.device, dtype=y.dtype)
-    pre = torch.empty_like(out, dtype=torch.promote_types(y.dtype, z.dtype))  # fp32 z keeps dz at fp32 precision
-    block_d = min(128, next_pow2(dim))
-    block_l = 32
-    grid = (bsz * cdiv(seqlen, block_l), cdiv(dim, block_d))
-    _merge_fwd_kernel[grid](
-        y, w, z, out, pre, seqlen, k, dim, *_y_strides(y), *_gw_strides(w), z.stride(0), z.stride(1),
-        BLOCK_L=block_l, BLOCK_D=block_d, HAS_Z=True, num_warps=4,
-    )  # fmt: skip
-    return out, pre
+    return _merge_fwd(y, w, z)
 
 
 def gated_merge_bwd(dout, y, w, z, pre, need_dw: bool):
@@ -295,9 +297,7 @@ def gated_merge_bwd(dout, y, w, z, pre, need_dw: bool):
     bsz, seqlen, k, dim = y.shape
     dy = torch.empty(bsz, seqlen, k, dim, device=dout.device, dtype=y.dtype)
     dz = torch.empty(bsz, seqlen, dim, device=dout.device, dtype=z.dtype)
-    block_d = min(128, next_pow2(dim))
-    block_l = 32
-    grid = (bsz * cdiv(seqlen, block_l), cdiv(dim, block_d))
+    block_l, block_d, grid = _token_tiles(bsz, seqlen, dim)
     part = torch.empty(grid[0] * grid[1] if need_dw else 0, k, device=dout.device, dtype=torch.float32)
     _gated_merge_bwd_kernel[grid](
         dout, w, y, z, pre, dy, dz, part, seqlen, k, dim, *_y_strides(y), z.stride(0), z.stride(1),

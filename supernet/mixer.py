@@ -436,7 +436,7 @@ class MultiOrderMixer(nn.Module):
         if self.branch_attn is not None:
             y = self.branch_attn(y, w, backend=self.scan_backend)
         else:
-            y = kernels.branch_merge(y, w, z if gate_after_merge else None, backend=self.scan_backend)
+            y = kernels.branch_merge(y, w, z, backend=self.scan_backend)  # the gate after the merge
         if self.out_norm is not None:
             y = self.out_norm(y)
         return self.out_proj(y)
