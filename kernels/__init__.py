@@ -7,12 +7,19 @@ from .ops import (
     branch_attn_merge,
     branch_merge,
     causal_conv1d,
+    gather_rows,
     resolve_backend,
     rms_norm,
     selective_scan,
     validate_scan_inputs,
 )
-from .reference import branch_attn_merge_ref, branch_merge_ref, causal_conv1d_ref, selective_scan_ref
+from .reference import (
+    branch_attn_merge_ref,
+    branch_merge_ref,
+    causal_conv1d_ref,
+    gather_rows_ref,
+    selective_scan_ref,
+)
 from .triton_scan import (
     CHANNEL_SUMS,
     channel_sums,
@@ -32,6 +39,8 @@ __all__ = [
     "causal_conv1d",
     "causal_conv1d_ref",
     "channel_sums",
+    "gather_rows",
+    "gather_rows_ref",
     "library",
     "resolve_backend",
     "rms_norm",

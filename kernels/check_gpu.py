@@ -6,13 +6,14 @@ run in fp64 for fp32 cases (in fp32 for bf16/fp16 cases); with mamba-ssm present
 passes when its error is at most twice mamba-ssm's own error against the same truth (both compute the decays with an
 approximate exp2), and the report says which criterion each tensor met. Writes a JSON report.
 
-    python -m kernels.check_gpu --out benchmarks/kernels_h100.json [--commit SHA] [--quick] [--parts scan merge]
+    python -m kernels.check_gpu --out benchmarks/kernels_h100.json [--commit SHA] [--quick] [--parts scan merge gather]
 
 The ``merge`` part checks the mixer's fused branch merge (:func:`kernels.branch_attn_merge` and
 :func:`kernels.branch_merge`) against the reference at the models' shapes, output and every gradient; the ``conv``
 part the per-order causal conv1d (:func:`kernels.causal_conv1d`) and the ``norm`` part the RMSNorm
 (:func:`kernels.rms_norm`, fp32 inputs, as the models call it) and the fused residual add + RMSNorm
-(:func:`kernels.add_rms_norm`, bf16 block output onto an fp32 residual) the same way.
+(:func:`kernels.add_rms_norm`, bf16 block output onto an fp32 residual) the same way; the ``gather`` part the sampled
+orders' parameter gather (:func:`kernels.gather_rows`) against ``index_select``, which it must match exactly.
 """
 
 from __future__ import annotations
@@ -30,8 +31,22 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernels.ops import add_rms_norm, branch_attn_merge, branch_merge, causal_conv1d, rms_norm, selective_scan
-from kernels.reference import branch_attn_merge_ref, branch_merge_ref, causal_conv1d_ref, selective_scan_ref
+from kernels.ops import (
+    add_rms_norm,
+    branch_attn_merge,
+    branch_merge,
+    causal_conv1d,
+    gather_rows,
+    rms_norm,
+    selective_scan,
+)
+from kernels.reference import (
+    branch_attn_merge_ref,
+    branch_merge_ref,
+    causal_conv1d_ref,
+    gather_rows_ref,
+    selective_scan_ref,
+)
 from kernels.testing import (
     GRAD_NAMES,
     TOLERANCES,
@@ -121,6 +136,42 @@ def check_conv_case(bsz, seqlen, height, width, k, dim, taps, dtype) -> dict:
                          dtype)  # fmt: skip
     return {"B": bsz, "L": seqlen, "K": k, "D": dim, "W": taps, "dtype": str(dtype).replace("torch.", ""),
             "ok": all(r["ok"] for r in recs), "vs_ref": recs}  # fmt: skip
+
+
+# The sampled orders' parameters of a LocalVim-T supernet layer (D 256, N 16, rank 8 padded, conv 4), their orders
+# (int32, L 197) and odd extras: (K, sampled indices, (row shape, dtype) per tensor)
+_LAYER = [((256, 4), "float32"), ((256,), "float32"), ((48, 256), "float32"), ((256, 8), "float32"),
+          ((256,), "float32"), ((256, 16), "float32"), ((256,), "float32"), ((197,), "int32")]  # fmt: skip
+GATHER_GRID = [
+    (8, [5], _LAYER),
+    (8, [0, 3, 7], _LAYER),
+    (8, list(range(8)), _LAYER),
+    (5, [4, 1, 4], [((3, 1111), "float32"), ((7,), "bfloat16"), ((2, 3), "float64")]),
+]
+
+
+def check_gather_case(k, idx, shapes) -> dict:
+    gen = torch.Generator().manual_seed(k + len(idx))
+    tensors = [torch.randn(k, *shape, generator=gen).to(getattr(torch, dt)) if dt != "int32"
+               else torch.randint(0, 1000, (k, *shape), generator=gen, dtype=torch.int32)
+               for shape, dt in shapes]  # fmt: skip
+    idx_t = torch.tensor(idx, device="cuda")
+    grads = [torch.randn(len(idx), *t.shape[1:], generator=gen).to(t.dtype).cuda() if t.is_floating_point() else None
+             for t in tensors]  # fmt: skip
+    runs = []
+    for fn in (lambda i, ts: gather_rows(i, ts, backend="triton"), gather_rows_ref):
+        leaves = [t.cuda().requires_grad_(t.is_floating_point()) for t in tensors]
+        with poisoned_empty() if len(runs) == 0 else contextlib.nullcontext():
+            outs = fn(idx_t, leaves)
+            sum((o * g).sum() for o, g in zip(outs, grads) if g is not None).backward()
+        runs.append((outs, [t.grad for t in leaves]))
+    (outs, dts), (ref_outs, ref_dts) = runs
+    exact = len(set(idx)) == len(idx)  # repeated indices sum in another order than index_add_
+    recs = [compare(f"out{j}", o, r, 0.0, 1e-30) for j, (o, r) in enumerate(zip(outs, ref_outs))]
+    # one rounding of the fp32 sum against index_add_'s rounding per add
+    tol = (lambda t: (0.0, 1e-30)) if exact else (lambda t: (8e-3 if t.dtype == torch.bfloat16 else 1e-6, 1e-6))
+    recs += [compare(f"grad{j}", g, r, *tol(r)) for j, (g, r) in enumerate(zip(dts, ref_dts)) if r is not None]
+    return {"op": "gather", "K": k, "idx": idx, "dtype": "mixed", "ok": all(r["ok"] for r in recs), "vs_ref": recs}
 
 
 def check_norm_case(bsz, seqlen, dim) -> dict:
@@ -298,7 +349,7 @@ def main(cfg: dict) -> dict:
             load_scan_configs(cfg["configs"])
         except ValueError as err:
             raise SystemExit(f"error: --configs: {err}") from None
-    parts = cfg.get("parts") or ("scan", "merge", "conv", "norm")
+    parts = cfg.get("parts") or ("scan", "merge", "conv", "norm", "gather")
     with_mamba = "scan" in parts and not cfg.get("no_mamba") and try_load_mamba(cfg.get("mamba_anchor"))
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     grid = (GRID[:3] if cfg.get("quick") else GRID) if "scan" in parts else []
@@ -312,7 +363,8 @@ def main(cfg: dict) -> dict:
                   "seconds": round(time.time() - t0, 1),
                   "cases": results, "merge_cases": merge_results,
                   "conv_cases": [r for r in other_results if "W" in r],
-                  "norm_cases": [r for r in other_results if "C" in r]}  # fmt: skip
+                  "norm_cases": [r for r in other_results if "C" in r],
+                  "gather_cases": [r for r in other_results if r.get("op") == "gather"]}  # fmt: skip
         if cfg.get("out"):  # rewritten after every case, so a cut-off run still leaves its report
             os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)
             with open(cfg["out"], "w") as f:
@@ -342,11 +394,12 @@ def main(cfg: dict) -> dict:
     others += (
         [(fn, case) for fn in (check_norm_case, check_add_norm_case) for case in NORM_GRID] if "norm" in parts else []
     )
+    others += [(check_gather_case, case) for case in GATHER_GRID] if "gather" in parts else []
     for fn, case in others:
         rec = fn(*case)
         other_results.append(rec)
         worst = max(rec["vs_ref"], key=lambda r: r["max_err_over_bound"])
-        what = " ".join(f"{key}={rec[key]}" for key in ("B", "L", "K", "D", "W", "C") if key in rec)
+        what = " ".join(f"{key}={rec[key]}" for key in ("B", "L", "K", "D", "W", "C", "idx") if key in rec)
         op = rec.get("op") or ("conv" if "W" in rec else "norm")
         print(
             f"{op} {rec['dtype']:>8} {what} {'PASS' if rec['ok'] else 'FAIL'}  "
@@ -367,8 +420,8 @@ if __name__ == "__main__":
     p.add_argument("--mamba-anchor", default=None, help="folder with build.py that builds mamba-ssm's scan")
     p.add_argument("--no-mamba", action="store_true")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--parts", nargs="+", choices=("scan", "merge", "conv", "norm"),
-                   default=["scan", "merge", "conv", "norm"], help="what to check")  # fmt: skip
+    p.add_argument("--parts", nargs="+", choices=("scan", "merge", "conv", "norm", "gather"),
+                   default=["scan", "merge", "conv", "norm", "gather"], help="what to check")  # fmt: skip
     p.add_argument("--configs", default=None, help="JSON of tuned block sizes written by kernels.bench --configs-out")
     p.add_argument("--scan-sums", default="fixed", choices=CHANNEL_SUMS,
                    help="the backward's dB/dC channel sums to check (see kernels.set_channel_sums)")  # fmt: skip

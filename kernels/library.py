@@ -11,6 +11,8 @@ Registered ops (namespace ``scan_nas``):
     gated_branch_merge(y, w, z) -> (out, pre) / gated_branch_merge_bwd: the same times silu(z) (Vim's gate, applied
         once after the merge); pre, the sum before the gate, is kept for dz.
     branch_attn_merge / branch_attn_merge_bwd: the same behind LocalMamba's per-branch channel gate.
+    gather_rows(idx, tensors[]) -> tensors[] / gather_rows_bwd: rows of several (K, ...) tensors at the same indices
+        (the sampled orders' parameters), one launch each way.
     rms_norm(x, weight, eps) / rms_norm_bwd: the plain family's RMSNorm (PyTorch's forward, the Triton backward).
     add_rms_norm(x, residual?, weight, eps, out_dtype) -> (y, r) / add_rms_norm_bwd: the residual add fused with it.
 
@@ -26,6 +28,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ._host import cdiv
 from .triton_conv import conv_bwd, conv_fwd
+from .triton_gather import gather_rows_bwd, gather_rows_fwd
 from .triton_merge import (
     branch_attn_merge_bwd,
     branch_attn_merge_fwd,
@@ -42,6 +45,7 @@ __all__ = [
     "branch_attn_merge_op",
     "branch_merge_op",
     "gated_branch_merge_op",
+    "gather_rows_op",
     "causal_conv1d_op",
     "direct_eager",
     "rms_norm_op",
@@ -458,6 +462,75 @@ def branch_attn_merge_op(y, w, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2
     """The registered Triton gated merge; same arguments as :func:`kernels.reference.branch_attn_merge_ref`."""
     fwd = _AttnMergeFunction.apply if direct_eager() else _attn_merge_op
     return fwd(y, w, norm_weight, norm_bias, float(eps), fc1_weight, fc1_bias, fc2_weight, fc2_bias)[0]
+
+
+def _gather_impl(idx: Tensor, tensors: list[Tensor]) -> list[Tensor]:
+    return gather_rows_fwd(idx.contiguous(), [t.contiguous() for t in tensors])
+
+
+_gather_op = torch.library.custom_op("scan_nas::gather_rows", _gather_impl, mutates_args=())
+
+
+@_gather_op.register_fake
+def _(idx, tensors):
+    return [t.new_empty((idx.shape[0], *t.shape[1:])) for t in tensors]
+
+
+def _gather_bwd_impl(idx: Tensor, grads: list[Tensor], k: int) -> list[Tensor]:
+    return gather_rows_bwd(idx.contiguous(), [g.contiguous() for g in grads], k)
+
+
+_gather_bwd_op = torch.library.custom_op("scan_nas::gather_rows_bwd", _gather_bwd_impl, mutates_args=())
+
+
+@_gather_bwd_op.register_fake
+def _(idx, grads, k):
+    return [g.new_empty((k, *g.shape[1:])) for g in grads]
+
+
+def _gather_setup_context(ctx, inputs, output):
+    idx, tensors = inputs
+    ctx.save_for_backward(idx)
+    ctx.k = tensors[0].shape[0]
+    ctx.float_inputs = [t.is_floating_point() for t in tensors]
+    ctx.set_materialize_grads(False)  # an output nobody used gets no (K, ...) gradient
+
+
+def _gather_backward(ctx, grads):
+    (idx,) = ctx.saved_tensors
+    take = [i for i, g in enumerate(grads) if g is not None and ctx.float_inputs[i]]
+    out = [None] * len(grads)
+    if take:
+        bwd = _gather_bwd_impl if getattr(ctx, "direct", False) else _gather_bwd_op
+        for i, g in zip(take, bwd(idx, [grads[i] for i in take], ctx.k)):
+            out[i] = g
+    return None, out
+
+
+_gather_op.register_autograd(_gather_backward, setup_context=_gather_setup_context)
+
+
+class _GatherFunction(torch.autograd.Function):
+    """The eager direct path of ``gather_rows``: tensors as separate arguments, outputs as a tuple."""
+
+    @staticmethod
+    def forward(ctx, idx, *tensors):
+        out = _gather_impl(idx, list(tensors))
+        ctx.direct = True
+        _gather_setup_context(ctx, (idx, tensors), out)
+        return tuple(out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        return None, *_gather_backward(ctx, grads)[1]
+
+
+def gather_rows_op(idx: Tensor, tensors: list[Tensor]) -> list[Tensor]:
+    """The registered Triton gather: ``[t.index_select(0, idx) for t in tensors]``, each output contiguous."""
+    if direct_eager():
+        return list(_GatherFunction.apply(idx, *tensors))
+    return _gather_op(idx, tensors)
 
 
 def _norm_fwd_impl(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -9,10 +9,17 @@ Backends: ``ref`` (pure PyTorch, the truth), ``triton`` (fused, all K orders in 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
-from .reference import branch_attn_merge_ref, branch_merge_ref, causal_conv1d_ref, selective_scan_ref
+from .reference import (
+    branch_attn_merge_ref,
+    branch_merge_ref,
+    causal_conv1d_ref,
+    gather_rows_ref,
+    selective_scan_ref,
+)
 
 __all__ = [
     "BACKENDS",
@@ -20,6 +27,7 @@ __all__ = [
     "branch_attn_merge",
     "branch_merge",
     "causal_conv1d",
+    "gather_rows",
     "resolve_backend",
     "rms_norm",
     "selective_scan",
@@ -215,6 +223,41 @@ def branch_merge(
 
         return branch_merge_op(y, w) if z is None else gated_branch_merge_op(y, w, z)
     return branch_merge_ref(y, w, z)
+
+
+def gather_rows(idx: torch.Tensor, tensors: Sequence[torch.Tensor], backend: str = "auto") -> list[torch.Tensor]:
+    """Rows ``idx`` of every tensor along dim 0, ``[t.index_select(0, idx) for t in tensors]``: the sampled orders'
+    per-order parameters (and orders) of a supernet layer, in one launch forward and one backward on ``triton``.
+
+    Args:
+        idx: (m,) integer indices in [0, K) (on CUDA not checked against K: that would wait for the GPU).
+        tensors: one to ``MAX_TENSORS`` (8) tensors of shape (K, ...), on idx's device; integer ones get no gradient.
+        backend: as for :func:`selective_scan` (``mamba`` uses the reference).
+
+    Returns:
+        One (m, ...) contiguous tensor per input; repeated indices add up in the backward, as for ``index_select``.
+    """
+    from .triton_gather import MAX_TENSORS
+
+    tensors = list(tensors)
+    if idx.dim() != 1 or idx.is_floating_point() or idx.is_complex():
+        raise ValueError(f"idx: expected a 1-D integer tensor, got {idx.dtype} of shape {tuple(idx.shape)}")
+    if not 1 <= len(tensors) <= MAX_TENSORS:
+        raise ValueError(f"gather_rows: expected 1 to {MAX_TENSORS} tensors, got {len(tensors)}")
+    k = tensors[0].shape[0] if tensors[0].dim() else None
+    for i, t in enumerate(tensors):
+        if t.dim() == 0 or t.shape[0] != k:
+            raise ValueError(f"tensors[{i}]: expected shape (K={k}, ...) like tensors[0], got {tuple(t.shape)}")
+        if t.device != idx.device:
+            raise ValueError(f"tensors[{i}] is on {t.device}, idx on {idx.device}: put them on one device")
+    if resolve_backend(backend, idx.device) == "triton":
+        host = idx.device.type == "cpu" and not torch.compiler.is_compiling()  # a check here waits for nothing
+        if host and idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < k):
+            raise IndexError(f"idx: values must lie in [0, {k}), got {idx.tolist()}")
+        from .library import gather_rows_op
+
+        return gather_rows_op(idx, tensors)
+    return gather_rows_ref(idx, tensors)
 
 
 def branch_attn_merge(

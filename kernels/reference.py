@@ -19,7 +19,13 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-__all__ = ["branch_attn_merge_ref", "branch_merge_ref", "causal_conv1d_ref", "selective_scan_ref"]
+__all__ = [
+    "branch_attn_merge_ref",
+    "branch_merge_ref",
+    "causal_conv1d_ref",
+    "gather_rows_ref",
+    "selective_scan_ref",
+]
 
 
 def _gather_tokens(x: torch.Tensor, orders: torch.Tensor | None, k: int) -> torch.Tensor:
@@ -182,3 +188,9 @@ def branch_attn_merge_ref(y, w, norm_weight, norm_bias, fc1_weight, fc1_bias, fc
         g = torch.sigmoid(F.linear(F.gelu(F.linear(pooled, w1, b1)), w2, b2))
         out = (yf * (g * w.to(ct).view(1, -1, 1)).unsqueeze(1)).sum(2)
     return out.to(y.dtype)
+
+
+def gather_rows_ref(idx: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Rows ``idx`` (m,) of every tensor (K, ...) along dim 0: ``[t.index_select(0, idx) for t in tensors]``."""
+    idx = idx.long()
+    return [t.index_select(0, idx.to(t.device)) for t in tensors]

@@ -37,7 +37,14 @@ import torch.nn.functional as F
 import kernels
 from search_spaces import coinciding_orders, scan_order
 
-__all__ = ["ARCH_MODES", "BranchAttn", "MultiOrderMixer", "build_orders", "slice_mixer_state"]
+__all__ = [
+    "ARCH_MODES",
+    "BranchAttn",
+    "MultiOrderMixer",
+    "batched_branch_weights",
+    "build_orders",
+    "slice_mixer_state",
+]
 
 ARCH_MODES = ("softmax", "gumbel", "hard")
 
@@ -353,32 +360,22 @@ class MultiOrderMixer(nn.Module):
             (w, idx): ``w`` (m,) fp32 weights of the computed orders (they sum to 1 in value), and ``idx`` (m,) the
             indices of those orders, or None when every order is computed.
         """
-        if not self.search:
-            k = self.num_orders
-            return self.x_proj_weight.new_full((k,), 1.0 / k, dtype=torch.float32), None
-        logits = self.arch_logits.float()
-        sampling = self.training and self.mode != "softmax"
-        if sampling:
-            # Noise from the default generator of the logits' device: no host round trip (a pageable copy stalled the
-            # host every layer), and a step can be captured as a CUDA graph (each replay draws afresh).
-            u = torch.rand(logits.shape, device=logits.device).clamp_(1e-10, 1.0 - 1e-7)
-            logits = logits - torch.log(-torch.log(u))
-        if self.mode == "softmax" or (self.mode == "gumbel" and not sampling):
-            return torch.softmax(logits, 0), None
-        if self.mode == "gumbel":
-            return torch.softmax(logits / self._tau, 0), None
-        # hard: top-m of the (noisy) logits, uniform 1/m in value, Gumbel-softmax straight-through gradient.
-        idx = torch.topk(logits.detach(), self.top_m).indices.sort().values
-        soft = torch.softmax(logits / self._tau, 0).index_select(0, idx)
-        return soft - soft.detach() + 1.0 / self.top_m, idx
+        return batched_branch_weights([self])[0]
 
-    def forward(self, x: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        perm: torch.Tensor | None = None,
+        branch: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
         """Scan along every (or the sampled) order, merge, project.
 
         Args:
             x: (B, L, C) tokens in storage order (grid tokens row-major, then any extra token).
             perm: optional (L,) permutation of the token positions (SLWS): order k then visits ``perm[orders[k, t]]``
                 at step t, which is exactly running the block on ``x[:, perm]`` and undoing the shuffle afterwards.
+            branch: this layer's ``(w, idx)`` as :meth:`branch_weights` returns them, when the model drew every
+                layer's at once (:func:`batched_branch_weights`); None draws them here.
 
         Returns:
             (B, L, C).
@@ -386,11 +383,16 @@ class MultiOrderMixer(nn.Module):
         bsz, seqlen, _ = x.shape
         if seqlen != self.orders.shape[1]:
             raise ValueError(f"mixer built for {self.orders.shape[1]} tokens (grid {self.grid}), got {seqlen}")
-        w, idx = self.branch_weights()
-        orders = self.orders if idx is None else self.orders.index_select(0, idx)
+        w, idx = self.branch_weights() if branch is None else branch
+        per_order = {name: getattr(self, name) for name in self.PER_ORDER}
+        orders = self.orders
+        if idx is not None:  # the sampled orders' rows of every per-order tensor: one gather (one launch each way)
+            names = [name for name, p in per_order.items() if p is not None]
+            taken = kernels.gather_rows(idx, [orders] + [per_order[n] for n in names], backend=self.scan_backend)
+            orders = taken[0]
+            per_order.update(zip(names, taken[1:]))
         if perm is not None:
             orders = perm.to(device=orders.device, dtype=orders.dtype)[orders]
-        pick = (lambda p: p) if idx is None else (lambda p: None if p is None else p.index_select(0, idx))
 
         xz = self.in_proj(x)
         xin, z = xz.chunk(2, dim=-1) if self.gate else (xz, None)
@@ -401,13 +403,13 @@ class MultiOrderMixer(nn.Module):
         if self.conv1d_weight is not None:
             u = kernels.causal_conv1d(
                 xin.unsqueeze(2),
-                pick(self.conv1d_weight),
-                pick(self.conv1d_bias),
+                per_order["conv1d_weight"],
+                per_order["conv1d_bias"],
                 orders=orders,
                 activation="silu",
                 backend=self.scan_backend,
             )  # (B, L, K, D)
-        x_w, dt_w = self._padded_projections(pick(self.x_proj_weight), pick(self.dt_proj_weight))
+        x_w, dt_w = self._padded_projections(per_order["x_proj_weight"], per_order["dt_proj_weight"])
         if self.conv1d_weight is None:
             u = xin.unsqueeze(2)  # (B, L, 1, D): one input shared by every order
         delta, b_ssm, c_ssm = order_projections(u, x_w, dt_w, self.d_state)
@@ -420,12 +422,12 @@ class MultiOrderMixer(nn.Module):
         y = kernels.selective_scan(
             u,
             delta,
-            -torch.exp(pick(self.A_log).float()),
+            -torch.exp(per_order["A_log"].float()),
             b_ssm,
             c_ssm,
-            D=pick(self.D).float(),
+            D=per_order["D"].float(),
             z=None if z is None or gate_after_merge else z.unsqueeze(2),
-            delta_bias=pick(self.dt_proj_bias).float(),
+            delta_bias=per_order["dt_proj_bias"].float(),
             delta_softplus=True,
             orders=orders,
             backend=self.scan_backend,
@@ -462,6 +464,60 @@ class MultiOrderMixer(nn.Module):
     def extra_repr(self) -> str:
         kind = f"search[{self.mode}]" if self.search else "fixed"
         return f"{kind}, orders=({', '.join(self.order_names)}), grid={self.grid}, d_inner={self.d_inner}"
+
+
+def batched_branch_weights(mixers: Sequence[MultiOrderMixer]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Every mixer's :meth:`MultiOrderMixer.branch_weights`, the supernet layers drawn together.
+
+    Search mixers alike in mode, K, top-m, training flag and device (a supernet's layers) are computed as
+    one (layers, K) batch: one draw of noise, one top-m and one softmax for all of them, where layer by layer it was
+    about a dozen small kernels each (and their backward), which an eager training step waits on the host for. Each
+    layer's noise is independent of the others', as before; the draws are not the same numbers as layer by layer.
+
+    Returns:
+        One ``(w, idx)`` per mixer, in order.
+    """
+    out: list = [None] * len(mixers)
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(mixers):
+        if not m.search:
+            k = m.num_orders
+            out[i] = (m.x_proj_weight.new_full((k,), 1.0 / k, dtype=torch.float32), None)
+            continue
+        # Not the temperature's Python float: a compiled step would guard on it and recompile when it changes (gdas).
+        key = (m.mode, m.num_orders, m.top_m, m.training, m.arch_logits.device)
+        groups.setdefault(key, []).append(i)
+    for members in groups.values():
+        for i, wi in zip(members, _group_branch_weights([mixers[i] for i in members])):
+            out[i] = wi
+    return out
+
+
+def _group_branch_weights(group: list[MultiOrderMixer]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(w, idx) of search mixers alike in mode, K, top-m, training flag and device, as one batch."""
+    first = group[0]
+    if len(group) == 1:
+        logits, tau = first.arch_logits.float().unsqueeze(0), first._tau
+    else:
+        logits = torch.stack([m.arch_logits for m in group]).float()  # (layers, K)
+        tau = torch.stack([m._tau for m in group]).unsqueeze(1)  # each layer's own temperature
+    sampling = first.training and first.mode != "softmax"
+    if sampling:
+        # Noise from the default generator of the logits' device: no host round trip (a pageable copy stalled the
+        # host every layer), and a step can be captured as a CUDA graph (each replay draws afresh).
+        u = torch.rand(logits.shape, device=logits.device).clamp_(1e-10, 1.0 - 1e-7)
+        logits = logits - torch.log(-torch.log(u))
+    # A view per layer: unbind's backward is one stack; squeeze's (one layer) is a view, where select's is two kernels.
+    rows = (lambda t: t.unbind(0)) if len(group) > 1 else (lambda t: (t.squeeze(0),))
+    if first.mode == "softmax" or (first.mode == "gumbel" and not sampling):
+        return [(w, None) for w in rows(torch.softmax(logits, -1))]
+    if first.mode == "gumbel":
+        return [(w, None) for w in rows(torch.softmax(logits / tau, -1))]
+    # hard: top-m of the (noisy) logits, uniform 1/m in value, Gumbel-softmax straight-through gradient.
+    idx = torch.topk(logits.detach(), first.top_m, dim=-1).indices.sort(-1).values
+    soft = torch.softmax(logits / tau, -1).gather(-1, idx)
+    w = soft - soft.detach() + 1.0 / first.top_m
+    return list(zip(rows(w), rows(idx)))
 
 
 def slice_mixer_state(

@@ -105,9 +105,15 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(
-        self, hidden: torch.Tensor, residual: torch.Tensor | None = None, *, perm: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        *,
+        perm: torch.Tensor | None = None,
+        branch: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L, C) pair → (hidden, residual) pair; ``perm`` (L,) shuffles the tokens the mixer scans (SLWS).
+        """(B, L, C) pair → (hidden, residual) pair; ``perm`` (L,) shuffles the tokens the mixer scans (SLWS);
+        ``branch`` is the mixer's ``(w, idx)`` if the model drew them (see :meth:`MultiOrderMixer.forward`).
 
         Under autocast the norm writes the autocast dtype, which the mixer's first GEMM reads without a cast.
         """
@@ -118,7 +124,7 @@ class Block(nn.Module):
             if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
                 out_dtype = torch.get_autocast_dtype(dev)
         normed, residual = add_norm(self.norm, hidden, residual, out_dtype)
-        return self.drop_path(self.mixer(normed, perm=perm)), residual
+        return self.drop_path(self.mixer(normed, perm=perm, branch=branch)), residual
 
 
 class VisionMamba(ArchModelMixin, nn.Module):
@@ -314,12 +320,13 @@ class VisionMamba(ArchModelMixin, nn.Module):
         if self.residual_in_fp32:
             x = x.float()
         residual = None
+        branches = self._branch_weights()
         for i, blk in enumerate(self.blocks):
             perm = self._shuffle(i, x.shape[1], x.device)
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x, residual = checkpoint(blk, x, residual, perm=perm, use_reentrant=False)
+                x, residual = checkpoint(blk, x, residual, perm=perm, branch=branches[i], use_reentrant=False)
             else:
-                x, residual = blk(x, residual, perm=perm)
+                x, residual = blk(x, residual, perm=perm, branch=branches[i])
         return add_norm(self.norm, x, residual)[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -86,10 +86,17 @@ class VSSBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU) if mlp_ratio > 0 else None
 
-    def forward(self, x: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, H, W, C) → (B, H, W, C); ``perm`` (H·W,) shuffles the tokens the mixer scans (SLWS)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        perm: torch.Tensor | None = None,
+        branch: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
+        """x: (B, H, W, C) → (B, H, W, C); ``perm`` (H·W,) shuffles the tokens the mixer scans (SLWS); ``branch`` is
+        the mixer's ``(w, idx)`` if the model drew them (see :meth:`MultiOrderMixer.forward`)."""
         bsz, h, w, c = x.shape
-        x = x + self.drop_path(self.mixer(self.norm(x).reshape(bsz, h * w, c), perm=perm).view(bsz, h, w, c))
+        mixed = self.mixer(self.norm(x).reshape(bsz, h * w, c), perm=perm, branch=branch)
+        x = x + self.drop_path(mixed.view(bsz, h, w, c))
         if self.mlp is not None:
             x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x
@@ -276,6 +283,7 @@ class VMamba(ArchModelMixin, nn.Module):
             raise ValueError(f"input size {tuple(x.shape[-2:])} does not match the model's img_size {self.img_size}")
         x = self.stem(x)
         layer = 0
+        branches = self._branch_weights()
         for stage in self.stages:
             x = stage.downsample(x)
             num_tokens = stage.grid[0] * stage.grid[1]
@@ -284,9 +292,9 @@ class VMamba(ArchModelMixin, nn.Module):
                 if self.training and self.shuffle_max > 0.0:
                     perm = draw_shuffle(self.slws_probs[layer], num_tokens, x.device)
                 if self.grad_checkpointing and not torch.jit.is_scripting():
-                    x = checkpoint(blk, x, perm, use_reentrant=False)
+                    x = checkpoint(blk, x, perm, branches[layer], use_reentrant=False)
                 else:
-                    x = blk(x, perm)
+                    x = blk(x, perm, branches[layer])
                 layer += 1
         return self.norm(x)
 

@@ -262,6 +262,76 @@ def test_triton_backend_matches_ref(name: str) -> None:
         torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-3, atol=1e-4, msg=n)
 
 
+@pytest.mark.skipif(not _HAS_TRITON_SCAN, reason="kernels/triton_scan.py not there yet")
+def test_sampled_supernet_triton_matches_ref() -> None:
+    """A training step of a supernet in ``hard`` mode: the batched draw picks the same orders on both backends (same
+    seed), and the Triton path (the sampled orders' parameters taken in one gather) gives the reference's outputs and
+    gradients, arch logits included; the orders not sampled get zero gradients on both."""
+    if not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+    top_m = 2
+    torch.manual_seed(0)
+    ref = build("test_local_vim_search", img_size=8, scan_backend="ref", num_classes=3).train()
+    tri = build("test_local_vim_search", img_size=8, scan_backend="triton", num_classes=3).train()
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    outs = []
+    for model in (ref, tri):
+        model.set_arch_mode("hard", tau=0.7, top_m=top_m)
+        torch.manual_seed(5)
+        y = model(x)
+        y.square().sum().backward()
+        outs.append(y)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+    grads = dict(ref.named_parameters())
+    for n, p in tri.named_parameters():
+        assert p.grad is not None, n
+        torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-3, atol=1e-4, msg=n)
+    rows = tri.blocks[0].mixer.A_log.grad.flatten(1).abs().sum(1)
+    assert int((rows > 0).sum()) == top_m
+
+
+@pytest.mark.parametrize("family", ["vim", "vmamba"])
+def test_layers_draw_their_branch_weights_as_one_batch(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A supernet's forward draws every layer's noise in one call (not one per layer); without noise (eval, softmax)
+    the batch gives each layer exactly what its own mixer gives."""
+    model = build(f"test_local_{family}_search", img_size=16)
+    mixers = [m for _, m in model.named_mixers()]
+    assert len(mixers) > 1
+    with torch.no_grad():
+        for p in model.arch_parameters():
+            p.normal_()
+    for mode, train in (("softmax", True), ("gumbel", False), ("hard", False)):
+        model.train(train)
+        model.set_arch_mode(mode, tau=0.6, top_m=3)
+        batched = supernet.mixer.batched_branch_weights(mixers)
+        for (w, idx), m in zip(batched, mixers):
+            w_own, idx_own = m.branch_weights()
+            torch.testing.assert_close(w, w_own, rtol=0, atol=0)
+            assert (idx is None and idx_own is None) or torch.equal(idx, idx_own)
+    # layers with their own temperatures: the straight-through gradient of each follows its own
+    model.eval()
+    for j, m in enumerate(mixers):
+        m.set_arch_mode("hard", tau=0.3 + 0.5 * j, top_m=2)
+    batched = supernet.mixer.batched_branch_weights(mixers)
+    for (w, _), m in zip(batched, mixers):
+        (got,) = torch.autograd.grad(w.square().sum(), m.arch_logits, retain_graph=True)
+        (want,) = torch.autograd.grad(m.branch_weights()[0].square().sum(), m.arch_logits)
+        torch.testing.assert_close(got, want)
+    draws = []
+    real_rand = torch.rand
+
+    def counting_rand(*args, **kwargs):
+        draws.append(args[0] if args else kwargs.get("size"))
+        return real_rand(*args, **kwargs)
+
+    model.train()
+    model.set_arch_mode("hard", tau=1.0, top_m=1)
+    monkeypatch.setattr(torch, "rand", counting_rand)
+    model(torch.randn(1, 3, 16, 16))
+    assert [tuple(d) for d in draws] == [(len(mixers), 8)]
+
+
 def _mixer_step(mixer: MultiOrderMixer, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The mixer's output and every parameter's gradient of its squared sum."""
     mixer.zero_grad()
