@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 
 import timm
@@ -76,6 +77,7 @@ def main() -> None:
         "timm": timm.__version__,
         "commit": _commit(),
         "mode": "eager",
+        "cpus": sorted(os.sched_getaffinity(0)),  # the cores the host work may use (taskset)
         "batch_size": args.batch_size,
         "img_size": args.img_size,
         "steps_per_round": args.steps,
