@@ -5,10 +5,11 @@ A supernet layer in ``hard`` mode computes only its sampled orders, so it takes 
 tensor forward and two per tensor backward (a zero fill and an ``index_add_``), about 22 launches per layer, and an
 eager training step of such a supernet is bound by host time per launch. Here:
 
-- ``_gather_rows_kernel``: ``out_t[j] = src_t[idx[j]]`` for up to ``MAX_TENSORS`` tensors, one program axis per tensor;
-- ``_scatter_rows_kernel``: the gradient ``dsrc_t[r] = Σ_{j: idx[j] = r} dout_t[j]`` of every tensor, zeros in the
-  rows not taken, written whole (no zero fill first). Repeated indices add up, as ``index_select``'s backward does
-  (in fp32, fp64 for fp64 gradients).
+- forward (``_rows_kernel``): ``out_t[j] = src_t[idx[j]]`` for up to ``MAX_TENSORS`` tensors, one program axis per
+  tensor;
+- backward (``_rows_kernel`` with ``BWD``): the gradient ``dsrc_t[r] = Σ_{j: idx[j] = r} dout_t[j]`` of every
+  tensor, zeros in the rows not taken, written whole (no zero fill first). Repeated indices add up, as
+  ``index_select``'s backward does (in fp32, fp64 for fp64 gradients).
 
 Layout: every tensor contiguous, of shape (K, ...) in, (m, ...) out; idx (m,) integer, each in [0, K) (not checked
 here: a check would wait for the GPU).
@@ -59,67 +60,45 @@ def _scatter_one(grad, dst, idx_ptr, m, k, n, pid, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _gather_rows_kernel(
-    idx_ptr, m,
-    s0, d0, n0, s1, d1, n1, s2, d2, n2, s3, d3, n3, s4, d4, n4, s5, d5, n5, s6, d6, n6, s7, d7, n7,
-    NT: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    pid, t = tl.program_id(0), tl.program_id(1)
-    if t == 0:
-        _gather_one(s0, d0, idx_ptr, m, n0, pid, BLOCK)
-    if NT > 1:
-        if t == 1:
-            _gather_one(s1, d1, idx_ptr, m, n1, pid, BLOCK)
-    if NT > 2:
-        if t == 2:
-            _gather_one(s2, d2, idx_ptr, m, n2, pid, BLOCK)
-    if NT > 3:
-        if t == 3:
-            _gather_one(s3, d3, idx_ptr, m, n3, pid, BLOCK)
-    if NT > 4:
-        if t == 4:
-            _gather_one(s4, d4, idx_ptr, m, n4, pid, BLOCK)
-    if NT > 5:
-        if t == 5:
-            _gather_one(s5, d5, idx_ptr, m, n5, pid, BLOCK)
-    if NT > 6:
-        if t == 6:
-            _gather_one(s6, d6, idx_ptr, m, n6, pid, BLOCK)
-    if NT > 7:
-        if t == 7:
-            _gather_one(s7, d7, idx_ptr, m, n7, pid, BLOCK)
+def _rows_one(a, b, idx_ptr, m, k, n, pid, BLOCK: tl.constexpr, BWD: tl.constexpr):
+    if BWD:
+        _scatter_one(a, b, idx_ptr, m, k, n, pid, BLOCK)
+    else:
+        _gather_one(a, b, idx_ptr, m, n, pid, BLOCK)
 
 
 @triton.jit
-def _scatter_rows_kernel(
+def _rows_kernel(
     idx_ptr, m, k,
-    g0, d0, n0, g1, d1, n1, g2, d2, n2, g3, d3, n3, g4, d4, n4, g5, d5, n5, g6, d6, n6, g7, d7, n7,
-    NT: tl.constexpr, BLOCK: tl.constexpr,
+    a0, b0, n0, a1, b1, n1, a2, b2, n2, a3, b3, n3, a4, b4, n4, a5, b5, n5, a6, b6, n6, a7, b7, n7,
+    NT: tl.constexpr, BLOCK: tl.constexpr, BWD: tl.constexpr,
 ):  # fmt: skip
+    """Tensor slot t = program axis 1 (a: source, b: destination, n: row length); the forward gathers, the backward
+    (``BWD``) scatters the gradients."""
     pid, t = tl.program_id(0), tl.program_id(1)
     if t == 0:
-        _scatter_one(g0, d0, idx_ptr, m, k, n0, pid, BLOCK)
+        _rows_one(a0, b0, idx_ptr, m, k, n0, pid, BLOCK, BWD)
     if NT > 1:
         if t == 1:
-            _scatter_one(g1, d1, idx_ptr, m, k, n1, pid, BLOCK)
+            _rows_one(a1, b1, idx_ptr, m, k, n1, pid, BLOCK, BWD)
     if NT > 2:
         if t == 2:
-            _scatter_one(g2, d2, idx_ptr, m, k, n2, pid, BLOCK)
+            _rows_one(a2, b2, idx_ptr, m, k, n2, pid, BLOCK, BWD)
     if NT > 3:
         if t == 3:
-            _scatter_one(g3, d3, idx_ptr, m, k, n3, pid, BLOCK)
+            _rows_one(a3, b3, idx_ptr, m, k, n3, pid, BLOCK, BWD)
     if NT > 4:
         if t == 4:
-            _scatter_one(g4, d4, idx_ptr, m, k, n4, pid, BLOCK)
+            _rows_one(a4, b4, idx_ptr, m, k, n4, pid, BLOCK, BWD)
     if NT > 5:
         if t == 5:
-            _scatter_one(g5, d5, idx_ptr, m, k, n5, pid, BLOCK)
+            _rows_one(a5, b5, idx_ptr, m, k, n5, pid, BLOCK, BWD)
     if NT > 6:
         if t == 6:
-            _scatter_one(g6, d6, idx_ptr, m, k, n6, pid, BLOCK)
+            _rows_one(a6, b6, idx_ptr, m, k, n6, pid, BLOCK, BWD)
     if NT > 7:
         if t == 7:
-            _scatter_one(g7, d7, idx_ptr, m, k, n7, pid, BLOCK)
+            _rows_one(a7, b7, idx_ptr, m, k, n7, pid, BLOCK, BWD)
 
 
 def _slots(pairs: list[tuple[torch.Tensor, torch.Tensor, int]]) -> list:
@@ -145,7 +124,7 @@ def gather_rows_fwd(idx: torch.Tensor, tensors: list[torch.Tensor]) -> list[torc
     if work:
         pairs = [(t, o, _row_len(t)) for t, o in zip(tensors, outs)]
         grid = (cdiv(work, _BLOCK), len(tensors))
-        _gather_rows_kernel[grid](idx, m, *_slots(pairs), NT=len(tensors), BLOCK=_BLOCK)
+        _rows_kernel[grid](idx, m, 0, *_slots(pairs), NT=len(tensors), BLOCK=_BLOCK, BWD=False)
     return outs
 
 
@@ -157,5 +136,5 @@ def gather_rows_bwd(idx: torch.Tensor, grads: list[torch.Tensor], k: int) -> lis
     if work:
         pairs = [(g, o, _row_len(g)) for g, o in zip(grads, outs)]
         grid = (cdiv(work, _BLOCK), len(grads))
-        _scatter_rows_kernel[grid](idx, m, k, *_slots(pairs), NT=len(grads), BLOCK=_BLOCK)
+        _rows_kernel[grid](idx, m, k, *_slots(pairs), NT=len(grads), BLOCK=_BLOCK, BWD=True)
     return outs

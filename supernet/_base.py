@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from search_spaces import ArchSpec, SearchSpace, load_arch, load_space, validate_order_name
 
-from .mixer import MultiOrderMixer, batched_branch_weights
+from .mixer import Branch, MultiOrderMixer, batched_branch_weights
 
 __all__ = ["ArchModelMixin", "LayerOrders", "resolve_layer_orders", "to_size"]
 
@@ -122,7 +122,7 @@ class ArchModelMixin:
         for _, m in self.named_mixers():
             m.set_arch_mode(mode, tau=tau, top_m=top_m)
 
-    def _branch_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    def _branch_weights(self) -> list[Branch]:
         """Every layer's merge weights and computed orders, in model order: a supernet's layers drawn as one batch
         (:func:`~supernet.mixer.batched_branch_weights`)."""
         return batched_branch_weights([m for _, m in self.named_mixers()])

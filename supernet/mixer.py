@@ -39,6 +39,7 @@ from search_spaces import coinciding_orders, scan_order
 
 __all__ = [
     "ARCH_MODES",
+    "Branch",
     "BranchAttn",
     "MultiOrderMixer",
     "batched_branch_weights",
@@ -47,6 +48,9 @@ __all__ = [
 ]
 
 ARCH_MODES = ("softmax", "gumbel", "hard")
+
+# A layer's merge weights and the indices of the orders it computes (None: every order), see branch_weights.
+Branch = tuple[torch.Tensor, torch.Tensor | None]
 
 
 def build_orders(names: Sequence[str], grid: tuple[int, int], extra_token_step: int | None = None) -> torch.Tensor:
@@ -353,7 +357,7 @@ class MultiOrderMixer(nn.Module):
             raise RuntimeError("arch_probs: this mixer has fixed orders (no arch_logits)")
         return torch.softmax(self.arch_logits.detach().float(), 0).cpu()
 
-    def branch_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def branch_weights(self) -> Branch:
         """The merge weights and which orders to compute.
 
         Returns:
@@ -362,12 +366,7 @@ class MultiOrderMixer(nn.Module):
         """
         return batched_branch_weights([self])[0]
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        perm: torch.Tensor | None = None,
-        branch: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, perm: torch.Tensor | None = None, branch: Branch | None = None) -> torch.Tensor:
         """Scan along every (or the sampled) order, merge, project.
 
         Args:
@@ -466,7 +465,7 @@ class MultiOrderMixer(nn.Module):
         return f"{kind}, orders=({', '.join(self.order_names)}), grid={self.grid}, d_inner={self.d_inner}"
 
 
-def batched_branch_weights(mixers: Sequence[MultiOrderMixer]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+def batched_branch_weights(mixers: Sequence[MultiOrderMixer]) -> list[Branch]:
     """Every mixer's :meth:`MultiOrderMixer.branch_weights`, the supernet layers drawn together.
 
     Search mixers alike in mode, K, top-m, training flag and device (a supernet's layers) are computed as
@@ -493,7 +492,7 @@ def batched_branch_weights(mixers: Sequence[MultiOrderMixer]) -> list[tuple[torc
     return out
 
 
-def _group_branch_weights(group: list[MultiOrderMixer]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+def _group_branch_weights(group: list[MultiOrderMixer]) -> list[Branch]:
     """(w, idx) of search mixers alike in mode, K, top-m, training flag and device, as one batch."""
     first = group[0]
     if len(group) == 1:

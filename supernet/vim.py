@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 import kernels
 
 from ._base import ArchModelMixin, ArchSpecLike, SpaceSpec, resolve_layer_orders, to_size
-from .mixer import ARCH_MODES, MultiOrderMixer
+from .mixer import ARCH_MODES, Branch, MultiOrderMixer
 from .slws import draw_shuffle, slws_probs
 
 __all__ = ["Block", "PatchEmbed", "RMSNorm", "VisionMamba", "add_norm"]
@@ -110,7 +110,7 @@ class Block(nn.Module):
         residual: torch.Tensor | None = None,
         *,
         perm: torch.Tensor | None = None,
-        branch: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        branch: Branch | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, C) pair → (hidden, residual) pair; ``perm`` (L,) shuffles the tokens the mixer scans (SLWS);
         ``branch`` is the mixer's ``(w, idx)`` if the model drew them (see :meth:`MultiOrderMixer.forward`).

@@ -29,7 +29,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch.utils.checkpoint import checkpoint
 
 from ._base import ArchModelMixin, ArchSpecLike, SpaceSpec, resolve_layer_orders, to_size
-from .mixer import ARCH_MODES, MultiOrderMixer
+from .mixer import ARCH_MODES, Branch, MultiOrderMixer
 from .slws import draw_shuffle, slws_probs
 
 __all__ = ["Downsample", "Stem", "VMamba", "VMambaStage", "VSSBlock"]
@@ -86,12 +86,7 @@ class VSSBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU) if mlp_ratio > 0 else None
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        perm: torch.Tensor | None = None,
-        branch: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, perm: torch.Tensor | None = None, branch: Branch | None = None) -> torch.Tensor:
         """x: (B, H, W, C) → (B, H, W, C); ``perm`` (H·W,) shuffles the tokens the mixer scans (SLWS); ``branch`` is
         the mixer's ``(w, idx)`` if the model drew them (see :meth:`MultiOrderMixer.forward`)."""
         bsz, h, w, c = x.shape
