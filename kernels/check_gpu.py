@@ -245,6 +245,12 @@ def check_merge_case(bsz, seqlen, k, dim, hidden, dtype) -> dict:
             return ref_merge(y_, w_, xz_[..., dim:])
 
     recs = _check_vs_ref(lambda *a: fast(*a, backend="triton"), ref, tensors, names, dout.to(dtype), dtype)
+    if hidden < 0:  # inference (no pre-gate sum written) gives the training forward's output bit for bit
+        cuda = [t.cuda() for t in tensors]
+        with torch.no_grad():
+            out_inf = fast(*cuda, backend="triton")
+        out_train = fast(cuda[0], cuda[1], cuda[2].requires_grad_(), backend="triton")
+        recs.append(compare("out_no_grad", out_inf, out_train.detach(), 0.0, 1e-30))
     return {"B": bsz, "L": seqlen, "K": k, "D": dim, "hidden": hidden, "dtype": str(dtype).replace("torch.", ""),
             "ok": all(r["ok"] for r in recs), "vs_ref": recs}  # fmt: skip
 

@@ -8,8 +8,8 @@ Registered ops (namespace ``scan_nas``):
         -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias] (empty tensors for absent inputs)
     causal_conv1d_fwd / causal_conv1d_bwd: the same for the per-order causal conv1d.
     branch_merge / branch_merge_bwd: the mixer's weighted sum over K orders.
-    gated_branch_merge(y, w, z) -> (out, pre) / gated_branch_merge_bwd: the same times silu(z) (Vim's gate, applied
-        once after the merge); pre, the sum before the gate, is kept for dz.
+    gated_branch_merge(y, w, z, keep_pre) -> (out, pre) / gated_branch_merge_bwd: the same times silu(z) (Vim's gate,
+        applied once after the merge); pre, the sum before the gate, is kept for dz (empty without keep_pre).
     branch_attn_merge / branch_attn_merge_bwd: the same behind LocalMamba's per-branch channel gate.
     gather_rows(idx, tensors[]) -> tensors[] / gather_rows_bwd: rows of several (K, ...) tensors at the same indices
         (the sampled orders' parameters), one launch each way.
@@ -324,17 +324,17 @@ def branch_merge_op(y: Tensor, w: Tensor) -> Tensor:
     return (_MergeFunction.apply if direct_eager() else _merge_op)(y, w)
 
 
-def _gated_merge_impl(y: Tensor, w: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-    return gated_merge_fwd(y, w, z)
+def _gated_merge_impl(y: Tensor, w: Tensor, z: Tensor, keep_pre: bool) -> tuple[Tensor, Tensor]:
+    return gated_merge_fwd(y, w, z, keep_pre)
 
 
 _gated_merge_op = torch.library.custom_op("scan_nas::gated_branch_merge", _gated_merge_impl, mutates_args=())
 
 
 @_gated_merge_op.register_fake
-def _(y, w, z):
+def _(y, w, z, keep_pre):
     out = y.new_empty((y.shape[0], y.shape[1], y.shape[3]))
-    return out, out.new_empty(out.shape, dtype=torch.promote_types(y.dtype, z.dtype))
+    return out, out.new_empty(out.shape if keep_pre else (0,), dtype=torch.promote_types(y.dtype, z.dtype))
 
 
 def _gated_merge_bwd_impl(
@@ -356,7 +356,7 @@ def _(dout, y, w, z, pre, need_dw):
 
 
 def _gated_merge_setup_context(ctx, inputs, output):
-    y, w, z = inputs
+    y, w, z, _keep_pre = inputs
     # The merge before the gate is kept for dz; y only for the weights' gradient.
     ctx.save_for_backward(y if w.requires_grad else None, w, z, output[1])
     ctx.y_shape, ctx.y_dtype = y.shape, y.dtype
@@ -366,12 +366,14 @@ def _gated_merge_setup_context(ctx, inputs, output):
 def _gated_merge_backward(ctx, dout, _dpre):
     y, w, z, pre = ctx.saved_tensors
     if dout is None:
-        return None, None, None
+        return None, None, None, None
+    if pre.numel() == 0 and dout.numel():
+        raise RuntimeError("gated_branch_merge: the forward kept no pre-gate sum (keep_pre=False): no backward")
     need_dw = y is not None and ctx.needs_input_grad[1]
     y = _y_or_stand_in(ctx, y, dout)
     bwd = _gated_merge_bwd_impl if getattr(ctx, "direct", False) else _gated_merge_bwd_op
     dy, dz, dw = bwd(dout, y, w, z, pre, need_dw)
-    return dy, dw.to(w.dtype) if need_dw else None, dz
+    return dy, dw.to(w.dtype) if need_dw else None, dz, None
 
 
 _gated_merge_op.register_autograd(_gated_merge_backward, setup_context=_gated_merge_setup_context)
@@ -389,8 +391,11 @@ _GatedMergeFunction = _eager_function(
 
 
 def gated_branch_merge_op(y: Tensor, w: Tensor, z: Tensor) -> Tensor:
-    """The registered Triton gated merge: ``silu(z) ⊙ Σ_k w_k · y[:, :, k]`` → (B, L, D) in y's dtype."""
-    return (_GatedMergeFunction.apply if direct_eager() else _gated_merge_op)(y, w, z)[0]
+    """The registered Triton gated merge: ``silu(z) ⊙ Σ_k w_k · y[:, :, k]`` → (B, L, D) in y's dtype. The sum before
+    the gate, which the backward needs, is written only when a backward can follow (grad mode on and an input that
+    requires grad): inference writes one (B, L, D) tensor per layer less."""
+    keep_pre = torch.is_grad_enabled() and (y.requires_grad or w.requires_grad or z.requires_grad)
+    return (_GatedMergeFunction.apply if direct_eager() else _gated_merge_op)(y, w, z, keep_pre)[0]
 
 
 def _attn_merge_impl(

@@ -105,7 +105,7 @@ def _merge_fwd_kernel(
     y_ptr, gw_ptr, z_ptr, out_ptr, pre_ptr,
     L, K, DIM,
     s_yb, s_yl, s_yk, s_gb, s_gk, s_gd, s_zb, s_zl,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HAS_Z: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HAS_Z: tl.constexpr, STORE_PRE: tl.constexpr,
 ):  # fmt: skip
     # (batch, token block) on axis 0, which has no 65535 limit
     b, offs_l, offs_d, mask_l, mask_d = _token_tile(tl.program_id(0), tl.program_id(1), L, DIM, BLOCK_L, BLOCK_D)
@@ -118,7 +118,8 @@ def _merge_fwd_kernel(
         acc += yv * g[None, :]
     rows = (b * L + offs_l[:, None]) * DIM + offs_d[None, :]
     if HAS_Z:  # the SiLU gate after the merge; the merge before it is kept for the gate's gradient
-        tl.store(pre_ptr + rows, acc.to(pre_ptr.dtype.element_ty), mask=m)
+        if STORE_PRE:
+            tl.store(pre_ptr + rows, acc.to(pre_ptr.dtype.element_ty), mask=m)
         zv = _load_z(z_ptr, b, offs_l, offs_d, m, s_zb, s_zl)
         acc = acc * zv * tl.sigmoid(zv)
     tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=m)
@@ -260,19 +261,22 @@ def _token_tiles(bsz: int, seqlen: int, dim: int) -> tuple[int, int, tuple[int, 
     return block_l, block_d, (bsz * cdiv(seqlen, block_l), cdiv(dim, block_d))
 
 
-def _merge_fwd(y: torch.Tensor, gw: torch.Tensor, z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _merge_fwd(
+    y: torch.Tensor, gw: torch.Tensor, z: torch.Tensor | None, keep_pre: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     y = _unit_last(y)
     bsz, seqlen, k, dim = y.shape
     out = torch.empty(bsz, seqlen, dim, device=y.device, dtype=y.dtype)
     pre = None
     if z is not None:
         z = _unit_last(z)
-        pre = torch.empty_like(out, dtype=torch.promote_types(y.dtype, z.dtype))  # fp32 z keeps dz at fp32 precision
+        pre_dtype = torch.promote_types(y.dtype, z.dtype)  # fp32 z keeps dz at fp32 precision
+        pre = out.new_empty(out.shape if keep_pre else (0,), dtype=pre_dtype)
     block_l, block_d, grid = _token_tiles(bsz, seqlen, dim)
     _merge_fwd_kernel[grid](
         y, gw, z if z is not None else out, out, pre if pre is not None else out, seqlen, k, dim,
         *_y_strides(y), *_gw_strides(gw), *(z.stride()[:2] if z is not None else (0, 0)),
-        BLOCK_L=block_l, BLOCK_D=block_d, HAS_Z=z is not None, num_warps=4,
+        BLOCK_L=block_l, BLOCK_D=block_d, HAS_Z=z is not None, STORE_PRE=z is not None and keep_pre, num_warps=4,
     )  # fmt: skip
     return out, pre
 
@@ -282,10 +286,13 @@ def branch_merge_fwd(y: torch.Tensor, gw: torch.Tensor) -> torch.Tensor:
     return _merge_fwd(y, gw, None)[0]
 
 
-def gated_merge_fwd(y: torch.Tensor, w: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gated_merge_fwd(
+    y: torch.Tensor, w: torch.Tensor, z: torch.Tensor, keep_pre: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``silu(z) ⊙ Σ_k w_k · y[b, l, k]`` → (out, pre): (B, L, D), out in y's dtype, pre (the merge before the gate,
-    kept for the backward) in the wider of y's and z's; w (K,) fp32, z (B, L, D), fp32 accumulation."""
-    return _merge_fwd(y, w, z)
+    kept for the backward) in the wider of y's and z's; w (K,) fp32, z (B, L, D), fp32 accumulation. Without
+    ``keep_pre`` (no backward will follow) pre is an empty tensor and is not written."""
+    return _merge_fwd(y, w, z, keep_pre)
 
 
 def gated_merge_bwd(dout, y, w, z, pre, need_dw: bool):

@@ -172,6 +172,38 @@ def test_no_gradient_for_fixed_weights():
     assert w.grad is None and z.grad is not None
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "registered"])
+def test_gated_merge_keeps_its_pre_gate_sum_only_for_a_backward(direct, monkeypatch):
+    """Without a backward to follow (no_grad, or no input that requires grad) the gated merge writes no pre-gate sum;
+    the output is the same either way."""
+    import kernels.library as lib
+
+    if not direct:
+        monkeypatch.setattr(lib, "direct_eager", lambda: False)
+    y, w, _, dout = _inputs(2, 9, 3, 11, 1, False, seed=4)
+    z = _gate_input(y, seed=5)
+    kept = []
+    real = lib.gated_merge_fwd
+
+    def spy(*args):
+        out = real(*args)
+        kept.append(out[1].numel())
+        return out
+
+    monkeypatch.setattr(lib, "gated_merge_fwd", spy)
+    want = branch_merge_ref(y, w, z)
+    with torch.no_grad():
+        got_no_grad = branch_merge(y, w, z.requires_grad_(), backend="triton")
+    got_no_input = branch_merge(y, w, z.detach(), backend="triton")
+    zl = z.detach().requires_grad_()
+    got_train = branch_merge(y, w, zl, backend="triton")
+    assert kept == [0, 0, y.shape[0] * y.shape[1] * y.shape[3]]
+    for got in (got_no_grad, got_no_input, got_train):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got_train.backward(dout)
+    assert zl.grad is not None
+
+
 def test_fake_impls_match_the_kernels():
     """torch.library.opcheck on a strided y: the fakes' shapes, dtypes and strides are the kernels'."""
     y, w, params, dout = _inputs(2, 11, 3, 10, 2, True, seed=7)
@@ -187,8 +219,9 @@ def test_fake_impls_match_the_kernels():
     shape_only = dout.new_empty(()).expand(y.shape)  # the stand-in for y when the weights need no gradient
     torch.library.opcheck(torch.ops.scan_nas.branch_merge_bwd, (dout, shape_only, w, False), test_utils=tests)
     z = _gate_input(y, seed=8)
-    torch.library.opcheck(torch.ops.scan_nas.gated_branch_merge, (y, w, z), test_utils=tests)
-    pre = torch.ops.scan_nas.gated_branch_merge(y, w, z)[1]
+    for keep_pre in (True, False):
+        torch.library.opcheck(torch.ops.scan_nas.gated_branch_merge, (y, w, z, keep_pre), test_utils=tests)
+    pre = torch.ops.scan_nas.gated_branch_merge(y, w, z, True)[1]
     for y_or_shape, need_dw in ((y, True), (shape_only, False)):
         args = (dout, y_or_shape, w, z, pre, need_dw)
         torch.library.opcheck(torch.ops.scan_nas.gated_branch_merge_bwd, args, test_utils=tests)
