@@ -497,13 +497,17 @@ def _gather_setup_context(ctx, inputs, output):
     idx, tensors = inputs
     ctx.save_for_backward(idx)
     ctx.k = tensors[0].shape[0]
-    ctx.float_inputs = [t.is_floating_point() for t in tensors]
+    # Rows of a tensor that needs no gradient (an integer one, a frozen parameter) carry none, as index_select's.
+    ctx.learns = [t.is_floating_point() and t.requires_grad for t in tensors]
+    frozen = [o for o, learns in zip(output, ctx.learns) if not learns and o.is_floating_point()]
+    if frozen:
+        ctx.mark_non_differentiable(*frozen)
     ctx.set_materialize_grads(False)  # an output nobody used gets no (K, ...) gradient
 
 
 def _gather_backward(ctx, grads):
     (idx,) = ctx.saved_tensors
-    take = [i for i, g in enumerate(grads) if g is not None and ctx.float_inputs[i]]
+    take = [i for i, g in enumerate(grads) if g is not None and ctx.learns[i]]
     out = [None] * len(grads)
     if take:
         bwd = _gather_bwd_impl if getattr(ctx, "direct", False) else _gather_bwd_op

@@ -240,7 +240,7 @@ def gather_rows(idx: torch.Tensor, tensors: Sequence[torch.Tensor], backend: str
     from .triton_gather import MAX_TENSORS
 
     tensors = list(tensors)
-    if idx.dim() != 1 or idx.is_floating_point() or idx.is_complex():
+    if idx.dim() != 1 or idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
         raise ValueError(f"idx: expected a 1-D integer tensor, got {idx.dtype} of shape {tuple(idx.shape)}")
     if not 1 <= len(tensors) <= MAX_TENSORS:
         raise ValueError(f"gather_rows: expected 1 to {MAX_TENSORS} tensors, got {len(tensors)}")

@@ -499,7 +499,7 @@ def _group_branch_weights(group: list[MultiOrderMixer]) -> list[Branch]:
         logits, tau = first.arch_logits.float().unsqueeze(0), first._tau
     else:
         logits = torch.stack([m.arch_logits for m in group]).float()  # (layers, K)
-        tau = torch.stack([m._tau for m in group]).unsqueeze(1)  # each layer's own temperature
+        tau = torch.stack([m._tau for m in group]).unsqueeze(1).to(logits.dtype)  # each layer's own temperature
     sampling = first.training and first.mode != "softmax"
     if sampling:
         # Noise from the default generator of the logits' device: no host round trip (a pageable copy stalled the

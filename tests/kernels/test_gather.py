@@ -91,6 +91,20 @@ def test_every_slot_and_unused_outputs():
     _check(lambda i, ts: gather_rows(i, ts, backend="triton"), idx, tensors, grads, exact_grads=True)
 
 
+@pytest.mark.parametrize("registered", [False, True], ids=["direct", "registered"])
+def test_frozen_tensors_get_no_gradient(registered):
+    """A float tensor that needs no gradient (a frozen parameter) gives rows that need none, as index_select's."""
+    learn, frozen, orders = _tensors(5, [((3, 4), torch.float32), ((6,), torch.float32), ((7,), torch.int32)], seed=9)
+    learn.requires_grad_()
+    fn = torch.ops.scan_nas.gather_rows if registered else (lambda i, ts: gather_rows(i, ts, backend="triton"))
+    idx = torch.tensor([4, 2])
+    out = fn(idx, [learn, frozen, orders])
+    assert [o.requires_grad for o in out] == [True, False, False]
+    out[0].sum().backward()
+    assert frozen.grad is None
+    torch.testing.assert_close(learn.grad, torch.zeros(5, 3, 4).index_fill_(0, idx, 1.0), rtol=0, atol=0)
+
+
 def test_registered_op_matches_index_select():
     """The dispatcher path (what torch.compile and FlopCounterMode see) and its backward op."""
     tensors = _tensors(5, SHAPES, seed=5)
@@ -108,6 +122,8 @@ def test_gather_rows_rejects_bad_input():
     a, b = torch.randn(4, 3), torch.randn(5, 3)
     with pytest.raises(ValueError, match="1-D integer"):
         gather_rows(torch.tensor([0.0]), [a], backend="triton")
+    with pytest.raises(ValueError, match="1-D integer"):
+        gather_rows(torch.tensor([True, False, True, False]), [a], backend="triton")
     with pytest.raises(ValueError, match=r"tensors\[1\]: expected shape \(K=4"):
         gather_rows(torch.tensor([0]), [a, b], backend="triton")
     with pytest.raises(ValueError, match="expected 1 to 8 tensors"):
