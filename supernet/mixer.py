@@ -86,14 +86,60 @@ def _gemm_dtype(u: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     return torch.promote_types(u.dtype, w.dtype)
 
 
-def _x_proj(u: torch.Tensor, x_w: torch.Tensor) -> torch.Tensor:
-    """(B, L, Ku, D) × (K, C, D) → (K, B·L, C): every order's x_proj (one GEMM when the K orders share u)."""
+def _x_proj(u: torch.Tensor, x_w: torch.Tensor, token_major: bool = False) -> torch.Tensor:
+    """(B, L, Ku, D) × (K, C, D) → (K, B·L, C): every order's x_proj (one GEMM when the K orders share u).
+
+    ``token_major`` (the one-node path, operands of one dtype, no autograd): the result is a view of a (B·L, K, C)
+    buffer, as it always is with a shared u, so that the backward can split the tokens for its weight gradients."""
     bsz, seqlen, ku, d = u.shape
     k, c, _ = x_w.shape
     rows = bsz * seqlen
     if ku == 1:
         return (u.reshape(rows, d) @ x_w.reshape(k * c, d).t()).view(rows, k, c).transpose(0, 1)
-    return torch.bmm(u.reshape(rows, k, d).transpose(0, 1), x_w.transpose(1, 2))
+    a, b = u.reshape(rows, k, d).transpose(0, 1), x_w.transpose(1, 2)
+    if not token_major:
+        return torch.bmm(a, b)
+    return torch.bmm(a, b, out=u.new_empty(rows, k, c).transpose(0, 1))
+
+
+# torch.bmm(..., out_dtype=torch.float32) of fp16/bf16 operands on CUDA (torch >= 2.8).
+_BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
+
+
+def _row_splits(rows: int, groups: int) -> int:
+    """How many interleaved token slices :func:`_weight_grad` sums: about 64 GEMM batches in all, at most 16 slices,
+    a divisor of ``rows`` (1: no split)."""
+    s = min(16, max(1, 64 // groups))
+    while rows % s:
+        s //= 2
+    return s
+
+
+def _split_tokens(t: torch.Tensor, s: int) -> torch.Tensor:
+    """(rows, G, C) → (s·G, rows/s, C), batch i·G + g holding rows i, i + s, i + 2s, … of group g: a view whenever
+    the G and C axes are one strided block per row (a copy otherwise)."""
+    rows, g, c = t.shape
+    return t.reshape(rows // s, s, g, c).permute(1, 2, 0, 3).reshape(s * g, rows // s, c)
+
+
+def _weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_r a[r, g]ᵀ b[r, g] for every group g: (rows, G, P) × (rows, G, Q) → (G, P, Q), accumulated in fp32 (fp64 for
+    fp64 operands).
+
+    These are the projections' weight gradients, GEMMs with a long reduction over the B·L tokens and a small output
+    (Vim-Ti's x_proj: 2 × 48 × 384): as one batched GEMM they ran on a few dozen thread blocks, 41 µs where reading
+    the operands takes 13 (H200). Split into interleaved token slices, ~64 GEMM batches fill the GPU; the fp32
+    partials are then summed (benchmarks/projections_h200/dw_split.json)."""
+    rows, g = a.shape[:2]
+    s = _row_splits(rows, g)
+    pa, pb = _split_tokens(a, s).transpose(1, 2), _split_tokens(b, s)
+    if a.dtype not in (torch.float16, torch.bfloat16):
+        part = torch.bmm(pa, pb)
+    elif a.is_cuda and _BMM_OUT_DTYPE:
+        part = torch.bmm(pa, pb, out_dtype=torch.float32)
+    else:  # the same fp32 accumulation from fp32 copies of the operands
+        part = torch.bmm(pa.float(), pb.float())
+    return part.view(s, g, *part.shape[1:]).sum(0)
 
 
 def order_projections(
@@ -119,9 +165,9 @@ def order_projections(
     return _OrderProjections.apply(u, x_w, dt_w, d_state)
 
 
-def _project(u, x_w, dt_w, d_state):
+def _project(u, x_w, dt_w, d_state, token_major=False):
     # (K, B·L, ·) GEMM outputs: dt (the Δ-rank columns of x_proj's), delta, B, C (views of x_proj's output).
-    x_dbl = _x_proj(u, x_w)
+    x_dbl = _x_proj(u, x_w, token_major)
     rank_p = dt_w.shape[-1]
     # split, not slices: its backward is one cat, where each slice's is a zero-filled copy summed with the others
     dt, b, c, _ = x_dbl.split([rank_p, d_state, d_state, x_dbl.shape[-1] - rank_p - 2 * d_state], dim=-1)
@@ -146,7 +192,7 @@ class _OrderProjections(torch.autograd.Function):
         # Every operand already in the GEMMs' dtype: autocast, if on, has nothing left to cast. u contiguous: the GEMMs
         # read it as a (B·L, ·) view, forward and backward, without a copy each time (the VMamba path's is strided).
         uc, x_wc, dt_wc = u.to(dtype).contiguous(), x_w.to(dtype), dt_w.to(dtype)
-        dt, delta, b, c = _project(uc, x_wc, dt_wc, d_state)
+        dt, delta, b, c = _project(uc, x_wc, dt_wc, d_state, token_major=True)
         ctx.save_for_backward(uc, x_wc, dt_wc, dt)
         ctx.d_state, ctx.dtypes = d_state, (u.dtype, x_w.dtype, dt_w.dtype)
         ctx.set_materialize_grads(False)
@@ -160,30 +206,35 @@ class _OrderProjections(torch.autograd.Function):
         bsz, seqlen, ku, dim = uc.shape
         k, width, _ = x_wc.shape
         rows, n, rank_p = bsz * seqlen, ctx.d_state, dt_wc.shape[-1]
-        dx = uc.new_empty(k, rows, width)  # gradient of x_proj's output: [Δ rank | B | C | pad]
-        dx[..., rank_p + 2 * n :].zero_()
+        # gradient of x_proj's output, [Δ rank | B | C | pad], token-major (rows, K, ·) like the forward's
+        dx_r = uc.new_empty(rows, k, width)
+        dx = dx_r.transpose(0, 1)
+        dx_r[..., rank_p + 2 * n :].zero_()
         if ddelta is None:
-            dx[..., :rank_p].zero_()
+            dx_r[..., :rank_p].zero_()
         else:
-            dd = ddelta.to(uc.dtype).permute(2, 0, 1, 3).reshape(k, rows, dim)
-            torch.bmm(dd, dt_wc, out=dx[..., :rank_p])
+            dd_r = ddelta.to(uc.dtype).reshape(rows, k, dim)
+            torch.bmm(dd_r.transpose(0, 1), dt_wc, out=dx[..., :rank_p])
         for i, g in enumerate((db, dc)):
-            part = dx[..., rank_p + i * n : rank_p + (i + 1) * n]
+            part = dx_r[..., rank_p + i * n : rank_p + (i + 1) * n]
             if g is None:
                 part.zero_()
             else:
-                part.copy_(g.permute(2, 0, 1, 3).reshape(k, rows, n))
+                part.copy_(g.reshape(rows, k, n))
         du = dx_w = ddt_w = None
         if need_u and ku == 1:
-            du = (dx.transpose(0, 1).reshape(rows, k * width) @ x_wc.reshape(k * width, dim)).view(bsz, seqlen, 1, dim)
+            du = (dx_r.view(rows, k * width) @ x_wc.reshape(k * width, dim)).view(bsz, seqlen, 1, dim)
         elif need_u:  # written in u's own (B, L, K, D) layout
             du = uc.new_empty(bsz, seqlen, k, dim)
             torch.bmm(dx, x_wc, out=du.view(rows, k, dim).transpose(0, 1))
         if need_xw:
-            u2 = uc.view(rows, dim) if ku == 1 else uc.view(rows, k, dim).transpose(0, 1)
-            dx_w = torch.matmul(dx.transpose(1, 2), u2).to(ctx.dtypes[1])
+            if ku == 1:  # one u for every order: one group of K·C columns
+                dx_w = _weight_grad(dx_r.view(rows, 1, k * width), uc.view(rows, 1, dim)).view(k, width, dim)
+            else:
+                dx_w = _weight_grad(dx_r, uc.view(rows, k, dim))
+            dx_w = dx_w.to(ctx.dtypes[1])
         if need_dtw and ddelta is not None:
-            ddt_w = torch.bmm(dd.transpose(1, 2), dt).to(ctx.dtypes[2])
+            ddt_w = _weight_grad(dd_r, dt.transpose(0, 1)).to(ctx.dtypes[2])
         return None if du is None else du.to(ctx.dtypes[0]), dx_w, ddt_w, None
 
 

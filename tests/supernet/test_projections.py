@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from supernet.mixer import _order_projections_ops, order_projections
+from supernet.mixer import _order_projections_ops, _row_splits, _split_tokens, _weight_grad, order_projections
 
 
 def _inputs(ku: int, k: int = 3, dim: int = 20, n: int = 5, rank_p: int = 8, pad: int = 3, strided: bool = False):
@@ -22,10 +22,12 @@ def _inputs(ku: int, k: int = 3, dim: int = 20, n: int = 5, rank_p: int = 8, pad
 
 def _run(fn, u, x_w, dt_w, n, used, autocast, u_dtype=torch.float32, frozen=()):
     leaves = [t.detach().clone().requires_grad_(i not in frozen) for i, t in enumerate((u, x_w, dt_w))]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(u.device.type, dtype=torch.bfloat16, enabled=autocast):
         outs = fn(leaves[0].to(u_dtype), leaves[1], leaves[2], n)
     gen = torch.Generator().manual_seed(1)
-    loss = sum((o.float() * torch.randn(o.shape, generator=gen)).sum() for o, use in zip(outs, used) if use)
+    loss = sum(
+        (o.float() * torch.randn(o.shape, generator=gen).to(o.device)).sum() for o, use in zip(outs, used) if use
+    )
     # autograd.grad returns the gradients as computed (a leaf's .grad would be re-laid out like the leaf)
     wrt = [t for i, t in enumerate(leaves) if i not in frozen]
     return [o.detach() for o in outs], list(torch.autograd.grad(loss, wrt, allow_unused=True))
@@ -87,3 +89,87 @@ def test_torch_func_transforms_take_the_plain_ops() -> None:
         sum(o.square().sum() for o in _order_projections_ops(u, x_w.requires_grad_(), dt_w, n)), x_w
     )[0]
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("rows", [1, 21, 14, 48, 160])
+@pytest.mark.parametrize("groups", [1, 3, 8])
+def test_weight_grad_sums_every_token_once(rows: int, groups: int) -> None:
+    # Split into interleaved token slices (16, 2 or none of them here, by rows' divisors) and summed back.
+    gen = torch.Generator().manual_seed(rows * 10 + groups)
+    a = torch.randn(rows, groups, 5, generator=gen, dtype=torch.float64)
+    b = torch.randn(rows, groups, 7, generator=gen, dtype=torch.float64)
+    want = torch.einsum("rgp,rgq->gpq", a, b)
+    got = _weight_grad(a, b)
+    assert got.dtype == torch.float64 and got.shape == (groups, 5, 7)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert _row_splits(rows, groups) in {s for s in (1, 2, 4, 8, 16) if rows % s == 0}
+
+
+def test_weight_grad_of_half_operands_accumulates_in_fp32() -> None:
+    # bf16 operands: the sum over 4,096 tokens in fp32, not a bf16 GEMM output (1e-3 relative) cast to fp32.
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(4096, 2, 6, generator=gen).bfloat16()
+    b = torch.randn(4096, 2, 9, generator=gen).bfloat16()
+    want = torch.einsum("rgp,rgq->gpq", a.double(), b.double())
+    got = _weight_grad(a, b)
+    assert got.dtype == torch.float32
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_token_slices_are_views_of_the_projection_buffers() -> None:
+    # The layouts the one-node backward splits: x_proj's output gradient (rows, K, C) and the saved Δ-rank columns of
+    # x_proj's token-major output (a column slice). A copy would cost what the split saves.
+    buf = torch.randn(48, 3, 20)
+    for t in (buf, buf[..., :8]):
+        view = _split_tokens(t, 16)
+        assert view.shape == (16 * 3, 3, t.shape[-1])
+        assert view.data_ptr() == t.data_ptr() and view._base is not None
+        torch.testing.assert_close(view[5 * 3 + 2], t[5::16, 2])  # slice 5 of group 2: rows 5, 21, 37
+
+
+@pytest.mark.parametrize("shape", [(3, 16), (3, 7), (1, 5)])
+def test_one_node_path_matches_the_ops_at_split_sizes(shape: tuple[int, int]) -> None:
+    # B·L tokens of 48 (16 slices), 21 (none) and 5 (none), with a per-order and a shared u.
+    for ku in (1, 3):
+        u, x_w, dt_w, n = _inputs(ku)
+        u = torch.randn(*shape, ku, u.shape[-1], generator=torch.Generator().manual_seed(7))
+        tol = dict(rtol=1e-5, atol=1e-5)
+        _assert_same(_run(order_projections, u, x_w, dt_w, n, (True, True, True), False),
+                     _run(_order_projections_ops, u, x_w, dt_w, n, (True, True, True), False), tol)  # fmt: skip
+
+
+def test_one_node_outputs_are_token_major() -> None:
+    # x_proj's output is one (B·L, K, C) buffer on the one-node path (per-order u too), so the backward's split of the
+    # saved Δ-rank columns is a view; B and C are its column slices: order stride C, token stride K·C.
+    u, x_w, dt_w, n = _inputs(3)
+    with torch.no_grad():
+        _, b, c = order_projections(u, x_w, dt_w, n)
+    k, width = x_w.shape[:2]
+    for t in (b, c):
+        assert t.stride()[1:] == (k * width, width, 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bmm with an fp32 out_dtype)")
+def test_cuda_weight_grad_of_bf16_operands_accumulates_in_fp32() -> None:
+    # Vim-Ti's x_proj weight gradient at 128 × 197 tokens: fp32 sums of the bf16 operands (the GEMM's out_dtype).
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(128 * 197, 2, 48, generator=gen).bfloat16().cuda()
+    b = torch.randn(128 * 197, 2, 384, generator=gen).bfloat16().cuda()
+    want = torch.einsum("rgp,rgq->gpq", a.double(), b.double())
+    got = _weight_grad(a, b)
+    assert got.dtype == torch.float32
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("ku", [1, 4])
+def test_cuda_one_node_path_matches_the_ops(ku: int) -> None:
+    # Vim-Ti widths, 2 × 200 tokens, bf16 autocast on the GPU: the two paths agree to bf16 rounding.
+    gen = torch.Generator().manual_seed(11)
+    u = torch.randn(2, 200, ku, 384, generator=gen)
+    x_w = torch.randn(4, 48, 384, generator=gen) / 384**0.5
+    dt_w = torch.randn(4, 384, 16, generator=gen) / 4
+    args = [t.cuda() for t in (u, x_w, dt_w)]
+    tol = dict(rtol=2e-2, atol=2e-2)
+    _assert_same(_run(order_projections, *args, 16, (True, True, True), True),
+                 _run(_order_projections_ops, *args, 16, (True, True, True), True), tol)  # fmt: skip
