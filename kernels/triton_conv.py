@@ -105,10 +105,15 @@ def _conv_bwd_pre_kernel(
                 tl.store(inv_ptr + k * L + idx_t, t, mask=mask_t)
         g = tl.load(dout_ptr + b * s_gb + k * s_gk + idx_t[:, None] * s_gl + offs_d[None, :], mask=m_td, other=0.0)
         g = g.to(tl.float32)
+        # The W taps once, for the pre-activation and for dweight: loaded again after the dpre store below, they
+        # were read twice (the compiler cannot tell that store from x).
+        xs = ()
+        for j in tl.static_range(W):
+            xs = xs + (_tap(x_base, orders_ptr, k, L, t, mask_t, offs_d, mask_d, s_xl, W - 1 - j, HAS_ORDERS),)
         if SILU:
             pre = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32) + bias
             for j in tl.static_range(W):
-                pre += taps[j] * _tap(x_base, orders_ptr, k, L, t, mask_t, offs_d, mask_d, s_xl, W - 1 - j, HAS_ORDERS)
+                pre += taps[j] * xs[j]
             sg = tl.sigmoid(pre)
             g = g * sg * (1.0 + pre * (1.0 - sg))
         g = tl.where(m_td, g, 0.0)
@@ -117,8 +122,7 @@ def _conv_bwd_pre_kernel(
         acc_b += g
         new_w = ()
         for j in tl.static_range(W):
-            xv = _tap(x_base, orders_ptr, k, L, t, mask_t, offs_d, mask_d, s_xl, W - 1 - j, HAS_ORDERS)
-            new_w = new_w + (acc_w[j] + g * xv,)
+            new_w = new_w + (acc_w[j] + g * xs[j],)
         acc_w = new_w
     part = ((b * n_parts + pid_p) * K + k) * DIM + offs_d
     for j in tl.static_range(W):
