@@ -12,7 +12,8 @@ The ``merge`` part checks the mixer's fused branch merge (:func:`kernels.branch_
 :func:`kernels.branch_merge`) against the reference at the models' shapes, output and every gradient; the ``conv``
 part the per-order causal conv1d (:func:`kernels.causal_conv1d`) and the ``norm`` part the RMSNorm
 (:func:`kernels.rms_norm`, fp32 inputs, as the models call it) and the fused residual add + RMSNorm
-(:func:`kernels.add_rms_norm`, bf16 block output onto an fp32 residual) the same way; the ``gather`` part the sampled
+(:func:`kernels.add_rms_norm`, bf16 block output onto an fp32 residual) the same way, and the LayerNorm
+(:func:`kernels.layer_norm`) at VMamba-T's widths and dtypes; the ``gather`` part the sampled
 orders' parameter gather (:func:`kernels.gather_rows`) against ``index_select``, which it must match exactly.
 """
 
@@ -37,6 +38,7 @@ from kernels.ops import (
     branch_merge,
     causal_conv1d,
     gather_rows,
+    layer_norm,
     rms_norm,
     selective_scan,
 )
@@ -100,6 +102,15 @@ CONV_GRID = [  # (B, L, H, W, K, D, W taps): the plain family's conv, x shared b
     (3, 63, 7, 9, 3, 37, 3),  # odd sizes
 ]
 NORM_GRID = [(128, 197, 192), (8, 785, 384), (3, 37, 100)]  # (B, L, C)
+# LayerNorm (the hierarchical family's): VMamba-T's stage 1 and 3 block norms at batch 32, its mixer's out_norm width,
+# an odd width; (B, L, C, x dtype, out dtype) as the models call it under autocast (an fp32 stream, bf16 for the GEMM
+# after it, or a bf16 input returned in fp32).
+LAYER_NORM_GRID = [
+    (32, 3136, 96, "float32", "bfloat16"),
+    (32, 196, 384, "float32", "float32"),
+    (16, 784, 192, "bfloat16", "float32"),
+    (3, 37, 100, "float32", "float32"),
+]
 
 
 def _run_with_grads(fn, tensors, dout):
@@ -183,6 +194,29 @@ def check_norm_case(bsz, seqlen, dim) -> dict:
                          lambda a, b: F.rms_norm(a, (dim,), b, 1e-5), [x, w], ["x", "weight"], dout,
                          torch.float32)  # fmt: skip
     return {"B": bsz, "L": seqlen, "C": dim, "dtype": "float32", "ok": all(r["ok"] for r in recs), "vs_ref": recs}
+
+
+def check_layer_norm_case(bsz, seqlen, dim, x_dtype, out_dtype) -> dict:
+    """LayerNorm against fp64 of the same rounded inputs; y and dx held to their dtypes' bounds, dweight and dbias to
+    fp32's; the fp64 truth's output rounded to out_dtype as the op writes it."""
+    gen = torch.Generator().manual_seed(bsz + seqlen + dim + 2)
+    x_dt, out_dt = getattr(torch, x_dtype), getattr(torch, out_dtype)
+    x = (3.0 * torch.randn(bsz, seqlen, dim, generator=gen) + 0.5).to(x_dt)
+    w = 1.0 + 0.3 * torch.randn(dim, generator=gen)
+    b = 0.1 * torch.randn(dim, generator=gen)
+    dy = torch.randn(bsz, seqlen, dim, generator=gen).to(out_dt)
+    with poisoned_empty():
+        outs, grads = _run_with_grads(
+            lambda a, c, d: layer_norm(a, c, d, 1e-5, out_dt, backend="triton"), [x, w, b], dy
+        )
+    outs_ref, grads_ref = _run_with_grads(
+        lambda a, c, d: F.layer_norm(a, (dim,), c, d, 1e-5).to(out_dt).double(), [t.double() for t in (x, w, b)], dy
+    )
+    f32 = TOLERANCES[torch.float32]
+    names = [("out", TOLERANCES[out_dt]), ("x", TOLERANCES[x_dt]), ("weight", f32), ("bias", f32)]
+    recs = [compare(nm, g, r, *tol) for (nm, tol), g, r in zip(names, [outs, *grads], [outs_ref, *grads_ref])]
+    return {"op": "layernorm", "B": bsz, "L": seqlen, "C": dim, "dtype": f"{x_dtype}->{out_dtype}",
+            "ok": all(r["ok"] for r in recs), "vs_ref": recs}  # fmt: skip
 
 
 def check_add_norm_case(bsz, seqlen, dim) -> dict:
@@ -400,6 +434,7 @@ def main(cfg: dict) -> dict:
     others += (
         [(fn, case) for fn in (check_norm_case, check_add_norm_case) for case in NORM_GRID] if "norm" in parts else []
     )
+    others += [(check_layer_norm_case, case) for case in LAYER_NORM_GRID] if "norm" in parts else []
     others += [(check_gather_case, case) for case in GATHER_GRID] if "gather" in parts else []
     for fn, case in others:
         rec = fn(*case)

@@ -15,6 +15,7 @@ Registered ops (namespace ``scan_nas``):
         (the sampled orders' parameters), one launch each way.
     rms_norm(x, weight, eps) / rms_norm_bwd: the plain family's RMSNorm (PyTorch's forward, the Triton backward).
     add_rms_norm(x, residual?, weight, eps, out_dtype) -> (y, r) / add_rms_norm_bwd: the residual add fused with it.
+    layer_norm(x, weight?, bias?, eps, out_dtype) / layer_norm_bwd: LayerNorm in fp32, written in out_dtype.
 
 FLOPs follow VMamba's rule for the scan: 9·B·L·K·D·N, plus B·L·K·D for the D skip and B·L·K·D for the z gate. A gate
 applied once after the merge (``gated_branch_merge``) counts the same B·L·K·D, so a model's count does not depend on
@@ -37,7 +38,7 @@ from .triton_merge import (
     gated_merge_bwd,
     gated_merge_fwd,
 )
-from .triton_norm import add_rms_norm_bwd, add_rms_norm_fwd, rms_norm_bwd
+from .triton_norm import add_rms_norm_bwd, add_rms_norm_fwd, layer_norm_bwd, layer_norm_fwd, rms_norm_bwd
 from .triton_scan import scan_bwd, scan_config, scan_fwd
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "gated_branch_merge_op",
     "gather_rows_op",
     "causal_conv1d_op",
+    "layer_norm_op",
     "direct_eager",
     "rms_norm_op",
     "scan_flops",
@@ -644,3 +646,59 @@ _AddNormFunction = _eager_function(
 def add_rms_norm_op(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype):
     """``r = residual + x`` (fp32) and ``y = rms_norm(r)`` in out_dtype, in one Triton pass each way: (y, r)."""
     return (_AddNormFunction.apply if direct_eager() else _add_norm_fwd_op)(x, residual, weight, eps, out_dtype)
+
+
+def _ln_fwd_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out_dtype: torch.dtype) -> Tensor:
+    return layer_norm_fwd(x, weight, bias, eps, out_dtype)
+
+
+_ln_fwd_op = torch.library.custom_op("scan_nas::layer_norm", _ln_fwd_impl, mutates_args=())
+
+
+@_ln_fwd_op.register_fake
+def _(x, weight, bias, eps, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+def _ln_bwd_impl(dout: Tensor, x: Tensor, weight: Tensor | None, eps: float, need_wb: bool) -> list[Tensor]:
+    dx, dw, db = layer_norm_bwd(dout, x, weight, eps, need_wb)
+    if dw is None:
+        dw, db = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
+    return [dx, dw, db]
+
+
+_ln_bwd_op = torch.library.custom_op("scan_nas::layer_norm_bwd", _ln_bwd_impl, mutates_args=())
+
+
+@_ln_bwd_op.register_fake
+def _(dout, x, weight, eps, need_wb):
+    c = x.shape[-1] if need_wb else 0
+    return [x.new_empty(x.shape), x.new_empty(c, dtype=torch.float32), x.new_empty(c, dtype=torch.float32)]
+
+
+def _ln_setup_context(ctx, inputs, output):
+    x, weight, bias, eps, _ = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps = eps
+    ctx.affine = (weight is not None, bias is not None)
+    ctx.wb_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+
+
+def _ln_backward(ctx, dout):
+    x, weight = ctx.saved_tensors
+    bwd = _ln_bwd_impl if getattr(ctx, "direct", False) else _ln_bwd_op
+    need_wb = bool(ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+    dx, dw, db = bwd(dout.contiguous(), x, weight, ctx.eps, need_wb)
+    dw = dw.to(ctx.wb_dtypes[0]) if need_wb and ctx.affine[0] else None
+    db = db.to(ctx.wb_dtypes[1]) if need_wb and ctx.affine[1] else None
+    return dx, dw, db, None, None
+
+
+_ln_fwd_op.register_autograd(_ln_backward, setup_context=_ln_setup_context)
+_LayerNormFunction = _eager_function("_LayerNormFunction", _ln_fwd_impl, _ln_setup_context, _ln_backward)
+
+
+def layer_norm_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out_dtype: torch.dtype) -> Tensor:
+    """LayerNorm over the last dimension in Triton, forward and backward, computed in fp32 and written in out_dtype.
+    x (..., C), weight and bias (C,) or None."""
+    return (_LayerNormFunction.apply if direct_eager() else _ln_fwd_op)(x, weight, bias, eps, out_dtype)

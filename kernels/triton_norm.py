@@ -16,6 +16,13 @@ Two ops:
   In PyTorch the same block is an add, the norm, a cast of its output, and in the backward a cast of the gradient
   and an add of the two gradients of r: five passes over the (rows, C) stream per layer instead of two.
 
+* :func:`layer_norm_fwd` / :func:`layer_norm_bwd`, LayerNorm (the hierarchical family's norms, on rows of 96-768
+  channels): ``y = (x − mean) · rstd · weight + bias`` in fp32, written in the dtype asked for (fp32 as autocast's
+  LayerNorm gives it, or the next GEMM's dtype, which saves that GEMM's cast). 16 rows per tile: PyTorch's forward
+  kernel spends a thread block per row, and at VMamba-T's widths ran at a fifth of the memory rate. The backward
+  recomputes mean and rstd from the x row it loads anyway and keeps ``dy · x̂`` and ``dy`` as elementwise sums, one
+  (C,) partial of dweight and dbias per program.
+
 Layout: every (rows, C) tensor with unit stride along C.
 """
 
@@ -28,7 +35,7 @@ import triton.language as tl
 from ._host import cdiv, next_pow2
 from .triton_scan import sm_count
 
-__all__ = ["add_rms_norm_bwd", "add_rms_norm_fwd", "rms_norm_bwd"]
+__all__ = ["add_rms_norm_bwd", "add_rms_norm_fwd", "layer_norm_bwd", "layer_norm_fwd", "rms_norm_bwd"]
 
 _ROWS = 16  # rows per tile
 
@@ -83,6 +90,69 @@ def _rms_bwd_kernel(
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
         acc += dy * xhat
     tl.store(dw_ptr + pid * C + cols, tl.sum(acc, axis=0), mask=mask_c)
+
+
+@triton.jit
+def _ln_stats(x, mask_c, C, eps):
+    # mean and 1/sqrt(var + eps) of each row of an fp32 (ROWS, BLOCK_C) tile, and x − mean (zero in masked columns)
+    mean = tl.sum(x, axis=1) / C
+    xc = tl.where(mask_c[None, :], x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+    return xc, rstd
+
+
+@triton.jit
+def _ln_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, n_rows, C, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    m = (rows < n_rows)[:, None] & mask_c[None, :]
+    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+    xc, rstd = _ln_stats(tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32), mask_c, C, eps)
+    y = xc * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y = y + tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _ln_bwd_kernel(
+    dy_ptr, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, n_rows, C, eps, tiles_per_prog,
+    HAS_W: tl.constexpr, NEED_WB: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # dx = rstd · (w·dy − mean(w·dy) − x̂ · mean(w·dy · x̂)); dweight = Σ dy · x̂, dbias = Σ dy, one partial per program.
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+    acc_w = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+    acc_b = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+    for it in range(tiles_per_prog):
+        rows = (pid * tiles_per_prog + it) * ROWS + tl.arange(0, ROWS)
+        m = (rows < n_rows)[:, None] & mask_c[None, :]
+        offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+        xc, rstd = _ln_stats(tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32), mask_c, C, eps)
+        xhat = xc * rstd[:, None]
+        dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        wdy = dy
+        if HAS_W:
+            wdy = dy * w[None, :]
+        c1 = tl.sum(wdy, axis=1) / C
+        c2 = tl.sum(wdy * xhat, axis=1) / C
+        dx = (wdy - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+        if NEED_WB:
+            acc_w += dy * xhat
+            acc_b += dy
+    if NEED_WB:
+        tl.store(dw_ptr + pid * C + cols, tl.sum(acc_w, axis=0), mask=mask_c)
+        tl.store(db_ptr + pid * C + cols, tl.sum(acc_b, axis=0), mask=mask_c)
 
 
 def _launch_shape(c: int, device: torch.device) -> tuple[int, int]:
@@ -171,3 +241,41 @@ def add_rms_norm_bwd(
     """Gradients of :func:`add_rms_norm_fwd` from those of y and (optionally) r: (dx in x_dtype, dresidual in fp32 or
     None without a residual input, dweight)."""
     return _bwd(dy, r, weight, eps, x_dtype, dr, has_residual)
+
+
+def layer_norm_fwd(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """``torch.nn.functional.layer_norm(x, (C,), weight, bias, eps)`` computed in fp32 and written in out_dtype."""
+    x2 = _rows(x)
+    n_rows, c = x2.shape
+    block_c, warps = _launch_shape(c, x.device)
+    y = torch.empty(x2.shape, device=x.device, dtype=out_dtype)
+    _ln_fwd_kernel[(cdiv(n_rows, _ROWS),)](
+        x2, weight.contiguous() if weight is not None else x2, bias.contiguous() if bias is not None else x2, y,
+        n_rows, c, eps, HAS_W=weight is not None, HAS_B=bias is not None, ROWS=_ROWS, BLOCK_C=block_c,
+        num_warps=warps,
+    )  # fmt: skip
+    return y.view(x.shape)
+
+
+def layer_norm_bwd(
+    dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float, need_wb: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`layer_norm_fwd` from the output's: (dx like x, dweight (C,) fp32, dbias (C,) fp32), the
+    last two None without ``need_wb`` (no affine parameters, or none that learn)."""
+    x2, dy2 = _rows(x), _rows(dout)
+    n_rows, c = x2.shape
+    block_c, warps = _launch_shape(c, x.device)
+    per = _tiles_per_program(cdiv(n_rows, _ROWS), x.device)
+    n_progs = cdiv(cdiv(n_rows, _ROWS), per)
+    dx = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
+    part = torch.empty(2, n_progs, c, device=x.device, dtype=torch.float32) if need_wb else None
+    _ln_bwd_kernel[(n_progs,)](
+        dy2, x2, weight.contiguous() if weight is not None else x2, dx, part[0] if need_wb else x2,
+        part[1] if need_wb else x2, n_rows, c, eps, per,
+        HAS_W=weight is not None, NEED_WB=need_wb, ROWS=_ROWS, BLOCK_C=block_c, num_warps=warps,
+    )  # fmt: skip
+    if not need_wb:
+        return dx.view(x.shape), None, None
+    return dx.view(x.shape), part[0].sum(0), part[1].sum(0)  # two tensors: a registered op's outputs may not alias

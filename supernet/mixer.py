@@ -41,6 +41,7 @@ __all__ = [
     "ARCH_MODES",
     "Branch",
     "BranchAttn",
+    "LayerNorm",
     "MultiOrderMixer",
     "batched_branch_weights",
     "build_orders",
@@ -238,6 +239,45 @@ class _OrderProjections(torch.autograd.Function):
         return None if du is None else du.to(ctx.dtypes[0]), dx_w, ddt_w, None
 
 
+def gemm_input_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a GEMM reading x will cast it to under autocast (None without autocast, and under torch.compile,
+    whose own fusion takes the cast): what a norm feeding a GEMM writes to save that cast."""
+    if torch.compiler.is_compiling():  # (torch.amp.is_autocast_available breaks the graph under torch 2.11's Dynamo)
+        return None
+    dev = x.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the last dimension through ``kernels.layer_norm`` (its Triton kernels on CUDA with
+    ``backend`` auto/triton). Same parameters and state dict as ``nn.LayerNorm``.
+
+    ``forward(x, out_dtype)``: the result's dtype, by default what ``nn.LayerNorm`` returns (fp32 under CUDA's autocast,
+    x's dtype without autocast; under another device's autocast the call is PyTorch's); a norm whose output only feeds
+    a GEMM passes :func:`gemm_input_dtype` instead.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, backend: str = "auto") -> None:
+        super().__init__(dim, eps=eps)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # PyTorch's norm, which Inductor fuses; autocast sets its dtype
+            y = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+            return y if out_dtype is None else y.to(out_dtype)
+        if out_dtype is None:
+            out_dtype = x.dtype
+            dev = x.device.type
+            if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+                if dev != "cuda":  # another device's autocast policy: PyTorch's norm applies it
+                    return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+                if x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+                    out_dtype = torch.float32  # CUDA's autocast runs layer_norm in fp32
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps, out_dtype, backend=self.backend)
+
+
 class BranchAttn(nn.Module):
     """Per-branch channel attention of LocalMamba's multi-order mixer (its ``BiAttn``, channel part), and the merge.
 
@@ -376,7 +416,7 @@ class MultiOrderMixer(nn.Module):
         self.A_log = nn.Parameter(torch.log(a).expand(k, d_inner, d_state).clone())
         self.D = nn.Parameter(torch.ones(k, d_inner))
         self.branch_attn = BranchAttn(d_inner) if branch_attn else None
-        self.out_norm = nn.LayerNorm(d_inner) if out_norm else None
+        self.out_norm = LayerNorm(d_inner, backend=scan_backend) if out_norm else None
         self.out_proj = nn.Linear(d_inner, dim, bias=bias)
         if search:
             self.arch_logits = nn.Parameter(1e-3 * torch.randn(k))
@@ -490,7 +530,7 @@ class MultiOrderMixer(nn.Module):
         else:
             y = kernels.branch_merge(y, w, z, backend=self.scan_backend)  # the gate after the merge
         if self.out_norm is not None:
-            y = self.out_norm(y)
+            y = self.out_norm(y, gemm_input_dtype(y))  # read only by out_proj
         return self.out_proj(y)
 
     def _padded_projections(self, x_w: torch.Tensor, dt_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch.utils.checkpoint import checkpoint
 
 from ._base import ArchModelMixin, ArchSpecLike, SpaceSpec, resolve_layer_orders, to_size
-from .mixer import ARCH_MODES, Branch, MultiOrderMixer
+from .mixer import ARCH_MODES, Branch, LayerNorm, MultiOrderMixer, gemm_input_dtype
 from .slws import draw_shuffle, slws_probs
 
 __all__ = ["Downsample", "Stem", "VMamba", "VMambaStage", "VSSBlock"]
@@ -48,15 +48,15 @@ def _conv(cin: int, cout: int, stride: int) -> nn.Conv2d:
 class Stem(nn.Module):
     """VMamba's stem: conv → LN → GELU → conv → LN, total stride ``patch_size``. (B, C_in, H, W) → (B, H/p, W/p, C)."""
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, norm_backend: str = "auto") -> None:
         super().__init__()
         s1 = max(patch_size // 2, 1)
         s2 = patch_size // s1
         self.conv1 = _conv(in_chans, embed_dim // 2, s1)
-        self.norm1 = nn.LayerNorm(embed_dim // 2)
+        self.norm1 = LayerNorm(embed_dim // 2, backend=norm_backend)
         self.act = nn.GELU()
         self.conv2 = _conv(embed_dim // 2, embed_dim, s2)
-        self.norm2 = nn.LayerNorm(embed_dim)
+        self.norm2 = LayerNorm(embed_dim, backend=norm_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.norm1(self.conv1(x).permute(0, 2, 3, 1)))
@@ -66,10 +66,10 @@ class Stem(nn.Module):
 class Downsample(nn.Module):
     """3×3 stride-2 conv then LN: (B, H, W, C) → (B, ceil(H/2), ceil(W/2), C_out)."""
 
-    def __init__(self, dim: int, out_dim: int) -> None:
+    def __init__(self, dim: int, out_dim: int, norm_backend: str = "auto") -> None:
         super().__init__()
         self.conv = nn.Conv2d(dim, out_dim, 3, stride=2, padding=1)
-        self.norm = nn.LayerNorm(out_dim)
+        self.norm = LayerNorm(out_dim, backend=norm_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
@@ -78,22 +78,25 @@ class Downsample(nn.Module):
 class VSSBlock(nn.Module):
     """VMamba block: ``x + dp(mixer(LN(x)))`` then ``x + dp(mlp(LN(x)))`` on (B, H, W, C)."""
 
-    def __init__(self, dim: int, mixer: MultiOrderMixer, mlp_ratio: float, drop_path: float) -> None:
+    def __init__(
+        self, dim: int, mixer: MultiOrderMixer, mlp_ratio: float, drop_path: float, norm_backend: str = "auto"
+    ) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
+        self.norm = LayerNorm(dim, backend=norm_backend)
         self.mixer = mixer
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim, backend=norm_backend)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU) if mlp_ratio > 0 else None
 
     def forward(self, x: torch.Tensor, perm: torch.Tensor | None = None, branch: Branch | None = None) -> torch.Tensor:
         """x: (B, H, W, C) → (B, H, W, C); ``perm`` (H·W,) shuffles the tokens the mixer scans (SLWS); ``branch`` is
         the mixer's ``(w, idx)`` if the model drew them (see :meth:`MultiOrderMixer.forward`)."""
         bsz, h, w, c = x.shape
-        mixed = self.mixer(self.norm(x).reshape(bsz, h * w, c), perm=perm, branch=branch)
+        # Both norms feed a GEMM only (the mixer's in_proj, the MLP's fc1): under autocast they write its dtype.
+        mixed = self.mixer(self.norm(x, gemm_input_dtype(x)).reshape(bsz, h * w, c), perm=perm, branch=branch)
         x = x + self.drop_path(mixed.view(bsz, h, w, c))
         if self.mlp is not None:
-            x = x + self.drop_path(self.mlp(self.norm2(x)))
+            x = x + self.drop_path(self.mlp(self.norm2(x, gemm_input_dtype(x))))
         return x
 
 
@@ -189,7 +192,7 @@ class VMamba(ArchModelMixin, nn.Module):
         self.search_space = layer_orders.space
         self.arch = layer_orders.arch
 
-        self.stem = Stem(patch_size, in_chans, dims[0])
+        self.stem = Stem(patch_size, in_chans, dims[0], norm_backend=scan_backend)
         grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
         dpr = torch.linspace(0, drop_path_rate, total).tolist()
         stages, layer = [], 0
@@ -216,11 +219,13 @@ class VMamba(ArchModelMixin, nn.Module):
             )
             blocks = []
             for _ in range(depth):
-                blocks.append(VSSBlock(dim, mixer(layer_orders.per_layer[layer]), mlp_ratio, dpr[layer]))
+                blk = VSSBlock(dim, mixer(layer_orders.per_layer[layer]), mlp_ratio, dpr[layer], scan_backend)
+                blocks.append(blk)
                 layer += 1
-            stages.append(VMambaStage(Downsample(dims[s - 1], dim) if s > 0 else None, blocks, grid))
+            down = Downsample(dims[s - 1], dim, scan_backend) if s > 0 else None
+            stages.append(VMambaStage(down, blocks, grid))
         self.stages = nn.ModuleList(stages)
-        self.norm = nn.LayerNorm(dims[-1])
+        self.norm = LayerNorm(dims[-1], backend=scan_backend)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
