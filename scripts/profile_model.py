@@ -26,7 +26,7 @@ GROUPS = [  # first match wins
     ("scan", r"_scan_|_sum_orders"),
     ("conv1d", r"_conv_|_conv1d|causal_conv"),
     ("matmul", r"gemm|gemv|sm90_xmma|cutlass|nvjet|matmul|ampere_|sm80_"),
-    ("norm", r"norm|rms_|GammaBeta"),
+    ("norm", r"norm|rms_|GammaBeta|_ln_"),
     ("optimizer", r"adam|multi_tensor|foreach"),
     ("copies", r"copy|cat|index|gather|scatter|permute|transpose"),
     ("reductions", r"reduce"),
