@@ -308,6 +308,9 @@ def branch_attn_merge(
 # GPU time per call at Vim-Ti's size in graph mode (vim_tiny 50.9 → 47.8 ms per step, 25 calls), ~26 µs per million.
 _NORM_EAGER_MIN_NUMEL = 1 << 23
 _ADD_NORM_EAGER_MIN_NUMEL = 1 << 24
+# The Triton norms hold 16 whole rows per tile: up to this width (wider rows go to PyTorch, whose kernels suit them;
+# past 65,536 channels a tile would exceed Triton's tensor size).
+_NORM_MAX_C = 2048
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float | None = 1e-5, backend: str = "auto") -> torch.Tensor:
@@ -328,7 +331,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float | None = 1e-5, ba
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
     eps = torch.finfo(x.dtype).eps if eps is None else eps
     use = resolve_backend(backend, x.device) == "triton" and x.dtype == torch.float32 and x.numel() > 0
-    if use and _norm_takes_triton(x, backend, _NORM_EAGER_MIN_NUMEL):
+    if use and x.shape[-1] <= _NORM_MAX_C and _norm_takes_triton(x, backend, _NORM_EAGER_MIN_NUMEL):
         from .library import rms_norm_op
 
         return rms_norm_op(x, weight, float(eps))
@@ -382,6 +385,7 @@ def add_rms_norm(
         and res_dtype == torch.float32
         and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and x.numel() > 0
+        and x.shape[-1] <= _NORM_MAX_C
         and _norm_takes_triton(x, backend, _ADD_NORM_EAGER_MIN_NUMEL)
     )
     if use:
@@ -407,7 +411,8 @@ def layer_norm(
     per tile where PyTorch's kernel takes a thread block per row (a fifth of the memory rate at VMamba-T's 96-768
     channels on an H200); its backward writes one partial of dweight and dbias per program. ``auto`` takes it on CUDA
     under CUDA-graph capture or from ``_NORM_EAGER_MIN_NUMEL`` elements in eager mode, and leaves the norm to PyTorch
-    (and Inductor) under ``torch.compile``; other dtypes and backends use PyTorch.
+    (and Inductor) under ``torch.compile``; other dtypes, rows wider than ``_NORM_MAX_C`` and other backends use
+    PyTorch.
 
     Args:
         x: (..., C). weight, bias: (C,) or None. eps: added to the variance. out_dtype: dtype of the result (default
@@ -422,6 +427,7 @@ def layer_norm(
         and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and out_dtype in (torch.float32, torch.bfloat16, torch.float16)
         and x.numel() > 0
+        and x.shape[-1] <= _NORM_MAX_C
         and _norm_takes_triton(x, backend, _NORM_EAGER_MIN_NUMEL)
     )
     if use:

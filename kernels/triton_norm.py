@@ -250,13 +250,15 @@ def layer_norm_fwd(
     x2 = _rows(x)
     n_rows, c = x2.shape
     block_c, warps = _launch_shape(c, x.device)
-    y = torch.empty(x2.shape, device=x.device, dtype=out_dtype)
+    # x's own shape, contiguous, not a view of a 2-D buffer: a custom Function's view output cannot be modified in
+    # place, nn.LayerNorm's output can
+    y = torch.empty(x.shape, device=x.device, dtype=out_dtype)
     _ln_fwd_kernel[(cdiv(n_rows, _ROWS),)](
         x2, weight.contiguous() if weight is not None else x2, bias.contiguous() if bias is not None else x2, y,
         n_rows, c, eps, HAS_W=weight is not None, HAS_B=bias is not None, ROWS=_ROWS, BLOCK_C=block_c,
         num_warps=warps,
     )  # fmt: skip
-    return y.view(x.shape)
+    return y
 
 
 def layer_norm_bwd(
@@ -269,7 +271,7 @@ def layer_norm_bwd(
     block_c, warps = _launch_shape(c, x.device)
     per = _tiles_per_program(cdiv(n_rows, _ROWS), x.device)
     n_progs = cdiv(cdiv(n_rows, _ROWS), per)
-    dx = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     part = torch.empty(2, n_progs, c, device=x.device, dtype=torch.float32) if need_wb else None
     _ln_bwd_kernel[(n_progs,)](
         dy2, x2, weight.contiguous() if weight is not None else x2, dx, part[0] if need_wb else x2,
@@ -277,5 +279,5 @@ def layer_norm_bwd(
         HAS_W=weight is not None, NEED_WB=need_wb, ROWS=_ROWS, BLOCK_C=block_c, num_warps=warps,
     )  # fmt: skip
     if not need_wb:
-        return dx.view(x.shape), None, None
-    return dx.view(x.shape), part[0].sum(0), part[1].sum(0)  # two tensors: a registered op's outputs may not alias
+        return dx, None, None
+    return dx, part[0].sum(0), part[1].sum(0)  # two tensors: a registered op's outputs may not alias

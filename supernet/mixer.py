@@ -245,7 +245,8 @@ def gemm_input_dtype(x: torch.Tensor) -> torch.dtype | None:
     if torch.compiler.is_compiling():  # (torch.amp.is_autocast_available breaks the graph under torch 2.11's Dynamo)
         return None
     dev = x.device.type
-    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+    eligible = x.dtype in _AUTOCAST_ELIGIBLE  # autocast leaves fp64 alone
+    if eligible and torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return None
 

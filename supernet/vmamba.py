@@ -75,6 +75,12 @@ class Downsample(nn.Module):
         return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
+def _norm_for_gemm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` for a GEMM to read: in the GEMM's autocast dtype from :class:`~supernet.mixer.LayerNorm` (a norm
+    module of another kind, swapped in, is called plainly)."""
+    return norm(x, gemm_input_dtype(x)) if isinstance(norm, LayerNorm) else norm(x)
+
+
 class VSSBlock(nn.Module):
     """VMamba block: ``x + dp(mixer(LN(x)))`` then ``x + dp(mlp(LN(x)))`` on (B, H, W, C)."""
 
@@ -93,10 +99,10 @@ class VSSBlock(nn.Module):
         the mixer's ``(w, idx)`` if the model drew them (see :meth:`MultiOrderMixer.forward`)."""
         bsz, h, w, c = x.shape
         # Both norms feed a GEMM only (the mixer's in_proj, the MLP's fc1): under autocast they write its dtype.
-        mixed = self.mixer(self.norm(x, gemm_input_dtype(x)).reshape(bsz, h * w, c), perm=perm, branch=branch)
+        mixed = self.mixer(_norm_for_gemm(self.norm, x).reshape(bsz, h * w, c), perm=perm, branch=branch)
         x = x + self.drop_path(mixed.view(bsz, h, w, c))
         if self.mlp is not None:
-            x = x + self.drop_path(self.mlp(self.norm2(x, gemm_input_dtype(x))))
+            x = x + self.drop_path(self.mlp(_norm_for_gemm(self.norm2, x)))
         return x
 
 

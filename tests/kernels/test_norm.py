@@ -181,6 +181,22 @@ def test_layer_norm_frozen_affine_and_fallbacks(monkeypatch):
     assert y64.dtype == torch.float64 and ours not in type(y64.grad_fn).__name__
     with pytest.raises(ValueError, match="does not match the last dim"):
         kernels.layer_norm(x, torch.randn(5), None)
+    # Rows wider than a tile holds: PyTorch's norm (a Triton tile of 16 such rows would not fit).
+    monkeypatch.setattr(ops, "_NORM_MAX_C", 8)
+    assert ours not in type(ops.layer_norm(torch.randn(9, 16), wg, None).grad_fn).__name__
+    assert "NormFunction" not in type(ops.rms_norm(torch.randn(9, 16, requires_grad=True), wg).grad_fn).__name__
+
+
+def test_layer_norm_output_can_be_modified_in_place():
+    # As nn.LayerNorm's: the result is a tensor of x's shape, not a view made inside the autograd Function.
+    x, w, b, dy = _layer_norm_case((3, 5, 8), torch.float32, (True, True), 6)
+    xl = x.clone().requires_grad_()
+    y = kernels.layer_norm(xl, w, b, backend="triton")
+    assert y._base is None
+    y.mul_(2.0).backward(dy)
+    torch.testing.assert_close(
+        xl.grad, 2.0 * torch.autograd.grad(F.layer_norm(x.requires_grad_(), (8,), w, b), x, dy)[0]
+    )
 
 
 def test_layer_norm_registered_op_matches_the_direct_path(monkeypatch):

@@ -73,3 +73,21 @@ def test_vmamba_block_norms_write_the_gemm_dtype_under_autocast() -> None:
     assert set(seen.values()) == {torch.float32}, seen
     for h in hooks:
         h.remove()
+
+
+def test_gemm_input_dtype_and_a_plain_norm_swapped_in() -> None:
+    x = torch.randn(2, 4, 4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gemm_input_dtype(x) == torch.bfloat16
+        assert gemm_input_dtype(x.double()) is None  # autocast leaves fp64 alone
+    model = timm.create_model("test_vmamba", scan_backend="ref").eval()
+    blk = model.stages[0].blocks[0]
+    h, w = model.stages[0].grid
+    x = torch.randn(2, h, w, blk.norm.normalized_shape[0])
+    with torch.no_grad():
+        want = blk(x)
+        for name in ("norm", "norm2"):  # an nn.LayerNorm with the same state: called without the dtype argument
+            plain = nn.LayerNorm(x.shape[-1])
+            plain.load_state_dict(getattr(blk, name).state_dict())
+            setattr(blk, name, plain)
+        torch.testing.assert_close(blk(x), want)
