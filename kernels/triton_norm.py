@@ -41,15 +41,22 @@ _ROWS = 16  # rows per tile
 
 
 @triton.jit
+def _row_tile(pid, n_rows, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    # the (ROWS, BLOCK_C) tile of rows pid·ROWS… of a (n_rows, C) row-major tensor: columns, their mask, the tile's
+    # mask and element offsets
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    m = (rows < n_rows)[:, None] & mask_c[None, :]
+    return cols, mask_c, m, rows[:, None].to(tl.int64) * C + cols[None, :]
+
+
+@triton.jit
 def _add_rms_fwd_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, r_ptr, n_rows, C, eps,
     HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_C)
-    mask_c = cols < C
-    m = (rows < n_rows)[:, None] & mask_c[None, :]
-    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+    cols, mask_c, m, offs = _row_tile(tl.program_id(0), n_rows, C, ROWS, BLOCK_C)
     r = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     if HAS_RES:
         r += tl.load(res_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -72,10 +79,7 @@ def _rms_bwd_kernel(
     w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
     acc = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
     for it in range(tiles_per_prog):
-        rows = (pid * tiles_per_prog + it) * ROWS + tl.arange(0, ROWS)
-        mask_r = rows < n_rows
-        m = mask_r[:, None] & mask_c[None, :]
-        offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+        _, _, m, offs = _row_tile(pid * tiles_per_prog + it, n_rows, C, ROWS, BLOCK_C)
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / C + eps)
@@ -106,11 +110,7 @@ def _ln_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, n_rows, C, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_C)
-    mask_c = cols < C
-    m = (rows < n_rows)[:, None] & mask_c[None, :]
-    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+    cols, mask_c, m, offs = _row_tile(tl.program_id(0), n_rows, C, ROWS, BLOCK_C)
     xc, rstd = _ln_stats(tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32), mask_c, C, eps)
     y = xc * rstd[:, None]
     if HAS_W:
@@ -134,9 +134,7 @@ def _ln_bwd_kernel(
     acc_w = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
     acc_b = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
     for it in range(tiles_per_prog):
-        rows = (pid * tiles_per_prog + it) * ROWS + tl.arange(0, ROWS)
-        m = (rows < n_rows)[:, None] & mask_c[None, :]
-        offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+        _, _, m, offs = _row_tile(pid * tiles_per_prog + it, n_rows, C, ROWS, BLOCK_C)
         xc, rstd = _ln_stats(tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32), mask_c, C, eps)
         xhat = xc * rstd[:, None]
         dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
