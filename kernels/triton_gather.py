@@ -116,25 +116,22 @@ def _row_len(t: torch.Tensor) -> int:
     return math.prod(t.shape[1:])
 
 
+def _launch(idx: torch.Tensor, srcs: list[torch.Tensor], out_rows: int, k: int, bwd: bool) -> list[torch.Tensor]:
+    """One launch over every source: (out_rows, ...) outputs, gathered rows forward, scattered gradients backward."""
+    outs = [t.new_empty((out_rows, *t.shape[1:])) for t in srcs]
+    work = max((out_rows * _row_len(t) for t in srcs), default=0)
+    if work:
+        pairs = [(t, o, _row_len(t)) for t, o in zip(srcs, outs)]
+        grid = (cdiv(work, _BLOCK), len(srcs))
+        _rows_kernel[grid](idx, idx.shape[0], k, *_slots(pairs), NT=len(srcs), BLOCK=_BLOCK, BWD=bwd)
+    return outs
+
+
 def gather_rows_fwd(idx: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """``[t.index_select(0, idx) for t in tensors]`` (each contiguous, at most ``MAX_TENSORS``) in one launch."""
-    m = idx.shape[0]
-    outs = [t.new_empty((m, *t.shape[1:])) for t in tensors]
-    work = max((m * _row_len(t) for t in tensors), default=0)
-    if work:
-        pairs = [(t, o, _row_len(t)) for t, o in zip(tensors, outs)]
-        grid = (cdiv(work, _BLOCK), len(tensors))
-        _rows_kernel[grid](idx, m, 0, *_slots(pairs), NT=len(tensors), BLOCK=_BLOCK, BWD=False)
-    return outs
+    return _launch(idx, tensors, idx.shape[0], 0, bwd=False)
 
 
 def gather_rows_bwd(idx: torch.Tensor, grads: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     """The gradients (k, ...) of the tensors :func:`gather_rows_fwd` took rows of, from ``grads`` (m, ...) each."""
-    m = idx.shape[0]
-    outs = [g.new_empty((k, *g.shape[1:])) for g in grads]
-    work = max((k * _row_len(g) for g in grads), default=0)
-    if work:
-        pairs = [(g, o, _row_len(g)) for g, o in zip(grads, outs)]
-        grid = (cdiv(work, _BLOCK), len(grads))
-        _rows_kernel[grid](idx, m, k, *_slots(pairs), NT=len(grads), BLOCK=_BLOCK, BWD=True)
-    return outs
+    return _launch(idx, grads, k, k, bwd=True)

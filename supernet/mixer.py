@@ -239,16 +239,17 @@ class _OrderProjections(torch.autograd.Function):
         return None if du is None else du.to(ctx.dtypes[0]), dx_w, ddt_w, None
 
 
+def _autocast_on(device_type: str) -> bool:
+    # (torch.amp.is_autocast_available breaks the graph under torch 2.11's Dynamo: callers check for compiling first)
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def gemm_input_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype a GEMM reading x will cast it to under autocast (None without autocast, and under torch.compile,
     whose own fusion takes the cast): what a norm feeding a GEMM writes to save that cast."""
-    if torch.compiler.is_compiling():  # (torch.amp.is_autocast_available breaks the graph under torch 2.11's Dynamo)
+    if torch.compiler.is_compiling() or x.dtype not in _AUTOCAST_ELIGIBLE:  # autocast leaves fp64 alone
         return None
-    dev = x.device.type
-    eligible = x.dtype in _AUTOCAST_ELIGIBLE  # autocast leaves fp64 alone
-    if eligible and torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return None
+    return torch.get_autocast_dtype(x.device.type) if _autocast_on(x.device.type) else None
 
 
 class LayerNorm(nn.LayerNorm):
@@ -271,7 +272,7 @@ class LayerNorm(nn.LayerNorm):
         if out_dtype is None:
             out_dtype = x.dtype
             dev = x.device.type
-            if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+            if _autocast_on(dev):
                 if dev != "cuda":  # another device's autocast policy: PyTorch's norm applies it
                     return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
                 if x.dtype in (torch.float16, torch.bfloat16, torch.float32):

@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 import kernels
 
 from ._base import ArchModelMixin, ArchSpecLike, SpaceSpec, resolve_layer_orders, to_size
-from .mixer import ARCH_MODES, Branch, MultiOrderMixer
+from .mixer import ARCH_MODES, Branch, MultiOrderMixer, gemm_input_dtype
 from .slws import draw_shuffle, slws_probs
 
 __all__ = ["Block", "PatchEmbed", "RMSNorm", "VisionMamba", "add_norm"]
@@ -117,13 +117,8 @@ class Block(nn.Module):
 
         Under autocast the norm writes the autocast dtype, which the mixer's first GEMM reads without a cast.
         """
-        out_dtype = None
-        if not torch.compiler.is_compiling():  # compiled, the GEMM's own autocast cast fuses with the norm anyway
-            # (and torch.amp.is_autocast_available breaks the graph under torch 2.11's Dynamo)
-            dev = hidden.device.type
-            if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
-                out_dtype = torch.get_autocast_dtype(dev)
-        normed, residual = add_norm(self.norm, hidden, residual, out_dtype)
+        # compiled, none: the GEMM's own autocast cast fuses with the norm anyway
+        normed, residual = add_norm(self.norm, hidden, residual, gemm_input_dtype(hidden))
         return self.drop_path(self.mixer(normed, perm=perm, branch=branch)), residual
 
 
