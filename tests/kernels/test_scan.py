@@ -361,7 +361,10 @@ def test_fixed_channel_sums_match_ref(monkeypatch):
     """The fixed-point channel sums of dB and dC in the backward (32 (step, state) rows per group on one warp of 32
     channels: here 8 steps x 4 states, 37 channels over blocks of 32, a partial chunk), taken here with fp32 B and C
     (by default only half-precision ones take them) to see their own error: against the reference with fp32
-    tolerances; against the fp32 shuffle sums only dB and dC differ, by < 2e-6."""
+    tolerances; against the fp32 shuffle sums only dB and dC differ, by < 1e-5 in norm. Each term is rounded to
+    2^-21 of its tile's largest, so the error is relative to the tile's largest term, not to the sum: over seeds 40-51
+    it read 0.7-2.0e-6, and 2.4e-6 for this seed on another CPU (the interpreter's float ops differ in the last bits
+    between CPUs); the bf16 packed sums read about 5e-3."""
     import kernels.triton_scan as ts
 
     config = (8, 32, 1, 4, 32, 1, 4, 0, 1)
@@ -370,7 +373,7 @@ def test_fixed_channel_sums_match_ref(monkeypatch):
     gen = torch.Generator().manual_seed(43)
     inputs = make_scan_inputs(1, 11, 2, 37, 8, ku=1, generator=gen)
     orders = make_orders(11, (1, 11), 2, ("h", "h_flip"))
-    _check_channel_sums(monkeypatch, inputs, orders, "_FIXED_SUMS", 2e-6)
+    _check_channel_sums(monkeypatch, inputs, orders, "_FIXED_SUMS", 1e-5)
 
 
 class _LaunchSpy:
