@@ -6,10 +6,14 @@ Schema (YAML, ``format_version: 1``)::
     model: local_vim_tiny            # derived entrypoint that builds this arch (timm name)
     space: {name: localmamba, candidates: [h, h_flip, ...], k: 4, min_global: 0}
     layers:                          # one entry per searchable layer, in model order
-      - label: blocks.0              # stable layer label (see model.arch_probs())
+      - label: blocks.0              # stable layer label (see model.arch_probs()); optional
         orders: [h, h_flip, w2, w2_flip]   # the k chosen orders, in candidate order
         probs: [0.14, 0.13, ...]     # probability of every candidate at derivation (optional for hand-written files)
+      - [h, h_flip, w2, w2_flip]     # shorthand for hand-written files: the orders alone, no label
     provenance: {checkpoint: ..., epoch: ..., commit: ..., date: ...}
+
+A labelled layer must carry the label of the model's layer at its position; an unlabelled one (the shorthand, or a
+mapping without ``label``) is matched to the model's layers by position alone, so only the depth has to agree.
 
 Derivation writes it, derived models are built from it and retraining reads it; it is defined only here.
 """
@@ -19,7 +23,7 @@ from __future__ import annotations
 import difflib
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -48,9 +52,10 @@ def _check_keys(d: dict, valid: Sequence[str], where: str) -> None:
 
 @dataclass(frozen=True)
 class LayerChoice:
-    """The orders one layer keeps. ``probs`` follows the space's candidate order (empty when unknown)."""
+    """The orders one layer keeps. ``probs`` follows the space's candidate order (empty when unknown); ``label`` is
+    None for a layer that is matched to the model's layers by position."""
 
-    label: str
+    label: str | None
     orders: tuple[str, ...]
     probs: tuple[float, ...] = ()
 
@@ -67,7 +72,7 @@ class ArchSpec:
     def __post_init__(self) -> None:
         layers = []
         for i, layer in enumerate(self.layers):
-            where = f"arch layer {i} ('{layer.label}')"
+            where = f"arch layer {i}" if layer.label is None else f"arch layer {i} ('{layer.label}')"
             self.space.validate_choice(layer.orders, where=where)
             if layer.probs and len(layer.probs) != self.space.num_candidates:
                 raise _err(
@@ -88,7 +93,7 @@ class ArchSpec:
         return [list(layer.orders) for layer in self.layers]
 
     def check_compatible(self, labels: Sequence[str], space: SearchSpace | None = None, model: str = "model") -> None:
-        """Refuse an arch whose layer count/labels or space do not match a model.
+        """Refuse an arch whose layer count/labels or space do not match a model. Unlabelled layers match by position.
 
         Args:
             labels: the model's searchable layer labels, in order.
@@ -101,7 +106,7 @@ class ArchSpec:
                 f"from a supernet of the same depth or pick the matching model"
             )
         for i, (mine, theirs) in enumerate(zip([layer.label for layer in self.layers], labels)):
-            if mine != theirs:
+            if mine is not None and mine != theirs:
                 raise _err(f"arch layer {i} is labelled '{mine}' but {model} layer {i} is '{theirs}'")
         if space is not None and tuple(space.candidates) != tuple(self.space.candidates):
             raise _err(
@@ -109,10 +114,22 @@ class ArchSpec:
                 f"'{space.name}' ({', '.join(space.candidates)})"
             )
 
+    def with_labels(self, labels: Sequence[str]) -> ArchSpec:
+        """This arch with each unlabelled layer given the label at its position in ``labels`` (a model's labels, after
+        :meth:`check_compatible`); labelled layers are kept as they are."""
+        if len(labels) != self.depth:
+            raise _err(f"with_labels: {len(labels)} labels for an arch of {self.depth} layers")
+        layers = tuple(
+            layer if layer.label is not None else replace(layer, label=str(label))
+            for layer, label in zip(self.layers, labels)
+        )
+        return replace(self, layers=layers)
+
     def to_dict(self) -> dict[str, Any]:
         layers = []
         for layer in self.layers:
-            entry: dict[str, Any] = {"label": layer.label, "orders": list(layer.orders)}
+            entry: dict[str, Any] = {} if layer.label is None else {"label": layer.label}
+            entry["orders"] = list(layer.orders)
             if layer.probs:
                 entry["probs"] = [round(float(p), 6) for p in layer.probs]
             layers.append(entry)
@@ -144,14 +161,18 @@ class ArchSpec:
             raise _err(f"{source}: 'layers' must be a non-empty list")
         layers = []
         for i, entry in enumerate(raw_layers):
-            if isinstance(entry, list):  # shorthand: a bare list of orders
-                entry = {"label": f"layer{i}", "orders": entry}
+            if isinstance(entry, (list, tuple)):  # shorthand: a bare list of orders, matched by position
+                entry = {"orders": entry}
             if not isinstance(entry, dict) or "orders" not in entry:
-                raise _err(f"{source}: layer {i} must be a mapping with 'orders' (and 'label')")
+                raise _err(
+                    f"{source}: layer {i} must be a list of orders or a mapping with 'orders' (and optionally 'label', "
+                    f"'probs')"
+                )
             _check_keys(entry, _LAYER_KEYS, f"{source} layer {i}")
+            label = entry.get("label")
             layers.append(
                 LayerChoice(
-                    label=str(entry.get("label", f"layer{i}")),
+                    label=None if label is None else str(label),
                     orders=tuple(str(o) for o in entry["orders"]),
                     probs=tuple(float(p) for p in entry.get("probs", ()) or ()),
                 )
@@ -160,11 +181,21 @@ class ArchSpec:
 
 
 def load_arch(spec: str | Path | dict[str, Any] | ArchSpec) -> ArchSpec:
-    """Load an arch from a YAML path, a dict, or pass an :class:`ArchSpec` through."""
+    """Load an arch from a YAML path, a dict, or pass an :class:`ArchSpec` through.
+
+    Raises:
+        TypeError: ``spec`` is none of these (a bare list of per-layer orders names no space: put it in a dict).
+        ValueError: the file is missing or not valid YAML, or the arch is malformed.
+    """
     if isinstance(spec, ArchSpec):
         return spec
     if isinstance(spec, dict):
         return ArchSpec.from_dict(spec)
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(
+            f"arch must be an arch YAML path, a dict or an ArchSpec, got {type(spec).__name__}; for per-layer orders "
+            f"pass {{'format_version': {ARCH_FORMAT_VERSION}, 'space': NAME, 'layers': [[order, ...], ...]}}"
+        )
     path = Path(spec)
     if not path.is_file():
         raise _err(f"arch file not found: {path.resolve()}; derive one with `python -m nas.vis_search_prob RUN_DIR`")

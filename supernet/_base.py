@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from numbers import Integral
 from pathlib import Path
 from typing import Sequence
 
@@ -12,7 +13,7 @@ from search_spaces import ArchSpec, SearchSpace, load_arch, load_space, validate
 
 from .mixer import Branch, MultiOrderMixer, batched_branch_weights
 
-__all__ = ["ArchModelMixin", "LayerOrders", "resolve_layer_orders", "to_size"]
+__all__ = ["ArchModelMixin", "LayerOrders", "check_io", "resolve_layer_orders", "to_size"]
 
 OrdersSpec = Sequence[str]
 SpaceSpec = str | Path | dict | SearchSpace
@@ -25,6 +26,16 @@ def to_size(img_size: int | Sequence[int], what: str = "img_size") -> tuple[int,
     if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size):
         raise ValueError(f"{what} must be a positive int or a pair (H, W) of them, got {img_size!r}")
     return size  # type: ignore[return-value]
+
+
+def check_io(model_name: str, in_chans: int | None = None, num_classes: int | None = None) -> None:
+    """Refuse fewer than one input channel and a negative class count (0 means no classifier); None is not checked."""
+    if in_chans is not None and (not isinstance(in_chans, Integral) or isinstance(in_chans, bool) or in_chans < 1):
+        raise ValueError(f"{model_name}: in_chans must be a positive int (input image channels), got {in_chans!r}")
+    if num_classes is not None and (
+        not isinstance(num_classes, Integral) or isinstance(num_classes, bool) or num_classes < 0
+    ):
+        raise ValueError(f"{model_name}: num_classes must be an int >= 0 (0: no classifier), got {num_classes!r}")
 
 
 class LayerOrders:
@@ -74,6 +85,8 @@ def resolve_layer_orders(
         return LayerOrders([sp.candidates] * n, True, sp, None)
     spec = load_arch(arch)  # type: ignore[arg-type]
     spec.check_compatible(labels, spec.space, model_name)
+    # Layers the arch leaves unlabelled take the model's labels, so the model's arch is a complete arch file.
+    spec = spec.with_labels(labels)
     return LayerOrders([tuple(o) for o in spec.orders], False, spec.space, spec)
 
 

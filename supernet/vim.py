@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 
-from ._base import ArchModelMixin, ArchSpecLike, SpaceSpec, resolve_layer_orders, to_size
+from ._base import ArchModelMixin, ArchSpecLike, SpaceSpec, check_io, resolve_layer_orders, to_size
 from .mixer import ARCH_MODES, Branch, MultiOrderMixer, gemm_input_dtype
 from .slws import draw_shuffle, slws_probs
 
@@ -190,6 +190,7 @@ class VisionMamba(ArchModelMixin, nn.Module):
         self.img_size = to_size(img_size)
         if not isinstance(patch_size, int) or patch_size < 1:
             raise ValueError(f"{model_name}: patch_size must be a positive int, got {patch_size!r}")
+        check_io(model_name, in_chans, num_classes)
         if any(s % patch_size for s in self.img_size):
             raise ValueError(
                 f"{model_name}: img_size {self.img_size} is not divisible by patch_size {patch_size}; use a multiple"
@@ -286,6 +287,7 @@ class VisionMamba(ArchModelMixin, nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        check_io("reset_classifier", num_classes=num_classes)
         self.num_classes = num_classes
         if global_pool is not None:
             allowed = ("avg", "token", "") if self.cls_token is not None else ("avg", "")
