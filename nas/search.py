@@ -45,8 +45,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import Subset
 
 from kernels import CHANNEL_SUMS, set_channel_sums
-from retrain.checkpoint import CheckpointKeeper, load_checkpoint, resolve_resume, save_checkpoint
-from retrain.config import resolve_config, run_cli, save_config
+from retrain.checkpoint import (
+    CheckpointKeeper,
+    check_resume_spec,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
+from retrain.config import check_model_kwargs, resolve_config, run_cli, save_config
 from retrain.data import build_dataset, build_loader, split_train
 from retrain.engine import (
     COMPILE_MODES,
@@ -126,6 +132,16 @@ DEFAULTS: dict[str, Any] = {
     # test hooks: NaN loss / gradient at these checks (0-based; arch and weight steps both count)
     "debug_nan_loss_at": [],
     "debug_nan_grad_at": [],
+}
+
+# Constructor arguments the search sets from its flags or the data ("": the data), refused in model_kwargs.
+MODEL_ARGS_SET_BY_FLAGS = {
+    "num_classes": "",
+    "in_chans": "--in-chans",
+    "img_size": "--img-size",
+    "patch_size": "--patch-size",
+    "drop_path_rate": "--drop-path",
+    "space": "--space",
 }
 
 DESCRIPTION = "Search per-layer scan orders of a vision Mamba supernet (DARTS, LocalMamba joint, or GDAS)."
@@ -268,7 +284,12 @@ def _check_values(cfg: dict[str, Any]) -> None:
             "two numbers in [0, 1)",
         ),
         ("arch_weight_decay", cfg["arch_weight_decay"] >= 0, ">= 0"),
-        ("arch_warmup_epochs", cfg["arch_warmup_epochs"] >= 0, ">= 0"),
+        (
+            "arch_warmup_epochs",
+            0 <= cfg["arch_warmup_epochs"] < cfg["epochs"],
+            f">= 0 and below --epochs {cfg['epochs']} (the arch is frozen for these epochs: with none left it would "
+            f"never leave its initial values)",
+        ),
         ("arch_frac", 0.0 < cfg["arch_frac"] < 1.0, "in (0, 1)"),
         ("tau_max", cfg["tau_max"] > 0, "> 0"),
         ("tau_min", 0 < cfg["tau_min"] <= cfg["tau_max"], "in (0, tau_max]"),
@@ -289,6 +310,7 @@ def _check_values(cfg: dict[str, Any]) -> None:
     for key, ok, want in checks:
         if not ok:
             raise ValueError(f"--{key.replace('_', '-')} {cfg[key]!r} is out of range; use {want}")
+    check_model_kwargs(cfg["model_kwargs"], MODEL_ARGS_SET_BY_FLAGS)
     for key in ("debug_nan_loss_at", "debug_nan_grad_at"):
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in cfg[key]):
             raise ValueError(f"--{key.replace('_', '-')} {cfg[key]!r} must list integers >= 0")
@@ -432,6 +454,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     history: list[dict[str, Any]] = []
     if resume_path is not None:
         state = load_checkpoint(resume_path, expect_kind="search", expect_model=spec["name"])
+        check_resume_spec(state, spec, resume_path)
         restore(state)
         keeper.load_state_dict(state.get("keeper", {}))
         arch_stream.load_state_dict(state["arch_stream"])

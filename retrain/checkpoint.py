@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "check_resume_spec",
     "CHECKPOINT_FORMAT",
     "CheckpointError",
     "CheckpointKeeper",
@@ -118,6 +119,42 @@ def load_checkpoint(
             f"--model or start a new --experiment"
         )
     return state
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively: a spec read back from a checkpoint compares equal to one built from a config."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _arch_orders(arch: dict[str, Any] | None) -> list | None:
+    return None if arch is None else [_plain(layer.get("orders")) for layer in arch.get("layers", [])]
+
+
+def check_resume_spec(state: dict[str, Any], spec: dict[str, Any], path: str | Path) -> None:
+    """Refuse, in one line, to resume a checkpoint whose model was built with other constructor arguments or another
+    arch than this run's (``spec`` as the trainers build it: ``name``, ``kwargs``, optionally ``arch``).
+
+    Raises:
+        CheckpointError: naming each argument that differs, with the saved and the asked value.
+    """
+    saved = state.get("model_spec") or {}
+    old, new = _plain(saved.get("kwargs") or {}), _plain(spec.get("kwargs") or {})
+    unset = "(unset)"
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k, unset) != new.get(k, unset)]
+    if _arch_orders(saved.get("arch")) != _arch_orders(spec.get("arch")):
+        changed.append("arch")
+        old["arch"], new["arch"] = "its arch file's orders", "other orders"
+    if changed:
+        then = ", ".join(f"{k}={old.get(k, unset)}" for k in changed)
+        now = ", ".join(f"{k}={new.get(k, unset)}" for k in changed)
+        raise CheckpointError(
+            f"checkpoint {Path(path).resolve()} was built with {then}, but this run asks for {now}; resume with the "
+            f"run's own settings (its args.yaml) or start a new --experiment"
+        )
 
 
 def _checkpoints_in(run_dir: Path) -> list[Path]:

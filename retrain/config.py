@@ -23,7 +23,15 @@ from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 import yaml
 
-__all__ = ["ConfigError", "OneLineArgumentParser", "load_config", "resolve_config", "run_cli", "save_config"]
+__all__ = [
+    "ConfigError",
+    "OneLineArgumentParser",
+    "check_model_kwargs",
+    "load_config",
+    "resolve_config",
+    "run_cli",
+    "save_config",
+]
 
 
 class ConfigError(ValueError):
@@ -39,6 +47,21 @@ def _nearest(key: str, valid: Sequence[str]) -> str:
     parts = [v for v in valid if key.startswith(v + "_") or v.startswith(key + "_")]
     near = sorted(parts, key=len, reverse=True)[:1] or difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     return f"; did you mean '{near[0]}'?" if near else ""
+
+
+def check_model_kwargs(model_kwargs: Mapping[str, Any], owned: Mapping[str, str]) -> None:
+    """Refuse ``model_kwargs`` entries that a trainer sets itself (``owned``: argument -> the flag that sets it, or
+    ``""`` when the data decides it): a model built against the data's channels or classes would fail mid-run, and a
+    silently ignored size would train another model than asked.
+
+    Raises:
+        ConfigError: one line naming the entry and what sets it instead.
+    """
+    for key in model_kwargs:
+        if key in owned:
+            flag = owned[key]
+            how = f"use {flag} instead" if flag else "the trainer takes it from the dataset; drop it"
+            raise ConfigError(f"--model-kwargs {key}={model_kwargs[key]!r}: {key} is set by the trainer; {how}")
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

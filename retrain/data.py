@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import math
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -268,14 +269,32 @@ def _load_mnist_like(name: str, data_dir: Path, split: str, download: bool) -> t
     npz_candidates = [data_dir] if data_dir.suffix == ".npz" else [data_dir / f"{name}.npz", data_dir / "data.npz"]
     for npz in npz_candidates:
         if npz.is_file():
-            with np.load(npz) as z:
-                keys = ("x_train", "y_train") if split == "train" else ("x_test", "y_test")
+            keys = ("x_train", "y_train") if split == "train" else ("x_test", "y_test")
+            try:
+                if not zipfile.is_zipfile(npz):  # a truncated or foreign file; np.load would guess at pickles
+                    raise ValueError("not a zip archive of named arrays")
+                z = np.load(npz, allow_pickle=False)
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+                reason = " ".join(str(e).split())[:120]
+                raise ValueError(
+                    f"{name}: {npz.resolve()} is not a readable .npz archive ({reason}); write one with "
+                    f"numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...) or point --data-dir at "
+                    f"the IDX files"
+                ) from None
+            with z:
                 missing = [k for k in keys if k not in z.files]
                 if missing:
                     raise ValueError(
                         f"{name}: {npz.resolve()} lacks arrays {missing}; expected x_train, y_train, x_test, y_test"
                     )
-                return z[keys[0]], z[keys[1]]
+                try:
+                    return z[keys[0]], z[keys[1]]
+                except Exception as e:  # a damaged member: zip, zlib, npy-header or pickle-refusal errors alike
+                    reason = " ".join(str(e).split())[:120]
+                    raise ValueError(
+                        f"{name}: {npz.resolve()} holds unreadable arrays {list(keys)} ({reason}); write the file "
+                        f"again with numpy.savez"
+                    ) from None
     if data_dir.suffix == ".npz":
         raise _missing(name, data_dir, "the .npz file")
     img_name, lbl_name = _IDX_NAMES[split]

@@ -48,8 +48,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import Dataset, Subset
 
 from kernels import CHANNEL_SUMS, set_channel_sums
-from retrain.checkpoint import CheckpointKeeper, load_checkpoint, resolve_resume, save_checkpoint
-from retrain.config import resolve_config, run_cli, save_config
+from retrain.checkpoint import (
+    CheckpointKeeper,
+    check_resume_spec,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
+from retrain.config import check_model_kwargs, resolve_config, run_cli, save_config
 from retrain.data import DatasetInfo, build_dataset, build_loader, split_train
 from retrain.engine import (
     COMPILE_MODES,
@@ -70,6 +76,17 @@ from retrain.engine import (
 )
 
 __all__ = ["DEFAULTS", "build_model", "main", "model_from_spec"]
+
+# Constructor arguments the trainer sets from its flags or the data ("": the data), refused in model_kwargs.
+MODEL_ARGS_SET_BY_FLAGS = {
+    "num_classes": "",
+    "in_chans": "--in-chans",
+    "img_size": "--img-size",
+    "patch_size": "--patch-size",
+    "drop_path_rate": "--drop-path",
+    "shuffle_max": "--shuffle-max",
+    "arch": "--arch",
+}
 
 DEFAULTS: dict[str, Any] = {
     # what to train
@@ -256,6 +273,7 @@ def _check_values(cfg: dict[str, Any]) -> None:
     for key in ("debug_nan_loss_at", "debug_nan_grad_at"):
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in cfg[key]):
             raise ValueError(f"--{key.replace('_', '-')} {cfg[key]!r} must list integers >= 0")
+    check_model_kwargs(cfg["model_kwargs"], MODEL_ARGS_SET_BY_FLAGS)
     if (cfg["mixup"] > 0 or cfg["cutmix"] > 0) and cfg["batch_size"] % 2:
         raise ValueError(f"mixup/cutmix need an even --batch-size, got {cfg['batch_size']}")
 
@@ -425,6 +443,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     epoch_sums: list[float] = [0.0, 0.0]  # loss sum and samples of a resumed, half-done epoch
     if resume_path is not None:
         state = load_checkpoint(resume_path, expect_kind="retrain", expect_model=spec["name"])
+        check_resume_spec(state, spec, resume_path)
         saved_frac = float(state.get("config", {}).get("val_frac", 0.0))
         if saved_frac != cfg["val_frac"]:
             raise ValueError(

@@ -68,6 +68,16 @@ CASES = [
          r"lacks arrays \['x_train', 'y_train'\]"),
     Case("data-npz-empty", "nas.search", [*SEARCH, "--dataset", "mnist", "--data-dir", "{fx}/empty.npz"],
          r"mnist: 0 train images but 0 labels in .*empty.npz; check"),
+    Case("data-npz-truncated", "retrain.train", [*TRAIN, "--dataset", "mnist", "--data-dir", "{fx}/truncated.npz"],
+         r"truncated.npz is not a readable .npz archive.*numpy.savez"),
+    Case("data-npz-not-an-archive", "nas.search", [*SEARCH, "--dataset", "mnist", "--data-dir", "{fx}/text.npz"],
+         r"text.npz is not a readable .npz archive \(not a zip archive"),
+    Case("config-model-kwargs-classes", "retrain.train", [*TRAIN, "--model-kwargs", "num_classes=7"],
+         r"--model-kwargs num_classes=7: num_classes is set by the trainer; the trainer takes it from the dataset"),
+    Case("config-model-kwargs-size", "nas.search", [*SEARCH, "--model-kwargs", "img_size=32"],
+         r"--model-kwargs img_size=32: img_size is set by the trainer; use --img-size instead"),
+    Case("config-arch-warmup-whole-run", "nas.search", [*SEARCH, "--epochs", "1"],
+         r"--arch-warmup-epochs 1 is out of range; use >= 0 and below --epochs 1"),
     Case("data-idx-corrupt", "retrain.train", [*TRAIN, "--dataset", "mnist", "--data-dir", "{fx}/idx_corrupt"],
          r"not an IDX file"),
     Case("data-imagefolder-no-train", "retrain.train", [*TRAIN, "--dataset", "imagefolder", "--data-dir", "{fx}"],
@@ -106,6 +116,15 @@ CASES = [
          r"'search' checkpoint, expected 'retrain'"),
     Case("ckpt-auto-only-truncated", "nas.search",
          [*SEARCH, "--experiment", "run", "--resume", "auto"], r"no complete checkpoint", setup=("truncated_run",)),
+    Case("ckpt-resume-other-size", "retrain.train",
+         [*TRAIN, "--experiment", "run", "--resume", "{out}/runs/run/last.pt"],
+         r"was built with img_size=32, but this run asks for img_size=16; resume with the run's own settings",
+         setup=("run_at_32px",)),
+    Case("ckpt-search-resume-other-kwargs", "nas.search",
+         [*SEARCH, "--img-size", "32", "--experiment", "run", "--resume", "{out}/runs/run/last.pt",
+          "--model-kwargs", "embed_dim=48"],
+         r"was built with embed_dim=\(unset\), but this run asks for embed_dim=48",
+         setup=("search_run",)),
     Case("ckpt-existing-run-not-clobbered", "retrain.train", [*TRAIN, "--experiment", "run"],
          r"already holds checkpoints; pass --resume auto", setup=("existing_run",)),
     Case("derive-missing-source", "nas.vis_search_prob", ["{fx}/no_run"], r"not found: .*no_run"),
@@ -172,6 +191,8 @@ def _make_fixtures(fx: Path) -> None:
     (fx / "idx_corrupt").mkdir()
     for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
         (fx / "idx_corrupt" / name).write_bytes(gzip.compress(b"this is no IDX file"))
+    (fx / "truncated.npz").write_bytes((fx / "wrong_keys.npz").read_bytes()[:100])
+    (fx / "text.npz").write_text("x_train,y_train\n")
     (fx / "empty_folder" / "train" / "cat").mkdir(parents=True)
     (fx / "empty_folder" / "val" / "cat").mkdir(parents=True)
     _arch(fx / "arch_2layers.yaml")
@@ -210,6 +231,21 @@ def _make_fixtures(fx: Path) -> None:
     (runs / "existing_run" / "runs" / "run").mkdir(parents=True)
     save_checkpoint(
         {"kind": "retrain", "model": "test_vim", "step": 3}, runs / "existing_run" / "runs" / "run" / "last.pt"
+    )
+
+    # A run made at 32 px (the spec its checkpoint stores) resumed by a 16 px command; a search of the default width
+    # (at 32 px, where its candidates are distinct scans) resumed with another one.
+    (runs / "run_at_32px" / "runs" / "run").mkdir(parents=True)
+    spec = {"name": "test_vim", "kwargs": {"num_classes": 10, "in_chans": 3, "img_size": 32}, "arch": None}
+    save_checkpoint(
+        {"kind": "retrain", "model": "test_vim", "model_spec": spec, "step": 3},
+        runs / "run_at_32px" / "runs" / "run" / "last.pt",
+    )
+    (runs / "search_run" / "runs" / "run").mkdir(parents=True)
+    spec = {"name": "test_local_vim_search", "kwargs": {"num_classes": 10, "in_chans": 3, "img_size": 32}}
+    save_checkpoint(
+        {"kind": "search", "model": "test_local_vim_search", "model_spec": spec, "step": 3},
+        runs / "search_run" / "runs" / "run" / "last.pt",
     )
 
     (fx / "space_unknown.yaml").write_text(yaml.safe_dump({"params": {"arch_lrr": {"distribution": "loguniform"}}}))
