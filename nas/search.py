@@ -49,6 +49,7 @@ from retrain.checkpoint import (
     CheckpointKeeper,
     check_resume_spec,
     load_checkpoint,
+    refuse_existing_run,
     resolve_resume,
     save_checkpoint,
 )
@@ -370,11 +371,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     experiment = cfg["experiment"] or f"{cfg['model']}-{cfg['algo']}-{cfg['dataset']}-s{cfg['seed']}"
     run_dir = Path(cfg["output"]) / experiment
     resume_path = resolve_resume(cfg["resume"], run_dir, verbose=dinfo.is_main)
-    if resume_path is None and run_dir.is_dir() and any(run_dir.glob("*.pt")):
-        raise ValueError(
-            f"{run_dir.resolve()} already holds checkpoints; pass --resume auto to continue it or choose a new "
-            f"--experiment"
-        )
+    refuse_existing_run(run_dir, cfg["resume"], resume_path)
 
     # Data: one training set, split into a weight set and an arch set (seeded, disjoint, the same on every rank).
     seed_everything(cfg["seed"])

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 __all__ = [
+    "RUN_FILES",
+    "refuse_existing_run",
     "check_resume_spec",
     "CHECKPOINT_FORMAT",
     "CheckpointError",
@@ -119,6 +121,33 @@ def load_checkpoint(
             f"--model or start a new --experiment"
         )
     return state
+
+
+RUN_FILES = ("args.yaml", "summary.csv", "arch_probs.jsonl")  # what the trainers write into a run directory
+
+
+def refuse_existing_run(run_dir: str | Path, resume: str, resume_path: Path | None) -> None:
+    """Refuse, in one line, to start a run in a directory that holds another run: checkpoints (continue them with
+    ``--resume auto``) or, without checkpoints, the files a run writes (``--resume auto`` there starts it again in
+    place). Nothing is checked when a checkpoint is being resumed.
+
+    Raises:
+        ValueError: naming the directory and both ways out.
+    """
+    run_dir = Path(run_dir)
+    if resume_path is not None or not run_dir.is_dir():
+        return
+    if any(run_dir.glob("*.pt")):
+        raise ValueError(
+            f"{run_dir.resolve()} already holds checkpoints; pass --resume auto to continue it or choose a new "
+            f"--experiment"
+        )
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if found and not resume:
+        raise ValueError(
+            f"{run_dir.resolve()} holds another run's {', '.join(found)} but no checkpoint; pass --resume auto to "
+            f"start that run again in place (replacing them) or choose a new --experiment"
+        )
 
 
 def _plain(value: Any) -> Any:

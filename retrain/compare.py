@@ -537,8 +537,6 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"train_rows: no row named {', '.join(map(repr, unknown))}; rows are "
                           f"{', '.join(repr(r.name) for r in rows)}")  # fmt: skip
     out_dir = Path(cfg["output"]) / cfg["experiment"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config({k: v for k, v in cfg.items()}, out_dir / "compare.yaml")
 
     ref = next((r for r in rows if r.searched), rows[0])
     if not cfg["collect_only"]:
@@ -549,6 +547,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         _check_sizes(rows, ref, cfg, [r.params_expected for r in rows])
 
     notes: list[str] = []
+    stale: list[str] = []  # this comparison's own finished runs that another recipe made
     pending: list[tuple[Row, int, dict[str, Any], Path]] = []
     for row in rows:
         expected = {**recipe, **row.overrides}
@@ -562,6 +561,8 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
                 diffs = _recipe_differences(got, recipe)
                 if diffs:
                     notes.append(f"{row.name} seed {seed} ({got['run_dir']}) ran another recipe: {', '.join(diffs)}")
+                    if not cfg["collect_only"] and Path(got["run_dir"]) == run_dir:
+                        stale.append(f"{row.name} seed {seed} ({', '.join(diffs)})")
                 row.runs.append(got)
                 continue
             if cfg["collect_only"] or not _trains(row, cfg["train_rows"]):
@@ -573,10 +574,19 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
                     "seed": int(seed),
                     "output": str(out_dir / "runs" / row.slug),
                     "experiment": f"seed{seed}",
-                    "resume": "auto" if (run_dir / "last.pt").is_file() else "",
+                    "resume": "auto" if run_dir.is_dir() else "",  # its own folder: continue or restart it
                 },
             )
             pending.append((row, int(seed), train_cfg, run_dir))
+    if stale:
+        # Training the rest next to them would make a table whose header names a recipe some rows did not run.
+        raise ConfigError(
+            f"{len(stale)} finished run(s) of this comparison under {(out_dir / 'runs').resolve()} ran another recipe: "
+            f"{'; '.join(stale[:3])}{' ...' if len(stale) > 3 else ''}; choose a new --experiment, restore that "
+            f"recipe, or pass --collect-only to tabulate the runs as they are (each flagged)"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config({k: v for k, v in cfg.items()}, out_dir / "compare.yaml")
     if cfg["jobs"] > 1 and len(pending) > 1:
         _run_parallel(pending, cfg["jobs"])
     else:

@@ -52,6 +52,7 @@ from retrain.checkpoint import (
     CheckpointKeeper,
     check_resume_spec,
     load_checkpoint,
+    refuse_existing_run,
     resolve_resume,
     save_checkpoint,
 )
@@ -373,11 +374,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     device, amp_dtype = dinfo.device, amp_dtype_for(dinfo.device, cfg["amp"])
     run_dir = Path(cfg["output"]) / (cfg["experiment"] or _experiment_name(cfg))
     resume_path = resolve_resume(cfg["resume"], run_dir, verbose=dinfo.is_main)
-    if resume_path is None and run_dir.is_dir() and any(run_dir.glob("*.pt")):
-        raise ValueError(
-            f"{run_dir.resolve()} already holds checkpoints; pass --resume auto to continue it or choose a new "
-            f"--experiment"
-        )
+    refuse_existing_run(run_dir, cfg["resume"], resume_path)
 
     # Data, then the model (seeded identically on every rank; DDP also broadcasts rank 0's weights).
     seed_everything(cfg["seed"])

@@ -125,6 +125,8 @@ CASES = [
           "--model-kwargs", "embed_dim=48"],
          r"was built with embed_dim=\(unset\), but this run asks for embed_dim=48",
          setup=("search_run",)),
+    Case("run-files-not-clobbered", "nas.search", [*SEARCH, "--experiment", "run"],
+         r"holds another run's args.yaml, summary.csv but no checkpoint; pass --resume auto", setup=("files_run",)),
     Case("ckpt-existing-run-not-clobbered", "retrain.train", [*TRAIN, "--experiment", "run"],
          r"already holds checkpoints; pass --resume auto", setup=("existing_run",)),
     Case("derive-missing-source", "nas.vis_search_prob", ["{fx}/no_run"], r"not found: .*no_run"),
@@ -233,6 +235,9 @@ def _make_fixtures(fx: Path) -> None:
         {"kind": "retrain", "model": "test_vim", "step": 3}, runs / "existing_run" / "runs" / "run" / "last.pt"
     )
 
+    (runs / "files_run" / "runs" / "run").mkdir(parents=True)
+    for name in ("args.yaml", "summary.csv"):  # a user's run files without a checkpoint (its first epoch not done)
+        (runs / "files_run" / "runs" / "run" / name).write_text("kept\n")
     # A run made at 32 px (the spec its checkpoint stores) resumed by a 16 px command; a search of the default width
     # (at 32 px, where its candidates are distinct scans) resumed with another one.
     (runs / "run_at_32px" / "runs" / "run").mkdir(parents=True)

@@ -107,6 +107,25 @@ def test_unfinished_and_other_recipe_runs(tmp_path: Path) -> None:
     assert "ran another recipe: " in out["markdown"] and "epochs 2 (recipe 10)" in out["markdown"]
 
 
+def test_own_runs_of_another_recipe_are_refused_unless_collecting(tmp_path: Path) -> None:
+    """A rerun with a changed recipe finds its own finished runs made by the old one: training the rest beside them
+    would label the table with a recipe they did not run, so it refuses in one line and writes nothing; collect-only
+    tabulates them, flagged."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"dataset": "synthetic", "img_size": 16, "epochs": 3}))
+    own = tmp_path / "out" / "cmp" / "runs"
+    _fake_run(own / "vim" / "seed0", "test_vim", 0, [10.0, 20.0])  # 2 epochs, the old recipe
+    _fake_run(own / "vim" / "seed1", "test_vim", 1, [10.0, 20.0, 30.0])  # the recipe asked for
+    cfg = _cfg(tmp_path, collect_only=False, seeds=[0, 1], train_config=str(recipe),
+               models=[{"name": "vim", "model": "test_vim"}])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"1 finished run\(s\) of this comparison .* ran another recipe: vim seed 0 "
+                                          r"\(epochs 2 \(recipe 3\)\); choose a new --experiment"):  # fmt: skip
+        compare.main(cfg)
+    assert not (tmp_path / "out" / "cmp" / "compare.yaml").exists()
+    out = compare.main({**cfg, "collect_only": True})
+    assert out["table"][0]["seeds"] == 2 and "ran another recipe: epochs 2 (recipe 3)" in out["markdown"]
+
+
 def test_size_mismatch_refused_or_flagged(tmp_path: Path) -> None:
     values = {"searched": [80.0, 81.0, 82.0], "vim": [70.0, 71.0, 72.0], "fixed": [80.0, 81.0, 82.0]}
     _populate(tmp_path, values, params={"searched": 1000, "vim": 1200, "fixed": 1050})
