@@ -12,7 +12,8 @@ layer-wise shuffle) is a kwarg of our models.
 
 Writes ``<output>/<experiment>/``: ``args.yaml``, ``summary.csv`` (one row per epoch), ``tb/`` (TensorBoard),
 ``last.pt``, ``best.pt`` and the top ``checkpoint_hist`` ``checkpoint-<epoch>.pt`` by the eval metric. A run
-directory that already holds checkpoints is never overwritten: pass ``--resume auto`` or a new ``--experiment``.
+directory that already holds checkpoints, or another run's files without them, is never overwritten: pass
+``--resume auto`` or a new ``--experiment``.
 SIGINT/SIGTERM save ``last.pt`` at the next step boundary and exit cleanly; ``--resume auto`` continues from there
 (mid-epoch, same data order). ``--checkpoint-interval N`` also saves ``last.pt`` every N steps, so that a hard kill
 (SIGKILL, a lost node) costs at most N steps: the resumed run replays them bit for bit.
