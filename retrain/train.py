@@ -312,6 +312,10 @@ def build_splits(
     return (Subset(train_ds, rest.indices) if train_ds is not None else None), held, test_ds, info
 
 
+# What --eval-only takes from the command line; everything else comes from the checkpoint.
+_EVAL_ONLY_KEYS = ("eval_only", "data_dir", "batch_size", "workers", "device", "debug")
+
+
 def _eval_only(cfg: dict[str, Any]) -> dict[str, Any]:
     """Rebuild the model and data of a checkpoint, evaluate the weights its metric came from, and print.
 
@@ -319,6 +323,11 @@ def _eval_only(cfg: dict[str, Any]) -> dict[str, Any]:
     """
     dinfo = init_distributed(cfg["device"])
     state = load_checkpoint(cfg["eval_only"], expect_kind="retrain")
+    ignored = [
+        f"--{k.replace('_', '-')} {v}" for k, v in cfg.items() if k not in _EVAL_ONLY_KEYS and v != DEFAULTS.get(k, v)
+    ]
+    if ignored and dinfo.is_main:
+        print(f"note: --eval-only rebuilds the checkpoint's own model and data; ignored: {', '.join(ignored)}")
     saved_cfg = {**DEFAULTS, **{k: v for k, v in state["config"].items() if k in DEFAULTS}}
     saved_cfg.update(data_dir=cfg["data_dir"] or saved_cfg["data_dir"], download=False)
     _, val_ds, _, _ = build_splits(saved_cfg, train=False)
@@ -331,7 +340,9 @@ def _eval_only(cfg: dict[str, Any]) -> dict[str, Any]:
     saved = state.get("metrics", {})
     out = {**metrics, "checkpoint": str(cfg["eval_only"]), "epoch": state["epoch"], "saved": saved}
     if dinfo.is_main:
-        print(f"eval {cfg['eval_only']} (epoch {state['epoch']}): {format_metrics(metrics)}", flush=True)
+        frac = float(saved_cfg["val_frac"])
+        split = f"held-out {frac:g} of train, seed {saved_cfg['seed']}" if frac > 0 else "the test split"
+        print(f"eval {cfg['eval_only']} (epoch {state['epoch']}, {split}): {format_metrics(metrics)}", flush=True)
     return out
 
 

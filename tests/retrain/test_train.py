@@ -56,10 +56,15 @@ def test_tiny_run_learns_and_eval_only_reproduces(tmp_path, capsys) -> None:
 
     best = os.path.join(out["run_dir"], "best.pt")
     state = load_checkpoint(best, expect_kind="retrain", expect_model="test_vim")
-    again = main({"eval_only": best, "device": "cpu"})
+    capsys.readouterr()
+    # Flags that describe another model or data are ignored, and said to be.
+    again = main({"eval_only": best, "device": "cpu", "model": "test_vmamba", "img_size": 48})
     assert again["top1"] == pytest.approx(state["metrics"]["ema_top1"], abs=1e-9)
     assert again["loss"] == pytest.approx(state["metrics"]["ema_loss"], rel=1e-6)
-    assert "eval" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "note: --eval-only rebuilds the checkpoint's own model and data; ignored: " in printed
+    assert "--model test_vmamba" in printed and "--img-size 48" in printed and "--device" not in printed
+    assert f"(epoch {state['epoch']}, the test split):" in printed
 
 
 def test_refuses_to_clobber(tmp_path) -> None:
@@ -211,6 +216,8 @@ def test_val_frac_selects_on_held_out_and_tests_once_at_the_end(tmp_path, capsys
     again = main({"eval_only": best, "device": "cpu"})
     assert again["top1"] == pytest.approx(state["metrics"]["ema_top1"], abs=1e-9)
     assert again["loss"] == pytest.approx(state["metrics"]["ema_loss"], rel=1e-6)
+    printed = capsys.readouterr().out
+    assert "held-out 0.25 of train, seed 0):" in printed and "ignored" not in printed
 
 
 def test_bad_val_frac_is_one_line(tmp_path, capsys) -> None:
