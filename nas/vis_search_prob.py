@@ -12,7 +12,12 @@ directly, next to two plots:
 * ``<out>_trajectory.png``: every layer's probabilities over the search epochs (from ``arch_probs.jsonl``).
 
 The same checkpoint always gives the same files: ties break toward the earlier candidate and the provenance date is
-the checkpoint's, not the clock's.
+the checkpoint's, not the clock's. None of the three files is replaced without ``--overwrite``: an existing one stops
+the run before anything is written. A run whose arch logits never moved (it stopped within its arch warm-up) still
+gives files, with a warning on stderr: its arch is initialization noise, not a search result.
+
+The printed retrain command carries the settings that fix the derived model, its token grid and the data over from the
+search (see :func:`retrain_command`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from retrain.config import OneLineArgumentParser
+from retrain.config import OneLineArgumentParser, _nearest
 from retrain.engine import git_commit
 from search_spaces import ArchSpec, LayerChoice, SearchSpace, list_presets, load_space, save_arch, select_top_k
 
@@ -45,6 +50,16 @@ DEFAULTS: dict[str, Any] = {
 
 _CHECKPOINT_NAMES = ("last.pt", "best.pt")
 _JSONL_NAME = "arch_probs.jsonl"
+
+# SLWS P_max of the printed retrain command: the value the README's retrain step and the demo use.
+RETRAIN_SHUFFLE_MAX = 0.1
+
+# Supernet constructor arguments a derived child has no use for: its arch file takes their place.
+_SEARCH_ONLY_KWARGS = ("space", "mix", "derived_model_name", "orders", "arch")
+
+# Probabilities within this relative distance of 1/K count as uniform. The logits start at 1e-3 * randn, so untouched
+# probabilities sit within ~5e-3 of 1/K.
+_UNIFORM_RTOL = 1e-2
 
 
 class DerivationError(ValueError):
@@ -150,8 +165,8 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
 
     try:
         ckpt = load_checkpoint(path, expect_kind="search")
-    except (CheckpointError, FileNotFoundError) as e:
-        raise DerivationError(str(e)) from None
+    except CheckpointError as e:
+        raise DerivationError(f"{_checkpoint_problem(path, e)}; {_other_sources(path)}") from None
     from retrain.train import model_from_spec
 
     spec = ckpt.get("model_spec") or {}
@@ -182,7 +197,50 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
         "commit": ckpt.get("commit"),
         "date": ckpt.get("date"),
         "config": ckpt.get("config") or {},
+        "arch_steps": _arch_steps(ckpt),
     }
+
+
+def _checkpoint_problem(path: Path, e: Exception) -> str:
+    """What is wrong with an unreadable checkpoint, without the trainers' resume advice (this tool does not resume)."""
+    cause = e.__context__  # torch.load's own error when the file did not load at all
+    if cause is None:
+        return str(e).split("; ")[0]
+    # Its first sentence: torch's messages go on for paragraphs about weights_only.
+    first = (str(cause).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
+    return f"checkpoint {path.resolve()} is truncated or corrupt ({type(cause).__name__}: {first})"
+
+
+def _other_sources(path: Path) -> str:
+    """Advice naming the other files of the run that this tool can derive from."""
+    names = [*_CHECKPOINT_NAMES, *sorted(p.name for p in path.parent.glob("checkpoint-*.pt"))]
+    others = [n for n in names if n != path.name and (path.parent / n).is_file()]
+    if (path.parent / _JSONL_NAME).is_file():
+        others.append(_JSONL_NAME)
+    if not others:
+        return f"no other checkpoint or {_JSONL_NAME} is beside it to derive from"
+    return f"derive from another file of the run instead: {', '.join(str(path.parent / o) for o in others)}"
+
+
+def _arch_steps(ckpt: dict[str, Any]) -> int | None:
+    """Optimizer steps the arch logits took, read from the arch optimizer's state (None: not recorded)."""
+    opt = ckpt.get("arch_optimizer")
+    if not isinstance(opt, dict) or "state" not in opt:
+        return None
+    return max((int(s.get("step", 0)) for s in opt["state"].values()), default=0)
+
+
+def _never_moved(probs: Sequence[Sequence[float]], records: Sequence[dict[str, Any]], arch_steps: int | None) -> bool:
+    """Whether the arch logits never left their initial values.
+
+    The arch optimizer's step count says so exactly; without it (an ``arch_probs.jsonl`` alone), every epoch's
+    probabilities must be the same and uniform.
+    """
+    if arch_steps is not None:
+        return arch_steps == 0
+    if any(r["probs"] != records[0]["probs"] for r in records):
+        return False
+    return all(abs(len(row) * float(p) - 1.0) < _UNIFORM_RTOL for row in probs for p in row)
 
 
 def _file_date(path: Path) -> str:
@@ -366,19 +424,40 @@ def plot_trajectories(records: Sequence[dict[str, Any]], path: str | Path, kept:
     return path
 
 
+def _cli_value(value: Any) -> str:
+    """``value`` as text that reads back as ``value`` in YAML, the way retrain.train reads ``--model-kwargs k=v``."""
+    return yaml.safe_dump(value, default_flow_style=True, width=float("inf")).removesuffix("\n...\n").strip()
+
+
 def retrain_command(arch_path: Path, search_cfg: dict[str, Any]) -> str:
-    """The command that retrains this arch from scratch, carrying the search's data settings over."""
+    """The ``retrain.train`` command that retrains this arch from scratch on the search's token grid and data.
+
+    Carried over from the search's config, where they differ from retrain.train's defaults: what fixes the model and
+    its token grid (``patch_size``, ``img_size``, the ``model_kwargs`` a derived child takes) and the data
+    (``dataset``, ``data_dir``, ``in_chans``, ``num_samples``; the number of classes follows the data). The training
+    recipe (epochs, lr, drop path, ...) is retrain.train's; SLWS is on at :data:`RETRAIN_SHUFFLE_MAX`.
+    """
+    from retrain.train import DEFAULTS as TRAIN_DEFAULTS
+    from retrain.train import MODEL_ARGS_SET_BY_FLAGS
+
+    model_kwargs = dict(search_cfg.get("model_kwargs") or {})
+    carried = ("patch_size", "img_size", "dataset", "data_dir", "in_chans", "num_samples")
+    values = {k: search_cfg.get(k) for k in carried}
+    # A run from before nas.search refused it may have set its patch size through model_kwargs.
+    values["patch_size"] = values["patch_size"] or model_kwargs.get("patch_size")
+    values["model_kwargs"] = {
+        k: v for k, v in model_kwargs.items() if k not in _SEARCH_ONLY_KWARGS and k not in MODEL_ARGS_SET_BY_FLAGS
+    }
     parts = ["python", "-m", "retrain.train", "--arch", str(arch_path)]
-    try:
-        from retrain.train import DEFAULTS as TRAIN_DEFAULTS
-    except ImportError:
-        TRAIN_DEFAULTS = {}
-    for key in ("dataset", "data_dir", "img_size", "in_chans", "num_classes"):
-        value = search_cfg.get(key)
-        if key in TRAIN_DEFAULTS and value not in (None, "") and value != TRAIN_DEFAULTS.get(key):
-            parts += ["--" + key.replace("_", "-"), str(value)]
-    if "shuffle_max" in TRAIN_DEFAULTS:
-        parts += ["--shuffle-max", "0.5"]
+    for key, value in values.items():
+        if value is None or value == TRAIN_DEFAULTS[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, dict):
+            parts += [flag, *(f"{k}={_cli_value(v)}" for k, v in value.items())]
+        else:
+            parts += [flag, str(value)]
+    parts += ["--shuffle-max", str(RETRAIN_SHUFFLE_MAX)]
     return shlex.join(parts)
 
 
@@ -394,17 +473,22 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
 
     Returns:
         ``arch`` (the :class:`ArchSpec`), ``arch_path``, ``heatmap``, ``trajectory`` (paths or None), ``epoch``,
-        ``source`` (what the probabilities came from) and ``command`` (the retrain command).
+        ``source`` (what the probabilities came from), ``command`` (the retrain command) and ``arch_moved`` (False:
+        the arch logits never left their initial values, so the arch is not a search result).
+
+    Raises:
+        DerivationError: unreadable input, a bad ``k``, or an output file that exists without ``overwrite``.
     """
     cfg = {**DEFAULTS, **cfg}
     run_dir, ckpt_path, jsonl_path = _resolve_source(cfg["source"])
     records = read_arch_probs_jsonl(jsonl_path) if jsonl_path is not None else []
 
     search_cfg: dict[str, Any] = {}
+    arch_steps = None
     if ckpt_path is not None:
         info = _read_checkpoint(ckpt_path)
         labels, probs, space, model = info["labels"], info["probs"], info["space"], info["model"]
-        epoch, search_cfg = info["epoch"], info["config"]
+        epoch, search_cfg, arch_steps = info["epoch"], info["config"], info["arch_steps"]
         source_path = ckpt_path
         commit = info["commit"] or git_commit()
         date = info["date"] or _file_date(ckpt_path)
@@ -427,16 +511,24 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         rel = str(source_path)
     provenance = {"checkpoint": rel, "epoch": epoch, "commit": commit, "date": date}
     arch = derive(labels, probs, space, model=model, provenance=provenance)
+    moved = not _never_moved(probs, records or [{"probs": probs}], arch_steps)
 
     out = Path(cfg["out"]) if cfg["out"] else run_dir / "arch.yaml"
-    if out.exists() and not cfg["overwrite"]:
-        raise DerivationError(f"{out.resolve()} exists; choose another --out or pass --overwrite")
     stem = out.with_suffix("")
+    heatmap_path = Path(f"{stem}_heatmap.png") if cfg["plots"] else None
+    trajectory_path = Path(f"{stem}_trajectory.png") if cfg["plots"] and records else None
+    # Every file is checked before any is written, so that a refusal loses nothing the user had.
+    existing = [p for p in (out, heatmap_path, trajectory_path) if p is not None and p.exists()]
+    if existing and not cfg["overwrite"]:
+        names = ", ".join(str(p.resolve()) for p in existing)
+        raise DerivationError(
+            f"{names} {'exists' if len(existing) == 1 else 'exist'}; choose another --out or pass --overwrite"
+        )
     heatmap = trajectory = None
-    if cfg["plots"]:
-        heatmap = plot_heatmap(arch, f"{stem}_heatmap.png", title=f"{run_dir.name}: epoch {epoch}, top {space.k} kept")
-        if records:
-            trajectory = plot_trajectories(records, f"{stem}_trajectory.png", kept=arch)
+    if heatmap_path is not None:
+        heatmap = plot_heatmap(arch, heatmap_path, title=f"{run_dir.name}: epoch {epoch}, top {space.k} kept")
+    if trajectory_path is not None:
+        trajectory = plot_trajectories(records, trajectory_path, kept=arch)
     save_arch(arch, out, overwrite=cfg["overwrite"])
     command = retrain_command(out, search_cfg)
     if not cfg["quiet"]:
@@ -449,6 +541,13 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
             print(f"trajectory: {trajectory}")
         print("next, retrain it from scratch:")
         print(f"  {command}")
+    if not moved:
+        how = "the checkpoint records no arch step" if arch_steps is not None else "every epoch's probabilities are 1/K"
+        print(
+            f"warning: the arch logits never moved from their initial values ({how}), so {out} is initialization "
+            f"noise, not a search result; search for more epochs than --arch-warmup-epochs",
+            file=sys.stderr,
+        )
     return {
         "arch": arch,
         "arch_path": out,
@@ -457,6 +556,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         "epoch": epoch,
         "source": source_path,
         "command": command,
+        "arch_moved": moved,
     }
 
 
@@ -481,16 +581,27 @@ def _parse_args(argv: Sequence[str] | None) -> dict[str, Any]:
         prog="python -m nas.vis_search_prob",
         description="Derive the searched arch (top-k orders per layer) into an arch file, with a heatmap and "
         "probability trajectories.",
+        allow_abbrev=False,
     )
     parser.add_argument(
         "source", metavar="RUN_DIR_OR_CHECKPOINT", help="search run dir, its last.pt, or arch_probs.jsonl"
     )
-    parser.add_argument("--k", type=int, default=None, help="orders kept per layer (default: the search space's k)")
-    parser.add_argument("--out", default=None, help="arch file to write (default: RUN_DIR/arch.yaml)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNGs")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    return vars(parser.parse_args(argv))
+    options = [
+        parser.add_argument("--k", type=int, default=None, help="orders kept per layer (default: the space's k)"),
+        parser.add_argument("--out", default=None, help="arch file to write (default: RUN_DIR/arch.yaml)"),
+        parser.add_argument("--overwrite", action="store_true", help="replace existing files (--out and its PNGs)"),
+        parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNGs"),
+        parser.add_argument("--debug", action="store_true", help="show tracebacks"),
+    ]
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # Worded as retrain.config words it for the other CLIs: the first unknown flag, then the nearest valid one.
+        first = next((u for u in unknown if u.startswith("-")), unknown[0])
+        keys = [f[2:].replace("-", "_") for a in options for f in a.option_strings]
+        hint = _nearest(first.lstrip("-").split("=")[0].replace("-", "_"), keys)
+        hint = hint.replace("'", "'--", 1).replace("_", "-") if hint else f"; see {parser.prog} --help"
+        parser.exit(2, f"error: unknown argument '{first}'{hint}\n")
+    return vars(args)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

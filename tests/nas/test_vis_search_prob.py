@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -12,8 +15,13 @@ from nas import vis_search_prob as vsp
 from search_spaces import load_arch, load_space
 
 
-def _fake_run(tmp_path: Path, space: str = "localmamba", epochs: int = 3, depth: int = 3) -> Path:
-    """A search run directory with only ``arch_probs.jsonl`` and ``args.yaml`` (what a search writes per epoch)."""
+def _fake_run(
+    tmp_path: Path, space: str = "localmamba", epochs: int = 3, depth: int = 3, uniform: bool = False
+) -> Path:
+    """A search run directory with only ``arch_probs.jsonl`` and ``args.yaml`` (what a search writes per epoch).
+
+    ``uniform``: every epoch's probabilities are 1/K, as a search that never took an arch step records them.
+    """
     sp = load_space(space)
     run = tmp_path / "run"
     run.mkdir()
@@ -24,6 +32,7 @@ def _fake_run(tmp_path: Path, space: str = "localmamba", epochs: int = 3, depth:
         for layer in range(depth):
             # Windowed orders win more and more, so the constraint (if any) must pull a global order back in.
             raw = [1.0 + (e + 1) * (2.0 if not sp.global_mask[j] else 0.1) * ((j + layer) % n + 1) for j in range(n)]
+            raw = [1.0] * n if uniform else raw
             s = sum(raw)
             probs.append([r / s for r in raw])
         lines.append(
@@ -53,8 +62,10 @@ def test_derive_from_jsonl_writes_arch_plots_and_command(tmp_path: Path, capsys:
         assert list(layer.orders) == sorted(layer.orders, key=space.index)
     assert arch.provenance["checkpoint"] == "arch_probs.jsonl" and arch.provenance["epoch"] == 2
     assert Path(out["heatmap"]).stat().st_size > 1000 and Path(out["trajectory"]).stat().st_size > 1000
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "blocks.2" in text and "retrain.train --arch" in text and text.rstrip().endswith(out["command"])
+    assert out["arch_moved"] and "warning" not in captured.err
 
 
 def test_constraint_pulls_in_a_global_order(tmp_path: Path) -> None:
@@ -81,9 +92,46 @@ def test_deterministic_and_refuses_to_overwrite(tmp_path: Path) -> None:
     first = vsp.main({"source": str(run), "out": str(tmp_path / "a.yaml"), "quiet": True})
     second = vsp.main({"source": str(run), "out": str(tmp_path / "b.yaml"), "quiet": True})
     assert Path(first["arch_path"]).read_text() == Path(second["arch_path"]).read_text()
-    with pytest.raises(ValueError, match="exists; choose another --out or pass --overwrite"):
+    with pytest.raises(ValueError, match="a.yaml, .*a_heatmap.png, .*a_trajectory.png exist; choose another --out or"):
         vsp.main({"source": str(run), "out": str(tmp_path / "a.yaml"), "quiet": True})
     vsp.main({"source": str(run), "out": str(tmp_path / "a.yaml"), "overwrite": True, "quiet": True})
+
+
+@pytest.mark.parametrize("name", ["y.yaml", "y_heatmap.png", "y_trajectory.png"])
+def test_refuses_to_replace_any_file_it_writes(tmp_path: Path, capsys: pytest.CaptureFixture, name: str) -> None:
+    """A file the user already has, whichever of the three it is, stops the run before anything is written."""
+    run = _fake_run(tmp_path)
+    (tmp_path / name).write_text("USERDATA")
+    assert vsp.cli([str(run), "--out", str(tmp_path / "y.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {(tmp_path / name).resolve()} exists; choose another --out or pass --overwrite"
+    assert (tmp_path / name).read_text() == "USERDATA"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", name])  # nothing else written either
+    out = vsp.main({"source": str(run), "out": str(tmp_path / "y.yaml"), "overwrite": True, "quiet": True})
+    assert Path(out["heatmap"]).stat().st_size > 1000 and Path(out["trajectory"]).stat().st_size > 1000
+    assert load_arch(out["arch_path"]).depth == 3
+
+
+def test_no_plots_writes_and_checks_only_the_arch_file(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path)
+    (tmp_path / "y_heatmap.png").write_text("USERDATA")  # not written with plots off, so no reason to refuse
+    out = vsp.main({"source": str(run), "out": str(tmp_path / "y.yaml"), "plots": False, "quiet": True})
+    assert out["heatmap"] is None and (tmp_path / "y_heatmap.png").read_text() == "USERDATA"
+
+
+def test_uniform_probabilities_warn_that_the_arch_is_no_search_result(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = _fake_run(tmp_path, uniform=True)
+    out = vsp.main({"source": str(run), "quiet": True, "plots": False})
+    err = capsys.readouterr().err
+    assert not out["arch_moved"] and load_arch(out["arch_path"]).depth == 3  # still written, with the warning
+    assert err.startswith("warning: the arch logits never moved from their initial values") and err.count("\n") == 1
+    assert "not a search result" in err and "--arch-warmup-epochs" in err
+
+
+class _Foreign:
+    """A pickled object: what weights-only loading refuses with a message of several paragraphs."""
 
 
 @pytest.mark.parametrize(
@@ -91,7 +139,14 @@ def test_deterministic_and_refuses_to_overwrite(tmp_path: Path) -> None:
     [
         ("missing", [], "not found: "),
         ("empty_dir", [], "holds neither a search checkpoint"),
-        ("corrupt", [], "truncated, corrupt"),
+        ("corrupt", [], "truncated or corrupt"),
+        (
+            "truncated",
+            [],
+            "is truncated or corrupt (RuntimeError: PytorchStreamReader failed reading zip archive: "
+            "failed finding central directory); derive from another ",
+        ),
+        ("pickled", [], "is truncated or corrupt (UnpicklingError: Weights only load failed); no other checkpoint"),
         ("ok", ["--k", "0"], "--k 0 is out of range"),
     ],
 )
@@ -107,11 +162,122 @@ def test_cli_errors_are_one_line(
         source = tmp_path / "run" / "last.pt"
         source.parent.mkdir()
         source.write_bytes(b"not a checkpoint at all")
+    elif setup == "truncated":  # a checkpoint cut short, beside the run's arch_probs.jsonl
+        import torch
+
+        from retrain.checkpoint import save_checkpoint
+
+        source = _fake_run(tmp_path) / "last.pt"
+        save_checkpoint({"kind": "search", "model": "m", "w": torch.zeros(4096)}, source)
+        source.write_bytes(source.read_bytes()[:2000])
+    elif setup == "pickled":
+        import torch
+
+        source = tmp_path / "run" / "last.pt"
+        source.parent.mkdir()
+        torch.save({"kind": "search", "obj": _Foreign()}, source)
     else:
         source = _fake_run(tmp_path)
     assert vsp.cli([str(source), *argv_extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and match in err and "\n" not in err
+    assert "--resume" not in err  # advice for the trainers, not for this tool
+    if setup == "truncated":
+        assert err.endswith(f"derive from another file of the run instead: {source.parent / 'arch_probs.jsonl'}")
+    if setup in ("corrupt", "pickled"):
+        assert err.endswith("no other checkpoint or arch_probs.jsonl is beside it to derive from")
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--kk", "3"], "error: unknown argument '--kk'; did you mean '--k'?"),
+        (["--ou", "x.yaml"], "error: unknown argument '--ou'; did you mean '--out'?"),  # no abbreviations
+        (["--no-plot"], "error: unknown argument '--no-plot'; did you mean '--no-plots'?"),
+        (["--zzz"], "error: unknown argument '--zzz'; see python -m nas.vis_search_prob --help"),
+    ],
+)
+def test_cli_unknown_flags_name_the_nearest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, argv: list[str], match: str
+) -> None:
+    run = _fake_run(tmp_path)
+    monkeypatch.chdir(tmp_path)  # where a relative --out would land
+    with pytest.raises(SystemExit) as exc:
+        vsp.cli([str(run), *argv])
+    assert exc.value.code == 2 and capsys.readouterr().err == match + "\n"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["run", "arch_probs.jsonl", "args.yaml"])
+
+
+def test_retrain_command_carries_grid_model_and_data_and_parses() -> None:
+    """The printed command is one retrain.train takes, and it rebuilds the searched family on the searched grid."""
+    from nas import search
+    from retrain import train
+    from retrain.config import resolve_config
+
+    model_kwargs = {"d_state": 2, "norm_layer": "layernorm", "expand": 1.5, "space": "localmamba", "mix": "softmax"}
+    overrides = {"patch_size": 2, "drop_path": 0.1, "model_kwargs": model_kwargs, "dataset": "fashion_mnist"}
+    overrides.update({"data_dir": "my data/fmnist.npz", "img_size": 28, "in_chans": 1, "num_samples": 64})
+    search_cfg = resolve_config(search.DEFAULTS, overrides=overrides)
+    command = vsp.retrain_command(Path("run dir/arch.yaml"), search_cfg)
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "retrain.train"]
+    cfg = resolve_config(train.DEFAULTS, argv[3:])
+    train._check_values(cfg)
+    assert cfg["arch"] == "run dir/arch.yaml" and cfg["patch_size"] == 2 and cfg["img_size"] == 28
+    assert cfg["dataset"] == "fashion_mnist" and cfg["data_dir"] == "my data/fmnist.npz" and cfg["in_chans"] == 1
+    assert cfg["num_samples"] == 64 and cfg["shuffle_max"] == vsp.RETRAIN_SHUFFLE_MAX == 0.1
+    # The child's own arguments pass; the supernet's (its arch file replaces them) and the recipe's do not.
+    assert cfg["model_kwargs"] == {"d_state": 2, "norm_layer": "layernorm", "expand": 1.5}
+    assert cfg["drop_path"] == train.DEFAULTS["drop_path"]
+    # Defaults stay off the command line.
+    plain = "python -m retrain.train --arch a.yaml --shuffle-max 0.1"
+    assert vsp.retrain_command(Path("a.yaml"), dict(search.DEFAULTS)) == plain
+
+
+@pytest.fixture(scope="module")
+def patch2_search(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A tiny real search on an 8x8 token grid (patch 2 at 16 px), and a copy of its arch warm-up checkpoint."""
+    from nas import search
+    from retrain.config import resolve_config
+
+    tmp = tmp_path_factory.mktemp("patch2")
+    overrides = {"model": "test_local_vim_search", "dataset": "synthetic", "num_samples": 64, "img_size": 16}
+    overrides.update({"epochs": 2, "batch_size": 16, "arch_warmup_epochs": 1, "warmup_epochs": 0, "log_interval": 1000})
+    overrides.update({"patch_size": 2, "drop_path": 0.1, "model_kwargs": {"d_state": 2}})
+    cfg = resolve_config(search.DEFAULTS, overrides={**overrides, "output": str(tmp), "experiment": "search"})
+    warmup = tmp / "search" / "warmup.pt"  # beside the run's arch_probs.jsonl, whose later epochs did move
+
+    def keep_warmup_checkpoint(epoch: int, metrics: dict[str, Any], ckpt: Path) -> None:
+        if epoch == 0:  # epoch 0 is the arch warm-up: no arch step yet
+            shutil.copy(ckpt, warmup)
+
+    out = search.main(cfg, on_epoch=keep_warmup_checkpoint)
+    return {**out, "warmup": warmup}
+
+
+def test_retrain_command_of_a_real_search_rebuilds_its_grid(
+    patch2_search: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from retrain import train
+    from retrain.config import resolve_config
+    from retrain.data import DatasetInfo
+
+    derived = vsp.main({"source": patch2_search["run_dir"], "out": str(tmp_path / "arch.yaml"), "quiet": True})
+    assert derived["arch_moved"] and "warning" not in capsys.readouterr().err
+    cfg = resolve_config(train.DEFAULTS, shlex.split(derived["command"])[3:])
+    assert cfg["patch_size"] == 2 and cfg["model_kwargs"] == {"d_state": 2} and cfg["img_size"] == 16
+    model, _ = train.build_model(cfg, DatasetInfo(num_classes=10, in_chans=3, img_size=cfg["img_size"]))
+    assert model.grid == (8, 8) and model.arch.orders == load_arch(derived["arch_path"]).orders
+
+
+def test_warmup_checkpoint_warns_that_the_logits_never_moved(
+    patch2_search: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = vsp.main({"source": str(patch2_search["warmup"]), "out": str(tmp_path / "a.yaml"), "quiet": True})
+    err = capsys.readouterr().err
+    assert not out["arch_moved"] and out["epoch"] == 0
+    assert err.startswith("warning: the arch logits never moved from their initial values (the checkpoint records no")
+    assert err.count("\n") == 1 and "not a search result" in err
 
 
 def test_tiny_search_checkpoint_derives_a_buildable_arch(tmp_path: Path) -> None:
@@ -136,3 +302,4 @@ def test_tiny_search_checkpoint_derives_a_buildable_arch(tmp_path: Path) -> None
     again = vsp.main({"source": str(run_dir / "last.pt"), "out": str(tmp_path / "again.yaml"), "quiet": True})
     assert load_arch(again["arch_path"]).orders == arch.orders
     assert "--dataset synthetic" not in derived["command"] and "--img-size 16" in derived["command"]
+    assert derived["arch_moved"]

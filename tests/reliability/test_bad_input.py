@@ -130,7 +130,7 @@ CASES = [
     Case("ckpt-existing-run-not-clobbered", "retrain.train", [*TRAIN, "--experiment", "run"],
          r"already holds checkpoints; pass --resume auto", setup=("existing_run",)),
     Case("derive-missing-source", "nas.vis_search_prob", ["{fx}/no_run"], r"not found: .*no_run"),
-    Case("derive-truncated", "nas.vis_search_prob", ["{fx}/truncated.pt"], r"truncated, corrupt"),
+    Case("derive-truncated", "nas.vis_search_prob", ["{fx}/truncated.pt"], r"truncated or corrupt .*no other"),
     Case("derive-retrain-ckpt", "nas.vis_search_prob", ["{fx}/other_model.pt"], r"'retrain' checkpoint"),
     Case("derive-out-exists", "nas.vis_search_prob", ["{fx}/probs_run", "--out", "{fx}/arch_2layers.yaml"],
          r"exists; choose another --out or pass --overwrite"),
