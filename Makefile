@@ -14,7 +14,7 @@ lint: $(VENV_STAMP)
 	.venv/bin/ruff format --check .
 
 test: $(VENV_STAMP) lint
-	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15 tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n auto --maxprocesses 4 --durations=15 tests
 
 demo: $(VENV_STAMP)
 	bash scripts/demo.sh
