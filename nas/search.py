@@ -53,6 +53,7 @@ from retrain.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
+from retrain.config import MODEL_ARGS_SET_BY_FLAGS as TRAINER_MODEL_ARGS
 from retrain.config import check_model_kwargs, resolve_config, run_cli, save_config
 from retrain.data import build_dataset, build_loader, split_train
 from retrain.engine import (
@@ -136,14 +137,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # Constructor arguments the search sets from its flags or the data ("": the data), refused in model_kwargs.
-MODEL_ARGS_SET_BY_FLAGS = {
-    "num_classes": "",
-    "in_chans": "--in-chans",
-    "img_size": "--img-size",
-    "patch_size": "--patch-size",
-    "drop_path_rate": "--drop-path",
-    "space": "--space",
-}
+MODEL_ARGS_SET_BY_FLAGS = {**TRAINER_MODEL_ARGS, "space": "--space"}
 
 DESCRIPTION = "Search per-layer scan orders of a vision Mamba supernet (DARTS, LocalMamba joint, or GDAS)."
 

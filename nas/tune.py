@@ -45,7 +45,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from retrain.config import ConfigError, OneLineArgumentParser, resolve_config, save_config
+from retrain.config import ConfigError, OneLineArgumentParser, check_model_kwargs, resolve_config, save_config
 
 __all__ = ["DEFAULTS", "TARGETS", "SweepSpace", "held_out_base", "load_sweep_space", "main", "target_for"]
 
@@ -606,6 +606,12 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
         defaults = importlib.import_module(TARGETS[target].module).DEFAULTS
         base_cfg = resolve_config(defaults, argv=["-c", str(cfg["config"])])
+        try:  # every trial would refuse them
+            check_model_kwargs(
+                base_cfg["model_kwargs"], importlib.import_module(TARGETS[target].module).MODEL_ARGS_SET_BY_FLAGS
+            )
+        except ConfigError as e:
+            raise ConfigError(f"{cfg['config']}: {e}") from None
         space = load_sweep_space(cfg["space"], defaults)
         if any(p.name == "val_frac" for p in space.params):
             raise ConfigError(

@@ -166,7 +166,9 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = load_checkpoint(path, expect_kind="search")
     except CheckpointError as e:
-        raise DerivationError(f"{_checkpoint_problem(path, e)}; {_other_sources(path)}") from None
+        unreadable = e.__context__ is not None or "incomplete" in str(e)  # not another kind or model's checkpoint
+        advice = f"; {_other_sources(path)}" if unreadable else ""
+        raise DerivationError(f"{_checkpoint_problem(path, e)}{advice}") from None
     from retrain.train import model_from_spec
 
     spec = ckpt.get("model_spec") or {}
@@ -238,6 +240,8 @@ def _never_moved(probs: Sequence[Sequence[float]], records: Sequence[dict[str, A
     """
     if arch_steps is not None:
         return arch_steps == 0
+    if len(records) < 2:  # one epoch's record: a short search moves its probabilities too little to tell
+        return False
     if any(r["probs"] != records[0]["probs"] for r in records):
         return False
     return all(abs(len(row) * float(p) - 1.0) < _UNIFORM_RTOL for row in probs for p in row)

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from retrain.config import plain_value
+
 __all__ = [
     "RUN_FILES",
     "refuse_existing_run",
@@ -146,21 +148,12 @@ def refuse_existing_run(run_dir: str | Path, resume: str, resume_path: Path | No
     if found and not resume:
         raise ValueError(
             f"{run_dir.resolve()} holds another run's {', '.join(found)} but no checkpoint; pass --resume auto to "
-            f"start that run again in place (replacing them) or choose a new --experiment"
+            f"start that run again in place (its files are rewritten) or choose a new --experiment"
         )
 
 
-def _plain(value: Any) -> Any:
-    """Tuples as lists, recursively: a spec read back from a checkpoint compares equal to one built from a config."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
 def _arch_orders(arch: dict[str, Any] | None) -> list | None:
-    return None if arch is None else [_plain(layer.get("orders")) for layer in arch.get("layers", [])]
+    return None if arch is None else [plain_value(layer.get("orders")) for layer in arch.get("layers", [])]
 
 
 def check_resume_spec(state: dict[str, Any], spec: dict[str, Any], path: str | Path) -> None:
@@ -171,12 +164,14 @@ def check_resume_spec(state: dict[str, Any], spec: dict[str, Any], path: str | P
         CheckpointError: naming each argument that differs, with the saved and the asked value.
     """
     saved = state.get("model_spec") or {}
-    old, new = _plain(saved.get("kwargs") or {}), _plain(spec.get("kwargs") or {})
+    old, new = plain_value(saved.get("kwargs") or {}), plain_value(spec.get("kwargs") or {})
     unset = "(unset)"
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k, unset) != new.get(k, unset)]
-    if _arch_orders(saved.get("arch")) != _arch_orders(spec.get("arch")):
+    then_orders, now_orders = _arch_orders(saved.get("arch")), _arch_orders(spec.get("arch"))
+    if then_orders != now_orders:
         changed.append("arch")
-        old["arch"], new["arch"] = "its arch file's orders", "other orders"
+        old["arch"] = "(none: the model's own orders)" if then_orders is None else "an arch file's orders"
+        new["arch"] = "(none: the model's own orders)" if now_orders is None else "another arch file's orders"
     if changed:
         then = ", ".join(f"{k}={old.get(k, unset)}" for k in changed)
         now = ", ".join(f"{k}={new.get(k, unset)}" for k in changed)

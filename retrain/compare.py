@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from retrain.config import ConfigError, resolve_config, run_cli, save_config
+from retrain.config import ConfigError, check_model_kwargs, resolve_config, run_cli, save_config
 
 __all__ = ["DEFAULTS", "Row", "collect_run", "main", "pick_gpu", "pooled_std", "summarise", "visible_gpus"]
 
@@ -531,6 +531,11 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
     train_defaults = dict(train_mod.DEFAULTS)
     recipe = _recipe(cfg, train_defaults)
     rows = _parse_rows(cfg, train_defaults)
+    for row in rows:  # before anything is written or trained: a run that would refuse them fails every seed
+        try:
+            check_model_kwargs({**recipe, **row.overrides}.get("model_kwargs") or {}, train_mod.MODEL_ARGS_SET_BY_FLAGS)
+        except ConfigError as e:
+            raise ConfigError(f"row '{row.name}': {e}") from None
     cfg["train_rows"] = [str(n) for n in cfg["train_rows"]]  # a row named "1" or "yes" on the command line
     unknown = [n for n in cfg["train_rows"] if n not in {r.name for r in rows}]
     if unknown:

@@ -26,8 +26,10 @@ import yaml
 __all__ = [
     "ConfigError",
     "OneLineArgumentParser",
+    "MODEL_ARGS_SET_BY_FLAGS",
     "check_model_kwargs",
     "load_config",
+    "plain_value",
     "resolve_config",
     "run_cli",
     "save_config",
@@ -47,6 +49,16 @@ def _nearest(key: str, valid: Sequence[str]) -> str:
     parts = [v for v in valid if key.startswith(v + "_") or v.startswith(key + "_")]
     near = sorted(parts, key=len, reverse=True)[:1] or difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     return f"; did you mean '{near[0]}'?" if near else ""
+
+
+# Constructor arguments both trainers set from their flags or the data ("": the data); each adds its own.
+MODEL_ARGS_SET_BY_FLAGS = {
+    "num_classes": "",
+    "in_chans": "--in-chans",
+    "img_size": "--img-size",
+    "patch_size": "--patch-size",
+    "drop_path_rate": "--drop-path",
+}
 
 
 def check_model_kwargs(model_kwargs: Mapping[str, Any], owned: Mapping[str, str]) -> None:
@@ -255,11 +267,13 @@ def resolve_config(
     return cfg
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
+    """Containers as plain lists and dicts (tuples as lists, keys as strings) and paths as text, recursively: what
+    YAML and a checkpoint store, so a value read back compares equal to the one written."""
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_value(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain_value(v) for k, v in value.items()}
     if isinstance(value, Path):
         return str(value)
     return value
@@ -271,7 +285,7 @@ def save_config(cfg: Mapping[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(_plain(dict(cfg)), f, sort_keys=False, default_flow_style=None, width=120)
+        yaml.safe_dump(plain_value(dict(cfg)), f, sort_keys=False, default_flow_style=None, width=120)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -289,6 +289,8 @@ def _load_mnist_like(name: str, data_dir: Path, split: str, download: bool) -> t
                     )
                 try:
                     return z[keys[0]], z[keys[1]]
+                except MemoryError:
+                    raise
                 except Exception as e:  # a damaged member: zip, zlib, npy-header or pickle-refusal errors alike
                     reason = " ".join(str(e).split())[:120]
                     raise ValueError(

@@ -57,6 +57,7 @@ from retrain.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
+from retrain.config import MODEL_ARGS_SET_BY_FLAGS as TRAINER_MODEL_ARGS
 from retrain.config import check_model_kwargs, resolve_config, run_cli, save_config
 from retrain.data import DatasetInfo, build_dataset, build_loader, split_train
 from retrain.engine import (
@@ -80,15 +81,7 @@ from retrain.engine import (
 __all__ = ["DEFAULTS", "build_model", "main", "model_from_spec"]
 
 # Constructor arguments the trainer sets from its flags or the data ("": the data), refused in model_kwargs.
-MODEL_ARGS_SET_BY_FLAGS = {
-    "num_classes": "",
-    "in_chans": "--in-chans",
-    "img_size": "--img-size",
-    "patch_size": "--patch-size",
-    "drop_path_rate": "--drop-path",
-    "shuffle_max": "--shuffle-max",
-    "arch": "--arch",
-}
+MODEL_ARGS_SET_BY_FLAGS = {**TRAINER_MODEL_ARGS, "shuffle_max": "--shuffle-max", "arch": "--arch"}
 
 DEFAULTS: dict[str, Any] = {
     # what to train

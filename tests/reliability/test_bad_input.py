@@ -131,7 +131,8 @@ CASES = [
          r"already holds checkpoints; pass --resume auto", setup=("existing_run",)),
     Case("derive-missing-source", "nas.vis_search_prob", ["{fx}/no_run"], r"not found: .*no_run"),
     Case("derive-truncated", "nas.vis_search_prob", ["{fx}/truncated.pt"], r"truncated or corrupt .*no other"),
-    Case("derive-retrain-ckpt", "nas.vis_search_prob", ["{fx}/other_model.pt"], r"'retrain' checkpoint"),
+    Case("derive-retrain-ckpt", "nas.vis_search_prob", ["{fx}/other_model.pt"],
+         r"'retrain' checkpoint, expected 'search' \(nas.search writes those\)$"),
     Case("derive-out-exists", "nas.vis_search_prob", ["{fx}/probs_run", "--out", "{fx}/arch_2layers.yaml"],
          r"exists; choose another --out or pass --overwrite"),
     Case("derive-no-args", "nas.vis_search_prob", [], r"required: RUN_DIR_OR_CHECKPOINT; see .* --help"),
@@ -149,6 +150,11 @@ CASES = [
     Case("sweep-bad-target", "nas.tune", ["--target", "nope", "-c", "{fx}/search_base.yaml"],
          r"invalid choice: 'nope'.*see python -m nas.tune --help"),
     Case("compare-unknown-key", "retrain.compare", ["-c", "{fx}/compare_bad.yaml"], r"unknown key 'modle'"),
+    Case("compare-model-kwargs-owned", "retrain.compare", ["-c", "{fx}/compare_owned.yaml"],
+         r"row 'vim': --model-kwargs patch_size=2: patch_size is set by the trainer; use --patch-size instead"),
+    Case("sweep-base-model-kwargs-owned", "nas.tune", ["--target", "search", "-c", "{fx}/search_base_owned.yaml",
+                                                      "--space", "{fx}/space_unknown.yaml"],
+         r"search_base_owned.yaml: --model-kwargs in_chans=1: in_chans is set by the trainer; use --in-chans"),
     Case("orders-unknown-order", "search_spaces", ["show", "zigzag"], r"zigzag"),
 ]  # fmt: skip
 
@@ -181,7 +187,9 @@ def _make_fixtures(fx: Path) -> None:
     (fx / "unknown_key.yaml").write_text("model: test_vim\nlr_rate: 0.1\n")
     (fx / "wrong_type.yaml").write_text("epochs: ten\n")
     (fx / "broken.yaml").write_text("epochs: [1, 2\n")
-    (fx / "search_base.yaml").write_text(yaml.safe_dump({"model": "test_local_vim_search", "epochs": 1}))
+    (fx / "search_base.yaml").write_text(
+        yaml.safe_dump({"model": "test_local_vim_search", "epochs": 1, "arch_warmup_epochs": 0})
+    )
     np.savez(fx / "wrong_keys.npz", images=np.zeros((4, 28, 28), np.uint8))
     np.savez(
         fx / "empty.npz",
@@ -260,6 +268,10 @@ def _make_fixtures(fx: Path) -> None:
     (fx / "space_low_high.yaml").write_text(
         yaml.safe_dump({"params": {"arch_lr": {"distribution": "loguniform", "low": 0.1, "high": 0.01}}})
     )
+    owned = {"models": [{"name": "vim", "model": "test_vim", "overrides": {"model_kwargs": {"patch_size": 2}}}]}
+    (fx / "compare_owned.yaml").write_text(yaml.safe_dump(owned))
+    owned = {"model": "test_local_vim_search", "epochs": 2, "model_kwargs": {"in_chans": 1}}
+    (fx / "search_base_owned.yaml").write_text(yaml.safe_dump(owned))
     (fx / "compare_bad.yaml").write_text(yaml.safe_dump({"models": [{"name": "vim", "modle": "test_vim"}]}))
 
 

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,9 +69,18 @@ def test_tiny_run_learns_and_eval_only_reproduces(tmp_path, capsys) -> None:
 
 
 def test_refuses_to_clobber(tmp_path) -> None:
-    _run(tmp_path, epochs=1, experiment="x")
+    out = _run(tmp_path, epochs=1, experiment="x")
     with pytest.raises(ValueError, match="already holds checkpoints; pass --resume auto"):
         _run(tmp_path, epochs=1, experiment="x")
+    # A run that left its files but no checkpoint: refused too, and --resume auto restarts it in place.
+    for ckpt in Path(out["run_dir"]).glob("*.pt"):
+        ckpt.unlink()
+    with pytest.raises(ValueError, match="holds another run's args.yaml, summary.csv but no checkpoint"):
+        _run(tmp_path, epochs=1, experiment="x")
+    again = _run(tmp_path, epochs=1, experiment="x", resume="auto")
+    assert [int(r["epoch"]) for r in _rows(again["run_dir"])] == [0] and (Path(again["run_dir"]) / "last.pt").is_file()
+    # A checkpoint resumed with the flags it was made with is accepted (the spec compares as plain values).
+    _run(tmp_path, epochs=2, experiment="x", resume="auto")
 
 
 @pytest.mark.parametrize("val_frac", [0.0, 0.25])
