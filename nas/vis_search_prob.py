@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from retrain.config import OneLineArgumentParser, _nearest
+from retrain.config import OneLineArgumentParser, nearest_flag
 from retrain.engine import git_commit
 from search_spaces import ArchSpec, LayerChoice, SearchSpace, list_presets, load_space, save_arch, select_top_k
 
@@ -166,8 +166,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = load_checkpoint(path, expect_kind="search")
     except CheckpointError as e:
-        unreadable = e.__context__ is not None or "incomplete" in str(e)  # not another kind or model's checkpoint
-        advice = f"; {_other_sources(path)}" if unreadable else ""
+        advice = f"; {_other_sources(path)}" if e.unreadable else ""  # not for another kind or model's checkpoint
         raise DerivationError(f"{_checkpoint_problem(path, e)}{advice}") from None
     from retrain.train import model_from_spec
 
@@ -515,7 +514,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         rel = str(source_path)
     provenance = {"checkpoint": rel, "epoch": epoch, "commit": commit, "date": date}
     arch = derive(labels, probs, space, model=model, provenance=provenance)
-    moved = not _never_moved(probs, records or [{"probs": probs}], arch_steps)
+    moved = not _never_moved(probs, records, arch_steps)
 
     out = Path(cfg["out"]) if cfg["out"] else run_dir / "arch.yaml"
     stem = out.with_suffix("")
@@ -602,8 +601,7 @@ def _parse_args(argv: Sequence[str] | None) -> dict[str, Any]:
         # Worded as retrain.config words it for the other CLIs: the first unknown flag, then the nearest valid one.
         first = next((u for u in unknown if u.startswith("-")), unknown[0])
         keys = [f[2:].replace("-", "_") for a in options for f in a.option_strings]
-        hint = _nearest(first.lstrip("-").split("=")[0].replace("-", "_"), keys)
-        hint = hint.replace("'", "'--", 1).replace("_", "-") if hint else f"; see {parser.prog} --help"
+        hint = nearest_flag(first, keys) or f"; see {parser.prog} --help"
         parser.exit(2, f"error: unknown argument '{first}'{hint}\n")
     return vars(args)
 

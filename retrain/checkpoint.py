@@ -34,7 +34,12 @@ CHECKPOINT_FORMAT = "scan-nas-checkpoint-v1"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated, foreign, or from another model; the message is one line."""
+    """A checkpoint that is missing, truncated, foreign, or from another model; the message is one line.
+    ``unreadable`` is True when the file itself is damaged (it did not load, or lacks its completeness marker)."""
+
+    def __init__(self, message: str, unreadable: bool = False) -> None:
+        super().__init__(message)
+        self.unreadable = unreadable
 
 
 def _fsync_dir(path: Path) -> None:
@@ -103,7 +108,8 @@ def load_checkpoint(
         reason = " ".join(str(e).split())[:160]
         raise CheckpointError(
             f"checkpoint {path.resolve()} is truncated, corrupt or not a plain-tensor checkpoint ({reason}); "
-            f"resume from another checkpoint (e.g. --resume auto picks the newest complete one)"
+            f"resume from another checkpoint (e.g. --resume auto picks the newest complete one)",
+            unreadable=True,
         ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
@@ -111,7 +117,9 @@ def load_checkpoint(
             f"cannot be resumed"
         )
     if state.get("complete") is not True:
-        raise CheckpointError(f"checkpoint {path.resolve()} is incomplete (no completeness marker); use another one")
+        raise CheckpointError(
+            f"checkpoint {path.resolve()} is incomplete (no completeness marker); use another one", unreadable=True
+        )
     if expect_kind is not None and state.get("kind") != expect_kind:
         raise CheckpointError(
             f"checkpoint {path.resolve()} is a '{state.get('kind')}' checkpoint, expected '{expect_kind}' "

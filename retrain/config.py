@@ -29,6 +29,7 @@ __all__ = [
     "MODEL_ARGS_SET_BY_FLAGS",
     "check_model_kwargs",
     "load_config",
+    "nearest_flag",
     "plain_value",
     "resolve_config",
     "run_cli",
@@ -74,6 +75,13 @@ def check_model_kwargs(model_kwargs: Mapping[str, Any], owned: Mapping[str, str]
             flag = owned[key]
             how = f"use {flag} instead" if flag else "the trainer takes it from the dataset; drop it"
             raise ConfigError(f"--model-kwargs {key}={model_kwargs[key]!r}: {key} is set by the trainer; {how}")
+
+
+def nearest_flag(arg: str, keys: Sequence[str]) -> str:
+    """``"; did you mean '--key'?"`` for the config key nearest to a command-line argument (``--flag[=value]``), or
+    ``""``."""
+    hint = _nearest(arg.lstrip("-").split("=")[0].replace("-", "_"), list(keys))
+    return hint.replace("'", "'--", 1).replace("_", "-") if hint else hint
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -250,10 +258,7 @@ def resolve_config(
             raise ConfigError("command line: could not parse the arguments (see the message above)") from None
         if unknown:
             first = next((u for u in unknown if u.startswith("--")), unknown[0])
-            key = first.lstrip("-").split("=")[0].replace("-", "_")
-            hint = _nearest(key, list(defaults))
-            hint = hint.replace("'", "'--", 1).replace("_", "-") if hint else hint
-            raise ConfigError(f"command line: unknown argument '{first}'{hint}")
+            raise ConfigError(f"command line: unknown argument '{first}'{nearest_flag(first, defaults)}")
         given = vars(ns)
         for key, value in given.items():
             if isinstance(defaults.get(key), dict):  # key=value pairs from the command line
