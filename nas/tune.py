@@ -604,12 +604,11 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"--num-samples must be >= 1, got {cfg['num_samples']}")
         if float(cfg["cpus_per_trial"]) <= 0 or float(cfg["gpus_per_trial"]) < 0:
             raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
-        defaults = importlib.import_module(TARGETS[target].module).DEFAULTS
+        target_module = importlib.import_module(TARGETS[target].module)
+        defaults = target_module.DEFAULTS
         base_cfg = resolve_config(defaults, argv=["-c", str(cfg["config"])])
         try:  # every trial would refuse them
-            check_model_kwargs(
-                base_cfg["model_kwargs"], importlib.import_module(TARGETS[target].module).MODEL_ARGS_SET_BY_FLAGS
-            )
+            check_model_kwargs(base_cfg["model_kwargs"], target_module.MODEL_ARGS_SET_BY_FLAGS)
         except ConfigError as e:
             raise ConfigError(f"{cfg['config']}: {e}") from None
         space = load_sweep_space(cfg["space"], defaults)
