@@ -552,7 +552,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         _check_sizes(rows, ref, cfg, [r.params_expected for r in rows])
 
     notes: list[str] = []
-    stale: list[str] = []  # this comparison's own finished runs that another recipe made
+    stale: list[str] = []  # this comparison's own runs, finished or not, that another recipe made
     pending: list[tuple[Row, int, dict[str, Any], Path]] = []
     for row in rows:
         expected = {**recipe, **row.overrides}
@@ -572,6 +572,11 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
                 continue
             if cfg["collect_only"] or not _trains(row, cfg["train_rows"]):
                 continue
+            if (run_dir / "args.yaml").is_file():  # an unfinished run of its own, which would resume in place
+                saved = yaml.safe_load((run_dir / "args.yaml").read_text()) or {}
+                diffs = _recipe_differences({"config": saved}, recipe)
+                if diffs:
+                    stale.append(f"{row.name} seed {seed}, unfinished ({', '.join(diffs)})")
             train_cfg = resolve_config(
                 train_defaults,
                 overrides={
@@ -584,11 +589,12 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
             )
             pending.append((row, int(seed), train_cfg, run_dir))
     if stale:
-        # Training the rest next to them would make a table whose header names a recipe some rows did not run.
+        # Training the rest next to them would make a table whose header names a recipe some rows did not run, and
+        # resuming an unfinished one would train it under two recipes.
         raise ConfigError(
-            f"{len(stale)} finished run(s) of this comparison under {(out_dir / 'runs').resolve()} ran another recipe: "
+            f"{len(stale)} run(s) of this comparison under {(out_dir / 'runs').resolve()} ran another recipe: "
             f"{'; '.join(stale[:3])}{' ...' if len(stale) > 3 else ''}; choose a new --experiment, restore that "
-            f"recipe, or pass --collect-only to tabulate the runs as they are (each flagged)"
+            f"recipe, or pass --collect-only to tabulate the finished runs as they are (each flagged)"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config({k: v for k, v in cfg.items()}, out_dir / "compare.yaml")

@@ -118,12 +118,28 @@ def test_own_runs_of_another_recipe_are_refused_unless_collecting(tmp_path: Path
     _fake_run(own / "vim" / "seed1", "test_vim", 1, [10.0, 20.0, 30.0])  # the recipe asked for
     cfg = _cfg(tmp_path, collect_only=False, seeds=[0, 1], train_config=str(recipe),
                models=[{"name": "vim", "model": "test_vim"}])  # fmt: skip
-    with pytest.raises(ConfigError, match=r"1 finished run\(s\) of this comparison .* ran another recipe: vim seed 0 "
+    with pytest.raises(ConfigError, match=r"1 run\(s\) of this comparison .* ran another recipe: vim seed 0 "
                                           r"\(epochs 2 \(recipe 3\)\); choose a new --experiment"):  # fmt: skip
         compare.main(cfg)
     assert not (tmp_path / "out" / "cmp" / "compare.yaml").exists()
     out = compare.main({**cfg, "collect_only": True})
     assert out["table"][0]["seeds"] == 2 and "ran another recipe: epochs 2 (recipe 3)" in out["markdown"]
+
+
+def test_own_unfinished_runs_of_another_recipe_are_refused(tmp_path: Path) -> None:
+    """An unfinished run of this comparison would resume in place; made with another recipe, it would finish under
+    two recipes: refused in one line before anything is written, and its files are left as they were."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"dataset": "synthetic", "img_size": 16, "epochs": 3}))
+    run = _fake_run(tmp_path / "out" / "cmp" / "runs" / "vim" / "seed0", "test_vim", 0, [10.0], epochs=5)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    cfg = _cfg(tmp_path, collect_only=False, seeds=[0], train_config=str(recipe),
+               models=[{"name": "vim", "model": "test_vim"}])  # fmt: skip
+    msg = r"1 run\(s\) of this comparison .* ran another recipe: vim seed 0, unfinished \(epochs 5 \(recipe 3\)\);"
+    with pytest.raises(ConfigError, match=msg):
+        compare.main(cfg)
+    assert not (tmp_path / "out" / "cmp" / "compare.yaml").exists()
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
 def test_size_mismatch_refused_or_flagged(tmp_path: Path) -> None:
