@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import difflib
 import importlib
 import math
 import os
@@ -45,7 +44,15 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from retrain.config import ConfigError, OneLineArgumentParser, check_model_kwargs, resolve_config, save_config
+from retrain.config import (
+    ConfigError,
+    OneLineArgumentParser,
+    check_model_kwargs,
+    nearest_key,
+    one_line,
+    resolve_config,
+    save_config,
+)
 
 __all__ = ["DEFAULTS", "TARGETS", "SweepSpace", "held_out_base", "load_sweep_space", "main", "target_for"]
 
@@ -110,15 +117,6 @@ _DISTRIBUTIONS = ("loguniform", "uniform", "int", "randint", "choice")
 _SPACE_KEYS = ("params", "seed", "asha", "max_failures")
 _ASHA_KEYS = ("grace_period", "reduction_factor", "max_t")
 _RUN_SUBDIR = "run"  # the target's experiment directory inside each trial directory
-
-
-def _one_line(msg: Any) -> str:
-    return " ".join(str(msg).split())
-
-
-def _nearest(key: str, valid: Sequence[str]) -> str:
-    near = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.5)
-    return f"; did you mean '{near[0]}'?" if near else f"; valid: {', '.join(valid)}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -186,7 +184,8 @@ def _parse_param(name: str, spec: Any, defaults: Mapping[str, Any], source: str)
     key = name if name in defaults else name.replace("-", "_")
     where = f"{source}: params.{name}"
     if key not in defaults:
-        raise ConfigError(f"{where}: '{name}' is not a config key of the target{_nearest(key, list(defaults))}")
+        hint = nearest_key(key, list(defaults), list_valid=True)
+        raise ConfigError(f"{where}: '{name}' is not a config key of the target{hint}")
     if key in _MANAGED_KEYS:
         raise ConfigError(f"{where}: '{key}' is set by the sweep for each trial; it cannot be swept")
     if not isinstance(spec, dict):
@@ -197,12 +196,13 @@ def _parse_param(name: str, spec: Any, defaults: Mapping[str, Any], source: str)
         raise ConfigError(f"{where}: missing 'distribution' (one of {', '.join(_DISTRIBUTIONS)})")
     dist = str(spec["distribution"])
     if dist not in _DISTRIBUTIONS:
-        raise ConfigError(f"{where}: unknown distribution '{dist}'{_nearest(dist, _DISTRIBUTIONS)}")
+        raise ConfigError(f"{where}: unknown distribution '{dist}'{nearest_key(dist, _DISTRIBUTIONS, list_valid=True)}")
     dist = "int" if dist == "randint" else dist
     allowed = ("distribution", "values") if dist == "choice" else ("distribution", "low", "high")
     for k in spec:
         if k not in allowed:
-            raise ConfigError(f"{where}: unknown key '{k}' for distribution '{dist}'{_nearest(str(k), allowed)}")
+            hint = nearest_key(str(k), allowed, list_valid=True)
+            raise ConfigError(f"{where}: unknown key '{k}' for distribution '{dist}'{hint}")
     default = defaults[key]
     if dist == "choice":
         values = spec.get("values")
@@ -230,7 +230,7 @@ def _parse_param(name: str, spec: Any, defaults: Mapping[str, Any], source: str)
         try:
             resolve_config(defaults, overrides={key: value})
         except ConfigError as e:
-            raise ConfigError(f"{where}: {_one_line(e).removeprefix('overrides: ')}") from None
+            raise ConfigError(f"{where}: {one_line(e).removeprefix('overrides: ')}") from None
     return param
 
 
@@ -252,12 +252,12 @@ def load_sweep_space(path: str | Path, defaults: Mapping[str, Any]) -> SweepSpac
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(_one_line(f"{source}: not valid YAML ({e})")) from None
+        raise ConfigError(one_line(f"{source}: not valid YAML ({e})")) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with 'params', got {type(data).__name__}")
     for k in data:
         if k not in _SPACE_KEYS:
-            raise ConfigError(f"{source}: unknown key '{k}'{_nearest(str(k), _SPACE_KEYS)}")
+            raise ConfigError(f"{source}: unknown key '{k}'{nearest_key(str(k), _SPACE_KEYS, list_valid=True)}")
     params = data.get("params")
     if not isinstance(params, dict) or not params:
         raise ConfigError(f"{source}: 'params' must map at least one config key to a distribution")
@@ -270,7 +270,7 @@ def load_sweep_space(path: str | Path, defaults: Mapping[str, Any]) -> SweepSpac
         raise ConfigError(f"{source}: 'asha' must be a mapping with {', '.join(_ASHA_KEYS)}")
     for k in asha:
         if k not in _ASHA_KEYS:
-            raise ConfigError(f"{source}: unknown key 'asha.{k}'{_nearest(str(k), _ASHA_KEYS)}")
+            raise ConfigError(f"{source}: unknown key 'asha.{k}'{nearest_key(str(k), _ASHA_KEYS, list_valid=True)}")
     grace = _number(asha.get("grace_period", 1), f"{source}: asha.grace_period", integer=True)
     rf = _number(asha.get("reduction_factor", 2), f"{source}: asha.reduction_factor")
     max_t = asha.get("max_t")
@@ -434,7 +434,7 @@ def _init_ray(address: str | None, quiet: bool) -> None:
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise ConfigError(f"cannot join the Ray cluster at {address}: {_one_line(e)}") from None
+            raise ConfigError(f"cannot join the Ray cluster at {address}: {one_line(e)}") from None
         return
     ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **kwargs)
 
@@ -770,7 +770,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, PermissionError) as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0 if out["finished"] else 1
 

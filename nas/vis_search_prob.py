@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from retrain.config import OneLineArgumentParser, nearest_flag
+from retrain.config import OneLineArgumentParser, nearest_flag, one_line
 from retrain.engine import git_commit
 from search_spaces import ArchSpec, LayerChoice, SearchSpace, list_presets, load_space, save_arch, select_top_k
 
@@ -66,7 +66,7 @@ class DerivationError(ValueError):
     """A user-facing derivation problem; the message is one line."""
 
     def __init__(self, msg: str) -> None:
-        super().__init__(" ".join(str(msg).split()))
+        super().__init__(one_line(msg))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

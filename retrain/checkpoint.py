@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from retrain.config import plain_value
+from retrain.config import one_line, plain_value
 
 __all__ = [
     "RUN_FILES",
@@ -105,7 +105,7 @@ def load_checkpoint(
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, random bytes, pickled objects refused by weights_only
-        reason = " ".join(str(e).split())[:160]
+        reason = one_line(e, 160)
         raise CheckpointError(
             f"checkpoint {path.resolve()} is truncated, corrupt or not a plain-tensor checkpoint ({reason}); "
             f"resume from another checkpoint (e.g. --resume auto picks the newest complete one)",

@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from retrain.config import ConfigError, check_model_kwargs, resolve_config, run_cli, save_config
+from retrain.config import ConfigError, check_model_kwargs, one_line, resolve_config, run_cli, save_config
 
 __all__ = ["DEFAULTS", "Row", "collect_run", "main", "pick_gpu", "pooled_std", "summarise", "visible_gpus"]
 
@@ -65,10 +65,6 @@ DEFAULTS: dict[str, Any] = {
 
 _ROW_KEYS = ("name", "model", "arch", "searched", "overrides", "run_dirs")
 _RESULTS = "results.json"
-
-
-def _one_line(msg: Any) -> str:
-    return " ".join(str(msg).split())
 
 
 def _slug(name: str) -> str:
@@ -141,7 +137,7 @@ def _parse_rows(cfg: dict[str, Any], train_defaults: dict[str, Any]) -> list[Row
         try:
             overrides = {k: v for k, v in resolve_config(train_defaults, overrides=overrides).items() if k in overrides}
         except ConfigError as e:
-            raise ConfigError(f"{where} ({name}): {_one_line(e).removeprefix('overrides: ')}") from None
+            raise ConfigError(f"{where} ({name}): {one_line(e).removeprefix('overrides: ')}") from None
         run_dirs = [str(d) for d in entry.get("run_dirs") or []]
         rows.append(Row(name=name, overrides=overrides, searched=searched, run_dirs=run_dirs))
     if cfg["slws_ablation"]:

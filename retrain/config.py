@@ -41,15 +41,22 @@ class ConfigError(ValueError):
     """A configuration problem; the message is one line naming the key and what to do."""
 
 
-def _one_line(msg: str) -> str:
-    return " ".join(str(msg).split())
+def one_line(msg: Any, limit: int | None = None) -> str:
+    """A message's text on one line (runs of whitespace as one space), cut to ``limit`` characters if given."""
+    text = " ".join(str(msg).split())
+    return text if limit is None else text[:limit]
 
 
-def _nearest(key: str, valid: Sequence[str]) -> str:
+def nearest_key(key: str, valid: Sequence[str], list_valid: bool = False) -> str:
+    """``"; did you mean 'x'?"`` for the valid name nearest to an unknown one; with none near, ``""`` or (with
+    ``list_valid``) ``"; valid: a, b, ..."``."""
     # A valid key that the unknown one extends or abbreviates ('lr_rate' -> 'lr') beats mere spelling likeness.
+    key, valid = str(key), [str(v) for v in valid]
     parts = [v for v in valid if key.startswith(v + "_") or v.startswith(key + "_")]
-    near = sorted(parts, key=len, reverse=True)[:1] or difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    return f"; did you mean '{near[0]}'?" if near else ""
+    near = sorted(parts, key=len, reverse=True)[:1] or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if near:
+        return f"; did you mean '{near[0]}'?"
+    return f"; valid: {', '.join(valid)}" if list_valid else ""
 
 
 # Constructor arguments both trainers set from their flags or the data ("": the data); each adds its own.
@@ -80,7 +87,7 @@ def check_model_kwargs(model_kwargs: Mapping[str, Any], owned: Mapping[str, str]
 def nearest_flag(arg: str, keys: Sequence[str]) -> str:
     """``"; did you mean '--key'?"`` for the config key nearest to a command-line argument (``--flag[=value]``), or
     ``""``."""
-    hint = _nearest(arg.lstrip("-").split("=")[0].replace("-", "_"), list(keys))
+    hint = nearest_key(arg.lstrip("-").split("=")[0].replace("-", "_"), list(keys))
     return hint.replace("'", "'--", 1).replace("_", "-") if hint else hint
 
 
@@ -88,7 +95,7 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose usage errors are one line (``error: ...; see PROG --help``), exit status 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {_one_line(message)}; see {self.prog} --help\n")
+        self.exit(2, f"error: {one_line(message)}; see {self.prog} --help\n")
 
 
 def _type_name(default: Any) -> str:
@@ -203,7 +210,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(_one_line(f"config file {path}: not valid YAML ({e})")) from None
+        raise ConfigError(one_line(f"config file {path}: not valid YAML ({e})")) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -220,7 +227,7 @@ def _merge(cfg: dict[str, Any], updates: Mapping[str, Any], defaults: Mapping[st
             if key.replace("-", "_") in defaults:
                 key = key.replace("-", "_")
             else:
-                raise ConfigError(f"{source}: unknown key '{key}'{_nearest(key, valid)}")
+                raise ConfigError(f"{source}: unknown key '{key}'{nearest_key(key, valid)}")
         cfg[key] = _coerce(key, value, defaults[key], source)
 
 
@@ -251,7 +258,7 @@ def resolve_config(
         try:
             ns, unknown = parser.parse_known_args(list(argv))
         except argparse.ArgumentError as e:  # a bad value for a typed flag
-            raise ConfigError(_one_line(f"command line: {e}; see --help")) from None
+            raise ConfigError(one_line(f"command line: {e}; see --help")) from None
         except SystemExit as e:
             if e.code == 0:  # --help
                 raise
@@ -321,7 +328,7 @@ def run_cli(
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         rank = _lost_peer_rank(e)
@@ -330,7 +337,7 @@ def run_cli(
         if debug:
             traceback.print_exc()
         print(
-            f"error: rank {rank} lost contact with the other ranks ({_one_line(e)[:200]}); another rank died or hung; "
+            f"error: rank {rank} lost contact with the other ranks ({one_line(e)[:200]}); another rank died or hung; "
             f"rerun the same command with --resume auto to continue from the newest complete checkpoint",
             file=sys.stderr,
         )

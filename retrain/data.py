@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from retrain.config import one_line
+
 __all__ = [
     "DATASETS",
     "DatasetInfo",
@@ -275,7 +277,7 @@ def _load_mnist_like(name: str, data_dir: Path, split: str, download: bool) -> t
                     raise ValueError("not a zip archive of named arrays")
                 z = np.load(npz, allow_pickle=False)
             except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-                reason = " ".join(str(e).split())[:120]
+                reason = one_line(e, 120)
                 raise ValueError(
                     f"{name}: {npz.resolve()} is not a readable .npz archive ({reason}); write one with "
                     f"numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...) or point --data-dir at "
@@ -292,7 +294,7 @@ def _load_mnist_like(name: str, data_dir: Path, split: str, download: bool) -> t
                 except MemoryError:
                     raise
                 except Exception as e:  # a damaged member: zip, zlib, npy-header or pickle-refusal errors alike
-                    reason = " ".join(str(e).split())[:120]
+                    reason = one_line(e, 120)
                     raise ValueError(
                         f"{name}: {npz.resolve()} holds unreadable arrays {list(keys)} ({reason}); write the file "
                         f"again with numpy.savez"
