@@ -21,11 +21,18 @@ ArchSpecLike = str | Path | dict | ArchSpec
 
 
 def to_size(img_size: int | Sequence[int], what: str = "img_size") -> tuple[int, int]:
-    """``224`` or ``(224, 224)`` → ``(224, 224)``; anything else is a ValueError."""
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size):
-        raise ValueError(f"{what} must be a positive int or a pair (H, W) of them, got {img_size!r}")
-    return size  # type: ignore[return-value]
+    """``224`` or ``(224, 224)`` (any integer type, numpy's included) → ``(224, 224)``; anything else is a
+    ValueError."""
+    bad = ValueError(f"{what} must be a positive int or a pair (H, W) of them, got {img_size!r}")
+    if isinstance(img_size, (str, bytes)):
+        raise bad
+    try:
+        size = (img_size, img_size) if isinstance(img_size, Integral) else tuple(img_size)
+    except TypeError:  # a float, None, ...
+        raise bad from None
+    if len(size) != 2 or not all(isinstance(s, Integral) and not isinstance(s, bool) and s >= 1 for s in size):
+        raise bad
+    return int(size[0]), int(size[1])
 
 
 def check_io(model_name: str, in_chans: int | None = None, num_classes: int | None = None) -> None:
@@ -71,7 +78,11 @@ def resolve_layer_orders(
     if not given:
         raise TypeError(f"{model_name} requires arch= (an arch YAML path, a dict or an ArchSpec)")
     if len(given) > 1:
-        raise ValueError(f"{model_name}: pass only one of orders=, space=, arch= (got {', '.join(given)})")
+        raise ValueError(
+            f"{model_name}: pass only one of orders=, space=, arch= (got {', '.join(given)}; an entry point that scans "
+            f"its own orders, like vim_tiny or the *_search ones, sets orders= or space= itself: for a supernet use "
+            f"a *_search entry point, for a derived model local_vim_tiny / local_vmamba_tiny or their mini/test sizes)"
+        )
     n = len(labels)
     if orders is not None:
         if isinstance(orders, str) or not orders:

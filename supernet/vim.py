@@ -67,6 +67,14 @@ def add_norm(
     return (y if out_dtype is None else y.to(out_dtype)), r
 
 
+def _own_dtype(weight: torch.Tensor | None, x: torch.Tensor) -> torch.dtype | None:
+    """Without autocast, the dtype of the module reading a norm's output (None: the norm's own choice); under
+    autocast None, which leaves the dtypes to autocast."""
+    if weight is None or torch.is_autocast_enabled(x.device.type):
+        return None
+    return weight.dtype
+
+
 def _norm_layer(name: str, backend: str = "auto") -> type[nn.Module] | partial:
     if name == "rmsnorm":
         return partial(RMSNorm, eps=1e-5, backend=backend)
@@ -117,8 +125,10 @@ class Block(nn.Module):
 
         Under autocast the norm writes the autocast dtype, which the mixer's first GEMM reads without a cast.
         """
-        # compiled, none: the GEMM's own autocast cast fuses with the norm anyway
-        normed, residual = add_norm(self.norm, hidden, residual, gemm_input_dtype(hidden))
+        # compiled, none: the GEMM's own autocast cast fuses with the norm anyway. Without autocast, in_proj's dtype:
+        # a model cast to bf16/fp16 keeps its residual in fp32 (residual_in_fp32) and feeds the GEMM its own dtype.
+        out_dtype = gemm_input_dtype(hidden) or _own_dtype(self.mixer.in_proj.weight, hidden)
+        normed, residual = add_norm(self.norm, hidden, residual, out_dtype)
         return self.drop_path(self.mixer(normed, perm=perm, branch=branch)), residual
 
 
@@ -324,7 +334,7 @@ class VisionMamba(ArchModelMixin, nn.Module):
                 x, residual = checkpoint(blk, x, residual, perm=perm, branch=branches[i], use_reentrant=False)
             else:
                 x, residual = blk(x, residual, perm=perm, branch=branches[i])
-        return add_norm(self.norm, x, residual)[0]
+        return add_norm(self.norm, x, residual, _own_dtype(self.norm.weight, x))[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """x: (B, L, C) → (B, num_classes), or the pooled (B, C) with ``pre_logits``."""
@@ -386,6 +396,8 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:
+    if kwargs.get("img_size") is not None:  # as a pair of ints before timm reads it too (numpy ints included)
+        kwargs["img_size"] = to_size(kwargs["img_size"])
     model = build_model_with_cfg(
         VisionMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, model_name=variant, **kwargs
     )

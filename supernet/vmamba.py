@@ -51,6 +51,8 @@ class Stem(nn.Module):
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, norm_backend: str = "auto") -> None:
         super().__init__()
         s1 = max(patch_size // 2, 1)
+        if patch_size % s1:  # 5, 7, 9, ...: a stride-1 first conv, the whole stride in the second
+            s1 = 1
         s2 = patch_size // s1
         self.conv1 = _conv(in_chans, embed_dim // 2, s1)
         self.norm1 = LayerNorm(embed_dim // 2, backend=norm_backend)
@@ -361,6 +363,8 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create_vmamba(variant: str, pretrained: bool = False, **kwargs) -> VMamba:
+    if kwargs.get("img_size") is not None:  # as a pair of ints before timm reads it too (numpy ints included)
+        kwargs["img_size"] = to_size(kwargs["img_size"])
     model = build_model_with_cfg(
         VMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, model_name=variant, **kwargs
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -76,3 +77,21 @@ def test_edge_sizes_still_build(name: str) -> None:
         model.reset_classifier(-1)
     model.reset_classifier(5)
     assert model(torch.randn(2, 1, 16, 16)).shape == (2, 5)
+
+
+@pytest.mark.parametrize("name", ["test_vim", "test_vmamba"])
+def test_img_size_takes_any_integer_type_and_refuses_the_rest_in_one_line(name: str) -> None:
+    model = timm.create_model(name, img_size=np.int64(16))
+    assert model.img_size == (16, 16) and type(model.img_size[0]) is int
+    assert timm.create_model(name, img_size=[np.int32(16), 32]).img_size == (16, 32)
+    for bad in (16.0, "16", (16, 16, 16), (16, 0), (True, 16)):  # (None: timm drops it, the default size)
+        with pytest.raises(ValueError, match=r"img_size must be a positive int or a pair \(H, W\) of them") as e:
+            timm.create_model(name, img_size=bad)
+        assert "\n" not in str(e.value)
+
+
+def test_space_or_arch_on_an_entry_point_with_its_own_orders_says_which_to_use() -> None:
+    for name, kwargs in (("test_vim", {"space": "vim"}), ("test_local_vim_search", {"orders": ["h", "v"]})):
+        with pytest.raises(ValueError, match=r"pass only one of .* for a supernet use a \*_search entry point") as e:
+            timm.create_model(name, **kwargs)
+        assert "\n" not in str(e.value)

@@ -73,6 +73,31 @@ def test_non_square_input(name: str) -> None:
     assert model(torch.randn(2, 3, 16, 32)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("name", ["test_vim", "test_vmamba"])
+@pytest.mark.parametrize("patch", [1, 2, 3, 4, 5, 6, 7, 9])
+def test_every_patch_size_is_the_token_stride(name: str, patch: int) -> None:
+    """The token grid is img_size / patch_size for any patch size; odd ones above 3 included (VMamba's two-conv stem
+    splits the stride in two factors, and 5, 7, 9 have none but 1 and themselves)."""
+    size = (2 * patch, 3 * patch)
+    model = build(name, img_size=size, patch_size=patch).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, *size)).shape == (1, 10)
+    assert model.named_mixers()[0][1].grid == (2, 3)
+
+
+@pytest.mark.parametrize("name", ["test_vim", "test_local_vim_search", "test_vmamba"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_model_cast_to_half_precision_trains(name: str, dtype: torch.dtype) -> None:
+    """``model.to(bf16/fp16)`` without autocast: the plain family keeps its residual in fp32 (residual_in_fp32) and
+    still feeds each GEMM its weights' dtype; logits and gradients come out in the model's dtype."""
+    torch.manual_seed(0)
+    model = build(name, img_size=16, num_classes=4).to(dtype)
+    y = model(torch.randn(2, 3, 16, 16, dtype=dtype))
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    y.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == dtype for p in model.parameters())
+
+
 def test_middle_class_token() -> None:
     model = build("test_vim", img_size=16, global_pool="token")
     grid = model.blocks[0].mixer.grid
