@@ -47,6 +47,7 @@ from torch.utils.data import Subset
 from kernels import CHANNEL_SUMS, set_channel_sums
 from retrain.checkpoint import (
     CheckpointKeeper,
+    check_resume_recipe,
     check_resume_spec,
     load_checkpoint,
     refuse_existing_run,
@@ -266,6 +267,10 @@ class _BatchStream:
         self.passes, self.pos, self._it = int(state["passes"]), int(state["pos"]), None
 
 
+# What a resumed search's saved state depends on (see retrain.train.RESUME_KEYS), plus the weight/arch split.
+RESUME_KEYS = ("epochs", "lr", "min_lr", "warmup_epochs", "warmup_lr", "batch_size", "seed", "arch_frac", "algo")
+
+
 def _check_values(cfg: dict[str, Any]) -> None:
     checks = [
         ("algo", cfg["algo"] in ALGOS, f"one of {', '.join(ALGOS)}"),
@@ -291,6 +296,9 @@ def _check_values(cfg: dict[str, Any]) -> None:
         ("gdas_top_m", cfg["gdas_top_m"] >= 1, ">= 1"),
         ("weight_decay", cfg["weight_decay"] >= 0, ">= 0"),
         ("warmup_epochs", cfg["warmup_epochs"] >= 0, ">= 0"),
+        ("warmup_lr", cfg["warmup_lr"] >= 0, ">= 0"),
+        ("min_lr", 0 <= cfg["min_lr"] <= cfg["lr"], f"in [0, --lr {cfg['lr']}]"),
+        ("seed", cfg["seed"] >= 0, ">= 0"),
         ("clip_grad", cfg["clip_grad"] >= 0, ">= 0 (0 = off)"),
         ("smoothing", 0.0 <= cfg["smoothing"] < 1.0, "in [0, 1)"),
         ("log_interval", cfg["log_interval"] >= 1, ">= 1"),
@@ -446,6 +454,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     if resume_path is not None:
         state = load_checkpoint(resume_path, expect_kind="search", expect_model=spec["name"])
         check_resume_spec(state, spec, resume_path)
+        check_resume_recipe(state, cfg, RESUME_KEYS, resume_path)
         restore(state)
         keeper.load_state_dict(state.get("keeper", {}))
         arch_stream.load_state_dict(state["arch_stream"])
@@ -560,7 +569,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
             net.train()
             # weight loss, weight correct, arch loss, arch steps; then the samples seen
             sums, seen = torch.tensor(epoch_sums[:4], device=device), int(epoch_sums[4])
-            t_epoch = time.perf_counter()
+            t_epoch, seen_before = time.perf_counter(), seen  # a resumed epoch's earlier images took no time here
             for batch_idx, (images, targets) in enumerate(loader, start=start_batch):
                 images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
                 if mode == "hard":
@@ -649,7 +658,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
                 "arch_step_loss": float(sums[2].item()) / n_arch_steps if sums[3] > 0 else float("nan"),
                 "lr": optimizer.param_groups[0]["lr"],
                 "mean_entropy": float(np.mean([entropy(probs[label]) for label in labels])),
-                "img_s": seen * dinfo.world_size / max(epoch_time, 1e-9),
+                "img_s": (seen - seen_before) * dinfo.world_size / max(epoch_time, 1e-9),
             }
             history.append({"epoch": epoch, **metrics})
             state = make_state(epoch, epoch + 1, 0, metrics)  # collective: every rank builds it
@@ -699,6 +708,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
         "checkpoint": str(run_dir / "last.pt"),
         "epochs_run": epochs_run,
         "interrupted": interrupted,
+        "signal": int(stop.signum) if interrupted else 0,
         "bad_steps": guard.total,
         "rollbacks": guard.rollbacks,
     }

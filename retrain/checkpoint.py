@@ -12,7 +12,7 @@ import heapq
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -186,6 +186,27 @@ def check_resume_spec(state: dict[str, Any], spec: dict[str, Any], path: str | P
         raise CheckpointError(
             f"checkpoint {Path(path).resolve()} was built with {then}, but this run asks for {now}; resume with the "
             f"run's own settings (its args.yaml) or start a new --experiment"
+        )
+
+
+def check_resume_recipe(state: dict[str, Any], cfg: dict[str, Any], keys: Sequence[str], path: str | Path) -> None:
+    """Refuse, in one line, to resume a run with other values of the settings its saved state depends on (``keys``
+    of the run's config: the LR schedule's length and shape, the batch size a mid-epoch position counts in, the
+    validation split), naming each with the saved and the asked value. Keys the checkpoint did not record pass.
+
+    Raises:
+        CheckpointError: naming each setting that differs.
+    """
+    saved = state.get("config") or {}
+    changed = [k for k in keys if k in saved and k in cfg and plain_value(saved[k]) != plain_value(cfg[k])]
+    if changed:
+        flag = [f"--{k.replace('_', '-')}" for k in changed]
+        then = ", ".join(f"{f} {saved[k]!r}" for f, k in zip(flag, changed))
+        now = ", ".join(f"{f} {cfg[k]!r}" for f, k in zip(flag, changed))
+        raise CheckpointError(
+            f"checkpoint {Path(path).resolve()} was trained with {then}, but this run asks for {now}; its LR schedule, "
+            f"data order and validation split follow the former: resume with the run's own settings (its args.yaml) "
+            f"or start a new --experiment"
         )
 
 

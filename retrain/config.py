@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -312,9 +313,10 @@ def run_cli(
 ) -> int:
     """The thin shell around ``main(cfg)``: resolve the config, run, and turn user errors into one line.
 
-    Configuration, data, arch-file and checkpoint errors (``ValueError`` and ``FileNotFoundError`` families) print
-    ``error: <one line>`` on stderr and return 2; a collective that fails because another rank died or timed out
-    prints one line and returns 1; ``--debug`` (or ``debug: true``) shows the traceback too.
+    Configuration, data, arch-file, checkpoint and file-system errors (``ValueError`` and ``OSError`` families)
+    print ``error: <one line>`` on stderr and return 2; a run that a signal stopped (``main`` returned
+    ``interrupted``) returns 128 + the signal's number, as a shell reports it; a collective that fails because another
+    rank died or timed out prints one line and returns 1; ``--debug`` (or ``debug: true``) shows the traceback too.
 
     Returns:
         The process exit status.
@@ -324,8 +326,8 @@ def run_cli(
     try:
         cfg = resolve_config(defaults, argv, description=description)
         debug = debug or bool(cfg.get("debug", False))
-        main_fn(cfg)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        result = main_fn(cfg)
+    except (ValueError, OSError) as e:  # OSError: files and folders (missing, read-only, a file where a folder goes)
         if debug:
             traceback.print_exc()
         print(f"error: {one_line(e)}", file=sys.stderr)
@@ -342,6 +344,10 @@ def run_cli(
             file=sys.stderr,
         )
         return 1
+    # A run stopped by a signal saved its checkpoint and said how to continue; a script running it must stop too:
+    # the shell's status for that signal (130 for SIGINT, 143 for SIGTERM).
+    if isinstance(result, Mapping) and result.get("interrupted"):
+        return 128 + int(result.get("signal") or signal.SIGINT)
     return 0
 
 

@@ -90,7 +90,10 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
         return torch.device("cuda", local_rank)
     if device == "cpu":
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; use auto, cuda, cpu or cuda:N") from None
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:

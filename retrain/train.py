@@ -51,6 +51,7 @@ from torch.utils.data import Dataset, Subset
 from kernels import CHANNEL_SUMS, set_channel_sums
 from retrain.checkpoint import (
     CheckpointKeeper,
+    check_resume_recipe,
     check_resume_spec,
     load_checkpoint,
     refuse_existing_run,
@@ -235,6 +236,11 @@ def build_model(cfg: dict[str, Any], info: DatasetInfo) -> tuple[nn.Module, dict
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# What a resumed run's saved state depends on: the LR schedule (its length and shape), the batch size a mid-epoch
+# position counts in, the validation split. A resume that changes one is refused.
+RESUME_KEYS = ("epochs", "sched", "lr", "min_lr", "warmup_epochs", "warmup_lr", "batch_size", "val_frac", "seed")
+
+
 def _check_values(cfg: dict[str, Any]) -> None:
     """Ranges the types cannot express; each error names the flag and a valid range."""
     checks = [
@@ -243,6 +249,10 @@ def _check_values(cfg: dict[str, Any]) -> None:
         ("lr", cfg["lr"] > 0, "> 0"),
         ("weight_decay", cfg["weight_decay"] >= 0, ">= 0"),
         ("warmup_epochs", cfg["warmup_epochs"] >= 0, ">= 0"),
+        ("warmup_lr", cfg["warmup_lr"] >= 0, ">= 0"),
+        ("min_lr", 0 <= cfg["min_lr"] <= cfg["lr"], f"in [0, --lr {cfg['lr']}]"),
+        ("seed", cfg["seed"] >= 0, ">= 0"),
+        ("mixup_prob", 0.0 <= cfg["mixup_prob"] <= 1.0, "in [0, 1]"),
         ("shuffle_max", 0.0 <= cfg["shuffle_max"] <= 1.0, "in [0, 1]"),
         ("drop_path", 0.0 <= cfg["drop_path"] < 1.0, "in [0, 1)"),
         ("smoothing", 0.0 <= cfg["smoothing"] < 1.0, "in [0, 1)"),
@@ -446,12 +456,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     if resume_path is not None:
         state = load_checkpoint(resume_path, expect_kind="retrain", expect_model=spec["name"])
         check_resume_spec(state, spec, resume_path)
-        saved_frac = float(state.get("config", {}).get("val_frac", 0.0))
-        if saved_frac != cfg["val_frac"]:
-            raise ValueError(
-                f"{resume_path} was trained with --val-frac {saved_frac}, not {cfg['val_frac']}; resume with the same "
-                f"--val-frac (the validation split depends on it)"
-            )
+        check_resume_recipe(state, cfg, RESUME_KEYS, resume_path)
         restore(state)
         keeper.load_state_dict(state.get("keeper", {}))
         start_epoch, start_batch, step = state["next_epoch"], state["next_batch"], state["step"]
@@ -532,7 +537,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
             loader.sampler.set_epoch(epoch, start=start_batch * cfg["batch_size"])
             net.train()
             loss_sum, seen = torch.tensor(epoch_sums[0], device=device), int(epoch_sums[1])
-            t_epoch = time.perf_counter()
+            t_epoch, seen_before = time.perf_counter(), seen  # a resumed epoch's earlier images took no time here
             for batch_idx, (images, targets) in enumerate(loader, start=start_batch):
                 images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
                 if mixup_fn is not None:
@@ -578,7 +583,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
                 break
             start_batch, epoch_sums = 0, [0.0, 0.0]
             epoch_time = time.perf_counter() - t_epoch
-            img_s = seen * dinfo.world_size / max(epoch_time, 1e-9)
+            img_s = (seen - seen_before) * dinfo.world_size / max(epoch_time, 1e-9)
             train_loss = float(loss_sum.item()) / max(seen, 1)
 
             val = evaluate(net, val_loader, device, amp_dtype)
@@ -628,6 +633,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
         "best_epoch": keeper.best_epoch,
         "epochs_run": epochs_run,
         "interrupted": interrupted,
+        "signal": int(stop.signum) if interrupted else 0,
         "bad_steps": guard.total,
         "rollbacks": guard.rollbacks,
     }

@@ -59,6 +59,14 @@ CASES = [
     Case("config-unknown-model", "retrain.train", [*TRAIN, "--model", "test_vimm"], r"'test_vimm'; did you mean"),
     Case("config-not-a-supernet", "nas.search", [*SEARCH, "--model", "test_vim"], r"'test_vim' has no arch param"),
     Case("config-bad-nan-hook", "retrain.train", [*TRAIN, "--debug-nan-loss-at", "x"], r"must list integers >= 0"),
+    Case("config-not-a-device", "retrain.train", [*TRAIN, "--device", "gpu"],
+         r"--device 'gpu' is not a device; use auto, cuda, cpu or cuda:N"),
+    Case("config-min-lr-negative", "nas.search", [*SEARCH, "--min-lr", "-1"],
+         r"--min-lr -1.0 is out of range; use in \[0, --lr "),
+    Case("config-seed-negative", "retrain.train", [*TRAIN, "--seed", "-1"],
+         r"--seed -1 is out of range; use a value >= 0"),
+    Case("config-mixup-prob-above-one", "retrain.train", [*TRAIN, "--mixup-prob", "2"],
+         r"--mixup-prob 2.0 is out of range; use a value in \[0, 1\]"),
     # --- data: missing path, wrong layout, empty ---------------------------------------------------------------------
     Case("data-missing-dir", "retrain.train", [*TRAIN, "--dataset", "mnist", "--data-dir", "{fx}/nowhere"],
          r"mnist: the data folder not found at .*nowhere; pass --data-dir"),
@@ -125,6 +133,10 @@ CASES = [
           "--model-kwargs", "embed_dim=48"],
          r"was built with embed_dim=\(unset\), but this run asks for embed_dim=48",
          setup=("search_run",)),
+    Case("ckpt-resume-other-epochs", "retrain.train",
+         [*TRAIN, "--experiment", "run", "--resume", "{out}/runs/run/last.pt", "--epochs", "5", "--lr", "1e-3"],
+         r"was trained with --epochs 2, but this run asks for --epochs 5; its LR schedule .* start a new --experiment",
+         setup=("run_2_epochs",)),
     Case("run-files-not-clobbered", "nas.search", [*SEARCH, "--experiment", "run"],
          r"holds another run's args.yaml, summary.csv but no checkpoint; pass --resume auto", setup=("files_run",)),
     Case("ckpt-existing-run-not-clobbered", "retrain.train", [*TRAIN, "--experiment", "run"],
@@ -253,6 +265,13 @@ def _make_fixtures(fx: Path) -> None:
     save_checkpoint(
         {"kind": "retrain", "model": "test_vim", "model_spec": spec, "step": 3},
         runs / "run_at_32px" / "runs" / "run" / "last.pt",
+    )
+    # A 16 px run of test_vim trained for 2 epochs, resumed with --epochs 5 (its LR schedule was built for 2).
+    (runs / "run_2_epochs" / "runs" / "run").mkdir(parents=True)
+    spec = {"name": "test_vim", "kwargs": {"num_classes": 10, "in_chans": 3, "img_size": 16}, "arch": None}
+    save_checkpoint(
+        {"kind": "retrain", "model": "test_vim", "model_spec": spec, "step": 3, "config": {"epochs": 2, "lr": 1e-3}},
+        runs / "run_2_epochs" / "runs" / "run" / "last.pt",
     )
     (runs / "search_run" / "runs" / "run").mkdir(parents=True)
     spec = {"name": "test_local_vim_search", "kwargs": {"num_classes": 10, "in_chans": 3, "img_size": 32}}

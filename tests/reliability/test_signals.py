@@ -1,4 +1,5 @@
-"""SIGTERM / SIGINT on the real CLIs: checkpoint at the next step boundary, a clear message, exit status 0.
+"""SIGTERM / SIGINT on the real CLIs: checkpoint at the next step boundary, a clear message, and the shell's exit
+status for that signal (128 + its number: 130, 143), so that a script running them stops too.
 
 The selected runs start together (one thread each, by the first test) so that their interpreter start-ups share the
 machine's cores; every test checks its own run.
@@ -55,9 +56,11 @@ def signalled(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
 @pytest.mark.parametrize("module", list(ARGS))
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_checkpoints_and_exits_zero(signalled: dict[tuple, Future], module: str, sig: signal.Signals) -> None:
+def test_signal_checkpoints_and_exits_with_its_status(
+    signalled: dict[tuple, Future], module: str, sig: signal.Signals
+) -> None:
     code, out, run_dir = signalled[(module, sig)].result()
-    assert code == 0, out[-2000:]
+    assert code == 128 + int(sig), out[-2000:]
     assert f"stopped by signal {int(sig)}" in out and "--resume auto" in out
     state = load_checkpoint(run_dir / "last.pt")
     assert state["epoch"] < 49  # saved mid-run, not at the end

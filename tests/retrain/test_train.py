@@ -79,8 +79,11 @@ def test_refuses_to_clobber(tmp_path) -> None:
         _run(tmp_path, epochs=1, experiment="x")
     again = _run(tmp_path, epochs=1, experiment="x", resume="auto")
     assert [int(r["epoch"]) for r in _rows(again["run_dir"])] == [0] and (Path(again["run_dir"]) / "last.pt").is_file()
-    # A checkpoint resumed with the flags it was made with is accepted (the spec compares as plain values).
-    _run(tmp_path, epochs=2, experiment="x", resume="auto")
+    # A checkpoint resumed with the flags it was made with is accepted (the spec compares as plain values); one whose
+    # LR schedule would change (more epochs: the saved cosine has ended at min_lr) is refused in one line.
+    _run(tmp_path, epochs=1, experiment="x", resume="auto")
+    with pytest.raises(ValueError, match=r"trained with --epochs 1, but this run asks for --epochs 2; its LR sched"):
+        _run(tmp_path, epochs=2, experiment="x", resume="auto")
 
 
 @pytest.mark.parametrize("val_frac", [0.0, 0.25])
@@ -240,5 +243,5 @@ def test_bad_val_frac_is_one_line(tmp_path, capsys) -> None:
     assert code == 2 and err.startswith("error: --val-frac -0.1 is out of range") and "\n" not in err
     # A resume keeps the split: another val_frac is refused rather than mixing validation sets.
     _run(tmp_path, epochs=1, experiment="vf", val_frac=0.25)
-    with pytest.raises(ValueError, match=r"trained with --val-frac 0.25, not 0.0; resume with the same --val-frac"):
+    with pytest.raises(ValueError, match=r"--val-frac 0.25, but this run asks for --val-frac 0.0; its LR schedule"):
         _run(tmp_path, epochs=1, experiment="vf", resume="auto")
