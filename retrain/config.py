@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 import signal
 import sys
 import tempfile
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, NoReturn, Sequence
 
@@ -110,6 +112,10 @@ def _type_name(default: Any) -> str:
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(type(default), "a value")
 
 
+# Exponent notation without a dot (1e-3, 5E4): numbers to a person and to YAML 1.2, strings to PyYAML (YAML 1.1).
+_YAML11_FLOAT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+
+
 def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
     """Check ``value`` against the type of ``default`` and return it in that type (ints widen to floats)."""
 
@@ -133,6 +139,8 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
     if isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; a person means the number
         raise bad()
     if isinstance(default, str):
         if isinstance(value, str):
@@ -206,6 +214,8 @@ def _build_parser(defaults: Mapping[str, Any], description: str) -> argparse.Arg
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping (a preset or a saved ``args.yaml``); no validation here."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path.resolve()} is a folder; pass a YAML file to -c/--config")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path.resolve()}; check the path given to -c/--config")
     try:
@@ -301,6 +311,9 @@ def save_config(cfg: Mapping[str, Any], path: str | Path) -> Path:
         yaml.safe_dump(plain_value(dict(cfg)), f, sort_keys=False, default_flow_style=None, width=120)
         f.flush()
         os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private (0600); the run's other files follow the umask
     os.replace(tmp, path)
     return path
 
@@ -323,6 +336,8 @@ def run_cli(
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if not debug:  # warnings as one line each, like the errors (Python's own echo the source line below the message)
+        warnings.showwarning = _one_line_warning
     try:
         cfg = resolve_config(defaults, argv, description=description)
         debug = debug or bool(cfg.get("debug", False))
@@ -330,7 +345,7 @@ def run_cli(
     except (ValueError, OSError) as e:  # OSError: files and folders (missing, read-only, a file where a folder goes)
         if debug:
             traceback.print_exc()
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print(f"error: {_user_message(e)}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         rank = _lost_peer_rank(e)
@@ -349,6 +364,20 @@ def run_cli(
     if isinstance(result, Mapping) and result.get("interrupted"):
         return 128 + int(result.get("signal") or signal.SIGINT)
     return 0
+
+
+def _user_message(e: BaseException) -> str:
+    """The error's message on one line; from a DataLoader worker (``Caught X in DataLoader worker process N`` and the
+    worker's traceback), the worker's own message."""
+    text = str(e)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if last.startswith(type(e).__name__ + ": ") else last
+    return one_line(text)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    print(f"warning: {one_line(message)}", file=sys.stderr if file is None else file)
 
 
 def _lost_peer_rank(e: RuntimeError) -> int | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -352,7 +353,35 @@ def _build_imagefolder(data_dir: Path, split: str, img_size: int, in_chans: int 
         raise ValueError(f"imagefolder: no images under {folder.resolve()} ({e}); {hint}") from None
     if len(ds) == 0:
         raise ValueError(f"imagefolder: no images under {folder.resolve()}; {hint}")
+    if split != "train" and (data_dir / "train").is_dir():
+        # ImageFolder numbers the classes of each folder on its own: val/ with another class list would be labelled
+        # against train/'s numbers wrongly, silently.
+        train_classes = sorted(e.name for e in os.scandir(data_dir / "train") if e.is_dir())
+        if ds.classes != train_classes:
+            only_val = sorted(set(ds.classes) - set(train_classes))
+            only_train = sorted(set(train_classes) - set(ds.classes))
+            raise ValueError(
+                f"imagefolder: {folder.resolve()} has other classes than train/ (only in {split}/: "
+                f"{only_val[:5] or 'none'}; only in train/: {only_train[:5] or 'none'}); give both the same class "
+                f"folders (an empty one is allowed in neither)"
+            )
+    ds.loader = _CheckedLoader(ds.loader)
     return ds, DatasetInfo(len(ds.classes), 3, img_size)
+
+
+class _CheckedLoader:
+    """An ImageFolder loader whose unreadable files are a one-line error naming the file (a class, not a closure:
+    DataLoader workers may pickle it)."""
+
+    def __init__(self, load) -> None:
+        self.load = load
+
+    def __call__(self, path: str):
+        try:
+            return self.load(path)
+        except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError (an OSError), truncated files
+            why = one_line(e, 120)
+            raise ValueError(f"imagefolder: cannot read image {path} ({why}); remove or replace it") from None
 
 
 _FIXED = {"mnist": (10, 1), "fashion_mnist": (10, 1), "cifar10": (10, 3), "cifar100": (100, 3)}
@@ -438,6 +467,23 @@ def build_dataset(
         raise ValueError(
             f"{name}: {len(images)} {split} images but {len(labels)} labels in {data_dir.resolve()}; check that "
             f"--data-dir holds the full dataset"
+        )
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+        raise ValueError(
+            f"{name}: {split} images in {data_dir.resolve()} have shape {tuple(images.shape)}; expected (N, H, W) "
+            f"or (N, H, W, 1 or 3) uint8 (reshape flat rows, e.g. x.reshape(-1, 28, 28))"
+        )
+    labels = np.asarray(labels)
+    if (
+        labels.ndim != 1
+        or not np.issubdtype(labels.dtype, np.integer)
+        or labels.min() < 0
+        or labels.max() >= num_classes
+    ):
+        lo, hi = (labels.min(), labels.max()) if labels.size and labels.dtype.kind in "iuf" else (None, None)
+        raise ValueError(
+            f"{name}: {split} labels in {data_dir.resolve()} must be integers in [0, {num_classes}) (shape (N,)); "
+            f"got {labels.dtype} of shape {labels.shape}" + (f" in [{lo}, {hi}]" if lo is not None else "")
         )
     native = 1 if images.ndim == 3 else images.shape[-1]
     mean, std = _STATS[name]

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import stat
+import warnings
+
 import pytest
 import yaml
 
@@ -87,3 +92,60 @@ def test_run_cli_exit_codes(capsys) -> None:
     assert "did you mean '--epochs'" in capsys.readouterr().err
     assert run_cli(main, DEFAULTS, ["--epochs", "-1", "--debug"]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_yaml_exponent_without_a_dot_is_a_number(tmp_path) -> None:
+    """PyYAML (YAML 1.1) reads ``1e-3`` as a string; a config's float key takes it as the number it means."""
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\nepochs: 2\n")
+    assert resolve_config(DEFAULTS, ["-c", str(path)])["lr"] == 0.001
+    path.write_text("lr: 1e-3x\n")
+    with pytest.raises(ConfigError, match=r"'lr' must be a number, got '1e-3x'"):
+        resolve_config(DEFAULTS, ["-c", str(path)])
+
+
+def test_a_folder_given_as_config_file_is_named_so(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"config file .* is a folder; pass a YAML file"):
+        resolve_config(DEFAULTS, ["-c", str(tmp_path)])
+
+
+def test_saved_config_follows_the_umask(tmp_path) -> None:
+    old = os.umask(0o022)
+    try:
+        path = save_config(resolve_config(DEFAULTS), tmp_path / "args.yaml")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_run_cli_interrupted_status_and_one_line_warnings(capsys) -> None:
+    """A run a signal stopped returns the shell's status for it; warnings print as one line each."""
+
+    def main(cfg):
+        warnings.warn("two\nlines", UserWarning, stacklevel=1)
+        return {"interrupted": cfg["epochs"] > 1, "signal": int(signal.SIGTERM)}
+
+    assert run_cli(main, DEFAULTS, ["--epochs", "1"]) == 0
+    assert capsys.readouterr().err == "warning: two lines\n"
+    assert run_cli(main, DEFAULTS, ["--epochs", "2"]) == 128 + signal.SIGTERM
+    capsys.readouterr()
+
+    def read_only(cfg):
+        raise OSError(30, "Read-only file system", "/runs/x/args.yaml")
+
+    assert run_cli(read_only, DEFAULTS, []) == 2
+    assert capsys.readouterr().err == "error: [Errno 30] Read-only file system: '/runs/x/args.yaml'\n"
+
+
+def test_an_error_from_a_dataloader_worker_prints_the_workers_own_line(capsys) -> None:
+    """torch re-raises a worker's exception with the worker's traceback in its message: the line is the worker's."""
+    msg = (
+        "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\n    raise ValueError(...)\nValueError: imagefolder: cannot read image a.png (x)\n'
+    )
+
+    def main(cfg):
+        raise ValueError(msg)
+
+    assert run_cli(main, DEFAULTS, []) == 2
+    assert capsys.readouterr().err == "error: imagefolder: cannot read image a.png (x)\n"

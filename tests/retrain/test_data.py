@@ -119,3 +119,50 @@ def test_fixed_dataset_info_matches_the_loaded_data(tmp_path):
         assert fixed_dataset_info("fashion_mnist", 32, chans) == info
     assert fixed_dataset_info("cifar100", 40) == DatasetInfo(100, 3, 40)
     assert fixed_dataset_info("synthetic", 16) is None and fixed_dataset_info("imagefolder", 16) is None
+
+
+@pytest.mark.parametrize(
+    "images,labels,match",
+    [
+        (np.zeros((4, 784), np.uint8), np.arange(4), r"have shape \(4, 784\); expected \(N, H, W\).*reshape flat rows"),
+        (
+            np.zeros((4, 8, 8), np.uint8),
+            np.array([0, 1, 16, 2]),
+            r"labels .* must be integers in \[0, 10\).* in \[0, 16\]",
+        ),
+        (np.zeros((4, 8, 8), np.uint8), np.array([0, -1, 2, 3]), r"must be integers in \[0, 10\).* in \[-1, 3\]"),
+        (np.zeros((4, 8, 8), np.uint8), np.array([0.5, 1, 2, 3]), r"must be integers in \[0, 10\).*got float64"),
+    ],
+)
+def test_npz_arrays_of_the_wrong_shape_or_labels_are_one_line(tmp_path, images, labels, match) -> None:
+    """Caught when the data is built, before training: not an index error in the middle of an epoch."""
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x_train=images, y_train=labels, x_test=images, y_test=labels)
+    with pytest.raises(ValueError, match=match) as e:
+        build_dataset("fashion_mnist", npz, "train", img_size=8)
+    assert "\n" not in str(e.value)
+
+
+def _png(path, colour: int) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (12, 12), (colour, colour, colour)).save(path)
+
+
+def test_imagefolder_val_with_other_classes_and_unreadable_images(tmp_path) -> None:
+    for split, classes in (("train", "abc"), ("val", "ac")):
+        for c in classes:
+            _png(tmp_path / split / c / "0.png", 10 * ord(c) % 256)
+    ds, info = build_dataset("imagefolder", tmp_path, "train", img_size=8)
+    assert info.num_classes == 3 and ds[0][0].shape == (3, 8, 8)
+    # ImageFolder would number val's 'c' as 1, which is 'b' in train/
+    with pytest.raises(ValueError, match=r"other classes than train/ \(only in val/: none; only in train/: \['b'\]\)"):
+        build_dataset("imagefolder", tmp_path, "val", img_size=8)
+    _png(tmp_path / "val" / "b" / "0.png", 7)
+    assert len(build_dataset("imagefolder", tmp_path, "val", img_size=8)[0]) == 3
+    (tmp_path / "train" / "b" / "1.png").write_bytes(b"not a png")
+    ds, _ = build_dataset("imagefolder", tmp_path, "train", img_size=8)
+    bad = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("1.png")][0]
+    with pytest.raises(ValueError, match=r"imagefolder: cannot read image .*1.png \(.*\); remove or replace it"):
+        ds[bad]
