@@ -30,10 +30,13 @@ pooled standard deviations; a difference under ``noise_sigmas`` (2 by default) i
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import math
 import re
+import signal
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -105,20 +108,18 @@ def _parse_rows(cfg: dict[str, Any], train_defaults: dict[str, Any]) -> list[Row
             raise ConfigError(f"{where} must be a mapping like {{name: vim, model: vim_mini}}, got {entry!r}")
         for k in entry:
             if k not in _ROW_KEYS:
-                import difflib
-
                 near = difflib.get_close_matches(str(k), _ROW_KEYS, n=1)
                 hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(_ROW_KEYS)}"
                 raise ConfigError(f"{where}: unknown key '{k}'{hint}")
+        _check_row_types(entry, where)
         overrides = dict(entry.get("overrides") or {})
-        if not isinstance(overrides, dict):
-            raise ConfigError(f"{where}.overrides must be a mapping of retrain.train keys")
         searched = bool(entry.get("searched", False)) or bool(entry.get("arch"))
         sources = [k for k in ("model", "arch", "searched") if entry.get(k)]
         if len(sources) != 1 and not (sources == ["arch", "searched"]):
             raise ConfigError(f"{where}: give exactly one of 'model', 'arch' or 'searched: true'")
         if entry.get("model"):
             overrides["model"] = str(entry["model"])
+            _check_model_name(overrides["model"], f"{where} ({entry.get('name') or overrides['model']})")
         else:
             arch = entry.get("arch") or cfg["arch"]
             if not arch:
@@ -139,6 +140,14 @@ def _parse_rows(cfg: dict[str, Any], train_defaults: dict[str, Any]) -> list[Row
         except ConfigError as e:
             raise ConfigError(f"{where} ({name}): {one_line(e).removeprefix('overrides: ')}") from None
         run_dirs = [str(d) for d in entry.get("run_dirs") or []]
+        for d in run_dirs:
+            # A mistyped folder would otherwise just leave the row short of seeds, with nothing saying why.
+            if not Path(d).is_dir():
+                what = "is not a folder" if Path(d).exists() else "does not exist"
+                raise ConfigError(
+                    f"{where} ({name}): run_dirs entry '{d}' {what} ({Path(d).resolve()}); give the run folder of "
+                    f"one seed (the one holding args.yaml and summary.csv), relative to the current folder"
+                )
         rows.append(Row(name=name, overrides=overrides, searched=searched, run_dirs=run_dirs))
     if cfg["slws_ablation"]:
         # Each searched row that uses SLWS gets a twin without it, placed right after it.
@@ -155,6 +164,37 @@ def _parse_rows(cfg: dict[str, Any], train_defaults: dict[str, Any]) -> list[Row
     if dupes:
         raise ConfigError(f"two rows share the name {dupes[0]!r}; give each row a distinct 'name'")
     return rows
+
+
+def _check_row_types(entry: dict[str, Any], where: str) -> None:
+    """One line for a row field of the wrong type (a list where a name goes...), before it crashes or misleads."""
+    for key in ("name", "model", "arch"):
+        value = entry.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+            raise ConfigError(f"{where}.{key} must be a single name, got {value!r}")
+    if "searched" in entry and not isinstance(entry["searched"], bool):
+        raise ConfigError(f"{where}.searched must be true or false, got {entry['searched']!r}")
+    overrides = entry.get("overrides")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ConfigError(
+            f"{where}.overrides must be a mapping of retrain.train keys, e.g. {{drop_path: 0.1}}, got {overrides!r}"
+        )
+    run_dirs = entry.get("run_dirs")
+    # A lone string would be read letter by letter as folders.
+    if run_dirs is not None and not (isinstance(run_dirs, list) and all(isinstance(d, str) for d in run_dirs)):
+        raise ConfigError(f"{where}.run_dirs must be a list of run folders, e.g. [gpu/vim/seed0], got {run_dirs!r}")
+
+
+def _check_model_name(model: str, where: str) -> None:
+    """An unknown model stops here, naming its row, rather than in the first training (or never, when collecting)."""
+    import timm
+
+    import supernet  # noqa: F401  (registers our models with timm)
+
+    if not timm.is_model(model):
+        near = difflib.get_close_matches(model, timm.list_models(), n=1)
+        hint = f"did you mean '{near[0]}'?" if near else "timm.list_models() lists the registered names"
+        raise ConfigError(f"{where}: unknown model '{model}'; {hint}")
 
 
 def _recipe_shuffle(cfg: dict[str, Any], train_defaults: dict[str, Any]) -> float:
@@ -343,7 +383,7 @@ def _fmt_num(v: Any, scale: float = 1.0, digits: int = 2) -> str:
 
 
 def _write_csv(table: Sequence[dict[str, Any]], path: Path) -> None:
-    cols = [c for c in table[0] if not c.startswith("_")] + ["param_ratio", "size_ok"]
+    cols = list(dict.fromkeys([c for c in table[0] if not c.startswith("_")] + ["param_ratio", "size_ok"]))
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols)
         writer.writeheader()
@@ -465,9 +505,13 @@ def _dataset_info(train_cfg: dict[str, Any], need_files: bool = True) -> Any:
     return info
 
 
-def _count_params(train_mod: Any, train_cfg: dict[str, Any]) -> int:
+def _count_params(train_mod: Any, train_cfg: dict[str, Any], row_name: str) -> int:
     """The parameter count of a row's model, built the way retrain.train builds it (no training)."""
-    model, _ = train_mod.build_model(train_cfg, _dataset_info(train_cfg))
+    info = _dataset_info(train_cfg)
+    try:
+        model, _ = train_mod.build_model(train_cfg, info)
+    except ValueError as e:  # an arch file missing or not fitting its model: say which of the rows it is
+        raise ConfigError(f"row '{row_name}': {one_line(e)}") from None
     return int(sum(p.numel() for p in model.parameters()))
 
 
@@ -513,7 +557,8 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         cfg: keys of :data:`DEFAULTS`.
 
     Returns:
-        ``table`` (one dict per row), ``markdown`` (the text), and the paths ``md``, ``csv``, ``plot``, ``dir``.
+        ``table`` (one dict per row), ``markdown`` (the text), and the paths ``md``, ``csv``, ``plot`` (None when no
+        row has a finished run, so nothing is plotted), ``dir``.
     """
     from retrain import train as train_mod
 
@@ -524,6 +569,12 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"metric must be 'final' or 'best', got {cfg['metric']!r}")
     if not cfg["seeds"]:
         raise ConfigError("seeds is empty; give at least one seed")
+    repeated = sorted({s for s in cfg["seeds"] if list(cfg["seeds"]).count(s) > 1}, key=str)
+    if repeated:
+        # One run folder per seed: a repeated seed would be trained once and counted twice, faking a zero spread.
+        raise ConfigError(
+            f"seeds lists {', '.join(map(str, repeated))} more than once; give each seed once, e.g. seeds: [0, 1, 2]"
+        )
     train_defaults = dict(train_mod.DEFAULTS)
     recipe = _recipe(cfg, train_defaults)
     rows = _parse_rows(cfg, train_defaults)
@@ -543,7 +594,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
     if not cfg["collect_only"]:
         # Size check before any training: a mismatched table is not worth the GPU time.
         for row in rows:
-            row.params_expected = _count_params(train_mod, {**recipe, **row.overrides})
+            row.params_expected = _count_params(train_mod, {**recipe, **row.overrides}, row.name)
             print(f"{row.name:<28} {row.params_expected / 1e6:8.3f} M params", flush=True)
         _check_sizes(rows, ref, cfg, [r.params_expected for r in rows])
 
@@ -602,7 +653,9 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
             result = train_mod.main(train_cfg)
             (run_dir / _RESULTS).write_text(json.dumps(_jsonable(result), indent=1, sort_keys=True) + "\n")
             if result.get("interrupted"):
-                raise KeyboardInterrupt(f"{row.name} seed {seed} was interrupted; rerun the same command to continue")
+                stop = KeyboardInterrupt(f"{row.name} seed {seed} was interrupted; rerun the same command to continue")
+                stop.signum = int(result.get("signal") or signal.SIGINT)  # type: ignore[attr-defined]
+                raise stop
     for row, seed, _, run_dir in pending:
         got = collect_run(run_dir, cost_if_missing=True)
         if got is None or not _finished(got):
@@ -623,10 +676,15 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
     paths = {"md": out_dir / "comparison.md", "csv": out_dir / "comparison.csv", "plot": out_dir / "comparison.png"}
     paths["md"].write_text(md)
     _write_csv(table, paths["csv"])
+    skipped = ""
     if any(t["seeds"] for t in table):
         _plot(table, paths["plot"], cfg["experiment"])
+    else:
+        earlier = " (the one there is from an earlier call)" if paths["plot"].exists() else ""
+        skipped = f"; no {paths['plot'].name}{earlier}: no row has a finished run to plot"
+        paths["plot"] = None
     print(md, end="")
-    print(f"written: {paths['md']}, {paths['csv']}, {paths['plot']}")
+    print(f"written: {', '.join(str(p) for p in paths.values() if p is not None)}{skipped}")
     return {"table": table, "markdown": md, "dir": out_dir, **paths}
 
 
@@ -729,7 +787,16 @@ def _check_sizes(rows: Sequence[Row], ref: Row, cfg: dict[str, Any], params: Seq
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    return run_cli(main, DEFAULTS, argv, description="Compare the searched arch with the baselines over seeds.")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return run_cli(main, DEFAULTS, argv, description="Compare the searched arch with the baselines over seeds.")
+    except KeyboardInterrupt as e:
+        # A stop is not a crash: the run saved its checkpoint and a rerun continues, which one line says; the exit
+        # status is the shell's for that signal (130 for Ctrl-C, 143 for SIGTERM), so a calling script stops too.
+        if "--debug" in argv:
+            traceback.print_exc()
+        print(f"interrupted: {one_line(e) or 'rerun the same command to continue'}", file=sys.stderr)
+        return 128 + int(getattr(e, "signum", signal.SIGINT))
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ CASES = [
          setup=("search_run",)),
     Case("ckpt-resume-other-epochs", "retrain.train",
          [*TRAIN, "--experiment", "run", "--resume", "{out}/runs/run/last.pt", "--epochs", "5", "--lr", "1e-3"],
-         r"was trained with --epochs 2, but this run asks for --epochs 5; its LR schedule .* start a new --experiment",
+         r"was trained with --epochs 2, but this run asks for --epochs 5; its LR schedule.* start a new --experiment",
          setup=("run_2_epochs",)),
     Case("run-files-not-clobbered", "nas.search", [*SEARCH, "--experiment", "run"],
          r"holds another run's args.yaml, summary.csv but no checkpoint; pass --resume auto", setup=("files_run",)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,22 @@ def test_statistics() -> None:
         ([{"name": "a", "model": "test_vim"}, {"name": "a", "model": "test_vim"}], "share the name"),
         ([{"name": "s", "searched": True}], "no arch file is given"),
         ([{"name": "a", "model": "test_vim", "overrides": {"epochs": 9, "lr": 0.1}}], "epochs, lr belong to the"),
+        ([{"name": "a", "model": "test_vim", "overrides": [1, 2]}], r"models\[0\]\.overrides must be a mapping of ret"),
+        ([{"name": "a", "model": "test_vim", "overrides": "drop_path: 0.1"}], r"models\[0\]\.overrides must be a map"),
+        ([{"name": ["a"], "model": "test_vim"}], r"models\[0\]\.name must be a single name, got \['a'\]"),
+        ([{"name": "a", "model": ["test_vim"]}], r"models\[0\]\.model must be a single name"),
+        ([{"name": "a", "arch": ["arch.yaml"]}], r"models\[0\]\.arch must be a single name"),
+        ([{"name": "a", "arch": "arch.yaml", "searched": "no"}], r"models\[0\]\.searched must be true or false"),
+        ([{"name": "a", "model": "test_vim", "run_dirs": "gpu/seed0"}], r"models\[0\]\.run_dirs must be a list of run"),
+        ([{"name": "a", "model": "test_vim", "run_dirs": 5}], r"models\[0\]\.run_dirs must be a list of run folders"),
+        (
+            [{"name": "a", "model": "test_vimm"}],
+            r"^models\[0\] \(a\): unknown model 'test_vimm'; did you mean 'test_vim'\?$",
+        ),
+        (
+            [{"name": "a", "model": "zzqqxx"}],
+            r"^models\[0\] \(a\): unknown model 'zzqqxx'; timm.list_models\(\) lists the",
+        ),
     ],
 )
 def test_bad_rows_are_one_line_errors(tmp_path: Path, models: list, match: str) -> None:
@@ -317,3 +334,131 @@ def test_side_by_side_runs_are_pinned_to_the_least_busy_gpu(tmp_path: Path, monk
     (tmp_path / "runs" / "vim").mkdir(parents=True)
     compare._run_parallel(pending, jobs=4)
     assert sorted(seen) == ["2", "2", "5", "5"]
+
+
+def _tiny_recipe(tmp_path: Path) -> Path:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"dataset": "synthetic", "num_samples": 64, "img_size": 16, "epochs": 1}))
+    return recipe
+
+
+def test_repeated_seeds_are_refused(tmp_path: Path, capsys) -> None:
+    """A repeated seed is one run folder counted twice: a fake zero spread and an 'inf σ' verdict. Refused in one
+    line, from the YAML and from the command line, before anything is written."""
+    _populate(tmp_path, {"searched": [80.0, 81.0], "vim": [70.0, 71.0], "fixed": [80.5, 81.5]})
+    with pytest.raises(ConfigError, match=r"^seeds lists 1 more than once; give each seed once") as err:
+        compare.main(_cfg(tmp_path, seeds=[0, 1, 1]))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out" / "cmp" / "comparison.md").exists()
+    argv = ["--output", str(tmp_path / "out"), "--experiment", "cli", "--collect-only", "--seeds", "0", "0",
+            "--models", "test_vim"]  # fmt: skip
+    assert compare.cli(argv) == 2
+    assert (
+        capsys.readouterr().err == "error: seeds lists 0 more than once; give each seed once, e.g. seeds: [0, 1, 2]\n"
+    )
+    assert not (tmp_path / "out" / "cli").exists()
+
+
+def test_csv_has_each_column_once(tmp_path: Path) -> None:
+    _populate(tmp_path, {"searched": [80.0, 81.0, 82.0], "vim": [70.0, 71.0, 72.0], "fixed": [80.5, 81.5, 80.0]},
+              params={"searched": 1000, "vim": 1000, "fixed": 1050})  # fmt: skip
+    out = compare.main(_cfg(tmp_path))
+    with open(out["csv"], newline="") as f:
+        header, *lines = list(csv.reader(f))
+    assert len(header) == len(set(header)) and header[-2:] == ["param_ratio", "size_ok"]
+    assert all(len(line) == len(header) for line in lines) and len(lines) == 3
+    fixed = dict(zip(header, lines[2]))
+    assert float(fixed["param_ratio"]) == pytest.approx(1.05) and fixed["size_ok"] == "True"
+
+
+def test_a_missing_run_dir_is_named(tmp_path: Path, monkeypatch) -> None:
+    """A mistyped run_dirs entry is a one-line error naming the row and the folder, before anything is written;
+    relative entries are read from the current folder."""
+    monkeypatch.chdir(tmp_path)
+    _fake_run(tmp_path / "gpu" / "vim" / "seed0", "test_vim", 0, [70.0])
+    (tmp_path / "gpu" / "notes.txt").write_text("")
+    for entry, what in (("gpu/vim/sed1", "does not exist"), ("gpu/notes.txt", "is not a folder")):
+        models = [{"name": "fixed", "model": "test_local_fixed_vim"},
+                  {"name": "vim", "model": "test_vim", "run_dirs": ["gpu/vim/seed0", entry]}]  # fmt: skip
+        with pytest.raises(ConfigError) as err:
+            compare.main(_cfg(tmp_path, seeds=[0, 1], models=models))
+        msg = str(err.value)
+        assert msg.startswith(
+            f"models[1] (vim): run_dirs entry '{entry}' {what} ({(tmp_path / entry).resolve()}); give the run"
+        )
+        assert "\n" not in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_written_line_names_only_the_files_written(tmp_path: Path, capsys) -> None:
+    """No row with a finished run: no plot, and the 'written' line says so instead of naming a file it did not write
+    (nor passes off one left by an earlier call as new)."""
+    cfg = _cfg(tmp_path, seeds=[0], models=[{"name": "vim", "model": "test_vim"}])
+    d = tmp_path / "out" / "cmp"
+
+    def written() -> list[str]:
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("written: ")]
+
+    out = compare.main(cfg)
+    no_plot = f"written: {d / 'comparison.md'}, {d / 'comparison.csv'}; no comparison.png"
+    assert written() == [f"{no_plot}: no row has a finished run to plot"]
+    assert out["plot"] is None and not (d / "comparison.png").exists() and Path(out["csv"]).is_file()
+    (d / "comparison.png").write_bytes(b"an earlier plot")
+    compare.main(cfg)
+    assert written() == [f"{no_plot} (the one there is from an earlier call): no row has a finished run to plot"]
+    assert (d / "comparison.png").read_bytes() == b"an earlier plot"
+    _fake_run(d / "runs" / "vim" / "seed0", "test_vim", 0, [70.0])
+    out = compare.main(cfg)
+    assert written() == [f"written: {d / 'comparison.md'}, {d / 'comparison.csv'}, {d / 'comparison.png'}"]
+    assert out["plot"] == d / "comparison.png" and (d / "comparison.png").stat().st_size > 1000
+
+
+def test_unknown_model_names_its_row_and_the_nearest_model(tmp_path: Path) -> None:
+    """Collecting or training, an unknown model stops before anything is built or written, naming the row and the
+    nearest registered model, without the arch-file hint that fits retrain.train's --model only."""
+    models = [{"name": "vim", "model": "test_vim"}, {"name": "fixed", "model": "test_local_fixd_vim"}]
+    for collect_only in (True, False):
+        cfg = _cfg(tmp_path, collect_only=collect_only, seeds=[0], train_config=str(_tiny_recipe(tmp_path)))
+        with pytest.raises(ConfigError) as err:
+            compare.main({**cfg, "models": models})
+        assert str(err.value) == (
+            "models[1] (fixed): unknown model 'test_local_fixd_vim'; did you mean 'test_local_fixed_vim'?"
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_arch_file_names_its_row(tmp_path: Path, capsys) -> None:
+    models = [{"name": "vim", "model": "test_vim"}, {"name": "mine", "arch": str(tmp_path / "nope.yaml")}]
+    cfg = _cfg(tmp_path, collect_only=False, seeds=[0], train_config=str(_tiny_recipe(tmp_path)), models=models)
+    with pytest.raises(ConfigError, match=r"^row 'mine': arch file not found: .*nope\.yaml") as err:
+        compare.main(cfg)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_training_is_one_line_with_the_signal_status(
+    tmp_path: Path, monkeypatch, capsys, signum: int, status: int
+) -> None:
+    """Ctrl-C (or SIGTERM) during a row's training: retrain.train saves its checkpoint and returns interrupted; the
+    CLI says in one line where it stopped and that a rerun continues, no traceback, and exits as the shell would."""
+    from retrain import train
+
+    def stopped(cfg: dict) -> dict:  # what retrain.train.main returns when a signal stops it
+        (Path(cfg["output"]) / cfg["experiment"]).mkdir(parents=True, exist_ok=True)
+        return {"interrupted": True, "signal": int(signum), "top1": 10.0}
+
+    monkeypatch.setattr(train, "main", stopped)
+    argv = ["--output", str(tmp_path / "out"), "--experiment", "cmp", "--train-config", str(_tiny_recipe(tmp_path)),
+            "--models", "test_vim", "--seeds", "0", "1"]  # fmt: skip
+    try:
+        got = compare.cli(argv)
+    except KeyboardInterrupt as e:  # caught here: escaping, it would stop the whole test session
+        pytest.fail(f"KeyboardInterrupt escaped the CLI: {e!r}")
+    assert got == status
+    assert capsys.readouterr().err == (
+        "interrupted: test_vim seed 0 was interrupted; rerun the same command to continue\n"
+    )
+    runs = tmp_path / "out" / "cmp" / "runs" / "test_vim"
+    assert json.loads((runs / "seed0" / "results.json").read_text())["interrupted"] is True
+    assert not (runs / "seed1").exists()  # stopped there, not carried on to the next seed
