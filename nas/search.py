@@ -64,6 +64,7 @@ from retrain.engine import (
     StopFlag,
     amp_dtype_for,
     autocast,
+    check_opt_sched,
     count_params_flops,
     evaluate,
     format_metrics,
@@ -310,6 +311,7 @@ def _check_values(cfg: dict[str, Any]) -> None:
         ("compile", cfg["compile"] in COMPILE_MODES, "a value among " + ", ".join(repr(m) for m in COMPILE_MODES)),
         ("scan_sums", cfg["scan_sums"] in CHANNEL_SUMS, "a value among " + ", ".join(repr(m) for m in CHANNEL_SUMS)),
     ]
+    check_opt_sched(cfg["opt"], cfg["sched"])
     for key, ok, want in checks:
         if not ok:
             raise ValueError(f"--{key.replace('_', '-')} {cfg[key]!r} is out of range; use {want}")

@@ -54,6 +54,27 @@ __all__ = [
 COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def check_opt_sched(opt: str, sched: str) -> None:
+    """Refuse, in one line with the nearest valid name, an optimizer or LR schedule timm does not know (checked before
+    a run writes anything; timm itself would say so only once the model and data are built)."""
+    import inspect
+    import re
+
+    import timm.optim
+    from timm.scheduler import create_scheduler_v2
+
+    from retrain.config import nearest_key
+
+    names = timm.optim.list_optimizers() if hasattr(timm.optim, "list_optimizers") else []  # timm >= 1.0.12
+    # timm's factory takes an optional "lookahead_" prefix and case-insensitive names
+    if names and opt.lower().split("_")[-1] not in names:
+        raise ValueError(f"--opt {opt!r} is not a timm optimizer{nearest_key(opt.lower(), names, list_valid=False)}")
+    # The schedules create_scheduler_v2 dispatches on, read from the installed timm (no list function exists).
+    scheds = sorted(set(re.findall(r"sched == ['\"](\w+)['\"]", inspect.getsource(create_scheduler_v2))))
+    if scheds and sched not in scheds:
+        raise ValueError(f"--sched {sched!r} is not a timm LR schedule{nearest_key(sched, scheds, list_valid=True)}")
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (all devices)."""
     random.seed(seed)

@@ -68,6 +68,7 @@ from retrain.engine import (
     StopFlag,
     amp_dtype_for,
     autocast,
+    check_opt_sched,
     count_params_flops,
     evaluate,
     format_metrics,
@@ -150,14 +151,15 @@ DESCRIPTION = "Train a derived arch, one of our vision Mamba models, or any timm
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _is_zoo_model(name: str) -> bool:
-    """Whether ``name`` is one of our timm entry points (they take ``img_size``, ``shuffle_max``...)."""
+def _is_zoo_model(name: str, where: str = "", todo: str = "see timm.list_models() or pass --arch arch.yaml") -> bool:
+    """Whether ``name`` is one of our timm entry points (they take ``img_size``, ``shuffle_max``...); ``where`` and
+    ``todo`` frame the error for an unknown name."""
     import supernet  # noqa: F401  (registers our models with timm)
 
     if not timm.is_model(name):
         near = difflib.get_close_matches(name, timm.list_models(), n=1)
         hint = f"did you mean '{near[0]}'? " if near else ""
-        raise ValueError(f"unknown model '{name}'; {hint}see timm.list_models() or pass --arch arch.yaml")
+        raise ValueError(f"{where}unknown model '{name}'; {hint}{todo}")
     return timm.models.model_entrypoint(name).__module__.split(".")[0] == "supernet"
 
 
@@ -199,7 +201,13 @@ def build_model(cfg: dict[str, Any], info: DatasetInfo) -> tuple[nn.Module, dict
         if not name:
             raise ValueError(f"arch file {cfg['arch']} names no model; add 'model: <derived entry>' or pass --model")
         arch_dict["model"] = name
-        zoo = True
+        todo = "fix its 'model:' line (a derived model, e.g. local_vim_tiny)"
+        zoo = _is_zoo_model(name, f"arch file {cfg['arch']}: ", todo)
+        if not zoo:
+            raise ValueError(
+                f"arch file {cfg['arch']}: '{name}' is timm's own model, which takes no arch; name a derived model of "
+                f"ours in its 'model:' line (e.g. local_vim_tiny, local_vmamba_tiny)"
+            )
     else:
         if not cfg["model"]:
             raise ValueError("nothing to train: pass --model NAME (ours or any timm model) or --arch arch.yaml")
@@ -272,6 +280,7 @@ def _check_values(cfg: dict[str, Any]) -> None:
         ("compile", cfg["compile"] in COMPILE_MODES, "among " + ", ".join(repr(m) for m in COMPILE_MODES)),
         ("scan_sums", cfg["scan_sums"] in CHANNEL_SUMS, "among " + ", ".join(repr(m) for m in CHANNEL_SUMS)),
     ]
+    check_opt_sched(cfg["opt"], cfg["sched"])
     for key, ok, want in checks:
         if not ok:
             raise ValueError(f"--{key.replace('_', '-')} {cfg[key]!r} is out of range; use a value {want}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from numbers import Integral
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -43,6 +43,21 @@ def check_io(model_name: str, in_chans: int | None = None, num_classes: int | No
         not isinstance(num_classes, Integral) or isinstance(num_classes, bool) or num_classes < 0
     ):
         raise ValueError(f"{model_name}: num_classes must be an int >= 0 (0: no classifier), got {num_classes!r}")
+
+
+def check_sizes(model_name: str, ints: dict[str, Any], ratios: dict[str, Any], kernel: int) -> None:
+    """Refuse, in one line, a width, depth or state size that is not a positive int (lists: each entry), a ratio
+    that is not a positive number and a conv size ``kernel`` (``d_conv``, 0 = no conv) below 0, naming the argument
+    (rather than a tensor-shape error deep in construction)."""
+    for key, value in ints.items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if not isinstance(v, Integral) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{model_name}: {key} must be a positive int (or a list of them), got {value!r}")
+    if not isinstance(kernel, Integral) or isinstance(kernel, bool) or kernel < 0:
+        raise ValueError(f"{model_name}: d_conv must be an int >= 0 (0: no conv), got {kernel!r}")
+    for key, value in ratios.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise ValueError(f"{model_name}: {key} must be a positive number, got {value!r}")
 
 
 class LayerOrders:

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 
-from ._base import ArchModelMixin, ArchSpecLike, SpaceSpec, check_io, resolve_layer_orders, to_size
+from ._base import ArchModelMixin, ArchSpecLike, SpaceSpec, check_io, check_sizes, resolve_layer_orders, to_size
 from .mixer import ARCH_MODES, Branch, MultiOrderMixer, gemm_input_dtype
 from .slws import draw_shuffle, slws_probs
 
@@ -201,6 +201,8 @@ class VisionMamba(ArchModelMixin, nn.Module):
         if not isinstance(patch_size, int) or patch_size < 1:
             raise ValueError(f"{model_name}: patch_size must be a positive int, got {patch_size!r}")
         check_io(model_name, in_chans, num_classes)
+        check_sizes(model_name, {"embed_dim": embed_dim, "depth": depth, "d_state": d_state},
+                    {"expand": expand}, d_conv)  # fmt: skip
         if any(s % patch_size for s in self.img_size):
             raise ValueError(
                 f"{model_name}: img_size {self.img_size} is not divisible by patch_size {patch_size}; use a multiple"

@@ -28,7 +28,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
-from ._base import ArchModelMixin, ArchSpecLike, SpaceSpec, check_io, resolve_layer_orders, to_size
+from ._base import ArchModelMixin, ArchSpecLike, SpaceSpec, check_io, check_sizes, resolve_layer_orders, to_size
 from .mixer import ARCH_MODES, Branch, LayerNorm, MultiOrderMixer, gemm_input_dtype
 from .slws import draw_shuffle, slws_probs
 
@@ -174,6 +174,8 @@ class VMamba(ArchModelMixin, nn.Module):
         if not isinstance(patch_size, int) or patch_size < 1:
             raise ValueError(f"{model_name}: patch_size must be a positive int, got {patch_size!r}")
         check_io(model_name, in_chans, num_classes)
+        check_sizes(model_name, {"dims": dims, "depths": depths, "d_state": d_state},
+                    {"ssm_ratio": ssm_ratio}, d_conv)  # fmt: skip
         if any(s % patch_size for s in self.img_size):
             raise ValueError(
                 f"{model_name}: img_size {self.img_size} is not divisible by patch_size {patch_size}; use a multiple"

@@ -105,6 +105,14 @@ CASES = [
     Case("arch-wrong-layer-count", "retrain.train", [*TRAIN, "--arch", "{fx}/arch_3layers.yaml"],
          r"3 layers.*2 searchable layers"),
     Case("arch-unknown-order", "retrain.train", [*TRAIN, "--arch", "{fx}/arch_bad_order.yaml"], r"zigzag"),
+    Case("arch-unknown-model", "retrain.train", [*TRAIN, "--arch", "{fx}/arch_unknown_model.yaml"],
+         r"arch file .*arch_unknown_model.yaml: unknown model 'test_local_vimm'; did you mean 'test_local_vim'\? fix"),
+    Case("arch-timm-model", "retrain.train", [*TRAIN, "--arch", "{fx}/arch_timm_model.yaml"],
+         r"'vit_tiny_patch16_224' is timm's own model, which takes no arch"),
+    Case("config-unknown-optimizer", "retrain.train", [*TRAIN, "--opt", "adamx"],
+         r"--opt 'adamx' is not a timm optimizer; did you mean 'adamax'"),
+    Case("config-unknown-schedule", "nas.search", [*SEARCH, "--sched", "cosin"],
+         r"--sched 'cosin' is not a timm LR schedule; did you mean 'cosine'"),
     Case("arch-orders-of-another-space", "retrain.train", [*TRAIN, "--arch", "{fx}/arch_other_space.yaml"],
          r"order 'v' is not a candidate of search space 'vim'"),
     Case("arch-unknown-space", "retrain.train", [*TRAIN, "--arch", "{fx}/arch_unknown_space.yaml"],
@@ -223,6 +231,8 @@ def _make_fixtures(fx: Path) -> None:
         layers=[{"label": f"blocks.{i}", "orders": ["h", "h_flip", "w2", "w2_flip"]} for i in range(3)],
     )
     _arch(fx / "arch_bad_order.yaml", layers=[{"label": f"blocks.{i}", "orders": ["h", "zigzag"]} for i in range(2)])
+    _arch(fx / "arch_unknown_model.yaml", model="test_local_vimm")
+    _arch(fx / "arch_timm_model.yaml", model="vit_tiny_patch16_224")
     _arch(
         fx / "arch_other_space.yaml",
         space="vim",

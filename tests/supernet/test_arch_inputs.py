@@ -95,3 +95,21 @@ def test_space_or_arch_on_an_entry_point_with_its_own_orders_says_which_to_use()
         with pytest.raises(ValueError, match=r"pass only one of .* for a supernet use a \*_search entry point") as e:
             timm.create_model(name, **kwargs)
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,match",
+    [
+        ("test_vim", {"embed_dim": -8}, r"embed_dim must be a positive int \(or a list of them\), got -8"),
+        ("test_vim", {"depth": 0}, r"depth must be a positive int"),
+        ("test_vim", {"expand": 0.0}, r"expand must be a positive number, got 0.0"),
+        ("test_vmamba", {"dims": (16, 0, 32, 48)}, r"dims must be a positive int \(or a list of them\), got \(16, 0"),
+        ("test_vmamba", {"d_state": 1.5}, r"d_state must be a positive int"),
+        ("test_vmamba", {"d_conv": -1}, r"d_conv must be an int >= 0 \(0: no conv\), got -1"),
+    ],
+)
+def test_sizes_that_cannot_build_a_model_are_one_line(name: str, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=f"{name}: {match}") as e:
+        timm.create_model(name, **kwargs)
+    assert "\n" not in str(e.value)
+    timm.create_model(name, d_conv=0)  # no conv: still a model
