@@ -31,6 +31,7 @@ import datetime
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -230,6 +231,9 @@ def build_supernet(cfg: dict[str, Any], num_classes: int, in_chans: int) -> tupl
         raise ValueError(
             f"'{name}' has no arch parameters; search a supernet (a *_search model, e.g. {DEFAULTS['model']})"
         )
+    k = min(p.numel() for p in model.arch_parameters())
+    if cfg["algo"] == "gdas" and cfg["gdas_top_m"] > k:
+        raise ValueError(f"--gdas-top-m {cfg['gdas_top_m']} is out of range; the space has {k} candidates per layer")
     return model, {"name": name, "kwargs": kwargs}
 
 
@@ -312,6 +316,14 @@ def _check_values(cfg: dict[str, Any]) -> None:
         ("scan_sums", cfg["scan_sums"] in CHANNEL_SUMS, "a value among " + ", ".join(repr(m) for m in CHANNEL_SUMS)),
     ]
     check_opt_sched(cfg["opt"], cfg["sched"])
+    if cfg["warmup_epochs"] > cfg["epochs"]:
+        warnings.warn(
+            f"--warmup-epochs {cfg['warmup_epochs']} is longer than the run's {cfg['epochs']} epochs: the LR never "
+            f"reaches --lr {cfg['lr']}",
+            stacklevel=2,
+        )
+    if cfg["dataset"] == "synthetic" and cfg["data_dir"]:
+        warnings.warn(f"--data-dir {cfg['data_dir']} is not read: the synthetic dataset is generated", stacklevel=2)
     for key, ok, want in checks:
         if not ok:
             raise ValueError(f"--{key.replace('_', '-')} {cfg[key]!r} is out of range; use {want}")

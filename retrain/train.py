@@ -33,6 +33,7 @@ import difflib
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -281,6 +282,14 @@ def _check_values(cfg: dict[str, Any]) -> None:
         ("scan_sums", cfg["scan_sums"] in CHANNEL_SUMS, "among " + ", ".join(repr(m) for m in CHANNEL_SUMS)),
     ]
     check_opt_sched(cfg["opt"], cfg["sched"])
+    if cfg["warmup_epochs"] > cfg["epochs"]:
+        warnings.warn(
+            f"--warmup-epochs {cfg['warmup_epochs']} is longer than the run's {cfg['epochs']} epochs: the LR never "
+            f"reaches --lr {cfg['lr']}",
+            stacklevel=2,
+        )
+    if cfg["dataset"] == "synthetic" and cfg["data_dir"]:
+        warnings.warn(f"--data-dir {cfg['data_dir']} is not read: the synthetic dataset is generated", stacklevel=2)
     for key, ok, want in checks:
         if not ok:
             raise ValueError(f"--{key.replace('_', '-')} {cfg[key]!r} is out of range; use a value {want}")

@@ -169,6 +169,11 @@ class ArchSpec:
                     f"'probs')"
                 )
             _check_keys(entry, _LAYER_KEYS, f"{source} layer {i}")
+            if not isinstance(entry["orders"], (list, tuple)):  # a string would be read letter by letter
+                raise _err(
+                    f"{source}: layer {i}: 'orders' must be a list of order names, e.g. [h, h_flip, w2, w2_flip], "
+                    f"got {entry['orders']!r}"
+                )
             label = entry.get("label")
             layers.append(
                 LayerChoice(

@@ -54,6 +54,8 @@ CASES = [
     Case("config-out-of-range", "retrain.train", [*TRAIN, "--lr", "-1"], r"--lr -1.0 is out of range; use a value > 0"),
     Case("config-search-out-of-range", "nas.search", [*SEARCH, "--arch-frac", "1.5"], r"--arch-frac 1.5 .*\(0, 1\)"),
     Case("config-unknown-algo", "nas.search", [*SEARCH, "--algo", "dart"], r"--algo 'dart'.*one of darts"),
+    Case("config-gdas-top-m-above-k", "nas.search", [*SEARCH, "--img-size", "32", "--algo", "gdas", "--gdas-top-m=9"],
+         r"--gdas-top-m 9 is out of range; the space has 8 candidates per layer"),
     Case("config-missing-file", "retrain.train", ["-c", "{fx}/nope.yaml"], r"config file not found: .*nope.yaml"),
     Case("config-not-yaml", "nas.search", ["-c", "{fx}/broken.yaml"], r"broken.yaml: not valid YAML"),
     Case("config-unknown-model", "retrain.train", [*TRAIN, "--model", "test_vimm"], r"'test_vimm'; did you mean"),

@@ -245,3 +245,9 @@ def test_bad_val_frac_is_one_line(tmp_path, capsys) -> None:
     _run(tmp_path, epochs=1, experiment="vf", val_frac=0.25)
     with pytest.raises(ValueError, match=r"--val-frac 0.25, but this run asks for --val-frac 0.0; its LR schedule"):
         _run(tmp_path, epochs=1, experiment="vf", resume="auto")
+
+
+def test_warmup_longer_than_the_run_and_an_unread_data_dir_warn(tmp_path) -> None:
+    with pytest.warns(UserWarning, match=r"--warmup-epochs 3 is longer than the run's 1 epochs: the LR never reaches"):
+        with pytest.warns(UserWarning, match=r"--data-dir nowhere is not read: the synthetic dataset is generated"):
+            _run(tmp_path, epochs=1, warmup_epochs=3, data_dir="nowhere", num_samples=64)

@@ -50,3 +50,10 @@ def test_load_arch_names_the_forms_it_takes(spec) -> None:
 def test_arch_spec_passes_through() -> None:
     arch = load_arch(_shorthand([_ORDERS[0]]))
     assert isinstance(arch, ArchSpec) and load_arch(arch) is arch
+
+
+def test_orders_given_as_one_string_are_one_line() -> None:
+    """``orders: 'h h_flip w2 w2_flip'`` is not read letter by letter (which named the order ' ' as unknown)."""
+    with pytest.raises(ValueError, match=r"layer 0: 'orders' must be a list of order names, e.g. \[h, h_flip") as e:
+        load_arch(_shorthand([{"orders": "h h_flip w2 w2_flip"}]))
+    assert "\n" not in str(e.value)
