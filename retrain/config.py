@@ -211,6 +211,24 @@ def _build_parser(defaults: Mapping[str, Any], description: str) -> argparse.Arg
     return parser
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last one
+    silently: ``epochs: 2`` then ``epochs: 3`` would train 3 epochs with nothing said)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):  # unhashable keys: the base class reports them
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice; keep one", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping (a preset or a saved ``args.yaml``); no validation here."""
     path = Path(path)
@@ -219,7 +237,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path.resolve()}; check the path given to -c/--config")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(one_line(f"config file {path}: not valid YAML ({e})")) from None
     if data is None:

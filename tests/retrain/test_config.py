@@ -149,3 +149,13 @@ def test_an_error_from_a_dataloader_worker_prints_the_workers_own_line(capsys) -
 
     assert run_cli(main, DEFAULTS, []) == 2
     assert capsys.readouterr().err == "error: imagefolder: cannot read image a.png (x)\n"
+
+
+def test_a_key_given_twice_in_a_yaml_config_is_one_line(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 2\nlr: 0.1\nepochs: 3\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML \(key 'epochs' appears twice; keep one in .*line 3") as e:
+        resolve_config(DEFAULTS, ["-c", str(path)])
+    assert "\n" not in str(e.value)
+    path.write_text("epochs: 2\nmodel_kwargs: {a: 1}\n")
+    assert resolve_config({**DEFAULTS, "model_kwargs": {}}, ["-c", str(path)])["epochs"] == 2
