@@ -77,7 +77,16 @@ from retrain.engine import (
     set_rng_state,
 )
 
-__all__ = ["ALGOS", "DEFAULTS", "arch_param_groups", "build_supernet", "gdas_tau", "main", "weight_param_groups"]
+__all__ = [
+    "ALGOS",
+    "DEFAULTS",
+    "arch_param_groups",
+    "build_supernet",
+    "check_values",
+    "gdas_tau",
+    "main",
+    "weight_param_groups",
+]
 
 ALGOS = ("darts", "joint", "gdas")
 
@@ -276,7 +285,7 @@ class _BatchStream:
 RESUME_KEYS = ("epochs", "lr", "min_lr", "warmup_epochs", "warmup_lr", "batch_size", "seed", "arch_frac", "algo")
 
 
-def _check_values(cfg: dict[str, Any]) -> None:
+def check_values(cfg: dict[str, Any]) -> None:
     checks = [
         ("algo", cfg["algo"] in ALGOS, f"one of {', '.join(ALGOS)}"),
         ("epochs", cfg["epochs"] >= 1, ">= 1"),
@@ -380,7 +389,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
         (last.pt), ``epochs_run``, ``interrupted``.
     """
     cfg = resolve_config(DEFAULTS, overrides=cfg)
-    _check_values(cfg)
+    check_values(cfg)
     set_channel_sums(cfg["scan_sums"])  # process-wide, before any scan runs
     dinfo = init_distributed(cfg["device"], cfg["dist_timeout"])
     device, amp_dtype = dinfo.device, amp_dtype_for(dinfo.device, cfg["amp"])

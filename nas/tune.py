@@ -571,6 +571,19 @@ def _plot(rows: Sequence[dict[str, Any]], path: Path, metric: str) -> None:
 # main
 
 
+def _check_ranges(target_module: Any, base_cfg: dict[str, Any], space: SweepSpace, source: str) -> None:
+    """Every extreme value of every swept key, on top of the base config, must pass the target's own range checks
+    (lr > 0, arch_warmup_epochs below epochs...): a trial that would refuse it fails only inside Ray, after the sweep
+    has started, and resuming cannot fix the space."""
+    for param in space.params:
+        for value in param.extremes():
+            try:
+                target_module.check_values({**base_cfg, param.name: value})
+            except ValueError as e:
+                why = f"params.{param.name} can be {value!r}, which a trial refuses"
+                raise ConfigError(f"{source}: {why}: {e}") from None
+
+
 def main(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume) a sweep and write its summary files.
 
@@ -619,6 +632,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         base_cfg, held_out_note = held_out_base(target, base_cfg)
         if held_out_note:
             print(held_out_note, flush=True)
+        _check_ranges(target_module, base_cfg, space, cfg["space"])
         space_path = str(Path(cfg["space"]).resolve())
         cpus, gpus = float(cfg["cpus_per_trial"]), float(cfg["gpus_per_trial"])
         num_samples, max_concurrent, workdir = int(cfg["num_samples"]), int(cfg["max_concurrent"] or 0), os.getcwd()

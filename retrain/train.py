@@ -81,7 +81,7 @@ from retrain.engine import (
     unwrap_model,
 )
 
-__all__ = ["DEFAULTS", "build_model", "main", "model_from_spec"]
+__all__ = ["DEFAULTS", "build_model", "check_values", "main", "model_from_spec"]
 
 # Constructor arguments the trainer sets from its flags or the data ("": the data), refused in model_kwargs.
 MODEL_ARGS_SET_BY_FLAGS = {**TRAINER_MODEL_ARGS, "shuffle_max": "--shuffle-max", "arch": "--arch"}
@@ -250,7 +250,7 @@ def build_model(cfg: dict[str, Any], info: DatasetInfo) -> tuple[nn.Module, dict
 RESUME_KEYS = ("epochs", "sched", "lr", "min_lr", "warmup_epochs", "warmup_lr", "batch_size", "val_frac", "seed")
 
 
-def _check_values(cfg: dict[str, Any]) -> None:
+def check_values(cfg: dict[str, Any]) -> None:
     """Ranges the types cannot express; each error names the flag and a valid range."""
     checks = [
         ("epochs", cfg["epochs"] >= 1, ">= 1"),
@@ -401,7 +401,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     cfg = resolve_config(DEFAULTS, overrides=cfg)
     if cfg["eval_only"]:
         return _eval_only(cfg)
-    _check_values(cfg)
+    check_values(cfg)
     set_channel_sums(cfg["scan_sums"])  # process-wide, before any scan runs
     dinfo = init_distributed(cfg["device"], cfg["dist_timeout"])
     device, amp_dtype = dinfo.device, amp_dtype_for(dinfo.device, cfg["amp"])

@@ -167,6 +167,10 @@ CASES = [
          [*TUNE, "--space", "{fx}/space_bad_dist.yaml"], r"unknown distribution 'logunif"),
     Case("sweep-low-above-high", "nas.tune", [*TUNE, "--space", "{fx}/space_low_high.yaml"],
          r"low \(0.1\) must be below high \(0.01\)"),
+    Case("sweep-value-a-trial-refuses", "nas.tune", [*TUNE, "--space", "{fx}/space_bad_choice.yaml"],
+         r"space_bad_choice.yaml: params.algo can be 'dart', which a trial refuses: --algo 'dart' is out of range"),
+    Case("sweep-range-a-trial-refuses", "nas.tune", [*TUNE, "--space", "{fx}/space_warmup_range.yaml"],
+         r"params.arch_warmup_epochs can be 3, which a trial refuses: --arch-warmup-epochs 3 is out of range"),
     Case("sweep-no-config", "nas.tune", ["--target", "search", "--space", "{fx}/space_unknown.yaml"],
          r"base config with -c"),
     Case("sweep-bad-target", "nas.tune", ["--target", "nope", "-c", "{fx}/search_base.yaml"],
@@ -295,6 +299,12 @@ def _make_fixtures(fx: Path) -> None:
     (fx / "space_unknown.yaml").write_text(yaml.safe_dump({"params": {"arch_lrr": {"distribution": "loguniform"}}}))
     (fx / "space_bad_dist.yaml").write_text(
         yaml.safe_dump({"params": {"arch_lr": {"distribution": "logunifrom", "low": 1e-4, "high": 1e-2}}})
+    )
+    (fx / "space_bad_choice.yaml").write_text(
+        yaml.safe_dump({"params": {"algo": {"distribution": "choice", "values": ["darts", "dart"]}}})
+    )
+    (fx / "space_warmup_range.yaml").write_text(
+        yaml.safe_dump({"params": {"arch_warmup_epochs": {"distribution": "int", "low": 0, "high": 3}}})
     )
     (fx / "space_low_high.yaml").write_text(
         yaml.safe_dump({"params": {"arch_lr": {"distribution": "loguniform", "low": 0.1, "high": 0.01}}})
