@@ -11,10 +11,12 @@ directly, next to two plots:
 * ``<out>_heatmap.png``: layers × candidates, the chosen cells outlined;
 * ``<out>_trajectory.png``: every layer's probabilities over the search epochs (from ``arch_probs.jsonl``).
 
-The same checkpoint always gives the same files: ties break toward the earlier candidate and the provenance date is
-the checkpoint's, not the clock's. None of the three files is replaced without ``--overwrite``: an existing one stops
-the run before anything is written. A run whose arch logits never moved (it stopped within its arch warm-up) still
-gives files, with a warning on stderr: its arch is initialization noise, not a search result.
+The same checkpoint always gives the same files: ties break toward the earlier candidate and the provenance date is the
+checkpoint's, not the clock's. None of the three files is replaced without ``--overwrite``: an existing one stops the
+run before anything is written. ``--out`` names the arch file, not a folder; a folder it needs is created. The files are
+written to temporary ones and put in place together, so a failed run leaves nothing behind. A run whose arch logits
+never moved (it stopped within its arch warm-up) still gives files, with a warning on stderr: its arch is initialization
+noise, not a search result.
 
 The printed retrain command carries the settings that fix the derived model, its token grid and the data over from the
 search (see :func:`retrain_command`).
@@ -25,8 +27,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 import shlex
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Any, Sequence
@@ -85,6 +89,14 @@ def _resolve_source(source: str | Path) -> tuple[Path, Path | None, Path | None]
         ckpt = next((run_dir / n for n in _CHECKPOINT_NAMES if (run_dir / n).is_file()), None)
         jsonl = run_dir / _JSONL_NAME if (run_dir / _JSONL_NAME).is_file() else None
         if ckpt is None and jsonl is None:
+            if _is_search_run(run_dir):
+                # nas.search writes args.yaml (and tb/) at its start, but its first checkpoint and jsonl line only
+                # when an epoch ends: this is a search that is still in its first epoch, or was killed in it.
+                raise DerivationError(
+                    f"the search in {path.resolve()} has not finished an epoch yet (no "
+                    f"{', '.join(_CHECKPOINT_NAMES)} or {_JSONL_NAME}); wait for its first epoch to end, or, if it was "
+                    f"stopped, run its nas.search command again with --resume auto"
+                )
             raise DerivationError(
                 f"{path.resolve()} holds neither a search checkpoint ({' or '.join(_CHECKPOINT_NAMES)}) nor "
                 f"{_JSONL_NAME}; is it the output directory of `python -m nas.search`?"
@@ -95,6 +107,21 @@ def _resolve_source(source: str | Path) -> tuple[Path, Path | None, Path | None]
     if path.suffix == ".jsonl":
         return run_dir, None, path
     return run_dir, path, jsonl_beside
+
+
+def _is_search_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds the args.yaml of a nas.search run (a retrain.train one has no arch settings)."""
+    args = run_dir / "args.yaml"
+    if not args.is_file():
+        return False
+    try:
+        cfg = yaml.safe_load(args.read_text())
+    except yaml.YAMLError:
+        return False
+    return isinstance(cfg, dict) and "arch_warmup_epochs" in cfg
+
+
+_JSON_KINDS = {int: "number", float: "number", str: "string", list: "array", bool: "boolean", type(None): "null"}
 
 
 def read_arch_probs_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -117,9 +144,18 @@ def read_arch_probs_jsonl(path: str | Path) -> list[dict[str, Any]]:
             if i == len(lines) - 1 and records:
                 break
             raise DerivationError(f"{path}: line {i + 1} is not valid JSON") from None
+        if not isinstance(rec, dict):  # valid JSON, but a bare number, string or list is no epoch's record
+            kind = _JSON_KINDS.get(type(rec), type(rec).__name__)
+            raise DerivationError(
+                f"{path}: line {i + 1} is a JSON {kind}, not a record; each line must be an object with epoch, labels, "
+                f"candidates and probs, as nas.search writes it"
+            )
         missing = [k for k in ("epoch", "labels", "candidates", "probs") if k not in rec]
         if missing:
             raise DerivationError(f"{path}: line {i + 1} lacks {', '.join(missing)}")
+        shape = [rec[k] for k in ("labels", "candidates", "probs")]
+        if not all(isinstance(v, list) for v in shape) or not all(isinstance(p, list) for p in rec["probs"]):
+            raise DerivationError(f"{path}: line {i + 1}: labels, candidates and probs must be lists")
         if len(rec["probs"]) != len(rec["labels"]) or any(len(p) != len(rec["candidates"]) for p in rec["probs"]):
             raise DerivationError(f"{path}: line {i + 1}: probs are not {len(rec['labels'])} layers × candidates")
         records.append(rec)
@@ -138,8 +174,14 @@ def _space_from_candidates(candidates: Sequence[str], run_dir: Path) -> SearchSp
             if spec:
                 try:
                     space = load_space(spec)
-                except ValueError:
-                    continue
+                except ValueError as e:
+                    # args.yaml records the space as the search was given it, so a relative path resolves only where
+                    # the search ran. No preset stands in: one with the same candidates may keep another k or
+                    # constraint.
+                    raise DerivationError(
+                        f"cannot tell the search space of the run: {args} names '{spec}' but {e}; "
+                        f"{_space_path_advice(spec)}, or pass the run's last.pt (it stores the space itself)"
+                    ) from None
                 if tuple(space.candidates) == tuple(candidates):
                     return space
     for name in list_presets():
@@ -150,6 +192,13 @@ def _space_from_candidates(candidates: Sequence[str], run_dir: Path) -> SearchSp
         f"cannot tell the search space of candidates {list(candidates)}: no args.yaml beside {run_dir} names it and "
         f"no preset matches; pass the run's last.pt instead"
     )
+
+
+def _space_path_advice(spec: Any) -> str:
+    """What to do about a search space path, recorded by a search, that does not load from here."""
+    if isinstance(spec, str) and not Path(spec).expanduser().is_absolute():
+        return f"run this from the directory the search ran in, where '{spec}' resolves"
+    return f"put the search space file back at {spec}"
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
@@ -166,6 +215,8 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = load_checkpoint(path, expect_kind="search")
     except CheckpointError as e:
+        if e.unreadable and not _may_be_checkpoint(path):
+            raise DerivationError(_not_a_checkpoint(path)) from None
         advice = f"; {_other_sources(path)}" if e.unreadable else ""  # not for another kind or model's checkpoint
         raise DerivationError(f"{_checkpoint_problem(path, e)}{advice}") from None
     from retrain.train import model_from_spec
@@ -176,30 +227,104 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
         raise DerivationError(
             f"{path}: a search checkpoint without model_spec/model_state; was it written by nas.search?"
         )
+    stored_space = _stored_space(ckpt)
+    kwargs = spec.get("kwargs") or {}
+    if stored_space is not None and "space" in kwargs:
+        # The spec holds the space as the search was given it, often a path relative to where the search ran; the
+        # space itself is stored too, and rebuilding from it works from any directory (and cannot pick up another
+        # file that happens to have that path here).
+        spec = {**spec, "kwargs": {**kwargs, "space": stored_space.to_dict()}}
     try:
         model = model_from_spec(spec)
         model.load_state_dict(ckpt["model_state"])
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
-        raise DerivationError(f"{path}: cannot rebuild {model_name} from the checkpoint ({e})") from None
+        given = kwargs.get("space")
+        advice = ""
+        if (
+            stored_space is None
+            and isinstance(given, str)
+            and given not in list_presets()
+            and not Path(given).is_file()
+        ):
+            advice = f"; the checkpoint stores no usable search space, only its path: {_space_path_advice(given)}"
+        raise DerivationError(f"{path}: cannot rebuild {model_name} from the checkpoint ({e}){advice}") from None
     if not hasattr(model, "arch_probs"):
         raise DerivationError(f"{path}: {model_name} is not a search model (no arch_probs()); give a search run")
     with torch.no_grad():
         probs_by_label = model.arch_probs()
     labels = list(probs_by_label)
     probs = [[float(p) for p in torch.as_tensor(probs_by_label[lab]).tolist()] for lab in labels]
-    space_spec = ckpt.get("search_space") or getattr(model, "search_space", None)
-    space = load_space(space_spec)
+    space = load_space(stored_space or getattr(model, "search_space", None))
+    model_space = getattr(model, "search_space", None)
+    # The probabilities follow the model's candidate order: a stored space in another order would mislabel them.
+    if model_space is not None and tuple(model_space.candidates) != tuple(space.candidates):
+        raise DerivationError(
+            f"{path}: the checkpoint's search space '{space.name}' ({', '.join(space.candidates)}) does not match "
+            f"the rebuilt {model_name}'s ({', '.join(model_space.candidates)}); was it written by this nas.search?"
+        )
     return {
         "labels": labels,
         "probs": probs,
         "space": space,
         "model": ckpt.get("derived_model_name") or getattr(model, "derived_model_name", None),
         "epoch": ckpt.get("epoch"),
+        "mid_epoch_step": _mid_epoch_step(ckpt),
         "commit": ckpt.get("commit"),
         "date": ckpt.get("date"),
         "config": ckpt.get("config") or {},
         "arch_steps": _arch_steps(ckpt),
     }
+
+
+def _stored_space(ckpt: dict[str, Any]) -> SearchSpace | None:
+    """The search space a checkpoint stores whole (``search_space``), or None where it stores none that loads."""
+    stored = ckpt.get("search_space")
+    if not isinstance(stored, dict):
+        return None
+    try:
+        return SearchSpace.from_dict(stored)
+    except ValueError:
+        return None
+
+
+def _mid_epoch_step(ckpt: dict[str, Any]) -> int | None:
+    """The step of a checkpoint written within an epoch (a signal, ``--checkpoint-interval``); None at an epoch end.
+
+    nas.search records where a resumed run goes on: ``next_epoch`` past ``epoch`` at an epoch's end, the same epoch
+    and ``next_batch`` > 0 within it, whose logits then moved only part of that epoch.
+    """
+    next_batch, next_epoch = ckpt.get("next_batch"), ckpt.get("next_epoch")
+    if not next_batch or next_epoch is None or next_epoch != ckpt.get("epoch"):
+        return None
+    return int(ckpt.get("step") or 0)
+
+
+# Leading bytes of what torch.save writes: a zip archive, or (the legacy format) a pickle of protocol 2 or above.
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def _may_be_checkpoint(path: Path) -> bool:
+    """Whether an unloadable file was meant as a checkpoint (then it is damaged) rather than some other file."""
+    if path.suffix.lower() in _CHECKPOINT_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return True
+    return head.startswith(_TORCH_MAGIC)
+
+
+def _not_a_checkpoint(path: Path) -> str:
+    """Say what to pass instead of a file that is no checkpoint (an arch.yaml, summary.csv, a plot)."""
+    run = path.parent
+    beside = any((run / n).is_file() for n in (*_CHECKPOINT_NAMES, _JSONL_NAME))
+    hint = f", e.g. {run.resolve()}" if beside else ""
+    return (
+        f"{path.resolve()} is not a search checkpoint; give a search run directory{hint}, its "
+        f"{' or '.join(_CHECKPOINT_NAMES)}, or its {_JSONL_NAME}"
+    )
 
 
 def _checkpoint_problem(path: Path, e: Exception) -> str:
@@ -487,11 +612,12 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
     records = read_arch_probs_jsonl(jsonl_path) if jsonl_path is not None else []
 
     search_cfg: dict[str, Any] = {}
-    arch_steps = None
+    arch_steps = mid_epoch_step = None
     if ckpt_path is not None:
         info = _read_checkpoint(ckpt_path)
         labels, probs, space, model = info["labels"], info["probs"], info["space"], info["model"]
         epoch, search_cfg, arch_steps = info["epoch"], info["config"], info["arch_steps"]
+        mid_epoch_step = info["mid_epoch_step"]
         source_path = ckpt_path
         commit = info["commit"] or git_commit()
         date = info["date"] or _file_date(ckpt_path)
@@ -513,29 +639,48 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
     except ValueError:
         rel = str(source_path)
     provenance = {"checkpoint": rel, "epoch": epoch, "commit": commit, "date": date}
+    # A checkpoint written within an epoch (a signal, --checkpoint-interval) holds logits that moved for part of it.
+    when = f"epoch {epoch}"
+    if mid_epoch_step is not None:
+        provenance["mid_epoch_step"] = mid_epoch_step
+        when = f"mid-epoch {epoch}, step {mid_epoch_step}"
     arch = derive(labels, probs, space, model=model, provenance=provenance)
     moved = not _never_moved(probs, records, arch_steps)
 
+    if cfg["out"] and (str(cfg["out"]).endswith(("/", os.sep)) or Path(cfg["out"]).is_dir()):
+        # --out names the arch file (its plots take its name as a prefix), never a folder to write into.
+        folder = Path(cfg["out"])
+        raise DerivationError(
+            f"--out {cfg['out']} names a folder; --out names the arch file to write (its plots are named after it), "
+            f"e.g. --out {folder / 'arch.yaml'}"
+        )
     out = Path(cfg["out"]) if cfg["out"] else run_dir / "arch.yaml"
     stem = out.with_suffix("")
     heatmap_path = Path(f"{stem}_heatmap.png") if cfg["plots"] else None
     trajectory_path = Path(f"{stem}_trajectory.png") if cfg["plots"] and records else None
+    targets = [p for p in (out, heatmap_path, trajectory_path) if p is not None]
     # Every file is checked before any is written, so that a refusal loses nothing the user had.
-    existing = [p for p in (out, heatmap_path, trajectory_path) if p is not None and p.exists()]
+    folders = [p for p in targets if p.is_dir()]
+    if folders:
+        names = ", ".join(str(p.resolve()) for p in folders)
+        raise DerivationError(f"{names} {'is a folder' if len(folders) == 1 else 'are folders'}; choose another --out")
+    existing = [p for p in targets if p.exists()]
     if existing and not cfg["overwrite"]:
         names = ", ".join(str(p.resolve()) for p in existing)
         raise DerivationError(
             f"{names} {'exists' if len(existing) == 1 else 'exist'}; choose another --out or pass --overwrite"
         )
-    heatmap = trajectory = None
+    writers = {out: lambda tmp: save_arch(arch, tmp, overwrite=True)}
     if heatmap_path is not None:
-        heatmap = plot_heatmap(arch, heatmap_path, title=f"{run_dir.name}: epoch {epoch}, top {space.k} kept")
+        title = f"{run_dir.name}: {when}, top {space.k} kept"
+        writers[heatmap_path] = lambda tmp: plot_heatmap(arch, tmp, title=title)
     if trajectory_path is not None:
-        trajectory = plot_trajectories(records, trajectory_path, kept=arch)
-    save_arch(arch, out, overwrite=cfg["overwrite"])
+        writers[trajectory_path] = lambda tmp: plot_trajectories(records, tmp, kept=arch)
+    _write_all(writers)
+    heatmap, trajectory = heatmap_path, trajectory_path
     command = retrain_command(out, search_cfg)
     if not cfg["quiet"]:
-        print(f"derived from {source_path} (epoch {epoch}), search space '{space.name}', k={space.k}")
+        print(f"derived from {source_path} ({when}), search space '{space.name}', k={space.k}")
         print(format_table(arch))
         print(f"arch file: {out}")
         if heatmap:
@@ -561,6 +706,60 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         "command": command,
         "arch_moved": moved,
     }
+
+
+def _write_all(writers: dict[Path, Any]) -> None:
+    """Write every file through a temporary one beside it, and put them in place only when all are written.
+
+    A failure part way leaves neither temporary files nor a partial set of outputs, and the user's files (with
+    --overwrite) are replaced only by complete ones. The output folder is created if missing, and removed again if the
+    writing fails.
+    """
+    folder = next(iter(writers)).parent
+    created = _make_folder(folder)
+    temps: dict[Path, Path] = {}
+    try:
+        for final, write in writers.items():
+            # The real suffix last: matplotlib picks the image format from it. The name is cut so that a final name
+            # near the file system's limit does not make a temporary one past it.
+            fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name[:64]}.", suffix=f".tmp{final.suffix}")
+            os.close(fd)
+            temps[final] = Path(tmp)
+            write(temps[final])
+        for final, tmp in temps.items():
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents, as output paths usually are; return those created, outermost first."""
+    missing = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    if not p.is_dir():
+        raise DerivationError(f"{p.resolve()} is a file, not a folder; choose another --out")
+    created: list[Path] = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except OSError as e:
+            for c in reversed(created):
+                c.rmdir()
+            raise DerivationError(
+                f"cannot create the folder {d.resolve()} ({e.strerror}); choose another --out"
+            ) from None
+        created.append(d)
+    return created
 
 
 def _derived_name_from_config(search_cfg: dict[str, Any]) -> str | None:
@@ -591,7 +790,9 @@ def _parse_args(argv: Sequence[str] | None) -> dict[str, Any]:
     )
     options = [
         parser.add_argument("--k", type=int, default=None, help="orders kept per layer (default: the space's k)"),
-        parser.add_argument("--out", default=None, help="arch file to write (default: RUN_DIR/arch.yaml)"),
+        parser.add_argument(
+            "--out", default=None, help="arch file to write; the PNGs take its name (default: RUN_DIR/arch.yaml)"
+        ),
         parser.add_argument("--overwrite", action="store_true", help="replace existing files (--out and its PNGs)"),
         parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNGs"),
         parser.add_argument("--debug", action="store_true", help="show tracebacks"),

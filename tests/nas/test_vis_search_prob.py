@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +150,14 @@ class _Foreign:
         ),
         ("pickled", [], "is truncated or corrupt (UnpicklingError: Weights only load failed); no other checkpoint"),
         ("ok", ["--k", "0"], "--k 0 is out of range"),
+        (
+            "jsonl_not_object",
+            [],
+            "arch_probs.jsonl: line 2 is a JSON number, not a record; each line must be an object with epoch, labels, ",
+        ),
+        ("jsonl_not_lists", [], "arch_probs.jsonl: line 1: labels, candidates and probs must be lists"),
+        ("summary_csv", [], "summary.csv is not a search checkpoint; give a search run directory, e.g. "),
+        ("arch_yaml", [], "arch.yaml is not a search checkpoint; give a search run directory, e.g. "),
     ],
 )
 def test_cli_errors_are_one_line(
@@ -176,6 +186,17 @@ def test_cli_errors_are_one_line(
         source = tmp_path / "run" / "last.pt"
         source.parent.mkdir()
         torch.save({"kind": "search", "obj": _Foreign()}, source)
+    elif setup == "jsonl_not_object":  # valid JSON on every line, but the second is no record
+        source = _fake_run(tmp_path) / "arch_probs.jsonl"
+        source.write_text(source.read_text().splitlines()[0] + "\n5\n")
+    elif setup == "jsonl_not_lists":
+        source = _fake_run(tmp_path) / "arch_probs.jsonl"
+        source.write_text(json.dumps({"epoch": 0, "labels": 3, "candidates": ["h"], "probs": [[1.0]]}) + "\n")
+    elif setup in ("summary_csv", "arch_yaml"):  # another file of the run, given in place of its checkpoint
+        run = _fake_run(tmp_path)
+        vsp.main({"source": str(run), "quiet": True, "plots": False})
+        (run / "summary.csv").write_text("epoch,train_loss\n0,2.3\n")
+        source = run / ("summary.csv" if setup == "summary_csv" else "arch.yaml")
     else:
         source = _fake_run(tmp_path)
     assert vsp.cli([str(source), *argv_extra]) == 2
@@ -186,6 +207,67 @@ def test_cli_errors_are_one_line(
         assert err.endswith(f"derive from another file of the run instead: {source.parent / 'arch_probs.jsonl'}")
     if setup in ("corrupt", "pickled"):
         assert err.endswith("no other checkpoint or arch_probs.jsonl is beside it to derive from")
+    if setup in ("summary_csv", "arch_yaml"):
+        assert err.endswith(f"e.g. {source.parent.resolve()}, its last.pt or best.pt, or its arch_probs.jsonl")
+
+
+def test_search_without_a_finished_epoch_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A search killed in (or still in) its first epoch has written args.yaml and tb/, nothing to derive from yet."""
+    from nas import search
+    from retrain.config import resolve_config, save_config
+
+    run = tmp_path / "run"
+    (run / "tb").mkdir(parents=True)
+    save_config(
+        resolve_config(search.DEFAULTS, overrides={"output": str(tmp_path), "experiment": "run"}), run / "args.yaml"
+    )
+    assert vsp.cli([str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: the search in {run.resolve()} has not finished an epoch yet (no last.pt, best.pt or "
+        f"arch_probs.jsonl); wait for its first epoch to end, or, if it was stopped, run its nas.search command "
+        f"again with --resume auto"
+    )
+    assert sorted(p.name for p in run.iterdir()) == ["args.yaml", "tb"]
+
+
+@pytest.mark.parametrize("out", ["outdir", "outdir/", "missing/"])
+def test_out_naming_a_folder_is_refused_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, out: str
+) -> None:
+    run = _fake_run(tmp_path)
+    (tmp_path / "outdir").mkdir()
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert vsp.cli([str(run), "--out", out, "--overwrite"]) == 2  # --overwrite replaces files, never a folder
+    err = capsys.readouterr().err.strip()
+    folder = out.rstrip("/")
+    assert err.startswith(f"error: --out {out} names a folder; --out names the arch file to write")
+    assert err.endswith(f"e.g. --out {Path(folder) / 'arch.yaml'}") and "\n" not in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no plots, no temporary file
+    vsp.main({"source": str(run), "out": f"{folder}/arch.yaml", "quiet": True})  # what the error suggests works
+    assert sorted(p.name for p in (tmp_path / folder).iterdir()) == [
+        "arch.yaml",
+        "arch_heatmap.png",
+        "arch_trajectory.png",
+    ]
+
+
+def test_out_in_a_new_folder_creates_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = _fake_run(tmp_path)
+    out = vsp.main({"source": str(run), "out": str(tmp_path / "new" / "sub" / "a.yaml"), "quiet": True})
+    assert load_arch(out["arch_path"]).depth == 3 and Path(out["trajectory"]).stat().st_size > 1000
+    assert sorted(p.name for p in (tmp_path / "new" / "sub").iterdir()) == [
+        "a.yaml",
+        "a_heatmap.png",
+        "a_trajectory.png",
+    ]
+    # A file where a folder must go is one line, and nothing is created.
+    (tmp_path / "afile").write_text("USERDATA")
+    assert vsp.cli([str(run), "--out", str(tmp_path / "afile" / "x" / "a.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {(tmp_path / 'afile').resolve()} is a file, not a folder; choose another --out"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "new", "run"]
 
 
 @pytest.mark.parametrize(
@@ -222,7 +304,7 @@ def test_retrain_command_carries_grid_model_and_data_and_parses() -> None:
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", "retrain.train"]
     cfg = resolve_config(train.DEFAULTS, argv[3:])
-    train._check_values(cfg)
+    train.check_values(cfg)
     assert cfg["arch"] == "run dir/arch.yaml" and cfg["patch_size"] == 2 and cfg["img_size"] == 28
     assert cfg["dataset"] == "fashion_mnist" and cfg["data_dir"] == "my data/fmnist.npz" and cfg["in_chans"] == 1
     assert cfg["num_samples"] == 64 and cfg["shuffle_max"] == vsp.RETRAIN_SHUFFLE_MAX == 0.1
@@ -278,6 +360,123 @@ def test_warmup_checkpoint_warns_that_the_logits_never_moved(
     assert not out["arch_moved"] and out["epoch"] == 0
     assert err.startswith("warning: the arch logits never moved from their initial values (the checkpoint records no")
     assert err.count("\n") == 1 and "not a search result" in err
+
+
+@pytest.fixture(scope="module")
+def relative_space_search(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A tiny real search given its space as a relative path (as configs/demo/search.yaml gives it), stopped by a
+    signal at the first step of its second epoch: best.pt holds epoch 0, last.pt the middle of epoch 1.
+
+    The space has localmamba's candidates with another k and constraint, so a preset matched by candidates would show.
+    """
+    from nas import search
+    from retrain.config import resolve_config
+
+    cwd = tmp_path_factory.mktemp("relspace")
+    (cwd / "spaces").mkdir()
+    space = {"name": "mine", "candidates": list(load_space("localmamba").candidates), "k": 3, "min_global": 1}
+    (cwd / "spaces" / "mine.yaml").write_text(yaml.safe_dump(space))
+    overrides = {"model": "test_local_vim_search", "dataset": "synthetic", "num_samples": 64, "img_size": 16}
+    overrides.update({"epochs": 2, "batch_size": 16, "arch_warmup_epochs": 0, "warmup_epochs": 0, "log_interval": 1000})
+    overrides.update({"space": "spaces/mine.yaml", "output": "runs", "experiment": "search"})
+
+    def stop_after_epoch_0(epoch: int, metrics: dict[str, Any], ckpt: Path) -> None:
+        if epoch == 0:  # the search's own signal handling: a checkpoint at the next step, then it returns
+            signal.raise_signal(signal.SIGTERM)
+
+    before = os.getcwd()
+    os.chdir(cwd)  # the search resolves spaces/mine.yaml here, and nowhere else
+    try:
+        out = search.main(resolve_config(search.DEFAULTS, overrides=overrides), on_epoch=stop_after_epoch_0)
+    finally:
+        os.chdir(before)
+    assert out["interrupted"]
+    return {"cwd": cwd, "run_dir": cwd / "runs" / "search", "space": space}
+
+
+def test_derives_from_any_directory_with_the_space_the_checkpoint_stores(
+    relative_space_search: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = relative_space_search["run_dir"]
+    monkeypatch.chdir(tmp_path)  # where the recorded space path, spaces/mine.yaml, does not resolve
+    out = vsp.main({"source": str(run / "best.pt"), "out": "a.yaml", "quiet": True})
+    arch = load_arch(out["arch_path"])
+    assert arch.space.to_dict() == relative_space_search["space"]  # its candidates, k and constraint
+    assert all(len(layer.orders) == 3 for layer in arch.layers)
+    space = load_space(relative_space_search["space"])
+    for layer in arch.layers:
+        space.validate_choice(layer.orders, layer.label)
+
+
+def test_checkpoint_without_a_stored_space_says_where_to_run(
+    relative_space_search: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """A checkpoint that stores only the space's path (none of its own) still derives, where that path resolves."""
+    from retrain.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(relative_space_search["run_dir"] / "best.pt")
+    del state["search_space"]
+    old = save_checkpoint(state, tmp_path / "old" / "best.pt")
+    monkeypatch.chdir(tmp_path)
+    assert vsp.cli([str(old), "--out", "a.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {old}: cannot rebuild test_local_vim_search from the checkpoint (search space file")
+    assert err.endswith(
+        "the checkpoint stores no usable search space, only its path: run this from the directory the search ran in, "
+        "where 'spaces/mine.yaml' resolves"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+    monkeypatch.chdir(relative_space_search["cwd"])
+    out = vsp.main({"source": str(old), "out": str(tmp_path / "a.yaml"), "quiet": True})
+    assert load_arch(out["arch_path"]).space.to_dict() == relative_space_search["space"]
+
+
+def test_jsonl_alone_with_a_relative_space_says_where_to_run(
+    relative_space_search: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """arch_probs.jsonl stores no space: its args.yaml names the path as the search was given it."""
+    jsonl = relative_space_search["run_dir"] / "arch_probs.jsonl"
+    monkeypatch.chdir(tmp_path)
+    assert vsp.cli([str(jsonl), "--out", "a.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    # Not localmamba, whose candidates these are: it keeps another k and constraint.
+    assert err.startswith(f"error: cannot tell the search space of the run: {jsonl.parent / 'args.yaml'} names ")
+    assert "names 'spaces/mine.yaml' but search space file not found" in err and "\n" not in err
+    assert err.endswith(
+        "run this from the directory the search ran in, where 'spaces/mine.yaml' resolves, or pass the run's last.pt "
+        "(it stores the space itself)"
+    )
+    monkeypatch.chdir(relative_space_search["cwd"])
+    out = vsp.main({"source": str(jsonl), "out": str(tmp_path / "a.yaml"), "quiet": True})
+    assert load_arch(out["arch_path"]).space.to_dict() == relative_space_search["space"]
+
+
+def test_mid_epoch_checkpoint_is_labelled_partial(
+    relative_space_search: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    from retrain.checkpoint import load_checkpoint
+
+    run = relative_space_search["run_dir"]
+    monkeypatch.chdir(relative_space_search["cwd"])  # where the search ran
+    state = load_checkpoint(run / "last.pt")
+    assert (state["epoch"], state["next_epoch"], state["next_batch"]) == (1, 1, 1)  # stopped within epoch 1
+    out = vsp.main({"source": str(run / "last.pt"), "out": str(tmp_path / "a.yaml")})
+    text = capsys.readouterr().out
+    assert f"derived from {run / 'last.pt'} (mid-epoch 1, step {state['step']}), search space 'mine'" in text
+    assert load_arch(out["arch_path"]).provenance["mid_epoch_step"] == state["step"]
+    # An epoch's end reads as before.
+    out = vsp.main({"source": str(run / "best.pt"), "out": str(tmp_path / "b.yaml")})
+    assert f"derived from {run / 'best.pt'} (epoch 0), search space 'mine'" in capsys.readouterr().out
+    assert "mid_epoch_step" not in load_arch(out["arch_path"]).provenance
 
 
 def test_tiny_search_checkpoint_derives_a_buildable_arch(tmp_path: Path) -> None:
