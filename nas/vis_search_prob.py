@@ -813,10 +813,10 @@ def cli(argv: Sequence[str] | None = None) -> int:
     debug = args.pop("debug")
     try:
         main(args)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+    except (ValueError, OSError) as e:  # OSError: folders and files (missing, read-only, full)
         if debug:
             traceback.print_exc()
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -218,9 +218,13 @@ def save_arch(arch: ArchSpec, path: str | Path, overwrite: bool = False) -> Path
         raise _err(f"{path.resolve()} exists; choose another --out or pass --overwrite")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(arch.to_dict(), f, sort_keys=False, default_flow_style=None, width=120)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(arch.to_dict(), f, sort_keys=False, default_flow_style=None, width=120)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a folder at path, a full disk, Ctrl-C: no temporary file left behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path

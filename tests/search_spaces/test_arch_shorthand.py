@@ -57,3 +57,11 @@ def test_orders_given_as_one_string_are_one_line() -> None:
     with pytest.raises(ValueError, match=r"layer 0: 'orders' must be a list of order names, e.g. \[h, h_flip") as e:
         load_arch(_shorthand([{"orders": "h h_flip w2 w2_flip"}]))
     assert "\n" not in str(e.value)
+
+
+def test_save_arch_leaves_no_temporary_file_when_it_fails(tmp_path) -> None:
+    arch = load_arch(_shorthand([_ORDERS[0]]))
+    (tmp_path / "arch.yaml").mkdir()  # a folder where the file goes: the final rename fails
+    with pytest.raises(OSError):
+        save_arch(arch, tmp_path / "arch.yaml", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arch.yaml"]
