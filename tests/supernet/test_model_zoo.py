@@ -87,12 +87,16 @@ def test_every_patch_size_is_the_token_stride(name: str, patch: int) -> None:
 
 @pytest.mark.parametrize("name", ["test_vim", "test_local_vim_search", "test_vmamba"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a_model_cast_to_half_precision_trains(name: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+)
+def test_a_model_cast_to_half_precision_trains(name: str, dtype: torch.dtype, device: str) -> None:
     """``model.to(bf16/fp16)`` without autocast: the plain family keeps its residual in fp32 (residual_in_fp32) and
-    still feeds each GEMM its weights' dtype; logits and gradients come out in the model's dtype."""
+    still feeds each GEMM its weights' dtype; logits and gradients come out in the model's dtype (on a GPU through
+    the Triton kernels)."""
     torch.manual_seed(0)
-    model = build(name, img_size=16, num_classes=4).to(dtype)
-    y = model(torch.randn(2, 3, 16, 16, dtype=dtype))
+    model = build(name, img_size=16, num_classes=4).to(device, dtype)
+    y = model(torch.randn(2, 3, 16, 16, dtype=dtype, device=device))
     assert y.dtype == dtype and torch.isfinite(y).all()
     y.float().square().mean().backward()
     assert all(p.grad is not None and p.grad.dtype == dtype for p in model.parameters())
