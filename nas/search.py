@@ -362,9 +362,22 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def _truncate_jsonl(path: Path, from_epoch: int) -> None:
+    """Keep the records of the epochs before ``from_epoch`` (a resumed run writes the rest again). A line that is not
+    a record (a write torn by a kill) is dropped with a warning rather than stopping the resume."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] < from_epoch]
+    lines = []
+    for i, ln in enumerate(path.read_text().splitlines()):
+        if not ln.strip():
+            continue
+        try:
+            epoch = json.loads(ln)["epoch"]
+            keep = int(epoch) < from_epoch
+        except (ValueError, TypeError, KeyError):
+            warnings.warn(f"{path}: line {i + 1} is not an epoch record (a torn write?); dropped", stacklevel=2)
+            continue
+        if keep:
+            lines.append(ln)
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(ln + "\n" for ln in lines))
     tmp.replace(path)

@@ -229,3 +229,15 @@ def test_compiled_gdas_search_matches_eager_without_graph_breaks(tmp_path, monke
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
     with pytest.raises(ValueError, match="--compile 'fast' is out of range"):
         _run(tmp_path, compile="fast")
+
+
+def test_a_torn_arch_probs_line_does_not_stop_a_resume(tmp_path) -> None:
+    """A kill during an append can leave a partial last line: the resume drops it (with a warning) and rewrites the
+    epochs from where it goes on."""
+    from nas.search import _truncate_jsonl
+
+    path = tmp_path / "arch_probs.jsonl"
+    path.write_text('{"epoch": 0, "probs": []}\n{"epoch": 1, "probs": []}\n5\n{"epoch": 2, "pro\n')
+    with pytest.warns(UserWarning, match=r"line 3 is not an epoch record"):
+        _truncate_jsonl(path, 2)
+    assert path.read_text() == '{"epoch": 0, "probs": []}\n{"epoch": 1, "probs": []}\n'
