@@ -311,7 +311,7 @@ def check_values(cfg: dict[str, Any]) -> None:
         ("weight_decay", cfg["weight_decay"] >= 0, ">= 0"),
         ("warmup_epochs", cfg["warmup_epochs"] >= 0, ">= 0"),
         ("warmup_lr", cfg["warmup_lr"] >= 0, ">= 0"),
-        ("min_lr", 0 <= cfg["min_lr"] <= cfg["lr"], f"in [0, --lr {cfg['lr']}]"),
+        ("min_lr", cfg["min_lr"] >= 0, ">= 0"),
         ("seed", cfg["seed"] >= 0, ">= 0"),
         ("clip_grad", cfg["clip_grad"] >= 0, ">= 0 (0 = off)"),
         ("smoothing", 0.0 <= cfg["smoothing"] < 1.0, "in [0, 1)"),

@@ -659,7 +659,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
     for row, seed, _, run_dir in pending:
         got = collect_run(run_dir, cost_if_missing=True)
         if got is None or not _finished(got):
-            raise RuntimeError(f"{row.name} seed {seed} did not finish (see {run_dir}); rerun the same command")
+            raise ValueError(f"{row.name} seed {seed} did not finish (see {run_dir}); rerun the same command")
         row.runs.append(got)
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
@@ -710,6 +710,8 @@ def _run_parallel(pending: Sequence[tuple[Row, int, dict[str, Any], Path]], jobs
 
     With several GPUs visible, each run is pinned (``CUDA_VISIBLE_DEVICES``) to the GPU running the fewest at its
     start. Each run's resolved config goes to ``runs/<row>/seed<S>.yaml`` and its output to ``runs/<row>/seed<S>.log``.
+    A SIGTERM to this process (a scheduler's, ``timeout``'s) is passed on to the running trainings, which save their
+    checkpoints; none starts after it, and this process then stops as interrupted (Ctrl-C reaches them all anyway).
     """
     import os
     import subprocess
@@ -719,39 +721,67 @@ def _run_parallel(pending: Sequence[tuple[Row, int, dict[str, Any], Path]], jobs
     gpus = visible_gpus()
     running = {g: 0 for g in gpus}
     lock = threading.Lock()
+    procs: set[subprocess.Popen] = set()
+    stopped: list[int] = []
 
-    def one(item: tuple[Row, int, dict[str, Any], Path]) -> tuple[str, int, int]:
+    def forward(signum: int, frame: Any) -> None:
+        with lock:
+            stopped.append(signum)
+            for proc in procs:
+                proc.send_signal(signum)
+
+    def one(item: tuple[Row, int, dict[str, Any], Path]) -> tuple[str, int, int | None]:
         row, seed, train_cfg, run_dir = item
         cfg_path = save_config(train_cfg, run_dir.parent / f"seed{seed}.yaml")
         log_path = run_dir.parent / f"seed{seed}.log"
         env, gpu = dict(os.environ), None
-        if len(gpus) > 1:
-            with lock:
+        with lock:
+            if stopped:
+                return row.name, seed, None
+            if len(gpus) > 1:
                 gpu = pick_gpu(running)
                 running[gpu] += 1
-            env["CUDA_VISIBLE_DEVICES"] = gpu
+                env["CUDA_VISIBLE_DEVICES"] = gpu
         where = f" on GPU {gpu}" if gpu is not None else ""
         print(f"== start {row.name}, seed {seed}{where} -> {run_dir} (log {log_path})", flush=True)
         try:
-            with open(log_path, "a") as log:
-                proc = subprocess.run(
+            with open(log_path, "a") as log, lock:
+                if stopped:  # the signal came while this one was being set up
+                    return row.name, seed, None
+                proc = subprocess.Popen(
                     [sys.executable, "-m", "retrain.train", "-c", str(cfg_path)],
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env=env,
                 )
+                procs.add(proc)
+            rc = proc.wait()
+            with lock:
+                procs.discard(proc)
         finally:
             if gpu is not None:
                 with lock:
                     running[gpu] -= 1
-        print(f"== done  {row.name}, seed {seed}: exit {proc.returncode}", flush=True)
-        return row.name, seed, proc.returncode
+        print(f"== done  {row.name}, seed {seed}: exit {rc}", flush=True)
+        return row.name, seed, rc
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        failed = [(n, s, rc) for n, s, rc in pool.map(one, pending) if rc != 0]
+    in_main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    previous = signal.signal(signal.SIGTERM, forward) if in_main else None
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            results = list(pool.map(one, pending))
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+    if stopped:
+        stop = KeyboardInterrupt("stopped by a signal; the runs saved checkpoints; rerun the same command to continue")
+        stop.signum = stopped[0]  # type: ignore[attr-defined]
+        raise stop
+    failed = [(n, s, rc) for n, s, rc in results if rc]
     if failed:
         what = ", ".join(f"{n} seed {s} (exit {rc})" for n, s, rc in failed)
-        raise RuntimeError(f"training failed for {what}; see the seed<S>.log files next to their run directories")
+        # ValueError: one line from the CLI, as the trainings' own errors are in their logs
+        raise ValueError(f"training failed for {what}; see the seed<S>.log files next to their run directories")
 
 
 def _trains(row: Row, names: Sequence[str]) -> bool:

@@ -70,9 +70,14 @@ def add_norm(
 def _own_dtype(weight: torch.Tensor | None, x: torch.Tensor) -> torch.dtype | None:
     """Without autocast, the dtype of the module reading a norm's output (None: the norm's own choice); under
     autocast None, which leaves the dtypes to autocast."""
-    if weight is None or torch.is_autocast_enabled(x.device.type):
+    if weight is None:
         return None
-    return weight.dtype
+    device = x.device.type
+    # (is_autocast_available breaks Dynamo's graph, and is_autocast_enabled raises for a device without autocast:
+    # the meta device)
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device):
+        return weight.dtype
+    return None if torch.is_autocast_enabled(device) else weight.dtype
 
 
 def _norm_layer(name: str, backend: str = "auto") -> type[nn.Module] | partial:

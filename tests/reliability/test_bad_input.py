@@ -64,7 +64,7 @@ CASES = [
     Case("config-not-a-device", "retrain.train", [*TRAIN, "--device", "gpu"],
          r"--device 'gpu' is not a device; use auto, cuda, cpu or cuda:N"),
     Case("config-min-lr-negative", "nas.search", [*SEARCH, "--min-lr", "-1"],
-         r"--min-lr -1.0 is out of range; use in \[0, --lr "),
+         r"--min-lr -1.0 is out of range; use >= 0"),
     Case("config-seed-negative", "retrain.train", [*TRAIN, "--seed", "-1"],
          r"--seed -1 is out of range; use a value >= 0"),
     Case("config-mixup-prob-above-one", "retrain.train", [*TRAIN, "--mixup-prob", "2"],

@@ -8,6 +8,7 @@ machine's cores; every test checks its own run.
 from __future__ import annotations
 
 import signal
+import time
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -114,3 +115,45 @@ def test_second_sigterm_terminates_a_stuck_step() -> None:
     assert proc.returncode == -signal.SIGTERM, (proc.returncode, proc.stdout, proc.stderr)
     assert f"flag {int(signal.SIGTERM)}" in proc.stdout and "not stopped" not in proc.stdout
     assert proc.stderr.count("SIGTERM: stopping at the next step boundary") == 1, proc.stderr
+
+
+def test_compare_passes_sigterm_on_to_its_side_by_side_trainings(tmp_path: Path) -> None:
+    """``retrain.compare --jobs 2`` under a scheduler's SIGTERM (to it alone, not its process group): the running
+    trainings get it too and save their checkpoints, none starts after it, and compare ends as interrupted (one
+    line, 143) rather than leaving its trainings running."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "dataset: synthetic\nimg_size: 16\nnum_samples: 512\nbatch_size: 8\nepochs: 50\nwarmup_epochs: 0\n"
+        "log_interval: 1\ndevice: cpu\n"
+    )
+    cfg = tmp_path / "compare.yaml"
+    cfg.write_text(
+        f"train_config: {recipe}\nseeds: [0, 1, 2]\non_mismatch: flag\nmodels:\n  - {{name: vim, model: test_vim}}\n"
+    )
+    log = tmp_path / "stderr.log"
+    proc = start("retrain.compare", ["-c", str(cfg), "--output", str(tmp_path / "out"), "--jobs", "2"], log)
+    assert proc.stdout is not None
+    started = 0
+    for line in proc.stdout:
+        started += line.startswith("== start")
+        if started == 2:
+            break
+    runs = tmp_path / "out" / "comparison" / "runs" / "vim"
+    deadline = time.monotonic() + 120
+
+    def under_way(seed: int) -> bool:  # a progress line in the training's log
+        log_path = runs / f"seed{seed}.log"
+        return log_path.exists() and "] step " in log_path.read_text()
+
+    while time.monotonic() < deadline and not (under_way(0) and under_way(1)):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.stdout.read()
+    code = proc.wait(timeout=120)
+    err = log.read_text()
+    assert code == 128 + signal.SIGTERM, (code, out[-2000:], err[-2000:])
+    assert err.strip().splitlines()[-1].startswith("interrupted: stopped by a signal"), err[-2000:]
+    for s in (0, 1):
+        assert "stopped by signal 15" in (runs / f"seed{s}.log").read_text()
+        assert load_checkpoint(runs / f"seed{s}" / "last.pt")["epoch"] < 49
+    assert not (runs / "seed2").exists() and "== start vim, seed 2" not in out
