@@ -54,9 +54,26 @@ __all__ = [
 COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def check_trainer_values(cfg: dict[str, Any]) -> None:
+    """The checks both trainers share, before a run writes anything: the optimizer and LR schedule names (one line
+    with timm's nearest), and warnings for a warmup longer than the run and a ``data_dir`` the synthetic data does not
+    read."""
+    import warnings
+
+    check_opt_sched(cfg["opt"], cfg["sched"])
+    if cfg["warmup_epochs"] > cfg["epochs"]:
+        warnings.warn(
+            f"--warmup-epochs {cfg['warmup_epochs']} is longer than the run's {cfg['epochs']} epochs: the LR never "
+            f"reaches --lr {cfg['lr']}",
+            stacklevel=3,
+        )
+    if cfg["dataset"] == "synthetic" and cfg["data_dir"]:
+        warnings.warn(f"--data-dir {cfg['data_dir']} is not read: the synthetic dataset is generated", stacklevel=3)
+
+
 def check_opt_sched(opt: str, sched: str) -> None:
-    """Refuse, in one line with the nearest valid name, an optimizer or LR schedule timm does not know (checked before
-    a run writes anything; timm itself would say so only once the model and data are built)."""
+    """Refuse, in one line with the nearest valid name, an optimizer or LR schedule timm does not know (timm itself
+    would say so only once the model and data are built)."""
     import inspect
     import re
 

@@ -33,7 +33,6 @@ import difflib
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,7 +68,7 @@ from retrain.engine import (
     StopFlag,
     amp_dtype_for,
     autocast,
-    check_opt_sched,
+    check_trainer_values,
     count_params_flops,
     evaluate,
     format_metrics,
@@ -281,15 +280,7 @@ def check_values(cfg: dict[str, Any]) -> None:
         ("compile", cfg["compile"] in COMPILE_MODES, "among " + ", ".join(repr(m) for m in COMPILE_MODES)),
         ("scan_sums", cfg["scan_sums"] in CHANNEL_SUMS, "among " + ", ".join(repr(m) for m in CHANNEL_SUMS)),
     ]
-    check_opt_sched(cfg["opt"], cfg["sched"])
-    if cfg["warmup_epochs"] > cfg["epochs"]:
-        warnings.warn(
-            f"--warmup-epochs {cfg['warmup_epochs']} is longer than the run's {cfg['epochs']} epochs: the LR never "
-            f"reaches --lr {cfg['lr']}",
-            stacklevel=2,
-        )
-    if cfg["dataset"] == "synthetic" and cfg["data_dir"]:
-        warnings.warn(f"--data-dir {cfg['data_dir']} is not read: the synthetic dataset is generated", stacklevel=2)
+    check_trainer_values(cfg)
     for key, ok, want in checks:
         if not ok:
             raise ValueError(f"--{key.replace('_', '-')} {cfg[key]!r} is out of range; use a value {want}")

@@ -322,13 +322,16 @@ def test_side_by_side_runs_are_pinned_to_the_least_busy_gpu(tmp_path: Path, monk
     monkeypatch.setattr(compare, "visible_gpus", lambda: ["2", "5"])
     seen, lock, gate = [], threading.Lock(), threading.Barrier(4)
 
-    def fake_run(cmd, stdout, stderr, env):
-        with lock:
-            seen.append(env["CUDA_VISIBLE_DEVICES"])
-        gate.wait(timeout=10)  # all four runs are in flight at once
-        return subprocess.CompletedProcess(cmd, 0)
+    class FakeTraining:  # subprocess.Popen of a training that ends well once all four are in flight at once
+        def __init__(self, cmd, stdout, stderr, env) -> None:
+            with lock:
+                seen.append(env["CUDA_VISIBLE_DEVICES"])
 
-    monkeypatch.setattr(subprocess, "run", fake_run)
+        def wait(self) -> int:
+            gate.wait(timeout=10)
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakeTraining)
     row = compare.Row("vim", {}, False)
     pending = [(row, s, {"seed": s}, tmp_path / "runs" / "vim" / f"seed{s}") for s in range(4)]
     (tmp_path / "runs" / "vim").mkdir(parents=True)
