@@ -282,7 +282,9 @@ class _BatchStream:
 
 
 # What a resumed search's saved state depends on (see retrain.train.RESUME_KEYS), plus the weight/arch split.
-RESUME_KEYS = ("epochs", "lr", "min_lr", "warmup_epochs", "warmup_lr", "batch_size", "seed", "arch_frac", "algo")
+RESUME_KEYS = (
+    "epochs", "sched", "lr", "min_lr", "warmup_epochs", "warmup_lr", "batch_size", "seed", "arch_frac", "algo",
+)  # fmt: skip
 
 
 def check_values(cfg: dict[str, Any]) -> None:

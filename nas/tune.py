@@ -577,8 +577,10 @@ def _check_ranges(target_module: Any, base_cfg: dict[str, Any], space: SweepSpac
     has started, and resuming cannot fix the space."""
     for param in space.params:
         for value in param.extremes():
-            try:
-                target_module.check_values({**base_cfg, param.name: value})
+            try:  # resolved as a trial resolves it (types coerced: YAML's '1e-3' is a number)
+                target_module.check_values(
+                    resolve_config(target_module.DEFAULTS, overrides={**base_cfg, param.name: value})
+                )
             except ValueError as e:
                 why = f"params.{param.name} can be {value!r}, which a trial refuses"
                 raise ConfigError(f"{source}: {why}: {e}") from None
@@ -781,7 +783,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     debug = args.pop("debug")
     try:
         out = main(args)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+    except (ValueError, OSError) as e:  # OSError: files and folders (missing, read-only, full)
         if debug:
             traceback.print_exc()
         print(f"error: {one_line(e)}", file=sys.stderr)

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from retrain.config import OneLineArgumentParser, nearest_flag, one_line
+from retrain.config import FILE_MODE, OneLineArgumentParser, nearest_flag, one_line
 from retrain.engine import git_commit
 from search_spaces import ArchSpec, LayerChoice, SearchSpace, list_presets, load_space, save_arch, select_top_k
 
@@ -723,6 +723,7 @@ def _write_all(writers: dict[Path, Any]) -> None:
             # The real suffix last: matplotlib picks the image format from it. The name is cut so that a final name
             # near the file system's limit does not make a temporary one past it.
             fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name[:64]}.", suffix=f".tmp{final.suffix}")
+            os.fchmod(fd, FILE_MODE)  # mkstemp's 0600, as open() would make it under the umask
             os.close(fd)
             temps[final] = Path(tmp)
             write(temps[final])

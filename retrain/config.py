@@ -112,6 +112,12 @@ def _type_name(default: Any) -> str:
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(type(default), "a value")
 
 
+# The mode a new file gets from open() under this process's umask (read once, at import, before any thread starts:
+# os.umask can only be read by setting it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
 # Exponent notation without a dot (1e-3, 5E4): numbers to a person and to YAML 1.2, strings to PyYAML (YAML 1.1).
 _YAML11_FLOAT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
@@ -218,6 +224,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base" merges a mapping; the base class expands it
+                continue
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, (str, int, float, bool)):  # unhashable keys: the base class reports them
                 continue
@@ -325,13 +333,11 @@ def save_config(cfg: Mapping[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, FILE_MODE)  # mkstemp's file is private (0600); the run's other files follow the umask
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(plain_value(dict(cfg)), f, sort_keys=False, default_flow_style=None, width=120)
         f.flush()
         os.fsync(f.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private (0600); the run's other files follow the umask
     os.replace(tmp, path)
     return path
 

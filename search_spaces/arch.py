@@ -211,6 +211,10 @@ def load_arch(spec: str | Path | dict[str, Any] | ArchSpec) -> ArchSpec:
     return ArchSpec.from_dict(data, source=f"arch file {path}")
 
 
+_UMASK = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
+
+
 def save_arch(arch: ArchSpec, path: str | Path, overwrite: bool = False) -> Path:
     """Write ``arch`` as YAML atomically (temporary file, then rename). Refuses to overwrite unless asked."""
     path = Path(path)
@@ -218,6 +222,7 @@ def save_arch(arch: ArchSpec, path: str | Path, overwrite: bool = False) -> Path
         raise _err(f"{path.resolve()} exists; choose another --out or pass --overwrite")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600, as open() would make it under the umask
     try:
         with os.fdopen(fd, "w") as f:
             yaml.safe_dump(arch.to_dict(), f, sort_keys=False, default_flow_style=None, width=120)

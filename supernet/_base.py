@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from numbers import Integral
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -56,7 +56,7 @@ def check_sizes(model_name: str, ints: dict[str, Any], ratios: dict[str, Any], k
     if not isinstance(kernel, Integral) or isinstance(kernel, bool) or kernel < 0:
         raise ValueError(f"{model_name}: d_conv must be an int >= 0 (0: no conv), got {kernel!r}")
     for key, value in ratios.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        if not isinstance(value, Real) or isinstance(value, bool) or not value > 0:
             raise ValueError(f"{model_name}: {key} must be a positive number, got {value!r}")
 
 

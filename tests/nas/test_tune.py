@@ -175,6 +175,13 @@ def test_space_parsing_and_domains(tmp_path: Path) -> None:
     dom = sp.param_space()
     assert {dom["epochs"].sample() for _ in range(50)} == {2, 3}  # int: both ends included
     assert 1e-4 <= dom["lr"].sample() <= 1e-2
+    # Every extreme passes the target's range checks as a trial resolves it: a choice of YAML 1.1 strings too.
+    (tmp_path / "lr.yaml").write_text("params:\n  lr: {distribution: choice, values: [1e-3, 3e-4]}\n")
+    base = nt.resolve_config(train.DEFAULTS)
+    nt._check_ranges(train, base, nt.load_sweep_space(tmp_path / "lr.yaml", train.DEFAULTS), "lr.yaml")
+    (tmp_path / "lr.yaml").write_text("params:\n  lr: {distribution: choice, values: [1e-3, -1e-3]}\n")
+    with pytest.raises(nt.ConfigError, match=r"lr.yaml: params.lr can be '-1e-3', which a trial refuses: --lr -0.001"):
+        nt._check_ranges(train, base, nt.load_sweep_space(tmp_path / "lr.yaml", train.DEFAULTS), "lr.yaml")
 
 
 def test_retrain_target_metric_and_held_out_default(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -7,6 +7,7 @@ import os
 import shlex
 import shutil
 import signal
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +263,9 @@ def test_out_in_a_new_folder_creates_it(tmp_path: Path, capsys: pytest.CaptureFi
         "a_heatmap.png",
         "a_trajectory.png",
     ]
+    umask = os.umask(0o022)
+    os.umask(umask)  # the files get open()'s mode under the umask, not their temporary files' private 0600
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "new" / "sub").iterdir()} == {0o666 & ~umask}
     # A file where a folder must go is one line, and nothing is created.
     (tmp_path / "afile").write_text("USERDATA")
     assert vsp.cli([str(run), "--out", str(tmp_path / "afile" / "x" / "a.yaml")]) == 2

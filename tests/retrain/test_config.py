@@ -10,7 +10,7 @@ import warnings
 import pytest
 import yaml
 
-from retrain.config import ConfigError, resolve_config, run_cli, save_config
+from retrain.config import ConfigError, load_config, resolve_config, run_cli, save_config
 
 DEFAULTS = {
     "model": "test_vim",
@@ -110,12 +110,16 @@ def test_a_folder_given_as_config_file_is_named_so(tmp_path) -> None:
 
 
 def test_saved_config_follows_the_umask(tmp_path) -> None:
-    old = os.umask(0o022)
-    try:
-        path = save_config(resolve_config(DEFAULTS), tmp_path / "args.yaml")
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = save_config(resolve_config(DEFAULTS), tmp_path / "args.yaml")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # as open() makes files, not mkstemp's 0600
+
+
+def test_yaml_merge_keys_still_load(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("base: &b {epochs: 2}\nother:\n  <<: *b\n  lr: 0.5\n")
+    assert load_config(path) == {"base": {"epochs": 2}, "other": {"epochs": 2, "lr": 0.5}}
 
 
 def test_run_cli_interrupted_status_and_one_line_warnings(capsys) -> None:
