@@ -43,7 +43,15 @@ from typing import Any, Sequence
 
 import yaml
 
-from retrain.config import ConfigError, check_model_kwargs, one_line, resolve_config, run_cli, save_config
+from retrain.config import (
+    ConfigError,
+    check_model_kwargs,
+    nearest_key,
+    one_line,
+    resolve_config,
+    run_cli,
+    save_config,
+)
 
 __all__ = ["DEFAULTS", "Row", "collect_run", "main", "pick_gpu", "pooled_std", "summarise", "visible_gpus"]
 
@@ -192,9 +200,8 @@ def _check_model_name(model: str, where: str) -> None:
     import supernet  # noqa: F401  (registers our models with timm)
 
     if not timm.is_model(model):
-        near = difflib.get_close_matches(model, timm.list_models(), n=1)
-        hint = f"did you mean '{near[0]}'?" if near else "timm.list_models() lists the registered names"
-        raise ConfigError(f"{where}: unknown model '{model}'; {hint}")
+        hint = nearest_key(model, timm.list_models()) or "; timm.list_models() lists the registered names"
+        raise ConfigError(f"{where}: unknown model '{model}'{hint}")
 
 
 def _recipe_shuffle(cfg: dict[str, Any], train_defaults: dict[str, Any]) -> float:

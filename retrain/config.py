@@ -378,7 +378,7 @@ def run_cli(
         if debug:
             traceback.print_exc()
         print(
-            f"error: rank {rank} lost contact with the other ranks ({one_line(e)[:200]}); another rank died or hung; "
+            f"error: rank {rank} lost contact with the other ranks ({one_line(e, 200)}); another rank died or hung; "
             f"rerun the same command with --resume auto to continue from the newest complete checkpoint",
             file=sys.stderr,
         )

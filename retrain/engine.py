@@ -10,6 +10,7 @@ import contextlib
 import copy
 import csv
 import datetime
+import functools
 import math
 import os
 import random
@@ -71,23 +72,30 @@ def check_trainer_values(cfg: dict[str, Any]) -> None:
         warnings.warn(f"--data-dir {cfg['data_dir']} is not read: the synthetic dataset is generated", stacklevel=3)
 
 
-def check_opt_sched(opt: str, sched: str) -> None:
-    """Refuse, in one line with the nearest valid name, an optimizer or LR schedule timm does not know (timm itself
-    would say so only once the model and data are built)."""
+@functools.cache
+def _timm_schedules() -> list[str]:
+    """The schedules timm's create_scheduler_v2 dispatches on, read from the installed timm's source (timm has no
+    list of them); empty if that source reads otherwise."""
     import inspect
     import re
 
-    import timm.optim
     from timm.scheduler import create_scheduler_v2
+
+    return sorted(set(re.findall(r"sched == ['\"](\w+)['\"]", inspect.getsource(create_scheduler_v2))))
+
+
+def check_opt_sched(opt: str, sched: str) -> None:
+    """Refuse, in one line with the nearest valid name, an optimizer or LR schedule timm does not know (timm itself
+    would say so only once the model and data are built)."""
+    import timm.optim
 
     from retrain.config import nearest_key
 
     names = timm.optim.list_optimizers() if hasattr(timm.optim, "list_optimizers") else []  # timm >= 1.0.12
     # timm's factory takes an optional "lookahead_" prefix and case-insensitive names
     if names and opt.lower().split("_")[-1] not in names:
-        raise ValueError(f"--opt {opt!r} is not a timm optimizer{nearest_key(opt.lower(), names, list_valid=False)}")
-    # The schedules create_scheduler_v2 dispatches on, read from the installed timm (no list function exists).
-    scheds = sorted(set(re.findall(r"sched == ['\"](\w+)['\"]", inspect.getsource(create_scheduler_v2))))
+        raise ValueError(f"--opt {opt!r} is not a timm optimizer{nearest_key(opt.lower(), names)}")
+    scheds = _timm_schedules()
     if scheds and sched not in scheds:
         raise ValueError(f"--sched {sched!r} is not a timm LR schedule{nearest_key(sched, scheds, list_valid=True)}")
 
