@@ -29,6 +29,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import FeatureGetterNet, feature_take_indices  # (not re-exported by timm.models)
 from torch.utils.checkpoint import checkpoint
 
 import kernels
@@ -201,7 +202,10 @@ class VisionMamba(ArchModelMixin, nn.Module):
         scan_recompute: bool | None = None,
         model_name: str = "VisionMamba",
     ) -> None:
+        # Every constructor argument as it reached the model, defaults included (a resumed run compares them).
+        init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        self.init_args = init_args
         self.img_size = to_size(img_size)
         if not isinstance(patch_size, int) or patch_size < 1:
             raise ValueError(f"{model_name}: patch_size must be a positive int, got {patch_size!r}")
@@ -264,6 +268,7 @@ class VisionMamba(ArchModelMixin, nn.Module):
         )
         self.norm = norm(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights(depth)
 
@@ -322,8 +327,7 @@ class VisionMamba(ArchModelMixin, nn.Module):
         # Only grid tokens are shuffled; the class token keeps its place (the middle step of every order).
         return torch.cat([perm, torch.arange(self.num_grid_tokens, num_tokens, device=device)])
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, in_chans, H, W) → (B, L, C) normalized tokens (grid tokens row-major, then the class token)."""
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"input size {tuple(x.shape[-2:])} does not match the model's img_size {self.img_size}")
         x = self.patch_embed(x)
@@ -331,17 +335,89 @@ class VisionMamba(ArchModelMixin, nn.Module):
         if self.cls_token is not None:
             x = torch.cat([x, self.cls_token.expand(x.shape[0], -1, -1)], dim=1)
         x = self.pos_drop(x)
-        if self.residual_in_fp32:
-            x = x.float()
-        residual = None
+        return x.float() if self.residual_in_fp32 else x
+
+    def _final_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        return add_norm(self.norm, x, residual, _own_dtype(getattr(self.norm, "weight", None), x))[0]
+
+    def _blocks(self, x: torch.Tensor, take: Sequence[int] = (), stop: int | None = None):
+        """Run the blocks (up to ``stop``, all if None) on embedded tokens: ``(hidden, residual, taken)``, ``taken`` the
+        residual stream ``hidden + residual`` after each block index in ``take``."""
+        residual, taken = None, []
         branches = self._branch_weights()
-        for i, blk in enumerate(self.blocks):
+        blocks = self.blocks if stop is None else self.blocks[: stop + 1]
+        for i, blk in enumerate(blocks):
             perm = self._shuffle(i, x.shape[1], x.device)
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x, residual = checkpoint(blk, x, residual, perm=perm, branch=branches[i], use_reentrant=False)
             else:
                 x, residual = blk(x, residual, perm=perm, branch=branches[i])
-        return add_norm(self.norm, x, residual, _own_dtype(self.norm.weight, x))[0]
+            if i in take:
+                taken.append(x + residual)
+        return x, residual, taken
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_chans, H, W) → (B, L, C) normalized tokens (grid tokens row-major, then the class token)."""
+        x, residual, _ = self._blocks(self._embed(x))
+        return self._final_norm(x, residual)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's feature API: the residual stream after the blocks ``indices`` selects (an int: the last n; a
+        sequence: those indices, negative from the end; None: all).
+
+        Args:
+            x: (B, in_chans, H, W) images.
+            indices: which blocks.
+            return_prefix_tokens: pair each intermediate with its class token, ``(grid, (B, 1, C))`` (models with
+                ``global_pool="token"``).
+            norm: apply the final norm to each intermediate.
+            stop_early: run no block after the last one taken (the final features are then those of that block).
+            output_fmt: ``"NCHW"`` (B, C, H/p, W/p) or ``"NLC"`` (B, H/p · W/p, C), grid tokens row-major.
+            intermediates_only: return only the intermediates.
+
+        Returns:
+            ``(forward_features(x), intermediates)``, or the intermediates alone.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        stop = max_index if stop_early or intermediates_only else None
+        x, residual, taken = self._blocks(self._embed(x), take, stop)
+        if norm:
+            taken = [self._final_norm(t, None) for t in taken]
+        n, (h, w) = self.num_grid_tokens, self.grid
+        prefix = [t[:, n:] for t in taken]
+        grid = [t[:, :n] for t in taken]
+        if output_fmt == "NCHW":
+            grid = [t.reshape(t.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for t in grid]
+        if return_prefix_tokens and self.cls_token is not None:
+            grid = list(zip(grid, prefix))
+        if intermediates_only:
+            return grid
+        return self._final_norm(x, residual), grid
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the final norm, the head if asked): timm's
+        ``features_only`` models keep only what their features need. Returns the absolute indices."""
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        self.feature_info = self.feature_info[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """x: (B, L, C) → (B, num_classes), or the pooled (B, C) with ``pre_logits``."""
@@ -405,12 +481,24 @@ default_cfgs = generate_default_cfgs(
 def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:
     if kwargs.get("img_size") is not None:  # as a pair of ints before timm reads it too (numpy ints included)
         kwargs["img_size"] = to_size(kwargs["img_size"])
+    out_indices = None  # features_only: the last three blocks, as timm's ViTs (all of a shallower model)
+    if kwargs.get("features_only"):
+        depth = kwargs.get("depth")
+        out_indices = kwargs.pop("out_indices", min(3, depth) if isinstance(depth, int) and depth > 0 else 3)
     model = build_model_with_cfg(
-        VisionMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, model_name=variant, **kwargs
+        VisionMamba,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        model_name=variant,
+        **kwargs,
     )
-    # Record the size the model was actually built for, so timm's data config resolves to it.
+    # Record the size the model was actually built for, so timm's data config resolves to it (features_only: on the
+    # wrapper, whose model holds the size).
+    net = model.model if isinstance(model, FeatureGetterNet) else model
     cfg = dict(model.pretrained_cfg)
-    cfg["input_size"] = (model.patch_embed.proj.in_channels, *model.img_size)
+    cfg["input_size"] = (net.patch_embed.proj.in_channels, *net.img_size)
     model.pretrained_cfg = model.default_cfg = cfg
     return model
 

@@ -26,6 +26,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import FeatureGetterNet, feature_take_indices  # (not re-exported by timm.models)
 from torch.utils.checkpoint import checkpoint
 
 from ._base import ArchModelMixin, ArchSpecLike, SpaceSpec, check_io, check_sizes, resolve_layer_orders, to_size
@@ -169,7 +170,10 @@ class VMamba(ArchModelMixin, nn.Module):
         scan_recompute: bool | None = None,
         model_name: str = "VMamba",
     ) -> None:
+        # Every constructor argument as it reached the model, defaults included (a resumed run compares them).
+        init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        self.init_args = init_args
         self.img_size = to_size(img_size)
         if not isinstance(patch_size, int) or patch_size < 1:
             raise ValueError(f"{model_name}: patch_size must be a positive int, got {patch_size!r}")
@@ -236,6 +240,9 @@ class VMamba(ArchModelMixin, nn.Module):
             down = Downsample(dims[s - 1], dim, scan_backend) if s > 0 else None
             stages.append(VMambaStage(down, blocks, grid))
         self.stages = nn.ModuleList(stages)
+        self.feature_info = [
+            dict(module=f"stages.{s}", num_chs=dim, reduction=patch_size * 2**s) for s, dim in enumerate(dims)
+        ]
         self.norm = LayerNorm(dims[-1], backend=scan_backend)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
@@ -289,14 +296,16 @@ class VMamba(ArchModelMixin, nn.Module):
             self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, in_chans, H, W) → (B, H', W', C_last) normalized, channels-last."""
+    def _stages(self, x: torch.Tensor, take: Sequence[int] = (), stop: int | None = None):
+        """Stem and stages (up to ``stop``, all if None): ``(x, taken)``, ``taken`` the output of each stage index in
+        ``take``, (B, H_s, W_s, C_s)."""
         if tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"input size {tuple(x.shape[-2:])} does not match the model's img_size {self.img_size}")
         x = self.stem(x)
-        layer = 0
+        layer, taken = 0, []
         branches = self._branch_weights()
-        for stage in self.stages:
+        stages = self.stages if stop is None else self.stages[: stop + 1]
+        for s, stage in enumerate(stages):
             x = stage.downsample(x)
             num_tokens = stage.grid[0] * stage.grid[1]
             for blk in stage.blocks:
@@ -308,7 +317,67 @@ class VMamba(ArchModelMixin, nn.Module):
                 else:
                     x = blk(x, perm, branches[layer])
                 layer += 1
-        return self.norm(x)
+            if s in take:
+                taken.append(x)
+        return x, taken
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_chans, H, W) → (B, H', W', C_last) normalized, channels-last."""
+        return self.norm(self._stages(x)[0])
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's feature API: the output of the stages ``indices`` selects (an int: the last n; a sequence: those
+        indices, negative from the end; None: all), at strides ``patch_size · 2^s``.
+
+        Args:
+            x: (B, in_chans, H, W) images.
+            indices: which stages.
+            norm: apply the final norm to the last stage's output, if taken (the other stages have their own widths).
+            stop_early: run no stage after the last one taken (the final features are then that stage's, normed).
+            output_fmt: ``"NCHW"`` or ``"NHWC"``.
+            intermediates_only: return only the intermediates.
+
+        Returns:
+            ``(forward_features(x), intermediates)``, or the intermediates alone.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        stop = max_index if stop_early or intermediates_only else None
+        x, taken = self._stages(x, take, stop)
+        last = len(self.stages) - 1
+        if norm and last in take:
+            taken[-1] = self.norm(taken[-1])
+        if output_fmt == "NCHW":
+            taken = [t.permute(0, 3, 1, 2).contiguous() for t in taken]
+        if intermediates_only:
+            return taken
+        return self.norm(x), taken
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last of ``indices`` (and the final norm, the head if asked): timm's
+        ``features_only`` models keep only what their features need. Returns the absolute indices."""
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        if max_index < len(self.stages) - 1:  # the features end at an earlier stage: its width, no norm or head
+            self.num_features = self.feature_info[max_index]["num_chs"]
+            prune_norm = prune_head = True
+        self.stages = self.stages[: max_index + 1]
+        self.feature_info = self.feature_info[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """x: (B, H, W, C) → (B, num_classes), or the pooled (B, C) with ``pre_logits``."""
@@ -367,12 +436,21 @@ default_cfgs = generate_default_cfgs(
 def _create_vmamba(variant: str, pretrained: bool = False, **kwargs) -> VMamba:
     if kwargs.get("img_size") is not None:  # as a pair of ints before timm reads it too (numpy ints included)
         kwargs["img_size"] = to_size(kwargs["img_size"])
+    out_indices = kwargs.pop("out_indices", None) if kwargs.get("features_only") else None  # None: every stage
     model = build_model_with_cfg(
-        VMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, model_name=variant, **kwargs
+        VMamba,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        model_name=variant,
+        **kwargs,
     )
-    # Record the size the model was actually built for, so timm's data config resolves to it.
+    # Record the size the model was actually built for, so timm's data config resolves to it (features_only: on the
+    # wrapper, whose model holds the size).
+    net = model.model if isinstance(model, FeatureGetterNet) else model
     cfg = dict(model.pretrained_cfg)
-    cfg["input_size"] = (model.stem.conv1.in_channels, *model.img_size)
+    cfg["input_size"] = (net.stem.conv1.in_channels, *net.img_size)
     model.pretrained_cfg = model.default_cfg = cfg
     return model
 
