@@ -53,6 +53,7 @@ from retrain.checkpoint import (
     load_checkpoint,
     refuse_existing_run,
     resolve_resume,
+    resolved_model_args,
     save_checkpoint,
 )
 from retrain.config import MODEL_ARGS_SET_BY_FLAGS as TRAINER_MODEL_ARGS
@@ -212,7 +213,8 @@ def probs_heatmap(probs: np.ndarray, cell: int = 12) -> np.ndarray:
 
 
 def build_supernet(cfg: dict[str, Any], num_classes: int, in_chans: int) -> tuple[nn.Module, dict[str, Any]]:
-    """Create the supernet and the plain-dict spec (``name``, ``kwargs``) that rebuilds it.
+    """Create the supernet and the plain-dict spec (``name``, ``kwargs``) that rebuilds it, with the constructor
+    arguments as the model resolved them (``resolved_kwargs``, see :func:`retrain.checkpoint.resolved_model_args`).
 
     Raises:
         ValueError: unknown model, or a model without arch parameters.
@@ -243,7 +245,11 @@ def build_supernet(cfg: dict[str, Any], num_classes: int, in_chans: int) -> tupl
     k = min(p.numel() for p in model.arch_parameters())
     if cfg["algo"] == "gdas" and cfg["gdas_top_m"] > k:
         raise ValueError(f"--gdas-top-m {cfg['gdas_top_m']} is out of range; the space has {k} candidates per layer")
-    return model, {"name": name, "kwargs": kwargs}
+    spec: dict[str, Any] = {"name": name, "kwargs": kwargs}
+    resolved = resolved_model_args(model)
+    if resolved is not None:  # every constructor argument as the model took it (a resume compares them)
+        spec["resolved_kwargs"] = resolved
+    return model, spec
 
 
 def supernet_from_spec(spec: dict[str, Any]) -> nn.Module:

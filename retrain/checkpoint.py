@@ -12,7 +12,7 @@ import heapq
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -27,6 +27,7 @@ __all__ = [
     "CheckpointKeeper",
     "load_checkpoint",
     "resolve_resume",
+    "resolved_model_args",
     "save_checkpoint",
 ]
 
@@ -164,15 +165,68 @@ def _arch_orders(arch: dict[str, Any] | None) -> list | None:
     return None if arch is None else [plain_value(layer.get("orders")) for layer in arch.get("layers", [])]
 
 
+# Constructor arguments that the resolved arguments leave out: the model name is the checkpoint's own ``model``, and an
+# arch is compared through its orders (:func:`check_resume_spec`).
+_UNRESOLVED_ARGS = ("model_name", "arch")
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether ``value`` (after :func:`plain_value`) is what a checkpoint stores as it is: numbers, text, None, and
+    lists and dicts of them."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, list):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(_is_plain(v) for v in value.values())
+    return False
+
+
+def resolved_model_args(model: Any) -> dict[str, Any] | None:
+    """The constructor arguments of a built model as it resolved them, defaults included (our models record them as
+    ``init_args``), as plain values for a checkpoint's ``model_spec["resolved_kwargs"]``; ``None`` for a model that
+    does not record them (timm's own).
+
+    A search ``space`` (a preset name, a file, a dict) is kept as the space the model resolved (its ``to_dict()``);
+    the model name and an arch are left out (the checkpoint's ``model`` and the arch's orders say them), and so is
+    any other value that is not plain: a resume compares those as they were passed.
+    """
+    init_args = getattr(model, "init_args", None)
+    if not isinstance(init_args, Mapping):
+        return None
+    out = {}
+    for key, value in init_args.items():
+        if key in _UNRESOLVED_ARGS:
+            continue
+        if key == "space" and value is not None and getattr(model, "search_space", None) is not None:
+            value = model.search_space.to_dict()
+        value = plain_value(value)
+        if _is_plain(value):
+            out[str(key)] = value
+    return out
+
+
 def check_resume_spec(state: dict[str, Any], spec: dict[str, Any], path: str | Path) -> None:
     """Refuse, in one line, to resume a checkpoint whose model was built with other constructor arguments or another
-    arch than this run's (``spec`` as the trainers build it: ``name``, ``kwargs``, optionally ``arch``).
+    arch than this run's (``spec`` as the trainers build it: ``name``, ``kwargs``, optionally ``arch`` and
+    ``resolved_kwargs``).
+
+    When the checkpoint and this run both hold ``resolved_kwargs`` (see :func:`resolved_model_args`), the arguments
+    they both resolved compare as resolved, so that an argument passed at its default value, or no longer passed at
+    it, is no change; any other argument (one left out of them, or one that only one side's model code knows)
+    compares as passed (``kwargs``). A checkpoint without them (older trainers, timm's own models) compares the
+    passed ``kwargs`` alone.
 
     Raises:
         CheckpointError: naming each argument that differs, with the saved and the asked value.
     """
     saved = state.get("model_spec") or {}
     old, new = plain_value(saved.get("kwargs") or {}), plain_value(spec.get("kwargs") or {})
+    old_resolved, new_resolved = saved.get("resolved_kwargs"), spec.get("resolved_kwargs")
+    if isinstance(old_resolved, Mapping) and isinstance(new_resolved, Mapping):
+        both = set(old_resolved) & set(new_resolved)
+        old.update({k: plain_value(old_resolved[k]) for k in both})
+        new.update({k: plain_value(new_resolved[k]) for k in both})
     unset = "(unset)"
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k, unset) != new.get(k, unset)]
     then_orders, now_orders = _arch_orders(saved.get("arch")), _arch_orders(spec.get("arch"))

@@ -56,6 +56,7 @@ from retrain.checkpoint import (
     load_checkpoint,
     refuse_existing_run,
     resolve_resume,
+    resolved_model_args,
     save_checkpoint,
 )
 from retrain.config import MODEL_ARGS_SET_BY_FLAGS as TRAINER_MODEL_ARGS
@@ -180,7 +181,8 @@ def build_model(cfg: dict[str, Any], info: DatasetInfo) -> tuple[nn.Module, dict
 
     Returns:
         ``(model, spec)``; ``spec`` is a plain dict (name, kwargs, arch dict) from which :func:`model_from_spec`
-        rebuilds the same model, so checkpoints are self-describing.
+        rebuilds the same model, so checkpoints are self-describing; for our models also ``resolved_kwargs``, every
+        constructor argument as the model resolved it (:func:`retrain.checkpoint.resolved_model_args`).
 
     Raises:
         ValueError: unknown model, SLWS on a model that is not ours, an arch file that does not fit its model.
@@ -236,6 +238,9 @@ def build_model(cfg: dict[str, Any], info: DatasetInfo) -> tuple[nn.Module, dict
         for k in dropped:
             kwargs.pop(k)
         model = model_from_spec(spec)
+    resolved = resolved_model_args(model)
+    if resolved is not None:  # our models: every constructor argument as the model took it (a resume compares them)
+        spec["resolved_kwargs"] = resolved
     return model, spec
 
 

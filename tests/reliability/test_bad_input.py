@@ -138,6 +138,10 @@ CASES = [
          [*TRAIN, "--experiment", "run", "--resume", "{out}/runs/run/last.pt"],
          r"was built with img_size=32, but this run asks for img_size=16; resume with the run's own settings",
          setup=("run_at_32px",)),
+    Case("ckpt-resume-other-default", "retrain.train",
+         [*TRAIN, "--experiment", "run", "--resume", "{out}/runs/run/last.pt"],
+         r"was built with d_state=8, but this run asks for d_state=4; resume with the run's own settings",
+         setup=("run_other_default",)),
     Case("ckpt-search-resume-other-kwargs", "nas.search",
          [*SEARCH, "--img-size", "32", "--experiment", "run", "--resume", "{out}/runs/run/last.pt",
           "--model-kwargs", "embed_dim=48"],
@@ -281,6 +285,15 @@ def _make_fixtures(fx: Path) -> None:
     save_checkpoint(
         {"kind": "retrain", "model": "test_vim", "model_spec": spec, "step": 3},
         runs / "run_at_32px" / "runs" / "run" / "last.pt",
+    )
+    # A run whose model resolved d_state=8 (test_vim's default then; 4 now) resumed by the same command: the passed
+    # arguments are equal, the models are not.
+    (runs / "run_other_default" / "runs" / "run").mkdir(parents=True)
+    spec = {"name": "test_vim", "kwargs": {"num_classes": 10, "in_chans": 3, "img_size": 16}, "arch": None}
+    spec["resolved_kwargs"] = {"num_classes": 10, "in_chans": 3, "img_size": [16, 16], "d_state": 8}
+    save_checkpoint(
+        {"kind": "retrain", "model": "test_vim", "model_spec": spec, "step": 3},
+        runs / "run_other_default" / "runs" / "run" / "last.pt",
     )
     # A 16 px run of test_vim trained for 2 epochs, resumed with --epochs 5 (its LR schedule was built for 2).
     (runs / "run_2_epochs" / "runs" / "run").mkdir(parents=True)

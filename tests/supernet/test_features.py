@@ -150,3 +150,26 @@ def test_features_only_default_indices_at_imagenet_names(name: str) -> None:
 def test_out_indices_without_features_only_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="out_indices"):
         timm.create_model("test_vim", out_indices=(0, 1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["test_local_vim_search", "test_local_vmamba", "vim_tiny"])
+def test_features_only_on_the_gpu_under_autocast(name: str) -> None:
+    """On a GPU (the Triton kernels), bf16 autocast: the backbone's features are the full model's, and it trains."""
+    torch.manual_seed(5)
+    size = 32 if name.startswith("test_") else 224
+    full = build(name, img_size=size).cuda().eval()
+    kwargs = dict(arch=full.arch) if is_derived(name) else {}
+    feat = build(name, img_size=size, features_only=True, **kwargs).cuda().eval()
+    feat.model.load_state_dict(full.state_dict(), strict=False)
+    x = torch.randn(2, 3, size, size, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        want = full.forward_intermediates(x, indices=feat.feature_info.out_indices, intermediates_only=True)
+        got = feat(x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    feat.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = sum(f.float().square().mean() for f in feat(x))
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in feat.parameters())

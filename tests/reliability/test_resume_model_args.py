@@ -1,0 +1,135 @@
+"""A resume compares the model's constructor arguments as the model resolved them, defaults included.
+
+A run started without ``--model-kwargs`` and resumed with a model default passed explicitly (or the reverse) builds
+the same model: the resume is accepted. A real change (another ``d_state``) is still refused with one line naming the
+argument, its saved and its asked value, and leaves the run as it was. Checkpoints without the resolved arguments
+(older ones, timm's own models) compare the passed arguments as before.
+
+The runs are real ``retrain.train`` / ``nas.search`` command lines (``run_cli``, in process) on tiny models: the first
+stops after its first epoch's checkpoint, the resumes continue it.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import timm
+import torch.nn as nn
+
+import nas.search as search
+import retrain.train as train
+import supernet  # noqa: F401  (registers our models with timm)
+from retrain.checkpoint import CheckpointError, check_resume_spec, load_checkpoint, resolved_model_args
+from retrain.config import run_cli
+
+TRAIN = ["--model", "test_vim", "--img-size", "16", "--num-samples", "32", "--batch-size", "16", "--epochs", "2"]
+TRAIN += ["--warmup-epochs", "0", "--device", "cpu", "--log-interval", "1000"]
+SEARCH = ["--model", "test_local_vim_search", "--img-size", "16", "--num-samples", "64", "--batch-size", "16"]
+SEARCH += ["--epochs", "2", "--warmup-epochs", "0", "--arch-warmup-epochs", "0", "--device", "cpu"]
+SEARCH += ["--log-interval", "1000"]
+TRAINERS = {"retrain": (train, TRAIN, "test_vim"), "search": (search, SEARCH, "test_local_vim_search")}
+
+
+class _StopAfterFirstEpoch(Exception):
+    """Ends a run right after its first epoch's checkpoint (a run cut short, to be resumed)."""
+
+
+def _stop(epoch: int, metrics: dict, path: Path) -> None:
+    raise _StopAfterFirstEpoch
+
+
+def _default(model: str, arg: str):
+    return timm.create_model(model).init_args[arg]
+
+
+@pytest.mark.parametrize("explicit_at", ["resume", "start"])
+@pytest.mark.parametrize("which", list(TRAINERS))
+def test_a_default_passed_explicitly_resumes_and_a_real_change_is_refused(tmp_path, capsys, which, explicit_at):
+    module, args, model = TRAINERS[which]
+    d_state = _default(model, "d_state")
+    assert d_state != 3
+    explicit = ["--model-kwargs", f"d_state={d_state}"]
+    run = [*args, "--output", str(tmp_path), "--experiment", "run"]
+    first, resumed = (explicit, []) if explicit_at == "start" else ([], explicit)
+
+    with pytest.raises(_StopAfterFirstEpoch):
+        run_cli(functools.partial(module.main, on_epoch=_stop), module.DEFAULTS, [*run, *first])
+    last = tmp_path / "run" / "last.pt"
+    state = load_checkpoint(last)
+    assert state["next_epoch"] == 1
+    saved = state["model_spec"]
+    assert ("d_state" in saved["kwargs"]) == (explicit_at == "start")  # the passed arguments are kept as passed
+    assert saved["resolved_kwargs"]["d_state"] == d_state
+    assert "model_name" not in saved["resolved_kwargs"] and "arch" not in saved["resolved_kwargs"]
+
+    # A real change: one line naming the argument with the saved and the asked value; the run is left as it was.
+    before = last.read_bytes()
+    capsys.readouterr()
+    assert run_cli(module.main, module.DEFAULTS, [*run, "--resume", "auto", "--model-kwargs", "d_state=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # "resume auto: using ..." first, then the error
+    assert [line for line in err if line.startswith("error: ")] == err[-1:] and "Traceback" not in "".join(err), err
+    assert f"was built with d_state={d_state}, but this run asks for d_state=3; resume with the run's own" in err[-1]
+    assert last.read_bytes() == before
+
+    # The same model, its default named on one side only: accepted, and the run continues to its end.
+    code = run_cli(module.main, module.DEFAULTS, [*run, "--resume", "auto", *resumed])
+    err = capsys.readouterr().err
+    assert code == 0 and f"resumed {last} at epoch 1" in err, err
+    end = load_checkpoint(last)
+    assert end["next_epoch"] == 2 and end["step"] == 2 * state["step"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# check_resume_spec and resolved_model_args on their own
+
+
+def _spec(kwargs: dict, resolved: dict | None = None) -> dict:
+    spec = {"name": "test_vim", "kwargs": kwargs, "arch": None}
+    if resolved is not None:
+        spec["resolved_kwargs"] = resolved
+    return spec
+
+
+BASE = {"num_classes": 10, "in_chans": 3, "img_size": 16}
+
+
+@pytest.fixture(scope="module")
+def resolved() -> dict:
+    return resolved_model_args(timm.create_model("test_vim", **BASE))
+
+
+def test_an_old_checkpoint_without_resolved_args_compares_the_passed_args(tmp_path, resolved) -> None:
+    old = {"model_spec": _spec(dict(BASE))}  # written before the resolved arguments were saved
+    check_resume_spec(old, _spec(dict(BASE), resolved), tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match=r"built with d_state=\(unset\), but this run asks for d_state=4; resume"):
+        check_resume_spec(old, _spec({**BASE, "d_state": 4}, resolved), tmp_path / "last.pt")
+    # This run lacking them (a model without init_args) compares the passed arguments too.
+    new = {"model_spec": _spec({**BASE, "d_state": 4}, resolved)}
+    with pytest.raises(CheckpointError, match=r"built with d_state=4, but this run asks for d_state=\(unset\)"):
+        check_resume_spec(new, _spec(dict(BASE)), tmp_path / "last.pt")
+
+
+def test_resolved_args_decide_where_both_sides_have_them(tmp_path, resolved) -> None:
+    path = tmp_path / "last.pt"
+    state = {"model_spec": _spec(dict(BASE), resolved)}
+    check_resume_spec(state, _spec({**BASE, "d_state": 4, "img_size": [16, 16]}, resolved), path)
+    other = {**resolved, "d_state": 8}
+    with pytest.raises(CheckpointError, match=r"built with d_state=4, but this run asks for d_state=8; resume") as e:
+        check_resume_spec(state, _spec({**BASE, "d_state": 8}, other), path)
+    assert "\n" not in str(e.value)
+    # An argument only one side's model code knows compares as passed: unpassed, it is no change.
+    newer = {**resolved, "new_arg": 1.0}
+    check_resume_spec(state, _spec(dict(BASE), newer), path)
+    with pytest.raises(CheckpointError, match=r"built with new_arg=\(unset\), but this run asks for new_arg=2.0"):
+        check_resume_spec(state, _spec({**BASE, "new_arg": 2.0}, newer), path)
+
+
+def test_resolved_model_args_are_plain_and_leave_out_what_is_compared_elsewhere(resolved) -> None:
+    assert resolved_model_args(nn.Linear(2, 2)) is None  # timm's own models record no init_args
+    assert resolved["img_size"] == [16, 16] and resolved["d_state"] == 4 and resolved["orders"] == ["h", "h_flip"]
+    assert "model_name" not in resolved and "arch" not in resolved
+    sup = timm.create_model("test_local_vim_search", space="localmamba")
+    space = resolved_model_args(sup)["space"]
+    assert space == sup.search_space.to_dict() and space["name"] == "localmamba"
