@@ -87,17 +87,22 @@ def _gemm_dtype(u: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     return torch.promote_types(u.dtype, w.dtype)
 
 
-def _x_proj(u: torch.Tensor, x_w: torch.Tensor, token_major: bool = False) -> torch.Tensor:
+def _x_proj(u: torch.Tensor, x_w: torch.Tensor, token_major: bool = False, split: bool = False) -> torch.Tensor:
     """(B, L, Ku, D) × (K, C, D) → (K, B·L, C): every order's x_proj (one GEMM when the K orders share u).
 
     ``token_major`` (the one-node path, operands of one dtype, no autograd): the result is a view of a (B·L, K, C)
-    buffer, as it always is with a shared u, so that the backward can split the tokens for its weight gradients."""
+    buffer, as it always is with a shared u, so that the backward can split the tokens for its weight gradients.
+    ``split`` (the plain-ops path): the GEMM is :class:`_SplitGradBmm` (weight gradient by :func:`_weight_grad`)."""
     bsz, seqlen, ku, d = u.shape
     k, c, _ = x_w.shape
     rows = bsz * seqlen
+    if ku == 1 and split:
+        return _SplitGradBmm.apply(u.reshape(1, rows, d), x_w.reshape(1, k * c, d)).view(rows, k, c).transpose(0, 1)
     if ku == 1:
         return (u.reshape(rows, d) @ x_w.reshape(k * c, d).t()).view(rows, k, c).transpose(0, 1)
     a, b = u.reshape(rows, k, d).transpose(0, 1), x_w.transpose(1, 2)
+    if split:
+        return _SplitGradBmm.apply(a, x_w)
     if not token_major:
         return torch.bmm(a, b)
     return torch.bmm(a, b, out=u.new_empty(rows, k, c).transpose(0, 1))
@@ -166,13 +171,39 @@ def order_projections(
     return _OrderProjections.apply(u, x_w, dt_w, d_state)
 
 
-def _project(u, x_w, dt_w, d_state, token_major=False):
+def _project(u, x_w, dt_w, d_state, token_major=False, split=False):
     # (K, B·L, ·) GEMM outputs: dt (the Δ-rank columns of x_proj's), delta, B, C (views of x_proj's output).
-    x_dbl = _x_proj(u, x_w, token_major)
+    x_dbl = _x_proj(u, x_w, token_major, split)
     rank_p = dt_w.shape[-1]
     # split, not slices: its backward is one cat, where each slice's is a zero-filled copy summed with the others
     dt, b, c, _ = x_dbl.split([rank_p, d_state, d_state, x_dbl.shape[-1] - rank_p - 2 * d_state], dim=-1)
-    return dt, torch.bmm(dt, dt_w.transpose(1, 2)), b, c
+    delta = _SplitGradBmm.apply(dt, dt_w) if split else torch.bmm(dt, dt_w.transpose(1, 2))
+    return dt, delta, b, c
+
+
+class _SplitGradBmm(torch.autograd.Function):
+    """``a @ wᵀ`` per group, (G, rows, P) × (G, Q, P) → (G, rows, Q), whose weight gradient is :func:`_weight_grad`
+    (token slices, fp32 partials) instead of autograd's one small-output GEMM. The projections' plain-ops path, which
+    torch.compile traces (forward and backward), runs its GEMMs through it. The GEMM runs in the dtype autocast gives
+    it (read from its result), and so does the backward's."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out = torch.bmm(a, w.transpose(1, 2))
+        ctx.save_for_backward(a.to(out.dtype), w.to(out.dtype))
+        ctx.dtypes = (a.dtype, w.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, w = ctx.saved_tensors
+        grad = grad.to(a.dtype)
+        da = dw = None
+        if ctx.needs_input_grad[0]:
+            da = torch.bmm(grad, w).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:  # (rows, G, Q)ᵀ × (rows, G, P) summed over the rows
+            dw = _weight_grad(grad.transpose(0, 1), a.transpose(0, 1)).to(ctx.dtypes[1])
+        return da, dw
 
 
 def _order_major(t: torch.Tensor, bsz: int, seqlen: int) -> torch.Tensor:
@@ -180,7 +211,11 @@ def _order_major(t: torch.Tensor, bsz: int, seqlen: int) -> torch.Tensor:
 
 
 def _order_projections_ops(u, x_w, dt_w, d_state):
-    _, delta, b, c = _project(u, x_w, dt_w, d_state)
+    # torch.func's transforms cannot run an autograd.Function without a vmap rule: plain GEMMs there.
+    if torch._C._are_functorch_transforms_active():
+        _, delta, b, c = _project(u, x_w, dt_w, d_state)
+    else:
+        _, delta, b, c = _project(u, x_w, dt_w, d_state, split=True)
     return tuple(_order_major(t, *u.shape[:2]) for t in (delta, b, c))
 
 

@@ -173,3 +173,42 @@ def test_cuda_one_node_path_matches_the_ops(ku: int) -> None:
     tol = dict(rtol=2e-2, atol=2e-2)
     _assert_same(_run(order_projections, *args, 16, (True, True, True), True),
                  _run(_order_projections_ops, *args, 16, (True, True, True), True), tol)  # fmt: skip
+    # and the plain-ops path (torch.compile's) against autograd's own GEMM backward
+    _assert_same(_run(_order_projections_ops, *args, 16, (True, True, True), True),
+                 _run(_plain_autograd_ops, *args, 16, (True, True, True), True), tol)  # fmt: skip
+
+
+def _plain_autograd_ops(u, x_w, dt_w, n):
+    """The reference: the same GEMMs with autograd's own backward (one small-output GEMM per weight gradient)."""
+    from supernet.mixer import _order_major, _project
+
+    _, delta, b, c = _project(u, x_w, dt_w, n)
+    return tuple(_order_major(t, *u.shape[:2]) for t in (delta, b, c))
+
+
+@pytest.mark.parametrize("ku", [1, 3])
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("used", [(True, True, True), (False, True, True), (True, True, False)])
+def test_ops_path_gradients_match_plain_autograd(ku: int, autocast: bool, used: tuple[bool, ...]) -> None:
+    """The plain-ops path (what torch.compile traces) takes its weight gradients from the token-sliced fp32 sums:
+    the same values and dtypes as autograd's GEMM backward, with and without autocast, at a token count that splits."""
+    u, x_w, dt_w, n = _inputs(ku, k=3, dim=24)
+    u = torch.randn(4, 12, ku, 24, generator=torch.Generator().manual_seed(2))  # 48 tokens: 16-way slices
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    _assert_same(_run(_order_projections_ops, u, x_w, dt_w, n, used, autocast),
+                 _run(_plain_autograd_ops, u, x_w, dt_w, n, used, autocast), tol)  # fmt: skip
+
+
+def test_ops_path_weight_gradients_are_the_token_sliced_sums(monkeypatch) -> None:
+    """The plain-ops path's weight gradients come from _weight_grad (both GEMMs), and it traces as one graph."""
+    import supernet.mixer as mixer
+
+    u, x_w, dt_w, n = _inputs(3)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(_order_projections_ops)(u, x_w.requires_grad_(), dt_w.requires_grad_(), n)
+    assert explained.graph_break_count == 0
+    calls = []
+    real = mixer._weight_grad
+    monkeypatch.setattr(mixer, "_weight_grad", lambda a, b: calls.append(a.shape) or real(a, b))
+    _run(_order_projections_ops, u, x_w, dt_w, n, (True, True, True), False)
+    assert len(calls) == 2  # x_proj's and dt_proj's
