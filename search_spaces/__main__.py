@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {key:<6} {pat.doc}")
         else:
             h, w = args.size
+            grid = format_grid(args.name, h, w)  # a bad name fails here, before anything is printed
             print(f"{args.name} on {h}x{w}: cell = step at which the scan visits it")
-            print(format_grid(args.name, h, w))
+            print(grid)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

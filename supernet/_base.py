@@ -13,7 +13,7 @@ from search_spaces import ArchSpec, SearchSpace, load_arch, load_space, validate
 
 from .mixer import Branch, MultiOrderMixer, batched_branch_weights
 
-__all__ = ["ArchModelMixin", "LayerOrders", "check_io", "resolve_layer_orders", "to_size"]
+__all__ = ["ArchModelMixin", "LayerOrders", "check_io", "resolve_layer_orders", "take_indices", "to_size"]
 
 OrdersSpec = Sequence[str]
 SpaceSpec = str | Path | dict | SearchSpace
@@ -58,6 +58,33 @@ def check_sizes(model_name: str, ints: dict[str, Any], ratios: dict[str, Any], k
     for key, value in ratios.items():
         if not isinstance(value, Real) or isinstance(value, bool) or not value > 0:
             raise ValueError(f"{model_name}: {key} must be a positive number, got {value!r}")
+
+
+def take_indices(num: int, indices: Any, what: str) -> tuple[list[int], int]:
+    """The layers a feature call takes, in timm's forms: None (all ``num``), an int n (the last n), or a sequence of
+    ints (negative ones count from the end). Returns the absolute indices in layer order, each once, and the last.
+
+    Raises:
+        ValueError: naming the value given and the range that fits ``num`` ``what`` (e.g. ``"blocks"``).
+    """
+    if indices is None:
+        return list(range(num)), num - 1
+    if isinstance(indices, Integral) and not isinstance(indices, bool):
+        if not 1 <= indices <= num:
+            raise ValueError(f"indices={indices!r}: an int takes the last n of the {num} {what}; use 1 to {num}")
+        return list(range(num - int(indices), num)), num - 1
+    values = list(indices) if isinstance(indices, Sequence) and not isinstance(indices, str) else None
+    if values is None or any(isinstance(v, bool) or not isinstance(v, Integral) for v in values):
+        raise ValueError(f"indices={indices!r}: give None, an int (the last n) or a list of ints")
+    if not values:
+        raise ValueError(f"indices={indices!r} is empty; give at least one of the {num} {what}")
+    for v in values:
+        if not -num <= v < num:
+            raise ValueError(
+                f"indices={indices!r}: {v} is out of range for {num} {what}; use 0 to {num - 1} or -{num} to -1"
+            )
+    take = sorted({int(v) % num for v in values})
+    return take, take[-1]
 
 
 class LayerOrders:

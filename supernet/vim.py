@@ -29,12 +29,21 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import FeatureGetterNet, feature_take_indices  # (not re-exported by timm.models)
+from timm.models._features import FeatureGetterNet  # (not re-exported by timm.models)
 from torch.utils.checkpoint import checkpoint
 
 import kernels
 
-from ._base import ArchModelMixin, ArchSpecLike, SpaceSpec, check_io, check_sizes, resolve_layer_orders, to_size
+from ._base import (
+    ArchModelMixin,
+    ArchSpecLike,
+    SpaceSpec,
+    check_io,
+    check_sizes,
+    resolve_layer_orders,
+    take_indices,
+    to_size,
+)
 from .mixer import ARCH_MODES, Branch, MultiOrderMixer, gemm_input_dtype
 from .slws import draw_shuffle, slws_probs
 
@@ -376,9 +385,9 @@ class VisionMamba(ArchModelMixin, nn.Module):
 
         Args:
             x: (B, in_chans, H, W) images.
-            indices: which blocks.
+            indices: which blocks (taken in block order, each once).
             return_prefix_tokens: pair each intermediate with its class token, ``(grid, (B, 1, C))`` (models with
-                ``global_pool="token"``).
+                ``global_pool="token"``; ``(B, 0, C)`` for the others, which have none).
             norm: apply the final norm to each intermediate.
             stop_early: run no block after the last one taken (the final features are then those of that block).
             output_fmt: ``"NCHW"`` (B, C, H/p, W/p) or ``"NLC"`` (B, H/p · W/p, C), grid tokens row-major.
@@ -389,7 +398,7 @@ class VisionMamba(ArchModelMixin, nn.Module):
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take, max_index = feature_take_indices(len(self.blocks), indices)
+        take, max_index = take_indices(len(self.blocks), indices, "blocks")
         stop = max_index if stop_early or intermediates_only else None
         x, residual, taken = self._blocks(self._embed(x), take, stop)
         if norm:
@@ -399,7 +408,7 @@ class VisionMamba(ArchModelMixin, nn.Module):
         grid = [t[:, :n] for t in taken]
         if output_fmt == "NCHW":
             grid = [t.reshape(t.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for t in grid]
-        if return_prefix_tokens and self.cls_token is not None:
+        if return_prefix_tokens:  # (B, 1, C) with a class token, (B, 0, C) without one
             grid = list(zip(grid, prefix))
         if intermediates_only:
             return grid
@@ -410,7 +419,7 @@ class VisionMamba(ArchModelMixin, nn.Module):
     ) -> list[int]:
         """Drop the blocks after the last of ``indices`` (and the final norm, the head if asked): timm's
         ``features_only`` models keep only what their features need. Returns the absolute indices."""
-        take, max_index = feature_take_indices(len(self.blocks), indices)
+        take, max_index = take_indices(len(self.blocks), indices, "blocks")
         self.blocks = self.blocks[: max_index + 1]
         self.feature_info = self.feature_info[: max_index + 1]
         if prune_norm:

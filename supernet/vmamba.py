@@ -26,10 +26,19 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import FeatureGetterNet, feature_take_indices  # (not re-exported by timm.models)
+from timm.models._features import FeatureGetterNet  # (not re-exported by timm.models)
 from torch.utils.checkpoint import checkpoint
 
-from ._base import ArchModelMixin, ArchSpecLike, SpaceSpec, check_io, check_sizes, resolve_layer_orders, to_size
+from ._base import (
+    ArchModelMixin,
+    ArchSpecLike,
+    SpaceSpec,
+    check_io,
+    check_sizes,
+    resolve_layer_orders,
+    take_indices,
+    to_size,
+)
 from .mixer import ARCH_MODES, Branch, LayerNorm, MultiOrderMixer, gemm_input_dtype
 from .slws import draw_shuffle, slws_probs
 
@@ -339,9 +348,10 @@ class VMamba(ArchModelMixin, nn.Module):
 
         Args:
             x: (B, in_chans, H, W) images.
-            indices: which stages.
+            indices: which stages (taken in stage order, each once).
             norm: apply the final norm to the last stage's output, if taken (the other stages have their own widths).
-            stop_early: run no stage after the last one taken (the final features are then that stage's, normed).
+            stop_early: run no stage after the last one taken (the final features are then that stage's output,
+                without the final norm unless it is the last stage).
             output_fmt: ``"NCHW"`` or ``"NHWC"``.
             intermediates_only: return only the intermediates.
 
@@ -350,7 +360,7 @@ class VMamba(ArchModelMixin, nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take, max_index = feature_take_indices(len(self.stages), indices)
+        take, max_index = take_indices(len(self.stages), indices, "stages")
         stop = max_index if stop_early or intermediates_only else None
         x, taken = self._stages(x, take, stop)
         last = len(self.stages) - 1
@@ -360,14 +370,15 @@ class VMamba(ArchModelMixin, nn.Module):
             taken = [t.permute(0, 3, 1, 2).contiguous() for t in taken]
         if intermediates_only:
             return taken
-        return self.norm(x), taken
+        # stopped before the last stage: that stage's output as it is (the final norm has the last stage's width)
+        return (self.norm(x) if stop is None or stop == last else x), taken
 
     def prune_intermediate_layers(
         self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop the stages after the last of ``indices`` (and the final norm, the head if asked): timm's
         ``features_only`` models keep only what their features need. Returns the absolute indices."""
-        take, max_index = feature_take_indices(len(self.stages), indices)
+        take, max_index = take_indices(len(self.stages), indices, "stages")
         if max_index < len(self.stages) - 1:  # the features end at an earlier stage: its width, no norm or head
             self.num_features = self.feature_info[max_index]["num_chs"]
             prune_norm = prune_head = True

@@ -173,3 +173,66 @@ def test_features_only_on_the_gpu_under_autocast(name: str) -> None:
         loss = sum(f.float().square().mean() for f in feat(x))
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in feat.parameters())
+
+
+@pytest.mark.parametrize("name", ["test_vim", "test_vmamba", "test_local_vmamba_search"])
+def test_stop_early_returns_the_last_taken_layers_features(name: str) -> None:
+    """stop_early with the final features: the plain family's, normed (one width throughout); the hierarchical
+    family's, the stopped stage's own output (the final norm has the last stage's width)."""
+    torch.manual_seed(6)
+    size = small_size(name)
+    model = build(name, img_size=size).eval()
+    x = torch.randn(2, 3, size, size)
+    n = len(model.feature_info)
+    for i in range(n):
+        with torch.no_grad():
+            final, (inter,) = model.forward_intermediates(x, indices=[i], stop_early=True, output_fmt="NCHW")
+            _, (normed,) = model.forward_intermediates(x, indices=[i], norm=True, stop_early=True)
+        if name in PLAIN:
+            torch.testing.assert_close(_grid_tokens(model, final), normed)
+        elif i < n - 1:
+            torch.testing.assert_close(final.permute(0, 3, 1, 2), inter)
+        else:
+            torch.testing.assert_close(final, model.forward_features(x))
+
+
+@pytest.mark.parametrize(
+    "indices, match",
+    [(0, "last n"), (-1, "last n"), (9, "last n"), ([], "empty"), ([-9], "out of range"), ([7], "out of range"),
+     ("1", "list of ints"), (1.5, "list of ints"), ([0, 1.0], "list of ints"), ([True], "list of ints")],
+)  # fmt: skip
+def test_bad_indices_are_one_line_value_errors(indices, match: str) -> None:
+    model = build("test_vmamba", img_size=16).eval()
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(ValueError, match=match) as e:
+        model.forward_intermediates(x, indices=indices)
+    assert "\n" not in str(e.value) and repr(indices) in str(e.value)
+    with pytest.raises(ValueError, match=match):
+        build("test_vim", img_size=16, features_only=True, out_indices=indices)
+
+
+@pytest.mark.parametrize("name", ["test_vim", "test_vmamba"])
+def test_repeated_or_unordered_indices_are_taken_once_in_layer_order(name: str) -> None:
+    torch.manual_seed(7)
+    model = build(name, img_size=16).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        n = len(model.feature_info)
+        got = model.forward_intermediates(x, indices=[1, 0, 1 - n, 1], intermediates_only=True)
+    assert len(got) == 2
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    feat = build(name, img_size=16, features_only=True, out_indices=[1, 0, 0]).eval()
+    with torch.no_grad():
+        out = feat(x)
+    assert feat.feature_info.channels() == [o.shape[1] for o in out] and len(out) == 2
+
+
+def test_prefix_tokens_of_a_model_without_a_class_token_are_empty() -> None:
+    model = build("test_vim", img_size=16).eval()
+    with torch.no_grad():
+        x = torch.randn(2, 3, 16, 16)
+        pairs = model.forward_intermediates(x, return_prefix_tokens=True, intermediates_only=True)
+    for grid, prefix in pairs:
+        assert grid.shape == (2, model.embed_dim, 4, 4) and prefix.shape == (2, 0, model.embed_dim)
