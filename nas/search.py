@@ -50,6 +50,7 @@ from retrain.checkpoint import (
     CheckpointKeeper,
     check_resume_recipe,
     check_resume_spec,
+    check_resume_steps,
     load_checkpoint,
     refuse_existing_run,
     resolve_resume,
@@ -237,7 +238,10 @@ def build_supernet(cfg: dict[str, Any], num_classes: int, in_chans: int) -> tupl
         kwargs["space"] = cfg["space"]
     if cfg["drop_path"] > 0:
         kwargs["drop_path_rate"] = cfg["drop_path"]
-    model = timm.create_model(name, **kwargs)
+    try:
+        model = timm.create_model(name, **kwargs)
+    except TypeError as e:  # an argument the model does not take (--model-kwargs d_stat=4)
+        raise ValueError(f"cannot build '{name}' with {kwargs}: {e}") from None
     if not hasattr(model, "arch_parameters") or not list(model.arch_parameters()):
         raise ValueError(
             f"'{name}' has no arch parameters; search a supernet (a *_search model, e.g. {DEFAULTS['model']})"
@@ -287,9 +291,11 @@ class _BatchStream:
         self.passes, self.pos, self._it = int(state["passes"]), int(state["pos"]), None
 
 
-# What a resumed search's saved state depends on (see retrain.train.RESUME_KEYS), plus the weight/arch split.
+# What a resumed search's saved state depends on (see retrain.train.RESUME_KEYS), plus the weight/arch split. The arch
+# optimizer is always Adam (no setting changes the kind of its state).
 RESUME_KEYS = (
-    "epochs", "sched", "lr", "min_lr", "warmup_epochs", "warmup_lr", "batch_size", "seed", "arch_frac", "algo",
+    "epochs", "sched", "lr", "min_lr", "warmup_epochs", "warmup_lr", "opt", "weight_decay", "momentum", "batch_size",
+    "seed", "arch_frac", "algo", "arch_lr", "arch_betas", "arch_weight_decay",
 )  # fmt: skip
 
 
@@ -475,6 +481,34 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
         poison_grad_at=cfg["debug_nan_grad_at"],
     )
 
+    def result(
+        history: list[dict[str, Any]], final: dict[str, Any], epochs_run: int, interrupted: bool, signum: int
+    ) -> dict[str, Any]:
+        """What :func:`main` returns."""
+        probs = model.arch_probs()
+        return {
+            "run_dir": str(run_dir),
+            "model": spec["name"],
+            "algo": cfg["algo"],
+            "params": params,
+            "flops": flops,
+            "history": history,
+            **final,
+            "best_arch_top1": keeper.best_metric,
+            "best_epoch": keeper.best_epoch,
+            "labels": labels,
+            "candidates": candidates,
+            "arch_probs": {label: probs[label].tolist() for label in labels},
+            "arch_logits": {label: p.detach().cpu().tolist() for label, p in zip(labels, model.arch_parameters())},
+            "derived_model_name": derived_name,
+            "checkpoint": str(run_dir / "last.pt"),
+            "epochs_run": epochs_run,
+            "interrupted": interrupted,
+            "signal": signum,
+            "bad_steps": guard.total,
+            "rollbacks": guard.rollbacks,
+        }
+
     def restore(state: dict[str, Any]) -> int:
         """Load weights, arch logits, both optimizers and the scheduler of a checkpoint; return its step."""
         model.load_state_dict(state["model_state"])
@@ -491,6 +525,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
         state = load_checkpoint(resume_path, expect_kind="search", expect_model=spec["name"])
         check_resume_spec(state, spec, resume_path)
         check_resume_recipe(state, cfg, RESUME_KEYS, resume_path)
+        check_resume_steps(state, updates_per_epoch, len(weight_set), resume_path, "weight-set images")
         restore(state)
         keeper.load_state_dict(state.get("keeper", {}))
         arch_stream.load_state_dict(state["arch_stream"])
@@ -505,6 +540,14 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
         else:
             print_rank0(f"resume: {len(rngs)} ranks saved RNG, {dinfo.world_size} now; reseeding")
             seed_everything(cfg["seed"] + 7919 * start_epoch + dinfo.rank)
+        if start_epoch >= cfg["epochs"]:
+            # Nothing is written: the run's files stay those of the search that finished.
+            print_rank0(
+                f"{run_dir} already finished (epoch {cfg['epochs']} of {cfg['epochs']}, {resume_path}, step {step}); "
+                f"nothing to search: derive its arch with python -m nas.vis_search_prob {run_dir}, or start a new "
+                f"--experiment"
+            )
+            return result(history, dict(history[-1]) if history else {}, 0, False, 0)
         print_rank0(f"resumed {resume_path} at epoch {start_epoch}, batch {start_batch}, step {step}")
     else:
         seed_everything(cfg["seed"] + dinfo.rank)  # Gumbel, SLWS and augmentation streams differ per rank
@@ -564,6 +607,8 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
             "next_epoch": next_epoch,
             "next_batch": next_batch,
             "step": step,
+            "steps_per_epoch": updates_per_epoch,  # what step, next_batch and the LR schedule count in
+            "train_size": len(weight_set),
             "rng": gather_rng_states(),
             "epoch_sums": [*sums.tolist(), float(seen)],
             "bad_steps": guard.total,
@@ -684,14 +729,15 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
             arch_eval = evaluate(model, arch_eval_loader, device, amp_dtype)
             probs = model.arch_probs()
             prob_rows = [probs[label].tolist() for label in labels]
-            n_arch_steps = max(float(sums[3].item()), 1.0)
+            n_arch_steps = float(sums[3].item())
             metrics = {
                 "train_loss": float(sums[0].item()) / max(seen, 1),
                 "train_top1": 100.0 * float(sums[1].item()) / max(seen, 1),
                 "arch_loss": arch_eval["loss"],
                 "arch_top1": arch_eval["top1"],
                 "arch_top5": arch_eval["top5"],
-                "arch_step_loss": float(sums[2].item()) / n_arch_steps if sums[3] > 0 else float("nan"),
+                # None (an empty cell, no point in TensorBoard) in an epoch without arch steps (arch warm-up)
+                "arch_step_loss": float(sums[2].item()) / n_arch_steps if n_arch_steps > 0 else None,
                 "lr": optimizer.param_groups[0]["lr"],
                 "mean_entropy": float(np.mean([entropy(probs[label]) for label in labels])),
                 "img_s": (seen - seen_before) * dinfo.world_size / max(epoch_time, 1e-9),
@@ -708,7 +754,8 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
                 written = keeper.save(state, epoch, metrics["arch_top1"])
                 ckpt_path = written["last"]
                 for k, v in metrics.items():
-                    logger.scalar(f"epoch/{k}", v, epoch)
+                    if v is not None:
+                        logger.scalar(f"epoch/{k}", v, epoch)
                 logger.scalar("epoch/bad_steps", guard.total, epoch)
                 logger.scalar("epoch/rollbacks", guard.rollbacks, epoch)
                 for label in labels:
@@ -725,29 +772,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
             final = metrics
             epochs_run += 1
     logger.close()
-    probs = model.arch_probs()
-    return {
-        "run_dir": str(run_dir),
-        "model": spec["name"],
-        "algo": cfg["algo"],
-        "params": params,
-        "flops": flops,
-        "history": history,
-        **final,
-        "best_arch_top1": keeper.best_metric,
-        "best_epoch": keeper.best_epoch,
-        "labels": labels,
-        "candidates": candidates,
-        "arch_probs": {label: probs[label].tolist() for label in labels},
-        "arch_logits": {label: p.detach().cpu().tolist() for label, p in zip(labels, model.arch_parameters())},
-        "derived_model_name": derived_name,
-        "checkpoint": str(run_dir / "last.pt"),
-        "epochs_run": epochs_run,
-        "interrupted": interrupted,
-        "signal": int(stop.signum) if interrupted else 0,
-        "bad_steps": guard.total,
-        "rollbacks": guard.rollbacks,
-    }
+    return result(history, final, epochs_run, interrupted, int(stop.signum) if interrupted else 0)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,8 @@ def read_arch_probs_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _space_from_candidates(candidates: Sequence[str], run_dir: Path) -> SearchSpace:
-    """Find the search space of a run known only through its jsonl: the run's args.yaml, else a matching preset."""
+    """Find the search space of a run known only through its jsonl: the run's args.yaml, else the space stored in the
+    search checkpoint beside it, else a matching preset."""
     args = run_dir / "args.yaml"
     if args.is_file():
         cfg = yaml.safe_load(args.read_text()) or {}
@@ -176,14 +177,20 @@ def _space_from_candidates(candidates: Sequence[str], run_dir: Path) -> SearchSp
                     space = load_space(spec)
                 except ValueError as e:
                     # args.yaml records the space as the search was given it, so a relative path resolves only where
-                    # the search ran. No preset stands in: one with the same candidates may keep another k or
-                    # constraint.
+                    # the search ran; the run's checkpoint stores the space itself. No preset stands in: one with the
+                    # same candidates may keep another k or constraint.
+                    stored = _space_beside(candidates, run_dir)
+                    if stored is not None:
+                        return stored
                     raise DerivationError(
                         f"cannot tell the search space of the run: {args} names '{spec}' but {e}; "
                         f"{_space_path_advice(spec)}, or pass the run's last.pt (it stores the space itself)"
                     ) from None
                 if tuple(space.candidates) == tuple(candidates):
                     return space
+    stored = _space_beside(candidates, run_dir)
+    if stored is not None:
+        return stored
     for name in list_presets():
         space = load_space(name)
         if tuple(space.candidates) == tuple(candidates):
@@ -192,6 +199,24 @@ def _space_from_candidates(candidates: Sequence[str], run_dir: Path) -> SearchSp
         f"cannot tell the search space of candidates {list(candidates)}: no args.yaml beside {run_dir} names it and "
         f"no preset matches; pass the run's last.pt instead"
     )
+
+
+def _space_beside(candidates: Sequence[str], run_dir: Path) -> SearchSpace | None:
+    """The search space stored in the run's own checkpoint (last.pt, else best.pt) when it has these candidates; None
+    when no readable search checkpoint beside the jsonl stores one."""
+    from retrain.checkpoint import CheckpointError, load_checkpoint
+
+    for name in _CHECKPOINT_NAMES:
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        try:
+            space = _stored_space(load_checkpoint(path, expect_kind="search"))
+        except CheckpointError:
+            continue
+        if space is not None and tuple(space.candidates) == tuple(candidates):
+            return space
+    return None
 
 
 def _space_path_advice(spec: Any) -> str:

@@ -21,7 +21,10 @@ from retrain.config import one_line, plain_value
 __all__ = [
     "RUN_FILES",
     "refuse_existing_run",
+    "RESUME_EXEMPT_ARGS",
+    "check_resume_recipe",
     "check_resume_spec",
+    "check_resume_steps",
     "CHECKPOINT_FORMAT",
     "CheckpointError",
     "CheckpointKeeper",
@@ -206,6 +209,37 @@ def resolved_model_args(model: Any) -> dict[str, Any] | None:
     return out
 
 
+# Constructor arguments that change neither the weights nor the saved state, only how the same math runs: which
+# implementation of the scan (``scan_backend``), and whether its backward keeps the chunk-start states or recomputes
+# them (``scan_recompute``). A resume may change them.
+RESUME_EXEMPT_ARGS = ("scan_backend", "scan_recompute")
+
+
+def _orders_text(orders: Any) -> str:
+    """A layer's orders as ``[h, v]``."""
+    if isinstance(orders, (list, tuple)):
+        return "[" + ", ".join(_orders_text(o) for o in orders) + "]"
+    return str(orders)
+
+
+def _arch_difference(saved: dict[str, Any] | None, asked: dict[str, Any] | None) -> str | None:
+    """How two archs differ, as a short phrase (``layer blocks.0 orders [h, v] vs [h, w2]``, saved first), or None
+    when their orders are the same."""
+    then, now = _arch_orders(saved), _arch_orders(asked)
+    if then == now:
+        return None
+    if then is None or now is None:
+        none, some = "none (the model's own orders)", "an arch file's orders"
+        return f"{none if then is None else some} vs {none if now is None else some}"
+    if len(then) != len(now):
+        return f"of {len(then)} layers vs {len(now)} layers"
+    i = next(i for i, (a, b) in enumerate(zip(then, now)) if a != b)
+    label = ((saved or {}).get("layers") or [{}] * len(then))[i].get("label") or f"#{i}"
+    more = sum(a != b for a, b in zip(then, now)) - 1
+    rest = f" (and {more} more layer{'s' if more > 1 else ''})" if more else ""
+    return f"layer {label} orders {_orders_text(then[i])} vs {_orders_text(now[i])}{rest}"
+
+
 def check_resume_spec(state: dict[str, Any], spec: dict[str, Any], path: str | Path) -> None:
     """Refuse, in one line, to resume a checkpoint whose model was built with other constructor arguments or another
     arch than this run's (``spec`` as the trainers build it: ``name``, ``kwargs``, optionally ``arch`` and
@@ -215,7 +249,8 @@ def check_resume_spec(state: dict[str, Any], spec: dict[str, Any], path: str | P
     they both resolved compare as resolved, so that an argument passed at its default value, or no longer passed at
     it, is no change; any other argument (one left out of them, or one that only one side's model code knows)
     compares as passed (``kwargs``). A checkpoint without them (older trainers, timm's own models) compares the
-    passed ``kwargs`` alone.
+    passed ``kwargs`` alone. :data:`RESUME_EXEMPT_ARGS` (the scan's implementation and its recomputation) are not
+    compared. An arch is compared by its layers' orders; the first layer that differs is named.
 
     Raises:
         CheckpointError: naming each argument that differs, with the saved and the asked value.
@@ -227,19 +262,23 @@ def check_resume_spec(state: dict[str, Any], spec: dict[str, Any], path: str | P
         both = set(old_resolved) & set(new_resolved)
         old.update({k: plain_value(old_resolved[k]) for k in both})
         new.update({k: plain_value(new_resolved[k]) for k in both})
+    for key in RESUME_EXEMPT_ARGS:
+        old.pop(key, None)
+        new.pop(key, None)
     unset = "(unset)"
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k, unset) != new.get(k, unset)]
-    then_orders, now_orders = _arch_orders(saved.get("arch")), _arch_orders(spec.get("arch"))
-    if then_orders != now_orders:
-        changed.append("arch")
-        old["arch"] = "(none: the model's own orders)" if then_orders is None else "an arch file's orders"
-        new["arch"] = "(none: the model's own orders)" if now_orders is None else "another arch file's orders"
-    if changed:
-        then = ", ".join(f"{k}={old.get(k, unset)}" for k in changed)
-        now = ", ".join(f"{k}={new.get(k, unset)}" for k in changed)
+    arch = _arch_difference(saved.get("arch"), spec.get("arch"))
+    if changed or arch:
+        what = []
+        if changed:
+            then = ", ".join(f"{k}={old.get(k, unset)}" for k in changed)
+            now = ", ".join(f"{k}={new.get(k, unset)}" for k in changed)
+            what.append(f"was built with {then}, but this run asks for {now}")
+        if arch:
+            what.append(f"{'and' if changed else 'was built with'} another arch (saved vs asked: arch {arch})")
         raise CheckpointError(
-            f"checkpoint {Path(path).resolve()} was built with {then}, but this run asks for {now}; resume with the "
-            f"run's own settings (its args.yaml) or start a new --experiment"
+            f"checkpoint {Path(path).resolve()} {' '.join(what)}; resume with the run's own settings (its args.yaml) "
+            f"or start a new --experiment"
         )
 
 
@@ -259,9 +298,37 @@ def check_resume_recipe(state: dict[str, Any], cfg: dict[str, Any], keys: Sequen
         now = ", ".join(f"{f} {cfg[k]!r}" for f, k in zip(flag, changed))
         raise CheckpointError(
             f"checkpoint {Path(path).resolve()} was trained with {then}, but this run asks for {now}; its LR schedule, "
-            f"data order and validation split follow the former: resume with the run's own settings (its args.yaml) "
-            f"or start a new --experiment"
+            f"optimizer state, data order and validation split follow the former: resume with the run's own settings "
+            f"(its args.yaml) or start a new --experiment"
         )
+
+
+def check_resume_steps(
+    state: dict[str, Any],
+    steps_per_epoch: int,
+    train_size: int,
+    path: str | Path,
+    images: str = "training images",
+) -> None:
+    """Refuse, in one line, to resume a checkpoint saved at another number of steps per epoch than this run takes
+    (another training-set size, ``--num-samples`` say, or another number of processes): its position in the epoch and
+    its per-step LR schedule count in its own steps. Checkpoints that did not record it pass; so does the same data
+    from another folder. ``images`` names what ``train_size`` (and the checkpoint's ``train_size``) counts.
+
+    Raises:
+        CheckpointError: naming the saved and the asked steps per epoch (and training-set sizes).
+    """
+    saved = state.get("steps_per_epoch")
+    if saved is None or int(saved) == int(steps_per_epoch):
+        return
+    saved_size = state.get("train_size")
+    then = f"{int(saved)} steps per epoch" + (f" ({saved_size} {images})" if saved_size is not None else "")
+    raise CheckpointError(
+        f"checkpoint {Path(path).resolve()} was saved at {then}, but this run takes {steps_per_epoch} "
+        f"({train_size} {images}); its position in the epoch and its per-step LR schedule count in the "
+        f"former: resume with the run's own data (--num-samples, --dataset and the data in --data-dir), --batch-size "
+        f"and number of processes, or start a new --experiment"
+    )
 
 
 def _checkpoints_in(run_dir: Path) -> list[Path]:

@@ -410,7 +410,8 @@ def _markdown(
         f"# Comparison: {cfg['experiment']}",
         "",
         f"Recipe: `{cfg['train_config'] or 'retrain.train defaults'}` (dataset {recipe.get('dataset')}, "
-        f"{recipe.get('epochs')} epochs, img {recipe.get('img_size')}), the same for every row; seeds "
+        f"{recipe.get('epochs')} epoch{'' if recipe.get('epochs') == 1 else 's'}, img {recipe.get('img_size')}), the "
+        f"same for every row; seeds "
         f"{list(cfg['seeds'])}. Top-1 is the {metric_words} validation top-1 (%), mean ± sample std over seeds. "
         f"Sizes are matched to **{ref_name}** within ±{cfg['param_tolerance'] * 100:.0f} % of parameters.",
         "",

@@ -454,7 +454,7 @@ def build_dataset(
     data_dir = Path(data_dir).expanduser()
     download = bool(kw.get("download", False))
     if not data_dir.exists() and not download:
-        raise _missing(name, data_dir, "the data folder")
+        raise _missing(name, data_dir, "the data file" if data_dir.suffix.lower() == ".npz" else "the data folder")
     if name == "imagefolder":
         return _build_imagefolder(data_dir, split, img_size, in_chans, augment, **kw)
     if name in ("mnist", "fashion_mnist"):

@@ -327,9 +327,12 @@ class RunLogger:
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
-    """``key value`` pairs for a progress line, numbers rounded for reading."""
+    """``key value`` pairs for a progress line, numbers rounded for reading; a ``None`` value (a metric the epoch did
+    not measure) is left out."""
     parts = []
     for k, v in metrics.items():
+        if v is None:
+            continue
         if isinstance(v, float):
             parts.append(f"{k} {v:.4g}" if abs(v) < 1e4 else f"{k} {v:.3e}")
         else:

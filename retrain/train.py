@@ -53,6 +53,7 @@ from retrain.checkpoint import (
     CheckpointKeeper,
     check_resume_recipe,
     check_resume_spec,
+    check_resume_steps,
     load_checkpoint,
     refuse_existing_run,
     resolve_resume,
@@ -249,9 +250,13 @@ def build_model(cfg: dict[str, Any], info: DatasetInfo) -> tuple[nn.Module, dict
 # --------------------------------------------------------------------------------------------------------------------
 
 
-# What a resumed run's saved state depends on: the LR schedule (its length and shape), the batch size a mid-epoch
-# position counts in, the validation split. A resume that changes one is refused.
-RESUME_KEYS = ("epochs", "sched", "lr", "min_lr", "warmup_epochs", "warmup_lr", "batch_size", "val_frac", "seed")
+# What a resumed run's saved state depends on: the LR schedule (its length and shape), the optimizer (its state has
+# that optimizer's entries), the batch size a mid-epoch position counts in, the validation split. A resume that changes
+# one is refused (and so is one whose steps per epoch differ: retrain.checkpoint.check_resume_steps).
+RESUME_KEYS = (
+    "epochs", "sched", "lr", "min_lr", "warmup_epochs", "warmup_lr", "opt", "weight_decay", "momentum", "batch_size",
+    "val_frac", "seed",
+)  # fmt: skip
 
 
 def check_values(cfg: dict[str, Any]) -> None:
@@ -288,7 +293,8 @@ def check_values(cfg: dict[str, Any]) -> None:
     check_trainer_values(cfg)
     for key, ok, want in checks:
         if not ok:
-            raise ValueError(f"--{key.replace('_', '-')} {cfg[key]!r} is out of range; use a value {want}")
+            use = want if want.startswith("one of") else f"a value {want}"
+            raise ValueError(f"--{key.replace('_', '-')} {cfg[key]!r} is out of range; use {use}")
     for key in ("debug_nan_loss_at", "debug_nan_grad_at"):
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in cfg[key]):
             raise ValueError(f"--{key.replace('_', '-')} {cfg[key]!r} must list integers >= 0")
@@ -455,6 +461,27 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
         poison_grad_at=cfg["debug_nan_grad_at"],
     )
 
+    def result(
+        final: dict[str, Any], test: dict[str, Any], img_s: float, epochs_run: int, interrupted: bool, signum: int
+    ) -> dict[str, Any]:
+        """What :func:`main` returns."""
+        return {
+            "run_dir": str(run_dir),
+            "model": spec["name"],
+            "params": params,
+            "flops": flops,
+            "train_img_s": img_s,
+            **final,
+            **test,
+            "best_metric": keeper.best_metric,
+            "best_epoch": keeper.best_epoch,
+            "epochs_run": epochs_run,
+            "interrupted": interrupted,
+            "signal": signum,
+            "bad_steps": guard.total,
+            "rollbacks": guard.rollbacks,
+        }
+
     def restore(state: dict[str, Any]) -> int:
         """Load weights, EMA, optimizer and scheduler of a checkpoint; return its step."""
         model.load_state_dict(state["model_state"])
@@ -471,6 +498,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
         state = load_checkpoint(resume_path, expect_kind="retrain", expect_model=spec["name"])
         check_resume_spec(state, spec, resume_path)
         check_resume_recipe(state, cfg, RESUME_KEYS, resume_path)
+        check_resume_steps(state, updates_per_epoch, len(train_ds), resume_path)
         restore(state)
         keeper.load_state_dict(state.get("keeper", {}))
         start_epoch, start_batch, step = state["next_epoch"], state["next_batch"], state["step"]
@@ -483,6 +511,17 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
         else:
             print_rank0(f"resume: {len(rngs)} ranks saved RNG, {dinfo.world_size} now; reseeding")
             seed_everything(cfg["seed"] + 7919 * start_epoch + dinfo.rank)
+        if start_epoch >= cfg["epochs"]:
+            # Nothing is written: the run's files stay those of the run that finished.
+            print_rank0(
+                f"{run_dir} already finished (epoch {cfg['epochs']} of {cfg['epochs']}, {resume_path}, step {step}); "
+                f"nothing to train: start a new --experiment to train again"
+            )
+            test_json, saved_test = run_dir / "test.json", {}
+            if test_json.is_file():  # a held-out-validation run's final test, as it was written
+                saved_test = {k: v for k, v in json.loads(test_json.read_text()).items() if "test_" in k}
+            done = dict(state.get("metrics") or {})
+            return result(done, saved_test, float(done.get("img_s", 0.0)), 0, False, 0)
         print_rank0(f"resumed {resume_path} at epoch {start_epoch}, batch {start_batch}, step {step}")
     else:
         seed_everything(cfg["seed"] + dinfo.rank)  # augmentation, mixup and SLWS streams differ per rank
@@ -518,6 +557,8 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
             "next_epoch": next_epoch,
             "next_batch": next_batch,
             "step": step,
+            "steps_per_epoch": updates_per_epoch,  # what step, next_batch and the LR schedule count in
+            "train_size": len(train_ds),
             "rng": gather_rng_states(),
             "epoch_sums": [float(loss_sum.item()), float(seen)],
             "bad_steps": guard.total,
@@ -635,22 +676,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
                 (run_dir / "test.json").write_text(json.dumps(test_file, indent=2) + "\n")
                 logger.line(f"final test ({len(test_ds)} images): {format_metrics(test)}")
     logger.close()
-    return {
-        "run_dir": str(run_dir),
-        "model": spec["name"],
-        "params": params,
-        "flops": flops,
-        "train_img_s": img_s,
-        **final,
-        **test,
-        "best_metric": keeper.best_metric,
-        "best_epoch": keeper.best_epoch,
-        "epochs_run": epochs_run,
-        "interrupted": interrupted,
-        "signal": int(stop.signum) if interrupted else 0,
-        "bad_steps": guard.total,
-        "rollbacks": guard.rollbacks,
-    }
+    return result(final, test, img_s, epochs_run, interrupted, int(stop.signum) if interrupted else 0)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import kernels
 import nas.search as search
@@ -67,7 +69,7 @@ def test_optimizers_partition_the_parameters() -> None:
     assert all(p.ndim > 1 for p in decayed)
 
 
-def test_darts_end_to_end_with_warmup(tmp_path, monkeypatch) -> None:
+def test_darts_end_to_end_with_warmup(tmp_path, monkeypatch, capsys) -> None:
     splits = []
     real_split = search.split_train
 
@@ -105,6 +107,20 @@ def test_darts_end_to_end_with_warmup(tmp_path, monkeypatch) -> None:
     assert len(out["history"]) == 2 and out["arch_top1"] == out["history"][-1]["arch_top1"]
     assert out["best_arch_top1"] == max(h["arch_top1"] for h in out["history"])
     assert set(out["arch_probs"]) == {"blocks.0", "blocks.1"}
+
+    # The warm-up epoch takes no arch step: its arch_step_loss is absent (an empty cell, no TensorBoard point, left
+    # out of the progress line), never a NaN that reads like a non-finite loss; the columns stay the same.
+    assert out["history"][0]["arch_step_loss"] is None and out["history"][1]["arch_step_loss"] > 0
+    with open(run_dir / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["arch_step_loss"] for r in rows][0] == "" and float(rows[1]["arch_step_loss"]) > 0
+    progress = [line for line in capsys.readouterr().out.splitlines() if "] epoch " in line]
+    assert len(progress) == 2 and "nan" not in " ".join(progress)
+    assert "arch_step_loss" not in progress[0] and "arch_step_loss" in progress[1]
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("epoch/arch_step_loss")] == [1]
+    assert [e.step for e in acc.Scalars("epoch/arch_top1")] == [0, 1]
 
 
 def test_gdas_computes_only_sampled_orders(tmp_path, monkeypatch) -> None:

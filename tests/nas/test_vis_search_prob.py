@@ -444,8 +444,13 @@ def test_jsonl_alone_with_a_relative_space_says_where_to_run(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
 ) -> None:
-    """arch_probs.jsonl stores no space: its args.yaml names the path as the search was given it."""
-    jsonl = relative_space_search["run_dir"] / "arch_probs.jsonl"
+    """arch_probs.jsonl stores no space: its args.yaml names the path as the search was given it. Copied away from
+    the run's checkpoints, nothing else tells the space."""
+    run = relative_space_search["run_dir"]
+    (tmp_path / "copy").mkdir()
+    for name in ("arch_probs.jsonl", "args.yaml"):
+        shutil.copy(run / name, tmp_path / "copy" / name)
+    jsonl = tmp_path / "copy" / "arch_probs.jsonl"
     monkeypatch.chdir(tmp_path)
     assert vsp.cli([str(jsonl), "--out", "a.yaml"]) == 2
     err = capsys.readouterr().err.strip()
@@ -456,9 +461,23 @@ def test_jsonl_alone_with_a_relative_space_says_where_to_run(
         "run this from the directory the search ran in, where 'spaces/mine.yaml' resolves, or pass the run's last.pt "
         "(it stores the space itself)"
     )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
     monkeypatch.chdir(relative_space_search["cwd"])
     out = vsp.main({"source": str(jsonl), "out": str(tmp_path / "a.yaml"), "quiet": True})
     assert load_arch(out["arch_path"]).space.to_dict() == relative_space_search["space"]
+
+
+def test_jsonl_beside_its_checkpoint_derives_from_any_directory(
+    relative_space_search: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where args.yaml's relative space path does not resolve, the last.pt beside the jsonl stores the space."""
+    jsonl = relative_space_search["run_dir"] / "arch_probs.jsonl"
+    monkeypatch.chdir(tmp_path)
+    out = vsp.main({"source": str(jsonl), "out": "a.yaml", "quiet": True})
+    assert out["source"] == jsonl
+    arch = load_arch(out["arch_path"])
+    assert arch.space.to_dict() == relative_space_search["space"]  # its k and constraint, not localmamba's
+    assert all(len(layer.orders) == 3 for layer in arch.layers)
 
 
 def test_mid_epoch_checkpoint_is_labelled_partial(

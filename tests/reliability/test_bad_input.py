@@ -69,9 +69,15 @@ CASES = [
          r"--seed -1 is out of range; use a value >= 0"),
     Case("config-mixup-prob-above-one", "retrain.train", [*TRAIN, "--mixup-prob", "2"],
          r"--mixup-prob 2.0 is out of range; use a value in \[0, 1\]"),
+    Case("config-unknown-eval-metric", "retrain.train", [*TRAIN, "--eval-metric", "foo"],
+         r"--eval-metric 'foo' is out of range; use one of top1, top5, loss$"),
+    Case("config-search-unknown-model-kwarg", "nas.search", [*SEARCH, "--model-kwargs", "d_stat=4"],
+         r"cannot build 'test_local_vim_search' with \{.*'d_stat': 4\}: .*unexpected keyword argument 'd_stat'$"),
     # --- data: missing path, wrong layout, empty ---------------------------------------------------------------------
     Case("data-missing-dir", "retrain.train", [*TRAIN, "--dataset", "mnist", "--data-dir", "{fx}/nowhere"],
          r"mnist: the data folder not found at .*nowhere; pass --data-dir"),
+    Case("data-missing-npz", "retrain.train", [*TRAIN, "--dataset", "mnist", "--data-dir", "{fx}/x.npz"],
+         r"mnist: the data file not found at .*x.npz; pass --data-dir"),
     Case("data-no-dir-given", "nas.search", [*SEARCH, "--dataset", "fashion_mnist"], r"needs --data-dir"),
     Case("data-unknown-dataset", "retrain.train", [*TRAIN, "--dataset", "cifar11"], r"'cifar11'; did you mean 'cif"),
     Case("data-npz-wrong-keys", "retrain.train", [*TRAIN, "--dataset", "mnist", "--data-dir", "{fx}/wrong_keys.npz"],
@@ -151,6 +157,16 @@ CASES = [
          [*TRAIN, "--experiment", "run", "--resume", "{out}/runs/run/last.pt", "--epochs", "5", "--lr", "1e-3"],
          r"was trained with --epochs 2, but this run asks for --epochs 5; its LR schedule.* start a new --experiment",
          setup=("run_2_epochs",)),
+    Case("ckpt-resume-other-optimizer", "retrain.train",
+         [*TRAIN, "--experiment", "run", "--resume", "{out}/runs/run/last.pt", "--opt", "sgd"],
+         r"was trained with --opt 'adamw', but this run asks for --opt 'sgd'; its LR schedule, optimizer state",
+         setup=("run_adamw",)),
+    Case("ckpt-resume-other-steps-per-epoch", "nas.search",
+         [*SEARCH, "--img-size", "32", "--experiment", "run", "--resume", "{out}/runs/run/last.pt"],
+         r"was saved at 8 steps per epoch \(128 weight-set images\), but this run takes 2 \(32 weight-set images\); "
+         r"its "
+         r"position in the epoch and its per-step LR schedule count in the former",
+         setup=("search_8_steps",)),
     Case("run-files-not-clobbered", "nas.search", [*SEARCH, "--experiment", "run"],
          r"holds another run's args.yaml, summary.csv but no checkpoint; pass --resume auto", setup=("files_run",)),
     Case("ckpt-existing-run-not-clobbered", "retrain.train", [*TRAIN, "--experiment", "run"],
@@ -302,6 +318,21 @@ def _make_fixtures(fx: Path) -> None:
         {"kind": "retrain", "model": "test_vim", "model_spec": spec, "step": 3, "config": {"epochs": 2, "lr": 1e-3}},
         runs / "run_2_epochs" / "runs" / "run" / "last.pt",
     )
+    # The same run, its optimizer adamw, resumed with --opt sgd (whose step reads a 'momentum' adamw's state lacks).
+    (runs / "run_adamw" / "runs" / "run").mkdir(parents=True)
+    save_checkpoint(
+        {"kind": "retrain", "model": "test_vim", "model_spec": spec, "step": 3, "config": {"opt": "adamw"}},
+        runs / "run_adamw" / "runs" / "run" / "last.pt",
+    )
+    # A search that took 8 steps of 16 per epoch (128 weight images) resumed with 64 images (32 weight images, 2
+    # steps): its position in the epoch and its schedule do not fit.
+    (runs / "search_8_steps" / "runs" / "run").mkdir(parents=True)
+    spec32 = {"name": "test_local_vim_search", "kwargs": {"num_classes": 10, "in_chans": 3, "img_size": 32}}
+    save_checkpoint(
+        {"kind": "search", "model": "test_local_vim_search", "model_spec": spec32, "step": 3, "steps_per_epoch": 8,
+         "train_size": 128},
+        runs / "search_8_steps" / "runs" / "run" / "last.pt",
+    )  # fmt: skip
     (runs / "search_run" / "runs" / "run").mkdir(parents=True)
     spec = {"name": "test_local_vim_search", "kwargs": {"num_classes": 10, "in_chans": 3, "img_size": 32}}
     save_checkpoint(
@@ -381,7 +412,7 @@ def results(tmp_path_factory) -> dict[str, dict]:
 def test_bad_input_is_one_line_and_changes_nothing(results, case) -> None:
     r = results[case.id]
     lines = r["stderr"].strip().splitlines()
-    assert r["code"] != 0, f"exit 0; stdout: {r['stdout'][-1000:]}"
+    assert r["code"] == 2, f"exit {r['code']}; stdout: {r['stdout'][-1000:]}"
     assert len(lines) == 1, r["stderr"][-3000:]
     assert lines[0].startswith("error: ") and "Traceback" not in r["stderr"], lines[0]
     assert re.search(case.expect, lines[0]), lines[0]

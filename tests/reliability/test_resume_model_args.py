@@ -133,3 +133,47 @@ def test_resolved_model_args_are_plain_and_leave_out_what_is_compared_elsewhere(
     sup = timm.create_model("test_local_vim_search", space="localmamba")
     space = resolved_model_args(sup)["space"]
     assert space == sup.search_space.to_dict() and space["name"] == "localmamba"
+
+
+def _arch(*orders: list[str]) -> dict:
+    return {"layers": [{"label": f"blocks.{i}", "orders": o} for i, o in enumerate(orders)]}
+
+
+def test_another_arch_names_the_first_layer_that_differs(tmp_path) -> None:
+    path = tmp_path / "last.pt"
+    state = {"model_spec": {**_spec(dict(BASE)), "arch": _arch(["h", "v"], ["h", "v"], ["h", "v"])}}
+    check_resume_spec(state, {**_spec(dict(BASE)), "arch": _arch(["h", "v"], ["h", "v"], ["h", "v"])}, path)
+    asked = {**_spec(dict(BASE)), "arch": _arch(["h", "v"], ["h", "w2"], ["v", "w2"])}
+    with pytest.raises(CheckpointError) as e:
+        check_resume_spec(state, asked, path)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg == (
+        f"checkpoint {path.resolve()} was built with another arch (saved vs asked: arch layer blocks.1 orders [h, v] "
+        f"vs [h, w2] (and 1 more layer)); resume with the run's own settings (its args.yaml) or start a new "
+        f"--experiment"
+    )
+    # With other arguments too; an arch against none; another number of layers.
+    with pytest.raises(CheckpointError, match=r"asks for d_state=8 and another arch \(saved vs asked: arch layer "):
+        check_resume_spec(state, {**asked, "kwargs": {**BASE, "d_state": 8}}, path)
+    with pytest.raises(CheckpointError, match=r"arch an arch file's orders vs none \(the model's own orders\)\)"):
+        check_resume_spec(state, _spec(dict(BASE)), path)
+    with pytest.raises(CheckpointError, match=r"arch of 3 layers vs 2 layers\)"):
+        check_resume_spec(state, {**asked, "arch": _arch(["h", "v"], ["h", "v"])}, path)
+
+
+def test_scan_backend_and_recompute_are_not_compared(tmp_path, resolved) -> None:
+    """They pick how the same math runs (which implementation, recompute or keep chunk states), not what is saved."""
+    path = tmp_path / "last.pt"
+    assert {"scan_backend", "scan_recompute"} <= set(resolved)
+    asked = {**BASE, "scan_backend": "ref", "scan_recompute": True}
+    resolved_asked = {**resolved, "scan_backend": "ref", "scan_recompute": True}
+    check_resume_spec({"model_spec": _spec(dict(BASE), resolved)}, _spec(asked, resolved_asked), path)  # resolved
+    check_resume_spec({"model_spec": _spec(dict(BASE))}, _spec(asked), path)  # as passed (an older checkpoint)
+    check_resume_spec({"model_spec": _spec(asked, resolved_asked)}, _spec(dict(BASE), resolved), path)
+    with pytest.raises(CheckpointError, match=r"built with d_state=4, but this run asks for d_state=8; resume"):
+        check_resume_spec(
+            {"model_spec": _spec(dict(BASE), resolved)},
+            _spec({**asked, "d_state": 8}, {**resolved_asked, "d_state": 8}),
+            path,
+        )

@@ -465,3 +465,10 @@ def test_an_interrupted_training_is_one_line_with_the_signal_status(
     runs = tmp_path / "out" / "cmp" / "runs" / "test_vim"
     assert json.loads((runs / "seed0" / "results.json").read_text())["interrupted"] is True
     assert not (runs / "seed1").exists()  # stopped there, not carried on to the next seed
+
+
+@pytest.mark.parametrize(("epochs", "words"), [(1, "1 epoch,"), (2, "2 epochs,")])
+def test_recipe_line_counts_epochs_in_words(epochs: int, words: str) -> None:
+    cfg = {**compare.DEFAULTS, "experiment": "cmp", "seeds": [0]}
+    md = compare._markdown([], cfg, {"dataset": "synthetic", "epochs": epochs, "img_size": 16}, "vim")
+    assert f"(dataset synthetic, {words} img 16)" in md
