@@ -58,7 +58,7 @@ from retrain.checkpoint import (
     save_checkpoint,
 )
 from retrain.config import MODEL_ARGS_SET_BY_FLAGS as TRAINER_MODEL_ARGS
-from retrain.config import check_model_kwargs, resolve_config, run_cli, save_config
+from retrain.config import check_model_kwargs, defaults_help, resolve_config, run_cli, save_config
 from retrain.data import build_dataset, build_loader, split_train
 from retrain.engine import (
     COMPILE_MODES,
@@ -98,56 +98,56 @@ DEFAULTS: dict[str, Any] = {
     "model_kwargs": {},  # extra constructor arguments, e.g. {embed_dim: 96} (CLI: --model-kwargs embed_dim=96)
     "space": "",  # "" = the model's own space; or a preset name / YAML file
     "patch_size": 0,  # 0 = the model's default
-    "drop_path": 0.0,
+    "drop_path": 0.0,  # stochastic depth rate (drop_path_rate)
     # data
-    "dataset": "synthetic",
-    "data_dir": "",
-    "img_size": 32,
+    "dataset": "synthetic",  # synthetic | fashion_mnist | mnist | cifar10 | cifar100 | imagefolder
+    "data_dir": "",  # the dataset's folder (an .npz file for fashion_mnist/mnist also works)
+    "img_size": 32,  # input size in pixels (images are resized to it)
     "in_chans": 0,  # 0 = the data's own channels
     "num_samples": 0,  # synthetic only: train size before the split (0 = 4096)
-    "download": False,
-    "workers": 0,
+    "download": False,  # let torchvision download cifar10/cifar100 into data_dir
+    "workers": 0,  # DataLoader workers (0 keeps augmentation on the main RNG: exact resume)
     "arch_frac": 0.5,  # share of the training set held out as the arch set (DARTS: 50/50)
     # search
-    "algo": "darts",
-    "arch_lr": 3e-4,
-    "arch_betas": (0.5, 0.999),
-    "arch_weight_decay": 1e-3,
+    "algo": "darts",  # darts (first-order, alternating) | joint (LocalMamba: both on one batch) | gdas (Gumbel top-m)
+    "arch_lr": 3e-4,  # Adam learning rate of the arch logits
+    "arch_betas": (0.5, 0.999),  # its betas
+    "arch_weight_decay": 1e-3,  # its weight decay
     "arch_warmup_epochs": 1,  # arch parameters frozen for these first epochs (weights warm up alone)
     "tau_max": 10.0,  # gdas temperature, annealed linearly per step to tau_min
-    "tau_min": 0.1,
+    "tau_min": 0.1,  # gdas temperature at the last step
     "gdas_top_m": 1,  # orders sampled per layer and step in gdas
     # weights (timm factories)
-    "epochs": 10,
-    "batch_size": 64,
-    "opt": "adamw",
-    "lr": 1e-3,
-    "weight_decay": 0.05,
-    "momentum": 0.9,
-    "sched": "cosine",
-    "warmup_epochs": 1,
-    "warmup_lr": 1e-5,
-    "min_lr": 1e-5,
+    "epochs": 10,  # search epochs (the weights' LR schedule spans them)
+    "batch_size": 64,  # images per step and process (weight and arch batches alike)
+    "opt": "adamw",  # the weights' timm optimizer name: adamw, sgd, lamb, ...
+    "lr": 1e-3,  # the weights' peak learning rate
+    "weight_decay": 0.05,  # the weights' weight decay (norms, biases and the SSM's A, D left out)
+    "momentum": 0.9,  # SGD momentum
+    "sched": "cosine",  # a timm scheduler name: cosine, step, ...
+    "warmup_epochs": 1,  # linear LR warm-up from warmup_lr
+    "warmup_lr": 1e-5,  # LR at the start of the warm-up
+    "min_lr": 1e-5,  # LR at the end of the schedule
     "clip_grad": 5.0,  # max norm of the weights' gradient (0 = off); DARTS clips at 5
-    "smoothing": 0.0,
-    "amp": True,
+    "smoothing": 0.0,  # label smoothing
+    "amp": True,  # bf16 autocast on CUDA; CPU always runs fp32
     "compile": "",  # torch.compile mode for the supernet's forward ("" = eager; e.g. default, reduce-overhead)
     "scan_sums": "fixed",  # scan backward dB/dC channel sums (GPU bf16, process-wide): fixed(-point)|butterfly|packed
     "rollback_after": 5,  # non-finite steps in a row that roll back to the last checkpoint (0 = never)
     "max_bad_steps": 20,  # non-finite steps in all (each is skipped) after which the search stops
     # run
-    "seed": 0,
-    "output": "runs",
+    "seed": 0,  # seeds every RNG (weights, split, data order, sampling)
+    "output": "runs",  # parent folder of the run directory
     "experiment": "",  # "" = <model>-<algo>-<dataset>-s<seed>
     "resume": "",  # a checkpoint path, or "auto"
     "checkpoint_interval": 0,  # also save last.pt every this many steps (0 = at epoch ends only)
-    "log_interval": 50,
-    "device": "auto",
+    "log_interval": 50,  # a progress line and TensorBoard scalars every this many steps
+    "device": "auto",  # auto (CUDA if present) | cpu | cuda | cuda:N
     "dist_timeout": 600.0,  # seconds a rank waits for the others before the run stops (a rank died)
-    "debug": False,
+    "debug": False,  # show tracebacks instead of one-line errors
     # test hooks: NaN loss / gradient at these checks (0-based; arch and weight steps both count)
-    "debug_nan_loss_at": [],
-    "debug_nan_grad_at": [],
+    "debug_nan_loss_at": [],  # (tests) make the loss NaN at these checks
+    "debug_nan_grad_at": [],  # (tests) make a gradient NaN at these checks
 }
 
 # Constructor arguments the search sets from its flags or the data ("": the data), refused in model_kwargs.
@@ -776,4 +776,4 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, DEFAULTS, description=DESCRIPTION))
+    sys.exit(run_cli(main, DEFAULTS, description=DESCRIPTION, helps=defaults_help(__file__)))

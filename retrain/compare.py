@@ -46,6 +46,7 @@ import yaml
 from retrain.config import (
     ConfigError,
     check_model_kwargs,
+    defaults_help,
     nearest_key,
     one_line,
     resolve_config,
@@ -59,19 +60,19 @@ DEFAULTS: dict[str, Any] = {
     "train_config": "",  # retrain.train YAML: the recipe every row shares ("" = retrain.train defaults)
     "arch": "",  # the searched arch file, used by rows with `searched: true`
     "models": [],  # rows: {name, model | arch | searched, overrides, run_dirs}
-    "seeds": [0],
+    "seeds": [0],  # seeds every row trains (mean ± std over them)
     "data_dir": "",  # overrides the recipe's data_dir ("" keeps it): the same recipe, data elsewhere
     "slws_ablation": False,  # add a shuffle_max=0 twin of every searched row that uses SLWS
-    "output": "runs",
-    "experiment": "comparison",
+    "output": "runs",  # parent folder of the comparison
+    "experiment": "comparison",  # the comparison's folder name
     "collect_only": False,  # never train; build the table from the run directories that exist
     "train_rows": [],  # train only these rows (names; a searched row brings its no-SLWS twin), collect the rest
     "jobs": 1,  # trainings at a time: 1 runs them here one after another; N > 1 runs N processes side by side
-    "param_tolerance": 0.10,
+    "param_tolerance": 0.10,  # rows' params within this fraction of the reference row's (else on_mismatch)
     "on_mismatch": "refuse",  # refuse | flag
     "metric": "final",  # final (last epoch's top-1) | best (best epoch's top-1, optimistic)
-    "noise_sigmas": 2.0,
-    "debug": False,
+    "noise_sigmas": 2.0,  # a difference under this many σ (the seeds' spread) is called within noise
+    "debug": False,  # show tracebacks instead of one-line errors
 }
 
 _ROW_KEYS = ("name", "model", "arch", "searched", "overrides", "run_dirs")
@@ -827,7 +828,13 @@ def _check_sizes(rows: Sequence[Row], ref: Row, cfg: dict[str, Any], params: Seq
 def cli(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return run_cli(main, DEFAULTS, argv, description="Compare the searched arch with the baselines over seeds.")
+        return run_cli(
+            main,
+            DEFAULTS,
+            argv,
+            description="Compare the searched arch with the baselines over seeds.",
+            helps=defaults_help(__file__),
+        )
     except KeyboardInterrupt as e:
         # A stop is not a crash: the run saved its checkpoint and a rerun continues, which one line says; the exit
         # status is the shell's for that signal (130 for Ctrl-C, 143 for SIGTERM), so a calling script stops too.

@@ -13,12 +13,15 @@ Types come from the default values: ``bool`` (``--x`` / ``--no-x``), ``int``, ``
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
+import io
 import os
 import re
 import signal
 import sys
 import tempfile
+import tokenize
 import traceback
 import warnings
 from pathlib import Path
@@ -31,6 +34,7 @@ __all__ = [
     "OneLineArgumentParser",
     "MODEL_ARGS_SET_BY_FLAGS",
     "check_model_kwargs",
+    "defaults_help",
     "load_config",
     "nearest_flag",
     "plain_value",
@@ -197,14 +201,47 @@ def _cli_typed(default: Any) -> Callable[[str], Any]:
     return type(default)
 
 
-def _build_parser(defaults: Mapping[str, Any], description: str) -> argparse.ArgumentParser:
+def defaults_help(source: str | Path, name: str = "DEFAULTS") -> dict[str, str]:
+    """``--help`` texts for a CLI's settings: the comment on each key's line of the ``name`` dict literal in the
+    module file ``source`` (``"epochs": 10,  # the text``). Keys without a comment get none; an unreadable source gives
+    an empty dict (the flags still list their defaults)."""
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+        tree = ast.parse(text)
+    except (OSError, SyntaxError, ValueError):
+        return {}
+    lines = text.splitlines()
+    found: dict[str, str] = {}
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        value = getattr(node, "value", None)
+        if not any(isinstance(t, ast.Name) and t.id == name for t in targets) or not isinstance(value, ast.Dict):
+            continue
+        for key in value.keys:
+            if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
+                continue
+            line = lines[key.lineno - 1]
+            try:
+                tokens = list(tokenize.generate_tokens(io.StringIO(line + "\n").readline))
+            except (tokenize.TokenError, IndentationError):
+                continue
+            comments = [t.string[1:].strip() for t in tokens if t.type == tokenize.COMMENT]
+            if comments and comments[-1]:
+                found[key.value] = comments[-1]
+    return found
+
+
+def _build_parser(
+    defaults: Mapping[str, Any], description: str, helps: Mapping[str, str] | None = None
+) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=description, allow_abbrev=False, argument_default=argparse.SUPPRESS, exit_on_error=False
     )
     parser.add_argument("-c", "--config", metavar="FILE.yaml", help="YAML file of settings (CLI flags override it)")
     for key, default in defaults.items():
         flag = "--" + key.replace("_", "-")
-        help_text = f"(default: {default!r})"
+        text = (helps or {}).get(key, "").replace("%", "%%")  # argparse formats help strings with %
+        help_text = f"{text} (default: {default!r})" if text else f"(default: {default!r})"
         if isinstance(default, bool):
             parser.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, help=help_text)
         elif isinstance(default, (list, tuple)):
@@ -273,6 +310,7 @@ def resolve_config(
     argv: Sequence[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     description: str = "",
+    helps: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Resolve a run configuration.
 
@@ -291,7 +329,7 @@ def resolve_config(
     """
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in defaults.items()}
     if argv:
-        parser = _build_parser(defaults, description)
+        parser = _build_parser(defaults, description, helps)
         try:
             ns, unknown = parser.parse_known_args(list(argv))
         except argparse.ArgumentError as e:  # a bad value for a typed flag
@@ -347,8 +385,10 @@ def run_cli(
     defaults: Mapping[str, Any],
     argv: Sequence[str] | None = None,
     description: str = "",
+    helps: Mapping[str, str] | None = None,
 ) -> int:
-    """The thin shell around ``main(cfg)``: resolve the config, run, and turn user errors into one line.
+    """The thin shell around ``main(cfg)``: resolve the config, run, and turn user errors into one line (``helps``:
+    the settings' ``--help`` texts, see :func:`defaults_help`).
 
     Configuration, data, arch-file, checkpoint and file-system errors (``ValueError`` and ``OSError`` families)
     print ``error: <one line>`` on stderr and return 2; a run that a signal stopped (``main`` returned
@@ -363,7 +403,7 @@ def run_cli(
     if not debug:  # warnings as one line each, like the errors (Python's own echo the source line below the message)
         warnings.showwarning = _one_line_warning
     try:
-        cfg = resolve_config(defaults, argv, description=description)
+        cfg = resolve_config(defaults, argv, description=description, helps=helps)
         debug = debug or bool(cfg.get("debug", False))
         result = main_fn(cfg)
     except (ValueError, OSError) as e:  # OSError: files and folders (missing, read-only, a file where a folder goes)

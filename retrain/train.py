@@ -61,7 +61,7 @@ from retrain.checkpoint import (
     save_checkpoint,
 )
 from retrain.config import MODEL_ARGS_SET_BY_FLAGS as TRAINER_MODEL_ARGS
-from retrain.config import check_model_kwargs, resolve_config, run_cli, save_config
+from retrain.config import check_model_kwargs, defaults_help, resolve_config, run_cli, save_config
 from retrain.data import DatasetInfo, build_dataset, build_loader, split_train
 from retrain.engine import (
     COMPILE_MODES,
@@ -93,56 +93,56 @@ DEFAULTS: dict[str, Any] = {
     "model_kwargs": {},  # extra constructor arguments, e.g. {embed_dim: 160} (CLI: --model-kwargs embed_dim=160)
     "arch": "",  # a derived arch YAML (from nas.vis_search_prob); builds its `model` entry point
     "patch_size": 0,  # 0 = the model's default
-    "drop_path": 0.0,
+    "drop_path": 0.0,  # stochastic depth rate (our models: drop_path_rate)
     "shuffle_max": 0.0,  # SLWS P_max (0 disables); our models only
     # data
-    "dataset": "synthetic",
-    "data_dir": "",
-    "img_size": 32,
+    "dataset": "synthetic",  # synthetic | fashion_mnist | mnist | cifar10 | cifar100 | imagefolder
+    "data_dir": "",  # the dataset's folder (an .npz file for fashion_mnist/mnist also works)
+    "img_size": 32,  # input size in pixels (images are resized to it)
     "in_chans": 0,  # 0 = the data's own channels
     "num_samples": 0,  # synthetic only: train size (0 = 4096; val is a quarter)
-    "download": False,
+    "download": False,  # let torchvision download cifar10/cifar100 into data_dir
     "workers": 0,  # 0 keeps augmentation on the main RNG (exact resume); raise it for image folders
     "val_frac": 0.0,  # > 0: validate on this seeded fraction of the train split; test split only at the end
     # optimization
-    "epochs": 10,
-    "batch_size": 64,
-    "opt": "adamw",
-    "lr": 1e-3,
-    "weight_decay": 0.05,
-    "momentum": 0.9,
-    "sched": "cosine",
-    "warmup_epochs": 1,
-    "warmup_lr": 1e-5,
-    "min_lr": 1e-5,
+    "epochs": 10,  # training epochs (the LR schedule spans them)
+    "batch_size": 64,  # images per step and process
+    "opt": "adamw",  # a timm optimizer name (timm.optim.create_optimizer_v2): adamw, sgd, lamb, ...
+    "lr": 1e-3,  # peak learning rate
+    "weight_decay": 0.05,  # AdamW/SGD weight decay (norms, biases and the SSM's A, D left out)
+    "momentum": 0.9,  # SGD momentum
+    "sched": "cosine",  # a timm scheduler name (timm.scheduler.create_scheduler_v2): cosine, step, ...
+    "warmup_epochs": 1,  # linear LR warm-up from warmup_lr
+    "warmup_lr": 1e-5,  # LR at the start of the warm-up
+    "min_lr": 1e-5,  # LR at the end of the schedule
     "clip_grad": 0.0,  # max gradient norm (0 = off)
-    "smoothing": 0.1,
-    "mixup": 0.0,
-    "cutmix": 0.0,
-    "mixup_prob": 1.0,
-    "model_ema": False,
-    "model_ema_decay": 0.999,
+    "smoothing": 0.1,  # label smoothing
+    "mixup": 0.0,  # timm Mixup alpha (0 = off)
+    "cutmix": 0.0,  # timm CutMix alpha (0 = off)
+    "mixup_prob": 1.0,  # probability of mixing a batch when mixup or cutmix is on
+    "model_ema": False,  # keep a timm ModelEmaV3 of the weights (evaluated too)
+    "model_ema_decay": 0.999,  # its decay per step
     "amp": True,  # bf16 autocast on CUDA; CPU always runs fp32
     "compile": "",  # torch.compile mode for the training and eval forward ("" = eager; e.g. default, reduce-overhead)
     "scan_sums": "fixed",  # scan backward dB/dC channel sums (GPU bf16, process-wide): fixed(-point)|butterfly|packed
     "rollback_after": 5,  # non-finite steps in a row that roll back to the last checkpoint (0 = never)
     "max_bad_steps": 20,  # non-finite steps in all (each is skipped) after which the run stops
     # run
-    "seed": 0,
-    "output": "runs",
+    "seed": 0,  # seeds every RNG (weights, data order, augmentation, SLWS)
+    "output": "runs",  # parent folder of the run directory
     "experiment": "",  # "" = <model>-<dataset>-s<seed>
     "resume": "",  # a checkpoint path, or "auto" (newest complete checkpoint of this run)
     "eval_only": "",  # a checkpoint path: evaluate it and exit
-    "checkpoint_hist": 3,
+    "checkpoint_hist": 3,  # best checkpoints kept by eval_metric (0: only last.pt)
     "checkpoint_interval": 0,  # also save last.pt every this many steps (0 = at epoch ends only)
-    "eval_metric": "top1",
-    "log_interval": 50,
-    "device": "auto",
+    "eval_metric": "top1",  # what ranks checkpoints: top1 | top5 | loss
+    "log_interval": 50,  # a progress line and TensorBoard scalars every this many steps
+    "device": "auto",  # auto (CUDA if present) | cpu | cuda | cuda:N
     "dist_timeout": 600.0,  # seconds a rank waits for the others before the run stops (a rank died)
-    "debug": False,
+    "debug": False,  # show tracebacks instead of one-line errors
     # test hooks: NaN loss / gradient at these checks (0-based, every checked step of the process counts)
-    "debug_nan_loss_at": [],
-    "debug_nan_grad_at": [],
+    "debug_nan_loss_at": [],  # (tests) make the loss NaN at these checks
+    "debug_nan_grad_at": [],  # (tests) make a gradient NaN at these checks
 }
 
 DESCRIPTION = "Train a derived arch, one of our vision Mamba models, or any timm model from scratch."
@@ -680,4 +680,4 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, DEFAULTS, description=DESCRIPTION))
+    sys.exit(run_cli(main, DEFAULTS, description=DESCRIPTION, helps=defaults_help(__file__)))

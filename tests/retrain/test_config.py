@@ -163,3 +163,35 @@ def test_a_key_given_twice_in_a_yaml_config_is_one_line(tmp_path) -> None:
     assert "\n" not in str(e.value)
     path.write_text("epochs: 2\nmodel_kwargs: {a: 1}\n")
     assert resolve_config({**DEFAULTS, "model_kwargs": {}}, ["-c", str(path)])["epochs"] == 2
+
+
+def test_every_setting_of_the_three_clis_has_a_help_text(capsys) -> None:
+    """--help describes each flag (the comment on its key's line of DEFAULTS), not only its default."""
+    import nas.search
+    import retrain.compare
+    import retrain.train
+    from retrain.config import defaults_help
+
+    for module in (retrain.train, nas.search, retrain.compare):
+        helps = defaults_help(module.__file__)
+        assert not [k for k in module.DEFAULTS if not helps.get(k)], module.__name__
+    assert (
+        defaults_help(retrain.train.__file__)["resume"]
+        == 'a checkpoint path, or "auto" (newest complete checkpoint of this run)'
+    )
+    with pytest.raises(SystemExit):
+        run_cli(retrain.train.main, retrain.train.DEFAULTS, ["--help"], helps=defaults_help(retrain.train.__file__))
+    out = " ".join(capsys.readouterr().out.split())
+    assert "a checkpoint path, or \"auto\" (newest complete checkpoint of this run) (default: '')" in out
+    assert "timm optimizer name" in out and "% " not in out.replace("%%", "")
+
+
+def test_defaults_help_reads_only_the_named_dict(tmp_path) -> None:
+    src = tmp_path / "mod.py"
+    src.write_text(
+        'OTHER = {"a": 1}  # not this\nDEFAULTS = {\n    "a": 1,  # the a\n    "b": "x#y",\n    "c": 2,  #\n}\n'
+    )
+    from retrain.config import defaults_help
+
+    assert defaults_help(src) == {"a": "the a"}
+    assert defaults_help(tmp_path / "missing.py") == {}
