@@ -75,6 +75,7 @@ from retrain.engine import (
     git_commit,
     init_distributed,
     print_rank0,
+    resume_keys,
     seed_everything,
     set_rng_state,
 )
@@ -524,7 +525,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     if resume_path is not None:
         state = load_checkpoint(resume_path, expect_kind="search", expect_model=spec["name"])
         check_resume_spec(state, spec, resume_path)
-        check_resume_recipe(state, cfg, RESUME_KEYS, resume_path)
+        check_resume_recipe(state, cfg, resume_keys(RESUME_KEYS, cfg["opt"]), resume_path)
         check_resume_steps(state, updates_per_epoch, len(weight_set), resume_path, "weight-set images")
         restore(state)
         keeper.load_state_dict(state.get("keeper", {}))
@@ -543,9 +544,9 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
         if start_epoch >= cfg["epochs"]:
             # Nothing is written: the run's files stay those of the search that finished.
             print_rank0(
-                f"{run_dir} already finished (epoch {cfg['epochs']} of {cfg['epochs']}, {resume_path}, step {step}); "
-                f"nothing to search: derive its arch with python -m nas.vis_search_prob {run_dir}, or start a new "
-                f"--experiment"
+                f"{resume_path.parent} already finished (epoch {cfg['epochs']} of {cfg['epochs']}, step {step}); "
+                f"nothing to search: derive its arch with python -m nas.vis_search_prob {resume_path.parent}, or start "
+                f"a new --experiment"
             )
             return result(history, dict(history[-1]) if history else {}, 0, False, 0)
         print_rank0(f"resumed {resume_path} at epoch {start_epoch}, batch {start_batch}, step {step}")

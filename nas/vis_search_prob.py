@@ -165,8 +165,11 @@ def read_arch_probs_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _space_from_candidates(candidates: Sequence[str], run_dir: Path) -> SearchSpace:
-    """Find the search space of a run known only through its jsonl: the run's args.yaml, else the space stored in the
-    search checkpoint beside it, else a matching preset."""
+    """Find the search space of a run known only through its jsonl: the space stored in the search checkpoint beside
+    it (exactly what the run searched), else the run's args.yaml, else a matching preset."""
+    stored = _space_beside(candidates, run_dir)
+    if stored is not None:  # args.yaml's path may resolve here to another file than the one the search read
+        return stored
     args = run_dir / "args.yaml"
     if args.is_file():
         cfg = yaml.safe_load(args.read_text()) or {}
@@ -177,20 +180,14 @@ def _space_from_candidates(candidates: Sequence[str], run_dir: Path) -> SearchSp
                     space = load_space(spec)
                 except ValueError as e:
                     # args.yaml records the space as the search was given it, so a relative path resolves only where
-                    # the search ran; the run's checkpoint stores the space itself. No preset stands in: one with the
-                    # same candidates may keep another k or constraint.
-                    stored = _space_beside(candidates, run_dir)
-                    if stored is not None:
-                        return stored
+                    # the search ran. No preset stands in: one with the same candidates may keep another k or
+                    # constraint.
                     raise DerivationError(
                         f"cannot tell the search space of the run: {args} names '{spec}' but {e}; "
                         f"{_space_path_advice(spec)}, or pass the run's last.pt (it stores the space itself)"
                     ) from None
                 if tuple(space.candidates) == tuple(candidates):
                     return space
-    stored = _space_beside(candidates, run_dir)
-    if stored is not None:
-        return stored
     for name in list_presets():
         space = load_space(name)
         if tuple(space.candidates) == tuple(candidates):

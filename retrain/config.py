@@ -220,12 +220,13 @@ def defaults_help(source: str | Path, name: str = "DEFAULTS") -> dict[str, str]:
         for key in value.keys:
             if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
                 continue
-            line = lines[key.lineno - 1]
-            try:
-                tokens = list(tokenize.generate_tokens(io.StringIO(line + "\n").readline))
+            comments = []
+            try:  # a value opening a bracket it closes on a later line ends the line's tokens with an error
+                for tok in tokenize.generate_tokens(io.StringIO(lines[key.lineno - 1] + "\n").readline):
+                    if tok.type == tokenize.COMMENT:
+                        comments.append(tok.string[1:].strip())
             except (tokenize.TokenError, IndentationError):
-                continue
-            comments = [t.string[1:].strip() for t in tokens if t.type == tokenize.COMMENT]
+                pass
             if comments and comments[-1]:
                 found[key.value] = comments[-1]
     return found
@@ -240,8 +241,8 @@ def _build_parser(
     parser.add_argument("-c", "--config", metavar="FILE.yaml", help="YAML file of settings (CLI flags override it)")
     for key, default in defaults.items():
         flag = "--" + key.replace("_", "-")
-        text = (helps or {}).get(key, "").replace("%", "%%")  # argparse formats help strings with %
-        help_text = f"{text} (default: {default!r})" if text else f"(default: {default!r})"
+        text = (helps or {}).get(key, "")
+        help_text = (f"{text} (default: {default!r})" if text else f"(default: {default!r})").replace("%", "%%")
         if isinstance(default, bool):
             parser.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, help=help_text)
         elif isinstance(default, (list, tuple)):

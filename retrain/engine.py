@@ -44,6 +44,7 @@ __all__ = [
     "init_distributed",
     "measure_train_throughput",
     "print_rank0",
+    "resume_keys",
     "rng_state",
     "seed_everything",
     "set_rng_state",
@@ -98,6 +99,23 @@ def check_opt_sched(opt: str, sched: str) -> None:
     scheds = _timm_schedules()
     if scheds and sched not in scheds:
         raise ValueError(f"--sched {sched!r} is not a timm LR schedule{nearest_key(sched, scheds, list_valid=True)}")
+
+
+def resume_keys(keys: Iterable[str], opt: str) -> list[str]:
+    """``keys`` a resume must keep, less ``momentum`` where the optimizer ``opt`` keeps none in its parameter groups
+    (adamw, lamb, ...: a resumed run may pass any value there, it is unused)."""
+    keys = list(keys)
+    if "momentum" not in keys:
+        return keys
+    import timm.optim
+
+    try:
+        probe = timm.optim.create_optimizer_v2(nn.Linear(1, 1), opt=opt, momentum=0.9)
+    except Exception:  # an optimizer timm cannot build here: keep the key (refusing is the safe side)
+        return keys
+    if any("momentum" in group for group in probe.param_groups):
+        return keys
+    return [k for k in keys if k != "momentum"]
 
 
 def seed_everything(seed: int) -> None:

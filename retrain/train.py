@@ -77,6 +77,7 @@ from retrain.engine import (
     gather_rng_states,
     init_distributed,
     print_rank0,
+    resume_keys,
     seed_everything,
     set_rng_state,
     unwrap_model,
@@ -497,7 +498,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     if resume_path is not None:
         state = load_checkpoint(resume_path, expect_kind="retrain", expect_model=spec["name"])
         check_resume_spec(state, spec, resume_path)
-        check_resume_recipe(state, cfg, RESUME_KEYS, resume_path)
+        check_resume_recipe(state, cfg, resume_keys(RESUME_KEYS, cfg["opt"]), resume_path)
         check_resume_steps(state, updates_per_epoch, len(train_ds), resume_path)
         restore(state)
         keeper.load_state_dict(state.get("keeper", {}))
@@ -512,14 +513,21 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
             print_rank0(f"resume: {len(rngs)} ranks saved RNG, {dinfo.world_size} now; reseeding")
             seed_everything(cfg["seed"] + 7919 * start_epoch + dinfo.rank)
         if start_epoch >= cfg["epochs"]:
-            # Nothing is written: the run's files stay those of the run that finished.
-            print_rank0(
-                f"{run_dir} already finished (epoch {cfg['epochs']} of {cfg['epochs']}, {resume_path}, step {step}); "
-                f"nothing to train: start a new --experiment to train again"
-            )
+            # Nothing is trained or rewritten: the run's files stay those of the run that finished, except a held-out-
+            # validation run's test.json when its final test never completed (killed during it): that test runs now.
+            finished = f"{resume_path.parent} already finished (epoch {cfg['epochs']} of {cfg['epochs']}, step {step})"
             test_json, saved_test = run_dir / "test.json", {}
             if test_json.is_file():  # a held-out-validation run's final test, as it was written
                 saved_test = {k: v for k, v in json.loads(test_json.read_text()).items() if "test_" in k}
+            if test_ds is not None and not test_json.is_file():
+                print_rank0(f"{finished} but has no test.json (its final test did not complete): testing it now")
+                saved_test = _final_test(model, ema, test_ds, cfg, dinfo, amp_dtype)
+                if dinfo.is_main:
+                    test_file = {"epoch": cfg["epochs"] - 1, "val_frac": cfg["val_frac"], "seed": cfg["seed"]}
+                    (run_dir / "test.json").write_text(json.dumps({**test_file, **saved_test}, indent=2) + "\n")
+                    print_rank0(f"final test ({len(test_ds)} images): {format_metrics(saved_test)}")
+            else:
+                print_rank0(f"{finished}; nothing to train: start a new --experiment to train again")
             done = dict(state.get("metrics") or {})
             return result(done, saved_test, float(done.get("img_s", 0.0)), 0, False, 0)
         print_rank0(f"resumed {resume_path} at epoch {start_epoch}, batch {start_batch}, step {step}")

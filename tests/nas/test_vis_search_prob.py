@@ -480,6 +480,22 @@ def test_jsonl_beside_its_checkpoint_derives_from_any_directory(
     assert all(len(layer.orders) == 3 for layer in arch.layers)
 
 
+def test_jsonl_takes_the_stored_space_over_a_same_named_file_here(
+    relative_space_search: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """args.yaml's relative path may name another file from here (same candidates, another k): the space stored in
+    the last.pt beside the jsonl wins, as when deriving from the run directory."""
+    jsonl = relative_space_search["run_dir"] / "arch_probs.jsonl"
+    (tmp_path / "spaces").mkdir()
+    other = {**relative_space_search["space"], "name": "other", "k": 2, "min_global": 0}
+    (tmp_path / "spaces" / "mine.yaml").write_text(yaml.safe_dump(other))
+    monkeypatch.chdir(tmp_path)
+    from_jsonl = load_arch(vsp.main({"source": str(jsonl), "out": "a.yaml", "quiet": True})["arch_path"])
+    from_run = load_arch(vsp.main({"source": str(jsonl.parent), "out": "b.yaml", "quiet": True})["arch_path"])
+    assert from_jsonl.space.to_dict() == from_run.space.to_dict() == relative_space_search["space"]
+    assert all(len(layer.orders) == 3 for layer in from_jsonl.layers)  # the run's k (the jsonl holds epoch 0's probs)
+
+
 def test_mid_epoch_checkpoint_is_labelled_partial(
     relative_space_search: dict[str, Any],
     tmp_path: Path,

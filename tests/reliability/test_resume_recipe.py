@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -150,6 +151,22 @@ def test_scan_backend_and_recompute_may_change_on_resume(mid_epoch_runs, tmp_pat
     assert end["next_epoch"] == 2 and end["model_spec"]["kwargs"]["scan_backend"] == "ref"
 
 
+def test_momentum_is_kept_only_where_the_optimizer_uses_it(mid_epoch_runs, tmp_path, capsys) -> None:
+    """adamw keeps no momentum in its parameter groups: another --momentum changes nothing there, and resumes."""
+    from retrain.engine import resume_keys
+
+    assert "momentum" not in resume_keys(train.RESUME_KEYS, "adamw")
+    assert "momentum" in resume_keys(train.RESUME_KEYS, "sgd") and "weight_decay" in resume_keys(
+        train.RESUME_KEYS, "adamw"
+    )
+    runs = tmp_path / "runs"
+    shutil.copytree(mid_epoch_runs["retrain"], runs)
+    capsys.readouterr()
+    code = run_cli(train.main, train.DEFAULTS, [*TRAIN, "--output", str(runs), "--experiment", "run",
+                                                "--resume", "auto", "--momentum", "0.5"])  # fmt: skip
+    assert code == 0 and "at epoch 1, batch 1, step 3" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("which", list(TRAINERS))
 def test_a_finished_run_resumed_says_so_and_writes_nothing(tmp_path, capsys, which: str) -> None:
     module, args = TRAINERS[which]
@@ -170,7 +187,7 @@ def test_a_finished_run_resumed_says_so_and_writes_nothing(tmp_path, capsys, whi
         else f"nothing to search: derive its arch with python -m nas.vis_search_prob {run_dir}, or start a new "
         f"--experiment"
     )
-    assert err[-1] == f"{run_dir} already finished (epoch 1 of 1, {run_dir / 'last.pt'}, step {steps}); {todo}", err
+    assert err[-1] == f"{run_dir} already finished (epoch 1 of 1, step {steps}); {todo}", err
     assert not [line for line in err if line.startswith("resumed ")] and captured.out == ""
     out = module.main(resolve_config(module.DEFAULTS, [*args, "--resume", "auto"]))  # what a caller gets back
     assert out["epochs_run"] == 0 and not out["interrupted"] and out["best_epoch"] == 0
@@ -189,3 +206,36 @@ def test_steps_per_epoch_are_compared_only_where_recorded(tmp_path) -> None:
                                               r"2 \(32 training images\)") as e:  # fmt: skip
         check_resume_steps({"steps_per_epoch": 4, "train_size": 64}, 2, 32, path)
     assert "\n" not in str(e.value)
+
+
+def test_a_finished_run_without_its_final_test_is_tested_on_resume(tmp_path, capsys) -> None:
+    """A held-out-validation run killed during its final test (test.json never written) gets that test on resume,
+    and nothing else of the run changes."""
+    module, args = TRAINERS["retrain"]
+    args = [*args, "--epochs", "1", "--val-frac", "0.25", "--output", str(tmp_path / "runs"), "--experiment", "run"]
+    assert run_cli(module.main, module.DEFAULTS, args) == 0
+    run_dir = tmp_path / "runs" / "run"
+    test_json = run_dir / "test.json"
+    want = json.loads(test_json.read_text())
+    test_json.unlink()  # as if killed during the final test
+    before = _fingerprint(tmp_path / "runs")
+    capsys.readouterr()
+    out = module.main(resolve_config(module.DEFAULTS, [*args, "--resume", "auto"]))
+    err = capsys.readouterr().err
+    assert "has no test.json (its final test did not complete): testing it now" in err
+    assert json.loads(test_json.read_text()) == want  # the same model, the same test split
+    assert out["epochs_run"] == 0 and out["test_top1"] == want["test_top1"]
+    after, before = _fingerprint(tmp_path / "runs"), {k: v for k, v in before.items() if k != "run"}
+    after.pop("run/test.json"), after.pop("run")  # the new file, and so its folder's mtime
+    assert after == before
+
+
+def test_another_runs_finished_checkpoint_is_named_by_its_own_folder(tmp_path, capsys) -> None:
+    module, args = TRAINERS["search"]
+    args = [*args, "--epochs", "1", "--output", str(tmp_path / "runs")]
+    assert run_cli(module.main, module.DEFAULTS, [*args, "--experiment", "a"]) == 0
+    capsys.readouterr()
+    ckpt = tmp_path / "runs" / "a" / "last.pt"
+    assert run_cli(module.main, module.DEFAULTS, [*args, "--experiment", "b", "--resume", str(ckpt)]) == 0
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"{ckpt.parent} already finished") and f"vis_search_prob {ckpt.parent}," in line

@@ -41,7 +41,8 @@ def test_intermediates_match_feature_info_and_forward_features(name: str) -> Non
 
 @pytest.mark.parametrize("name", ["test_vim", "test_local_vim_search", "test_vmamba", "test_local_vmamba"])
 def test_each_intermediate_is_the_stream_after_its_layer(name: str) -> None:
-    """Intermediate i normed equals forward_features of the model cut after layer i (the same weights)."""
+    """Intermediate i is what the model cut after layer i (the same weights) takes there, and the cut model's
+    forward_features are it (plain family: normed with the final norm; hierarchical: as it is)."""
     torch.manual_seed(1)
     size = small_size(name)
     model = build(name, img_size=size).eval()
@@ -57,8 +58,11 @@ def test_each_intermediate_is_the_stream_after_its_layer(name: str) -> None:
         with torch.no_grad():
             last = cut.forward_intermediates(x, indices=[i], intermediates_only=True)[0]
             feats = cut.forward_features(x)  # the cut model's own features: its last layer's width and norm
+            normed = model.forward_intermediates(x, indices=[i], norm=True, intermediates_only=True)[0]
         torch.testing.assert_close(last, inter[i])
         assert feats.shape[-1] == cut.num_features == cut.feature_info[-1]["num_chs"]
+        # plain: the cut keeps the final norm (one width); hierarchical: an earlier stage's output has no norm
+        torch.testing.assert_close(_grid_tokens(cut, feats), normed if name in PLAIN else inter[i])
 
 
 @pytest.mark.parametrize("name", ["test_vim", "test_vmamba"])
