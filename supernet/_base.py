@@ -60,6 +60,34 @@ def check_sizes(model_name: str, ints: dict[str, Any], ratios: dict[str, Any], k
             raise ValueError(f"{model_name}: {key} must be a positive number, got {value!r}")
 
 
+def build_family_model(
+    model_cls: type, variant: str, pretrained: bool, filter_fn: Any, default_out_indices: Any, **kwargs: Any
+) -> nn.Module:
+    """timm's ``build_model_with_cfg`` for one of our families: ``features_only=True`` wraps the model in timm's
+    FeatureGetterNet (``out_indices``, else ``default_out_indices``); the pretrained cfg records the input size the
+    model was built for, so timm's data config resolves to it."""
+    from timm.models import build_model_with_cfg
+    from timm.models._features import FeatureGetterNet  # (not re-exported by timm.models)
+
+    if kwargs.get("img_size") is not None:  # as a pair of ints before timm reads it too (numpy ints included)
+        kwargs["img_size"] = to_size(kwargs["img_size"])
+    out_indices = kwargs.pop("out_indices", default_out_indices) if kwargs.get("features_only") else None
+    model = build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        pretrained_filter_fn=filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        model_name=variant,
+        **kwargs,
+    )
+    net = model.model if isinstance(model, FeatureGetterNet) else model  # features_only: the wrapper holds it
+    cfg = dict(model.pretrained_cfg)
+    cfg["input_size"] = (net.init_args["in_chans"], *net.img_size)
+    model.pretrained_cfg = model.default_cfg = cfg
+    return model
+
+
 def take_indices(num: int, indices: Any, what: str) -> tuple[list[int], int]:
     """The layers a feature call takes, in timm's forms: None (all ``num``), an int n (the last n), or a sequence of
     ints (negative ones count from the end). Returns the absolute indices in layer order, each once, and the last.

@@ -28,8 +28,7 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import FeatureGetterNet  # (not re-exported by timm.models)
+from timm.models import generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
 import kernels
@@ -38,6 +37,7 @@ from ._base import (
     ArchModelMixin,
     ArchSpecLike,
     SpaceSpec,
+    build_family_model,
     check_io,
     check_sizes,
     resolve_layer_orders,
@@ -488,28 +488,9 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:
-    if kwargs.get("img_size") is not None:  # as a pair of ints before timm reads it too (numpy ints included)
-        kwargs["img_size"] = to_size(kwargs["img_size"])
-    out_indices = None  # features_only: the last three blocks, as timm's ViTs (all of a shallower model)
-    if kwargs.get("features_only"):
-        depth = kwargs.get("depth")
-        out_indices = kwargs.pop("out_indices", min(3, depth) if isinstance(depth, int) and depth > 0 else 3)
-    model = build_model_with_cfg(
-        VisionMamba,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        model_name=variant,
-        **kwargs,
-    )
-    # Record the size the model was actually built for, so timm's data config resolves to it (features_only: on the
-    # wrapper, whose model holds the size).
-    net = model.model if isinstance(model, FeatureGetterNet) else model
-    cfg = dict(model.pretrained_cfg)
-    cfg["input_size"] = (net.patch_embed.proj.in_channels, *net.img_size)
-    model.pretrained_cfg = model.default_cfg = cfg
-    return model
+    depth = kwargs.get("depth")  # features_only: the last three blocks, as timm's ViTs (all of a shallower model)
+    last3 = min(3, depth) if isinstance(depth, int) and depth > 0 else 3
+    return build_family_model(VisionMamba, variant, pretrained, checkpoint_filter_fn, last3, **kwargs)
 
 
 # ImageNet sizes -------------------------------------------------------------------------------------------------------

@@ -25,14 +25,14 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import FeatureGetterNet  # (not re-exported by timm.models)
+from timm.models import generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
 from ._base import (
     ArchModelMixin,
     ArchSpecLike,
     SpaceSpec,
+    build_family_model,
     check_io,
     check_sizes,
     resolve_layer_orders,
@@ -445,25 +445,8 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create_vmamba(variant: str, pretrained: bool = False, **kwargs) -> VMamba:
-    if kwargs.get("img_size") is not None:  # as a pair of ints before timm reads it too (numpy ints included)
-        kwargs["img_size"] = to_size(kwargs["img_size"])
-    out_indices = kwargs.pop("out_indices", None) if kwargs.get("features_only") else None  # None: every stage
-    model = build_model_with_cfg(
-        VMamba,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        model_name=variant,
-        **kwargs,
-    )
-    # Record the size the model was actually built for, so timm's data config resolves to it (features_only: on the
-    # wrapper, whose model holds the size).
-    net = model.model if isinstance(model, FeatureGetterNet) else model
-    cfg = dict(model.pretrained_cfg)
-    cfg["input_size"] = (net.stem.conv1.in_channels, *net.img_size)
-    model.pretrained_cfg = model.default_cfg = cfg
-    return model
+    # features_only: every stage by default
+    return build_family_model(VMamba, variant, pretrained, checkpoint_filter_fn, None, **kwargs)
 
 
 # ImageNet sizes -------------------------------------------------------------------------------------------------------

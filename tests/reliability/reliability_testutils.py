@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import re
@@ -123,3 +124,16 @@ def assert_same_state(a_path: Path, b_path: Path) -> None:
                 assert all(torch.equal(torch.as_tensor(va[n]), torch.as_tensor(vb[n])) for n in va), (opt, k)
             else:
                 assert torch.equal(torch.as_tensor(va), torch.as_tensor(vb)), (opt, k)
+
+
+def fingerprint(root: Path) -> dict[str, tuple[int, int, str]]:
+    """Every file and folder under ``root``: (size, mtime in ns, sha1 of a file's bytes), to show that nothing was
+    written, touched or replaced."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.stat()
+            digest = hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            out[str(p.relative_to(root))] = (st.st_size if p.is_file() else 0, st.st_mtime_ns, digest)
+    return out

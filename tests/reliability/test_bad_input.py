@@ -11,9 +11,7 @@ fingerprinted (size, mtime, SHA-1) before and after: a case may create, change o
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -24,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from reliability_testutils import cli_env, is_selected
+from reliability_testutils import cli_env, fingerprint, is_selected
 
 from retrain.checkpoint import save_checkpoint
 
@@ -360,17 +358,6 @@ def _make_fixtures(fx: Path) -> None:
     (fx / "compare_bad.yaml").write_text(yaml.safe_dump({"models": [{"name": "vim", "modle": "test_vim"}]}))
 
 
-def _fingerprint(root: Path) -> dict[str, tuple[int, int, str]]:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            st = p.stat()
-            digest = hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            out[str(p.relative_to(root))] = (st.st_size if p.is_file() else 0, st.st_mtime_ns, digest)
-    return out
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, dict]:
     """Run every case once (one runner process); per case: exit status, stderr, and the files before / after."""
@@ -388,7 +375,7 @@ def results(tmp_path_factory) -> dict[str, dict]:
             argv += ["--output", str(out / "runs")]
         cases.append({"id": case.id, "module": case.module, "argv": argv, "cwd": str(out)})
     (base / "cases.json").write_text(json.dumps(cases))
-    before = _fingerprint(base)
+    before = fingerprint(base)
     proc = subprocess.run(
         [sys.executable, str(HERE / "cli_runner.py"), str(base / "cases.json"), str(base / "results.json")],
         env=cli_env(),
@@ -397,7 +384,7 @@ def results(tmp_path_factory) -> dict[str, dict]:
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    after = _fingerprint(base)
+    after = fingerprint(base)
     res = json.loads((base / "results.json").read_text())
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     for case in CASES:

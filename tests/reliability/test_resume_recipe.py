@@ -15,9 +15,7 @@ resumed.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-import os
 import re
 import shutil
 import signal
@@ -25,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from reliability_testutils import fingerprint
 
 import nas.search as search
 import retrain.train as train
@@ -48,17 +47,6 @@ def _start_mid_epoch(module, args: list[str]) -> None:
     """A run stopped at the first step of its second epoch: its last.pt is mid-epoch."""
     main = functools.partial(module.main, on_epoch=_sigterm_after_first_epoch)
     assert run_cli(main, module.DEFAULTS, args) == 128 + signal.SIGTERM
-
-
-def _fingerprint(root: Path) -> dict[str, tuple]:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            st = p.stat()
-            digest = hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            out[str(p.relative_to(root))] = (st.st_mtime_ns, digest)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +90,7 @@ def test_a_refused_resume_is_one_line_and_changes_nothing(
     module, args = TRAINERS[which]
     runs = tmp_path / "runs"
     shutil.copytree(mid_epoch_runs[which], runs)
-    before = _fingerprint(runs)
+    before = fingerprint(runs)
     assert "run/args.yaml" in before and "run/summary.csv" in before and "run/last.pt" in before
     capsys.readouterr()
     code = run_cli(module.main, module.DEFAULTS, [*args, "--output", str(runs), "--experiment", "run",
@@ -111,7 +99,7 @@ def test_a_refused_resume_is_one_line_and_changes_nothing(
     assert code == 2 and "Traceback" not in "\n".join(err), err
     assert [line for line in err if line.startswith("error: ")] == err[-1:], err
     assert re.search(expect, err[-1]), err[-1]
-    assert _fingerprint(runs) == before  # args.yaml, summary.csv, checkpoints, TensorBoard: all as they were
+    assert fingerprint(runs) == before  # args.yaml, summary.csv, checkpoints, TensorBoard: all as they were
 
 
 def test_the_same_data_from_another_folder_resumes_mid_epoch(tmp_path, capsys) -> None:
@@ -174,7 +162,7 @@ def test_a_finished_run_resumed_says_so_and_writes_nothing(tmp_path, capsys, whi
     if which == "retrain":
         args += ["--val-frac", "0.25"]  # its test.json must not be rewritten either
     assert run_cli(module.main, module.DEFAULTS, args) == 0
-    before = _fingerprint(tmp_path / "runs")
+    before = fingerprint(tmp_path / "runs")
     capsys.readouterr()
     assert run_cli(module.main, module.DEFAULTS, [*args, "--resume", "auto"]) == 0
     captured = capsys.readouterr()
@@ -195,7 +183,7 @@ def test_a_finished_run_resumed_says_so_and_writes_nothing(tmp_path, capsys, whi
         assert {"top1", "test_top1"} <= set(out)
     else:
         assert len(out["history"]) == 1 and "arch_top1" in out
-    assert _fingerprint(tmp_path / "runs") == before
+    assert fingerprint(tmp_path / "runs") == before
 
 
 def test_steps_per_epoch_are_compared_only_where_recorded(tmp_path) -> None:
@@ -218,14 +206,14 @@ def test_a_finished_run_without_its_final_test_is_tested_on_resume(tmp_path, cap
     test_json = run_dir / "test.json"
     want = json.loads(test_json.read_text())
     test_json.unlink()  # as if killed during the final test
-    before = _fingerprint(tmp_path / "runs")
+    before = fingerprint(tmp_path / "runs")
     capsys.readouterr()
     out = module.main(resolve_config(module.DEFAULTS, [*args, "--resume", "auto"]))
     err = capsys.readouterr().err
     assert "has no test.json (its final test did not complete): testing it now" in err
     assert json.loads(test_json.read_text()) == want  # the same model, the same test split
     assert out["epochs_run"] == 0 and out["test_top1"] == want["test_top1"]
-    after, before = _fingerprint(tmp_path / "runs"), {k: v for k, v in before.items() if k != "run"}
+    after, before = fingerprint(tmp_path / "runs"), {k: v for k, v in before.items() if k != "run"}
     after.pop("run/test.json"), after.pop("run")  # the new file, and so its folder's mtime
     assert after == before
 
