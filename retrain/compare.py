@@ -720,7 +720,8 @@ def _run_parallel(pending: Sequence[tuple[Row, int, dict[str, Any], Path]], jobs
     With several GPUs visible, each run is pinned (``CUDA_VISIBLE_DEVICES``) to the GPU running the fewest at its
     start. Each run's resolved config goes to ``runs/<row>/seed<S>.yaml`` and its output to ``runs/<row>/seed<S>.log``.
     A SIGTERM to this process (a scheduler's, ``timeout``'s) is passed on to the running trainings, which save their
-    checkpoints; none starts after it, and this process then stops as interrupted (Ctrl-C reaches them all anyway).
+    checkpoints; none starts after it, and this process then stops as interrupted (Ctrl-C reaches them all anyway),
+    unless every training had already finished when it came.
     """
     import os
     import subprocess
@@ -782,10 +783,14 @@ def _run_parallel(pending: Sequence[tuple[Row, int, dict[str, Any], Path]], jobs
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
-    if stopped:
+    # rc None: never started; 128 + signal: stopped by the forwarded signal. A signal that came once every training
+    # had ended stops nothing: the table is written as without it.
+    if stopped and any(rc != 0 for _, _, rc in results):
         stop = KeyboardInterrupt("stopped by a signal; the runs saved checkpoints; rerun the same command to continue")
         stop.signum = stopped[0]  # type: ignore[attr-defined]
         raise stop
+    if stopped:
+        print(f"== signal {stopped[0]} came after every training had finished; writing the table", flush=True)
     failed = [(n, s, rc) for n, s, rc in results if rc]
     if failed:
         what = ", ".join(f"{n} seed {s} (exit {rc})" for n, s, rc in failed)

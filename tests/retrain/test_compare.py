@@ -339,6 +339,43 @@ def test_side_by_side_runs_are_pinned_to_the_least_busy_gpu(tmp_path: Path, monk
     assert sorted(seen) == ["2", "2", "5", "5"]
 
 
+def test_a_sigterm_after_every_training_ended_stops_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Side by side: a SIGTERM that comes once every training has ended (here: as the last one returns) interrupts
+    nothing, so the comparison goes on; one that comes while a training runs stops the comparison as interrupted."""
+    import os
+    import signal
+    import subprocess
+
+    monkeypatch.setattr(compare, "visible_gpus", lambda: [])
+    codes = []
+
+    class FakeTraining:  # subprocess.Popen of a training; the SIGTERM arrives as it ends
+        def __init__(self, cmd, stdout, stderr, env) -> None:
+            pass
+
+        def send_signal(self, signum: int) -> None:
+            pass
+
+        def wait(self) -> int:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next bytecode of this thread
+            return codes.pop(0)
+
+    monkeypatch.setattr(subprocess, "Popen", FakeTraining)
+    row = compare.Row("vim", {}, False)
+    (tmp_path / "runs" / "vim").mkdir(parents=True)
+    pending = [(row, 0, {"seed": 0}, tmp_path / "runs" / "vim" / "seed0")]
+    codes[:] = [0]
+    try:
+        compare._run_parallel(pending, jobs=2)  # ended well: no interruption
+    except KeyboardInterrupt:  # (uncaught, it would stop pytest itself)
+        pytest.fail("a signal after every training had ended interrupted the comparison")
+    assert "came after every training had finished" in capsys.readouterr().out
+    codes[:] = [128 + signal.SIGTERM]  # the training itself stopped on the forwarded signal
+    with pytest.raises(KeyboardInterrupt) as e:
+        compare._run_parallel(pending, jobs=2)
+    assert e.value.signum == signal.SIGTERM
+
+
 def _tiny_recipe(tmp_path: Path) -> Path:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"dataset": "synthetic", "num_samples": 64, "img_size": 16, "epochs": 1}))
