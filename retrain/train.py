@@ -381,6 +381,12 @@ def _final_test(
     return out
 
 
+def _write_test_json(run_dir: Path, cfg: dict[str, Any], test: dict[str, float]) -> None:
+    """The final test's metrics as ``test.json`` (main rank), with the recipe's identifiers."""
+    test_file = {"epoch": cfg["epochs"] - 1, "val_frac": cfg["val_frac"], "seed": cfg["seed"], **test}
+    (run_dir / "test.json").write_text(json.dumps(test_file, indent=2) + "\n")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------------------------
@@ -523,8 +529,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
                 print_rank0(f"{finished} but has no test.json (its final test did not complete): testing it now")
                 saved_test = _final_test(model, ema, test_ds, cfg, dinfo, amp_dtype)
                 if dinfo.is_main:
-                    test_file = {"epoch": cfg["epochs"] - 1, "val_frac": cfg["val_frac"], "seed": cfg["seed"]}
-                    (run_dir / "test.json").write_text(json.dumps({**test_file, **saved_test}, indent=2) + "\n")
+                    _write_test_json(run_dir, cfg, saved_test)
                     print_rank0(f"final test ({len(test_ds)} images): {format_metrics(saved_test)}")
             else:
                 print_rank0(f"{finished}; nothing to train: start a new --experiment to train again")
@@ -680,8 +685,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
         if test_ds is not None and not interrupted:
             test = _final_test(net, ema, test_ds, cfg, dinfo, amp_dtype)
             if dinfo.is_main:
-                test_file = {"epoch": cfg["epochs"] - 1, "val_frac": cfg["val_frac"], "seed": cfg["seed"], **test}
-                (run_dir / "test.json").write_text(json.dumps(test_file, indent=2) + "\n")
+                _write_test_json(run_dir, cfg, test)
                 logger.line(f"final test ({len(test_ds)} images): {format_metrics(test)}")
     logger.close()
     return result(final, test, img_s, epochs_run, interrupted, int(stop.signum) if interrupted else 0)

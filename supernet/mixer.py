@@ -212,10 +212,8 @@ def _order_major(t: torch.Tensor, bsz: int, seqlen: int) -> torch.Tensor:
 
 def _order_projections_ops(u, x_w, dt_w, d_state):
     # torch.func's transforms cannot run an autograd.Function without a vmap rule: plain GEMMs there.
-    if torch._C._are_functorch_transforms_active():
-        _, delta, b, c = _project(u, x_w, dt_w, d_state)
-    else:
-        _, delta, b, c = _project(u, x_w, dt_w, d_state, split=True)
+    split = not torch._C._are_functorch_transforms_active()
+    _, delta, b, c = _project(u, x_w, dt_w, d_state, split=split)
     return tuple(_order_major(t, *u.shape[:2]) for t in (delta, b, c))
 
 
