@@ -726,7 +726,7 @@ def _run_parallel(pending: Sequence[tuple[Row, int, dict[str, Any], Path]], jobs
     import os
     import subprocess
     import threading
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor, wait
 
     gpus = visible_gpus()
     running = {g: 0 for g in gpus}
@@ -779,7 +779,13 @@ def _run_parallel(pending: Sequence[tuple[Row, int, dict[str, Any], Path]], jobs
     previous = signal.signal(signal.SIGTERM, forward) if in_main else None
     try:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            results = list(pool.map(one, pending))
+            futures = [pool.submit(one, item) for item in pending]
+            # Wait in short slices: the kernel may deliver the SIGTERM to a worker thread (blocked in waitpid), and
+            # Python runs the handler only in the main thread once it is back in the interpreter. A wait without a
+            # timeout would hold the handler, and so the stop, until a training ended on its own.
+            while not all(f.done() for f in futures):
+                wait(futures, timeout=0.2)
+            results = [f.result() for f in futures]
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)

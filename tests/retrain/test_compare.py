@@ -376,6 +376,38 @@ def test_a_sigterm_after_every_training_ended_stops_nothing(tmp_path: Path, monk
     assert e.value.signum == signal.SIGTERM
 
 
+def test_a_sigterm_delivered_to_a_worker_thread_is_passed_on_at_once(tmp_path: Path, monkeypatch) -> None:
+    """The kernel may hand a process's SIGTERM to any thread; Python runs the handler in the main thread only. One
+    delivered to a thread waiting on its training must still reach the trainings at once, not when one ends."""
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    monkeypatch.setattr(compare, "visible_gpus", lambda: [])
+    stopped = threading.Event()
+
+    class FakeTraining:  # a training that runs until it is signalled (or 20 s pass)
+        def __init__(self, cmd, stdout, stderr, env) -> None:
+            pass
+
+        def send_signal(self, signum: int) -> None:
+            stopped.set()
+
+        def wait(self) -> int:
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # to this worker thread, not the main one
+            return 128 + signal.SIGTERM if stopped.wait(timeout=20) else 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakeTraining)
+    row = compare.Row("vim", {}, False)
+    (tmp_path / "runs" / "vim").mkdir(parents=True)
+    pending = [(row, 0, {"seed": 0}, tmp_path / "runs" / "vim" / "seed0")]
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        compare._run_parallel(pending, jobs=2)
+    assert stopped.is_set() and time.monotonic() - t0 < 10
+
+
 def _tiny_recipe(tmp_path: Path) -> Path:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"dataset": "synthetic", "num_samples": 64, "img_size": 16, "epochs": 1}))
