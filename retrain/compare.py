@@ -714,6 +714,13 @@ def pick_gpu(running: dict[str, int]) -> str:
     return min(running, key=lambda g: (running[g], list(running).index(g)))
 
 
+def _say(line: str) -> None:
+    """One progress line in one write: print() writes the text and its newline separately, so lines printed by two
+    threads at once could interleave into one ("== start a== start b") and a reader would miss one."""
+    sys.stdout.write(f"{line}\n")
+    sys.stdout.flush()
+
+
 def _run_parallel(pending: Sequence[tuple[Row, int, dict[str, Any], Path]], jobs: int) -> None:
     """Train several (row, seed) runs side by side, each its own ``retrain.train`` process.
 
@@ -753,7 +760,7 @@ def _run_parallel(pending: Sequence[tuple[Row, int, dict[str, Any], Path]], jobs
                 running[gpu] += 1
                 env["CUDA_VISIBLE_DEVICES"] = gpu
         where = f" on GPU {gpu}" if gpu is not None else ""
-        print(f"== start {row.name}, seed {seed}{where} -> {run_dir} (log {log_path})", flush=True)
+        _say(f"== start {row.name}, seed {seed}{where} -> {run_dir} (log {log_path})")
         try:
             with open(log_path, "a") as log, lock:
                 if stopped:  # the signal came while this one was being set up
@@ -772,7 +779,7 @@ def _run_parallel(pending: Sequence[tuple[Row, int, dict[str, Any], Path]], jobs
             if gpu is not None:
                 with lock:
                     running[gpu] -= 1
-        print(f"== done  {row.name}, seed {seed}: exit {rc}", flush=True)
+        _say(f"== done  {row.name}, seed {seed}: exit {rc}")
         return row.name, seed, rc
 
     in_main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers

@@ -408,6 +408,38 @@ def test_a_sigterm_delivered_to_a_worker_thread_is_passed_on_at_once(tmp_path: P
     assert stopped.is_set() and time.monotonic() - t0 < 10
 
 
+def test_side_by_side_progress_lines_are_written_whole(tmp_path: Path, monkeypatch) -> None:
+    """Each '== start' / '== done' line of the trainings run side by side is one write (text and newline together):
+    from two threads, print()'s separate writes could merge two lines into one."""
+    import io
+    import subprocess
+
+    monkeypatch.setattr(compare, "visible_gpus", lambda: [])
+
+    class FakeTraining:
+        def __init__(self, cmd, stdout, stderr, env) -> None:
+            pass
+
+        def wait(self) -> int:
+            return 0
+
+    class Writes(io.StringIO):
+        calls: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.calls.append(text)
+            return super().write(text)
+
+    out = Writes()
+    monkeypatch.setattr(subprocess, "Popen", FakeTraining)
+    monkeypatch.setattr(compare.sys, "stdout", out)
+    row = compare.Row("vim", {}, False)
+    (tmp_path / "runs" / "vim").mkdir(parents=True)
+    compare._run_parallel([(row, s, {"seed": s}, tmp_path / "runs" / "vim" / f"seed{s}") for s in range(2)], jobs=2)
+    progress = [c for c in out.calls if c.startswith("== ")]
+    assert len(progress) == 4 and all(c.endswith("\n") and c.count("\n") == 1 for c in progress), out.calls
+
+
 def _tiny_recipe(tmp_path: Path) -> Path:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"dataset": "synthetic", "num_samples": 64, "img_size": 16, "epochs": 1}))
