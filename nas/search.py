@@ -572,7 +572,9 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
         # Arch and weight steps share the training graph; evaluation runs the uncompiled model. gdas's temperature
         # changes every step: the mixers keep it in a device buffer that the graph reads, so nothing recompiles.
         # Checkpoints keep using `model`.
-        net = torch.compile(net, mode=cfg["compile"])
+        from supernet import compile_model
+
+        net = compile_model(net, cfg["compile"])  # Inductor without its layout optimization
 
     logger = RunLogger(run_dir, dinfo.is_main)
     probs_path = run_dir / "arch_probs.jsonl"

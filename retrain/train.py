@@ -541,7 +541,9 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     scheduler.step_update(step)
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dinfo.distributed else model
     if cfg["compile"]:  # checkpoints keep using `model` (no _orig_mod. prefixes); eval compiles its own graph once
-        net = torch.compile(net, mode=cfg["compile"])
+        from supernet import compile_model
+
+        net = compile_model(net, cfg["compile"])  # our models: Inductor without its layout optimization
 
     logger = RunLogger(run_dir, dinfo.is_main)
     if dinfo.is_main:

@@ -14,6 +14,7 @@ require ``arch=``. Both are built from one block, :class:`supernet.mixer.MultiOr
 """
 
 from . import vim, vmamba  # noqa: F401  (registers the entrypoints with timm)
+from .compile import compile_model, compile_options
 from .derive import create_derived, derive_arch, list_models, load_supernet_weights, supernet_state_for_child
 from .flops import count_params_flops
 from .mixer import ARCH_MODES, MultiOrderMixer, slice_mixer_state
@@ -26,6 +27,8 @@ __all__ = [
     "MultiOrderMixer",
     "VMamba",
     "VisionMamba",
+    "compile_model",
+    "compile_options",
     "count_params_flops",
     "create_derived",
     "derive_arch",

@@ -223,8 +223,8 @@ def test_compiled_gdas_search_matches_eager_without_graph_breaks(tmp_path, monke
     modes = []
     real_compile = torch.compile
 
-    def aot_eager_compile(model, mode=None):
-        modes.append(mode)
+    def aot_eager_compile(model, mode=None, options=None):
+        modes.append(mode or {k: options[k] for k in ("triton.cudagraphs", "layout_optimization")})
         return real_compile(model, backend="aot_eager")
 
     kw = dict(algo="gdas", epochs=1, num_samples=128, batch_size=32, seed=3)
@@ -233,7 +233,8 @@ def test_compiled_gdas_search_matches_eager_without_graph_breaks(tmp_path, monke
     counters.clear()
     monkeypatch.setattr(search.torch, "compile", aot_eager_compile)
     compiled = _run(tmp_path, experiment="compiled", compile="reduce-overhead", **kw)
-    assert modes == ["reduce-overhead"]
+    # reduce-overhead's options, with Inductor's layout optimization off (supernet.compile_model)
+    assert modes == [{"triton.cudagraphs": True, "layout_optimization": False}]
     # one training graph: the temperature is a device tensor the graph reads, so its changes recompile nothing (as a
     # Python float it recompiled once, then was a graph input that CUDA-graph trees recorded per value); evaluation
     # runs the uncompiled model
