@@ -38,15 +38,28 @@ BACKENDS = ("auto", "ref", "triton", "mamba")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``auto`` to a concrete backend for ``device``; reject unknown names."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Map ``auto`` to a concrete backend for ``device`` (and the inputs' ``dtype``: fp64 runs on ``ref`` only);
+    reject unknown names, and fp64 on the ``triton`` and ``mamba`` kernels."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown scan backend '{backend}'; expected one of {', '.join(BACKENDS)}")
+    if dtype == torch.float64:
+        if backend in ("triton", "mamba"):
+            raise ValueError(
+                f"backend '{backend}' takes fp32, fp16 and bf16 inputs, got torch.float64: use backend 'ref' "
+                "(what 'auto' picks for fp64)"
+            )
+        return "ref"
     if backend != "auto":
         return backend
     if device.type == "cuda":
         return "triton"
     return "ref"
+
+
+def _fp64_if_any(*tensors: torch.Tensor | None) -> torch.dtype | None:
+    """torch.float64 if any of the tensors is fp64 (the inputs then go to the reference), else None."""
+    return torch.float64 if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors) else None
 
 
 def _expect_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
@@ -61,8 +74,11 @@ def _expect_dtype(name: str, t: torch.Tensor, dtypes: tuple) -> None:
         raise ValueError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
 
 
-def validate_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, orders=None, check_orders=False) -> None:
-    """Raise ``ValueError`` naming the expected vs actual shape/dtype/device of the first bad argument."""
+def validate_scan_inputs(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, orders=None, check_orders=False, fp64=False
+) -> None:
+    """Raise ``ValueError`` naming the expected vs actual shape/dtype/device of the first bad argument. ``fp64``: the
+    reference's dtypes too (fp64 inputs, and fp64 A, D, delta_bias)."""
     for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -78,19 +94,24 @@ def validate_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, ord
     _expect_shape("A", A, (k, dim, n))
     _expect_shape("B", B, (bsz, seqlen, k, n))
     _expect_shape("C", C, (bsz, seqlen, k, n))
+    floats, params = (
+        (_FLOAT_DTYPES + (torch.float64,), (torch.float32, torch.float64))
+        if fp64
+        else (_FLOAT_DTYPES, (torch.float32,))
+    )
     for name, t in (("u", u), ("delta", delta), ("B", B), ("C", C)):
-        _expect_dtype(name, t, _FLOAT_DTYPES)
-    _expect_dtype("A", A, (torch.float32,))
+        _expect_dtype(name, t, floats)
+    _expect_dtype("A", A, params)
     optional = {"D": (D, (k, dim)), "delta_bias": (delta_bias, (k, dim))}
     for name, (t, shape) in optional.items():
         if t is not None:
             _expect_shape(name, t, shape)
-            _expect_dtype(name, t, (torch.float32,))
+            _expect_dtype(name, t, params)
     if z is not None:
         _expect_shape("z", z, (bsz, seqlen, None, dim))
         if z.shape[2] not in (1, k):
             raise ValueError(f"z: expected shape ({bsz}, {seqlen}, 1 or {k}, {dim}), got {tuple(z.shape)}")
-        _expect_dtype("z", z, _FLOAT_DTYPES)
+        _expect_dtype("z", z, floats)
     _check_orders(orders, k, seqlen, check_orders)
     dev = u.device
     for name, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias)):
@@ -143,10 +164,11 @@ def selective_scan(
     Returns:
         y: (B, L, K, D) in original token order.
     """
-    validate_scan_inputs(u, delta, A, B, C, D, z, delta_bias, orders, check_orders)
     if not isinstance(recompute_states, bool):
         raise TypeError(f"recompute_states: expected True or False, got {recompute_states!r}")
-    backend = resolve_backend(backend, u.device)
+    device = u.device if isinstance(u, torch.Tensor) else torch.device("cpu")  # (a non-tensor u fails validation)
+    backend = resolve_backend(backend, device, _fp64_if_any(u, delta, B, C, z))
+    validate_scan_inputs(u, delta, A, B, C, D, z, delta_bias, orders, check_orders, fp64=backend == "ref")
     kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, orders=orders, out_dtype=out_dtype)
     if backend == "ref":
         return selective_scan_ref(u, delta, A, B, C, **kwargs)
@@ -187,7 +209,7 @@ def causal_conv1d(
     _check_orders(orders, k, x.shape[1], False)
     if activation not in ("silu", None):
         raise ValueError(f"activation: expected 'silu' or None, got {activation!r}")
-    backend = resolve_backend(backend, x.device)
+    backend = resolve_backend(backend, x.device, _fp64_if_any(x, weight))
     if backend == "triton":
         from .library import causal_conv1d_op
 
@@ -218,7 +240,7 @@ def branch_merge(
     _check_merge_inputs(y, w)
     if z is not None:
         _expect_shape("z", z, (y.shape[0], y.shape[1], y.shape[3]))
-    if resolve_backend(backend, y.device) == "triton":
+    if resolve_backend(backend, y.device, _fp64_if_any(y, z)) == "triton":
         from .library import branch_merge_op, gated_branch_merge_op
 
         return branch_merge_op(y, w) if z is None else gated_branch_merge_op(y, w, z)
@@ -250,7 +272,7 @@ def gather_rows(idx: torch.Tensor, tensors: Sequence[torch.Tensor], backend: str
             raise ValueError(f"tensors[{i}]: expected shape (K={k}, ...) like tensors[0], got {tuple(t.shape)}")
         if t.device != idx.device:
             raise ValueError(f"tensors[{i}] is on {t.device}, idx on {idx.device}: put them on one device")
-    if resolve_backend(backend, idx.device) == "triton":
+    if resolve_backend(backend, idx.device) == "triton":  # any dtype: the gather only moves rows
         host = idx.device.type == "cpu" and not torch.compiler.is_compiling()  # a check here waits for nothing
         if host and idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < k):
             raise IndexError(f"idx: values must lie in [0, {k}), got {idx.tolist()}")
@@ -294,7 +316,7 @@ def branch_attn_merge(
     _expect_shape("fc2_weight", fc2_weight, (dim, hidden))
     _expect_shape("fc2_bias", fc2_bias, (dim,))
     args = (y, w, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    if resolve_backend(backend, y.device) == "triton":
+    if resolve_backend(backend, y.device, _fp64_if_any(y)) == "triton":
         from .library import branch_attn_merge_op
 
         return branch_attn_merge_op(*args, eps=eps)

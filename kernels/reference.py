@@ -77,7 +77,7 @@ def selective_scan_ref(
         y: (B, L, K, D) in original token order.
     """
     out_dtype = out_dtype or u.dtype
-    ct = torch.float64 if u.dtype == torch.float64 else torch.float32
+    ct = torch.float64 if torch.float64 in (u.dtype, delta.dtype, A.dtype) else torch.float32
     k = delta.shape[2]
     u32 = u.to(ct)
     dt = delta.to(ct)
@@ -124,16 +124,17 @@ def causal_conv1d_ref(
         out_dtype: dtype of the output; defaults to ``x.dtype``.
 
     Returns:
-        (B, L, K, D) in original token order.
+        (B, L, K, D) in original token order, computed in fp32 (fp64 for fp64 inputs).
     """
     out_dtype = out_dtype or x.dtype
+    ct = torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
     k, _, width = weight.shape
-    xs = _gather_tokens(x.float(), orders, k)  # (B, L, K, D)
+    xs = _gather_tokens(x.to(ct), orders, k)  # (B, L, K, D)
     xs = F.pad(xs, (0, 0, 0, 0, width - 1, 0))  # left-pad along L
-    w = weight.float()
+    w = weight.to(ct)
     out = sum(xs[:, j : j + x.shape[1]] * w[:, :, j] for j in range(width))
     if bias is not None:
-        out = out + bias.float()
+        out = out + bias.to(ct)
     if activation == "silu":
         out = F.silu(out)
     elif activation is not None:

@@ -77,6 +77,12 @@ def build_orders(names: Sequence[str], grid: tuple[int, int], extra_token_step: 
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
+    """The scan's fp32 parameters (A, D, Δ bias) of a model in any dtype; an fp64 model keeps fp64 (the reference
+    scan then runs in fp64, e.g. for ``torch.autograd.gradcheck``)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _gemm_dtype(u: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     """The dtype the projections' GEMMs run in: what autocast would give a bmm (its dtype when it is on for u's device
     and the operands are fp32/fp16/bf16; fp64 is left alone), else the promoted one."""
@@ -547,12 +553,12 @@ class MultiOrderMixer(nn.Module):
         y = kernels.selective_scan(
             u,
             delta,
-            -torch.exp(per_order["A_log"].float()),
+            -torch.exp(_fp32_or_wider(per_order["A_log"])),
             b_ssm,
             c_ssm,
-            D=per_order["D"].float(),
+            D=_fp32_or_wider(per_order["D"]),
             z=None if z is None or gate_after_merge else z.unsqueeze(2),
-            delta_bias=per_order["dt_proj_bias"].float(),
+            delta_bias=_fp32_or_wider(per_order["dt_proj_bias"]),
             delta_softplus=True,
             orders=orders,
             backend=self.scan_backend,

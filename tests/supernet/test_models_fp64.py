@@ -1,0 +1,45 @@
+"""A model cast to fp64 runs in fp64 end to end (the scan on the reference), so gradcheck works on it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from supernet_testutils import build
+
+
+@pytest.mark.parametrize("name", ["test_vim", "test_local_vim_search", "test_vmamba"])
+def test_an_fp64_model_passes_gradcheck(name: str) -> None:
+    """Logits in fp64 that match the fp32 model's, and gradcheck of the input gradient (a random projection of the
+    Jacobian: an fp32 step anywhere on the way, the plain family's fp32 residual say, would fail it)."""
+    torch.manual_seed(7)
+    size = 16 if "vim" in name else 32
+    model = build(name, img_size=size, num_classes=3).eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        want = model(x)
+    model.double()
+    x64 = x.double().requires_grad_()
+    got = model(x64)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got.float(), want, rtol=1e-4, atol=1e-5)
+    assert torch.autograd.gradcheck(model, (x64,), eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
+    got.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float64 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["test_vim", "test_vmamba"])
+def test_an_fp64_models_scan_parameters_pass_gradcheck(name: str) -> None:
+    """The first mixer's A_log, D and Δ bias, which the scan takes in fp32 in other models, stay fp64 here."""
+    torch.manual_seed(8)
+    size = 16 if "vim" in name else 32
+    model = build(name, img_size=size, num_classes=3).eval().double()
+    x = torch.randn(1, 3, size, size, dtype=torch.float64)
+    prefix = next(n for n, m in model.named_modules() if type(m).__name__ == "MultiOrderMixer")
+    names = [f"{prefix}.{p}" for p in ("A_log", "D", "dt_proj_bias")]
+    params = dict(model.named_parameters())
+    leaves = tuple(params[n].detach().clone().requires_grad_() for n in names)
+
+    def run(*ts):
+        return torch.func.functional_call(model, dict(zip(names, ts)), (x,))
+
+    assert torch.autograd.gradcheck(run, leaves, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
