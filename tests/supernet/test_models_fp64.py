@@ -43,3 +43,22 @@ def test_an_fp64_models_scan_parameters_pass_gradcheck(name: str) -> None:
         return torch.func.functional_call(model, dict(zip(names, ts)), (x,))
 
     assert torch.autograd.gradcheck(run, leaves, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["test_vim", "test_local_vim_search", "test_vmamba"])
+def test_an_fp64_model_on_the_gpu_runs_the_reference_in_fp64(name: str) -> None:
+    """On a GPU, ``auto`` sends fp64 to the reference: the same logits and gradients as on the CPU."""
+    torch.manual_seed(9)
+    size = 16 if "vim" in name else 32
+    model = build(name, img_size=size, num_classes=3).eval().double()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    outs = []
+    for dev in ("cpu", "cuda"):
+        model.to(dev).zero_grad(set_to_none=True)
+        y = model(x.to(dev))
+        y.square().sum().backward()
+        outs.append([y.cpu()] + [p.grad.cpu() for p in model.parameters()])
+    for a, b in zip(*outs):
+        assert b.dtype == torch.float64
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
