@@ -58,7 +58,7 @@ def test_an_fp64_model_on_the_gpu_runs_the_reference_in_fp64(name: str) -> None:
         model.to(dev).zero_grad(set_to_none=True)
         y = model(x.to(dev))
         y.square().sum().backward()
-        outs.append([y.cpu()] + [p.grad.cpu() for p in model.parameters()])
+        outs.append([t.detach().cpu().clone() for t in (y, *(p.grad for p in model.parameters()))])
     for a, b in zip(*outs):
         assert b.dtype == torch.float64
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
