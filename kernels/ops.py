@@ -167,7 +167,7 @@ def selective_scan(
     if not isinstance(recompute_states, bool):
         raise TypeError(f"recompute_states: expected True or False, got {recompute_states!r}")
     device = u.device if isinstance(u, torch.Tensor) else torch.device("cpu")  # (a non-tensor u fails validation)
-    backend = resolve_backend(backend, device, _fp64_if_any(u, delta, B, C, z))
+    backend = resolve_backend(backend, device, _fp64_if_any(u, delta, A, B, C, D, z, delta_bias))
     validate_scan_inputs(u, delta, A, B, C, D, z, delta_bias, orders, check_orders, fp64=backend == "ref")
     kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, orders=orders, out_dtype=out_dtype)
     if backend == "ref":
@@ -209,7 +209,7 @@ def causal_conv1d(
     _check_orders(orders, k, x.shape[1], False)
     if activation not in ("silu", None):
         raise ValueError(f"activation: expected 'silu' or None, got {activation!r}")
-    backend = resolve_backend(backend, x.device, _fp64_if_any(x, weight))
+    backend = resolve_backend(backend, x.device, _fp64_if_any(x, weight, bias))
     if backend == "triton":
         from .library import causal_conv1d_op
 

@@ -5,9 +5,9 @@ upstream of a convolution that the backward keeps is stored channels-last. The h
 in every block, so the mixers' (B, L, K, D) scan operands kept for the backward (u, delta) were stored that way too,
 and each went back by a copy to the layout the registered scan op takes, in the forward and again in the backward.
 vmamba_tiny on an H200 (bf16, batch 128, CUDA-graph replay of the compiled step): 51.7 ms per step with the
-optimization, 37.9 ms without it; 42.3 ms uncompiled. The depthwise convs' inputs are channels-last in eager mode
-already, and Inductor keeps eager strides with the optimization off. The plain family has one convolution (the patch
-embedding), too few for Inductor to turn the optimization on.
+optimization, 37.9 ms without it, same run; 42.3 ms uncompiled in another run. The depthwise convs' inputs are
+channels-last in eager mode already, and Inductor keeps eager strides with the optimization off. The plain family
+has one convolution (the patch embedding), too few for Inductor to turn the optimization on.
 """
 
 from __future__ import annotations

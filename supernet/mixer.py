@@ -613,7 +613,8 @@ def batched_branch_weights(mixers: Sequence[MultiOrderMixer]) -> list[Branch]:
     for i, m in enumerate(mixers):
         if not m.search:
             k = m.num_orders
-            out[i] = (m.x_proj_weight.new_full((k,), 1.0 / k, dtype=torch.float32), None)
+            wide = m.x_proj_weight.dtype == torch.float64  # an fp64 model merges in fp64
+            out[i] = (m.x_proj_weight.new_full((k,), 1.0 / k, dtype=torch.float64 if wide else torch.float32), None)
             continue
         # Not the temperature's Python float: a compiled step would guard on it and recompile when it changes (gdas).
         key = (m.mode, m.num_orders, m.top_m, m.training, m.arch_logits.device)
@@ -628,9 +629,9 @@ def _group_branch_weights(group: list[MultiOrderMixer]) -> list[Branch]:
     """(w, idx) of search mixers alike in mode, K, top-m, training flag and device, as one batch."""
     first = group[0]
     if len(group) == 1:
-        logits, tau = first.arch_logits.float().unsqueeze(0), first._tau
+        logits, tau = _fp32_or_wider(first.arch_logits).unsqueeze(0), first._tau
     else:
-        logits = torch.stack([m.arch_logits for m in group]).float()  # (layers, K)
+        logits = _fp32_or_wider(torch.stack([m.arch_logits for m in group]))  # (layers, K)
         tau = torch.stack([m._tau for m in group]).unsqueeze(1).to(logits.dtype)  # each layer's own temperature
     sampling = first.training and first.mode != "softmax"
     if sampling:

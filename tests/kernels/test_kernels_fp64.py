@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import branch_merge, causal_conv1d, selective_scan
+from kernels import branch_merge, causal_conv1d, resolve_backend, selective_scan
 from kernels.testing import make_scan_inputs
 from search_spaces import scan_order
 
@@ -46,11 +46,21 @@ def test_conv_and_merge_gradcheck_in_fp64() -> None:
     assert torch.autograd.gradcheck(branch_merge, (y, w, z), eps=1e-6, atol=1e-6)
 
 
+def test_auto_picks_the_reference_for_fp64_on_any_device() -> None:
+    for device in ("cpu", "cuda"):
+        assert resolve_backend("auto", torch.device(device), torch.float64) == "ref"
+    assert resolve_backend("auto", torch.device("cuda"), None) == "triton"
+
+
 @pytest.mark.parametrize("backend", ["triton", "mamba"])
 def test_kernel_backends_refuse_fp64_in_one_line(backend: str) -> None:
     inputs = make_scan_inputs(1, 6, 2, 3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     with pytest.raises(ValueError, match=f"backend '{backend}' takes fp32, fp16 and bf16 inputs, got torch.float64: "
-                                         "use backend 'ref'"):  # fmt: skip
+                                         "use backend 'ref'") as err:  # fmt: skip
         selective_scan(**inputs, backend=backend)
+    assert "\n" not in str(err.value)
+    fp32 = make_scan_inputs(1, 6, 2, 3, 2, generator=torch.Generator().manual_seed(6))
+    with pytest.raises(ValueError, match="got torch.float64: use backend 'ref'"):  # fp64 A alone: the same rule
+        selective_scan(**{**fp32, "A": fp32["A"].double()}, backend=backend)
     with pytest.raises(ValueError, match="got torch.float64: use backend 'ref'"):
         causal_conv1d(inputs["u"], torch.randn(2, 3, 4, dtype=torch.float64), backend=backend)

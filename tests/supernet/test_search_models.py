@@ -318,9 +318,10 @@ def test_layers_draw_their_branch_weights_as_one_batch(family: str, monkeypatch:
         (got,) = torch.autograd.grad(w.square().sum(), m.arch_logits, retain_graph=True)
         (want,) = torch.autograd.grad(m.branch_weights()[0].square().sum(), m.arch_logits)
         torch.testing.assert_close(got, want)
-    # the weights stay fp32 (as the mixer's own) in a model cast to fp64
-    model.double()
-    assert all(w.dtype == torch.float32 for w, _ in supernet.mixer.batched_branch_weights(mixers))
+    # the weights are fp32 in a model cast to bf16 (as the mixer's own), fp64 in one cast to fp64 (gradcheck)
+    for dtype, want in ((torch.bfloat16, torch.float32), (torch.float64, torch.float64)):
+        model.to(dtype)
+        assert all(w.dtype == want for w, _ in supernet.mixer.batched_branch_weights(mixers))
     model.float()
     draws = []
     real_rand = torch.rand
