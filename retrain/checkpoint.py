@@ -206,6 +206,11 @@ def resolved_model_args(model: Any) -> dict[str, Any] | None:
         value = plain_value(value)
         if _is_plain(value):
             out[str(key)] = value
+    if out.get("dt_rank") == "auto" and hasattr(model, "named_mixers"):
+        # "auto" as the integer every layer resolved it to (the plain family's one rank): the same model either way
+        ranks = {m.dt_rank for _, m in model.named_mixers()}
+        if len(ranks) == 1:
+            out["dt_rank"] = ranks.pop()
     return out
 
 
@@ -265,6 +270,12 @@ def check_resume_spec(state: dict[str, Any], spec: dict[str, Any], path: str | P
     for key in RESUME_EXEMPT_ARGS:
         old.pop(key, None)
         new.pop(key, None)
+    if old.get("dt_rank") == "auto" and isinstance(new.get("dt_rank"), int):
+        # a checkpoint that kept "auto" unresolved: its weights say the rank every layer took
+        weights = state.get("model_state") or {}
+        ranks = {tuple(t.shape)[-1] for k, t in weights.items() if k.endswith("mixer.dt_proj_weight")}
+        if ranks == {new["dt_rank"]}:
+            old["dt_rank"] = new["dt_rank"]
     unset = "(unset)"
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k, unset) != new.get(k, unset)]
     arch = _arch_difference(saved.get("arch"), spec.get("arch"))

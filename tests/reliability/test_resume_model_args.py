@@ -177,3 +177,32 @@ def test_scan_backend_and_recompute_are_not_compared(tmp_path, resolved) -> None
             _spec({**asked, "d_state": 8}, {**resolved_asked, "d_state": 8}),
             path,
         )
+
+
+def test_dt_rank_auto_and_the_integer_it_resolves_to_are_the_same_model(tmp_path, capsys) -> None:
+    """The plain family's dt_rank "auto" resolves to one integer for every layer: a run started with "auto" resumes
+    with that integer passed explicitly, and another integer is refused naming it."""
+    rank = resolved_model_args(timm.create_model("test_vim", img_size=16))["dt_rank"]
+    assert isinstance(rank, int) and _default("test_vim", "dt_rank") == "auto"
+    run = [*TRAIN, "--output", str(tmp_path), "--experiment", "run"]
+    with pytest.raises(_StopAfterFirstEpoch):
+        run_cli(functools.partial(train.main, on_epoch=_stop), train.DEFAULTS, run)
+    last = tmp_path / "run" / "last.pt"
+    assert load_checkpoint(last)["model_spec"]["resolved_kwargs"]["dt_rank"] == rank
+    capsys.readouterr()
+    assert run_cli(train.main, train.DEFAULTS, [*run, "--resume", "auto", "--model-kwargs", f"dt_rank={rank + 1}"]) == 2
+    assert f"was built with dt_rank={rank}, but this run asks for dt_rank={rank + 1}" in capsys.readouterr().err
+    assert run_cli(train.main, train.DEFAULTS, [*run, "--resume", "auto", "--model-kwargs", f"dt_rank={rank}"]) == 0
+
+
+def test_a_checkpoint_that_kept_dt_rank_auto_compares_by_its_weights(tmp_path) -> None:
+    """Checkpoints written before dt_rank was resolved hold "auto": the rank their dt_proj weights have decides."""
+    model = timm.create_model("test_vim", **BASE)
+    new = resolved_model_args(model)
+    rank = new["dt_rank"]
+    state = {"model_spec": _spec(dict(BASE), {**new, "dt_rank": "auto"}), "model_state": model.state_dict()}
+    check_resume_spec(state, _spec(dict(BASE), new), tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match=rf"built with dt_rank=auto, but this run asks for dt_rank={rank + 1}"):
+        check_resume_spec(state, _spec(dict(BASE), {**new, "dt_rank": rank + 1}), tmp_path / "last.pt")
+    # hierarchical models resolve "auto" per stage, to several ranks: it stays "auto"
+    assert resolved_model_args(timm.create_model("vmamba_tiny"))["dt_rank"] == "auto"
