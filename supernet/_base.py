@@ -179,6 +179,16 @@ class ArchModelMixin:
     arch: ArchSpec | None
     derived_model_name: str | None
 
+    def compile(self, *args, **kwargs) -> None:
+        """``nn.Module.compile`` with Inductor's layout optimization off (:mod:`supernet.compile`): a ``mode`` becomes
+        that mode's Inductor options plus ``layout_optimization=False``. Other backends, explicit ``options`` and
+        positional arguments pass through unchanged."""
+        if not args and kwargs.get("backend", "inductor") == "inductor" and "options" not in kwargs:
+            from .compile import compile_options
+
+            kwargs.update(compile_options(self, kwargs.pop("mode", None)))
+        super().compile(*args, **kwargs)
+
     def named_mixers(self) -> list[tuple[str, MultiOrderMixer]]:
         """(label, mixer) of every layer, in model order."""
         raise NotImplementedError

@@ -40,3 +40,33 @@ def test_compiled_model_matches_eager_on_the_gpu(name: str) -> None:
     for k in g0:
         scale = g0[k].abs().max().clamp_min(1e-6)
         assert (g1[k] - g0[k]).abs().max() / scale < 0.05, k
+
+
+def test_module_compile_of_our_models_takes_the_same_options(monkeypatch) -> None:
+    """``model.compile(mode=...)`` (nn.Module's own) turns the layout optimization off too; another backend or
+    explicit options pass through as given."""
+    import torch._inductor
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, *args, **kwargs: calls.append(kwargs) or fn)
+    model = build("test_vmamba", img_size=32)
+    model.compile(mode="reduce-overhead")
+    model.compile()
+    model.compile(backend="aot_eager")
+    model.compile(options={"max_autotune": True})
+    off = {"layout_optimization": False}
+    assert calls == [
+        {"options": {**torch._inductor.list_mode_options("reduce-overhead"), **off}},
+        {"options": {**torch._inductor.list_mode_options("default"), **off}},
+        {"backend": "aot_eager"},
+        {"options": {"max_autotune": True}},
+    ]
+
+
+def test_module_compile_runs() -> None:
+    torch._dynamo.reset()
+    model = build("test_vim", img_size=16, num_classes=3)
+    x = torch.randn(2, 3, 16, 16)
+    want = model(x)
+    model.compile(backend="aot_eager")
+    torch.testing.assert_close(model(x), want)
