@@ -17,6 +17,7 @@ from .reference import (
     branch_attn_merge_ref,
     branch_merge_ref,
     causal_conv1d_ref,
+    compute_dtype,
     gather_rows_ref,
     selective_scan_ref,
 )
@@ -55,11 +56,6 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     if device.type == "cuda":
         return "triton"
     return "ref"
-
-
-def _fp64_if_any(*tensors: torch.Tensor | None) -> torch.dtype | None:
-    """torch.float64 if any of the tensors is fp64 (the inputs then go to the reference), else None."""
-    return torch.float64 if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors) else None
 
 
 def _expect_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
@@ -167,7 +163,7 @@ def selective_scan(
     if not isinstance(recompute_states, bool):
         raise TypeError(f"recompute_states: expected True or False, got {recompute_states!r}")
     device = u.device if isinstance(u, torch.Tensor) else torch.device("cpu")  # (a non-tensor u fails validation)
-    backend = resolve_backend(backend, device, _fp64_if_any(u, delta, A, B, C, D, z, delta_bias))
+    backend = resolve_backend(backend, device, compute_dtype(u, delta, A, B, C, D, z, delta_bias))
     validate_scan_inputs(u, delta, A, B, C, D, z, delta_bias, orders, check_orders, fp64=backend == "ref")
     kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, orders=orders, out_dtype=out_dtype)
     if backend == "ref":
@@ -209,7 +205,7 @@ def causal_conv1d(
     _check_orders(orders, k, x.shape[1], False)
     if activation not in ("silu", None):
         raise ValueError(f"activation: expected 'silu' or None, got {activation!r}")
-    backend = resolve_backend(backend, x.device, _fp64_if_any(x, weight, bias))
+    backend = resolve_backend(backend, x.device, compute_dtype(x, weight, bias))
     if backend == "triton":
         from .library import causal_conv1d_op
 
@@ -240,7 +236,7 @@ def branch_merge(
     _check_merge_inputs(y, w)
     if z is not None:
         _expect_shape("z", z, (y.shape[0], y.shape[1], y.shape[3]))
-    if resolve_backend(backend, y.device, _fp64_if_any(y, z)) == "triton":
+    if resolve_backend(backend, y.device, compute_dtype(y, z)) == "triton":
         from .library import branch_merge_op, gated_branch_merge_op
 
         return branch_merge_op(y, w) if z is None else gated_branch_merge_op(y, w, z)
@@ -316,7 +312,7 @@ def branch_attn_merge(
     _expect_shape("fc2_weight", fc2_weight, (dim, hidden))
     _expect_shape("fc2_bias", fc2_bias, (dim,))
     args = (y, w, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    if resolve_backend(backend, y.device, _fp64_if_any(y)) == "triton":
+    if resolve_backend(backend, y.device, compute_dtype(y)) == "triton":
         from .library import branch_attn_merge_op
 
         return branch_attn_merge_op(*args, eps=eps)

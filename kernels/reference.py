@@ -23,9 +23,16 @@ __all__ = [
     "branch_attn_merge_ref",
     "branch_merge_ref",
     "causal_conv1d_ref",
+    "compute_dtype",
     "gather_rows_ref",
     "selective_scan_ref",
 ]
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The references' compute dtype: fp64 when any of the tensors is fp64, else fp32 (non-tensors are skipped)."""
+    fp64 = any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors)
+    return torch.float64 if fp64 else torch.float32
 
 
 def _gather_tokens(x: torch.Tensor, orders: torch.Tensor | None, k: int) -> torch.Tensor:
@@ -77,7 +84,7 @@ def selective_scan_ref(
         y: (B, L, K, D) in original token order.
     """
     out_dtype = out_dtype or u.dtype
-    ct = torch.float64 if torch.float64 in (u.dtype, delta.dtype, A.dtype) else torch.float32
+    ct = compute_dtype(u, delta, A)
     k = delta.shape[2]
     u32 = u.to(ct)
     dt = delta.to(ct)
@@ -127,7 +134,7 @@ def causal_conv1d_ref(
         (B, L, K, D) in original token order, computed in fp32 (fp64 for fp64 inputs).
     """
     out_dtype = out_dtype or x.dtype
-    ct = torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
+    ct = compute_dtype(x, weight)
     k, _, width = weight.shape
     xs = _gather_tokens(x.to(ct), orders, k)  # (B, L, K, D)
     xs = F.pad(xs, (0, 0, 0, 0, width - 1, 0))  # left-pad along L
@@ -160,7 +167,7 @@ def branch_merge_ref(y: torch.Tensor, w: torch.Tensor, z: torch.Tensor | None = 
     Returns:
         (B, L, D) in y's dtype, computed in fp32 (fp64 for fp64 inputs).
     """
-    ct = torch.float64 if y.dtype == torch.float64 else torch.float32
+    ct = compute_dtype(y)
     out = (y.to(ct) * w.to(ct).view(1, 1, -1, 1)).sum(2)
     if z is not None:
         out = out * F.silu(z.to(ct))
@@ -179,7 +186,7 @@ def branch_attn_merge_ref(y, w, norm_weight, norm_bias, fc1_weight, fc1_bias, fc
     Returns:
         (B, L, D) in y's dtype, computed in fp32 (fp64 for fp64 inputs; autocast off).
     """
-    ct = torch.float64 if y.dtype == torch.float64 else torch.float32
+    ct = compute_dtype(y)
     with autocast_off(y.device):
         yf = y.to(ct)
         nw, nb, w1, b1, w2, b2 = (

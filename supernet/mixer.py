@@ -613,8 +613,8 @@ def batched_branch_weights(mixers: Sequence[MultiOrderMixer]) -> list[Branch]:
     for i, m in enumerate(mixers):
         if not m.search:
             k = m.num_orders
-            wide = m.x_proj_weight.dtype == torch.float64  # an fp64 model merges in fp64
-            out[i] = (m.x_proj_weight.new_full((k,), 1.0 / k, dtype=torch.float64 if wide else torch.float32), None)
+            dtype = kernels.reference.compute_dtype(m.x_proj_weight)  # fp32; an fp64 model merges in fp64
+            out[i] = (m.x_proj_weight.new_full((k,), 1.0 / k, dtype=dtype), None)
             continue
         # Not the temperature's Python float: a compiled step would guard on it and recompile when it changes (gdas).
         key = (m.mode, m.num_orders, m.top_m, m.training, m.arch_logits.device)
