@@ -1,6 +1,6 @@
 """Order-dependent ops for vision Mamba: the selective scan and causal conv1d over K token orders in one call."""
 
-from . import library  # registers the torch.library ops and their FLOP formula before any FlopCounterMode exists
+from . import library, ref_ops  # register the torch.library ops and their FLOP formulas before any FlopCounterMode
 from .ops import (
     BACKENDS,
     add_rms_norm,
@@ -44,6 +44,7 @@ __all__ = [
     "gather_rows_ref",
     "layer_norm",
     "library",
+    "ref_ops",
     "resolve_backend",
     "rms_norm",
     "selective_scan",

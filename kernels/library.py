@@ -17,10 +17,12 @@ Registered ops (namespace ``scan_nas``):
     add_rms_norm(x, residual?, weight, eps, out_dtype) -> (y, r) / add_rms_norm_bwd: the residual add fused with it.
     layer_norm(x, weight?, bias?, eps, out_dtype) / layer_norm_bwd: LayerNorm in fp32, written in out_dtype.
 
-FLOPs follow VMamba's rule for the scan: 9·B·L·K·D·N, plus B·L·K·D for the D skip and B·L·K·D for the z gate. A gate
-applied once after the merge (``gated_branch_merge``) counts the same B·L·K·D, so a model's count does not depend on
-where its gate runs.
-The ``ref`` and ``mamba`` backends are plain PyTorch compositions and are not registered here.
+FLOPs (:mod:`kernels.flop_rules`) follow VMamba's rule for the scan: 9·B·L·K·D·N, plus B·L·K·D for the D skip and
+B·L·K·D for the z gate; a gate applied once after the merge (``gated_branch_merge``) counts the same B·L·K·D, so a
+model's count does not depend on where its gate runs; the conv counts B·L·K·D·W and LocalMamba's channel gate its two
+linear layers. Each op reports twice its rule, ``FlopCounterMode``'s two per multiply-add, as it counts matmuls.
+The ``ref`` backend's registered form, used under dispatch modes, is :mod:`kernels.ref_ops`; ``mamba`` is not
+registered.
 """
 
 import torch
@@ -28,6 +30,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import register_flop_formula
 
 from ._host import cdiv
+from .flop_rules import attn_merge_flops, conv_flops, counter_flops, gate_flops, scan_flops
 from .triton_conv import conv_bwd, conv_fwd
 from .triton_gather import gather_rows_bwd, gather_rows_fwd
 from .triton_merge import (
@@ -183,17 +186,9 @@ _scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup_context
 _ScanFunction = _eager_function("_ScanFunction", _scan_fwd_impl, _scan_setup_context, _scan_backward)
 
 
-def scan_flops(delta_shape, A_shape, has_D: bool, has_z: bool) -> int:
-    """VMamba's FLOP rule for a K-order scan: 9·B·L·K·D·N (+ B·L·K·D for D, + B·L·K·D for z)."""
-    bsz, seqlen, k, dim = delta_shape
-    n = A_shape[2]
-    flops = 9 * bsz * seqlen * k * dim * n
-    return flops + bsz * seqlen * k * dim * (int(has_D) + int(has_z))
-
-
 @register_flop_formula(torch.ops.scan_nas.selective_scan_fwd)
 def _scan_flop_formula(u, delta, A, B, C, D, z, delta_bias, *args, out_shape=None, **kwargs) -> int:
-    return scan_flops(delta, A, D is not None, z is not None)
+    return counter_flops(scan_flops(delta, A, D is not None, z is not None))
 
 
 def selective_scan_op(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, orders=None,
@@ -262,6 +257,13 @@ def _conv_backward(ctx, dout):
 
 
 _conv_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+
+
+@register_flop_formula(torch.ops.scan_nas.causal_conv1d_fwd)
+def _conv_flop_formula(x, weight, *args, out_shape=None, **kwargs) -> int:
+    return counter_flops(conv_flops(x, weight))
+
+
 _ConvFunction = _eager_function("_ConvFunction", _conv_fwd_impl, _conv_setup_context, _conv_backward)
 
 
@@ -383,8 +385,7 @@ _gated_merge_op.register_autograd(_gated_merge_backward, setup_context=_gated_me
 
 @register_flop_formula(torch.ops.scan_nas.gated_branch_merge)
 def _gated_merge_flop_formula(y, w, z, *args, out_shape=None, **kwargs) -> int:
-    bsz, seqlen, k, dim = y  # shapes: the z gate, counted per order as VMamba's rule counts it inside the scan
-    return bsz * seqlen * k * dim
+    return counter_flops(gate_flops(y))
 
 
 _GatedMergeFunction = _eager_function(
@@ -460,6 +461,13 @@ def _attn_merge_backward(ctx, dout, *_unused):
 
 
 _attn_merge_op.register_autograd(_attn_merge_backward, setup_context=_attn_merge_setup_context)
+
+
+@register_flop_formula(torch.ops.scan_nas.branch_attn_merge)
+def _attn_merge_flop_formula(y, w, norm_weight, norm_bias, eps, fc1_weight, *args, out_shape=None, **kwargs) -> int:
+    return counter_flops(attn_merge_flops(y, fc1_weight))
+
+
 _AttnMergeFunction = _eager_function(
     "_AttnMergeFunction", _attn_merge_impl, _attn_merge_setup_context, _attn_merge_backward
 )

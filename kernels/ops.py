@@ -3,7 +3,8 @@
 ``selective_scan`` and ``causal_conv1d`` take the token-major layout documented in :mod:`kernels.reference`.
 Backends: ``ref`` (pure PyTorch, the truth), ``triton`` (fused, all K orders in one launch; CUDA, or CPU under
 ``TRITON_INTERPRET=1``), ``mamba`` (mamba-ssm's CUDA kernel through explicit gathers; the comparison anchor) and
-``auto`` (triton on CUDA, ref on CPU).
+``auto`` (triton on CUDA, ref on CPU). Under a dispatch mode (``FlopCounterMode``, ``FakeTensorMode``) ``ref`` runs as
+the registered ops of :mod:`kernels.ref_ops`, so the counter sees each op once, with the Triton op's FLOP rule.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .ref_ops import causal_conv1d_counted, counted_dispatch, gated_branch_merge_counted, selective_scan_counted
 from .reference import (
     branch_attn_merge_ref,
     branch_merge_ref,
@@ -167,7 +169,7 @@ def selective_scan(
     validate_scan_inputs(u, delta, A, B, C, D, z, delta_bias, orders, check_orders, fp64=backend == "ref")
     kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, orders=orders, out_dtype=out_dtype)
     if backend == "ref":
-        return selective_scan_ref(u, delta, A, B, C, **kwargs)
+        return (selective_scan_counted if counted_dispatch() else selective_scan_ref)(u, delta, A, B, C, **kwargs)
     if backend == "triton":
         from .library import selective_scan_op
 
@@ -211,7 +213,8 @@ def causal_conv1d(
 
         return causal_conv1d_op(x, weight, bias, orders=orders, activation=activation, out_dtype=out_dtype)
     # 'mamba' has no conv of its own here: it uses the reference, as before.
-    return causal_conv1d_ref(x, weight, bias, orders=orders, activation=activation, out_dtype=out_dtype)
+    conv = causal_conv1d_counted if counted_dispatch() else causal_conv1d_ref
+    return conv(x, weight, bias, orders=orders, activation=activation, out_dtype=out_dtype)
 
 
 def _check_merge_inputs(y: torch.Tensor, w: torch.Tensor) -> None:
@@ -240,6 +243,8 @@ def branch_merge(
         from .library import branch_merge_op, gated_branch_merge_op
 
         return branch_merge_op(y, w) if z is None else gated_branch_merge_op(y, w, z)
+    if z is not None and counted_dispatch():
+        return gated_branch_merge_counted(y, w, z)
     return branch_merge_ref(y, w, z)
 
 

@@ -3,16 +3,18 @@
 Published Vim/VMamba/LocalMamba/MambaOut "FLOPs" are fvcore counts: one per multiply-add of a matmul or conv, plus
 VMamba's rule for a selective scan (9·B·L·D·N, + B·L·D for the D skip, + B·L·D for the z gate, per order). This
 module reproduces that: ``torch.utils.flop_counter.FlopCounterMode`` counts every dense op (2 per multiply-add, so
-halved), and the two order-dependent ops are counted once each by their rule, whatever backend would run them:
+halved), and the order-dependent ops are counted by their rules (:mod:`kernels.flop_rules`), whatever backend would
+run them:
 
-* ``kernels.selective_scan``: :func:`kernels.library.scan_flops` (the formula the registered Triton op reports);
+* ``kernels.selective_scan``: :func:`kernels.flop_rules.scan_flops`;
 * ``kernels.causal_conv1d``: one multiply-add per output element and tap, B·L·K·D·W;
 * ``kernels.branch_merge`` with a z gate (Vim's, applied once after the merge): B·L·K·D, the gate counted per order as
   the rule counts it inside the scan, so a model's count does not depend on where its gate runs.
 
-While counting, these ops are replaced by stand-ins that return zeros of the right shape, so neither the reference's
-per-step matmuls nor the registered op's own formula is seen by the counter (nothing is counted twice), and a count
-at 224² takes seconds on a CPU.
+A user's own ``FlopCounterMode`` sees the same rules (the registered ops report them, on the ``ref`` backend too:
+:mod:`kernels.ref_ops`), so its total halved equals this count. Here the three ops are replaced by stand-ins that
+return zeros of the right shape and add their rule to a tally: a count at 224² then takes seconds on a CPU, where the
+reference scan would take minutes.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import kernels
-from kernels.library import scan_flops
+from kernels.flop_rules import conv_flops, gate_flops, scan_flops
 
 from ._base import to_size
 
@@ -44,13 +46,12 @@ def _counted_order_ops(tally: list[int]) -> Iterator[None]:
         return torch.zeros_like(delta, dtype=kwargs.get("out_dtype") or u.dtype)
 
     def conv(x, weight, bias=None, orders=None, **kwargs):
-        k, dim, width = weight.shape
-        tally.append(x.shape[0] * x.shape[1] * k * dim * width)
-        return x.new_zeros(x.shape[0], x.shape[1], k, dim)
+        tally.append(conv_flops(x.shape, weight.shape))
+        return x.new_zeros(x.shape[0], x.shape[1], weight.shape[0], weight.shape[1])
 
     def merge(y, w, z=None, **kwargs):
         if z is not None:
-            tally.append(y.shape[0] * y.shape[1] * y.shape[2] * y.shape[3])
+            tally.append(gate_flops(y.shape))
         return y.new_zeros(y.shape[0], y.shape[1], y.shape[3])
 
     kernels.selective_scan, kernels.causal_conv1d, kernels.branch_merge = scan, conv, merge

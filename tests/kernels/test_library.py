@@ -19,18 +19,20 @@ def test_flop_counter_counts_the_scan():
     bsz, seqlen, k, dim, n = 1, 15, 2, 4, 4
     with FlopCounterMode(display=False) as counter:
         selective_scan(**inputs, orders=orders, backend="triton")
-    assert counter.get_total_flops() == 9 * bsz * seqlen * k * dim * n + bsz * seqlen * k * dim
+    # FlopCounterMode's convention, two per multiply-add: twice VMamba's rule
+    assert counter.get_total_flops() == 2 * (9 * bsz * seqlen * k * dim * n + bsz * seqlen * k * dim)
     assert scan_flops((bsz, seqlen, k, dim), (k, dim, n), True, True) == 9 * 480 + 2 * 120
 
 
 def test_flop_counter_counts_the_gate_after_the_merge_per_order():
-    """The registered gated merge counts its silu(z) as VMamba's rule counts the gate inside the scan: B·L·K·D."""
+    """The registered gated merge counts its silu(z) as VMamba's rule counts the gate inside the scan: B·L·K·D (twice,
+    in FlopCounterMode's convention)."""
     import kernels
 
     y, w, z = torch.randn(2, 7, 3, 5), torch.softmax(torch.randn(3), 0), torch.randn(2, 7, 5)
     with FlopCounterMode(display=False) as counter:
         kernels.branch_merge(y, w, z, backend="triton")
-    assert counter.get_total_flops() == 2 * 7 * 3 * 5
+    assert counter.get_total_flops() == 2 * (2 * 7 * 3 * 5)
     with FlopCounterMode(display=False) as counter:
         kernels.branch_merge(y, w, backend="triton")
     assert counter.get_total_flops() == 0

@@ -1,0 +1,162 @@
+"""The reference ops under a dispatch mode: one registered op each, counted by the Triton ops' FLOP rules, with the
+plain reference's values and gradients."""
+
+import pytest
+import timm
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+import kernels
+import supernet
+from kernels.flop_rules import conv_flops, counter_flops, gate_flops, scan_flops
+from kernels.testing import make_orders, make_scan_inputs
+
+
+def _scan_case(gen, has_z=True, bias=True):
+    inputs = make_scan_inputs(2, 13, 3, 5, 3, generator=gen, has_z=has_z)
+    if not bias:
+        inputs["delta_bias"] = None
+    return inputs, make_orders(13, (1, 13), 3, ("h", "h_flip", "w2"))
+
+
+def _grads(fn, tensors):
+    leaves = {
+        k: v.detach().requires_grad_() if v is not None and v.is_floating_point() else v for k, v in tensors.items()
+    }
+    out = fn(**leaves)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    want = {k: v for k, v in leaves.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+    grads = torch.autograd.grad(out, list(want.values()), dout)
+    return out.detach(), dict(zip(want, grads))
+
+
+def _under_counter(fn, tensors):
+    with FlopCounterMode(display=False) as counter:
+        out, grads = _grads(fn, tensors)
+    return out, grads, counter.get_flop_counts()["Global"]
+
+
+@pytest.mark.parametrize("has_z,bias", [(True, True), (False, False)])
+def test_scan_under_a_counter_is_one_counted_op_with_the_references_values(has_z, bias):
+    inputs, orders = _scan_case(torch.Generator().manual_seed(1), has_z, bias)
+
+    def fn(**t):
+        return kernels.selective_scan(**t, orders=orders, backend="ref")
+
+    want_out, want_grads = _grads(fn, inputs)
+    out, grads, counts = _under_counter(fn, inputs)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    assert grads.keys() == want_grads.keys() and len(grads) == 7 + bias - (not has_z)
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-6, atol=1e-6, msg=name)
+    rule = scan_flops(inputs["delta"].shape, inputs["A"].shape, True, has_z)
+    assert dict(counts) == {torch.ops.scan_nas.selective_scan_ref: counter_flops(rule)}
+
+
+def test_conv_and_gated_merge_under_a_counter():
+    gen = torch.Generator().manual_seed(2)
+    orders = make_orders(11, (1, 11), 2, ("h", "h_flip"))
+    conv_in = {"x": torch.randn(2, 11, 1, 6, generator=gen), "weight": torch.randn(2, 6, 4, generator=gen),
+               "bias": torch.randn(2, 6, generator=gen)}  # fmt: skip
+
+    def conv(**t):
+        return kernels.causal_conv1d(**t, orders=orders, backend="ref")
+
+    want_out, want_grads = _grads(conv, conv_in)
+    out, grads, counts = _under_counter(conv, conv_in)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    for name in ("x", "weight", "bias"):
+        torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-6, atol=1e-6, msg=name)
+    assert dict(counts) == {torch.ops.scan_nas.causal_conv1d_ref: counter_flops(conv_flops((2, 11), (2, 6, 4)))}
+
+    merge_in = {"y": torch.randn(2, 11, 3, 6, generator=gen), "w": torch.softmax(torch.randn(3, generator=gen), 0),
+                "z": torch.randn(2, 11, 6, generator=gen)}  # fmt: skip
+
+    def merge(**t):
+        return kernels.branch_merge(**t, backend="ref")
+
+    want_out, want_grads = _grads(merge, merge_in)
+    out, grads, counts = _under_counter(merge, merge_in)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    for name in ("y", "w", "z"):
+        torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-6, atol=1e-6, msg=name)
+    assert dict(counts) == {torch.ops.scan_nas.gated_branch_merge_ref: counter_flops(gate_flops((2, 11, 3, 6)))}
+
+
+def test_only_the_inputs_that_need_a_gradient_get_one():
+    """The backward op is told which inputs need a gradient: the others come back as None, not as zeros."""
+    inputs, orders = _scan_case(torch.Generator().manual_seed(3))
+    u = inputs["u"].detach().requires_grad_()
+    with FlopCounterMode(display=False):
+        y = kernels.selective_scan(**{**inputs, "u": u}, orders=orders, backend="ref")
+        (du,) = torch.autograd.grad(y.sum(), [u])
+    want = torch.autograd.grad(kernels.selective_scan(**{**inputs, "u": u}, orders=orders, backend="ref").sum(), [u])
+    torch.testing.assert_close(du, want[0], rtol=1e-6, atol=1e-6)
+    assert all(not t.requires_grad for k, t in inputs.items() if t is not None and k != "u")
+
+
+@pytest.mark.parametrize(
+    "name,backend",
+    [("test_vim", "ref"), ("test_local_vim_search", "ref"), ("test_vmamba", "ref"), ("test_vmamba", "triton")],
+)
+def test_a_users_flop_counter_agrees_with_count_params_flops(name, backend):
+    """FlopCounterMode's total, halved, is the published-convention count on the reference as on the Triton ops (the
+    reference used to count the scan's per-step einsums and no conv or gate); fwd+bwd under the counter keeps the
+    reference's gradients."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, scan_backend=backend)
+    size = model.pretrained_cfg["input_size"][1:]
+    _, want = supernet.count_params_flops(model, size)
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, *size))
+    assert counter.get_total_flops() // 2 == want
+    if backend == "ref":
+        model.train()
+        x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(4))
+        model(x).square().sum().backward()
+        plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        with FlopCounterMode(display=False):
+            model(x).square().sum().backward()
+        counted = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert counted.keys() == plain.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+        for n in plain:
+            torch.testing.assert_close(counted[n], plain[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_a_model_runs_under_fake_tensors_on_the_reference():
+    model = timm.create_model("test_vim", scan_backend="ref")
+    size = model.pretrained_cfg["input_size"][1:]
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        out = model(mode.from_tensor(torch.randn(2, 3, *size)))
+    assert tuple(out.shape) == (2, model.num_classes)
+
+
+def test_every_op_counts_the_same_on_the_reference_and_on_triton():
+    """Op by op on small odd shapes: the scan, the conv, the gated merge and LocalMamba's channel-gated merge (whose
+    two linear layers the reference runs as matmuls and the Triton op reports by its formula)."""
+    gen = torch.Generator().manual_seed(5)
+    inputs, orders = _scan_case(gen)
+    y, w, z = (
+        torch.randn(2, 9, 3, 6, generator=gen),
+        torch.softmax(torch.randn(3, generator=gen), 0),
+        torch.randn(2, 9, 6),
+    )
+    attn = (torch.ones(6), torch.zeros(6), torch.randn(5, 6), torch.randn(5), torch.randn(6, 5), torch.randn(6))
+    calls = {
+        "scan": lambda b: kernels.selective_scan(**inputs, orders=orders, backend=b),
+        "conv": lambda b: kernels.causal_conv1d(inputs["u"], torch.randn(3, 5, 4), orders=orders, backend=b),
+        "gated merge": lambda b: kernels.branch_merge(y, w, z, backend=b),
+        "plain merge": lambda b: kernels.branch_merge(y, w, backend=b),
+        "attn merge": lambda b: kernels.branch_attn_merge(y, w, *attn, backend=b),
+    }
+    for name, call in calls.items():
+        totals = []
+        for backend in ("ref", "triton"):
+            with FlopCounterMode(display=False) as counter:
+                call(backend)
+            totals.append(counter.get_total_flops())
+        assert totals[0] == totals[1], name
+        assert (totals[0] > 0) == (name != "plain merge"), name
