@@ -160,3 +160,21 @@ def test_every_op_counts_the_same_on_the_reference_and_on_triton():
             totals.append(counter.get_total_flops())
         assert totals[0] == totals[1], name
         assert (totals[0] > 0) == (name != "plain merge"), name
+
+
+@pytest.mark.parametrize("name", ["test_vim", "test_vmamba"])
+def test_a_count_sees_the_projections_without_their_alignment_zeros(name):
+    """The mixer pads x_proj/dt_proj with zeros to multiples of 8 for the GPU's GEMMs; a count sees the model's own
+    x_proj (R + 2N outputs) and dt_proj (rank R), whatever padding the fast path would add."""
+    from supernet.mixer import MultiOrderMixer
+
+    model = timm.create_model(name, scan_backend="ref").eval()
+    size = model.pretrained_cfg["input_size"][1:]
+    mixers = [m for m in model.modules() if isinstance(m, MultiOrderMixer)]
+    assert any(m.dt_rank % 8 or (m.dt_rank + 2 * m.d_state) % 8 for m in mixers)  # the case padding changes
+    want = sum(
+        2 * m.grid[0] * m.grid[1] * m.orders.shape[0] * m.d_inner * (2 * m.dt_rank + 2 * m.d_state) for m in mixers
+    )
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, *size))
+    assert counter.get_flop_counts()["Global"][torch.ops.aten.bmm] == want
