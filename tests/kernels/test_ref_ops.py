@@ -178,3 +178,16 @@ def test_a_count_sees_the_projections_without_their_alignment_zeros(name):
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.randn(1, 3, *size))
     assert counter.get_flop_counts()["Global"][torch.ops.aten.bmm] == want
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["vim_tiny", "local_vim_tiny_search", "vmamba_tiny"])
+def test_a_flop_counter_on_the_gpu_agrees_with_the_cpu_count(name):
+    """The published-size models on the GPU's Triton ops under bf16 autocast: the same count as on the CPU."""
+    torch.manual_seed(0)
+    model = timm.create_model(name)
+    _, want = supernet.count_params_flops(model, 224)
+    model = model.cuda().eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, 224, 224, device="cuda"))
+    assert counter.get_total_flops() // 2 == want
