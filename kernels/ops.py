@@ -3,8 +3,9 @@
 ``selective_scan`` and ``causal_conv1d`` take the token-major layout documented in :mod:`kernels.reference`.
 Backends: ``ref`` (pure PyTorch, the truth), ``triton`` (fused, all K orders in one launch; CUDA, or CPU under
 ``TRITON_INTERPRET=1``), ``mamba`` (mamba-ssm's CUDA kernel through explicit gathers; the comparison anchor) and
-``auto`` (triton on CUDA, ref on CPU). Under a dispatch mode (``FlopCounterMode``, ``FakeTensorMode``) ``ref`` runs as
-the registered ops of :mod:`kernels.ref_ops`, so the counter sees each op once, with the Triton op's FLOP rule.
+``auto`` (triton on CUDA, ref on CPU). Under a dispatch mode (``FlopCounterMode``, ``FakeTensorMode``) ``ref`` (and
+``mamba``'s scan) runs as the registered ops of :mod:`kernels.ref_ops`, so the counter sees each op once, with the
+Triton op's FLOP rule.
 """
 
 from __future__ import annotations
@@ -174,8 +175,11 @@ def selective_scan(
         from .library import selective_scan_op
 
         return selective_scan_op(u, delta, A, B, C, **kwargs, recompute_states=recompute_states)
-    from .mamba_backend import selective_scan_mamba
+    from .mamba_backend import load_selective_scan_fn, selective_scan_mamba
 
+    if counted_dispatch():  # mamba-ssm's kernel is invisible to dispatch modes: one registered op around it
+        load_selective_scan_fn()  # its install hint first, not an error from inside the op
+        return selective_scan_counted(u, delta, A, B, C, **kwargs, backend="mamba")
     return selective_scan_mamba(u, delta, A, B, C, **kwargs)
 
 

@@ -1,4 +1,4 @@
-"""The reference ops as registered ops, for the ``ref`` backend under a dispatch mode.
+"""The reference ops as registered ops, for the ``ref`` backend (and ``mamba``'s scan) under a dispatch mode.
 
 In plain eager mode and under torch.compile the ``ref`` backend runs :mod:`kernels.reference` as plain PyTorch ops:
 they are the truth, differentiable to any order, and Inductor fuses them. Under a dispatch mode (``FlopCounterMode``,
@@ -7,11 +7,13 @@ einsums instead of VMamba's rule and count the conv and the gate not at all, so 
 of the same model on the Triton ops. There, ``kernels.ops`` calls these ops instead. Each is one dispatcher call whose
 implementation is the reference and whose FLOP formula is the Triton op's, so ``FlopCounterMode`` counts a model the
 same way on every backend. The backward is a registered op too: autograd through the reference, recomputed from the
-saved inputs (counted as nothing, like the Triton backward ops).
+saved inputs (counted as nothing, like the Triton backward ops). The ``mamba`` backend's scan (mamba-ssm's CUDA
+kernel, which no dispatch mode can see into) runs through the same scan op, with mamba-ssm inside.
 
 Registered ops (namespace ``scan_nas``), with ``*_ref_bwd`` backward ops taking the output gradient, the forward's
 inputs and which inputs need a gradient, and returning one gradient per tensor input (empty where none is wanted):
-    selective_scan_ref(u, delta, A, B, C, D?, z?, delta_bias?, orders?, delta_softplus, out_dtype?) -> y
+    selective_scan_counted(u, delta, A, B, C, D?, z?, delta_bias?, orders?, delta_softplus, out_dtype?, backend) -> y
+        (backend ``ref`` or ``mamba``)
     causal_conv1d_ref(x, weight, bias?, orders?, silu, out_dtype?) -> out
     gated_branch_merge_ref(y, w, z) -> out
 """
@@ -82,60 +84,66 @@ def _grads_or_none(grads: list[Tensor], needs: list[bool]) -> list[Tensor | None
 def _scan_impl(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
     delta_bias: Tensor | None, orders: Tensor | None, delta_softplus: bool, out_dtype: torch.dtype | None,
+    backend: str,
 ) -> Tensor:  # fmt: skip
-    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, orders, out_dtype)
+    if backend == "mamba":
+        from .mamba_backend import selective_scan_mamba as scan
+    else:
+        scan = selective_scan_ref
+    return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, orders, out_dtype)
 
 
-_scan_op = torch.library.custom_op("scan_nas::selective_scan_ref", _scan_impl, mutates_args=())
+_scan_op = torch.library.custom_op("scan_nas::selective_scan_counted", _scan_impl, mutates_args=())
 
 
 @_scan_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, out_dtype):
+def _(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, out_dtype, backend):
     return delta.new_empty(delta.shape, dtype=out_dtype or u.dtype)
 
 
 def _scan_bwd_impl(
     dy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
     delta_bias: Tensor | None, orders: Tensor | None, delta_softplus: bool, out_dtype: torch.dtype | None,
-    needs: list[bool],
+    backend: str, needs: list[bool],
 ) -> list[Tensor]:  # fmt: skip
     tensors = [u, delta, A, B, C, D, z, delta_bias]
-    return _reference_vjp(_scan_impl, tensors, (orders, delta_softplus, out_dtype), dy, needs)
+    return _reference_vjp(_scan_impl, tensors, (orders, delta_softplus, out_dtype, backend), dy, needs)
 
 
-_scan_bwd_op = torch.library.custom_op("scan_nas::selective_scan_ref_bwd", _scan_bwd_impl, mutates_args=())
+_scan_bwd_op = torch.library.custom_op("scan_nas::selective_scan_counted_bwd", _scan_bwd_impl, mutates_args=())
 
 
 @_scan_bwd_op.register_fake
-def _(dy, u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, out_dtype, needs):
+def _(dy, u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, out_dtype, backend, needs):
     return _fake_grads([u, delta, A, B, C, D, z, delta_bias], needs, dy)
 
 
 def _scan_setup_context(ctx, inputs, output):
-    *tensors, orders, delta_softplus, out_dtype = inputs
+    *tensors, orders, delta_softplus, out_dtype, backend = inputs
     ctx.save_for_backward(*tensors, orders)
-    ctx.rest = (delta_softplus, out_dtype)
+    ctx.rest = (delta_softplus, out_dtype, backend)
 
 
 def _scan_backward(ctx, dy):
     *tensors, orders = ctx.saved_tensors
     needs = _needs(ctx, 8)
     grads = _scan_bwd_op(dy, *tensors, orders, *ctx.rest, needs)
-    return (*_grads_or_none(grads, needs), None, None, None)
+    return (*_grads_or_none(grads, needs), None, None, None, None)
 
 
 _scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 
 
-@register_flop_formula(torch.ops.scan_nas.selective_scan_ref)
+@register_flop_formula(torch.ops.scan_nas.selective_scan_counted)
 def _scan_flop_formula(u, delta, A, B, C, D, z, *args, out_shape=None, **kwargs) -> int:
     return counter_flops(scan_flops(delta, A, D is not None, z is not None))
 
 
 def selective_scan_counted(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, orders=None,
-                           out_dtype=None) -> Tensor:  # fmt: skip
-    """:func:`kernels.reference.selective_scan_ref` as one registered op (same arguments)."""
-    return _scan_op(u, delta, A, B, C, D, z, delta_bias, orders, bool(delta_softplus), out_dtype)
+                           out_dtype=None, backend="ref") -> Tensor:  # fmt: skip
+    """:func:`kernels.reference.selective_scan_ref` (``backend="ref"``) or
+    :func:`kernels.mamba_backend.selective_scan_mamba` (``"mamba"``) as one registered op (same arguments)."""
+    return _scan_op(u, delta, A, B, C, D, z, delta_bias, orders, bool(delta_softplus), out_dtype, backend)
 
 
 # ---------------------------------------------------------------------------------------------- causal conv1d
