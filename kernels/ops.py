@@ -3,9 +3,10 @@
 ``selective_scan`` and ``causal_conv1d`` take the token-major layout documented in :mod:`kernels.reference`.
 Backends: ``ref`` (pure PyTorch, the truth), ``triton`` (fused, all K orders in one launch; CUDA, or CPU under
 ``TRITON_INTERPRET=1``), ``mamba`` (mamba-ssm's CUDA kernel through explicit gathers; the comparison anchor) and
-``auto`` (triton on CUDA, ref on CPU). Under a dispatch mode (``FlopCounterMode``, ``FakeTensorMode``) ``ref`` (and
-``mamba``'s scan) runs as the registered ops of :mod:`kernels.ref_ops`, so the counter sees each op once, with the
-Triton op's FLOP rule.
+``auto`` (triton on CUDA, ref on CPU). Under a dispatch mode (``FlopCounterMode``, ``FakeTensorMode``; not inside
+``torch.func`` transforms or forward-mode AD) the ``ref`` backend's scan, conv and gated merge (and ``mamba``'s scan)
+run as the registered ops of :mod:`kernels.ref_ops`, so the counter sees each once, with the Triton op's FLOP rule;
+the other reference ops are plain PyTorch, which the counter counts as such, as it counts their Triton ops' rules.
 """
 
 from __future__ import annotations

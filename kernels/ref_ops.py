@@ -7,8 +7,11 @@ einsums instead of VMamba's rule and count the conv and the gate not at all, so 
 of the same model on the Triton ops. There, ``kernels.ops`` calls these ops instead. Each is one dispatcher call whose
 implementation is the reference and whose FLOP formula is the Triton op's, so ``FlopCounterMode`` counts a model the
 same way on every backend. The backward is a registered op too: autograd through the reference, recomputed from the
-saved inputs (counted as nothing, like the Triton backward ops). The ``mamba`` backend's scan (mamba-ssm's CUDA
-kernel, which no dispatch mode can see into) runs through the same scan op, with mamba-ssm inside.
+saved inputs (counted as nothing, like the Triton backward ops). A backward that must itself be differentiable
+(``create_graph=True``) or batched (``is_grads_batched``) runs that autograd as plain ops instead, and forward-mode AD
+and ``torch.func`` transforms never take these ops, so the plain reference's every derivative stays available. The
+``mamba`` backend's scan (mamba-ssm's CUDA kernel, which no dispatch mode can see into) runs through the same scan
+op, with mamba-ssm inside.
 
 Registered ops (namespace ``scan_nas``), with ``*_ref_bwd`` backward ops taking the output gradient, the forward's
 inputs and which inputs need a gradient, and returning one gradient per tensor input (empty where none is wanted):
@@ -28,28 +31,49 @@ from torch.utils.flop_counter import register_flop_formula
 from .flop_rules import conv_flops, counter_flops, gate_flops, scan_flops
 from .reference import branch_merge_ref, causal_conv1d_ref, selective_scan_ref
 
-__all__ = ["causal_conv1d_counted", "counted_dispatch", "gated_branch_merge_counted", "selective_scan_counted"]
+__all__ = [
+    "causal_conv1d_counted",
+    "counted_dispatch",
+    "flop_counting",
+    "gated_branch_merge_counted",
+    "selective_scan_counted",
+]
 
 Tensor = torch.Tensor
 
 
 def counted_dispatch() -> bool:
     """Whether the ``ref`` backend should run as registered ops: a dispatch mode is active (``FlopCounterMode``,
-    ``FakeTensorMode``), outside torch.compile's tracing and ``torch.func`` transforms (both keep the plain ops)."""
+    ``FakeTensorMode``), outside torch.compile's tracing, ``torch.func`` transforms and forward-mode AD (which keep
+    the plain ops: the registered ops have no vmap or forward-AD rule)."""
     # is_compiling first: Dynamo reads it as a constant and skips the rest, which it could not trace
     return (
         not torch.compiler.is_compiling()
         and torch._C._len_torch_dispatch_stack() > 0
         and not torch._C._are_functorch_transforms_active()
+        and getattr(torch.autograd.forward_ad, "_current_level", -1) < 0  # inside forward_ad.dual_level(): >= 0
     )
+
+
+def flop_counting() -> bool:
+    """Whether a ``FlopCounterMode`` is counting (outside torch.compile and ``torch.func``): the mixer then leaves its
+    projections unpadded, so the count sees the model's own GEMMs. Other dispatch modes (activation checkpointing's,
+    for one) keep the padded, faster GEMMs."""
+    if not counted_dispatch():
+        return False
+    from torch.utils import flop_counter
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    kinds = tuple(k for k in (getattr(flop_counter, "_FlopCounterMode", None), flop_counter.FlopCounterMode) if k)
+    return any(isinstance(mode, kinds) for mode in _get_current_dispatch_mode_stack())
 
 
 def _reference_vjp(fn: Callable, tensors: list, rest: tuple, dout: Tensor, needs: list[bool]) -> list[Tensor]:
     """Gradients of ``fn(*tensors, *rest)`` for the tensors flagged in ``needs``, by autograd through the reference;
     an empty tensor for every other input."""
     # An op's implementation runs with the autograd dispatch keys excluded, where no graph is recorded: lift that
-    # for the recompute (the guard restores the keys after it).
-    with torch._C._PreserveDispatchKeyGuard(), torch.enable_grad():
+    # for the recompute (the guard restores the keys after it), and inference mode, whose tensors autograd cannot save.
+    with torch._C._PreserveDispatchKeyGuard(), torch.inference_mode(False), torch.enable_grad():
         torch._C._dispatch_tls_set_dispatch_key_excluded(torch._C.DispatchKey.AutogradFunctionality, False)
         torch._C._dispatch_tls_set_dispatch_key_excluded(torch._C.DispatchKey.ADInplaceOrView, False)
         leaves = [t.detach().requires_grad_() if t is not None and need else t for t, need in zip(tensors, needs)]
@@ -70,11 +94,24 @@ def _fake_grads(tensors: list, needs: list[bool], like: Tensor) -> list[Tensor]:
     return [t.new_empty(t.shape) if t is not None and need else like.new_empty((0,)) for t, need in zip(tensors, needs)]
 
 
-def _needs(ctx, n: int) -> list[bool]:
-    return [bool(x) for x in ctx.needs_input_grad[:n]]
-
-
-def _grads_or_none(grads: list[Tensor], needs: list[bool]) -> list[Tensor | None]:
+def _backward(ctx, bwd_op, fn: Callable, tensors: list, rest: tuple, dout: Tensor) -> list[Tensor | None]:
+    """A counted op's input gradients (None where none is needed): through its registered backward op, or, where the
+    backward must itself be differentiable (grad mode on: ``create_graph``) or batched (``is_grads_batched``, a
+    ``torch.func`` transform), through autograd of the reference on the saved inputs, as plain ops."""
+    needs = [bool(x) for x in ctx.needs_input_grad[: len(tensors)]]
+    # is_grads_batched vmaps the backward with autograd's own batching, whose tensors carry the "Batched" key (which
+    # Python's DispatchKey enum does not name); torch.func's carry FuncTorchBatched
+    batched = "Batched" in repr(torch._C._dispatch_keys(dout))
+    if torch.is_grad_enabled() or batched or torch._C._are_functorch_transforms_active():
+        wanted = [t for t, need in zip(tensors, needs) if t is not None and need]
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            out = fn(*tensors, *rest)
+        grads = iter(torch.autograd.grad(out, wanted, dout, create_graph=create_graph, allow_unused=True))
+        out = [next(grads) if t is not None and need else None for t, need in zip(tensors, needs)]
+        return [torch.zeros_like(t) if g is None and t is not None and need else g
+                for g, t, need in zip(out, tensors, needs)]  # fmt: skip
+    grads = bwd_op(dout, *tensors, *rest, needs)
     return [g if need else None for g, need in zip(grads, needs)]
 
 
@@ -126,9 +163,7 @@ def _scan_setup_context(ctx, inputs, output):
 
 def _scan_backward(ctx, dy):
     *tensors, orders = ctx.saved_tensors
-    needs = _needs(ctx, 8)
-    grads = _scan_bwd_op(dy, *tensors, orders, *ctx.rest, needs)
-    return (*_grads_or_none(grads, needs), None, None, None, None)
+    return (*_backward(ctx, _scan_bwd_op, _scan_impl, tensors, (orders, *ctx.rest), dy), None, None, None, None)
 
 
 _scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
@@ -186,9 +221,7 @@ def _conv_setup_context(ctx, inputs, output):
 
 def _conv_backward(ctx, dout):
     x, weight, bias, orders = ctx.saved_tensors
-    needs = _needs(ctx, 3)
-    grads = _conv_bwd_op(dout, x, weight, bias, orders, *ctx.rest, needs)
-    return (*_grads_or_none(grads, needs), None, None, None)
+    return (*_backward(ctx, _conv_bwd_op, _conv_impl, [x, weight, bias], (orders, *ctx.rest), dout), None, None, None)
 
 
 _conv_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
@@ -238,8 +271,7 @@ def _gated_merge_setup_context(ctx, inputs, output):
 
 
 def _gated_merge_backward(ctx, dout):
-    needs = _needs(ctx, 3)
-    return tuple(_grads_or_none(_gated_merge_bwd_op(dout, *ctx.saved_tensors, needs), needs))
+    return tuple(_backward(ctx, _gated_merge_bwd_op, _gated_merge_impl, list(ctx.saved_tensors), (), dout))
 
 
 _gated_merge_op.register_autograd(_gated_merge_backward, setup_context=_gated_merge_setup_context)

@@ -81,8 +81,13 @@ def selective_scan_ref(
         out_dtype: dtype of ``y``; defaults to ``u.dtype``.
 
     Returns:
-        y: (B, L, K, D) in original token order.
+        y: (B, L, K, D) in original token order, computed in fp32 (fp64 for fp64 inputs; autocast off).
     """
+    with autocast_off(u.device):  # the state and its sums in fp32 (or fp64), as the kernels keep them, autocast or not
+        return _selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, orders, out_dtype)
+
+
+def _selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, orders, out_dtype):
     out_dtype = out_dtype or u.dtype
     ct = compute_dtype(u, delta, A)
     k = delta.shape[2]

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from kernels.ref_ops import counted_dispatch
+from kernels.ref_ops import flop_counting
 from search_spaces import coinciding_orders, scan_order
 
 __all__ = [
@@ -582,14 +582,14 @@ class MultiOrderMixer(nn.Module):
         rounded up to 8; dt_proj (K, D, R) becomes (K, D, R') with zero columns. The padded outputs are exactly zero
         and meet zero weights, so results and gradients are unchanged. Vim-Ti's R + 2N = 44 and R = 12 sent cuBLAS to
         its 1-element-aligned kernels: 22 of 95 ms per training step on an H200 (profile_model_vim_tiny_h200.json).
-        Under a dispatch mode (``FlopCounterMode``, ``FakeTensorMode``; not torch.compile) the weights stay unpadded,
-        so a count sees the model's own GEMMs, not the zeros.
+        Under a ``FlopCounterMode`` (outside torch.compile and ``torch.func``) the weights stay unpadded, so a count
+        sees the model's own GEMMs, not the zeros.
         """
         k, _, d = x_w.shape
         rank, n = self.dt_rank, self.d_state
         rank_p = -(-rank // 8) * 8
         tail = -(-(rank_p + 2 * n) // 8) * 8 - (rank_p + 2 * n)
-        if (rank_p == rank and tail == 0) or counted_dispatch():
+        if (rank_p == rank and tail == 0) or flop_counting():
             return x_w, dt_w
         head, rest = x_w.split([rank, x_w.shape[1] - rank], 1)  # split: one cat backward, no zero-filled slices
         parts = [head, x_w.new_zeros(k, rank_p - rank, d), rest, x_w.new_zeros(k, tail, d)]

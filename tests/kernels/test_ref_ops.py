@@ -22,12 +22,13 @@ def _scan_case(gen, has_z=True, bias=True):
     return inputs, make_orders(13, (1, 13), 3, ("h", "h_flip", "w2"))
 
 
-def _grads(fn, tensors):
+def _grads(fn, tensors, dout=None):
     leaves = {
         k: v.detach().requires_grad_() if v is not None and v.is_floating_point() else v for k, v in tensors.items()
     }
     out = fn(**leaves)
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device, out.dtype)
+    if dout is None:
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device, out.dtype)
     want = {k: v for k, v in leaves.items() if isinstance(v, torch.Tensor) and v.requires_grad}
     grads = torch.autograd.grad(out, list(want.values()), dout)
     return out.detach(), dict(zip(want, grads))
@@ -86,16 +87,25 @@ def test_conv_and_gated_merge_under_a_counter():
     assert dict(counts) == {torch.ops.scan_nas.gated_branch_merge_ref: counter_flops(gate_flops((2, 11, 3, 6)))}
 
 
-def test_only_the_inputs_that_need_a_gradient_get_one():
-    """The backward op is told which inputs need a gradient: the others come back as None, not as zeros."""
+def test_the_backward_op_computes_only_the_gradients_asked_for():
+    """The registered backward op gets which inputs need a gradient: those it computes as autograd of the reference
+    would, the others it returns empty; under a counter only the inputs that require grad get one."""
     inputs, orders = _scan_case(torch.Generator().manual_seed(3))
+    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+    dy = torch.randn(inputs["delta"].shape, generator=torch.Generator().manual_seed(8))
+    _, want = _grads(lambda **t: kernels.selective_scan(**t, orders=orders, backend="ref"), inputs, dout=dy)
+    needs = [True, False, True, False, False, True, False, True]
+    tensors = [inputs[n] for n in names]
+    got = torch.ops.scan_nas.selective_scan_counted_bwd(dy, *tensors, orders, True, None, "ref", needs)
+    for name, need, g in zip(names, needs, got):
+        if need:
+            torch.testing.assert_close(g, want[name], rtol=1e-6, atol=1e-6, msg=name)
+        else:
+            assert g.numel() == 0, name
     u = inputs["u"].detach().requires_grad_()
     with FlopCounterMode(display=False):
-        y = kernels.selective_scan(**{**inputs, "u": u}, orders=orders, backend="ref")
-        (du,) = torch.autograd.grad(y.sum(), [u])
-    want = torch.autograd.grad(kernels.selective_scan(**{**inputs, "u": u}, orders=orders, backend="ref").sum(), [u])
-    torch.testing.assert_close(du, want[0], rtol=1e-6, atol=1e-6)
-    assert all(not t.requires_grad for k, t in inputs.items() if t is not None and k != "u")
+        kernels.selective_scan(**{**inputs, "u": u}, orders=orders, backend="ref").backward(dy)
+    torch.testing.assert_close(u.grad, want["u"], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -128,12 +138,22 @@ def test_a_users_flop_counter_agrees_with_count_params_flops(name, backend):
             torch.testing.assert_close(counted[n], plain[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
-def test_a_model_runs_under_fake_tensors_on_the_reference():
+def test_a_model_trains_under_fake_tensors_and_a_counter_on_the_reference():
+    """FakeTensorMode (shapes only) with a FlopCounterMode: forward and backward through the registered reference ops,
+    every parameter gets a gradient, and the forward's count is the model's."""
     model = timm.create_model("test_vim", scan_backend="ref")
     size = model.pretrained_cfg["input_size"][1:]
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+    _, per_image = supernet.count_params_flops(model, size)
+    model.eval()  # drop path and SLWS off: the forward is count_params_flops's, at batch 2
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, FlopCounterMode(display=False) as counter:
         out = model(mode.from_tensor(torch.randn(2, 3, *size)))
+        forward_flops = counter.get_total_flops()
+        out.sum().backward()
     assert tuple(out.shape) == (2, model.num_classes)
+    assert forward_flops // 2 == 2 * per_image
+    ops = set(counter.get_flop_counts()["Global"])
+    assert {torch.ops.scan_nas.selective_scan_counted, torch.ops.scan_nas.causal_conv1d_ref} <= ops
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters() if p.requires_grad)
 
 
 def test_every_op_counts_the_same_on_the_reference_and_on_triton():
@@ -215,3 +235,69 @@ def test_the_mamba_backend_under_a_counter_counts_its_scan_and_keeps_its_values(
         torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-5, atol=1e-5, msg=name)
     rule = scan_flops(inputs["delta"].shape, inputs["A"].shape, True, True)
     assert dict(counts) == {torch.ops.scan_nas.selective_scan_counted: counter_flops(rule)}
+
+
+def _scan_fp64(seed):
+    inputs, orders = _scan_case(torch.Generator().manual_seed(seed))
+    return {k: v.double() if v is not None else None for k, v in inputs.items()}, orders
+
+
+def test_higher_derivatives_under_a_counter_are_the_references():
+    """Double backward (create_graph), forward-mode AD and batched gradients under a counter: the plain reference's
+    values (the registered ops step aside for them)."""
+    inputs, orders = _scan_fp64(9)
+    fwd_ad = torch.autograd.forward_ad
+
+    def scan(u, delta):
+        return kernels.selective_scan(**{**inputs, "u": u, "delta": delta}, orders=orders, backend="ref")
+
+    def derivatives():
+        u, delta = inputs["u"].clone().requires_grad_(), inputs["delta"].clone().requires_grad_()
+        (du,) = torch.autograd.grad(scan(u, delta).square().sum(), [u], create_graph=True)
+        (dd,) = torch.autograd.grad(du.square().sum(), [delta])  # through the first backward
+        with fwd_ad.dual_level():
+            dual = fwd_ad.make_dual(inputs["u"], torch.ones_like(inputs["u"]))
+            tangent = fwd_ad.unpack_dual(scan(dual, inputs["delta"])).tangent
+        y = scan(u, delta)
+        batch = torch.stack([torch.ones_like(y), torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)])
+        (batched,) = torch.autograd.grad(y, [u], batch, is_grads_batched=True)
+        return dd, tangent, batched
+
+    plain = derivatives()
+    with FlopCounterMode(display=False):
+        counted = derivatives()
+    for name, a, b in zip(("double backward", "forward AD", "batched"), counted, plain):
+        assert a is not None and b is not None, name
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_autocast_leaves_the_reference_scan_in_fp32():
+    """CPU autocast does not lower the reference's state sums (the kernels keep them in fp32): the same output with and
+    without it, plain or under a counter."""
+    inputs, orders = _scan_case(torch.Generator().manual_seed(10))
+    want = kernels.selective_scan(**inputs, orders=orders, backend="ref")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = kernels.selective_scan(**inputs, orders=orders, backend="ref")
+        with FlopCounterMode(display=False):
+            counted = kernels.selective_scan(**inputs, orders=orders, backend="ref")
+    torch.testing.assert_close(plain, want, rtol=0, atol=0)
+    torch.testing.assert_close(counted, want, rtol=0, atol=0)
+
+
+def test_only_a_flop_counter_drops_the_projections_padding():
+    """The mixer pads its projections for aligned GEMMs; a FlopCounterMode sees them unpadded, any other dispatch mode
+    (activation checkpointing's, a logging mode) keeps the padding and its speed."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    mixer = next(m for m in timm.create_model("test_vim").modules() if hasattr(m, "_padded_projections"))
+    x_w, dt_w = torch.randn(2, mixer.dt_rank + 2 * mixer.d_state, 5), torch.randn(2, 5, mixer.dt_rank)
+    padded = mixer._padded_projections(x_w, dt_w)[1].shape[-1]
+    assert padded % 8 == 0 and padded > mixer.dt_rank
+    with _PassThrough():
+        assert mixer._padded_projections(x_w, dt_w)[1].shape[-1] == padded
+    with FlopCounterMode(display=False):
+        assert mixer._padded_projections(x_w, dt_w)[1].shape[-1] == mixer.dt_rank
