@@ -223,7 +223,8 @@ _conv_fwd_op = torch.library.custom_op("scan_nas::causal_conv1d_fwd", _conv_fwd_
 
 
 @_conv_fwd_op.register_fake
-def _(x, weight, bias, orders, silu, out_dtype):
+def conv_fwd_fake(x, weight, bias, orders, silu, out_dtype):
+    """The conv's output as a shape (the fake implementation of this op and of ``kernels.ref_ops``'s)."""
     return x.new_empty((x.shape[0], x.shape[1], weight.shape[0], x.shape[3]), dtype=out_dtype or x.dtype)
 
 

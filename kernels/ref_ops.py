@@ -29,6 +29,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .flop_rules import conv_flops, counter_flops, gate_flops, scan_flops
+from .library import conv_fwd_fake
 from .reference import branch_merge_ref, causal_conv1d_ref, selective_scan_ref
 
 __all__ = [
@@ -193,9 +194,7 @@ def _conv_impl(
 _conv_op = torch.library.custom_op("scan_nas::causal_conv1d_ref", _conv_impl, mutates_args=())
 
 
-@_conv_op.register_fake
-def _(x, weight, bias, orders, silu, out_dtype):
-    return x.new_empty((x.shape[0], x.shape[1], weight.shape[0], x.shape[3]), dtype=out_dtype or x.dtype)
+_conv_op.register_fake(conv_fwd_fake)
 
 
 def _conv_bwd_impl(
