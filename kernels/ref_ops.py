@@ -9,7 +9,9 @@ implementation is the reference and whose FLOP formula is the Triton op's, so ``
 same way on every backend. The backward is a registered op too: autograd through the reference, recomputed from the
 saved inputs (counted as nothing, like the Triton backward ops). A backward that must itself be differentiable
 (``create_graph=True``) or batched (``is_grads_batched``) runs that autograd as plain ops instead, and forward-mode AD
-and ``torch.func`` transforms never take these ops, so the plain reference's every derivative stays available. The
+and ``torch.func`` transforms never take these ops, so the plain reference's derivatives of every order stay
+available. Not supported: non-reentrant activation checkpointing whose forward and recompute run one inside a dispatch
+mode and one outside (the two then save different tensors; the mixer's projections already did so before). The
 ``mamba`` backend's scan (mamba-ssm's CUDA kernel, which no dispatch mode can see into) runs through the same scan
 op, with mamba-ssm inside.
 
@@ -57,9 +59,9 @@ def counted_dispatch() -> bool:
 
 
 def flop_counting() -> bool:
-    """Whether a ``FlopCounterMode`` is counting (outside torch.compile and ``torch.func``): the mixer then leaves its
-    projections unpadded, so the count sees the model's own GEMMs. Other dispatch modes (activation checkpointing's,
-    for one) keep the padded, faster GEMMs."""
+    """Whether a ``FlopCounterMode`` is counting (outside torch.compile, ``torch.func`` and forward-mode AD): the mixer
+    then leaves its projections unpadded, so the count sees the model's own GEMMs. Other dispatch modes (selective
+    activation checkpointing's, for one) keep the padded, faster GEMMs."""
     if not counted_dispatch():
         return False
     from torch.utils import flop_counter
@@ -104,10 +106,13 @@ def _backward(ctx, bwd_op, fn: Callable, tensors: list, rest: tuple, dout: Tenso
     # Python's DispatchKey enum does not name); torch.func's carry FuncTorchBatched
     batched = "Batched" in repr(torch._C._dispatch_keys(dout))
     if torch.is_grad_enabled() or batched or torch._C._are_functorch_transforms_active():
-        wanted = [t for t, need in zip(tensors, needs) if t is not None and need]
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
+            # Fresh aliases: the op's own partial derivatives, not also the paths from one input into another (delta
+            # and B are projections of u in a mixer), which the outer backward follows itself.
+            tensors = [t.view_as(t) if t is not None and need else t for t, need in zip(tensors, needs)]
             out = fn(*tensors, *rest)
+        wanted = [t for t, need in zip(tensors, needs) if t is not None and need]
         grads = iter(torch.autograd.grad(out, wanted, dout, create_graph=create_graph, allow_unused=True))
         out = [next(grads) if t is not None and need else None for t, need in zip(tensors, needs)]
         return [torch.zeros_like(t) if g is None and t is not None and need else g

@@ -582,8 +582,8 @@ class MultiOrderMixer(nn.Module):
         rounded up to 8; dt_proj (K, D, R) becomes (K, D, R') with zero columns. The padded outputs are exactly zero
         and meet zero weights, so results and gradients are unchanged. Vim-Ti's R + 2N = 44 and R = 12 sent cuBLAS to
         its 1-element-aligned kernels: 22 of 95 ms per training step on an H200 (profile_model_vim_tiny_h200.json).
-        Under a ``FlopCounterMode`` (outside torch.compile and ``torch.func``) the weights stay unpadded, so a count
-        sees the model's own GEMMs, not the zeros.
+        Under a ``FlopCounterMode`` (outside torch.compile, ``torch.func`` and forward-mode AD) the weights stay
+        unpadded, so a count sees the model's own GEMMs, not the zeros.
         """
         k, _, d = x_w.shape
         rank, n = self.dt_rank, self.d_state

@@ -103,8 +103,9 @@ def test_the_backward_op_computes_only_the_gradients_asked_for():
         else:
             assert g.numel() == 0, name
     u = inputs["u"].detach().requires_grad_()
-    with FlopCounterMode(display=False):
+    with FlopCounterMode(display=False) as counter:
         kernels.selective_scan(**{**inputs, "u": u}, orders=orders, backend="ref").backward(dy)
+    assert set(counter.get_flop_counts()["Global"]) == {torch.ops.scan_nas.selective_scan_counted}
     torch.testing.assert_close(u.grad, want["u"], rtol=1e-6, atol=1e-6)
 
 
@@ -243,30 +244,33 @@ def _scan_fp64(seed):
 
 
 def test_higher_derivatives_under_a_counter_are_the_references():
-    """Double backward (create_graph), forward-mode AD and batched gradients under a counter: the plain reference's
-    values (the registered ops step aside for them)."""
+    """First and second derivatives (create_graph), forward-mode AD and batched gradients under a counter: the plain
+    reference's values (the registered ops step aside for the last three), with the op's inputs depending on each
+    other as in a mixer (delta built from u, one tensor as both B and C)."""
     inputs, orders = _scan_fp64(9)
     fwd_ad = torch.autograd.forward_ad
 
-    def scan(u, delta):
-        return kernels.selective_scan(**{**inputs, "u": u, "delta": delta}, orders=orders, backend="ref")
+    def scan(u, bc):
+        dependent = {"u": u, "delta": inputs["delta"] + 0.1 * u, "B": bc, "C": bc}
+        return kernels.selective_scan(**{**inputs, **dependent}, orders=orders, backend="ref")
 
     def derivatives():
-        u, delta = inputs["u"].clone().requires_grad_(), inputs["delta"].clone().requires_grad_()
-        (du,) = torch.autograd.grad(scan(u, delta).square().sum(), [u], create_graph=True)
-        (dd,) = torch.autograd.grad(du.square().sum(), [delta])  # through the first backward
+        u, bc = inputs["u"].clone().requires_grad_(), inputs["B"].clone().requires_grad_()
+        du, dbc = torch.autograd.grad(scan(u, bc).square().sum(), [u, bc], create_graph=True)
+        (ddu,) = torch.autograd.grad(du.square().sum() + dbc.square().sum(), [u])  # through the first backward
         with fwd_ad.dual_level():
             dual = fwd_ad.make_dual(inputs["u"], torch.ones_like(inputs["u"]))
-            tangent = fwd_ad.unpack_dual(scan(dual, inputs["delta"])).tangent
-        y = scan(u, delta)
+            tangent = fwd_ad.unpack_dual(scan(dual, inputs["B"])).tangent
+        y = scan(u, bc)
         batch = torch.stack([torch.ones_like(y), torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)])
         (batched,) = torch.autograd.grad(y, [u], batch, is_grads_batched=True)
-        return dd, tangent, batched
+        return du.detach(), dbc.detach(), ddu, tangent, batched
 
     plain = derivatives()
-    with FlopCounterMode(display=False):
+    with FlopCounterMode(display=False) as counter:
         counted = derivatives()
-    for name, a, b in zip(("double backward", "forward AD", "batched"), counted, plain):
+    assert torch.ops.scan_nas.selective_scan_counted in counter.get_flop_counts()["Global"]
+    for name, a, b in zip(("du", "dB=dC", "double backward", "forward AD", "batched"), counted, plain):
         assert a is not None and b is not None, name
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
 
@@ -278,15 +282,16 @@ def test_autocast_leaves_the_reference_scan_in_fp32():
     want = kernels.selective_scan(**inputs, orders=orders, backend="ref")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain = kernels.selective_scan(**inputs, orders=orders, backend="ref")
-        with FlopCounterMode(display=False):
+        with FlopCounterMode(display=False) as counter:
             counted = kernels.selective_scan(**inputs, orders=orders, backend="ref")
+    assert set(counter.get_flop_counts()["Global"]) == {torch.ops.scan_nas.selective_scan_counted}
     torch.testing.assert_close(plain, want, rtol=0, atol=0)
     torch.testing.assert_close(counted, want, rtol=0, atol=0)
 
 
 def test_only_a_flop_counter_drops_the_projections_padding():
     """The mixer pads its projections for aligned GEMMs; a FlopCounterMode sees them unpadded, any other dispatch mode
-    (activation checkpointing's, a logging mode) keeps the padding and its speed."""
+    (selective activation checkpointing's, a logging mode) keeps the padding and its speed."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class _PassThrough(TorchDispatchMode):
