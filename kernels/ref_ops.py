@@ -71,26 +71,35 @@ def flop_counting() -> bool:
     return any(isinstance(mode, kinds) for mode in _get_current_dispatch_mode_stack())
 
 
+def _vjp(fn: Callable, tensors: list, rest: tuple, dout: Tensor, needs: list[bool], create_graph: bool = False):
+    """Gradients of ``fn(*tensors, *rest)`` for the tensors flagged in ``needs`` (None for the others), by autograd
+    through the reference taken from fresh aliases of those inputs: the op's own partial derivatives, not also the
+    paths from one input into another (delta and B are projections of u in a mixer), which an outer backward follows
+    itself."""
+    with torch.enable_grad():
+        args = [
+            (t.view_as(t) if t.requires_grad else t.detach().requires_grad_()) if t is not None and need else t
+            for t, need in zip(tensors, needs)
+        ]
+        out = fn(*args, *rest)
+    wanted = [t for t, need in zip(args, needs) if t is not None and need]
+    grads = iter(torch.autograd.grad(out, wanted, dout, create_graph=create_graph, allow_unused=True) if wanted else ())
+    result = []
+    for t, need in zip(args, needs):
+        g = next(grads) if t is not None and need else None
+        result.append(torch.zeros_like(t) if g is None and t is not None and need else g)
+    return result
+
+
 def _reference_vjp(fn: Callable, tensors: list, rest: tuple, dout: Tensor, needs: list[bool]) -> list[Tensor]:
-    """Gradients of ``fn(*tensors, *rest)`` for the tensors flagged in ``needs``, by autograd through the reference;
-    an empty tensor for every other input."""
+    """:func:`_vjp` inside a backward op's implementation, with an empty tensor for every gradient not asked for."""
     # An op's implementation runs with the autograd dispatch keys excluded, where no graph is recorded: lift that
     # for the recompute (the guard restores the keys after it), and inference mode, whose tensors autograd cannot save.
-    with torch._C._PreserveDispatchKeyGuard(), torch.inference_mode(False), torch.enable_grad():
+    with torch._C._PreserveDispatchKeyGuard(), torch.inference_mode(False):
         torch._C._dispatch_tls_set_dispatch_key_excluded(torch._C.DispatchKey.AutogradFunctionality, False)
         torch._C._dispatch_tls_set_dispatch_key_excluded(torch._C.DispatchKey.ADInplaceOrView, False)
-        leaves = [t.detach().requires_grad_() if t is not None and need else t for t, need in zip(tensors, needs)]
-        out = fn(*leaves, *rest)
-        wanted = [t for t, need in zip(leaves, needs) if t is not None and need]
-        grads = iter(torch.autograd.grad(out, wanted, dout, allow_unused=True) if wanted else ())
-    result = []
-    for t, need in zip(leaves, needs):
-        if t is not None and need:
-            g = next(grads)
-            result.append(torch.zeros_like(t) if g is None else g)
-        else:
-            result.append(dout.new_empty((0,)))
-    return result
+        grads = _vjp(fn, tensors, rest, dout, needs)
+    return [dout.new_empty((0,)) if g is None else g for g in grads]
 
 
 def _fake_grads(tensors: list, needs: list[bool], like: Tensor) -> list[Tensor]:
@@ -106,17 +115,7 @@ def _backward(ctx, bwd_op, fn: Callable, tensors: list, rest: tuple, dout: Tenso
     # Python's DispatchKey enum does not name); torch.func's carry FuncTorchBatched
     batched = "Batched" in repr(torch._C._dispatch_keys(dout))
     if torch.is_grad_enabled() or batched or torch._C._are_functorch_transforms_active():
-        create_graph = torch.is_grad_enabled()
-        with torch.enable_grad():
-            # Fresh aliases: the op's own partial derivatives, not also the paths from one input into another (delta
-            # and B are projections of u in a mixer), which the outer backward follows itself.
-            tensors = [t.view_as(t) if t is not None and need else t for t, need in zip(tensors, needs)]
-            out = fn(*tensors, *rest)
-        wanted = [t for t, need in zip(tensors, needs) if t is not None and need]
-        grads = iter(torch.autograd.grad(out, wanted, dout, create_graph=create_graph, allow_unused=True))
-        out = [next(grads) if t is not None and need else None for t, need in zip(tensors, needs)]
-        return [torch.zeros_like(t) if g is None and t is not None and need else g
-                for g, t, need in zip(out, tensors, needs)]  # fmt: skip
+        return _vjp(fn, tensors, rest, dout, needs, create_graph=torch.is_grad_enabled())
     grads = bwd_op(dout, *tensors, *rest, needs)
     return [g if need else None for g, need in zip(grads, needs)]
 

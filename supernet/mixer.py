@@ -81,7 +81,7 @@ _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 def _fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
     """The scan's fp32 parameters (A, D, Δ bias) of a model in any dtype; an fp64 model keeps fp64 (the reference
     scan then runs in fp64, e.g. for ``torch.autograd.gradcheck``)."""
-    return t if t.dtype == torch.float64 else t.float()
+    return t.to(kernels.reference.compute_dtype(t))
 
 
 def _gemm_dtype(u: torch.Tensor, w: torch.Tensor) -> torch.dtype:

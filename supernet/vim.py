@@ -344,7 +344,7 @@ class VisionMamba(ArchModelMixin, nn.Module):
         if self.cls_token is not None:
             x = torch.cat([x, self.cls_token.expand(x.shape[0], -1, -1)], dim=1)
         x = self.pos_drop(x)
-        return x.float() if self.residual_in_fp32 and x.dtype != torch.float64 else x  # fp64 stays fp64
+        return x.to(kernels.reference.compute_dtype(x)) if self.residual_in_fp32 else x  # fp64 stays fp64
 
     def _final_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         return add_norm(self.norm, x, residual, _own_dtype(getattr(self.norm, "weight", None), x))[0]
