@@ -512,7 +512,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
 
     def restore(state: dict[str, Any]) -> int:
         """Load weights, arch logits, both optimizers and the scheduler of a checkpoint; return its step."""
-        model.load_state_dict(state["model_state"])
+        model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         arch_optimizer.load_state_dict(state["arch_optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -596,7 +596,7 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
             "model": spec["name"],
             "model_spec": spec,
             "model_kwargs": spec["kwargs"],
-            "model_state": model.state_dict(),
+            "state_dict": model.state_dict(),  # timm's key: timm.create_model(checkpoint_path=) loads it
             "arch_logits": {label: p.detach().cpu() for label, p in zip(labels, model.arch_parameters())},
             "search_space": model.search_space.to_dict(),
             "derived_model_name": derived_name,

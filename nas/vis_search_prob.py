@@ -245,9 +245,9 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
 
     spec = ckpt.get("model_spec") or {}
     model_name = spec.get("name") or ckpt.get("model")
-    if not spec or "model_state" not in ckpt:
+    if not spec or "state_dict" not in ckpt:
         raise DerivationError(
-            f"{path}: a search checkpoint without model_spec/model_state; was it written by nas.search?"
+            f"{path}: a search checkpoint without model_spec/state_dict; was it written by nas.search?"
         )
     stored_space = _stored_space(ckpt)
     kwargs = spec.get("kwargs") or {}
@@ -258,7 +258,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
         spec = {**spec, "kwargs": {**kwargs, "space": stored_space.to_dict()}}
     try:
         model = model_from_spec(spec)
-        model.load_state_dict(ckpt["model_state"])
+        model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         given = kwargs.get("space")
         advice = ""

@@ -3,7 +3,10 @@
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so that it loads with
 ``torch.load(weights_only=True)`` (no pickled Python objects, hence no code execution from a foreign file). Every
 checkpoint carries ``format``, ``kind`` (``"retrain"`` or ``"search"``), ``model`` (the model name) and, written last,
-``complete: True``.
+``complete: True``. The weights are under timm's keys, ``state_dict`` (and ``state_dict_ema`` with EMA), so
+``timm.create_model(name, checkpoint_path=...)`` and ``pretrained_cfg_overlay=dict(file=...)`` load them (timm prefers
+the EMA weights, as for its own checkpoints). Checkpoints of earlier versions held them as ``model_state`` / ``ema``:
+:func:`load_checkpoint` reads those under the new keys.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "scan-nas-checkpoint-v1"
+
+# Earlier versions' names for the weights → timm's (which its checkpoint loaders look for)
+_RENAMED_KEYS = {"model_state": "state_dict", "ema": "state_dict_ema"}
 
 
 class CheckpointError(ValueError):
@@ -124,6 +130,9 @@ def load_checkpoint(
         raise CheckpointError(
             f"checkpoint {path.resolve()} is incomplete (no completeness marker); use another one", unreadable=True
         )
+    for old, new in _RENAMED_KEYS.items():
+        if old in state and new not in state:
+            state[new] = state.pop(old)
     if expect_kind is not None and state.get("kind") != expect_kind:
         raise CheckpointError(
             f"checkpoint {path.resolve()} is a '{state.get('kind')}' checkpoint, expected '{expect_kind}' "
@@ -272,7 +281,7 @@ def check_resume_spec(state: dict[str, Any], spec: dict[str, Any], path: str | P
         new.pop(key, None)
     if old.get("dt_rank") == "auto" and isinstance(new.get("dt_rank"), int):
         # a checkpoint that kept "auto" unresolved: its weights say the rank every layer took
-        weights = state.get("model_state") or {}
+        weights = state.get("state_dict") or {}
         ranks = {tuple(t.shape)[-1] for k, t in weights.items() if k.endswith("mixer.dt_proj_weight")}
         if ranks == {new["dt_rank"]}:
             old["dt_rank"] = new["dt_rank"]

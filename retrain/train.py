@@ -357,7 +357,7 @@ def _eval_only(cfg: dict[str, Any]) -> dict[str, Any]:
     _, val_ds, _, _ = build_splits(saved_cfg, train=False)
     loader = build_loader(val_ds, cfg["batch_size"], train=False, seed=0, num_workers=cfg["workers"], distributed=True)
     model = model_from_spec(state["model_spec"])
-    weights = state["ema"] if state.get("metric_source") == "ema" else state["model_state"]
+    weights = state["state_dict_ema"] if state.get("metric_source") == "ema" else state["state_dict"]
     model.load_state_dict(weights)
     model.to(dinfo.device)
     metrics = evaluate(model, loader, dinfo.device, amp_dtype_for(dinfo.device, saved_cfg["amp"]))
@@ -491,11 +491,11 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
 
     def restore(state: dict[str, Any]) -> int:
         """Load weights, EMA, optimizer and scheduler of a checkpoint; return its step."""
-        model.load_state_dict(state["model_state"])
+        model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.module.load_state_dict(state["ema"])
+        if ema is not None and state.get("state_dict_ema") is not None:
+            ema.module.load_state_dict(state["state_dict_ema"])
         scheduler.step_update(state["step"])
         return int(state["step"])
 
@@ -563,8 +563,8 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
             "kind": "retrain",
             "model": spec["name"],
             "model_spec": spec,
-            "model_state": unwrap_model(model).state_dict(),
-            "ema": ema.module.state_dict() if ema is not None else None,
+            "state_dict": unwrap_model(model).state_dict(),  # timm's keys: timm.create_model(checkpoint_path=) loads it
+            "state_dict_ema": ema.module.state_dict() if ema is not None else None,
             "metric_source": "ema" if ema is not None else "model",
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),

@@ -60,6 +60,20 @@ def check_sizes(model_name: str, ints: dict[str, Any], ratios: dict[str, Any], k
             raise ValueError(f"{model_name}: {key} must be a positive number, got {value!r}")
 
 
+# Where the weights sit in a training checkpoint handed over whole, EMA first as timm's loaders take them: timm's
+# and this project's keys (``state_dict`` / ``state_dict_ema``), then this project's earlier ones (``ema`` /
+# ``model_state``) and timm's older ``model_ema`` / ``model``.
+_WEIGHT_KEYS = ("state_dict_ema", "model_ema", "ema", "state_dict", "model_state", "model")
+
+
+def unwrap_checkpoint(state_dict: dict) -> dict:
+    """The weights of a training checkpoint (see ``_WEIGHT_KEYS``), or ``state_dict`` itself when it is weights."""
+    for key in _WEIGHT_KEYS:
+        if isinstance(state_dict.get(key), dict):
+            return state_dict[key]
+    return state_dict
+
+
 def build_family_model(
     model_cls: type, variant: str, pretrained: bool, filter_fn: Any, default_out_indices: Any, **kwargs: Any
 ) -> nn.Module:

@@ -21,6 +21,8 @@ readers.
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import torch
 
 __all__ = ["draw_shuffle", "shuffle_tokens", "slws_probs", "unshuffle_tokens"]
@@ -33,7 +35,7 @@ def slws_probs(depth: int, p_max: float) -> list[float]:
         depth: number of layers (all blocks of all stages in the hierarchical family).
         p_max: probability of the last layer, in [0, 1].
     """
-    if not isinstance(depth, int) or depth < 1:
+    if not isinstance(depth, Integral) or isinstance(depth, bool) or depth < 1:
         raise ValueError(f"slws_probs: depth must be an integer >= 1, got {depth!r}")
     if not 0.0 <= p_max <= 1.0:
         raise ValueError(f"slws_probs: p_max (shuffle_max) must be in [0, 1], got {p_max!r}")

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
@@ -43,6 +43,7 @@ from ._base import (
     resolve_layer_orders,
     take_indices,
     to_size,
+    unwrap_checkpoint,
 )
 from .mixer import ARCH_MODES, Branch, MultiOrderMixer, gemm_input_dtype
 from .slws import draw_shuffle, slws_probs
@@ -216,11 +217,10 @@ class VisionMamba(ArchModelMixin, nn.Module):
         super().__init__()
         self.init_args = init_args
         self.img_size = to_size(img_size)
-        if not isinstance(patch_size, int) or patch_size < 1:
-            raise ValueError(f"{model_name}: patch_size must be a positive int, got {patch_size!r}")
         check_io(model_name, in_chans, num_classes)
-        check_sizes(model_name, {"embed_dim": embed_dim, "depth": depth, "d_state": d_state},
+        check_sizes(model_name, {"patch_size": patch_size, "embed_dim": embed_dim, "depth": depth, "d_state": d_state},
                     {"expand": expand}, d_conv)  # fmt: skip
+        patch_size = int(patch_size)  # a numpy int too: the grid and the orders are plain ints
         if any(s % patch_size for s in self.img_size):
             raise ValueError(
                 f"{model_name}: img_size {self.img_size} is not divisible by patch_size {patch_size}; use a multiple"
@@ -442,10 +442,26 @@ class VisionMamba(ArchModelMixin, nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: dict, model: VisionMamba) -> dict:
-    """Unwrap training checkpoints (``{"model": ...}`` / ``{"state_dict": ...}``); keys are this module's own."""
-    for key in ("model", "state_dict", "model_ema"):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            return state_dict[key]
+    """timm's pretrained filter: a training checkpoint's weights (:func:`supernet._base.unwrap_checkpoint`), with a
+    ``pos_embed`` of another square token grid resampled to this model's grid (timm's ``resample_abs_pos_embed``,
+    bicubic, as timm's ViT does), so weights trained at one ``img_size`` load into a model built for another.
+
+    Raises:
+        ValueError: a ``pos_embed`` of another size whose token count is not a square grid (its shape is ambiguous).
+    """
+    state_dict = dict(unwrap_checkpoint(state_dict))
+    pos = state_dict.get("pos_embed")
+    want = model.pos_embed.shape
+    if isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape[2] == want[2] and pos.shape[1] != want[1]:
+        side = math.isqrt(pos.shape[1])
+        if side * side != pos.shape[1]:
+            raise ValueError(
+                f"pos_embed of {pos.shape[1]} tokens is not a square grid, so it cannot be resampled to this model's "
+                f"{model.grid[0]}x{model.grid[1]}; build the model at the checkpoint's own img_size and patch_size"
+            )
+        state_dict["pos_embed"] = resample_abs_pos_embed(
+            pos, new_size=list(model.grid), old_size=[side, side], num_prefix_tokens=0
+        )
     return state_dict
 
 

@@ -38,6 +38,7 @@ from ._base import (
     resolve_layer_orders,
     take_indices,
     to_size,
+    unwrap_checkpoint,
 )
 from .mixer import ARCH_MODES, Branch, LayerNorm, MultiOrderMixer, gemm_input_dtype
 from .slws import draw_shuffle, slws_probs
@@ -184,11 +185,10 @@ class VMamba(ArchModelMixin, nn.Module):
         super().__init__()
         self.init_args = init_args
         self.img_size = to_size(img_size)
-        if not isinstance(patch_size, int) or patch_size < 1:
-            raise ValueError(f"{model_name}: patch_size must be a positive int, got {patch_size!r}")
         check_io(model_name, in_chans, num_classes)
-        check_sizes(model_name, {"dims": dims, "depths": depths, "d_state": d_state},
+        check_sizes(model_name, {"patch_size": patch_size, "dims": dims, "depths": depths, "d_state": d_state},
                     {"ssm_ratio": ssm_ratio}, d_conv)  # fmt: skip
+        patch_size = int(patch_size)  # a numpy int too: the grid and the orders are plain ints
         if any(s % patch_size for s in self.img_size):
             raise ValueError(
                 f"{model_name}: img_size {self.img_size} is not divisible by patch_size {patch_size}; use a multiple"
@@ -402,11 +402,9 @@ class VMamba(ArchModelMixin, nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: dict, model: VMamba) -> dict:
-    """Unwrap training checkpoints (``{"model": ...}`` / ``{"state_dict": ...}``); keys are this module's own."""
-    for key in ("model", "state_dict", "model_ema"):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            return state_dict[key]
-    return state_dict
+    """timm's pretrained filter: a training checkpoint's weights (:func:`supernet._base.unwrap_checkpoint`); keys are
+    this module's own, and none depends on the image size."""
+    return unwrap_checkpoint(state_dict)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:

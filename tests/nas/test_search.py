@@ -99,7 +99,11 @@ def test_darts_end_to_end_with_warmup(tmp_path, monkeypatch, capsys) -> None:
     state = load_checkpoint(run_dir / "last.pt", expect_kind="search", expect_model="test_local_vim_search")
     assert state["derived_model_name"] == "test_local_vim" and state["search_space"]["name"] == "localmamba"
     assert set(state["arch_logits"]) == {"blocks.0", "blocks.1"}
-    assert {"model_state", "optimizer", "arch_optimizer", "scheduler", "rng", "config", "model_kwargs"} <= set(state)
+    assert {"state_dict", "optimizer", "arch_optimizer", "scheduler", "rng", "config", "model_kwargs"} <= set(state)
+    # timm loads the supernet, arch logits included, from the checkpoint as from its own
+    loaded = timm.create_model(state["model"], **state["model_kwargs"], checkpoint_path=str(run_dir / "last.pt"))
+    assert all(torch.equal(a, state["state_dict"][k]) for k, a in loaded.state_dict().items())
+    assert torch.equal(loaded.arch_parameters()[0].detach(), state["arch_logits"]["blocks.0"])
     # The weight optimizer holds no arch parameter: its state covers only weight tensors.
     n_weights = sum(len(g["params"]) for g in state["optimizer"]["param_groups"])
     assert n_weights == len(list(fresh.weight_parameters()))
@@ -170,7 +174,7 @@ def test_joint_interrupt_and_resume_is_exact(tmp_path) -> None:
     resumed = _run(tmp_path, algo="joint", experiment="resumed", resume="auto")
     a = load_checkpoint(Path(straight["run_dir"]) / "last.pt")
     b = load_checkpoint(Path(resumed["run_dir"]) / "last.pt")
-    assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert [r["epoch"] for r in _probs(resumed["run_dir"])] == [0, 1]
     with pytest.raises(ValueError, match="already holds checkpoints"):
         _run(tmp_path, algo="joint", experiment="resumed")
@@ -239,8 +243,8 @@ def test_compiled_gdas_search_matches_eager_without_graph_breaks(tmp_path, monke
     # Python float it recompiled once, then was a graph input that CUDA-graph trees recorded per value); evaluation
     # runs the uncompiled model
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
-    a = load_checkpoint(Path(eager["run_dir"]) / "last.pt")["model_state"]
-    b = load_checkpoint(Path(compiled["run_dir"]) / "last.pt")["model_state"]
+    a = load_checkpoint(Path(eager["run_dir"]) / "last.pt")["state_dict"]
+    b = load_checkpoint(Path(compiled["run_dir"]) / "last.pt")["state_dict"]
     assert a.keys() == b.keys()  # no _orig_mod. prefixes
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)

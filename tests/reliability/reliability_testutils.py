@@ -108,12 +108,12 @@ def assert_same_state(a_path: Path, b_path: Path) -> None:
     """Two checkpoints hold bit-identical weights, arch logits (search), optimizer state and step."""
     a, b = load_checkpoint(a_path), load_checkpoint(b_path)
     assert (a["step"], a["next_epoch"], a["next_batch"]) == (b["step"], b["next_epoch"], b["next_batch"])
-    assert a["model_state"].keys() == b["model_state"].keys()
-    diff = [k for k in a["model_state"] if not torch.equal(a["model_state"][k], b["model_state"][k])]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    diff = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
     assert not diff, f"weights differ: {diff[:5]}"
     if "arch_logits" in a:
         assert all(torch.equal(a["arch_logits"][k], b["arch_logits"][k]) for k in a["arch_logits"])
-    for opt in ("optimizer", "arch_optimizer", "ema"):
+    for opt in ("optimizer", "arch_optimizer", "state_dict_ema"):
         if a.get(opt) is None:
             continue
         sa = a[opt]["state"] if "state" in a[opt] else a[opt]

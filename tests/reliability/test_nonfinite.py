@@ -59,7 +59,7 @@ def test_bad_loss_and_bad_gradient_are_skipped_counted_and_logged(tmp_path, caps
     assert "step 2: non-finite loss or gradient, skipped" in err and "step 8: non-finite" in err
     state = load_checkpoint(Path(out["run_dir"]) / "last.pt")
     assert state["step"] == 16 - 2 and state["bad_steps"] == 2
-    assert all(torch.isfinite(v).all() for v in state["model_state"].values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
     assert _scalars(out["run_dir"], "train/bad_steps") == [(2, 1.0), (8, 2.0)]
     assert [v for _, v in _scalars(out["run_dir"], "epoch/bad_steps")] == [1.0, 2.0]
 

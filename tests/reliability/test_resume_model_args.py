@@ -200,7 +200,7 @@ def test_a_checkpoint_that_kept_dt_rank_auto_compares_by_its_weights(tmp_path) -
     model = timm.create_model("test_vim", **BASE)
     new = resolved_model_args(model)
     rank = new["dt_rank"]
-    state = {"model_spec": _spec(dict(BASE), {**new, "dt_rank": "auto"}), "model_state": model.state_dict()}
+    state = {"model_spec": _spec(dict(BASE), {**new, "dt_rank": "auto"}), "state_dict": model.state_dict()}
     check_resume_spec(state, _spec(dict(BASE), new), tmp_path / "last.pt")
     with pytest.raises(CheckpointError, match=rf"built with dt_rank=auto, but this run asks for dt_rank={rank + 1}"):
         check_resume_spec(state, _spec(dict(BASE), {**new, "dt_rank": rank + 1}), tmp_path / "last.pt")

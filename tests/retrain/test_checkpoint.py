@@ -25,6 +25,18 @@ def test_roundtrip_atomic(tmp_path) -> None:
     assert state["complete"] is True and torch.equal(state["w"], torch.arange(4.0) + 1)
 
 
+def test_earlier_weight_keys_load_under_timms_names(tmp_path) -> None:
+    """Checkpoints of earlier versions kept the weights as model_state / ema; they load as state_dict /
+    state_dict_ema, the keys the trainers write now (and timm's loaders read)."""
+    w, e = {"a": torch.arange(3.0)}, {"a": torch.ones(3)}
+    path = save_checkpoint({**_state(), "model_state": w, "ema": e}, tmp_path / "old.pt")
+    state = load_checkpoint(path)
+    assert "model_state" not in state and "ema" not in state
+    assert torch.equal(state["state_dict"]["a"], w["a"]) and torch.equal(state["state_dict_ema"]["a"], e["a"])
+    both = save_checkpoint({**_state(), "model_state": w, "state_dict": e}, tmp_path / "both.pt")
+    assert torch.equal(load_checkpoint(both)["state_dict"]["a"], e["a"])  # a present new key wins
+
+
 def test_rng_state_survives_weights_only(tmp_path) -> None:
     torch.manual_seed(0)
     save_checkpoint({**_state(), "rng": rng_state()}, tmp_path / "r.pt")

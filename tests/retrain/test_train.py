@@ -67,6 +67,23 @@ def test_tiny_run_learns_and_eval_only_reproduces(tmp_path, capsys) -> None:
     assert "--model test_vmamba" in printed and "--img-size 48" in printed and "--device" not in printed
     assert f"(epoch {state['epoch']}, the test split):" in printed
 
+    # timm's own loaders read the checkpoint (its EMA weights, which made best.pt's metric), and timm's pretrained
+    # path resamples the position embedding for another image size.
+    import timm
+    from timm.layers import resample_abs_pos_embed
+
+    ema = state["state_dict_ema"]
+    for kw in ({"checkpoint_path": best}, {"pretrained": True, "pretrained_cfg_overlay": {"file": best}}):
+        loaded = timm.create_model("test_vim", img_size=16, **kw).state_dict()
+        assert loaded.keys() == ema.keys() and all(torch.equal(loaded[k], ema[k]) for k in ema)
+    big = timm.create_model("test_vim", img_size=32, pretrained=True, pretrained_cfg_overlay={"file": best})
+    g = big.grid
+    assert g[0] * g[1] > ema["pos_embed"].shape[1]
+    side = int(ema["pos_embed"].shape[1] ** 0.5)
+    expected = resample_abs_pos_embed(ema["pos_embed"], list(g), old_size=[side, side], num_prefix_tokens=0)
+    assert torch.equal(big.pos_embed.detach(), expected)
+    assert torch.equal(big.blocks[0].mixer.x_proj_weight.detach(), ema["blocks.0.mixer.x_proj_weight"])
+
 
 def test_refuses_to_clobber(tmp_path) -> None:
     out = _run(tmp_path, epochs=1, experiment="x")
@@ -102,8 +119,8 @@ def test_interrupt_and_resume_is_exact(tmp_path, val_frac) -> None:
     assert (state["next_epoch"], state["next_batch"]) == (1, 1)
     resumed = _run(tmp_path, experiment="resumed", resume="auto", **kw)
     assert not resumed["interrupted"] and resumed["epochs_run"] == 1
-    a = load_checkpoint(tmp_path / "runs" / "straight" / "last.pt")["model_state"]
-    b = load_checkpoint(tmp_path / "runs" / "resumed" / "last.pt")["model_state"]
+    a = load_checkpoint(tmp_path / "runs" / "straight" / "last.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "runs" / "resumed" / "last.pt")["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["epoch"] for r in _rows(resumed["run_dir"])] == ["0", "1"]
     assert resumed["top1"] == straight["top1"]

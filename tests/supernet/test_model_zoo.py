@@ -148,6 +148,23 @@ def test_bad_option_values() -> None:
         build("test_vim", orders=["h", "q"])
 
 
+@pytest.mark.parametrize("name", ["test_vim", "test_vmamba"])
+def test_numpy_ints_are_sizes_too(name: str) -> None:
+    """Sizes from numpy (a sweep's sampled values) build the same model as Python ints."""
+    import numpy as np
+
+    depth = {"depth": np.int64(3)} if name == "test_vim" else {"depths": (np.int64(1), 1, 1, 1)}
+    plain = {k: (int(v) if np.isscalar(v) else tuple(int(x) for x in v)) for k, v in depth.items()}
+    torch.manual_seed(0)
+    a = build(name, img_size=np.int64(32), patch_size=np.int64(4), **depth)
+    torch.manual_seed(0)
+    b = build(name, img_size=32, patch_size=4, **plain)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(a.eval()(x), b.eval()(x))
+    with pytest.raises(ValueError, match="patch_size must be a positive int"):
+        build(name, patch_size=2.0)
+
+
 @pytest.mark.parametrize("name", ["test_vim", "test_local_vmamba_search"])
 def test_timm_api(name: str) -> None:
     model = build(name, img_size=16)
@@ -165,6 +182,22 @@ def test_timm_api(name: str) -> None:
     assert sum(len(v) for v in groups.values()) == len(list(model.parameters()))
     opt = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.9)
     assert len(opt.param_groups) > 1
+
+
+def test_pretrained_filter_unwraps_and_refuses_a_non_square_pos_embed() -> None:
+    from supernet.vim import checkpoint_filter_fn
+    from supernet.vmamba import checkpoint_filter_fn as vmamba_filter
+
+    model = timm.create_model("test_vim", img_size=16)
+    weights = model.state_dict()
+    for wrapped in ({"state_dict": weights, "model": "test_vim"}, {"model_state": weights}, weights):
+        assert checkpoint_filter_fn(wrapped, model).keys() == weights.keys()
+    vm = timm.create_model("test_vmamba").state_dict()
+    assert vmamba_filter({"state_dict_ema": vm, "state_dict": {}, "model": "x"}, None) is vm
+    c = weights["pos_embed"].shape[2]
+    with pytest.raises(ValueError, match="not a square grid") as e:
+        checkpoint_filter_fn({**weights, "pos_embed": torch.zeros(1, 6, c)}, model)
+    assert "\n" not in str(e.value)
 
 
 def test_grad_checkpointing_matches() -> None:
