@@ -23,6 +23,7 @@ from retrain.config import one_line, plain_value
 
 __all__ = [
     "RUN_FILES",
+    "arch_difference",
     "refuse_existing_run",
     "RESUME_EXEMPT_ARGS",
     "check_resume_recipe",
@@ -236,7 +237,7 @@ def _orders_text(orders: Any) -> str:
     return str(orders)
 
 
-def _arch_difference(saved: dict[str, Any] | None, asked: dict[str, Any] | None) -> str | None:
+def arch_difference(saved: dict[str, Any] | None, asked: dict[str, Any] | None) -> str | None:
     """How two archs differ, as a short phrase (``layer blocks.0 orders [h, v] vs [h, w2]``, saved first), or None
     when their orders are the same."""
     then, now = _arch_orders(saved), _arch_orders(asked)
@@ -287,7 +288,7 @@ def check_resume_spec(state: dict[str, Any], spec: dict[str, Any], path: str | P
             old["dt_rank"] = new["dt_rank"]
     unset = "(unset)"
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k, unset) != new.get(k, unset)]
-    arch = _arch_difference(saved.get("arch"), spec.get("arch"))
+    arch = arch_difference(saved.get("arch"), spec.get("arch"))
     if changed or arch:
         what = []
         if changed:

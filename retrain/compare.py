@@ -43,12 +43,14 @@ from typing import Any, Sequence
 
 import yaml
 
+from retrain.checkpoint import arch_difference
 from retrain.config import (
     ConfigError,
     check_model_kwargs,
     defaults_help,
     nearest_key,
     one_line,
+    plain_value,
     resolve_config,
     run_cli,
     save_config,
@@ -559,6 +561,67 @@ def _recipe_differences(run: dict[str, Any], expected: dict[str, Any]) -> list[s
     ]
 
 
+# The train keys besides the model name and arch that make a row's model what it is (the constructor's arguments).
+_MODEL_KEYS = ("model_kwargs", "patch_size", "drop_path", "shuffle_max")
+
+
+def _row_model(config: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+    """The model name and arch (a dict) a train config builds, as ``retrain.train`` resolves them: an arch file's
+    own model wins over ``model``. The arch is read from its file as it is now."""
+    from search_spaces import load_arch
+
+    if config.get("arch"):
+        arch = load_arch(config["arch"]).to_dict()
+        return arch.get("model") or config.get("model") or None, arch
+    return config.get("model") or None, None
+
+
+def _trained_model(run: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+    """The model name and arch a run trained: its checkpoint's record (read lazily: no weights are loaded), else
+    what its ``args.yaml`` names (the arch file as it reads now); ``(None, None)`` where neither says."""
+    import torch
+
+    for name in ("last.pt", "best.pt"):
+        path = Path(run["run_dir"]) / name
+        if path.is_file():
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # a damaged file says nothing here; retrain.train refuses it when it resumes
+                continue
+            spec = state.get("model_spec") if isinstance(state, dict) else None
+            if isinstance(spec, dict) and spec.get("name"):
+                return spec["name"], spec.get("arch")
+    try:
+        return _row_model(run.get("config") or {})
+    except (OSError, ValueError):  # its arch file is gone or no longer an arch
+        return None, None
+
+
+def _model_differences(
+    run: dict[str, Any],
+    expected: dict[str, Any],
+    want: tuple[str | None, dict[str, Any] | None],
+    train_defaults: dict[str, Any],
+) -> list[str]:
+    """How the model a run trained differs from a row's (``expected``, its train config; ``want``, its model name and
+    arch, None where unknown): the name, the arch's orders (as trained) and :data:`_MODEL_KEYS`, each as
+    ``key saved (row asked)``; empty when it is the row's model."""
+    config = run.get("config") or {}
+    want_name, want_arch = want
+    have_name, have_arch = _trained_model(run)
+    diffs = []
+    if have_name and want_name and have_name != want_name:
+        diffs.append(f"model {have_name!r} (row {want_name!r})")
+    arch = arch_difference(have_arch, want_arch) if have_name and want_name else None
+    if arch:
+        diffs.append(f"arch {arch}")
+    for k in _MODEL_KEYS:
+        have, want = config.get(k, train_defaults.get(k)), expected.get(k, train_defaults.get(k))
+        if k in config and plain_value(have) != plain_value(want):
+            diffs.append(f"{k} {have!r} (row {want!r})")
+    return diffs
+
+
 def main(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run or collect every row × seed, then write the comparison table, CSV and plot.
 
@@ -612,12 +675,35 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
     pending: list[tuple[Row, int, dict[str, Any], Path]] = []
     for row in rows:
         expected = {**recipe, **row.overrides}
+        try:
+            want = _row_model(expected)
+        except (OSError, ValueError) as e:  # collecting only (training read the arch file above): nothing to check
+            want = (None, None)
+            notes.append(
+                f"{row.name}: its arch file is unreadable ({one_line(e, 120)}); its runs' models are unchecked"
+            )
         for seed in cfg["seeds"]:
             run_dir = out_dir / "runs" / row.slug / f"seed{seed}"
             got = collect_run(run_dir, cost_if_missing=cfg["collect_only"])
+            if got is not None and _finished(got):
+                model_diffs = _model_differences(got, expected, want, train_defaults)
+                if model_diffs:  # never tabulated under this row, whatever the rest of its recipe
+                    if not cfg["collect_only"]:
+                        stale.append(f"{row.name} seed {seed} trained another model ({', '.join(model_diffs)})")
+                    notes.append(f"{row.name} seed {seed} ({run_dir}) trained another model, left out: "
+                                 f"{', '.join(model_diffs)}")  # fmt: skip
+                    continue
             if got is None or not _finished(got):
-                found = (collect_run(d, cost_if_missing=True) for d in row.run_dirs)
-                got = next((c for c in found if c and c.get("seed") == seed and _finished(c)), got)
+                for d in row.run_dirs:
+                    other = collect_run(d, cost_if_missing=True)
+                    if not (other and other.get("seed") == seed and _finished(other)):
+                        continue
+                    model_diffs = _model_differences(other, expected, want, train_defaults)
+                    if not model_diffs:
+                        got = other
+                        break
+                    notes.append(f"{row.name} seed {seed} ({d}) trained another model, left out: "
+                                 f"{', '.join(model_diffs)}")  # fmt: skip
             if got is not None and _finished(got):
                 diffs = _recipe_differences(got, recipe)
                 if diffs:
@@ -631,6 +717,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
             if (run_dir / "args.yaml").is_file():  # an unfinished run of its own, which would resume in place
                 saved = yaml.safe_load((run_dir / "args.yaml").read_text()) or {}
                 diffs = _recipe_differences({"config": saved}, recipe)
+                diffs += _model_differences({"config": saved, "run_dir": str(run_dir)}, expected, want, train_defaults)
                 if diffs:
                     stale.append(f"{row.name} seed {seed}, unfinished ({', '.join(diffs)})")
             train_cfg = resolve_config(
@@ -648,9 +735,10 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         # Training the rest next to them would make a table whose header names a recipe some rows did not run, and
         # resuming an unfinished one would train it under two recipes.
         raise ConfigError(
-            f"{len(stale)} run(s) of this comparison under {(out_dir / 'runs').resolve()} ran another recipe: "
-            f"{'; '.join(stale[:3])}{' ...' if len(stale) > 3 else ''}; choose a new --experiment, restore that "
-            f"recipe, or pass --collect-only to tabulate the finished runs as they are (each flagged)"
+            f"{len(stale)} run(s) of this comparison under {(out_dir / 'runs').resolve()} ran another recipe or "
+            f"model: {'; '.join(stale[:3])}{' ...' if len(stale) > 3 else ''}; choose a new --experiment, restore "
+            f"that recipe and model, or pass --collect-only to tabulate the finished runs as they are (another "
+            f"recipe flagged, another model left out)"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config({k: v for k, v in cfg.items()}, out_dir / "compare.yaml")

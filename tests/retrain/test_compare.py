@@ -119,7 +119,7 @@ def test_own_runs_of_another_recipe_are_refused_unless_collecting(tmp_path: Path
     _fake_run(own / "vim" / "seed1", "test_vim", 1, [10.0, 20.0, 30.0])  # the recipe asked for
     cfg = _cfg(tmp_path, collect_only=False, seeds=[0, 1], train_config=str(recipe),
                models=[{"name": "vim", "model": "test_vim"}])  # fmt: skip
-    with pytest.raises(ConfigError, match=r"1 run\(s\) of this comparison .* ran another recipe: vim seed 0 "
+    with pytest.raises(ConfigError, match=r"1 run\(s\) of this comparison .* ran another recipe or model: vim seed 0 "
                                           r"\(epochs 2 \(recipe 3\)\); choose a new --experiment"):  # fmt: skip
         compare.main(cfg)
     assert not (tmp_path / "out" / "cmp" / "compare.yaml").exists()
@@ -136,7 +136,7 @@ def test_own_unfinished_runs_of_another_recipe_are_refused(tmp_path: Path) -> No
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     cfg = _cfg(tmp_path, collect_only=False, seeds=[0], train_config=str(recipe),
                models=[{"name": "vim", "model": "test_vim"}])  # fmt: skip
-    msg = r"1 run\(s\) of this comparison .* ran another recipe: vim seed 0, unfinished \(epochs 5 \(recipe 3\)\);"
+    msg = r"1 run\(s\) of this comparison .* another recipe or model: vim seed 0, unfinished \(epochs 5 \(recipe 3\)\);"
     with pytest.raises(ConfigError, match=msg):
         compare.main(cfg)
     assert not (tmp_path / "out" / "cmp" / "compare.yaml").exists()
@@ -573,3 +573,61 @@ def test_recipe_line_counts_epochs_in_words(epochs: int, words: str) -> None:
     cfg = {**compare.DEFAULTS, "experiment": "cmp", "seeds": [0]}
     md = compare._markdown([], cfg, {"dataset": "synthetic", "epochs": epochs, "img_size": 16}, "vim")
     assert f"(dataset synthetic, {words} img 16)" in md
+
+
+def test_own_runs_of_another_model_are_refused_or_left_out(tmp_path: Path) -> None:
+    """A rerun whose row now names another model finds the old model's finished runs in the row's folder: they are
+    never tabulated under the row (refused in one line before anything is written; left out, with a note, when
+    only collecting)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"dataset": "synthetic", "img_size": 16, "epochs": 2}))
+    _fake_run(tmp_path / "out" / "cmp" / "runs" / "vim" / "seed0", "test_vim", 0, [10.0, 20.0])
+    cfg = _cfg(tmp_path, collect_only=False, seeds=[0], train_config=str(recipe),
+               models=[{"name": "vim", "model": "test_vmamba"}])  # fmt: skip
+    msg = r"ran another recipe or model: vim seed 0 trained another model \(model 'test_vim' \(row 'test_vmamba'\)\)"
+    with pytest.raises(ConfigError, match=msg):
+        compare.main(cfg)
+    assert not (tmp_path / "out" / "cmp" / "compare.yaml").exists()
+    out = compare.main({**cfg, "collect_only": True})
+    assert out["table"][0]["seeds"] == 0
+    assert "trained another model, left out: model 'test_vim' (row 'test_vmamba')" in out["markdown"]
+    same = compare.main({**cfg, "collect_only": True, "models": [{"name": "vim", "model": "test_vim"}]})
+    assert same["table"][0]["seeds"] == 1 and "another model" not in same["markdown"]
+
+
+def test_a_rederived_arch_file_does_not_inherit_the_old_archs_runs(tmp_path: Path) -> None:
+    """The arch a run trained is read from its checkpoint's record: an arch file derived again into the same path
+    (other orders) no longer matches the runs made from it, and a row's model kwargs are compared too."""
+    import timm
+
+    import supernet
+    from retrain.checkpoint import save_checkpoint
+    from search_spaces import save_arch
+
+    torch = pytest.importorskip("torch")
+    search = timm.create_model("test_local_vim_search")
+    old = supernet.derive_arch(search)
+    with torch.no_grad():  # another top-k: the first layer prefers other candidates
+        search.arch_parameters()[0].copy_(torch.arange(search.arch_parameters()[0].numel(), dtype=torch.float))
+    new = supernet.derive_arch(search)
+    assert old.to_dict()["layers"] != new.to_dict()["layers"]
+    arch_file = tmp_path / "arch.yaml"
+    save_arch(old, arch_file)
+    run = _fake_run(tmp_path / "out" / "cmp" / "runs" / "mine" / "seed0", "", 0, [10.0, 20.0])
+    args = yaml.safe_load((run / "args.yaml").read_text())
+    (run / "args.yaml").write_text(yaml.safe_dump({**args, "arch": str(arch_file), "shuffle_max": 0.5}))
+    spec = {"name": old.model, "kwargs": {}, "arch": old.to_dict()}
+    save_checkpoint({"kind": "retrain", "model": old.model, "model_spec": spec}, run / "last.pt")
+    rows = [{"name": "mine", "arch": str(arch_file), "overrides": {"shuffle_max": 0.5}}]
+    cfg = _cfg(tmp_path, seeds=[0], models=rows)
+    assert compare.main(cfg)["table"][0]["seeds"] == 1  # the arch it was trained with
+
+    save_arch(new, arch_file, overwrite=True)  # derived again into the same file
+    out = compare.main(cfg)
+    assert (
+        out["table"][0]["seeds"] == 0
+        and "trained another model, left out: arch layer blocks.0 orders" in out["markdown"]
+    )
+    save_arch(old, arch_file, overwrite=True)
+    out = compare.main({**cfg, "models": [{**rows[0], "overrides": {"shuffle_max": 0.1}}]})
+    assert out["table"][0]["seeds"] == 0 and "shuffle_max 0.5 (row 0.1)" in out["markdown"]
