@@ -50,6 +50,7 @@ from retrain.config import (
     check_model_kwargs,
     nearest_key,
     one_line,
+    one_line_warning,
     resolve_config,
     save_config,
 )
@@ -781,6 +782,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
     """The thin shell: parse, run, one-line errors (exit 2), tracebacks only with --debug."""
     args = _parse_args(argv)
     debug = args.pop("debug")
+    if not debug:  # warnings as one line each, like the errors
+        warnings.showwarning = one_line_warning
     try:
         out = main(args)
     except (ValueError, OSError) as e:  # OSError: files and folders (missing, read-only, full)

@@ -32,12 +32,14 @@ import shlex
 import sys
 import tempfile
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
-from retrain.config import FILE_MODE, OneLineArgumentParser, nearest_flag, one_line
+from retrain.checkpoint import RUN_FILES
+from retrain.config import FILE_MODE, OneLineArgumentParser, nearest_flag, one_line, one_line_warning
 from retrain.engine import git_commit
 from search_spaces import ArchSpec, LayerChoice, SearchSpace, list_presets, load_space, save_arch, select_top_k
 
@@ -686,6 +688,15 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
     if folders:
         names = ", ".join(str(p.resolve()) for p in folders)
         raise DerivationError(f"{names} {'is a folder' if len(folders) == 1 else 'are folders'}; choose another --out")
+    # The search's own files are never an output, not even with --overwrite: its checkpoints (the input and the resume
+    # point), args.yaml, summary.csv, arch_probs.jsonl.
+    own = {p.resolve() for p in (ckpt_path, jsonl_path) if p is not None}
+    own |= {p.resolve() for p in run_dir.glob("*.pt")} | {(run_dir / f).resolve() for f in RUN_FILES}
+    theirs = [p for p in targets if p.resolve() in own]
+    if theirs:
+        names = ", ".join(str(p.resolve()) for p in theirs)
+        what = "is one of the search run's files" if len(theirs) == 1 else "are the search run's files"
+        raise DerivationError(f"{names} {what}; choose another --out (e.g. --out {run_dir / 'arch.yaml'})")
     existing = [p for p in targets if p.exists()]
     if existing and not cfg["overwrite"]:
         names = ", ".join(str(p.resolve()) for p in existing)
@@ -834,6 +845,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
     """The thin shell: parse, run, one-line errors (exit 2), tracebacks only with --debug."""
     args = _parse_args(argv)
     debug = args.pop("debug")
+    if not debug:  # warnings as one line each, like the errors
+        warnings.showwarning = one_line_warning
     try:
         main(args)
     except (ValueError, OSError) as e:  # OSError: folders and files (missing, read-only, full)

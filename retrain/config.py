@@ -37,6 +37,7 @@ __all__ = [
     "defaults_help",
     "load_config",
     "nearest_flag",
+    "one_line_warning",
     "plain_value",
     "resolve_config",
     "run_cli",
@@ -402,7 +403,7 @@ def run_cli(
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if not debug:  # warnings as one line each, like the errors (Python's own echo the source line below the message)
-        warnings.showwarning = _one_line_warning
+        warnings.showwarning = one_line_warning
     try:
         cfg = resolve_config(defaults, argv, description=description, helps=helps)
         debug = debug or bool(cfg.get("debug", False))
@@ -441,7 +442,8 @@ def _user_message(e: BaseException) -> str:
     return one_line(text)
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """``warnings.showwarning`` for the command-line tools: ``warning: <one line>``, without Python's source line."""
     print(f"warning: {one_line(message)}", file=sys.stderr if file is None else file)
 
 

@@ -115,6 +115,19 @@ def test_refuses_to_replace_any_file_it_writes(tmp_path: Path, capsys: pytest.Ca
     assert load_arch(out["arch_path"]).depth == 3
 
 
+@pytest.mark.parametrize("name", ["arch_probs.jsonl", "args.yaml", "summary.csv", "last.pt", "mine.pt"])
+def test_never_writes_over_the_search_runs_own_files(tmp_path: Path, capsys: pytest.CaptureFixture, name: str) -> None:
+    """--out naming the input, a checkpoint or another file of the search run is refused even with --overwrite."""
+    run = _fake_run(tmp_path)
+    if name.endswith(".pt") or name == "summary.csv":
+        (run / name).write_bytes(b"THE RUN'S")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert vsp.cli([str(run / "arch_probs.jsonl"), "--out", str(run / name), "--overwrite", "--no-plots"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {(run / name).resolve()} is one of the search run's files; choose another --out")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
 def test_no_plots_writes_and_checks_only_the_arch_file(tmp_path: Path) -> None:
     run = _fake_run(tmp_path)
     (tmp_path / "y_heatmap.png").write_text("USERDATA")  # not written with plots off, so no reason to refuse
@@ -541,3 +554,26 @@ def test_tiny_search_checkpoint_derives_a_buildable_arch(tmp_path: Path) -> None
     assert load_arch(again["arch_path"]).orders == arch.orders
     assert "--dataset synthetic" not in derived["command"] and "--img-size 16" in derived["command"]
     assert derived["arch_moved"]
+
+
+@pytest.mark.parametrize("module", ["vis_search_prob", "tune"])
+def test_cli_warnings_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, module: str
+) -> None:
+    """Like the trainers, the derivation and the sweep print a warning as one line, without Python's source line."""
+    import importlib
+    import warnings
+
+    mod = importlib.import_module(f"nas.{module}")
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # the cli installs its own; restored after
+
+    def main(cfg: dict[str, Any]) -> dict[str, Any]:
+        warnings.warn("two\nlines", UserWarning, stacklevel=1)
+        return {"finished": True}
+
+    monkeypatch.setattr(mod, "main", main)
+    argv = [str(_fake_run(tmp_path))] if module == "vis_search_prob" else []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert mod.cli(argv) == 0
+    assert capsys.readouterr().err == "warning: two lines\n"
