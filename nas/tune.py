@@ -98,18 +98,28 @@ def held_out_base(target: str, base_cfg: Mapping[str, Any]) -> tuple[dict[str, A
 
 
 DEFAULTS: dict[str, Any] = {
-    "target": "retrain",
+    # None: not given (a new sweep takes NEW_SWEEP_DEFAULTS; --resume keeps the saved value)
+    "target": None,
     "config": "",  # base config of the target (YAML accepted by its -c)
     "space": "",  # sweep space YAML
-    "num_samples": 8,
-    "max_concurrent": 0,  # 0: as many as the resources allow
-    "gpus_per_trial": 0.0,
-    "cpus_per_trial": 1.0,
+    "num_samples": None,
+    "max_concurrent": None,  # 0: as many as the resources allow
+    "gpus_per_trial": None,
+    "cpus_per_trial": None,
     "address": None,  # join this Ray cluster instead of starting a local one
     "resume": None,  # a sweep directory to continue
     "output": "runs/tune",
     "name": None,  # default: <target>-<UTC time>
     "quiet": False,
+}
+
+# What a new sweep takes for the keys not given.
+NEW_SWEEP_DEFAULTS: dict[str, Any] = {
+    "target": "retrain",
+    "num_samples": 8,
+    "max_concurrent": 0,
+    "gpus_per_trial": 0.0,
+    "cpus_per_trial": 1.0,
 }
 
 # Keys a trial sets itself: sampling them would fight the sweep's own bookkeeping.
@@ -587,6 +597,31 @@ def _check_ranges(target_module: Any, base_cfg: dict[str, Any], space: SweepSpac
                 raise ConfigError(f"{source}: {why}: {e}") from None
 
 
+def _preflight(target: str, target_module: Any, base_cfg: dict[str, Any], source: str) -> None:
+    """What every trial would do first, done once here: the base config's values, its data (files, arrays, sizes)
+    and its model (sizes that fit the patch, an arch or space file that exists and fits). A base config that fails
+    them would fail every trial inside Ray, after the sweep has started, and resuming could not fix it."""
+    from retrain.data import build_dataset
+
+    cfg = base_cfg
+    try:
+        target_module.check_values(cfg)
+        _, info = build_dataset(cfg["dataset"], cfg["data_dir"], "train", cfg["img_size"], cfg["in_chans"] or None,
+                                seed=cfg["seed"], num_samples=8, download=False)  # fmt: skip
+        if target == "search":
+            target_module.build_supernet(cfg, info.num_classes, info.in_chans)
+        else:
+            target_module.build_model(cfg, info)
+    except (ValueError, OSError, TypeError) as e:
+        raise ConfigError(f"{source}: every trial would fail: {one_line(e)}") from None
+
+
+# Flags that describe a new sweep; --resume continues the one saved in sweep.yaml and cannot change them.
+_NEW_SWEEP_FLAGS = ("target", "config", "space", "num_samples", "max_concurrent", "name")
+# The trial size, which a resumed sweep may change (e.g. on a machine with other resources).
+_RESOURCE_FLAGS = ("cpus_per_trial", "gpus_per_trial")
+
+
 def main(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume) a sweep and write its summary files.
 
@@ -604,11 +639,27 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         if not sweep_file.is_file():
             raise ConfigError(f"--resume {sweep_dir}: not a sweep directory (no {sweep_file.name}); give OUTPUT/NAME")
         saved = yaml.safe_load(sweep_file.read_text())
+        given = {**cfg, "space": str(Path(cfg["space"]).resolve()) if cfg["space"] else cfg["space"]}
+        fixed = [k for k in _NEW_SWEEP_FLAGS if cfg[k] not in (None, "") and given[k] != saved.get(k)]
+        if fixed:
+            flags = ", ".join(f"--{k.replace('_', '-')} {cfg[k]}" for k in fixed)
+            raise ConfigError(
+                f"--resume continues the sweep {sweep_dir} as saved; it cannot take {flags}; drop them, or start a new "
+                f"sweep with --name"
+            )
         target, base_cfg, space_path = saved["target"], saved["base_config"], saved["space"]
         cpus, gpus = saved["cpus_per_trial"], saved["gpus_per_trial"]
+        changed = {k: float(cfg[k]) for k in _RESOURCE_FLAGS if cfg[k] is not None and cfg[k] != saved[k]}
+        if changed:
+            cpus, gpus = changed.get("cpus_per_trial", cpus), changed.get("gpus_per_trial", gpus)
+            if cpus <= 0 or gpus < 0:
+                raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+            print(f"resuming with {', '.join(f'--{k.replace(chr(95), chr(45))} {v:g}' for k, v in changed.items())} "
+                  f"(saved: {', '.join(f'{saved[k]:g}' for k in changed)})", flush=True)  # fmt: skip
         num_samples, max_concurrent, workdir = saved["num_samples"], saved["max_concurrent"], saved["workdir"]
         space = load_sweep_space(space_path, importlib.import_module(TARGETS[target].module).DEFAULTS)
     else:
+        cfg.update({k: v for k, v in NEW_SWEEP_DEFAULTS.items() if cfg[k] is None})
         target = cfg["target"]
         if target not in TARGETS:
             raise ConfigError(f"--target '{target}' is not one of {', '.join(TARGETS)}")
@@ -636,6 +687,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         if held_out_note:
             print(held_out_note, flush=True)
         _check_ranges(target_module, base_cfg, space, cfg["space"])
+        _preflight(target, target_module, base_cfg, str(cfg["config"]))
         space_path = str(Path(cfg["space"]).resolve())
         cpus, gpus = float(cfg["cpus_per_trial"]), float(cfg["gpus_per_trial"])
         num_samples, max_concurrent, workdir = int(cfg["num_samples"]), int(cfg["max_concurrent"] or 0), os.getcwd()
@@ -645,7 +697,6 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(
                 f"{sweep_dir} already holds a sweep; continue it with --resume {sweep_dir} or pick --name"
             )
-        sweep_dir.mkdir(parents=True, exist_ok=True)
         saved = {
             "target": target,
             "space": space_path,
@@ -656,7 +707,6 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
             "workdir": workdir,
             "base_config": base_cfg,
         }
-        save_config(saved, _sweep_files(sweep_dir)["sweep"])
 
     spec = target_for(target, base_cfg)
     files = _sweep_files(sweep_dir)
@@ -674,6 +724,12 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
     _quiet_libraries()
     _init_ray(cfg["address"], cfg["quiet"])
     _check_resources(cpus, gpus)
+    if cfg["resume"]:
+        if (cpus, gpus) != (saved["cpus_per_trial"], saved["gpus_per_trial"]):  # the next resume takes them too
+            save_config({**saved, "cpus_per_trial": cpus, "gpus_per_trial": gpus}, files["sweep"])
+    else:  # written only now: a sweep refused above leaves nothing behind that would block its --name
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        save_config(saved, files["sweep"])
     trainable = tune.with_resources(
         make_trainable(target, base_cfg, threads=max(1, int(cpus)), workdir=workdir), {"cpu": cpus, "gpu": gpus}
     )
@@ -762,13 +818,21 @@ def _parse_args(argv: Sequence[str] | None) -> dict[str, Any]:
         prog="python -m nas.tune",
         description="Sweep the hyper-parameters of nas.search or retrain.train with Ray Tune + Optuna TPE + ASHA.",
     )
-    p.add_argument("--target", choices=sorted(TARGETS), default=DEFAULTS["target"], help="what each trial runs")
+    p.add_argument("--target", choices=sorted(TARGETS), help="what each trial runs (default: retrain)")
     p.add_argument("-c", "--config", default="", help="base config of the target (its -c YAML)")
     p.add_argument("--space", default="", help="sweep space YAML (params with distributions)")
-    p.add_argument("--num-samples", type=int, default=DEFAULTS["num_samples"], help="number of trials")
-    p.add_argument("--max-concurrent", type=int, default=0, help="trials at once (default: as resources allow)")
-    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial (fractions share a GPU)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (also its torch threads)")
+    p.add_argument("--num-samples", type=int, help="number of trials (default: 8)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as resources allow)")
+    p.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        help="GPUs per trial (fractions share a GPU; default: 0; --resume may change it)",
+    )
+    p.add_argument(
+        "--cpus-per-trial",
+        type=float,
+        help="CPUs per trial (also its torch threads; default: 1; --resume may change it)",
+    )
     p.add_argument("--address", default=None, help="join this Ray cluster (default: start a local Ray)")
     p.add_argument("--resume", default=None, metavar="SWEEP_DIR", help="continue an interrupted sweep")
     p.add_argument("--output", default=DEFAULTS["output"], help="parent directory of the sweep")

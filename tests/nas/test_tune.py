@@ -202,3 +202,60 @@ def test_retrain_target_metric_and_held_out_default(tmp_path: Path, capsys: pyte
     code = nt.cli(["--target", "retrain", "-c", _write(tmp_path / "base.yaml", BASE), "--space", space])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "'val_frac' cannot be swept" in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    "target,base,match",
+    [
+        ("retrain", {"img_size": 18}, r"img_size \(18, 18\) is not divisible by patch_size"),
+        ("retrain", {"dataset": "fashion_mnist", "data_dir": "nowhere/fm.npz"}, "nowhere"),
+        ("search", {"model": "test_local_vim_search", "space": "nowhere.yaml"}, "nowhere.yaml"),
+    ],
+)
+def test_a_base_config_every_trial_would_refuse_stops_before_the_sweep(
+    tmp_path: Path, capsys: pytest.CaptureFixture, target: str, base: dict, match: str
+) -> None:
+    """The base config's data and model are checked once, before Ray or any file: one line, exit 2, no sweep."""
+    cfg = {**BASE, **base}
+    if target == "search":
+        cfg = {k: v for k, v in cfg.items() if k != "checkpoint_hist"}
+    path = _write(tmp_path / "base.yaml", cfg)
+    space = _write(
+        tmp_path / "space.yaml", {"params": {"lr": {"distribution": "loguniform", "low": 1e-3, "high": 1e-2}}}
+    )
+    out = tmp_path / "sweeps"
+    argv = ["--target", target, "-c", path, "--space", space, "--output", str(out), "--name", "x"]
+    assert nt.cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}: every trial would fail: ") and "\n" not in err
+    assert match in err or __import__("re").search(match, err), err
+    assert not out.exists()
+
+
+def test_a_refused_trial_size_leaves_no_sweep_and_resume_takes_only_resources(
+    tmp_path: Path, ray_local: str, capsys: pytest.CaptureFixture
+) -> None:
+    base = _write(tmp_path / "base.yaml", BASE)
+    space = _write(
+        tmp_path / "space.yaml", {"params": {"lr": {"distribution": "loguniform", "low": 1e-3, "high": 1e-2}}}
+    )
+    out = tmp_path / "sweeps"
+    argv = ["--target", "retrain", "-c", base, "--space", space, "--output", str(out), "--name", "g", "--address",
+            ray_local, "--gpus-per-trial", "64"]  # fmt: skip
+    assert nt.cli(argv) == 2
+    assert "--gpus-per-trial 64 but the Ray cluster has" in capsys.readouterr().err
+    assert not (out / "g" / "sweep.yaml").exists()  # the same --name is free for the corrected command
+
+    sweep = out / "saved"  # a sweep saved earlier: --resume continues it as saved
+    sweep.mkdir(parents=True)
+    saved = {"target": "retrain", "space": space, "num_samples": 2, "max_concurrent": 0, "cpus_per_trial": 1.0,
+             "gpus_per_trial": 64.0, "workdir": str(tmp_path), "base_config": BASE}  # fmt: skip
+    _write(sweep / "sweep.yaml", saved)
+    with pytest.raises(ConfigError, match=r"cannot take --num-samples 3, --name other; drop them"):
+        nt.main({"resume": str(sweep), "num_samples": 3, "name": "other"})
+    with pytest.raises(ConfigError, match="--gpus-per-trial 64 but"):  # as saved
+        nt.main({"resume": str(sweep), "address": ray_local, "quiet": True})
+    with pytest.raises(ConfigError, match="--cpus-per-trial 64 but"):  # the new trial size is the one checked
+        nt.main({"resume": str(sweep), "address": ray_local, "quiet": True, "gpus_per_trial": 0.0,
+                 "cpus_per_trial": 64.0})  # fmt: skip
+    assert yaml.safe_load((sweep / "sweep.yaml").read_text()) == saved  # a refused resume changes nothing
