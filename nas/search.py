@@ -58,7 +58,7 @@ from retrain.checkpoint import (
     save_checkpoint,
 )
 from retrain.config import MODEL_ARGS_SET_BY_FLAGS as TRAINER_MODEL_ARGS
-from retrain.config import check_model_kwargs, defaults_help, resolve_config, run_cli, save_config
+from retrain.config import check_model_kwargs, defaults_help, resolve_config, run_cli, save_config, unknown_kwarg_hint
 from retrain.data import build_dataset, build_loader, split_train
 from retrain.engine import (
     COMPILE_MODES,
@@ -242,7 +242,7 @@ def build_supernet(cfg: dict[str, Any], num_classes: int, in_chans: int) -> tupl
     try:
         model = timm.create_model(name, **kwargs)
     except TypeError as e:  # an argument the model does not take (--model-kwargs d_stat=4)
-        raise ValueError(f"cannot build '{name}' with {kwargs}: {e}") from None
+        raise ValueError(f"cannot build '{name}' with {kwargs}: {e}{unknown_kwarg_hint(name, e)}") from None
     if not hasattr(model, "arch_parameters") or not list(model.arch_parameters()):
         raise ValueError(
             f"'{name}' has no arch parameters; search a supernet (a *_search model, e.g. {DEFAULTS['model']})"

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from retrain.checkpoint import RUN_FILES
+from retrain.checkpoint import RUN_FILES, first_sentence
 from retrain.config import FILE_MODE, OneLineArgumentParser, nearest_flag, one_line, one_line_warning
 from retrain.engine import git_commit
 from search_spaces import ArchSpec, LayerChoice, SearchSpace, list_presets, load_space, save_arch, select_top_k
@@ -356,9 +356,7 @@ def _checkpoint_problem(path: Path, e: Exception) -> str:
     cause = e.__context__  # torch.load's own error when the file did not load at all
     if cause is None:
         return str(e).split("; ")[0]
-    # Its first sentence: torch's messages go on for paragraphs about weights_only.
-    first = (str(cause).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
-    return f"checkpoint {path.resolve()} is truncated or corrupt ({type(cause).__name__}: {first})"
+    return f"checkpoint {path.resolve()} is truncated or corrupt ({type(cause).__name__}: {first_sentence(cause)})"
 
 
 def _other_sources(path: Path) -> str:

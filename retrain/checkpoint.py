@@ -29,6 +29,7 @@ __all__ = [
     "check_resume_recipe",
     "check_resume_spec",
     "check_resume_steps",
+    "first_sentence",
     "CHECKPOINT_FORMAT",
     "CheckpointError",
     "CheckpointKeeper",
@@ -93,6 +94,12 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def first_sentence(e: BaseException) -> str:
+    """The first sentence of an exception's message on one line: torch's load errors go on for paragraphs."""
+    first = (str(e).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
+    return one_line(first, 200)
+
+
 def load_checkpoint(
     path: str | Path,
     expect_kind: str | None = None,
@@ -116,10 +123,10 @@ def load_checkpoint(
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, random bytes, pickled objects refused by weights_only
-        reason = one_line(e, 160)
         raise CheckpointError(
-            f"checkpoint {path.resolve()} is truncated, corrupt or not a plain-tensor checkpoint ({reason}); "
-            f"resume from another checkpoint (e.g. --resume auto picks the newest complete one)",
+            f"checkpoint {path.resolve()} is truncated, corrupt or not a plain-tensor checkpoint "
+            f"({type(e).__name__}: {first_sentence(e)}); use another checkpoint of the run (a training run: "
+            f"--resume auto picks the newest complete one)",
             unreadable=True,
         ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:

@@ -38,6 +38,7 @@ __all__ = [
     "load_config",
     "nearest_flag",
     "one_line_warning",
+    "unknown_kwarg_hint",
     "plain_value",
     "resolve_config",
     "run_cli",
@@ -181,11 +182,30 @@ def _cli_scalar(text: str) -> Any:
     return value if isinstance(value, (bool, int, float, str)) or value is None else text
 
 
+def unknown_kwarg_hint(model_name: str, error: TypeError) -> str:
+    """``"; did you mean 'embed_dim'?"`` for the keyword argument a model's constructor refused (``error``), from the
+    parameters of the class that refused it (ours or timm's); ``""`` when the error or the class says nothing."""
+    import inspect
+
+    import timm
+
+    found = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(error))
+    if not found:
+        return ""
+    try:
+        module = sys.modules[timm.models.model_entrypoint(model_name).__module__]
+        params = inspect.signature(getattr(module, found.group(1))).parameters.values()
+    except (AttributeError, KeyError, RuntimeError, TypeError, ValueError):
+        return ""
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return nearest_key(found.group(2), named)
+
+
 def _cli_pair(text: str) -> tuple[str, Any]:
     """``key=value`` for a mapping flag (``--model-kwargs embed_dim=160 depth=8``); the value is read as YAML."""
     key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise ValueError(f"expected key=value, got '{text}'")
+    if not sep or not key:  # argparse shows this message (a ValueError would show the function's name)
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, e.g. embed_dim=160, got '{text}'")
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
@@ -236,8 +256,14 @@ def defaults_help(source: str | Path, name: str = "DEFAULTS") -> dict[str, str]:
 def _build_parser(
     defaults: Mapping[str, Any], description: str, helps: Mapping[str, str] | None = None
 ) -> argparse.ArgumentParser:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)  # run as `python -m nas.search`: say that
+    prog = f"python -m {spec.name.removesuffix('.__main__')}" if spec is not None and spec.name else None
     parser = argparse.ArgumentParser(
-        description=description, allow_abbrev=False, argument_default=argparse.SUPPRESS, exit_on_error=False
+        prog=prog,
+        description=description,
+        allow_abbrev=False,
+        argument_default=argparse.SUPPRESS,
+        exit_on_error=False,
     )
     parser.add_argument("-c", "--config", metavar="FILE.yaml", help="YAML file of settings (CLI flags override it)")
     for key, default in defaults.items():

@@ -61,7 +61,7 @@ from retrain.checkpoint import (
     save_checkpoint,
 )
 from retrain.config import MODEL_ARGS_SET_BY_FLAGS as TRAINER_MODEL_ARGS
-from retrain.config import check_model_kwargs, defaults_help, resolve_config, run_cli, save_config
+from retrain.config import check_model_kwargs, defaults_help, resolve_config, run_cli, save_config, unknown_kwarg_hint
 from retrain.data import DatasetInfo, build_dataset, build_loader, split_train
 from retrain.engine import (
     COMPILE_MODES,
@@ -236,7 +236,7 @@ def build_model(cfg: dict[str, Any], info: DatasetInfo) -> tuple[nn.Module, dict
     except TypeError as e:
         dropped = [k for k in ("img_size", "patch_size") if k in kwargs and f"'{k}'" in str(e)]
         if zoo or not dropped:
-            raise ValueError(f"cannot build '{name}' with {kwargs}: {e}") from None
+            raise ValueError(f"cannot build '{name}' with {kwargs}: {e}{unknown_kwarg_hint(name, e)}") from None
         for k in dropped:
             kwargs.pop(k)
         model = model_from_spec(spec)

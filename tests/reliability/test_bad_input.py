@@ -70,7 +70,12 @@ CASES = [
     Case("config-unknown-eval-metric", "retrain.train", [*TRAIN, "--eval-metric", "foo"],
          r"--eval-metric 'foo' is out of range; use one of top1, top5, loss$"),
     Case("config-search-unknown-model-kwarg", "nas.search", [*SEARCH, "--model-kwargs", "d_stat=4"],
-         r"cannot build 'test_local_vim_search' with \{.*'d_stat': 4\}: .*unexpected keyword argument 'd_stat'$"),
+         r"cannot build 'test_local_vim_search' with \{.*'d_stat': 4\}: .*unexpected keyword argument 'd_stat'; "
+         r"did you mean 'd_state'\?$"),
+    Case("config-model-kwargs-typo", "retrain.train", [*TRAIN, "--model-kwargs", "embed_dimm=8"],
+         r"unexpected keyword argument 'embed_dimm'; did you mean 'embed_dim'\?$"),
+    Case("config-model-kwargs-not-a-pair", "retrain.train", [*TRAIN, "--model-kwargs", "embed_dim"],
+         r"--model-kwargs: expected KEY=VALUE, e.g. embed_dim=160, got 'embed_dim'; see --help$"),
     # --- data: missing path, wrong layout, empty ---------------------------------------------------------------------
     Case("data-missing-dir", "retrain.train", [*TRAIN, "--dataset", "mnist", "--data-dir", "{fx}/nowhere"],
          r"mnist: the data folder not found at .*nowhere; pass --data-dir"),
@@ -130,6 +135,9 @@ CASES = [
     Case("ckpt-resume-missing", "retrain.train", [*TRAIN, "--resume", "{fx}/nope.pt"], r"checkpoint not found"),
     Case("ckpt-resume-truncated", "nas.search", [*SEARCH, "--resume", "{fx}/truncated.pt"],
          r"truncated, corrupt .*--resume auto"),
+    Case("ckpt-eval-truncated", "retrain.train", ["--eval-only", "{fx}/truncated.pt"],
+         r"truncated, corrupt or not a plain-tensor checkpoint \((RuntimeError|OSError): [^.;]*\); use another "
+         r"checkpoint of the run"),
     Case("ckpt-resume-foreign", "retrain.train", [*TRAIN, "--resume", "{fx}/timm_weights.pt"],
          r"not a scan-nas checkpoint"),
     Case("ckpt-resume-other-model", "retrain.train", [*TRAIN, "--resume", "{fx}/other_model.pt"],
@@ -199,6 +207,12 @@ CASES = [
     Case("sweep-base-model-kwargs-owned", "nas.tune", ["--target", "search", "-c", "{fx}/search_base_owned.yaml",
                                                       "--space", "{fx}/space_unknown.yaml"],
          r"search_base_owned.yaml: --model-kwargs in_chans=1: in_chans is set by the trainer; use --in-chans"),
+    Case("sweep-base-size-not-fitting", "nas.tune", ["--target", "retrain", "-c", "{fx}/retrain_base_18.yaml",
+                                                     "--space", "{fx}/space_lr.yaml"],
+         r"retrain_base_18.yaml: every trial would fail: test_vim: img_size \(18, 18\) is not divisible by patch_size"),
+    Case("sweep-base-data-missing", "nas.tune", ["--target", "retrain", "-c", "{fx}/retrain_base_nodata.yaml",
+                                                 "--space", "{fx}/space_lr.yaml"],
+         r"retrain_base_nodata.yaml: every trial would fail: fashion_mnist: .*nowhere"),
     Case("orders-unknown-order", "search_spaces", ["show", "zigzag"], r"zigzag"),
 ]  # fmt: skip
 
@@ -355,6 +369,12 @@ def _make_fixtures(fx: Path) -> None:
     (fx / "compare_owned.yaml").write_text(yaml.safe_dump(owned))
     owned = {"model": "test_local_vim_search", "epochs": 2, "model_kwargs": {"in_chans": 1}}
     (fx / "search_base_owned.yaml").write_text(yaml.safe_dump(owned))
+    (fx / "retrain_base_18.yaml").write_text(yaml.safe_dump({"model": "test_vim", "img_size": 18, "epochs": 1}))
+    nodata = {"model": "test_vim", "dataset": "fashion_mnist", "data_dir": str(fx / "nowhere"), "epochs": 1}
+    (fx / "retrain_base_nodata.yaml").write_text(yaml.safe_dump(nodata))
+    (fx / "space_lr.yaml").write_text(
+        yaml.safe_dump({"params": {"lr": {"distribution": "loguniform", "low": 1e-4, "high": 1e-2}}})
+    )
     (fx / "compare_bad.yaml").write_text(yaml.safe_dump({"models": [{"name": "vim", "modle": "test_vim"}]}))
 
 

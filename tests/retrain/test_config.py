@@ -199,3 +199,15 @@ def test_defaults_help_reads_only_the_named_dict(tmp_path) -> None:
     assert defaults_help(tmp_path / "missing.py") == {}
     text = " ".join(_build_parser({"a": 1, "d": [1], "e": "5%"}, "", helps).format_help().split())
     assert "5% of it (default: '5%')" in text and "a list over (default: [1])" in text
+
+
+def test_help_names_the_command_as_it_runs() -> None:
+    """``python -m retrain.compare --help`` says ``usage: python -m retrain.compare``, not the file's name."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "retrain.compare", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m retrain.compare [-h]"), done.stdout[:200]
