@@ -484,37 +484,48 @@ def _pyplot():
 
 
 def plot_heatmap(arch: ArchSpec, path: str | Path, title: str = "") -> Path:
-    """Layers × candidates heatmap of the derivation probabilities with the kept cells outlined."""
+    """Layers × candidates heatmap of the derivation probabilities with the kept cells outlined.
+
+    Cells are coloured by their distance from the uniform 1/K (a diverging scale centred there, as wide as the largest
+    distance), so that a short search, whose probabilities are all near 1/K, still shows which way each layer leans;
+    the labels carry as many decimals as it takes to tell the cells apart (up to 4).
+    """
+    import math
+
     import numpy as np
 
     plt = _pyplot()
     cands = arch.space.candidates
     probs = np.array([layer.probs for layer in arch.layers], dtype=float)
-    fig_w = 1.6 + 0.75 * len(cands)
+    dev = probs - 1.0 / len(cands)
+    reach = max(float(np.abs(dev).max()), 1e-9)
+    spread = float(probs.max() - probs.min())
+    decimals = min(4, max(2, 1 - math.floor(math.log10(spread)))) if spread > 0 else 2
+    fig_w = 1.6 + (0.75 + 0.1 * (decimals - 2)) * len(cands)
     fig_h = 1.4 + 0.38 * arch.depth
     fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=110)
-    im = ax.imshow(probs, cmap="viridis", vmin=0.0, vmax=max(float(probs.max()), 1e-9), aspect="auto")
+    im = ax.imshow(dev, cmap="RdBu_r", vmin=-reach, vmax=reach, aspect="auto")
     for i, layer in enumerate(arch.layers):
         for j, c in enumerate(cands):
             kept = c in layer.orders
             ax.text(
                 j,
                 i,
-                f"{probs[i, j]:.2f}",
+                f"{probs[i, j]:.{decimals}f}",
                 ha="center",
                 va="center",
                 fontsize=7,
-                color="black" if probs[i, j] > 0.6 * probs.max() else "white",
+                color="white" if abs(dev[i, j]) > 0.6 * reach else "black",
                 fontweight="bold" if kept else "normal",
             )
             if kept:
-                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.8))
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2.0))
     ax.set_xticks(range(len(cands)), cands, rotation=45, ha="right")
     ax.set_yticks(range(arch.depth), [layer.label for layer in arch.layers])
-    ax.set_xlabel("candidate order (red: kept)")
+    ax.set_xlabel("candidate order (outlined: kept)")
     ax.set_ylabel("layer")
     ax.set_title(title or f"scan-order probabilities, top {arch.space.k} kept", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="probability")
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label=f"probability − 1/{len(cands)} (uniform)")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
