@@ -8,6 +8,8 @@ import sys
 from .orders import ORDER_PATTERNS, order_grid
 from .space import list_presets, load_space
 
+_MAX_SIDE = 512  # a printed grid a person can still read (and build in a blink)
+
 
 def _parse_size(text: str) -> tuple[int, int]:
     try:
@@ -16,6 +18,11 @@ def _parse_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"size must look like 4x6 (rows x columns), got '{text}'") from None
     if h < 1 or w < 1:
         raise argparse.ArgumentTypeError(f"size must be positive, got '{text}'")
+    if max(h, w) > _MAX_SIDE:
+        raise argparse.ArgumentTypeError(
+            f"size '{text}' is too large to print (at most {_MAX_SIDE} per side); orders of any size come from "
+            f"search_spaces.scan_order(name, H, W) in Python"
+        )
     return h, w
 
 

@@ -214,6 +214,8 @@ CASES = [
                                                  "--space", "{fx}/space_lr.yaml"],
          r"retrain_base_nodata.yaml: every trial would fail: fashion_mnist: .*nowhere"),
     Case("orders-unknown-order", "search_spaces", ["show", "zigzag"], r"zigzag"),
+    Case("orders-grid-too-large", "search_spaces", ["show", "wv3", "--size", "100000x100000"],
+         r"size '100000x100000' is too large to print \(at most 512 per side\)"),
 ]  # fmt: skip
 
 # Not errors, by design: windows larger than the grid are clipped (a 2x2 token grid with w7 is a valid order).
