@@ -74,6 +74,17 @@ def unwrap_checkpoint(state_dict: dict) -> dict:
     return state_dict
 
 
+def check_device(model_name: str, device: Any) -> None:
+    """Refuse, in one line, a ``device=`` the model cannot be built on: its scan orders are buffers computed from
+    the grid and kept out of the state dict, so a model built on ``meta`` and then materialised would scan in
+    garbage orders."""
+    if device is not None and torch.device(device).type == "meta":
+        raise ValueError(
+            f"{model_name}: device='meta' is not supported (the scan orders are computed at construction and not "
+            f"saved with the weights); build it on 'cpu' or a GPU"
+        )
+
+
 def build_family_model(
     model_cls: type, variant: str, pretrained: bool, filter_fn: Any, default_out_indices: Any, **kwargs: Any
 ) -> nn.Module:

@@ -38,6 +38,7 @@ from ._base import (
     ArchSpecLike,
     SpaceSpec,
     build_family_model,
+    check_device,
     check_io,
     check_sizes,
     resolve_layer_orders,
@@ -211,9 +212,14 @@ class VisionMamba(ArchModelMixin, nn.Module):
         scan_backend: str = "auto",
         scan_recompute: bool | None = None,
         model_name: str = "VisionMamba",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        # Every constructor argument as it reached the model, defaults included (a resumed run compares them).
-        init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        # Every constructor argument as it reached the model, defaults included (a resumed run compares them);
+        # not where it was placed (timm's ``device=`` / ``dtype=``, which its own records leave out too).
+        placed = ("self", "__class__", "device", "dtype")
+        init_args = {k: v for k, v in locals().items() if k not in placed}
+        check_device(model_name, device)
         super().__init__()
         self.init_args = init_args
         self.img_size = to_size(img_size)
@@ -280,6 +286,8 @@ class VisionMamba(ArchModelMixin, nn.Module):
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights(depth)
+        if device is not None or dtype is not None:  # timm's factory arguments: built here, then placed
+            self.to(device=device, dtype=dtype)
 
     def _init_weights(self, depth: int) -> None:
         trunc_normal_(self.pos_embed, std=0.02)

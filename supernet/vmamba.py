@@ -33,6 +33,7 @@ from ._base import (
     ArchSpecLike,
     SpaceSpec,
     build_family_model,
+    check_device,
     check_io,
     check_sizes,
     resolve_layer_orders,
@@ -179,9 +180,14 @@ class VMamba(ArchModelMixin, nn.Module):
         scan_backend: str = "auto",
         scan_recompute: bool | None = None,
         model_name: str = "VMamba",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        # Every constructor argument as it reached the model, defaults included (a resumed run compares them).
-        init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        # Every constructor argument as it reached the model, defaults included (a resumed run compares them);
+        # not where it was placed (timm's ``device=`` / ``dtype=``, which its own records leave out too).
+        placed = ("self", "__class__", "device", "dtype")
+        init_args = {k: v for k, v in locals().items() if k not in placed}
+        check_device(model_name, device)
         super().__init__()
         self.init_args = init_args
         self.img_size = to_size(img_size)
@@ -256,6 +262,8 @@ class VMamba(ArchModelMixin, nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
+        if device is not None or dtype is not None:  # timm's factory arguments: built here, then placed
+            self.to(device=device, dtype=dtype)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

@@ -148,6 +148,24 @@ def test_bad_option_values() -> None:
         build("test_vim", orders=["h", "q"])
 
 
+@pytest.mark.parametrize("name", ["test_vim", "test_local_vmamba_search"])
+def test_timms_device_and_dtype_arguments(name: str) -> None:
+    """timm's factory arguments place the model (not recorded with its constructor arguments); ``meta`` is refused
+    in one line: the scan orders are computed buffers outside the state dict."""
+    torch.manual_seed(0)
+    placed = build(name, device="cpu", dtype=torch.float64)
+    torch.manual_seed(0)
+    plain = build(name).to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in placed.parameters())
+    assert placed.blocks[0].mixer.orders.dtype == torch.int32 if name == "test_vim" else True
+    assert "device" not in placed.init_args and "dtype" not in placed.init_args
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert torch.equal(placed.eval()(x), plain.eval()(x))
+    with pytest.raises(ValueError, match="device='meta' is not supported") as e:
+        build(name, device="meta")
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("name", ["test_vim", "test_vmamba"])
 def test_numpy_ints_are_sizes_too(name: str) -> None:
     """Sizes from numpy (a sweep's sampled values) build the same model as Python ints."""
