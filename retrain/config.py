@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextvars
 import difflib
 import io
 import os
@@ -35,6 +36,7 @@ __all__ = [
     "MODEL_ARGS_SET_BY_FLAGS",
     "check_model_kwargs",
     "defaults_help",
+    "given_settings",
     "load_config",
     "nearest_flag",
     "one_line_warning",
@@ -339,6 +341,7 @@ def resolve_config(
     overrides: Mapping[str, Any] | None = None,
     description: str = "",
     helps: Mapping[str, str] | None = None,
+    set_by: set[str] | None = None,
 ) -> dict[str, Any]:
     """Resolve a run configuration.
 
@@ -348,6 +351,7 @@ def resolve_config(
             calling from Python never picks up a foreign command line.
         overrides: values set from Python; they win over YAML and CLI.
         description: the ``--help`` text.
+        set_by: if given, receives the keys that the command line and its ``-c`` file set.
 
     Returns:
         A new flat dict with exactly the keys of ``defaults``.
@@ -356,6 +360,7 @@ def resolve_config(
         ConfigError: unknown key, wrong type, unreadable YAML file.
     """
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in defaults.items()}
+    set_by = set() if set_by is None else set_by
     if argv:
         parser = _build_parser(defaults, description, helps)
         try:
@@ -375,11 +380,24 @@ def resolve_config(
                 given[key] = dict(value)
         config_file = given.pop("config", None)
         if config_file:
-            _merge(cfg, load_config(config_file), defaults, f"config file {config_file}")
+            from_file = load_config(config_file)
+            _merge(cfg, from_file, defaults, f"config file {config_file}")
+            set_by |= set(from_file)
         _merge(cfg, given, defaults, "command line")
+        set_by |= set(given)
     if overrides:
         _merge(cfg, overrides, defaults, "overrides")
     return cfg
+
+
+# The settings a command line (or its -c file) gave, while run_cli runs its main: see given_settings().
+_GIVEN: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar("scan_nas_given", default=None)
+
+
+def given_settings() -> frozenset[str] | None:
+    """Inside a ``main`` that :func:`run_cli` called: the keys its command line or ``-c`` file set (a value given
+    equal to its default included); None when ``main`` was called from Python, whose dict says the same."""
+    return _GIVEN.get()
 
 
 def plain_value(value: Any) -> Any:
@@ -431,9 +449,14 @@ def run_cli(
     if not debug:  # warnings as one line each, like the errors (Python's own echo the source line below the message)
         warnings.showwarning = one_line_warning
     try:
-        cfg = resolve_config(defaults, argv, description=description, helps=helps)
+        set_by: set[str] = set()
+        cfg = resolve_config(defaults, argv, description=description, helps=helps, set_by=set_by)
         debug = debug or bool(cfg.get("debug", False))
-        result = main_fn(cfg)
+        token = _GIVEN.set(frozenset(set_by))
+        try:
+            result = main_fn(cfg)
+        finally:
+            _GIVEN.reset(token)
     except (ValueError, OSError) as e:  # OSError: files and folders (missing, read-only, a file where a folder goes)
         if debug:
             traceback.print_exc()

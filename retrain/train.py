@@ -61,7 +61,15 @@ from retrain.checkpoint import (
     save_checkpoint,
 )
 from retrain.config import MODEL_ARGS_SET_BY_FLAGS as TRAINER_MODEL_ARGS
-from retrain.config import check_model_kwargs, defaults_help, resolve_config, run_cli, save_config, unknown_kwarg_hint
+from retrain.config import (
+    check_model_kwargs,
+    defaults_help,
+    given_settings,
+    resolve_config,
+    run_cli,
+    save_config,
+    unknown_kwarg_hint,
+)
 from retrain.data import DatasetInfo, build_dataset, build_loader, split_train
 from retrain.engine import (
     COMPILE_MODES,
@@ -340,16 +348,15 @@ def build_splits(
 _EVAL_ONLY_KEYS = ("eval_only", "data_dir", "batch_size", "workers", "device", "debug")
 
 
-def _eval_only(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Rebuild the model and data of a checkpoint, evaluate the weights its metric came from, and print.
+def _eval_only(cfg: dict[str, Any], given: set[str] | frozenset[str]) -> dict[str, Any]:
+    """Rebuild the model and data of a checkpoint, evaluate the weights its metric came from, and print (``given``:
+    the settings the caller set, each named as ignored unless evaluation uses it).
 
     The data is the checkpoint's validation set: its ``val_frac`` and ``seed`` rebuild the same held-out split.
     """
     dinfo = init_distributed(cfg["device"])
     state = load_checkpoint(cfg["eval_only"], expect_kind="retrain")
-    ignored = [
-        f"--{k.replace('_', '-')} {v}" for k, v in cfg.items() if k not in _EVAL_ONLY_KEYS and v != DEFAULTS.get(k, v)
-    ]
+    ignored = [f"--{k.replace('_', '-')} {cfg[k]}" for k in DEFAULTS if k in given and k not in _EVAL_ONLY_KEYS]
     if ignored and dinfo.is_main:
         print(f"note: --eval-only rebuilds the checkpoint's own model and data; ignored: {', '.join(ignored)}")
     saved_cfg = {**DEFAULTS, **{k: v for k, v in state["config"].items() if k in DEFAULTS}}
@@ -407,9 +414,11 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
         ``test_top5``, ``test_loss`` (``ema_test_*`` with EMA) on the test split. With ``eval_only``: the
         checkpoint's metrics now (on its validation set) and as saved.
     """
+    given = given_settings()
+    given = set(cfg) if given is None else given  # from Python: the keys of its dict
     cfg = resolve_config(DEFAULTS, overrides=cfg)
     if cfg["eval_only"]:
-        return _eval_only(cfg)
+        return _eval_only(cfg, given)
     check_values(cfg)
     set_channel_sums(cfg["scan_sums"])  # process-wide, before any scan runs
     dinfo = init_distributed(cfg["device"], cfg["dist_timeout"])

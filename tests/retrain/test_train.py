@@ -66,6 +66,10 @@ def test_tiny_run_learns_and_eval_only_reproduces(tmp_path, capsys) -> None:
     assert "note: --eval-only rebuilds the checkpoint's own model and data; ignored: " in printed
     assert "--model test_vmamba" in printed and "--img-size 48" in printed and "--device" not in printed
     assert f"(epoch {state['epoch']}, the test split):" in printed
+    # A flag given on the command line at its default value is ignored too, and named (the run was at 16 px).
+    assert run_cli(main, DEFAULTS, ["--eval-only", best, "--img-size", "32", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "ignored: --img-size 32" in printed and "--model" not in printed
 
     # timm's own loaders read the checkpoint (its EMA weights, which made best.pt's metric), and timm's pretrained
     # path resamples the position embedding for another image size.
