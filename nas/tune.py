@@ -572,7 +572,8 @@ def _plot(rows: Sequence[dict[str, Any]], path: Path, metric: str) -> None:
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per trial (dotted: stopped early, interrupted or failed)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2, loc="best")
+    if ax.get_legend_handles_labels()[0]:  # no trial reported an epoch: nothing to name
+        ax.legend(fontsize=6, ncol=2, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -797,7 +798,13 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         )
         print(f"rerun it: python -m {spec.module} -c {shlex.quote(str(files['best_config']))}")
     if not finished:
-        print(f"the sweep did not finish; continue it with: python -m nas.tune --resume {shlex.quote(str(sweep_dir))}")
+        resume = f"python -m nas.tune --resume {shlex.quote(str(sweep_dir))}"
+        failed = sum(r["status"] == "error" for r in rows)
+        if failed and not _interrupted(results):
+            print(f"the sweep did not finish: {failed} trial(s) failed (their errors: {files['md']}); after fixing the "
+                  f"cause, retry them with: {resume}")  # fmt: skip
+        else:
+            print(f"the sweep did not finish; continue it with: {resume}")
     return {
         "sweep_dir": sweep_dir,
         "best_config": files["best_config"] if best_row is not None else None,
