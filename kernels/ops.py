@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -112,19 +113,61 @@ def validate_scan_inputs(
         if z.shape[2] not in (1, k):
             raise ValueError(f"z: expected shape ({bsz}, {seqlen}, 1 or {k}, {dim}), got {tuple(z.shape)}")
         _expect_dtype("z", z, floats)
-    _check_orders(orders, k, seqlen, check_orders)
+    if seqlen < 1:
+        raise ValueError(f"delta: the sequence is empty (L = 0, shape {tuple(delta.shape)}); a scan needs L >= 1")
+    _check_orders(orders, k, seqlen, check_orders, u.device)
     dev = u.device
     for name, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias)):
         if t is not None and t.device != dev:
             raise ValueError(f"{name}: expected device {dev} (the device of u), got {t.device}")
 
 
-def _check_orders(orders: torch.Tensor | None, k: int, seqlen: int, check_perm: bool) -> None:
+def _check_tensors(named: dict[str, Any], floating: bool = True) -> None:
+    """Each given (non-None) input of ``named`` is a tensor, a floating-point one with ``floating``, all on the device
+    of the first: else a one-line ValueError naming it (rather than an error deep in a kernel, or integer zeros)."""
+    device = None
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if floating and not t.is_floating_point():
+            raise ValueError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+        device = t.device if device is None else device
+        if t.device != device:
+            first = next(iter(named))
+            raise ValueError(f"{name}: expected device {device} (the device of {first}), got {t.device}")
+
+
+def _host_checkable(t: torch.Tensor) -> bool:
+    """Whether a value check of ``t`` waits for nothing: a real CPU tensor, outside torch.compile's tracing, dispatch
+    modes (FakeTensorMode, FlopCounterMode) and ``torch.func`` transforms."""
+    return (
+        t.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
+def _check_orders(orders: torch.Tensor | None, k: int, seqlen: int, check_perm: bool, device: torch.device) -> None:
+    """Shape, dtype and device of ``orders``; its indices on the host (a CPU tensor: the kernels would read and write
+    outside the tensors with one out of [0, L)); with ``check_perm`` (any device; a GPU waits for it) that each row
+    is a permutation."""
     if orders is None:
         return
     if not isinstance(orders, torch.Tensor) or orders.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"orders: expected an int32/int64 tensor of shape ({k}, {seqlen}), got {orders!r:.80}")
     _expect_shape("orders", orders, (k, seqlen))
+    if orders.device != device:
+        raise ValueError(f"orders: expected device {device} (the device of the inputs), got {orders.device}")
+    if orders.numel() and _host_checkable(orders):
+        lo, hi = (int(v) for v in orders.aminmax())
+        if lo < 0 or hi >= seqlen:
+            raise ValueError(
+                f"orders: token indices must lie in [0, {seqlen}) (each row a permutation of the L tokens), got "
+                f"values from {lo} to {hi}"
+            )
     if check_perm:
         want = torch.arange(seqlen, device=orders.device).expand(k, seqlen)
         if not torch.equal(torch.sort(orders.long(), dim=1).values, want):
@@ -192,24 +235,27 @@ def causal_conv1d(
     activation: str | None = "silu",
     backend: str = "auto",
     out_dtype: torch.dtype | None = None,
+    check_orders: bool = False,
 ) -> torch.Tensor:
     """Causal depthwise conv1d along each of K token orders. See :func:`causal_conv1d_ref` for semantics.
 
     Args:
-        x: (B, L, Kx, D), Kx in {1, K}. weight: (K, D, W). bias: (K, D) or None. orders: (K, L) or None.
-        activation: ``"silu"`` or None. backend: as for :func:`selective_scan`.
+        x: (B, L, Kx, D), Kx in {1, K}. weight: (K, D, W), W >= 1. bias: (K, D) or None. orders: (K, L) or None.
+        activation: ``"silu"`` or None. backend: as for :func:`selective_scan`. check_orders: as for
+        :func:`selective_scan`.
 
     Returns:
         (B, L, K, D) in original token order.
     """
-    if weight.dim() != 3:
-        raise ValueError(f"weight: expected shape (K, D, W), got {tuple(weight.shape)}")
+    _check_tensors({"x": x, "weight": weight, "bias": bias})
+    if weight.dim() != 3 or weight.shape[2] < 1:
+        raise ValueError(f"weight: expected shape (K, D, W) with W >= 1, got {tuple(weight.shape)}")
     k, dim, _ = weight.shape
     if x.dim() != 4 or x.shape[3] != dim or x.shape[2] not in (1, k):
         raise ValueError(f"x: expected shape (B, L, 1 or {k}, {dim}), got {tuple(x.shape)}")
     if bias is not None:
         _expect_shape("bias", bias, (k, dim))
-    _check_orders(orders, k, x.shape[1], False)
+    _check_orders(orders, k, x.shape[1], check_orders, x.device)
     if activation not in ("silu", None):
         raise ValueError(f"activation: expected 'silu' or None, got {activation!r}")
     backend = resolve_backend(backend, x.device, compute_dtype(x, weight, bias))
@@ -223,6 +269,7 @@ def causal_conv1d(
 
 
 def _check_merge_inputs(y: torch.Tensor, w: torch.Tensor) -> None:
+    _check_tensors({"y": y, "w": w})
     if y.dim() != 4:
         raise ValueError(f"y: expected shape (B, L, K, D), got {tuple(y.shape)}")
     _expect_shape("w", w, (y.shape[2],))
@@ -243,6 +290,7 @@ def branch_merge(
     """
     _check_merge_inputs(y, w)
     if z is not None:
+        _check_tensors({"y": y, "z": z})
         _expect_shape("z", z, (y.shape[0], y.shape[1], y.shape[3]))
     if resolve_backend(backend, y.device, compute_dtype(y, z)) == "triton":
         from .library import branch_merge_op, gated_branch_merge_op
@@ -267,6 +315,8 @@ def gather_rows(idx: torch.Tensor, tensors: Sequence[torch.Tensor], backend: str
     """
     from .triton_gather import MAX_TENSORS
 
+    if isinstance(tensors, torch.Tensor):  # list() would take its rows as the tensors
+        raise ValueError("tensors: expected a list of tensors; wrap a single one as [t]")
     tensors = list(tensors)
     if idx.dim() != 1 or idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
         raise ValueError(f"idx: expected a 1-D integer tensor, got {idx.dtype} of shape {tuple(idx.shape)}")
@@ -313,6 +363,10 @@ def branch_attn_merge(
         (B, L, D) in y's dtype.
     """
     _check_merge_inputs(y, w)
+    names = ("norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+    _check_tensors({"y": y, **dict(zip(names, (norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)))})
+    if y.shape[1] < 1:
+        raise ValueError(f"y: the sequence is empty (L = 0, shape {tuple(y.shape)}); the gate pools over L >= 1")
     dim = y.shape[3]
     _expect_shape("norm_weight", norm_weight, (dim,))
     _expect_shape("norm_bias", norm_bias, (dim,))
@@ -355,6 +409,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float | None = 1e-5, ba
         x: (..., C). weight: (C,). eps: added to the mean square (None: the machine epsilon of x's dtype, as
             ``torch.nn.functional.rms_norm``). backend: as for :func:`selective_scan`.
     """
+    _check_tensors({"x": x, "weight": weight})
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
     eps = torch.finfo(x.dtype).eps if eps is None else eps
@@ -399,6 +454,7 @@ def add_rms_norm(
         eps: added to the mean square (None: the machine epsilon of r's dtype, as ``torch.nn.functional.rms_norm``).
         out_dtype: dtype of y. backend: as for :func:`selective_scan`.
     """
+    _check_tensors({"x": x, "residual": residual, "weight": weight})
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(
             f"add_rms_norm: weight {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}"
@@ -446,6 +502,7 @@ def layer_norm(
         x: (..., C). weight, bias: (C,) or None. eps: added to the variance. out_dtype: dtype of the result (default
             x's; under autocast PyTorch's LayerNorm returns fp32). backend: as for :func:`selective_scan`.
     """
+    _check_tensors({"x": x, "weight": weight, "bias": bias})
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and (t.dim() != 1 or t.shape[0] != x.shape[-1]):
             raise ValueError(f"layer_norm: {name} {tuple(t.shape)} does not match the last dim of x {tuple(x.shape)}")

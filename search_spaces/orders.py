@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -92,9 +92,9 @@ ORDER_PATTERNS: dict[str, _Pattern] = {
     "v": _Pattern(r"v", "column-major", lambda h, w: _col_major(h, w), True),
     "zh": _Pattern(r"zh", "snake over rows", lambda h, w: _snake_rows(h, w), True),
     "zv": _Pattern(r"zv", "snake over columns", lambda h, w: _snake_cols(h, w), True),
-    "w{k}": _Pattern(r"w(\d+)", "k×k windows, row-major (k >= 2)", lambda h, w, k: _windows(h, w, k), False),
+    "w{k}": _Pattern(r"w([0-9]+)", "k×k windows, row-major (k >= 2)", lambda h, w, k: _windows(h, w, k), False),
     "wv{k}": _Pattern(
-        r"wv(\d+)", "k×k windows, column-major (k >= 2)", lambda h, w, k: _windows_transposed(h, w, k), False
+        r"wv([0-9]+)", "k×k windows, column-major (k >= 2)", lambda h, w, k: _windows_transposed(h, w, k), False
     ),
 }
 _FLIP = "_flip"
@@ -163,6 +163,7 @@ def scan_order(name: str, height: int, width: int) -> torch.Tensor:
     for what, n in (("height", height), ("width", width)):
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"scan order grid {what} must be an integer >= 1, got {n!r}")
+    parse_order_name(name)  # a name that is no string fails here, in words, not as a cache key
     return _cached_order(name, height, width).clone()
 
 
@@ -176,8 +177,27 @@ def is_permutation(order: torch.Tensor, length: int | None = None) -> bool:
     return bool(torch.equal(torch.sort(order.long()).values, torch.arange(n, device=order.device)))
 
 
+def _as_order(order: Any, what: str) -> torch.Tensor:
+    """``order`` as a 1-D integer tensor (a list or tuple of ints too), else a one-line ValueError naming ``what``."""
+    if not isinstance(order, torch.Tensor):
+        try:
+            order = torch.as_tensor(order)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{what}: expected an order, a 1-D tensor (or list) of token indices") from None
+    if order.dim() != 1 or order.is_floating_point() or order.is_complex() or order.dtype == torch.bool:
+        raise ValueError(f"{what}: expected a 1-D integer order, got {order.dtype} of shape {tuple(order.shape)}")
+    return order
+
+
 def inverse_order(order: torch.Tensor) -> torch.Tensor:
-    """The inverse permutation: ``inverse_order(o)[o[t]] == t``."""
+    """The inverse permutation: ``inverse_order(o)[o[t]] == t``.
+
+    Raises:
+        ValueError: ``order`` is not a permutation of ``0..L-1`` (the inverse would be undefined).
+    """
+    order = _as_order(order, "inverse_order")
+    if not is_permutation(order):
+        raise ValueError(f"inverse_order: the order is not a permutation of 0..{order.numel() - 1} (each index once)")
     inv = torch.empty_like(order)
     inv[order] = torch.arange(order.numel(), device=order.device, dtype=order.dtype)
     return inv
@@ -185,13 +205,15 @@ def inverse_order(order: torch.Tensor) -> torch.Tensor:
 
 def apply_order(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """Reorder tokens into scan order: ``x`` (B, L, ...) → (B, L, ...) with ``out[:, t] = x[:, order[t]]``."""
+    order = _as_order(order, "apply_order")
     if x.shape[1] != order.numel():
         raise ValueError(f"apply_order: x has {x.shape[1]} tokens on dim 1 but the order has {order.numel()}")
     return x.index_select(1, order.to(x.device))
 
 
 def undo_order(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Undo :func:`apply_order`: scan-ordered (B, L, ...) back to row-major token order."""
+    """Undo :func:`apply_order`: scan-ordered (B, L, ...) back to row-major token order (``order`` a permutation)."""
+    order = _as_order(order, "undo_order")
     if x.shape[1] != order.numel():
         raise ValueError(f"undo_order: x has {x.shape[1]} tokens on dim 1 but the order has {order.numel()}")
     return x.index_select(1, inverse_order(order.to(x.device)))

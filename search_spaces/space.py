@@ -58,7 +58,8 @@ class SearchSpace:
         mask = tuple(is_global_order(c) for c in cands)
         object.__setattr__(self, "global_mask", mask)
         n_global = sum(mask)
-        if not isinstance(self.min_global, int) or not 0 <= self.min_global <= min(self.k, n_global):
+        bad = not isinstance(self.min_global, int) or isinstance(self.min_global, bool)
+        if bad or not 0 <= self.min_global <= min(self.k, n_global):
             raise _one_line_error(
                 f"search space '{self.name}': min_global={self.min_global!r} is out of range; use "
                 f"0..{min(self.k, n_global)} (k={self.k}, {n_global} global candidates)"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from numbers import Integral
 from typing import Sequence
 
 import torch
@@ -224,8 +225,10 @@ class VisionMamba(ArchModelMixin, nn.Module):
         self.init_args = init_args
         self.img_size = to_size(img_size)
         check_io(model_name, in_chans, num_classes)
-        check_sizes(model_name, {"patch_size": patch_size, "embed_dim": embed_dim, "depth": depth, "d_state": d_state},
+        check_sizes(model_name, {"embed_dim": embed_dim, "depth": depth, "d_state": d_state},
                     {"expand": expand}, d_conv)  # fmt: skip
+        if not isinstance(patch_size, Integral) or isinstance(patch_size, bool) or patch_size < 1:
+            raise ValueError(f"{model_name}: patch_size must be a positive int, got {patch_size!r}")
         patch_size = int(patch_size)  # a numpy int too: the grid and the orders are plain ints
         if any(s % patch_size for s in self.img_size):
             raise ValueError(

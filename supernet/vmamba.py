@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from numbers import Integral
 from typing import Sequence
 
 import torch
@@ -192,8 +193,10 @@ class VMamba(ArchModelMixin, nn.Module):
         self.init_args = init_args
         self.img_size = to_size(img_size)
         check_io(model_name, in_chans, num_classes)
-        check_sizes(model_name, {"patch_size": patch_size, "dims": dims, "depths": depths, "d_state": d_state},
+        check_sizes(model_name, {"dims": dims, "depths": depths, "d_state": d_state},
                     {"ssm_ratio": ssm_ratio}, d_conv)  # fmt: skip
+        if not isinstance(patch_size, Integral) or isinstance(patch_size, bool) or patch_size < 1:
+            raise ValueError(f"{model_name}: patch_size must be a positive int, got {patch_size!r}")
         patch_size = int(patch_size)  # a numpy int too: the grid and the orders are plain ints
         if any(s % patch_size for s in self.img_size):
             raise ValueError(

@@ -64,7 +64,7 @@ def test_scan_rejects_mixed_devices():
 
 def test_conv_rejects_bad_inputs():
     x, w = torch.randn(2, 10, 2, 4), torch.randn(2, 4, 4)
-    with pytest.raises(ValueError, match=r"weight: expected shape \(K, D, W\), got \(2, 4\)"):
+    with pytest.raises(ValueError, match=r"weight: expected shape \(K, D, W\) with W >= 1, got \(2, 4\)"):
         causal_conv1d(x, torch.randn(2, 4))
     with pytest.raises(ValueError, match=r"x: expected shape \(B, L, 1 or 2, 4\), got \(2, 10, 3, 4\)"):
         causal_conv1d(torch.randn(2, 10, 3, 4), w)
@@ -151,3 +151,60 @@ def test_block_size_files_load_or_fail_in_one_line(tmp_path):
                           capture_output=True, text=True)  # fmt: skip
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: --configs: block-size file")
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("bad", [10, -1, 10**8])
+def test_orders_out_of_range_are_refused_before_any_kernel(backend, bad):
+    """An index outside [0, L) made the Triton kernels read and write outside the tensors (garbage, a crash); on the
+    host it is refused in one line for the scan and the conv on both backends."""
+    inputs = _inputs()
+    orders = torch.stack([torch.arange(10), torch.arange(10).flip(0)])
+    orders[0, 3] = bad
+    for dtype in (torch.int64, torch.int32):
+        with pytest.raises(ValueError, match=rf"orders: token indices must lie in \[0, 10\).* {bad}"):
+            selective_scan(**inputs, orders=orders.to(dtype), backend=backend)
+        with pytest.raises(ValueError, match=rf"orders: token indices must lie in \[0, 10\).* {bad}"):
+            causal_conv1d(inputs["u"], torch.randn(2, 4, 3), orders=orders.to(dtype), backend=backend)
+    dup = torch.stack([torch.arange(10), torch.zeros(10, dtype=torch.long)])  # in range, not a permutation
+    with pytest.raises(ValueError, match=r"orders: rows \[1\] are not permutations"):
+        causal_conv1d(inputs["u"], torch.randn(2, 4, 3), orders=dup, check_orders=True, backend=backend)
+
+
+def test_other_ops_name_a_bad_input():
+    from kernels import add_rms_norm, branch_attn_merge, branch_merge, gather_rows, layer_norm, rms_norm
+
+    y, w = torch.randn(2, 5, 2, 4), torch.rand(2)
+    cases = [
+        (lambda: causal_conv1d(torch.randint(0, 3, (2, 5, 1, 4)), torch.randn(2, 4, 3)), r"x: expected a floating"),
+        (lambda: causal_conv1d([[1.0]], torch.randn(2, 4, 3)), r"x: expected a torch.Tensor, got list"),
+        (lambda: causal_conv1d(torch.randn(2, 5, 1, 4), torch.randn(2, 4, 0)), r"with W >= 1, got \(2, 4, 0\)"),
+        (lambda: causal_conv1d(torch.randn(2, 5, 1, 4), torch.randn(2, 4, 3, device="meta")), r"weight: expected dev"),
+        (lambda: branch_merge(y.long(), w), r"y: expected a floating-point tensor, got torch.int64"),
+        (lambda: branch_merge(y, [0.5, 0.5]), r"w: expected a torch.Tensor, got list"),
+        (
+            lambda: branch_merge(y, w, torch.randn(2, 5, 4, device="meta")),
+            r"z: expected device cpu \(the device of y\), got meta",
+        ),
+        (lambda: gather_rows(torch.tensor([1]), torch.randn(3, 4)), r"tensors: expected a list of tensors"),
+        (
+            lambda: rms_norm(torch.randn(3, 4), torch.ones(4, device="meta")),
+            r"weight: expected device cpu \(the device of x\), got meta",
+        ),
+        (lambda: add_rms_norm(torch.randn(3, 4), torch.randn(3, 4).long(), torch.ones(4)), r"residual: expected a fl"),
+        (lambda: layer_norm(torch.randn(3, 4), torch.ones(4), [0.0] * 4), r"bias: expected a torch.Tensor"),
+        (
+            lambda: branch_attn_merge(
+                y[:, :0], w, *[torch.ones(4)] * 2, torch.ones(3, 4), torch.ones(3), torch.ones(4, 3), torch.ones(4)
+            ),  # fmt: skip
+            r"y: the sequence is empty",
+        ),
+    ]
+    for call, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            call()
+    inputs = _inputs()
+    for k in ("u", "delta", "B", "C", "z"):
+        inputs[k] = inputs[k][:, :0]
+    with pytest.raises(ValueError, match=r"delta: the sequence is empty \(L = 0"):
+        selective_scan(**inputs, backend="ref")

@@ -154,3 +154,30 @@ def test_cli_usage_errors_are_one_line(argv, capsys) -> None:
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
+
+
+def test_inverse_and_undo_refuse_a_non_permutation_and_take_lists() -> None:
+    """A repeated or out-of-range index left part of the inverse uninitialised (different garbage each call)."""
+    from search_spaces import apply_order, inverse_order, undo_order
+
+    x = torch.arange(6.0).view(1, 6, 1)
+    for bad in ([0, 0, 1, 2, 3, 4], [-1, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 6]):
+        with pytest.raises(ValueError, match=r"not a permutation of 0..5"):
+            inverse_order(torch.tensor(bad))
+        with pytest.raises(ValueError, match=r"not a permutation of 0..5"):
+            undo_order(x, torch.tensor(bad))
+    order = [5, 3, 1, 0, 2, 4]
+    assert torch.equal(undo_order(apply_order(x, order), order), x)
+    with pytest.raises(ValueError, match=r"apply_order: expected a 1-D integer order"):
+        apply_order(x, torch.tensor([0.0, 1.0]))
+
+
+def test_order_names_are_ascii_strings() -> None:
+    from search_spaces import SearchSpace
+
+    with pytest.raises(ValueError, match="scan order name must be a string, got list"):
+        scan_order(["h"], 2, 3)
+    with pytest.raises(ValueError, match="unknown scan order 'w\uff13'"):  # a fullwidth 3 read as w3 before
+        scan_order("w\uff13", 3, 3)
+    with pytest.raises(ValueError, match=r"min_global=True is out of range"):
+        SearchSpace(name="s", candidates=("h", "w2"), k=2, min_global=True)

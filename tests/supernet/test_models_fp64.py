@@ -30,7 +30,9 @@ def test_an_fp64_model_passes_gradcheck(name: str) -> None:
 @pytest.mark.parametrize("name", ["test_vim", "test_vmamba"])
 def test_an_fp64_models_scan_parameters_pass_gradcheck(name: str) -> None:
     """The first mixer's A_log, D and Δ bias, which the scan takes in fp32 in other models, stay fp64 here (their
-    gradients are ~1e-8, hence the tight atol)."""
+    gradients are ~1e-8, hence the tight atol; and a step of 1e-4, since at gradcheck's 1e-6 the central difference's
+    rounding, ~1e-16 / 1e-6 of an O(1) output, is ~1 % of such a gradient and failed or passed with the summation
+    order)."""
     torch.manual_seed(8)
     size = 16 if "vim" in name else 32
     model = build(name, img_size=size, num_classes=3).eval().double()
@@ -43,7 +45,7 @@ def test_an_fp64_models_scan_parameters_pass_gradcheck(name: str) -> None:
     def run(*ts):
         return torch.func.functional_call(model, dict(zip(names, ts)), (x,))
 
-    assert torch.autograd.gradcheck(run, leaves, eps=1e-6, atol=1e-11, rtol=1e-4, fast_mode=True)
+    assert torch.autograd.gradcheck(run, leaves, eps=1e-4, atol=1e-11, rtol=1e-4, fast_mode=True)
 
 
 def test_a_search_models_arch_logits_pass_gradcheck_in_fp64() -> None:
