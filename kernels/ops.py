@@ -200,7 +200,9 @@ def selective_scan(
         orders: (K, L) int permutations (None: identity for every order).
         backend: ``auto``, ``ref``, ``triton`` or ``mamba``.
         out_dtype: output dtype (default ``u.dtype``); fp32 output for bf16/fp16 inputs avoids AMP overflow.
-        check_orders: verify that each row of ``orders`` is a permutation (costs a sort).
+        check_orders: verify that each row of ``orders`` is a permutation (costs a sort; on a GPU it waits for the
+            device). Without it, orders on the CPU are still checked to lie in [0, L); on a GPU they are not checked
+            (the kernels read and write through them: pass permutations, as the models' own orders are).
         recompute_states: ``triton`` backend: keep no chunk-start states for the backward (fp32, B·K·D·N per
             saved-state interval), rerun the forward kernel in the backward instead. Other backends ignore it.
 
