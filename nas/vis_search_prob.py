@@ -522,13 +522,13 @@ def plot_heatmap(arch: ArchSpec, path: str | Path, title: str = "") -> Path:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2.0))
     ax.set_xticks(range(len(cands)), cands, rotation=45, ha="right")
     ax.set_yticks(range(arch.depth), [layer.label for layer in arch.layers])
-    ax.set_xlabel("candidate order (outlined: kept)")
+    ax.set_xlabel("candidate order (outlined: kept; red above, blue below the uniform 1/K)")
     ax.set_ylabel("layer")
     ax.set_title(title or f"scan-order probabilities, top {arch.space.k} kept", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label=f"probability − 1/{len(cands)} (uniform)")
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label=f"p − 1/{len(cands)}")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # the colour bar's label whole on narrow figures
     plt.close(fig)
     return path
 
