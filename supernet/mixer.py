@@ -12,7 +12,9 @@ combination ``y = Σ_k w_k · y_k`` with ``Σ_k w_k = 1``:
 * supernet, ``softmax`` mode: ``w = softmax(arch_logits)`` (DARTS);
 * supernet, ``gumbel`` mode: ``w = softmax((arch_logits + g) / tau)`` with Gumbel noise ``g`` (training only);
 * supernet, ``hard`` mode: ``top_m`` orders sampled by Gumbel top-m; only those are computed, each weighted ``1/m``
-  in the forward pass with the straight-through gradient of the Gumbel-softmax (GDAS);
+  in the forward pass with the straight-through gradient of the Gumbel-softmax (GDAS); in eval mode the ``top_m``
+  orders derivation keeps (:func:`search_spaces.select_top_k`: the most probable, the space's ``min_global`` global
+  ones reserved, ties toward the earlier candidate), so a derived child computes what it computes;
 * derived child or baseline with k orders: ``w = 1/k`` (Vim averages its two branches the same way).
 
 With a z gate (Mamba's ``y ⊙ silu(z)``, z shared by the K orders) and the plain merge, the gate is applied once, after
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.ref_ops import flop_counting
-from search_spaces import coinciding_orders, scan_order
+from search_spaces import coinciding_orders, is_global_order, scan_order
 
 __all__ = [
     "ARCH_MODES",
@@ -352,6 +354,7 @@ class MultiOrderMixer(nn.Module):
         orders: the order names this mixer computes (a supernet's candidates, or a child's chosen k).
         search: own ``arch_logits`` (K,) and mix by ``mode``; otherwise weights are uniform ``1/K``.
         mode: ``softmax``, ``gumbel`` or ``hard`` (search only).
+        min_global: global orders an eval-mode ``hard`` top-m keeps at least (the search space's; search only).
         d_state: SSM state size N.
         expand: inner width ``D = expand * dim``.
         dt_rank: rank of the Δ projection (``"auto"``: ``ceil(dim / 16)``).
@@ -379,6 +382,7 @@ class MultiOrderMixer(nn.Module):
         orders: Sequence[str],
         search: bool = False,
         mode: str = "softmax",
+        min_global: int = 0,
         d_state: int = 16,
         expand: float = 2.0,
         dt_rank: int | str = "auto",
@@ -415,6 +419,9 @@ class MultiOrderMixer(nn.Module):
         self.register_buffer("_tau", torch.ones(()), persistent=False)
         self.top_m = 1
         self.mode = "softmax"
+        self.min_global = int(min_global)
+        is_global = torch.tensor([is_global_order(n) for n in self.order_names], dtype=torch.bool)
+        self.register_buffer("_is_global", is_global, persistent=False)
         kernels.resolve_backend(scan_backend, torch.device("cpu"))  # reject a bad backend name now, not mid-forward
 
         # int32, the kernels' index type: an int64 buffer cost a conversion kernel in every scan and conv call.
@@ -620,12 +627,29 @@ def batched_branch_weights(mixers: Sequence[MultiOrderMixer]) -> list[Branch]:
             out[i] = (m.x_proj_weight.new_full((k,), 1.0 / k, dtype=dtype), None)
             continue
         # Not the temperature's Python float: a compiled step would guard on it and recompile when it changes (gdas).
-        key = (m.mode, m.num_orders, m.top_m, m.training, m.arch_logits.device)
+        key = (m.mode, m.num_orders, m.top_m, m.training, m.arch_logits.device, m.min_global, m.order_names)
         groups.setdefault(key, []).append(i)
     for members in groups.values():
         for i, wi in zip(members, _group_branch_weights([mixers[i] for i in members])):
             out[i] = wi
     return out
+
+
+def derived_top_m(logits: torch.Tensor, m: int, is_global: torch.Tensor, min_global: int) -> torch.Tensor:
+    """:func:`search_spaces.select_top_k` on the device, per row of ``logits`` (..., K): the ``m`` most probable
+    candidates (fp32 softmax, as derivation reads them), the best ``min(min_global, m)`` of the global ones
+    (``is_global`` (K,)) reserved, ties toward the earlier candidate; indices in candidate order (..., m). No host
+    round trip, so an eval step can be captured as a CUDA graph."""
+    k = logits.shape[-1]
+    ranked = torch.sort(torch.softmax(logits.float(), -1), dim=-1, descending=True, stable=True).indices
+    steps = torch.arange(k, device=logits.device).expand_as(ranked)
+    rank = torch.empty_like(ranked).scatter_(-1, ranked, steps)  # each candidate's place, 0 = most probable
+    g = min(int(min_global), m)
+    if g > 0:
+        glob = is_global.to(logits.device)[ranked]  # in ranked order
+        reserved = glob & (torch.cumsum(glob.long(), -1) <= g)  # the best g global candidates
+        rank = rank - k * torch.zeros_like(glob).scatter_(-1, ranked, reserved).long()  # reserved ones first
+    return torch.sort(rank, dim=-1, stable=True).indices[..., :m].sort(-1).values
 
 
 def _group_branch_weights(group: list[MultiOrderMixer]) -> list[Branch]:
@@ -648,8 +672,12 @@ def _group_branch_weights(group: list[MultiOrderMixer]) -> list[Branch]:
         return [(w, None) for w in rows(torch.softmax(logits, -1))]
     if first.mode == "gumbel":
         return [(w, None) for w in rows(torch.softmax(logits / tau, -1))]
-    # hard: top-m of the (noisy) logits, uniform 1/m in value, Gumbel-softmax straight-through gradient.
-    idx = torch.topk(logits.detach(), first.top_m, dim=-1).indices.sort(-1).values
+    # hard: top-m of the (noisy) logits, uniform 1/m in value, Gumbel-softmax straight-through gradient; in eval
+    # mode the orders derivation keeps.
+    if sampling:
+        idx = torch.topk(logits.detach(), first.top_m, dim=-1).indices.sort(-1).values
+    else:
+        idx = derived_top_m(logits.detach(), first.top_m, first._is_global, first.min_global)
     soft = torch.softmax(logits / tau, -1).gather(-1, idx)
     w = soft - soft.detach() + 1.0 / first.top_m
     return list(zip(rows(w), rows(idx)))

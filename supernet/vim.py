@@ -272,6 +272,7 @@ class VisionMamba(ArchModelMixin, nn.Module):
             self.grid,
             search=layer_orders.search,
             mode=mix or "softmax",
+            min_global=layer_orders.space.min_global if layer_orders.search else 0,
             d_state=d_state,
             expand=expand,
             dt_rank=dt_rank,

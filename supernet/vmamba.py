@@ -238,6 +238,7 @@ class VMamba(ArchModelMixin, nn.Module):
                 grid,
                 search=layer_orders.search,
                 mode=mix or "softmax",
+                min_global=layer_orders.space.min_global if layer_orders.search else 0,
                 d_state=d_state,
                 expand=ssm_ratio,
                 dt_rank=dt_rank,

@@ -430,3 +430,42 @@ def test_orders_reach_the_kernels_as_int32(mix: str, monkeypatch: pytest.MonkeyP
     assert all(orders.dtype == torch.int32 for _, orders in spy.calls)
     unshuffled = {tuple(row) for row in model.blocks[-1].mixer.orders.tolist()}
     assert all(tuple(row) not in unshuffled for row in spy.calls[-1][1].tolist())  # the shuffle was applied
+
+
+def test_eval_hard_top_m_keeps_the_orders_derivation_keeps() -> None:
+    """select_top_k's rule on the device: ties toward the earlier candidate, the space's global orders reserved."""
+    import random
+
+    from search_spaces import SearchSpace, select_top_k
+    from supernet.mixer import derived_top_m
+
+    rng = random.Random(0)
+    for name in ("localmamba", "extended"):
+        space = load_space(name)
+        is_global = torch.tensor(space.global_mask)
+        for _ in range(60):
+            logits = torch.tensor([rng.choice([0.0, 1.0, rng.gauss(0, 1)]) for _ in space.candidates])
+            probs = torch.softmax(logits, 0).tolist()
+            for m in range(max(1, space.min_global), space.num_candidates + 1):
+                sub = SearchSpace(name=name, candidates=space.candidates, k=m, min_global=space.min_global)
+                got = derived_top_m(logits.unsqueeze(0), m, is_global, space.min_global)[0]
+                assert [space.candidates[i] for i in got.tolist()] == select_top_k(sub, probs), (name, m, logits)
+
+
+@pytest.mark.parametrize("space", ["localmamba", "extended"])
+def test_a_derived_child_computes_the_supernets_eval_hard_output_when_logits_tie(space: str) -> None:
+    """Zero (tied) logits: derivation and the supernet's eval-mode hard top-k keep the same orders, so the child
+    with the supernet's weights gives the same logits (they differed: torch.topk broke ties another way, and ignored
+    the space's min_global)."""
+    torch.manual_seed(0)
+    sn = build("test_local_vim_search", img_size=32, num_classes=5, space=space).double()
+    with torch.no_grad():
+        for p in sn.arch_parameters():
+            p.zero_()
+        sn.arch_parameters()[1][3:6] = 1.0
+    arch = supernet.derive_arch(sn)
+    sn.eval().set_arch_mode("hard", top_m=sn.search_space.k)
+    child = supernet.create_derived(arch, img_size=32, num_classes=5).double()
+    supernet.load_supernet_weights(child, sn)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert torch.equal(sn(x), child.eval()(x))
