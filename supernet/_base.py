@@ -244,7 +244,8 @@ class ArchModelMixin:
         computed) or ``hard`` (Gumbel top-``top_m`` straight-through: only the sampled orders are computed).
 
         Sampling happens in training mode only, from the default generator of the model's device. In eval mode
-        ``gumbel`` uses the plain softmax and ``hard`` the ``top_m`` most probable orders.
+        ``gumbel`` uses the plain softmax and ``hard`` the ``top_m`` orders derivation keeps (the most probable, the
+        space's ``min_global`` global ones reserved, ties toward the earlier candidate).
         """
         if not self.is_search:
             raise RuntimeError(f"set_arch_mode: {type(self).__name__} has fixed orders (no arch_logits)")
