@@ -78,7 +78,8 @@ def check_device(model_name: str, device: Any) -> None:
     """Refuse, in one line, a ``device=`` the model cannot be built on: its scan orders are buffers computed from
     the grid and kept out of the state dict, so a model built on ``meta`` and then materialised would scan in
     garbage orders."""
-    if device is not None and torch.device(device).type == "meta":
+    device = torch.get_default_device() if device is None else device  # `with torch.device("meta"):` too
+    if torch.device(device).type == "meta":
         raise ValueError(
             f"{model_name}: device='meta' is not supported (the scan orders are computed at construction and not "
             f"saved with the weights); build it on 'cpu' or a GPU"

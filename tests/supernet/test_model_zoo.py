@@ -164,6 +164,8 @@ def test_timms_device_and_dtype_arguments(name: str) -> None:
     with pytest.raises(ValueError, match="device='meta' is not supported") as e:
         build(name, device="meta")
     assert "\n" not in str(e.value)
+    with torch.device("meta"), pytest.raises(ValueError, match="device='meta' is not supported"):
+        build(name)
 
 
 @pytest.mark.parametrize("name", ["test_vim", "test_vmamba"])
