@@ -116,10 +116,7 @@ def validate_scan_inputs(
     if seqlen < 1:
         raise ValueError(f"delta: the sequence is empty (L = 0, shape {tuple(delta.shape)}); a scan needs L >= 1")
     _check_orders(orders, k, seqlen, check_orders, u.device)
-    dev = u.device
-    for name, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias)):
-        if t is not None and t.device != dev:
-            raise ValueError(f"{name}: expected device {dev} (the device of u), got {t.device}")
+    _check_tensors(dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias), floating=False)
 
 
 def _check_tensors(named: dict[str, Any], floating: bool = True) -> None:
@@ -270,8 +267,9 @@ def causal_conv1d(
     return conv(x, weight, bias, orders=orders, activation=activation, out_dtype=out_dtype)
 
 
-def _check_merge_inputs(y: torch.Tensor, w: torch.Tensor) -> None:
-    _check_tensors({"y": y, "w": w})
+def _check_merge_inputs(y: torch.Tensor, w: torch.Tensor, **more: torch.Tensor | None) -> None:
+    """y's and w's shapes; y, w and ``more`` floating tensors on one device."""
+    _check_tensors({"y": y, "w": w, **more})
     if y.dim() != 4:
         raise ValueError(f"y: expected shape (B, L, K, D), got {tuple(y.shape)}")
     _expect_shape("w", w, (y.shape[2],))
@@ -290,9 +288,8 @@ def branch_merge(
     Returns:
         (B, L, D) in y's dtype.
     """
-    _check_merge_inputs(y, w)
+    _check_merge_inputs(y, w, z=z)
     if z is not None:
-        _check_tensors({"y": y, "z": z})
         _expect_shape("z", z, (y.shape[0], y.shape[1], y.shape[3]))
     if resolve_backend(backend, y.device, compute_dtype(y, z)) == "triton":
         from .library import branch_merge_op, gated_branch_merge_op
@@ -364,9 +361,8 @@ def branch_attn_merge(
     Returns:
         (B, L, D) in y's dtype.
     """
-    _check_merge_inputs(y, w)
-    names = ("norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
-    _check_tensors({"y": y, **dict(zip(names, (norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)))})
+    _check_merge_inputs(y, w, norm_weight=norm_weight, norm_bias=norm_bias, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
+                        fc2_weight=fc2_weight, fc2_bias=fc2_bias)  # fmt: skip
     if y.shape[1] < 1:
         raise ValueError(f"y: the sequence is empty (L = 0, shape {tuple(y.shape)}); the gate pools over L >= 1")
     dim = y.shape[3]

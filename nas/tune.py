@@ -602,19 +602,27 @@ def _preflight(target: str, target_module: Any, base_cfg: dict[str, Any], source
     """What every trial would do first, done once here: the base config's values, its data (files, arrays, sizes)
     and its model (sizes that fit the patch, an arch or space file that exists and fits). A base config that fails
     them would fail every trial inside Ray, after the sweep has started, and resuming could not fix it."""
-    from retrain.data import build_dataset
+    from retrain.data import config_dataset_info
 
     cfg = base_cfg
     try:
         target_module.check_values(cfg)
-        _, info = build_dataset(cfg["dataset"], cfg["data_dir"], "train", cfg["img_size"], cfg["in_chans"] or None,
-                                seed=cfg["seed"], num_samples=8, download=False)  # fmt: skip
+        info = config_dataset_info(cfg)
         if target == "search":
             target_module.build_supernet(cfg, info.num_classes, info.in_chans)
         else:
             target_module.build_model(cfg, info)
     except (ValueError, OSError, TypeError) as e:
         raise ConfigError(f"{source}: every trial would fail: {one_line(e)}") from None
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _check_trial_size(cpus: float, gpus: float) -> None:
+    if cpus <= 0 or gpus < 0:
+        raise ConfigError(f"--cpus-per-trial must be > 0 and --gpus-per-trial >= 0, got {cpus:g} and {gpus:g}")
 
 
 # Flags that describe a new sweep; --resume continues the one saved in sweep.yaml and cannot change them.
@@ -643,7 +651,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         given = {**cfg, "space": str(Path(cfg["space"]).resolve()) if cfg["space"] else cfg["space"]}
         fixed = [k for k in _NEW_SWEEP_FLAGS if cfg[k] not in (None, "") and given[k] != saved.get(k)]
         if fixed:
-            flags = ", ".join(f"--{k.replace('_', '-')} {cfg[k]}" for k in fixed)
+            flags = ", ".join(f"{_flag(k)} {cfg[k]}" for k in fixed)
             raise ConfigError(
                 f"--resume continues the sweep {sweep_dir} as saved; it cannot take {flags}; drop them, or start a new "
                 f"sweep with --name"
@@ -653,10 +661,9 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         changed = {k: float(cfg[k]) for k in _RESOURCE_FLAGS if cfg[k] is not None and cfg[k] != saved[k]}
         if changed:
             cpus, gpus = changed.get("cpus_per_trial", cpus), changed.get("gpus_per_trial", gpus)
-            if cpus <= 0 or gpus < 0:
-                raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
-            print(f"resuming with {', '.join(f'--{k.replace(chr(95), chr(45))} {v:g}' for k, v in changed.items())} "
-                  f"(saved: {', '.join(f'{saved[k]:g}' for k in changed)})", flush=True)  # fmt: skip
+            _check_trial_size(cpus, gpus)
+            now = ", ".join(f"{_flag(k)} {v:g}" for k, v in changed.items())
+            print(f"resuming with {now} (saved: {', '.join(f'{saved[k]:g}' for k in changed)})", flush=True)
         num_samples, max_concurrent, workdir = saved["num_samples"], saved["max_concurrent"], saved["workdir"]
         space = load_sweep_space(space_path, importlib.import_module(TARGETS[target].module).DEFAULTS)
     else:
@@ -670,8 +677,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError("give the sweep space with --space SPACE.yaml")
         if int(cfg["num_samples"]) < 1:
             raise ConfigError(f"--num-samples must be >= 1, got {cfg['num_samples']}")
-        if float(cfg["cpus_per_trial"]) <= 0 or float(cfg["gpus_per_trial"]) < 0:
-            raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+        _check_trial_size(float(cfg["cpus_per_trial"]), float(cfg["gpus_per_trial"]))
         target_module = importlib.import_module(TARGETS[target].module)
         defaults = target_module.DEFAULTS
         base_cfg = resolve_config(defaults, argv=["-c", str(cfg["config"])])

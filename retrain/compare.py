@@ -55,6 +55,7 @@ from retrain.config import (
     run_cli,
     save_config,
 )
+from retrain.data import config_dataset_info
 
 __all__ = ["DEFAULTS", "Row", "collect_run", "main", "pick_gpu", "pooled_std", "summarise", "visible_gpus"]
 
@@ -293,7 +294,7 @@ def _model_cost(config: dict[str, Any]) -> tuple[int | None, int | None]:
 
     try:
         cfg = resolve_config(train_mod.DEFAULTS, overrides={k: v for k, v in config.items() if k in train_mod.DEFAULTS})
-        info = _dataset_info(cfg, need_files=False)
+        info = config_dataset_info(cfg, need_files=False)
         model, _ = train_mod.build_model(cfg, info)
         params, flops = count_params_flops(model, info.img_size, info.in_chans)
     except (ValueError, FileNotFoundError, RuntimeError):
@@ -492,33 +493,9 @@ def _plot(table: Sequence[dict[str, Any]], path: Path, title: str) -> None:
 # main
 
 
-def _dataset_info(train_cfg: dict[str, Any], need_files: bool = True) -> Any:
-    """Classes, channels and size of a recipe's data (all a model needs; a few synthetic samples suffice).
-
-    With ``need_files`` False, datasets of fixed shape (MNIST, Fashion-MNIST, CIFAR) are described without their
-    files, so runs made on another machine are costed here too. Before training, the files are read (a missing data
-    folder is reported before anything starts).
-    """
-    from retrain.data import build_dataset, fixed_dataset_info
-
-    known = fixed_dataset_info(train_cfg["dataset"], train_cfg["img_size"], train_cfg["in_chans"] or None)
-    if known is not None and not need_files:
-        return known
-    _, info = build_dataset(
-        train_cfg["dataset"],
-        train_cfg["data_dir"],
-        "val",
-        train_cfg["img_size"],
-        train_cfg["in_chans"] or None,
-        seed=train_cfg["seed"],
-        num_samples=8,
-    )
-    return info
-
-
 def _count_params(train_mod: Any, train_cfg: dict[str, Any], row_name: str) -> int:
     """The parameter count of a row's model, built the way retrain.train builds it (no training)."""
-    info = _dataset_info(train_cfg)
+    info = config_dataset_info(train_cfg)
     try:
         model, _ = train_mod.build_model(train_cfg, info)
     except ValueError as e:  # an arch file missing or not fitting its model: say which of the rows it is

@@ -38,6 +38,7 @@ __all__ = [
     "SyntheticScanDataset",
     "build_dataset",
     "build_loader",
+    "config_dataset_info",
     "fixed_dataset_info",
     "read_idx",
     "split_train",
@@ -396,6 +397,28 @@ def fixed_dataset_info(name: str, img_size: int, in_chans: int | None = None) ->
         return None
     classes, native = _FIXED[name]
     return DatasetInfo(classes, in_chans or native, img_size)
+
+
+def config_dataset_info(cfg: dict[str, Any], need_files: bool = True) -> DatasetInfo:
+    """Classes, channels and size of a trainer config's data (``dataset``, ``data_dir``, ``img_size``, ``in_chans``,
+    ``seed``): all a model needs, read from a few samples, so missing files or arrays fail here, in one line.
+
+    With ``need_files`` False, datasets of fixed shape (MNIST, Fashion-MNIST, CIFAR) are described without their
+    files (runs made on another machine can be costed where the data is not).
+    """
+    known = fixed_dataset_info(cfg["dataset"], cfg["img_size"], cfg["in_chans"] or None)
+    if known is not None and not need_files:
+        return known
+    _, info = build_dataset(
+        cfg["dataset"],
+        cfg["data_dir"],
+        "val",
+        cfg["img_size"],
+        cfg["in_chans"] or None,
+        seed=cfg["seed"],
+        num_samples=8,
+    )
+    return info
 
 
 def build_dataset(

@@ -74,6 +74,14 @@ def unwrap_checkpoint(state_dict: dict) -> dict:
     return state_dict
 
 
+def check_patch_size(model_name: str, patch_size: Any) -> int:
+    """``patch_size`` as a plain int (a numpy int too: the grid and the orders are built from it), or a one-line
+    ValueError naming it."""
+    if not isinstance(patch_size, Integral) or isinstance(patch_size, bool) or patch_size < 1:
+        raise ValueError(f"{model_name}: patch_size must be a positive int, got {patch_size!r}")
+    return int(patch_size)
+
+
 def check_device(model_name: str, device: Any) -> None:
     """Refuse, in one line, a ``device=`` the model cannot be built on: its scan orders are buffers computed from
     the grid and kept out of the state dict, so a model built on ``meta`` and then materialised would scan in

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from numbers import Integral
 from typing import Sequence
 
 import torch
@@ -41,6 +40,7 @@ from ._base import (
     build_family_model,
     check_device,
     check_io,
+    check_patch_size,
     check_sizes,
     resolve_layer_orders,
     take_indices,
@@ -227,9 +227,7 @@ class VisionMamba(ArchModelMixin, nn.Module):
         check_io(model_name, in_chans, num_classes)
         check_sizes(model_name, {"embed_dim": embed_dim, "depth": depth, "d_state": d_state},
                     {"expand": expand}, d_conv)  # fmt: skip
-        if not isinstance(patch_size, Integral) or isinstance(patch_size, bool) or patch_size < 1:
-            raise ValueError(f"{model_name}: patch_size must be a positive int, got {patch_size!r}")
-        patch_size = int(patch_size)  # a numpy int too: the grid and the orders are plain ints
+        patch_size = check_patch_size(model_name, patch_size)
         if any(s % patch_size for s in self.img_size):
             raise ValueError(
                 f"{model_name}: img_size {self.img_size} is not divisible by patch_size {patch_size}; use a multiple"

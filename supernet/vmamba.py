@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from numbers import Integral
 from typing import Sequence
 
 import torch
@@ -36,6 +35,7 @@ from ._base import (
     build_family_model,
     check_device,
     check_io,
+    check_patch_size,
     check_sizes,
     resolve_layer_orders,
     take_indices,
@@ -195,9 +195,7 @@ class VMamba(ArchModelMixin, nn.Module):
         check_io(model_name, in_chans, num_classes)
         check_sizes(model_name, {"dims": dims, "depths": depths, "d_state": d_state},
                     {"ssm_ratio": ssm_ratio}, d_conv)  # fmt: skip
-        if not isinstance(patch_size, Integral) or isinstance(patch_size, bool) or patch_size < 1:
-            raise ValueError(f"{model_name}: patch_size must be a positive int, got {patch_size!r}")
-        patch_size = int(patch_size)  # a numpy int too: the grid and the orders are plain ints
+        patch_size = check_patch_size(model_name, patch_size)
         if any(s % patch_size for s in self.img_size):
             raise ValueError(
                 f"{model_name}: img_size {self.img_size} is not divisible by patch_size {patch_size}; use a multiple"

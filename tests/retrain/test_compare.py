@@ -55,6 +55,14 @@ def _cfg(tmp_path: Path, **kw) -> dict:
     return cfg
 
 
+def _own_runs_cfg(tmp_path: Path, epochs: int, model: str, seeds: list[int]) -> dict:
+    """A comparison that trains (not collect-only) one row 'vim' of ``model`` with a tiny synthetic recipe."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"dataset": "synthetic", "img_size": 16, "epochs": epochs}))
+    return _cfg(tmp_path, collect_only=False, seeds=seeds, train_config=str(recipe),
+                models=[{"name": "vim", "model": model}])  # fmt: skip
+
+
 def _populate(tmp_path: Path, values: dict[str, list[float]], params: dict[str, int] | None = None) -> None:
     models = {"searched": "test_local_vim", "vim": "test_vim", "fixed": "test_local_fixed_vim"}
     for row, finals in values.items():
@@ -112,13 +120,10 @@ def test_own_runs_of_another_recipe_are_refused_unless_collecting(tmp_path: Path
     """A rerun with a changed recipe finds its own finished runs made by the old one: training the rest beside them
     would label the table with a recipe they did not run, so it refuses in one line and writes nothing; collect-only
     tabulates them, flagged."""
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"dataset": "synthetic", "img_size": 16, "epochs": 3}))
     own = tmp_path / "out" / "cmp" / "runs"
     _fake_run(own / "vim" / "seed0", "test_vim", 0, [10.0, 20.0])  # 2 epochs, the old recipe
     _fake_run(own / "vim" / "seed1", "test_vim", 1, [10.0, 20.0, 30.0])  # the recipe asked for
-    cfg = _cfg(tmp_path, collect_only=False, seeds=[0, 1], train_config=str(recipe),
-               models=[{"name": "vim", "model": "test_vim"}])  # fmt: skip
+    cfg = _own_runs_cfg(tmp_path, 3, "test_vim", [0, 1])
     with pytest.raises(ConfigError, match=r"1 run\(s\) of this comparison .* ran another recipe or model: vim seed 0 "
                                           r"\(epochs 2 \(recipe 3\)\); choose a new --experiment"):  # fmt: skip
         compare.main(cfg)
@@ -130,12 +135,9 @@ def test_own_runs_of_another_recipe_are_refused_unless_collecting(tmp_path: Path
 def test_own_unfinished_runs_of_another_recipe_are_refused(tmp_path: Path) -> None:
     """An unfinished run of this comparison would resume in place; made with another recipe, it would finish under
     two recipes: refused in one line before anything is written, and its files are left as they were."""
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"dataset": "synthetic", "img_size": 16, "epochs": 3}))
     run = _fake_run(tmp_path / "out" / "cmp" / "runs" / "vim" / "seed0", "test_vim", 0, [10.0], epochs=5)
     before = {p.name: p.read_bytes() for p in run.iterdir()}
-    cfg = _cfg(tmp_path, collect_only=False, seeds=[0], train_config=str(recipe),
-               models=[{"name": "vim", "model": "test_vim"}])  # fmt: skip
+    cfg = _own_runs_cfg(tmp_path, 3, "test_vim", [0])
     msg = r"1 run\(s\) of this comparison .* another recipe or model: vim seed 0, unfinished \(epochs 5 \(recipe 3\)\);"
     with pytest.raises(ConfigError, match=msg):
         compare.main(cfg)
@@ -579,11 +581,8 @@ def test_own_runs_of_another_model_are_refused_or_left_out(tmp_path: Path) -> No
     """A rerun whose row now names another model finds the old model's finished runs in the row's folder: they are
     never tabulated under the row (refused in one line before anything is written; left out, with a note, when
     only collecting)."""
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"dataset": "synthetic", "img_size": 16, "epochs": 2}))
     _fake_run(tmp_path / "out" / "cmp" / "runs" / "vim" / "seed0", "test_vim", 0, [10.0, 20.0])
-    cfg = _cfg(tmp_path, collect_only=False, seeds=[0], train_config=str(recipe),
-               models=[{"name": "vim", "model": "test_vmamba"}])  # fmt: skip
+    cfg = _own_runs_cfg(tmp_path, 2, "test_vmamba", [0])
     msg = r"ran another recipe or model: vim seed 0 trained another model \(model 'test_vim' \(row 'test_vmamba'\)\)"
     with pytest.raises(ConfigError, match=msg):
         compare.main(cfg)
