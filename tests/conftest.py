@@ -8,6 +8,10 @@ import torch
 if not torch.cuda.is_available():
     # Must be set before the first ``import triton`` so that @triton.jit kernels run on CPU tensors.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import interpreter_speedups
+
+    interpreter_speedups.install()  # the same kernels' results, sooner (see the module)
 
 
 @pytest.fixture(autouse=True)
