@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Sequence
@@ -83,14 +84,13 @@ def check_patch_size(model_name: str, patch_size: Any) -> int:
 
 
 def check_device(model_name: str, device: Any) -> None:
-    """Refuse, in one line, a ``device=`` the model cannot be built on: its scan orders are buffers computed from
-    the grid and kept out of the state dict, so a model built on ``meta`` and then materialised would scan in
-    garbage orders."""
-    device = torch.get_default_device() if device is None else device  # `with torch.device("meta"):` too
-    if torch.device(device).type == "meta":
+    """Refuse, in one line, building under ``with torch.device("meta")``: the constructors compute the scan orders
+    (and more) on the host. ``device="meta"`` builds on the CPU and then moves the model; ``timm.create_model`` under
+    the context does that by itself (see :func:`build_family_model`)."""
+    if device is None and torch.get_default_device().type == "meta":
         raise ValueError(
-            f"{model_name}: device='meta' is not supported (the scan orders are computed at construction and not "
-            f"saved with the weights); build it on 'cpu' or a GPU"
+            f"{model_name}: cannot be built under torch.device('meta') (its scan orders are computed on the host); "
+            f"pass device='meta' instead"
         )
 
 
@@ -106,15 +106,21 @@ def build_family_model(
     if kwargs.get("img_size") is not None:  # as a pair of ints before timm reads it too (numpy ints included)
         kwargs["img_size"] = to_size(kwargs["img_size"])
     out_indices = kwargs.pop("out_indices", default_out_indices) if kwargs.get("features_only") else None
-    model = build_model_with_cfg(
-        model_cls,
-        variant,
-        pretrained,
-        pretrained_filter_fn=filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        model_name=variant,
-        **kwargs,
-    )
+    if kwargs.get("device") is None and torch.get_default_device().type == "meta":  # `with torch.device("meta"):`
+        kwargs["device"] = "meta"
+        place: Any = torch.device("cpu")  # built on the host (see check_device), then moved
+    else:
+        place = contextlib.nullcontext()
+    with place:
+        model = build_model_with_cfg(
+            model_cls,
+            variant,
+            pretrained,
+            pretrained_filter_fn=filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+            model_name=variant,
+            **kwargs,
+        )
     net = model.model if isinstance(model, FeatureGetterNet) else model  # features_only: the wrapper holds it
     cfg = dict(model.pretrained_cfg)
     cfg["input_size"] = (net.init_args["in_chans"], *net.img_size)

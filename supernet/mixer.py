@@ -413,20 +413,17 @@ class MultiOrderMixer(nn.Module):
             raise TypeError(f"scan_recompute: expected True, False or None, got {scan_recompute!r}")
         self.scan_recompute = scan_recompute
         self.search = search
+        # The temperature as a device tensor too (the buffer ``_tau``), so a compiled step reads it as an input: as a
+        # Python float changing every step (gdas) it was a graph input whose every value CUDA-graph trees could record
+        # anew.
         self.tau = 1.0
-        # The temperature as a device tensor too, so a compiled step reads it as an input: as a Python float changing
-        # every step (gdas) it was a graph input whose every value CUDA-graph trees could record anew.
-        self.register_buffer("_tau", torch.ones(()), persistent=False)
         self.top_m = 1
         self.mode = "softmax"
         self.min_global = int(min_global)
-        is_global = torch.tensor([is_global_order(n) for n in self.order_names], dtype=torch.bool)
-        self.register_buffer("_is_global", is_global, persistent=False)
+        self.extra_token_step = extra_token_step
         kernels.resolve_backend(scan_backend, torch.device("cpu"))  # reject a bad backend name now, not mid-forward
-
-        # int32, the kernels' index type: an int64 buffer cost a conversion kernel in every scan and conv call.
-        orders = build_orders(self.order_names, self.grid, extra_token_step).to(torch.int32)
-        self.register_buffer("orders", orders, persistent=False)
+        for name, value in self._computed_buffers(torch.device("cpu")).items():
+            self.register_buffer(name, value, persistent=False)
         same = coinciding_orders(self.order_names, *self.grid)
         if same:
             what = "candidates" if search else "orders"
@@ -491,6 +488,31 @@ class MultiOrderMixer(nn.Module):
         with torch.no_grad():  # always: a dtype round trip of the module may have rounded the buffer
             self._tau.fill_(self.tau)
 
+    def _computed_buffers(self, device: torch.device, tau_dtype: torch.dtype = torch.float32) -> dict:
+        """The buffers computed from the constructor's arguments and kept out of the state dict."""
+        return {
+            "_tau": torch.full((), self.tau, dtype=tau_dtype, device=device),
+            "_is_global": torch.tensor([is_global_order(n) for n in self.order_names], dtype=torch.bool, device=device),
+            # int32, the kernels' index type: an int64 buffer cost a conversion kernel in every scan and conv call.
+            "orders": build_orders(self.order_names, self.grid, self.extra_token_step).to(device, torch.int32),
+        }
+
+    def init_non_persistent_buffers(self) -> None:
+        """Compute the orders (and the other buffers outside the state dict) anew on the parameters' device. timm's
+        ``reinit_non_persistent_buffers(model)`` (``timm.models._manipulate``) calls this on every module that has it:
+        for a model built on ``meta`` whose weights were loaded with ``load_state_dict(..., assign=True)``.
+        ``model.to_empty(device=...)`` out of ``meta`` does it by itself."""
+        with torch.no_grad():
+            for name, value in self._computed_buffers(self.out_proj.weight.device, self._tau.dtype).items():
+                setattr(self, name, value)
+
+    def _apply(self, fn, recurse: bool = True):
+        was_meta = self.orders.is_meta
+        super()._apply(fn, recurse)
+        if was_meta and not self.orders.is_meta:  # materialised out of meta (to_empty): uninitialised memory
+            self.init_non_persistent_buffers()
+        return self
+
     def arch_probs(self) -> torch.Tensor:
         """softmax(arch_logits) as a detached fp32 CPU tensor (K,)."""
         if self.arch_logits is None:
@@ -520,6 +542,12 @@ class MultiOrderMixer(nn.Module):
             (B, L, C).
         """
         bsz, seqlen, _ = x.shape
+        if self.orders.is_meta and not x.is_meta:
+            raise RuntimeError(
+                "the scan orders are still on the meta device: load weights into a meta-built model after "
+                "model.to_empty(device=...), or after load_state_dict(..., assign=True) call "
+                "reinit_non_persistent_buffers(model) from timm.models._manipulate"
+            )
         if seqlen != self.orders.shape[1]:
             raise ValueError(f"mixer built for {self.orders.shape[1]} tokens (grid {self.grid}), got {seqlen}")
         w, idx = self.branch_weights() if branch is None else branch

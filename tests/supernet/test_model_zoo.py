@@ -6,7 +6,16 @@ import pytest
 import timm
 import timm.optim
 import torch
-from supernet_testutils import ALL_NAMES, SMALL_NAMES, TINY_NAMES, build, is_derived, small_size
+from supernet_testutils import (
+    ALL_NAMES,
+    SMALL_NAMES,
+    TEST_NAMES,
+    TINY_NAMES,
+    build,
+    example_arch,
+    is_derived,
+    small_size,
+)
 
 import kernels
 import supernet
@@ -150,8 +159,7 @@ def test_bad_option_values() -> None:
 
 @pytest.mark.parametrize("name", ["test_vim", "test_local_vmamba_search"])
 def test_timms_device_and_dtype_arguments(name: str) -> None:
-    """timm's factory arguments place the model (not recorded with its constructor arguments); ``meta`` is refused
-    in one line: the scan orders are computed buffers outside the state dict."""
+    """timm's factory arguments place the model (not recorded with its constructor arguments)."""
     torch.manual_seed(0)
     placed = build(name, device="cpu", dtype=torch.float64)
     torch.manual_seed(0)
@@ -161,11 +169,49 @@ def test_timms_device_and_dtype_arguments(name: str) -> None:
     assert "device" not in placed.init_args and "dtype" not in placed.init_args
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     assert torch.equal(placed.eval()(x), plain.eval()(x))
-    with pytest.raises(ValueError, match="device='meta' is not supported") as e:
-        build(name, device="meta")
+
+
+@pytest.mark.parametrize("name", TEST_NAMES)
+def test_a_meta_built_model_loads_weights_like_a_real_one(name: str) -> None:
+    """PyTorch's and timm's meta-device flows: built on ``meta`` (``device="meta"`` or under ``torch.device("meta")``),
+    then ``to_empty`` and ``load_state_dict``, or ``load_state_dict(assign=True)`` and timm's
+    ``reinit_non_persistent_buffers``: the same outputs as the model the weights came from. The scan orders are
+    computed buffers outside the state dict; before they are computed again a forward is one line."""
+    from timm.models._manipulate import reinit_non_persistent_buffers
+
+    def mixers(model):
+        return [m for m in model.modules() if isinstance(m, supernet.MultiOrderMixer)]
+
+    kw = {"img_size": 16, **({"arch": example_arch(name)} if is_derived(name) else {})}
+    torch.manual_seed(0)
+    ref = build(name, **kw).eval()
+    x = torch.randn(2, 3, 16, 16)
+    want = ref(x)
+    empty = build(name, **kw, device="meta")
+    assert all(t.is_meta for t in [*empty.parameters(), *empty.buffers()])
+    with torch.device("meta"):
+        ctx = build(name, **kw)
+    assert all(t.is_meta for t in [*ctx.parameters(), *ctx.buffers()])
+    for model in (empty, ctx):
+        model.to_empty(device="cpu")
+        model.load_state_dict(ref.state_dict())
+        for m, r in zip(mixers(model), mixers(ref), strict=True):
+            assert torch.equal(m.orders, r.orders) and m.orders.dtype == torch.int32
+            assert torch.equal(m._is_global, r._is_global) and torch.equal(m._tau, r._tau)
+        assert torch.equal(model.eval()(x), want)
+    assigned = build(name, **kw, device="meta")
+    assigned.load_state_dict(ref.state_dict(), assign=True)
+    with pytest.raises(RuntimeError, match="scan orders are still on the meta device") as e:
+        assigned.eval()(x)
     assert "\n" not in str(e.value)
-    with torch.device("meta"), pytest.raises(ValueError, match="device='meta' is not supported"):
-        build(name)
+    assert len(reinit_non_persistent_buffers(assigned)) == len(mixers(ref))
+    assert torch.equal(assigned(x), want)
+
+
+def test_building_a_class_under_the_meta_context_is_one_line() -> None:
+    with torch.device("meta"), pytest.raises(ValueError, match="pass device='meta' instead") as e:
+        supernet.vim.VisionMamba(img_size=16, patch_size=4, embed_dim=16, depth=2)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("name", ["test_vim", "test_vmamba"])
