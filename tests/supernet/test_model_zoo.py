@@ -171,8 +171,11 @@ def test_timms_device_and_dtype_arguments(name: str) -> None:
     assert torch.equal(placed.eval()(x), plain.eval()(x))
 
 
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+)
 @pytest.mark.parametrize("name", TEST_NAMES)
-def test_a_meta_built_model_loads_weights_like_a_real_one(name: str) -> None:
+def test_a_meta_built_model_loads_weights_like_a_real_one(name: str, device: str) -> None:
     """PyTorch's and timm's meta-device flows: built on ``meta`` (``device="meta"`` or under ``torch.device("meta")``),
     then ``to_empty`` and ``load_state_dict``, or ``load_state_dict(assign=True)`` and timm's
     ``reinit_non_persistent_buffers``: the same outputs as the model the weights came from. The scan orders are
@@ -184,8 +187,8 @@ def test_a_meta_built_model_loads_weights_like_a_real_one(name: str) -> None:
 
     kw = {"img_size": 16, **({"arch": example_arch(name)} if is_derived(name) else {})}
     torch.manual_seed(0)
-    ref = build(name, **kw).eval()
-    x = torch.randn(2, 3, 16, 16)
+    ref = build(name, **kw).eval().to(device)
+    x = torch.randn(2, 3, 16, 16, device=device)
     want = ref(x)
     empty = build(name, **kw, device="meta")
     assert all(t.is_meta for t in [*empty.parameters(), *empty.buffers()])
@@ -193,7 +196,7 @@ def test_a_meta_built_model_loads_weights_like_a_real_one(name: str) -> None:
         ctx = build(name, **kw)
     assert all(t.is_meta for t in [*ctx.parameters(), *ctx.buffers()])
     for model in (empty, ctx):
-        model.to_empty(device="cpu")
+        model.to_empty(device=device)
         model.load_state_dict(ref.state_dict())
         for m, r in zip(mixers(model), mixers(ref), strict=True):
             assert torch.equal(m.orders, r.orders) and m.orders.dtype == torch.int32
