@@ -83,14 +83,14 @@ def check_patch_size(model_name: str, patch_size: Any) -> int:
     return int(patch_size)
 
 
-def check_device(model_name: str, device: Any) -> None:
-    """Refuse, in one line, building under ``with torch.device("meta")``: the constructors compute the scan orders
-    (and more) on the host. ``device="meta"`` builds on the CPU and then moves the model; ``timm.create_model`` under
-    the context does that by itself (see :func:`build_family_model`)."""
-    if device is None and torch.get_default_device().type == "meta":
+def check_device(model_name: str) -> None:
+    """Refuse, in one line, building the class itself under ``with torch.device("meta")``: the constructor computes
+    the scan orders (and more) on the host. ``device="meta"`` builds on the host and then moves the model;
+    ``timm.create_model`` under the context does that by itself (see :func:`build_family_model`)."""
+    if torch.get_default_device().type == "meta":
         raise ValueError(
             f"{model_name}: cannot be built under torch.device('meta') (its scan orders are computed on the host); "
-            f"pass device='meta' instead"
+            f"build it outside the context with device='meta', or through timm.create_model"
         )
 
 
@@ -106,9 +106,10 @@ def build_family_model(
     if kwargs.get("img_size") is not None:  # as a pair of ints before timm reads it too (numpy ints included)
         kwargs["img_size"] = to_size(kwargs["img_size"])
     out_indices = kwargs.pop("out_indices", default_out_indices) if kwargs.get("features_only") else None
-    if kwargs.get("device") is None and torch.get_default_device().type == "meta":  # `with torch.device("meta"):`
-        kwargs["device"] = "meta"
-        place: Any = torch.device("cpu")  # built on the host (see check_device), then moved
+    if torch.get_default_device().type == "meta":  # `with torch.device("meta"):`
+        if kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        place: Any = torch.device("cpu")  # built on the host (see check_device), then placed
     else:
         place = contextlib.nullcontext()
     with place:

@@ -488,10 +488,11 @@ class MultiOrderMixer(nn.Module):
         with torch.no_grad():  # always: a dtype round trip of the module may have rounded the buffer
             self._tau.fill_(self.tau)
 
-    def _computed_buffers(self, device: torch.device, tau_dtype: torch.dtype = torch.float32) -> dict:
-        """The buffers computed from the constructor's arguments and kept out of the state dict."""
+    def _computed_buffers(self, device: torch.device, tau_dtype: torch.dtype | None = None) -> dict:
+        """The buffers computed from the constructor's arguments and kept out of the state dict (the temperature in
+        ``tau_dtype``, default the default dtype, as the parameters are built)."""
         return {
-            "_tau": torch.full((), self.tau, dtype=tau_dtype, device=device),
+            "_tau": torch.full((), self.tau, dtype=tau_dtype or torch.get_default_dtype(), device=device),
             "_is_global": torch.tensor([is_global_order(n) for n in self.order_names], dtype=torch.bool, device=device),
             # int32, the kernels' index type: an int64 buffer cost a conversion kernel in every scan and conv call.
             "orders": build_orders(self.order_names, self.grid, self.extra_token_step).to(device, torch.int32),

@@ -188,7 +188,7 @@ class VMamba(ArchModelMixin, nn.Module):
         # not where it was placed (timm's ``device=`` / ``dtype=``, which its own records leave out too).
         placed = ("self", "__class__", "device", "dtype")
         init_args = {k: v for k, v in locals().items() if k not in placed}
-        check_device(model_name, device)
+        check_device(model_name)
         super().__init__()
         self.init_args = init_args
         self.img_size = to_size(img_size)

@@ -212,9 +212,33 @@ def test_a_meta_built_model_loads_weights_like_a_real_one(name: str, device: str
 
 
 def test_building_a_class_under_the_meta_context_is_one_line() -> None:
-    with torch.device("meta"), pytest.raises(ValueError, match="pass device='meta' instead") as e:
-        supernet.vim.VisionMamba(img_size=16, patch_size=4, embed_dim=16, depth=2)
-    assert "\n" not in str(e.value)
+    """The class computes its orders on the host, so under the context it refuses in one line, ``device=`` given or
+    not; ``timm.create_model`` under the context builds on the host and places the model where ``device=`` says
+    (meta by default)."""
+    for kw in ({}, {"device": "meta"}):
+        with torch.device("meta"), pytest.raises(ValueError, match="cannot be built under torch.device") as e:
+            supernet.vim.VisionMamba(img_size=16, patch_size=4, embed_dim=16, depth=2, **kw)
+        assert "\n" not in str(e.value)
+    torch.manual_seed(0)
+    ref = build("test_vim", img_size=16).eval()
+    with torch.device("meta"):
+        on_cpu = build("test_vim", img_size=16, device="cpu")
+    assert not any(t.is_meta for t in [*on_cpu.parameters(), *on_cpu.buffers()])
+    on_cpu.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(on_cpu.eval()(x), ref(x))
+
+
+def test_the_temperature_buffer_follows_the_default_dtype() -> None:
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = build("test_local_vim_search", img_size=16)
+    finally:
+        torch.set_default_dtype(default)
+    model.set_arch_mode("gumbel", tau=0.3)
+    mixer = model.blocks[0].mixer
+    assert mixer._tau.dtype == mixer.arch_logits.dtype == torch.float64 and mixer._tau.item() == 0.3
 
 
 @pytest.mark.parametrize("name", ["test_vim", "test_vmamba"])
