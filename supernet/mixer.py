@@ -514,6 +514,12 @@ class MultiOrderMixer(nn.Module):
             self.init_non_persistent_buffers()
         return self
 
+    def to_empty(self, *, device, recurse: bool = True):
+        """``nn.Module.to_empty``, then the orders computed again (out of ``meta`` or not: its memory is new)."""
+        super().to_empty(device=device, recurse=recurse)
+        self.init_non_persistent_buffers()
+        return self
+
     def arch_probs(self) -> torch.Tensor:
         """softmax(arch_logits) as a detached fp32 CPU tensor (K,)."""
         if self.arch_logits is None:

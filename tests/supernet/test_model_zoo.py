@@ -211,6 +211,20 @@ def test_a_meta_built_model_loads_weights_like_a_real_one(name: str, device: str
     assert torch.equal(assigned(x), want)
 
 
+def test_to_empty_of_a_real_model_computes_the_orders_again() -> None:
+    """``to_empty`` gives every tensor new memory, a real model's too, and the orders are not in the state dict: the
+    model and a mixer compute them again."""
+    torch.manual_seed(0)
+    ref = build("test_local_vim_search", img_size=16).eval()
+    model = build("test_local_vim_search", img_size=16).to_empty(device="cpu")
+    model.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(model.eval()(x), ref(x))
+    mixer = build("test_local_vim_search", img_size=16).blocks[1].mixer.to_empty(device="cpu")
+    assert torch.equal(mixer.orders, ref.blocks[1].mixer.orders)
+    assert torch.equal(mixer._is_global, ref.blocks[1].mixer._is_global)
+
+
 def test_building_a_class_under_the_meta_context_is_one_line() -> None:
     """The class computes its orders on the host, so under the context it refuses in one line, ``device=`` given or
     not; ``timm.create_model`` under the context builds on the host and places the model where ``device=`` says
