@@ -296,8 +296,9 @@ class _BatchStream:
 # optimizer is always Adam (no setting changes the kind of its state).
 RESUME_KEYS = (
     "epochs", "sched", "lr", "min_lr", "warmup_epochs", "warmup_lr", "opt", "weight_decay", "momentum", "batch_size",
-    "seed", "arch_frac", "algo", "arch_lr", "arch_betas", "arch_weight_decay",
+    "seed", "arch_frac", "algo", "arch_lr", "arch_betas", "arch_weight_decay", "arch_warmup_epochs",
 )  # fmt: skip
+GDAS_RESUME_KEYS = ("tau_max", "tau_min", "gdas_top_m")  # the temperature schedule and the sampled paths
 
 
 def check_values(cfg: dict[str, Any]) -> None:
@@ -525,7 +526,8 @@ def main(cfg: dict[str, Any], on_epoch: Callable[[int, dict[str, Any], Path], No
     if resume_path is not None:
         state = load_checkpoint(resume_path, expect_kind="search", expect_model=spec["name"])
         check_resume_spec(state, spec, resume_path)
-        check_resume_recipe(state, cfg, resume_keys(RESUME_KEYS, cfg["opt"]), resume_path)
+        keys = resume_keys(RESUME_KEYS + (GDAS_RESUME_KEYS if cfg["algo"] == "gdas" else ()), cfg["opt"])
+        check_resume_recipe(state, cfg, keys, resume_path)
         check_resume_steps(state, updates_per_epoch, len(weight_set), resume_path, "weight-set images")
         restore(state)
         keeper.load_state_dict(state.get("keeper", {}))

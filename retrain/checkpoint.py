@@ -160,13 +160,24 @@ RUN_FILES = ("args.yaml", "summary.csv", "arch_probs.jsonl")  # what the trainer
 def refuse_existing_run(run_dir: str | Path, resume: str, resume_path: Path | None) -> None:
     """Refuse, in one line, to start a run in a directory that holds another run: checkpoints (continue them with
     ``--resume auto``) or, without checkpoints, the files a run writes (``--resume auto`` there starts it again in
-    place). Nothing is checked when a checkpoint is being resumed.
+    place). Resuming one of the directory's own checkpoints continues its run; resuming another run's checkpoint
+    (``--resume PATH``) into a directory that holds a run would write over it and is refused too.
 
     Raises:
-        ValueError: naming the directory and both ways out.
+        ValueError: naming the directory and the ways out.
     """
     run_dir = Path(run_dir)
-    if resume_path is not None or not run_dir.is_dir():
+    if not run_dir.is_dir():
+        return
+    if resume_path is not None:
+        if Path(resume_path).resolve().parent == run_dir.resolve():
+            return  # continuing this directory's own run
+        found = [p.name for p in sorted(run_dir.glob("*.pt"))[:1]] + [n for n in RUN_FILES if (run_dir / n).exists()]
+        if found:
+            raise ValueError(
+                f"{run_dir.resolve()} holds another run ({', '.join(found)}); resuming {resume_path} there would write "
+                f"over it: choose a new --experiment, or resume one of that folder's own checkpoints"
+            )
         return
     if any(run_dir.glob("*.pt")):
         raise ValueError(

@@ -618,6 +618,8 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"metric must be 'final' or 'best', got {cfg['metric']!r}")
     if not cfg["seeds"]:
         raise ConfigError("seeds is empty; give at least one seed")
+    if isinstance(cfg["jobs"], bool) or cfg["jobs"] < 1:
+        raise ConfigError(f"--jobs {cfg['jobs']!r} is out of range; use a value >= 1")
     repeated = sorted({s for s in cfg["seeds"] if list(cfg["seeds"]).count(s) > 1}, key=str)
     if repeated:
         # One run folder per seed: a repeated seed would be trained once and counted twice, faking a zero spread.

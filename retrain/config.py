@@ -503,6 +503,15 @@ def _lost_peer_rank(e: RuntimeError) -> int | None:
         return None
     msg = str(e)
     comm = isinstance(e, getattr(dist, "DistError", ())) or any(
-        word in msg for word in ("gloo", "Connection reset", "Connection closed", "NCCL", "timed out", "Timed out")
+        word in msg
+        for word in (
+            "gloo",
+            "Connection reset",
+            "Connection closed",
+            "NCCL",
+            "timed out",
+            "Timed out",
+            "Application timeout",  # gloo's pair closed by --dist-timeout: a peer hung (stopped, not dead)
+        )
     )
     return dist.get_rank() if comm else None

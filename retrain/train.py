@@ -264,7 +264,7 @@ def build_model(cfg: dict[str, Any], info: DatasetInfo) -> tuple[nn.Module, dict
 # one is refused (and so is one whose steps per epoch differ: retrain.checkpoint.check_resume_steps).
 RESUME_KEYS = (
     "epochs", "sched", "lr", "min_lr", "warmup_epochs", "warmup_lr", "opt", "weight_decay", "momentum", "batch_size",
-    "val_frac", "seed",
+    "val_frac", "seed", "model_ema", "model_ema_decay",
 )  # fmt: skip
 
 

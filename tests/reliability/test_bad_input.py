@@ -177,6 +177,13 @@ CASES = [
          r"holds another run's args.yaml, summary.csv but no checkpoint; pass --resume auto", setup=("files_run",)),
     Case("ckpt-existing-run-not-clobbered", "retrain.train", [*TRAIN, "--experiment", "run"],
          r"already holds checkpoints; pass --resume auto", setup=("existing_run",)),
+    Case("ckpt-resume-path-over-another-run", "retrain.train",
+         [*TRAIN, "--experiment", "run", "--resume", "{fx}/other_model.pt"],
+         r"runs/run holds another run \(last.pt\); resuming .*other_model.pt there would write over it: choose a new "
+         r"--experiment", setup=("existing_run",)),
+    Case("ckpt-search-resume-path-over-run-files", "nas.search",
+         [*SEARCH, "--experiment", "run", "--resume", "{fx}/other_model.pt"],
+         r"holds another run \(args.yaml, summary.csv\); resuming", setup=("files_run",)),
     Case("derive-missing-source", "nas.vis_search_prob", ["{fx}/no_run"], r"not found: .*no_run"),
     Case("derive-truncated", "nas.vis_search_prob", ["{fx}/truncated.pt"], r"truncated or corrupt .*no other"),
     Case("derive-retrain-ckpt", "nas.vis_search_prob", ["{fx}/other_model.pt"],
@@ -202,6 +209,8 @@ CASES = [
     Case("sweep-bad-target", "nas.tune", ["--target", "nope", "-c", "{fx}/search_base.yaml"],
          r"invalid choice: 'nope'.*see python -m nas.tune --help"),
     Case("compare-unknown-key", "retrain.compare", ["-c", "{fx}/compare_bad.yaml"], r"unknown key 'modle'"),
+    Case("compare-jobs-zero", "retrain.compare", ["-c", "{fx}/compare_ok.yaml", "--jobs", "0"],
+         r"--jobs 0 is out of range; use a value >= 1"),
     Case("compare-model-kwargs-owned", "retrain.compare", ["-c", "{fx}/compare_owned.yaml"],
          r"row 'vim': --model-kwargs patch_size=2: patch_size is set by the trainer; use --patch-size instead"),
     Case("sweep-base-model-kwargs-owned", "nas.tune", ["--target", "search", "-c", "{fx}/search_base_owned.yaml",
@@ -378,6 +387,7 @@ def _make_fixtures(fx: Path) -> None:
         yaml.safe_dump({"params": {"lr": {"distribution": "loguniform", "low": 1e-4, "high": 1e-2}}})
     )
     (fx / "compare_bad.yaml").write_text(yaml.safe_dump({"models": [{"name": "vim", "modle": "test_vim"}]}))
+    (fx / "compare_ok.yaml").write_text(yaml.safe_dump({"models": [{"name": "vim", "model": "test_vim"}]}))
 
 
 @pytest.fixture(scope="module")

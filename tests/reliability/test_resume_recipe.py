@@ -35,7 +35,7 @@ TRAIN += ["--warmup-epochs", "0", "--device", "cpu", "--log-interval", "1000"]
 SEARCH = ["--model", "test_local_vim_search", "--img-size", "16", "--num-samples", "64", "--batch-size", "16"]
 SEARCH += ["--epochs", "2", "--warmup-epochs", "0", "--arch-warmup-epochs", "0", "--device", "cpu"]
 SEARCH += ["--log-interval", "1000"]
-TRAINERS = {"retrain": (train, TRAIN), "search": (search, SEARCH)}
+TRAINERS = {"retrain": (train, TRAIN), "search": (search, SEARCH), "gdas": (search, [*SEARCH, "--algo", "gdas"])}
 
 
 def _sigterm_after_first_epoch(epoch: int, metrics: dict, path: Path) -> None:
@@ -80,6 +80,11 @@ REFUSED = [
     ("retrain", ["--weight-decay", "0.01"], r"was trained with --weight-decay 0.05, but this run asks for "),
     ("search", ["--arch-lr", "0.01"], r"was trained with --arch-lr 0.0003, but this run asks for --arch-lr 0.01"),
     ("search", ["--arch-betas", "0.9", "0.999"], r"--arch-betas \[0.5, 0.999\], but this run asks for "),
+    # the EMA kept (or not) in the checkpoint, the arch warm-up, and GDAS's temperature schedule and sampled paths
+    ("retrain", ["--model-ema"], r"was trained with --model-ema False, but this run asks for --model-ema True"),
+    ("search", ["--arch-warmup-epochs", "1"], r"--arch-warmup-epochs 0, but this run asks for --arch-warmup-epochs 1"),
+    ("gdas", ["--tau-max", "5"], r"was trained with --tau-max 10.0, but this run asks for --tau-max 5.0"),
+    ("gdas", ["--gdas-top-m", "2"], r"was trained with --gdas-top-m 1, but this run asks for --gdas-top-m 2"),
 ]  # fmt: skip
 
 

@@ -211,3 +211,23 @@ def test_help_names_the_command_as_it_runs() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: python -m retrain.compare [-h]"), done.stdout[:200]
+
+
+def test_a_collective_a_hung_peer_broke_is_one_line(tmp_path, capsys) -> None:
+    """A rank that stopped answering (SIGSTOP, a hang) closes gloo's pair after --dist-timeout with a RuntimeError that
+    names neither gloo nor a timeout; like a dead peer's, it is one line and an exit status of 1."""
+    import torch.distributed as dist
+
+    from retrain.config import run_cli
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+
+        def main(cfg):
+            raise RuntimeError("Application timeout caused pair closure")  # as gloo words it, naming neither
+
+        assert run_cli(main, {"debug": False}, []) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: rank 0 lost contact with the other ranks"), err
+    finally:
+        dist.destroy_process_group()
