@@ -354,9 +354,15 @@ def make_trainable(target: str, base_cfg: Mapping[str, Any], threads: int, workd
                 shutil.rmtree(stale)
             module.main(cfg, on_epoch=on_epoch)
             return
+        # Resumed from Tune's checkpoint as the run's own last.pt: the target continues its own folder (a checkpoint
+        # from elsewhere would make it refuse a folder the interrupted attempt wrote to).
+        run_dir = trial_dir / _RUN_SUBDIR
+        run_dir.mkdir(parents=True, exist_ok=True)
         with checkpoint.as_directory() as ckpt_dir:
-            cfg["resume"] = str(Path(ckpt_dir) / "last.pt")
-            module.main(cfg, on_epoch=on_epoch)
+            shutil.copy2(Path(ckpt_dir) / "last.pt", run_dir / "last.pt.tmp")
+        os.replace(run_dir / "last.pt.tmp", run_dir / "last.pt")
+        cfg["resume"] = str(run_dir / "last.pt")
+        module.main(cfg, on_epoch=on_epoch)
 
     trial.__name__ = target  # Tune names trials after the function
     return trial
