@@ -169,25 +169,24 @@ def refuse_existing_run(run_dir: str | Path, resume: str, resume_path: Path | No
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return
+    if resume_path is not None and Path(resume_path).resolve().parent == run_dir.resolve():
+        return  # continuing this directory's own run
+    checkpoints = sorted(p.name for p in run_dir.glob("*.pt"))
+    files = [name for name in RUN_FILES if (run_dir / name).exists()]
     if resume_path is not None:
-        if Path(resume_path).resolve().parent == run_dir.resolve():
-            return  # continuing this directory's own run
-        found = [p.name for p in sorted(run_dir.glob("*.pt"))[:1]] + [n for n in RUN_FILES if (run_dir / n).exists()]
-        if found:
+        if checkpoints or files:
             raise ValueError(
-                f"{run_dir.resolve()} holds another run ({', '.join(found)}); resuming {resume_path} there would write "
-                f"over it: choose a new --experiment, or resume one of that folder's own checkpoints"
+                f"{run_dir.resolve()} holds another run ({', '.join(checkpoints[:1] + files)}); resuming {resume_path} "
+                f"there would write over it: choose a new --experiment, or resume one of that folder's own checkpoints"
             )
-        return
-    if any(run_dir.glob("*.pt")):
+    elif checkpoints:
         raise ValueError(
             f"{run_dir.resolve()} already holds checkpoints; pass --resume auto to continue it or choose a new "
             f"--experiment"
         )
-    found = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if found and not resume:
+    elif files and not resume:
         raise ValueError(
-            f"{run_dir.resolve()} holds another run's {', '.join(found)} but no checkpoint; pass --resume auto to "
+            f"{run_dir.resolve()} holds another run's {', '.join(files)} but no checkpoint; pass --resume auto to "
             f"start that run again in place (its files are rewritten) or choose a new --experiment"
         )
 

@@ -84,10 +84,10 @@ def _fold(op, inputs, axis: int, outputs: list, scan: bool) -> None:
     along = (slice(None),) * axis
     acc = ()
     for i in range(data[0].shape[axis]):
-        cur = tuple(op.to_tensor(d[(*along, i)], t) for d, t in zip(data, dtypes))
         if i == 0:
             values = [d[(*along, 0)] for d in data]
         else:
+            cur = tuple(op.to_tensor(d[(*along, i)], t) for d, t in zip(data, dtypes))
             ret = op.combine_fn.fn(*acc, *cur)
             ret = ret if isinstance(ret, tuple) else (ret,)
             if len(ret) != len(inputs) or any(
