@@ -230,16 +230,6 @@ class ArchModelMixin:
             kwargs.update(compile_options(self, kwargs.pop("mode", None)))
         super().compile(*args, **kwargs)
 
-    def to_empty(self, *, device, recurse: bool = True):
-        """``nn.Module.to_empty``, then the scan orders computed again: every tensor's memory is new, and the orders
-        are not in the state dict that is loaded next. (Out of ``meta`` the mixers do that themselves, also under a
-        wrapper such as ``features_only``'s; from another device only a call on the model itself or a mixer does.)"""
-        super().to_empty(device=device, recurse=recurse)
-        for module in self.modules():
-            if isinstance(module, MultiOrderMixer):
-                module.init_non_persistent_buffers()
-        return self
-
     def named_mixers(self) -> list[tuple[str, MultiOrderMixer]]:
         """(label, mixer) of every layer, in model order."""
         raise NotImplementedError

@@ -502,22 +502,21 @@ class MultiOrderMixer(nn.Module):
         """Compute the orders (and the other buffers outside the state dict) anew on the parameters' device. timm's
         ``reinit_non_persistent_buffers(model)`` (``timm.models._manipulate``) calls this on every module that has it:
         for a model built on ``meta`` whose weights were loaded with ``load_state_dict(..., assign=True)``.
-        ``model.to_empty(device=...)`` out of ``meta`` does it by itself."""
+        ``to_empty(device=...)`` needs no call: :meth:`_apply` writes them again."""
         with torch.no_grad():
             for name, value in self._computed_buffers(self.out_proj.weight.device, self._tau.dtype).items():
                 setattr(self, name, value)
 
     def _apply(self, fn, recurse: bool = True):
-        was_meta = self.orders.is_meta
+        """``nn.Module._apply``, then the computed buffers written again in place, into the tensors ``fn`` made: they
+        are functions of the constructor's arguments, and after ``to_empty`` (on the mixer, on the model or through
+        any wrapper, out of ``meta`` or not) their memory is new and uninitialised. In place, so whatever ``fn`` chose
+        (device, dtype, shared memory) is kept; nothing to do while they are on ``meta``."""
         super()._apply(fn, recurse)
-        if was_meta and not self.orders.is_meta:  # materialised out of meta (to_empty): uninitialised memory
-            self.init_non_persistent_buffers()
-        return self
-
-    def to_empty(self, *, device, recurse: bool = True):
-        """``nn.Module.to_empty``, then the orders computed again (out of ``meta`` or not: its memory is new)."""
-        super().to_empty(device=device, recurse=recurse)
-        self.init_non_persistent_buffers()
+        if not self.orders.is_meta:
+            with torch.no_grad():
+                for name, value in self._computed_buffers(torch.device("cpu"), self._tau.dtype).items():
+                    getattr(self, name).copy_(value)
         return self
 
     def arch_probs(self) -> torch.Tensor:

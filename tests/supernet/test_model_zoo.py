@@ -212,17 +212,50 @@ def test_a_meta_built_model_loads_weights_like_a_real_one(name: str, device: str
 
 
 def test_to_empty_of_a_real_model_computes_the_orders_again() -> None:
-    """``to_empty`` gives every tensor new memory, a real model's too, and the orders are not in the state dict: the
-    model and a mixer compute them again."""
+    """``to_empty`` gives every tensor new memory, a real model's too, and the orders are not in the state dict: they
+    are computed again whether it is called on the model, on a mixer or through a wrapper (timm's ``features_only``).
+    The memory is filled with a sentinel first, so uninitialised memory that happens to hold the right values cannot
+    pass."""
     torch.manual_seed(0)
     ref = build("test_local_vim_search", img_size=16).eval()
-    model = build("test_local_vim_search", img_size=16).to_empty(device="cpu")
-    model.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, 16, 16)
+
+    def poisoned_to_empty(module):
+        with torch.no_grad():
+            real_empty_like = torch.empty_like
+            try:  # what to_empty hands out, filled with a value no order, flag or temperature holds
+                torch.empty_like = lambda t, **kw: real_empty_like(t, **kw).fill_(7 if t.dtype != torch.bool else 1)
+                return module.to_empty(device="cpu")
+            finally:
+                torch.empty_like = real_empty_like
+
+    model = poisoned_to_empty(build("test_local_vim_search", img_size=16))
+    model.load_state_dict(ref.state_dict())
     assert torch.equal(model.eval()(x), ref(x))
-    mixer = build("test_local_vim_search", img_size=16).blocks[1].mixer.to_empty(device="cpu")
-    assert torch.equal(mixer.orders, ref.blocks[1].mixer.orders)
-    assert torch.equal(mixer._is_global, ref.blocks[1].mixer._is_global)
+    mixer = poisoned_to_empty(build("test_local_vim_search", img_size=16).blocks[1].mixer)
+    assert torch.equal(mixer.orders, ref.blocks[1].mixer.orders) and mixer.orders.dtype == torch.int32
+    assert torch.equal(mixer._is_global, ref.blocks[1].mixer._is_global) and mixer._tau.item() == 1.0
+    ref_features = build("test_local_vim_search", img_size=16, features_only=True).eval()
+    features = poisoned_to_empty(build("test_local_vim_search", img_size=16, features_only=True))
+    features.load_state_dict(ref_features.state_dict())
+    for got, want in zip(features.eval()(x), ref_features(x), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_moves_and_casts_keep_the_computed_buffers() -> None:
+    """A dtype cast keeps the orders int32 and rounds the temperature as a cast would; the buffers are written in
+    place, so a module moved into shared memory keeps them there."""
+    model = build("test_local_vim_search", img_size=16)
+    model.set_arch_mode("gumbel", tau=0.3)
+    mixer = model.blocks[0].mixer
+    orders = mixer.orders.clone()
+    model.half()
+    assert mixer.orders.dtype == torch.int32 and torch.equal(mixer.orders, orders)
+    assert mixer._tau.dtype == torch.float16 and mixer._tau.item() == torch.tensor(0.3).half().item()
+    model.float().share_memory()
+    assert (
+        mixer.orders.is_shared() and torch.equal(mixer.orders, orders) and mixer._tau.item() == pytest.approx(0.3, 1e-3)
+    )
 
 
 def test_building_a_class_under_the_meta_context_is_one_line() -> None:
