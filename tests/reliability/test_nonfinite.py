@@ -75,6 +75,32 @@ def test_n_in_a_row_roll_back_to_the_last_checkpoint(tmp_path, capsys) -> None:
     assert _scalars(out["run_dir"], "train/rollbacks") == [(4, 1.0)]
 
 
+@pytest.mark.parametrize("which", ["train", "search"])
+def test_a_rollback_restores_weights_and_optimizer_state(tmp_path, which) -> None:
+    """A rollback puts back what the checkpoint holds, not only its step count. Run A takes checks 0-4 (a checkpoint
+    at step 4) and rolls back after bad checks 5-7, undoing check 4's update; run B skips checks 4-7 and never rolls
+    back. Both go on from step 4's state with the same batches, so they end bit-identical (EMA and arch logits
+    included); a rollback that restored less, or nothing, would leave check 4's update in A."""
+    main, base = (train.main, TRAIN) if which == "train" else (search.main, {**SEARCH, "epochs": 3})
+    cfg = {**base, "output": str(tmp_path), "checkpoint_interval": 2}
+    if which == "train":
+        cfg["model_ema"] = True
+    a = main({**cfg, "experiment": "rolled", "rollback_after": 3, "debug_nan_loss_at": [5, 6, 7]})
+    b = main({**cfg, "experiment": "skipped", "rollback_after": 0, "debug_nan_loss_at": [4, 5, 6, 7]})
+    assert a["rollbacks"] == 1 and b["rollbacks"] == 0
+    sa, sb = (load_checkpoint(Path(out["run_dir"]) / "last.pt") for out in (a, b))
+    assert sa["step"] == sb["step"]
+    keys = [k for k in ("state_dict", "state_dict_ema", "arch_logits") if sa.get(k) is not None]
+    assert "state_dict_ema" in keys or "arch_logits" in keys
+    for key in keys:
+        assert sa[key].keys() == sb[key].keys()
+        for name in sa[key]:
+            assert torch.equal(sa[key][name], sb[key][name]), f"{key}.{name}"
+    for opt in ("optimizer", "arch_optimizer")[: 1 + (which == "search")]:
+        state = sa[opt]["state"]
+        assert state and all(torch.equal(state[i]["exp_avg"], sb[opt]["state"][i]["exp_avg"]) for i in state), opt
+
+
 def test_m_bad_steps_stop_with_one_line_naming_the_step(tmp_path, capsys) -> None:
     cfg = {**TRAIN, "output": str(tmp_path), "max_bad_steps": 4, "rollback_after": 0}
     with pytest.raises(DivergedError, match=r"stopped at step 3: 4 non-finite .* fp32 .* lower --lr"):
