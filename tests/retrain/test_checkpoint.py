@@ -105,3 +105,51 @@ def test_keeper_top_k(tmp_path) -> None:
     again = CheckpointKeeper(tmp_path, max_history=2)
     again.load_state_dict(last["keeper"])
     assert again.best_metric == 40.0 and sorted(e for _, e in again.history) == [1, 4]
+
+
+def test_keeper_writes_last_pt_last(tmp_path, monkeypatch) -> None:
+    """``last.pt`` is the commit point: in every save each file is fsynced before its rename, ``last.pt`` is renamed
+    after the per-epoch and best files, and a per-epoch file that fell out of the top k is deleted only after it."""
+    import pathlib
+
+    import retrain.checkpoint as ckpt
+
+    events: list[tuple[str, str]] = []
+    synced: set[int] = set()  # inodes fsynced so far
+    real_replace, real_fsync, real_unlink = os.replace, os.fsync, pathlib.Path.unlink
+
+    def replace(src, dst):
+        assert os.stat(src).st_ino in synced, f"{dst} renamed into place before its data was fsynced"
+        events.append(("replace", os.path.basename(dst)))
+        return real_replace(src, dst)
+
+    def fsync(fd):
+        synced.add(os.fstat(fd).st_ino)
+        return real_fsync(fd)
+
+    def unlink(self, *args, **kwargs):
+        events.append(("unlink", self.name))
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    monkeypatch.setattr(ckpt.os, "fsync", fsync)
+    monkeypatch.setattr(pathlib.Path, "unlink", unlink)
+    keeper = CheckpointKeeper(tmp_path, max_history=1)
+    per_save = []
+    for epoch, metric in enumerate([10.0, 30.0, 20.0, 40.0]):
+        events.clear()
+        keeper.save(_state(epoch), epoch, metric)
+        per_save.append(list(events))
+    for events_of_save in per_save:
+        replaced = [name for kind, name in events_of_save if kind == "replace"]
+        assert replaced[-1] == "last.pt" and replaced.count("last.pt") == 1
+        last_at = events_of_save.index(("replace", "last.pt"))
+        assert all(kind != "unlink" for kind, _ in events_of_save[:last_at])
+    # epoch 1 beat epoch 0: checkpoint-1 and best before last, checkpoint-0 deleted after it
+    assert per_save[1] == [
+        ("replace", "checkpoint-1.pt"),
+        ("replace", "best.pt"),
+        ("replace", "last.pt"),
+        ("unlink", "checkpoint-0.pt"),
+    ]
+    assert per_save[2] == [("replace", "last.pt")]
