@@ -63,6 +63,7 @@ def test_signal_checkpoints_and_exits_with_its_status(
     code, out, run_dir = signalled[(module, sig)].result()
     assert code == 128 + int(sig), out[-2000:]
     assert f"stopped by signal {int(sig)}" in out and "--resume auto" in out
+    assert "send it again after 3 s to stop now" in out  # the grace period the README gives for a repeat
     state = load_checkpoint(run_dir / "last.pt")
     assert state["epoch"] < 49  # saved mid-run, not at the end
 
