@@ -79,6 +79,17 @@ def test_a_killed_rank_stops_the_run_without_hanging_and_it_resumes(tmp_path) ->
     assert load_checkpoint(tmp_path / "runs" / "kill" / "last.pt")["step"] == 2 * 128 // 2 // 2 // 8
 
 
+def test_ranks_whose_arch_logits_differ_stop_before_checkpointing_them(tmp_path) -> None:
+    """Rank 1's logits are nudged just before the second checkpoint: the check that runs at every checkpoint sees it
+    on both ranks, the run stops without hanging, and last.pt stays the first checkpoint (step 2), never the
+    inconsistent one."""
+    proc = _torchrun("diverge", tmp_path)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out[-3000:]
+    assert "[rank0]" in out and "[rank1]" in out and out.count("arch logits differ across ranks") >= 2, out[-3000:]
+    assert load_checkpoint(tmp_path / "runs" / "diverge" / "last.pt", expect_kind="search")["step"] == 2
+
+
 if __name__ == "__main__":  # one rank, started by torchrun
     import nas.search as search
     from nas.vis_search_prob import derive
@@ -94,6 +105,18 @@ if __name__ == "__main__":  # one rank, started by torchrun
         probs = [result["arch_probs"][label] for label in result["labels"]]
         arch = derive(result["labels"], probs, load_space("localmamba"), model=result["derived_model_name"])
         (out_dir / f"arch{rank}.yaml").write_text(yaml.safe_dump(arch.to_dict()))
+    elif mode == "diverge":
+        checks, check = [], search._check_logits_identical
+
+        def nudged_on_rank1(model):  # at the second checkpoint rank 1 is 1e-3 off
+            checks.append(1)
+            if rank == 1 and len(checks) == 2:
+                with torch.no_grad():
+                    next(iter(model.arch_parameters())).add_(1e-3)
+            check(model)
+
+        search._check_logits_identical = nudged_on_rank1
+        search.main({**cfg, "experiment": "diverge", "epochs": 2, "checkpoint_interval": 2})
     else:
         (out_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
         args = [f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()]
