@@ -5,6 +5,7 @@ This file is also the rank script: torchrun starts it as ``__main__`` with a mod
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -79,6 +80,38 @@ def test_a_killed_rank_stops_the_run_without_hanging_and_it_resumes(tmp_path) ->
     assert load_checkpoint(tmp_path / "runs" / "kill" / "last.pt")["step"] == 2 * 128 // 2 // 2 // 8
 
 
+def test_a_hung_rank_stops_the_others_after_dist_timeout(tmp_path) -> None:
+    """Rank 1 is stopped (SIGSTOP: alive, holding its connections, silent) mid-run: rank 0 gives up after
+    ``--dist-timeout`` (5 s here) with the one-line lost-contact message, not a traceback and not a hang."""
+    proc = _torchrun("hang", tmp_path)
+    assert proc.stdout is not None
+    lines, pid = [], None
+    for line in proc.stdout:
+        lines.append(line)
+        if "] step 3 " in line:
+            pid = int((tmp_path / "rank1.pid").read_text())
+            os.kill(pid, signal.SIGSTOP)
+            t_stop = time.monotonic()
+            break
+    else:
+        raise AssertionError("".join(lines)[-3000:])
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "lost contact with the other ranks" in line:
+                waited = time.monotonic() - t_stop
+                break
+        else:
+            raise AssertionError("".join(lines)[-3000:])
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # a stopped process would not act on torchrun's SIGTERM
+            os.kill(pid, signal.SIGKILL)
+    rest, _ = proc.communicate(timeout=60)
+    out = "".join(lines) + rest
+    assert proc.returncode != 0 and 4 < waited < 45, (waited, out[-3000:])
+    assert "error: rank 0 lost contact with the other ranks" in out and "[rank0]: Traceback" not in out, out[-3000:]
+
+
 def test_ranks_whose_arch_logits_differ_stop_before_checkpointing_them(tmp_path) -> None:
     """Rank 1's logits are nudged just before the second checkpoint: the check that runs at every checkpoint sees it
     on both ranks, the run stops without hanging, and last.pt stays the first checkpoint (step 2), never the
@@ -119,8 +152,11 @@ if __name__ == "__main__":  # one rank, started by torchrun
         search.main({**cfg, "experiment": "diverge", "epochs": 2, "checkpoint_interval": 2})
     else:
         (out_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
+        if mode == "hang":
+            cfg["dist_timeout"] = 5.0
         args = [f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()]
-        args += ["--epochs", "2", "--checkpoint-interval", "2", "--log-interval", "1", "--experiment", "kill"]
+        args += ["--epochs", "2", "--checkpoint-interval", "2", "--log-interval", "1"]
+        args += ["--experiment", "hang" if mode == "hang" else "kill"]
         args += ["--resume", "auto"] if mode == "resume" else []
         from retrain.config import run_cli
 
