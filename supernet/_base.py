@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import math
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Sequence
@@ -94,17 +96,79 @@ def check_device(model_name: str) -> None:
         )
 
 
+# The token grid a pretrained file's ``pos_embed`` was trained on, when the file says (see :func:`_file_facts`): set
+# while :func:`build_family_model` runs timm's loader, read by the plain family's checkpoint filter.
+SOURCE_GRID: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("source_grid", default=None)
+
+
+def _file_facts(cfg: Any, classifier: str, first_conv: str) -> dict[str, Any]:
+    """What a pretrained file or state dict (``pretrained_cfg_overlay=dict(file=...)`` / ``state_dict=``) says of
+    the model it came from: its classes (the classifier's rows), its input channels (the first conv's), and, for a
+    checkpoint of this project's trainers, the token grid of its ``pos_embed`` (from the recorded ``img_size``).
+    Anything it cannot read is left out: timm's own loader reports an unreadable file."""
+    facts: dict[str, Any] = {}
+    state, path = cfg.get("state_dict"), str(cfg.get("file") or "")
+    try:
+        if state is None and path.endswith(".safetensors"):  # weights only: read the two shapes from the header
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            spec = None
+        else:
+            if state is None:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if not isinstance(state, dict):
+                return facts
+            spec = state.get("model_spec") if isinstance(state.get("model_spec"), dict) else None
+            weights = unwrap_checkpoint(state)
+            shapes = {k.removeprefix("module."): tuple(v.shape) for k, v in weights.items() if hasattr(v, "shape")}
+    except Exception:  # noqa: BLE001  (timm's loader reads the file next and says what is wrong with it)
+        return facts
+    head, conv = shapes.get(f"{classifier}.weight"), shapes.get(f"{first_conv}.weight")
+    if head is not None and len(head) == 2:
+        facts["num_classes"] = head[0]
+    if conv is not None and len(conv) == 4:
+        facts["in_chans"] = conv[1]
+    pos = shapes.get("pos_embed")
+    size = (spec or {}).get("kwargs", {}).get("img_size")
+    if pos is not None and len(pos) == 3 and size is not None:
+        h, w, tokens = *to_size(size), pos[1]  # pos_embed holds the grid tokens only
+        patch = math.isqrt(h * w // tokens) if tokens > 0 and (h * w) % tokens == 0 else 0
+        if patch and patch * patch * tokens == h * w and h % patch == 0 and w % patch == 0:
+            facts["grid"] = (h // patch, w // patch)
+    return facts
+
+
 def build_family_model(
     model_cls: type, variant: str, pretrained: bool, filter_fn: Any, default_out_indices: Any, **kwargs: Any
 ) -> nn.Module:
     """timm's ``build_model_with_cfg`` for one of our families: ``features_only=True`` wraps the model in timm's
     FeatureGetterNet (``out_indices``, else ``default_out_indices``); the pretrained cfg records the input size the
-    model was built for, so timm's data config resolves to it."""
-    from timm.models import build_model_with_cfg
+    model was built for (and, with ``in_chans`` other than 3, a mean and std per channel), so timm's data config
+    resolves to it.
+
+    ``pretrained=True`` with a file (``pretrained_cfg_overlay=dict(file=...)``) takes the file's own classes and
+    input channels as the source's, so timm keeps a trained head when ``num_classes`` matches it (and drops it only
+    when it does not) and adapts the first conv only when the channels differ; a checkpoint of this project's
+    trainers also tells the plain family's filter the grid its position embedding was trained on."""
+    from timm.models import build_model_with_cfg, get_pretrained_cfg
     from timm.models._features import FeatureGetterNet  # (not re-exported by timm.models)
 
     if kwargs.get("img_size") is not None:  # as a pair of ints before timm reads it too (numpy ints included)
         kwargs["img_size"] = to_size(kwargs["img_size"])
+    grid_token = None
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    if pretrained and isinstance(overlay, dict) and (overlay.get("file") or overlay.get("state_dict") is not None):
+        default = get_pretrained_cfg(variant)
+        facts = _file_facts(overlay, default.classifier, default.first_conv)
+        overlay = dict(overlay)
+        if "num_classes" in facts:
+            overlay.setdefault("num_classes", facts["num_classes"])
+        if "in_chans" in facts and "input_size" not in overlay:
+            overlay["input_size"] = (facts["in_chans"], *default.input_size[1:])
+        kwargs["pretrained_cfg_overlay"] = overlay
+        grid_token = SOURCE_GRID.set(facts.get("grid"))
     out_indices = kwargs.pop("out_indices", default_out_indices) if kwargs.get("features_only") else None
     if torch.get_default_device().type == "meta":  # `with torch.device("meta"):`
         if kwargs.get("device") is None:
@@ -112,19 +176,29 @@ def build_family_model(
         place: Any = torch.device("cpu")  # built on the host (see check_device), then placed
     else:
         place = contextlib.nullcontext()
-    with place:
-        model = build_model_with_cfg(
-            model_cls,
-            variant,
-            pretrained,
-            pretrained_filter_fn=filter_fn,
-            feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-            model_name=variant,
-            **kwargs,
-        )
+    try:
+        with place:
+            model = build_model_with_cfg(
+                model_cls,
+                variant,
+                pretrained,
+                pretrained_filter_fn=filter_fn,
+                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+                model_name=variant,
+                **kwargs,
+            )
+    finally:
+        if grid_token is not None:
+            SOURCE_GRID.reset(grid_token)
     net = model.model if isinstance(model, FeatureGetterNet) else model  # features_only: the wrapper holds it
     cfg = dict(model.pretrained_cfg)
-    cfg["input_size"] = (net.init_args["in_chans"], *net.img_size)
+    in_chans = net.init_args["in_chans"]
+    cfg["input_size"] = (in_chans, *net.img_size)
+    for key in ("mean", "std"):  # timm's data config takes these as they are: one value per input channel
+        if cfg.get(key) is not None and len(cfg[key]) != in_chans:
+            cfg[key] = (sum(cfg[key]) / len(cfg[key]),) * in_chans
+    if cfg.get("pool_size") is not None and hasattr(net, "stages"):  # the hierarchical family's last grid
+        cfg["pool_size"] = tuple(net.stages[-1].grid)
     model.pretrained_cfg = model.default_cfg = cfg
     return model
 

@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 import kernels
 
 from ._base import (
+    SOURCE_GRID,
     ArchModelMixin,
     ArchSpecLike,
     SpaceSpec,
@@ -243,7 +244,7 @@ class VisionMamba(ArchModelMixin, nn.Module):
         self.patch_size = patch_size
         self.num_classes = num_classes
         self.global_pool = global_pool
-        self.num_features = self.embed_dim = embed_dim
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.residual_in_fp32 = residual_in_fp32
         self.grad_checkpointing = False
         self.derived_model_name = derived_model_name
@@ -348,7 +349,10 @@ class VisionMamba(ArchModelMixin, nn.Module):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"input size {tuple(x.shape[-2:])} does not match the model's img_size {self.img_size}")
+            raise ValueError(
+                f"input size {tuple(x.shape[-2:])} does not match the model's img_size {self.img_size}; resize the "
+                f"input to it, or build the model with img_size={tuple(x.shape[-2:])}"
+            )
         x = self.patch_embed(x)
         x = x + self.pos_embed
         if self.cls_token is not None:
@@ -453,24 +457,34 @@ class VisionMamba(ArchModelMixin, nn.Module):
 
 def checkpoint_filter_fn(state_dict: dict, model: VisionMamba) -> dict:
     """timm's pretrained filter: a training checkpoint's weights (:func:`supernet._base.unwrap_checkpoint`), with a
-    ``pos_embed`` of another square token grid resampled to this model's grid (timm's ``resample_abs_pos_embed``,
-    bicubic, as timm's ViT does), so weights trained at one ``img_size`` load into a model built for another.
+    ``pos_embed`` of another token grid resampled to this model's grid (timm's ``resample_abs_pos_embed``, bicubic,
+    as timm's ViT does), so weights trained at one ``img_size`` load into a model built for another. The source grid
+    is the one a checkpoint of this project's trainers records (:data:`supernet._base.SOURCE_GRID`, any shape);
+    other files are read as a square grid, as timm's ViT reads them.
 
     Raises:
-        ValueError: a ``pos_embed`` of another size whose token count is not a square grid (its shape is ambiguous).
+        ValueError: a ``pos_embed`` of another size whose token count is not a square grid and whose file does not
+            say its grid (its shape is ambiguous).
     """
     state_dict = dict(unwrap_checkpoint(state_dict))
     pos = state_dict.get("pos_embed")
     want = model.pos_embed.shape
-    if isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape[2] == want[2] and pos.shape[1] != want[1]:
+    if not (isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape[2] == want[2]):
+        return state_dict
+    source = SOURCE_GRID.get()
+    if source is None or source[0] * source[1] != pos.shape[1]:
+        if pos.shape[1] == want[1]:
+            return state_dict
         side = math.isqrt(pos.shape[1])
         if side * side != pos.shape[1]:
             raise ValueError(
                 f"pos_embed of {pos.shape[1]} tokens is not a square grid, so it cannot be resampled to this model's "
                 f"{model.grid[0]}x{model.grid[1]}; build the model at the checkpoint's own img_size and patch_size"
             )
+        source = (side, side)
+    if tuple(source) != tuple(model.grid):
         state_dict["pos_embed"] = resample_abs_pos_embed(
-            pos, new_size=list(model.grid), old_size=[side, side], num_prefix_tokens=0
+            pos, new_size=list(model.grid), old_size=list(source), num_prefix_tokens=0
         )
     return state_dict
 

@@ -211,7 +211,7 @@ class VMamba(ArchModelMixin, nn.Module):
             raise ValueError(f"{model_name}: mix= applies to search models only (pass space= too)")
         self.num_classes = num_classes
         self.global_pool = global_pool
-        self.num_features = dims[-1]
+        self.num_features = self.head_hidden_size = dims[-1]
         self.grad_checkpointing = False
         self.derived_model_name = derived_model_name
         total = sum(depths)
@@ -319,7 +319,10 @@ class VMamba(ArchModelMixin, nn.Module):
         """Stem and stages (up to ``stop``, all if None): ``(x, taken)``, ``taken`` the output of each stage index in
         ``take``, (B, H_s, W_s, C_s)."""
         if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"input size {tuple(x.shape[-2:])} does not match the model's img_size {self.img_size}")
+            raise ValueError(
+                f"input size {tuple(x.shape[-2:])} does not match the model's img_size {self.img_size}; resize the "
+                f"input to it, or build the model with img_size={tuple(x.shape[-2:])}"
+            )
         x = self.stem(x)
         layer, taken = 0, []
         branches = self._branch_weights()
@@ -390,7 +393,7 @@ class VMamba(ArchModelMixin, nn.Module):
         ``features_only`` models keep only what their features need. Returns the absolute indices."""
         take, max_index = take_indices(len(self.stages), indices, "stages")
         if max_index < len(self.stages) - 1:  # the features end at an earlier stage: its width, no norm or head
-            self.num_features = self.feature_info[max_index]["num_chs"]
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
             prune_norm = prune_head = True
         self.stages = self.stages[: max_index + 1]
         self.feature_info = self.feature_info[: max_index + 1]

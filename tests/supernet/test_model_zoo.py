@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import timm
 import timm.optim
@@ -338,6 +339,79 @@ def test_pretrained_filter_unwraps_and_refuses_a_non_square_pos_embed() -> None:
     with pytest.raises(ValueError, match="not a square grid") as e:
         checkpoint_filter_fn({**weights, "pos_embed": torch.zeros(1, 6, c)}, model)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["test_vim", "test_vmamba"])
+def test_pretrained_file_keeps_its_head_and_channels(name: str, tmp_path, caplog) -> None:
+    """``pretrained=True`` with a file of a model trained on other classes than the cfg's default (5, not 10) and on
+    one channel: timm keeps its head when ``num_classes`` matches the file's, drops it only when it does not, and
+    loads the one-channel stem as it is, without a channel warning; the data config then has one mean and std."""
+    from PIL import Image
+
+    torch.manual_seed(0)
+    src = build(name, img_size=32, num_classes=5, in_chans=1).eval()
+    path = tmp_path / "best.pt"
+    torch.save({"state_dict": src.state_dict(), "model_spec": {"name": name, "kwargs": {"img_size": 32}}}, path)
+    overlay = {"file": path}  # a Path, as timm takes it too
+    with caplog.at_level("WARNING"):
+        same = timm.create_model(
+            name, img_size=32, num_classes=5, in_chans=1, pretrained=True, pretrained_cfg_overlay=overlay
+        ).eval()
+    assert "source channels" not in caplog.text
+    assert torch.equal(same.head.weight, src.head.weight) and torch.equal(same.head.bias, src.head.bias)
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.equal(same(x), src(x))
+    from safetensors.torch import save_file
+
+    save_file(src.state_dict(), tmp_path / "w.safetensors")  # weights only: the shapes come from its header
+    for kw in ({"file": str(tmp_path / "w.safetensors")}, {"state_dict": src.state_dict()}):
+        plain = timm.create_model(
+            name, img_size=32, num_classes=5, in_chans=1, pretrained=True, pretrained_cfg_overlay=kw
+        ).eval()
+        assert torch.equal(plain(x), src(x))
+    other = timm.create_model(
+        name, img_size=32, num_classes=7, in_chans=1, pretrained=True, pretrained_cfg_overlay=overlay
+    )
+    assert other.head.weight.shape[0] == 7 and torch.equal(other.forward_features(x), src.forward_features(x))
+    rgb = timm.create_model(
+        name, img_size=32, num_classes=5, in_chans=3, pretrained=True, pretrained_cfg_overlay=overlay
+    )  # timm adapts the stem 1 -> 3 channels
+    assert rgb.pretrained_cfg["input_size"][0] == 3 and len(rgb.pretrained_cfg["mean"]) == 3
+    cfg = timm.data.resolve_model_data_config(same)
+    assert cfg["input_size"] == (1, 32, 32) and len(cfg["mean"]) == len(cfg["std"]) == 1
+    tf = timm.data.create_transform(**cfg)
+    assert tf(Image.fromarray(np.zeros((32, 32), np.uint8), "L")).shape == (1, 32, 32)
+
+
+def test_pretrained_file_resamples_from_the_grid_it_records(tmp_path) -> None:
+    """A checkpoint of the trainers records its img_size, so a non-square position embedding is resampled from its
+    own grid: transposed (same token count) and to a square grid of the same count, both of which the token count
+    alone would have passed through unchanged; at its own size it loads unchanged."""
+    from timm.layers import resample_abs_pos_embed
+
+    src = build("test_vim", img_size=(16, 64))  # 4 x 16 = 64 tokens
+    path = tmp_path / "best.pt"
+    torch.save({"state_dict": src.state_dict(), "model_spec": {"kwargs": {"img_size": [16, 64]}}}, path)
+    overlay = {"file": str(path)}
+    for size in [(64, 16), 32, (16, 64)]:
+        model = timm.create_model("test_vim", img_size=size, pretrained=True, pretrained_cfg_overlay=overlay)
+        want = resample_abs_pos_embed(src.pos_embed, list(model.grid), old_size=list(src.grid), num_prefix_tokens=0)
+        assert torch.equal(model.pos_embed, want if model.grid != src.grid else src.pos_embed), size
+        assert model.grid == src.grid or not torch.equal(model.pos_embed, src.pos_embed)
+
+
+def test_timm_conventions_head_hidden_size_pool_size_and_size_errors() -> None:
+    for name in ("test_vim", "test_vmamba"):
+        model = build(name, img_size=32)
+        assert model.head_hidden_size == model.num_features
+        with pytest.raises(ValueError, match=r"resize the input to it, or build the model with img_size=\(24, 24\)"):
+            model(torch.randn(1, 3, 24, 24))
+    pruned = build("test_vmamba", img_size=32)
+    pruned.prune_intermediate_layers([1])
+    assert pruned.head_hidden_size == pruned.num_features == pruned.feature_info[1]["num_chs"]
+    for size in (224, 256):
+        model = timm.create_model("vmamba_tiny", img_size=size, device="meta")
+        assert model.pretrained_cfg["pool_size"] == model.stages[-1].grid == (size // 32, size // 32)
 
 
 def test_grad_checkpointing_matches() -> None:
