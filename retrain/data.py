@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import signal
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -582,12 +583,21 @@ class ResumableSampler(Sampler[int]):
 
 
 class _WorkerInit:
-    """Seeds each loader worker from ``(seed, epoch, worker, rank)``; a class so that it pickles under spawn."""
+    """Seeds each loader worker from ``(seed, epoch, worker, rank)``, and makes it ignore SIGINT and SIGTERM; a class
+    so that it pickles under spawn.
+
+    A scheduler, ``timeout`` or a terminal's Ctrl-C signals the whole process group, workers included. The training
+    process stops at the next step boundary and saves its checkpoint (``StopFlag``), which needs its workers until
+    then: one that died of the signal failed the run with "DataLoader worker ... is killed by signal" and no
+    checkpoint. The loader shuts its workers down when the training process stops, and they exit by themselves if it
+    dies."""
 
     def __init__(self, seed: int, rank: int, sampler: ResumableSampler) -> None:
         self.seed, self.rank, self.sampler = seed, rank, sampler
 
     def __call__(self, worker_id: int) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         s = (self.seed * 1_000_003 + self.sampler.epoch * 1009 + worker_id * 17 + self.rank) % 2**31
         np.random.seed(s)
         torch.manual_seed(s)

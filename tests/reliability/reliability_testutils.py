@@ -57,11 +57,18 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def start(module: str, args: Sequence[str], log: Path) -> subprocess.Popen:
-    """``python -m module args`` with stdout piped (progress lines) and stderr appended to ``log``."""
+def start(module: str, args: Sequence[str], log: Path, new_session: bool = False) -> subprocess.Popen:
+    """``python -m module args`` with stdout piped (progress lines) and stderr appended to ``log``; ``new_session``:
+    in a process group of its own (its pid), as a scheduler or ``timeout`` runs it, to be signalled as a group."""
     err = open(log, "a")
     proc = subprocess.Popen(
-        [sys.executable, "-m", module, *args], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=err, text=True
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=err,
+        text=True,
+        start_new_session=new_session,
     )
     err.close()
     return proc

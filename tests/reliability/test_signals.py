@@ -7,6 +7,7 @@ machine's cores; every test checks its own run.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from concurrent.futures import Future
@@ -30,15 +31,18 @@ ARGS = {
 
 
 def _signal_once_under_way(module: str, sig: signal.Signals, tmp_path: Path) -> tuple[int, str, Path]:
-    """Start the CLI, send ``sig`` once a progress line reports a step; returns (exit status, output, run folder)."""
+    """Start the CLI with a data-loader worker, in a process group of its own, and send ``sig`` to the whole group
+    (as Slurm, ``timeout`` and a terminal's Ctrl-C do: the workers get it too) once a progress line reports a step;
+    returns (exit status, output, run folder)."""
     log = tmp_path / "stderr.log"
-    proc = start(module, [*ARGS[module], "--output", str(tmp_path / "runs"), "--experiment", "run"], log)
+    args = [*ARGS[module], "--workers", "1", "--output", str(tmp_path / "runs"), "--experiment", "run"]
+    proc = start(module, args, log, new_session=True)
     assert proc.stdout is not None
     lines = []
     for line in proc.stdout:  # wait until training is under way (a progress line with a step count)
         lines.append(line)
         if "] step " in line:
-            proc.send_signal(sig)
+            os.killpg(proc.pid, sig)
             break
     lines.extend(proc.stdout)
     code = proc.wait(timeout=120)
@@ -64,6 +68,7 @@ def test_signal_checkpoints_and_exits_with_its_status(
     assert code == 128 + int(sig), out[-2000:]
     assert f"stopped by signal {int(sig)}" in out and "--resume auto" in out
     assert "send it again after 3 s to stop now" in out  # the grace period the README gives for a repeat
+    assert out.count("stopping at the next step boundary") == 1 and "killed by signal" not in out, out[-2000:]
     state = load_checkpoint(run_dir / "last.pt")
     assert state["epoch"] < 49  # saved mid-run, not at the end
 
