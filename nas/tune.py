@@ -589,19 +589,29 @@ def _plot(rows: Sequence[dict[str, Any]], path: Path, metric: str) -> None:
 # main
 
 
-def _check_ranges(target_module: Any, base_cfg: dict[str, Any], space: SweepSpace, source: str) -> None:
+def _check_ranges(
+    target_module: Any, base_cfg: dict[str, Any], space: SweepSpace, source: str, base_source: str = "the base config"
+) -> None:
     """Every extreme value of every swept key, on top of the base config, must pass the target's own range checks
     (lr > 0, arch_warmup_epochs below epochs...): a trial that would refuse it fails only inside Ray, after the sweep
-    has started, and resuming cannot fix the space."""
+    has started, and resuming cannot fix the space. A refusal that the base config earns by itself, with the swept
+    key at its base value, names the base config (``base_source``), not the swept key."""
+
+    def check(overrides: dict[str, Any]) -> str | None:
+        try:  # resolved as a trial resolves it (types coerced: YAML's '1e-3' is a number)
+            target_module.check_values(resolve_config(target_module.DEFAULTS, overrides={**base_cfg, **overrides}))
+        except ValueError as e:
+            return str(e)
+        return None
+
     for param in space.params:
         for value in param.extremes():
-            try:  # resolved as a trial resolves it (types coerced: YAML's '1e-3' is a number)
-                target_module.check_values(
-                    resolve_config(target_module.DEFAULTS, overrides={**base_cfg, param.name: value})
-                )
-            except ValueError as e:
-                why = f"params.{param.name} can be {value!r}, which a trial refuses"
-                raise ConfigError(f"{source}: {why}: {e}") from None
+            why = check({param.name: value})
+            if why is None:
+                continue
+            if check({}) == why:
+                raise ConfigError(f"{base_source}: every trial would refuse it: {why}")
+            raise ConfigError(f"{source}: params.{param.name} can be {value!r}, which a trial refuses: {why}")
 
 
 def _preflight(target: str, target_module: Any, base_cfg: dict[str, Any], source: str) -> None:
@@ -699,7 +709,7 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         base_cfg, held_out_note = held_out_base(target, base_cfg)
         if held_out_note:
             print(held_out_note, flush=True)
-        _check_ranges(target_module, base_cfg, space, cfg["space"])
+        _check_ranges(target_module, base_cfg, space, cfg["space"], str(cfg["config"]))
         _preflight(target, target_module, base_cfg, str(cfg["config"]))
         space_path = str(Path(cfg["space"]).resolve())
         cpus, gpus = float(cfg["cpus_per_trial"]), float(cfg["gpus_per_trial"])
@@ -729,6 +739,11 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         if p.name == epochs_key:
             epoch_candidates += [int(v) for v in p.extremes()]
     max_t = space.max_t or max(epoch_candidates)
+    if space.grace_period > max_t:  # ASHA would assert inside Ray; refused before any file is written
+        raise ConfigError(
+            f"--space: asha.grace_period {space.grace_period} is longer than the longest trial ({max_t} epoch(s), "
+            f"ASHA's max_t); lower grace_period to {max_t} or less, or give the trials more epochs"
+        )
 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler

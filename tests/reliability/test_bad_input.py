@@ -204,6 +204,11 @@ CASES = [
          r"space_bad_choice.yaml: params.algo can be 'dart', which a trial refuses: --algo 'dart' is out of range"),
     Case("sweep-range-a-trial-refuses", "nas.tune", [*TUNE, "--space", "{fx}/space_warmup_range.yaml"],
          r"params.arch_warmup_epochs can be 3, which a trial refuses: --arch-warmup-epochs 3 is out of range"),
+    Case("sweep-grace-above-max-t", "nas.tune", [*TUNE, "--space", "{fx}/space_grace2.yaml"],
+         r"asha.grace_period 2 is longer than the longest trial \(1 epoch\(s\), ASHA's max_t\); lower grace_period"),
+    Case("sweep-base-refused-by-itself", "nas.tune", ["--target", "search", "-c", "{fx}/search_base_warmup.yaml",
+                                                      "--space", "{fx}/space_lr.yaml"],
+         r"search_base_warmup.yaml: every trial would refuse it: --arch-warmup-epochs 1 is out of range"),
     Case("sweep-no-config", "nas.tune", ["--target", "search", "--space", "{fx}/space_unknown.yaml"],
          r"base config with -c"),
     Case("sweep-bad-target", "nas.tune", ["--target", "nope", "-c", "{fx}/search_base.yaml"],
@@ -373,6 +378,10 @@ def _make_fixtures(fx: Path) -> None:
     (fx / "space_warmup_range.yaml").write_text(
         yaml.safe_dump({"params": {"arch_warmup_epochs": {"distribution": "int", "low": 0, "high": 3}}})
     )
+    grace = {"params": {"lr": {"distribution": "loguniform", "low": 1e-4, "high": 1e-2}}, "asha": {"grace_period": 2}}
+    (fx / "space_grace2.yaml").write_text(yaml.safe_dump(grace))
+    warmup = {"model": "test_local_vim_search", "epochs": 1, "arch_warmup_epochs": 1}
+    (fx / "search_base_warmup.yaml").write_text(yaml.safe_dump(warmup))
     (fx / "space_low_high.yaml").write_text(
         yaml.safe_dump({"params": {"arch_lr": {"distribution": "loguniform", "low": 0.1, "high": 0.01}}})
     )
