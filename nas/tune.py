@@ -264,6 +264,8 @@ def load_sweep_space(path: str | Path, defaults: Mapping[str, Any]) -> SweepSpac
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(one_line(f"{source}: not valid YAML ({e})")) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not a text file; pass a sweep space YAML to --space") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with 'params', got {type(data).__name__}")
     for k in data:

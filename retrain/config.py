@@ -315,6 +315,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
         data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(one_line(f"config file {path}: not valid YAML ({e})")) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not a text file; pass a YAML file to -c/--config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -208,6 +208,11 @@ def load_arch(spec: str | Path | dict[str, Any] | ArchSpec) -> ArchSpec:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise _err(f"arch file {path}: not valid YAML ({e})") from None
+    except UnicodeDecodeError:
+        raise _err(
+            f"arch file {path}: not a text file (a checkpoint or an image?); pass the arch YAML that "
+            f"`python -m nas.vis_search_prob RUN_DIR --out arch.yaml` writes"
+        ) from None
     return ArchSpec.from_dict(data, source=f"arch file {path}")
 
 

@@ -143,6 +143,8 @@ def load_space(spec: str | Path | dict[str, Any] | SearchSpace) -> SearchSpace:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
             raise _one_line_error(f"search space file {path}: not valid YAML ({e})") from None
+        except UnicodeDecodeError:
+            raise _one_line_error(f"search space file {path}: not a text file; pass a search space YAML") from None
         return SearchSpace.from_dict(data, source=str(path))
     near = difflib.get_close_matches(spec_str, list_presets(), n=1)
     hint = f"did you mean '{near[0]}'? " if near else ""

@@ -113,6 +113,14 @@ CASES = [
     Case("size-patch-larger-than-image", "nas.search", [*SEARCH, "--patch-size", "32"],
          r"img_size \(16, 16\) is not divisible by patch_size 32"),
     # --- arch files ---------------------------------------------------------------------------------------------------
+    Case("arch-binary-file", "retrain.train", [*TRAIN, "--arch", "{fx}/binary.pt"],
+         r"arch file .*binary.pt: not a text file \(a checkpoint or an image\?\); pass the arch YAML"),
+    Case("space-binary-file", "nas.search", [*SEARCH, "--space", "{fx}/binary.pt"],
+         r"search space file .*binary.pt: not a text file; pass a search space YAML"),
+    Case("config-binary-file", "retrain.train", ["-c", "{fx}/binary.pt"],
+         r"config file .*binary.pt: not a text file; pass a YAML file to -c/--config"),
+    Case("sweep-space-binary-file", "nas.tune", [*TUNE, "--space", "{fx}/binary.pt"],
+         r"sweep space .*binary.pt: not a text file; pass a sweep space YAML to --space"),
     Case("arch-wrong-layer-count", "retrain.train", [*TRAIN, "--arch", "{fx}/arch_3layers.yaml"],
          r"3 layers.*2 searchable layers"),
     Case("arch-unknown-order", "retrain.train", [*TRAIN, "--arch", "{fx}/arch_bad_order.yaml"], r"zigzag"),
@@ -259,6 +267,7 @@ def _arch(path: Path, **changes) -> None:
 def _make_fixtures(fx: Path) -> None:
     fx.mkdir(parents=True)
     (fx / "unknown_key.yaml").write_text("model: test_vim\nlr_rate: 0.1\n")
+    (fx / "binary.pt").write_bytes(b"PK\x03\x04\x80\x81\xfe\xff" * 16)  # what a checkpoint or image starts like
     (fx / "wrong_type.yaml").write_text("epochs: ten\n")
     (fx / "broken.yaml").write_text("epochs: [1, 2\n")
     (fx / "search_base.yaml").write_text(
