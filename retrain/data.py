@@ -265,8 +265,21 @@ _IDX_NAMES = {
 _TV_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
 
+# Where Debian's dataset-fashion-mnist package puts the IDX files (a folder --data-dir takes as it is).
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def _get_it(name: str) -> str:
+    """How to get a dataset, for the messages that say it is missing."""
+    if name == "fashion_mnist":
+        return f" (apt-get install dataset-fashion-mnist puts its IDX files in {DEBIAN_FASHION_MNIST})"
+    return ""
+
+
 def _missing(name: str, path: Path, what: str) -> FileNotFoundError:
-    return FileNotFoundError(f"{name}: {what} not found at {path.resolve()}; pass --data-dir pointing to it")
+    return FileNotFoundError(
+        f"{name}: {what} not found at {path.resolve()}; pass --data-dir pointing to it{_get_it(name)}"
+    )
 
 
 def _load_mnist_like(name: str, data_dir: Path, split: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -474,7 +487,9 @@ def build_dataset(
         )
         return ds, DatasetInfo(ds.num_classes, ds.in_chans, img_size)
     if not data_dir:
-        raise ValueError(f"dataset '{name}' needs --data-dir (a folder{' or .npz file' if 'mnist' in name else ''})")
+        raise ValueError(
+            f"dataset '{name}' needs --data-dir (a folder{' or .npz file' if 'mnist' in name else ''}){_get_it(name)}"
+        )
     data_dir = Path(data_dir).expanduser()
     download = bool(kw.get("download", False))
     if not data_dir.exists() and not download:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import gzip
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from retrain.data import SYNTHETIC_CLASSES, build_dataset, build_loader, read_idx, split_train
+from retrain.data import DEBIAN_FASHION_MNIST, SYNTHETIC_CLASSES, build_dataset, build_loader, read_idx, split_train
 
 
 def test_synthetic_is_deterministic_and_sized() -> None:
@@ -166,3 +167,41 @@ def test_imagefolder_val_with_other_classes_and_unreadable_images(tmp_path) -> N
     bad = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("1.png")][0]
     with pytest.raises(ValueError, match=r"imagefolder: cannot read image .*1.png \(.*\); remove or replace it"):
         ds[bad]
+
+
+@pytest.mark.skipif(
+    not (Path(DEBIAN_FASHION_MNIST) / "train-images-idx3-ubyte.gz").is_file(),
+    reason="real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+)
+def test_real_fashion_mnist_from_debians_package() -> None:
+    """The real data as Debian's dataset-fashion-mnist installs it, read from its folder: the published sizes
+    (60,000 train and 10,000 test images of 28x28, ten classes of 6,000 and 1,000), normalized with the dataset's
+    own mean and std, and a model of ours learns from one of its batches."""
+    import timm
+
+    import supernet  # noqa: F401  (registers the models)
+
+    train, info = build_dataset("fashion_mnist", DEBIAN_FASHION_MNIST, "train", img_size=28, augment=False)
+    val, _ = build_dataset("fashion_mnist", DEBIAN_FASHION_MNIST, "val", img_size=28)
+    assert (len(train), len(val), info.num_classes, info.in_chans) == (60000, 10000, 10, 1)
+    for ds, per_class in ((train, 6000), (val, 1000)):
+        labels = np.asarray([int(ds[i][1]) for i in range(0, len(ds), 97)])
+        assert set(labels.tolist()) == set(range(10))  # every class, in a spread sample
+        full = np.bincount(
+            read_idx(Path(DEBIAN_FASHION_MNIST) / f"{'train' if ds is train else 't10k'}-labels-idx1-ubyte.gz")
+        )
+        assert full.tolist() == [per_class] * 10
+    batch = torch.stack([train[i][0] for i in range(256)])
+    assert batch.shape == (256, 1, 28, 28) and abs(batch.mean().item()) < 0.15 and 0.8 < batch.std().item() < 1.2
+    targets = torch.tensor([int(train[i][1]) for i in range(256)])
+    torch.manual_seed(0)
+    model = timm.create_model("test_vim", img_size=28, patch_size=4, in_chans=1, num_classes=10)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(12):  # the same batch: the loss must fall
+        loss = torch.nn.functional.cross_entropy(model(batch), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
