@@ -563,22 +563,33 @@ def plot_trajectories(records: Sequence[dict[str, Any]], path: str | Path, kept:
         ax.grid(alpha=0.3)
     for extra in range(len(labels), nrows * ncols):
         axes[extra // ncols][extra % ncols].axis("off")
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes[-1]:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # records are per epoch: no 0.5 ticks
     for row in axes:
         row[0].set_ylabel("probability")
-    from matplotlib.lines import Line2D
-
-    # One legend for all panels, with plain solid lines: the per-panel styles only say "kept in this layer".
+    # One legend for all panels, with plain solid lines: the per-panel styles only say "kept in this layer". Title
+    # and legend take fixed heights (inches) at the top; the panels fill the rest.
     handles = [Line2D([], [], color=cmap(ci % cmap.N), linewidth=1.6) for ci in range(len(cands))]
     ncol = min(len(cands), 10)
     legend_rows = math.ceil(len(cands) / ncol)
-    top = 1.0 - (0.35 + 0.22 * legend_rows) / fig.get_figheight()
-    fig.suptitle("candidate probabilities during the search (solid: kept in that layer)", fontsize=9, y=0.995)
+    height = fig.get_figheight()
+    # (fig.text, not suptitle: tight_layout would reserve the title's height again below the rect)
+    fig.text(0.5, 0.995, "candidate probabilities during the search (solid: kept in that layer)", fontsize=9,
+             ha="center", va="top")  # fmt: skip
     fig.legend(
-        handles, list(cands), loc="lower center", bbox_to_anchor=(0.5, top), ncol=ncol, fontsize=7, frameon=False
+        handles,
+        list(cands),
+        loc="upper center",
+        bbox_to_anchor=(0.5, 1.0 - 0.2 / height),
+        ncol=ncol,
+        fontsize=7,
+        frameon=False,
     )
-    fig.tight_layout(rect=(0, 0, 1, top))
+    fig.tight_layout(rect=(0, 0, 1, 1.0 - (0.25 + 0.18 * legend_rows) / height))
     path = Path(path)
     fig.savefig(path)
     plt.close(fig)
