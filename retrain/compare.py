@@ -474,15 +474,22 @@ def _plot(table: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     errs = [0.0 if math.isnan(r["top1_std"]) else r["top1_std"] for r in table]
     colors = ["tab:red" if r["role"] == "searched" else "tab:gray" for r in table]
     fig, ax = plt.subplots(figsize=(1.3 + 1.1 * len(table), 3.8), dpi=110)
-    ax.bar(range(len(table)), means, yerr=errs, capsize=4, color=colors)
+    off = [not r["size_ok"] for r in table]  # params outside the tolerance: hatched, and said in the label
+    ax.bar(range(len(table)), means, yerr=errs, capsize=4, color=colors, hatch=["//" if o else "" for o in off])
     finite = [m for m, r in zip(means, table) if r["seeds"]]
     if finite:
         lo = max(0.0, min(finite) - 3 * (max(errs) + 1))
         ax.set_ylim(lo, min(100.0, max(finite) + 3 * (max(errs) + 1)))
-    labels = [f"{n}\n(n={r['seeds']})" for n, r in zip(names, table)]
+    labels = [
+        f"{n}\n(n={r['seeds']}"
+        + ("" if r["param_ratio"] is None or not o else f", params {(r['param_ratio'] - 1) * 100:+.0f} %")
+        + ")"
+        for n, r, o in zip(names, table, off)
+    ]
     ax.set_xticks(range(len(table)), labels, rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("top-1 (%)")
-    ax.set_title(title + " (mean ± std over seeds; red: searched)", fontsize=9)
+    hatched = ";\nhatched: params outside the tolerance" if any(off) else ""
+    ax.set_title(f"{title}\nmean ± std over seeds; red: searched{hatched}", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
