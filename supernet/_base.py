@@ -131,9 +131,13 @@ def _file_facts(cfg: Any, classifier: str, first_conv: str) -> dict[str, Any]:
     if conv is not None and len(conv) == 4:
         facts["in_chans"] = conv[1]
     pos = shapes.get("pos_embed")
-    size = (spec or {}).get("kwargs", {}).get("img_size")
+    kwargs = (spec or {}).get("kwargs")
+    try:
+        size = to_size(kwargs["img_size"]) if isinstance(kwargs, dict) and "img_size" in kwargs else None
+    except ValueError:
+        size = None
     if pos is not None and len(pos) == 3 and size is not None:
-        h, w, tokens = *to_size(size), pos[1]  # pos_embed holds the grid tokens only
+        h, w, tokens = *size, pos[1]  # pos_embed holds the grid tokens only
         patch = math.isqrt(h * w // tokens) if tokens > 0 and (h * w) % tokens == 0 else 0
         if patch and patch * patch * tokens == h * w and h % patch == 0 and w % patch == 0:
             facts["grid"] = (h // patch, w // patch)
