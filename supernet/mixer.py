@@ -424,7 +424,9 @@ class MultiOrderMixer(nn.Module):
         kernels.resolve_backend(scan_backend, torch.device("cpu"))  # reject a bad backend name now, not mid-forward
         for name, value in self._computed_buffers(torch.device("cpu")).items():
             self.register_buffer(name, value, persistent=False)
-        same = coinciding_orders(self.order_names, *self.grid)
+        # A single token reads the same in every order: a fixed layer there (a hierarchical model's last stage on a
+        # small image) is only redundant work, not worth a warning; a search layer there learns nothing.
+        same = coinciding_orders(self.order_names, *self.grid) if search or self.grid[0] * self.grid[1] > 1 else []
         if same:
             what = "candidates" if search else "orders"
             warnings.warn(

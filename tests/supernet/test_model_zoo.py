@@ -533,3 +533,25 @@ def test_plain_model_compiles_to_one_graph_under_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         explained = torch._dynamo.explain(model)(torch.randn(2, 3, 16, 16))
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+def test_coinciding_orders_warn_where_it_matters() -> None:
+    """Orders that give one permutation on the layer's grid are warned about (a search splits probability between
+    identical scans; a fixed layer scans one order twice), except a fixed layer on a single token, which every
+    hierarchical model has on a small enough image."""
+    import warnings
+
+    def warned(grid, orders, search):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            supernet.MultiOrderMixer(8, grid, orders, search=search, d_state=2)
+        return [str(w.message) for w in caught if "coincide" in str(w.message)]
+
+    assert warned((2, 1), ["h", "v"], search=False) == [
+        "scan orders coincide on the 2x1 token grid: h = v; this layer scans the same order more than once"
+    ]
+    assert "splits probability between identical scans" in warned((1, 1), ["h", "v"], search=True)[0]
+    assert warned((1, 1), ["h", "v"], search=False) == [] and warned((3, 3), ["h", "v"], search=False) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the registered CI model at its own size builds without one
+        timm.create_model("test_vmamba")
