@@ -154,8 +154,9 @@ def build_family_model(
 
     ``pretrained=True`` with a file (``pretrained_cfg_overlay=dict(file=...)``) takes the file's own classes and
     input channels as the source's, so timm keeps a trained head when ``num_classes`` matches it (and drops it only
-    when it does not) and adapts the first conv only when the channels differ; a checkpoint of this project's
-    trainers also tells the plain family's filter the grid its position embedding was trained on."""
+    when it does not) and knows the file's input channels (timm 1.0.31 and later adapt the first conv from them); a
+    checkpoint of this project's trainers also tells the plain family's filter the grid its position embedding was
+    trained on."""
     from timm.models import build_model_with_cfg, get_pretrained_cfg
     from timm.models._features import FeatureGetterNet  # (not re-exported by timm.models)
 
