@@ -510,12 +510,15 @@ class MultiOrderMixer(nn.Module):
                 setattr(self, name, value)
 
     def _apply(self, fn, recurse: bool = True):
-        """``nn.Module._apply``, then the computed buffers written again in place, into the tensors ``fn`` made: they
-        are functions of the constructor's arguments, and after ``to_empty`` (on the mixer, on the model or through
-        any wrapper, out of ``meta`` or not) their memory is new and uninitialised. In place, so whatever ``fn`` chose
-        (device, dtype, shared memory) is kept; nothing to do while they are on ``meta``."""
+        """``nn.Module._apply``, then, where ``fn`` handed out new uninitialised memory, the computed buffers written
+        again in place (into the tensors ``fn`` made, so its device, dtype and sharing are kept): out of ``meta``, and
+        from ``to_empty`` on a real model too, called on the mixer, on the model or through any wrapper (timm's
+        ``features_only``), all of which reach this method. Moves and casts copy the values, and keep them (orders
+        a user set included)."""
+        was_meta = self.orders.is_meta
         super()._apply(fn, recurse)
-        if not self.orders.is_meta:
+        fresh = getattr(fn, "__qualname__", "").startswith("Module.to_empty.")  # torch.nn.Module.to_empty's lambda
+        if not self.orders.is_meta and (was_meta or fresh):
             with torch.no_grad():
                 for name, value in self._computed_buffers(torch.device("cpu"), self._tau.dtype).items():
                     getattr(self, name).copy_(value)

@@ -244,8 +244,8 @@ def test_to_empty_of_a_real_model_computes_the_orders_again() -> None:
 
 
 def test_moves_and_casts_keep_the_computed_buffers() -> None:
-    """A dtype cast keeps the orders int32 and rounds the temperature as a cast would; the buffers are written in
-    place, so a module moved into shared memory keeps them there."""
+    """A dtype cast keeps the orders int32 and rounds the temperature as a cast would; a module moved into shared
+    memory keeps them there; values a user set are kept; a model built under inference mode can be cast."""
     model = build("test_local_vim_search", img_size=16)
     model.set_arch_mode("gumbel", tau=0.3)
     mixer = model.blocks[0].mixer
@@ -257,6 +257,13 @@ def test_moves_and_casts_keep_the_computed_buffers() -> None:
     assert (
         mixer.orders.is_shared() and torch.equal(mixer.orders, orders) and mixer._tau.item() == pytest.approx(0.3, 1e-3)
     )
+    with torch.no_grad():  # orders a user set (an ablation) survive moves and casts; only new memory is rewritten
+        mixer.orders.copy_(mixer.orders.flip(0))
+    model.to("cpu").double().float()
+    assert torch.equal(mixer.orders, orders.flip(0))
+    with torch.inference_mode():  # built under inference mode: its buffers are inference tensors
+        frozen = build("test_local_vim_search", img_size=16)
+    frozen.float().half().to("cpu")  # no in-place write into them outside inference mode
 
 
 def test_building_a_class_under_the_meta_context_is_one_line() -> None:
