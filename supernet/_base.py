@@ -116,8 +116,11 @@ def _file_facts(cfg: Any, classifier: str, first_conv: str) -> dict[str, Any]:
                 shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             spec = None
         else:
-            if state is None:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if state is None:  # memory-mapped: only the shapes are read (files in torch's legacy format cannot be)
+                try:
+                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:
+                    state = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(state, dict):
                 return facts
             spec = state.get("model_spec") if isinstance(state.get("model_spec"), dict) else None

@@ -371,7 +371,9 @@ def test_pretrained_file_keeps_its_head_and_channels(name: str, tmp_path, caplog
     from safetensors.torch import save_file
 
     save_file(src.state_dict(), tmp_path / "w.safetensors")  # weights only: the shapes come from its header
-    for kw in ({"file": str(tmp_path / "w.safetensors")}, {"state_dict": src.state_dict()}):
+    legacy = tmp_path / "legacy.pt"  # torch's pre-zip format, which cannot be memory-mapped
+    torch.save({"state_dict": src.state_dict()}, legacy, _use_new_zipfile_serialization=False)
+    for kw in ({"file": str(tmp_path / "w.safetensors")}, {"state_dict": src.state_dict()}, {"file": legacy}):
         plain = timm.create_model(
             name, img_size=32, num_classes=5, in_chans=1, pretrained=True, pretrained_cfg_overlay=kw
         ).eval()
