@@ -606,14 +606,20 @@ def _check_ranges(
             return str(e)
         return None
 
-    for param in space.params:
-        for value in param.extremes():
-            why = check({param.name: value})
-            if why is None:
-                continue
-            if check({}) == why:
-                raise ConfigError(f"{base_source}: every trial would refuse it: {why}")
-            raise ConfigError(f"{source}: params.{param.name} can be {value!r}, which a trial refuses: {why}")
+    failures = [
+        (param.name, value, why)
+        for param in space.params
+        for value in param.extremes()
+        if (why := check({param.name: value})) is not None
+    ]
+    if not failures:
+        return
+    name, value, why = failures[0]
+    extremes = sum(len(param.extremes()) for param in space.params)
+    if len(failures) == extremes and all(w == why for *_, w in failures) and check({}) == why:
+        # Every extreme of every swept key is refused for the one reason the base config is refused alone.
+        raise ConfigError(f"{base_source}: every trial would refuse it: {why}")
+    raise ConfigError(f"{source}: params.{name} can be {value!r}, which a trial refuses: {why}")
 
 
 def _preflight(target: str, target_module: Any, base_cfg: dict[str, Any], source: str) -> None:

@@ -184,6 +184,24 @@ def test_space_parsing_and_domains(tmp_path: Path) -> None:
         nt._check_ranges(train, base, nt.load_sweep_space(tmp_path / "lr.yaml", train.DEFAULTS), "lr.yaml")
 
 
+def test_a_refusal_names_the_base_config_only_when_no_trial_could_run(tmp_path: Path) -> None:
+    """A base config refused by itself (arch_warmup_epochs 1 of 1 epoch) is named when every swept value keeps it
+    refused; a swept epochs range that lets some trials run names the swept key's refused end instead."""
+    from nas import search
+
+    base = nt.resolve_config(search.DEFAULTS, overrides={"epochs": 1, "arch_warmup_epochs": 1})
+    (tmp_path / "lr.yaml").write_text("params:\n  lr: {distribution: loguniform, low: 1e-4, high: 1e-2}\n")
+    with pytest.raises(nt.ConfigError, match=r"^base.yaml: every trial would refuse it: --arch-warmup-epochs 1"):
+        nt._check_ranges(
+            search, base, nt.load_sweep_space(tmp_path / "lr.yaml", search.DEFAULTS), "lr.yaml", "base.yaml"
+        )
+    (tmp_path / "ep.yaml").write_text("params:\n  epochs: {distribution: int, low: 1, high: 10}\n")
+    with pytest.raises(nt.ConfigError, match=r"^ep.yaml: params.epochs can be 1, which a trial refuses: --arch-warm"):
+        nt._check_ranges(
+            search, base, nt.load_sweep_space(tmp_path / "ep.yaml", search.DEFAULTS), "ep.yaml", "base.yaml"
+        )
+
+
 def test_retrain_target_metric_and_held_out_default(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from retrain import train
 
