@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import struct
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -597,25 +598,59 @@ class ResumableSampler(Sampler[int]):
         self.set_epoch(int(state["epoch"]), int(state.get("start", 0)))
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _end_on_parents_sigterm(parent: int) -> None:
+    """A loader worker's SIGTERM, received here (it stays blocked in every thread): from the training process
+    (torch's and multiprocessing's ``terminate()`` when they end the workers) or once that process is gone, the
+    worker ends as SIGTERM would end it; from anyone else (a signal to the whole process group) it is dropped."""
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == parent or os.getppid() != parent:
+            os._exit(128 + signal.SIGTERM)
+
+
 class _WorkerInit:
-    """Seeds each loader worker from ``(seed, epoch, worker, rank)``, and makes it ignore SIGINT and SIGTERM; a class
-    so that it pickles under spawn.
+    """Seeds each loader worker from ``(seed, epoch, worker, rank)``, and keeps it alive through a stop signal sent
+    to the whole process group; a class so that it pickles under spawn.
 
     A scheduler, ``timeout`` or a terminal's Ctrl-C signals the whole process group, workers included. The training
     process stops at the next step boundary and saves its checkpoint (``StopFlag``), which needs its workers until
     then: one that died of the signal failed the run with "DataLoader worker ... is killed by signal" and no
-    checkpoint. The loader shuts its workers down when the training process stops, and they exit by themselves if it
-    dies."""
+    checkpoint. So a worker ignores SIGINT, and takes SIGTERM only from the training process, whose loader ends its
+    workers with it (:func:`_end_on_parents_sigterm`); it starts with both blocked (:class:`_Loader`), so one sent
+    while it starts is dropped too. Where the platform cannot tell who sent a signal (no ``sigwaitinfo``), SIGTERM
+    keeps its default."""
 
     def __init__(self, seed: int, rank: int, sampler: ResumableSampler) -> None:
         self.seed, self.rank, self.sampler = seed, rank, sampler
 
     def __call__(self, worker_id: int) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # (already, when _Loader started it)
+            threading.Thread(target=_end_on_parents_sigterm, args=(os.getppid(),), daemon=True).start()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        elif hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         s = (self.seed * 1_000_003 + self.sampler.epoch * 1009 + worker_id * 17 + self.rank) % 2**31
         np.random.seed(s)
         torch.manual_seed(s)
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose workers start with SIGINT and SIGTERM blocked (inherited from this thread, which blocks them
+    only while the workers start; a signal to this process waits until then): see :class:`_WorkerInit`."""
+
+    def _get_iterator(self):  # noqa: ANN202 (torch's hook that starts the workers)
+        if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+            return super()._get_iterator()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def build_loader(
@@ -651,7 +686,7 @@ def build_loader(
             f"batch_size {batch_size} is larger than the {len(sampler)} samples per process; lower --batch-size"
         )
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
+    return _Loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
