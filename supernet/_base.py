@@ -85,6 +85,16 @@ def check_patch_size(model_name: str, patch_size: Any) -> int:
     return int(patch_size)
 
 
+def check_input_size(x: torch.Tensor, img_size: tuple[int, int]) -> None:
+    """Refuse, in one line that says what to do, an input whose height and width are not the model's ``img_size``
+    (the scan orders are permutations of that grid)."""
+    if tuple(x.shape[-2:]) != img_size:
+        raise ValueError(
+            f"input size {tuple(x.shape[-2:])} does not match the model's img_size {img_size}; resize the input to "
+            f"it, or build the model with img_size={tuple(x.shape[-2:])}"
+        )
+
+
 def check_device(model_name: str) -> None:
     """Refuse, in one line, building the class itself under ``with torch.device("meta")``: the constructor computes
     the scan orders (and more) on the host. ``device="meta"`` builds on the host and then moves the model;
@@ -106,6 +116,8 @@ def _file_facts(cfg: Any, classifier: str, first_conv: str) -> dict[str, Any]:
     the model it came from: its classes (the classifier's rows), its input channels (the first conv's), and, for a
     checkpoint of this project's trainers, the token grid of its ``pos_embed`` (from the recorded ``img_size``).
     Anything it cannot read is left out: timm's own loader reports an unreadable file."""
+    from timm.models import clean_state_dict  # the wrapper prefixes timm's loader strips (DDP, torch.compile)
+
     facts: dict[str, Any] = {}
     state, path = cfg.get("state_dict"), str(cfg.get("file") or "")
     try:
@@ -125,7 +137,7 @@ def _file_facts(cfg: Any, classifier: str, first_conv: str) -> dict[str, Any]:
                 return facts
             spec = state.get("model_spec") if isinstance(state.get("model_spec"), dict) else None
             weights = unwrap_checkpoint(state)
-            shapes = {k.removeprefix("module."): tuple(v.shape) for k, v in weights.items() if hasattr(v, "shape")}
+            shapes = {k: tuple(v.shape) for k, v in clean_state_dict(weights).items() if hasattr(v, "shape")}
     except Exception:  # noqa: BLE001  (timm's loader reads the file next and says what is wrong with it)
         return facts
     head, conv = shapes.get(f"{classifier}.weight"), shapes.get(f"{first_conv}.weight")

@@ -40,6 +40,7 @@ from ._base import (
     SpaceSpec,
     build_family_model,
     check_device,
+    check_input_size,
     check_io,
     check_patch_size,
     check_sizes,
@@ -348,11 +349,7 @@ class VisionMamba(ArchModelMixin, nn.Module):
         return torch.cat([perm, torch.arange(self.num_grid_tokens, num_tokens, device=device)])
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"input size {tuple(x.shape[-2:])} does not match the model's img_size {self.img_size}; resize the "
-                f"input to it, or build the model with img_size={tuple(x.shape[-2:])}"
-            )
+        check_input_size(x, self.img_size)
         x = self.patch_embed(x)
         x = x + self.pos_embed
         if self.cls_token is not None:

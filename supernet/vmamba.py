@@ -34,6 +34,7 @@ from ._base import (
     SpaceSpec,
     build_family_model,
     check_device,
+    check_input_size,
     check_io,
     check_patch_size,
     check_sizes,
@@ -318,11 +319,7 @@ class VMamba(ArchModelMixin, nn.Module):
     def _stages(self, x: torch.Tensor, take: Sequence[int] = (), stop: int | None = None):
         """Stem and stages (up to ``stop``, all if None): ``(x, taken)``, ``taken`` the output of each stage index in
         ``take``, (B, H_s, W_s, C_s)."""
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"input size {tuple(x.shape[-2:])} does not match the model's img_size {self.img_size}; resize the "
-                f"input to it, or build the model with img_size={tuple(x.shape[-2:])}"
-            )
+        check_input_size(x, self.img_size)
         x = self.stem(x)
         layer, taken = 0, []
         branches = self._branch_weights()
